@@ -1,0 +1,1 @@
+"""Backend kinds: how each inference server is started and how its health is read."""

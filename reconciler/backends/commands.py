@@ -1,0 +1,122 @@
+"""The exact command line and environment each backend kind is started with.
+
+One function per kind, shared by the process supervisor and the systemd templates, so that a
+backend starts the same way under either driver. Flags are the real servers' own."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+from reconciler.config.schema import BackendSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def model_reference(name: str, model: ModelSpec, local_path: str | None) -> str:
+    """What the server is told to load: a local file when pulled, else the hub id or tag."""
+    if local_path:
+        return local_path
+    scheme, _, rest = model.source.partition(":")
+    return rest if scheme in ("hf", "ollama") else name
+
+
+def gpu_env(gpu_ids: list[int]) -> dict[str, str]:
+    # An empty CUDA_VISIBLE_DEVICES hides every GPU, which is what a CPU backend wants.
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids)}
+
+
+def llamacpp_launch(
+    name: str, backend: BackendSpec, model_name: str, model_ref: str, gpu_ids: list[int]
+) -> Launch:
+    binary = backend.binary or shutil.which("llama-server")
+    common = [
+        "--host", backend.host,
+        "--port", str(backend.port),
+        "--ctx-size", str(backend.context_size),
+        "--parallel", str(backend.parallel),
+        "--alias", model_name,
+    ]  # fmt: skip
+    if backend.threads:
+        common += ["--threads", str(backend.threads)]
+    if backend.flash_attn:
+        common += ["--flash-attn", "on"]
+    ngl = ["--n-gpu-layers", "999" if gpu_ids else "0"]
+    if binary:
+        argv = [binary, "--model", model_ref, *common, *ngl, "--metrics", "--slots"]
+    else:
+        argv = [sys.executable, "-m", "reconciler.backends.llamacpp_server"]
+        argv += ["--model", model_ref, *common, *ngl]
+    return Launch(argv + list(backend.extra_args), {**gpu_env(gpu_ids), **backend.environment})
+
+
+def vllm_launch(
+    name: str, backend: BackendSpec, model_name: str, model_ref: str, gpu_ids: list[int]
+) -> Launch:
+    argv = [
+        backend.binary or "vllm", "serve", model_ref,
+        "--host", backend.host,
+        "--port", str(backend.port),
+        "--served-model-name", model_name,
+        "--tensor-parallel-size", str(backend.tensor_parallel_size),
+        "--max-model-len", str(backend.context_size),
+        "--max-num-seqs", str(backend.parallel),
+        "--gpu-memory-utilization", str(backend.gpu_memory_utilization),
+    ]  # fmt: skip
+    if backend.quantization:
+        argv += ["--quantization", backend.quantization]
+    if backend.kv_cache_dtype:
+        argv += ["--kv-cache-dtype", backend.kv_cache_dtype]
+    return Launch(argv + list(backend.extra_args), {**gpu_env(gpu_ids), **backend.environment})
+
+
+def tgi_launch(
+    name: str, backend: BackendSpec, model_name: str, model_ref: str, gpu_ids: list[int]
+) -> Launch:
+    argv = [
+        backend.binary or "text-generation-launcher",
+        "--model-id", model_ref,
+        "--hostname", backend.host,
+        "--port", str(backend.port),
+        "--num-shard", str(backend.tensor_parallel_size),
+        "--max-total-tokens", str(backend.context_size),
+        "--max-input-tokens", str(max(1, backend.context_size - 1)),
+        "--max-concurrent-requests", str(max(backend.parallel, 1)),
+    ]  # fmt: skip
+    if backend.quantization:
+        argv += ["--quantize", backend.quantization]
+    return Launch(argv + list(backend.extra_args), {**gpu_env(gpu_ids), **backend.environment})
+
+
+def ollama_launch(
+    name: str, backend: BackendSpec, model_name: str, model_ref: str, gpu_ids: list[int]
+) -> Launch:
+    env = {
+        "OLLAMA_HOST": f"{backend.host}:{backend.port}",
+        "OLLAMA_NUM_PARALLEL": str(backend.parallel),
+        "OLLAMA_CONTEXT_LENGTH": str(backend.context_size),
+        "OLLAMA_MAX_LOADED_MODELS": str(backend.max_loaded_models or 1),
+    }
+    if backend.flash_attn:
+        env["OLLAMA_FLASH_ATTENTION"] = "1"
+    argv = [backend.binary or "ollama", "serve", *backend.extra_args]
+    return Launch(argv, {**gpu_env(gpu_ids), **env, **backend.environment})
+
+
+LAUNCHERS = {
+    "llamacpp": llamacpp_launch,
+    "vllm": vllm_launch,
+    "tgi": tgi_launch,
+    "ollama": ollama_launch,
+}
+
+
+def launch_for(
+    name: str, backend: BackendSpec, model_name: str, model_ref: str, gpu_ids: list[int]
+) -> Launch:
+    return LAUNCHERS[backend.kind](name, backend, model_name, model_ref, gpu_ids)

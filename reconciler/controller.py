@@ -1,0 +1,254 @@
+"""The reconcile loop: read the whole desired state, observe the whole running state, plan the
+difference, let the driver act. Level-triggered: nothing is remembered between passes except
+what the driver records on disk, so a restarted controller picks up where things are."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler.backends.commands import launch_for, model_reference
+from reconciler.backends.health import BackendHealth, Health, probe
+from reconciler.config.loader import ConfigError, load_desired_state
+from reconciler.config.schema import DesiredState
+from reconciler.drivers.atomic import write_atomic
+from reconciler.drivers.process import ProcessDriver
+from reconciler.gpu.inventory import GpuInventory, NvmlInventory
+from reconciler.gpu.placement import Placement, place
+from reconciler.models.pull import PullError, local_path, pull_model
+from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, plan
+from reconciler.paths import models_dir, state_dir
+
+log = logging.getLogger(__name__)
+
+GATEWAY_UNIT = "gateway"
+
+
+def backend_unit(name: str) -> str:
+    return f"backend-{name}"
+
+
+@dataclass
+class UnitView:
+    """What `status` shows for one unit."""
+
+    unit: str
+    kind: str
+    model: str = ""
+    url: str = ""
+    pid: int | None = None
+    health: str = "unknown"
+    detail: str = ""
+    restarts: int = 0
+    gpus: list[int] = field(default_factory=list)
+
+
+class Controller:
+    def __init__(
+        self,
+        config: str | None,
+        driver: ProcessDriver | None = None,
+        gpus: GpuInventory | None = None,
+        state: Path | None = None,
+    ):
+        self.config = config
+        self.desired = self._load()
+        self.state_dir = state or state_dir(self.desired.state_dir)
+        self.models_dir = models_dir(self.desired.models_dir)
+        self.driver = driver or ProcessDriver(self.state_dir)
+        self.gpus = gpus or NvmlInventory()
+        self.placement = Placement()
+        self.health: dict[str, BackendHealth] = {}
+        self.last_actions: list[Action] = []
+        self.model_errors: dict[str, str] = {}
+
+    def _load(self) -> DesiredState:
+        return load_desired_state(self.config)[0]
+
+    # -- desired -------------------------------------------------------------------------
+    def _model_path(self, model_name: str) -> str | None:
+        path = local_path(model_name, self.desired.models[model_name], self.models_dir)
+        return str(path) if path else None
+
+    def ensure_model(self, unit: str) -> bool:
+        """Pull a backend's model before starting it; False (and a reason) if it failed."""
+        backend = self.desired.backends.get(unit.removeprefix("backend-"))
+        if backend is None or not backend.managed:
+            return True
+        spec = self.desired.models[backend.model]
+        if spec.source.startswith("ollama:"):
+            return True
+        try:
+            pull_model(backend.model, spec, self.models_dir)
+        except PullError as exc:
+            self.model_errors[unit] = str(exc)
+            log.error("cannot start %s: %s", unit, exc)
+            return False
+        self.model_errors.pop(unit, None)
+        return True
+
+    def desired_units(self) -> dict[str, DesiredUnit]:
+        state = self.desired
+        self.placement = place(state.backends, self.gpus.gpus())
+        units: dict[str, DesiredUnit] = {}
+        for name, backend in state.backends.items():
+            if not backend.managed:
+                continue  # runs elsewhere: the gateway routes to it, we leave it alone
+            unit = backend_unit(name)
+            if name in self.placement.refused:
+                units[unit] = DesiredUnit(unit, "", backend.model, self.placement.refused[name])
+                continue
+            path = self._model_path(backend.model)
+            ref = model_reference(backend.model, state.models[backend.model], path)
+            gpu_ids = self.placement.assignments.get(name, [])
+            launch = launch_for(name, backend, backend.model, ref, gpu_ids)
+            env = dict(launch.env)
+            if backend.kind == "ollama":
+                env.setdefault("OLLAMA_MODELS", str(self.state_dir / "ollama"))
+            content = json.dumps({"argv": launch.argv, "env": env}, indent=1, sort_keys=True)
+            units[unit] = DesiredUnit(unit, content + "\n", group=backend.model)
+        if state.gateway.enable:
+            argv = [sys.executable, "-m", "reconciler.cli", "gateway"]
+            if self.config:
+                argv += ["--config", str(Path(self.config).resolve())]
+            # The gateway restarts when its part of the desired state changes.
+            spec = state.gateway.model_dump(mode="json")
+            content = json.dumps({"argv": argv, "env": {}, "gateway": spec}, indent=1, sort_keys=True)
+            units[GATEWAY_UNIT] = DesiredUnit(GATEWAY_UNIT, content + "\n")
+        return units
+
+    # -- observe -------------------------------------------------------------------------
+    def _probe_target(self, unit: str) -> tuple[str, str] | None:
+        if unit == GATEWAY_UNIT:
+            g = self.desired.gateway
+            host = "127.0.0.1" if g.host in ("0.0.0.0", "::") else g.host
+            return f"http://{host}:{g.port}", "gateway"
+        name = unit.removeprefix("backend-")
+        backend = self.desired.backends.get(name)
+        if backend is None:
+            return None
+        return backend.base_url, backend.wire_protocol
+
+    def observe(self) -> dict[str, ObservedUnit]:
+        observed = self.driver.observe()
+        for name, seen in list(observed.items()):
+            target = self._probe_target(name)
+            if not seen.active or target is None:
+                self.health[name] = BackendHealth(Health.DOWN, "not running")
+                continue
+            health = probe(*target, timeout=1.0)
+            self.health[name] = health
+            if health.ok:
+                self.driver.mark_healthy(name)
+            observed[name] = ObservedUnit(
+                name, seen.content, seen.active, health.state, seen.failures, seen.retry_at
+            )
+        return observed
+
+    # -- act -----------------------------------------------------------------------------
+    def plan(self) -> list[Action]:
+        desired = self.desired_units()
+        return plan(desired, self.observe(), time.time())
+
+    def reconcile_once(self) -> list[Action]:
+        try:
+            self.desired = self._load()
+        except ConfigError as exc:
+            # Keep running what was declared last; a typo must not take the host down.
+            log.error("desired state invalid, keeping the previous one:\n%s", exc)
+        desired = self.desired_units()
+        actions = plan(desired, self.observe(), time.time())
+        for action in actions:
+            if action.kind in (ActionKind.START, ActionKind.RESTART):
+                if not self.ensure_model(action.unit):
+                    continue
+                if action.kind is ActionKind.START:
+                    self.driver.start(desired[action.unit])
+                else:
+                    self.driver.restart(desired[action.unit])
+            elif action.kind is ActionKind.STOP:
+                self.driver.stop(action.unit, forget=action.unit not in desired)
+            # Waiting and refusing repeat every pass: say them once, when they change.
+            if action.kind in (ActionKind.WAIT, ActionKind.REFUSE) and action == self._previous(
+                action.unit
+            ):
+                continue
+            log.info("%s", action)
+        self.last_actions = actions
+        self.write_status()
+        return actions
+
+    def _previous(self, unit: str) -> Action | None:
+        return next((a for a in self.last_actions if a.unit == unit), None)
+
+    def wait_healthy(self, timeout: float, units: list[str] | None = None) -> bool:
+        """Reconcile until every unit (or the named ones) is healthy, or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.reconcile_once()
+            wanted = units or list(self.desired_units())
+            if all(self.health.get(u, BackendHealth(Health.DOWN)).ok for u in wanted):
+                return True
+            refused = [a for a in self.last_actions if a.kind is ActionKind.REFUSE]
+            if refused and not units:
+                return False
+            time.sleep(0.25)
+        return False
+
+    def run(self, stop: threading.Event, interval: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                self.reconcile_once()
+            except Exception:  # one bad pass must not end supervision of everything else
+                log.exception("reconcile pass failed; retrying")
+            stop.wait(interval)
+
+    def shutdown(self) -> None:
+        """Stop the gateway first (no new requests), then the backends."""
+        names = [r.name for r in self.driver.records()]
+        for name in sorted(names, key=lambda n: n != GATEWAY_UNIT):
+            self.driver.stop(name)
+        self.write_status()
+
+    # -- status --------------------------------------------------------------------------
+    def views(self) -> list[UnitView]:
+        views = []
+        refusals = {a.unit: a.reason for a in self.last_actions if a.kind is ActionKind.REFUSE}
+        for record in self.driver.records():
+            name = record.name
+            backend = self.desired.backends.get(name.removeprefix("backend-"))
+            target = self._probe_target(name)
+            health = self.health.get(name, BackendHealth(Health.DOWN, "not observed yet"))
+            views.append(
+                UnitView(
+                    unit=name,
+                    kind=backend.kind if backend else "gateway",
+                    model=backend.model if backend else "",
+                    url=target[0] if target else "",
+                    pid=record.pid,
+                    health=health.state.value,
+                    detail=refusals.get(name) or self.model_errors.get(name) or health.detail,
+                    restarts=record.restarts,
+                    gpus=self.placement.assignments.get(name.removeprefix("backend-"), []),
+                )
+            )
+        for unit, reason in refusals.items():
+            if not any(v.unit == unit for v in views):
+                backend = self.desired.backends[unit.removeprefix("backend-")]
+                views.append(UnitView(unit, backend.kind, backend.model, health="refused", detail=reason))
+        return views
+
+    def write_status(self) -> None:
+        status = {
+            "config": self.config or "embedded:default",
+            "updated_at": time.time(),
+            "gateway": self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None,
+            "gpus": self.gpus.reason or "ok",
+            "units": [v.__dict__ for v in self.views()],
+        }
+        write_atomic(self.state_dir / "status.json", json.dumps(status, indent=1))

@@ -1,0 +1,1 @@
+"""Drivers carry out the plan: systemd units on systemd hosts, child processes elsewhere."""

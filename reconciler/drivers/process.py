@@ -1,0 +1,210 @@
+"""The process driver: for hosts without systemd, each unit is a child process.
+
+What runs is recorded in the state directory (one JSON file per unit: pid, process start time,
+launch description), so any process can observe it, and a supervisor that was killed adopts
+its children again when it comes back instead of starting duplicates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from reconciler.drivers.atomic import write_atomic
+from reconciler.plan import DesiredUnit, ObservedUnit
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_SECONDS = 15.0
+MAX_BACKOFF_SECONDS = 30.0
+
+
+@dataclass
+class UnitRecord:
+    name: str
+    content: str
+    pid: int | None = None
+    start_ticks: int | None = None  # /proc/PID/stat field 22: tells a reused pid apart
+    started_at: float = 0.0
+    failures: int = 0
+    retry_at: float = 0.0
+    restarts: int = 0
+    last_exit: int | None = None
+    log_file: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie has exited; it only waits to be reaped
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid: int | None, start_ticks: int | None) -> bool:
+    return pid is not None and start_ticks is not None and _start_ticks(pid) == start_ticks
+
+
+class ProcessDriver:
+    name = "process"
+
+    def __init__(self, state_dir: Path):
+        self.units_dir = state_dir / "units"
+        self.logs_dir = state_dir / "logs"
+        self.units_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._children: dict[str, subprocess.Popen] = {}
+
+    # -- records -------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        return self.units_dir / f"{name}.json"
+
+    def load(self, name: str) -> UnitRecord | None:
+        try:
+            return UnitRecord(**json.loads(self._path(name).read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable unit record %s: %s", self._path(name), exc)
+            return None
+
+    def _save(self, record: UnitRecord) -> None:
+        write_atomic(self._path(record.name), json.dumps(asdict(record), indent=1))
+
+    def records(self) -> list[UnitRecord]:
+        found = (self.load(p.stem) for p in sorted(self.units_dir.glob("*.json")))
+        return [r for r in found if r is not None]
+
+    # -- observe -------------------------------------------------------------------------
+    def _reap(self) -> None:
+        for name, child in list(self._children.items()):
+            code = child.poll()
+            if code is not None:
+                del self._children[name]
+                record = self.load(name)
+                if record and record.pid == child.pid:
+                    self._record_exit(record, code)
+
+    def _record_exit(self, record: UnitRecord, code: int | None) -> None:
+        record.last_exit = code
+        record.pid = None
+        record.start_ticks = None
+        if record.extra.get("stopping"):
+            record.extra.pop("stopping")
+        else:
+            record.failures += 1
+            record.retry_at = time.time() + min(0.5 * 2**record.failures, MAX_BACKOFF_SECONDS)
+            log.warning("unit %s exited with %s (failure %d)", record.name, code, record.failures)
+        self._save(record)
+
+    def observe(self) -> dict[str, ObservedUnit]:
+        self._reap()
+        observed = {}
+        for record in self.records():
+            active = process_alive(record.pid, record.start_ticks)
+            if not active and record.pid is not None:
+                self._record_exit(record, None)  # died while nobody was watching
+            observed[record.name] = ObservedUnit(
+                name=record.name,
+                content=record.content,
+                active=active,
+                failures=record.failures,
+                retry_at=record.retry_at,
+            )
+        return observed
+
+    # -- act -----------------------------------------------------------------------------
+    def start(self, unit: DesiredUnit) -> None:
+        launch = json.loads(unit.content)
+        record = self.load(unit.name) or UnitRecord(name=unit.name, content=unit.content)
+        log_path = self.logs_dir / f"{unit.name}.log"
+        env = {**os.environ, **launch.get("env", {})}
+        with log_path.open("ab") as log_file:
+            # A session of its own: a Ctrl-C at the terminal reaches the supervisor, which
+            # stops children in order, instead of every child at once.
+            child = subprocess.Popen(
+                launch["argv"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._children[unit.name] = child
+        record.content = unit.content
+        record.pid = child.pid
+        record.start_ticks = _start_ticks(child.pid)
+        record.started_at = time.time()
+        record.log_file = str(log_path)
+        if record.last_exit is not None or record.failures:
+            record.restarts += 1
+        self._save(record)
+        log.info("started %s (pid %d)", unit.name, child.pid)
+
+    def mark_healthy(self, name: str) -> None:
+        record = self.load(name)
+        if record and record.failures:
+            record.failures = 0
+            record.retry_at = 0.0
+            self._save(record)
+
+    def stop(self, name: str, forget: bool = False, grace: float = STOP_GRACE_SECONDS) -> None:
+        record = self.load(name)
+        if record is None:
+            return
+        if process_alive(record.pid, record.start_ticks):
+            record.extra["stopping"] = True
+            self._save(record)
+            terminate(record.pid, record.start_ticks, grace)  # type: ignore[arg-type]
+            child = self._children.pop(name, None)
+            if child is not None:
+                child.wait()
+            record = self.load(name) or record
+            record.pid = record.start_ticks = None
+            record.extra.pop("stopping", None)
+            self._save(record)
+        if forget:
+            self._path(name).unlink(missing_ok=True)
+
+    def restart(self, unit: DesiredUnit) -> None:
+        self.stop(unit.name)
+        self.start(unit)
+
+    def remove(self, name: str) -> None:
+        self.stop(name, forget=True)
+
+
+def terminate(pid: int, start_ticks: int | None, grace: float) -> None:
+    """SIGTERM the process group, wait up to `grace` seconds, then SIGKILL it."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not process_alive(pid, start_ticks):
+            return
+        _reap_pid(pid)
+        time.sleep(0.05)
+    log.warning("pid %d did not stop within %.0fs; killing it", pid, grace)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap_pid(pid)
+
+
+def _reap_pid(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: one front door routing each request to a healthy backend."""

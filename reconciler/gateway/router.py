@@ -1,0 +1,123 @@
+"""Choosing a backend: model names and aliases to candidates, filtered by health and open
+circuits, ordered by the routing strategy. Moving bytes is `proxy.py`'s job, not this one's."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from reconciler.config.schema import DesiredState
+
+CIRCUIT_FAILURES = 3  # consecutive failures that open a backend's circuit
+CIRCUIT_COOLDOWN_SECONDS = 10.0
+
+
+@dataclass
+class Upstream:
+    """One backend as the gateway sees it, with its live routing state."""
+
+    name: str
+    model: str
+    base_url: str
+    protocol: str
+    max_concurrency: int = 64
+    healthy: bool = False
+    health_detail: str = "not probed yet"
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    open_until: float = 0.0
+    reported_load: float = 0.0  # from the backend's own metrics, when scraped
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.open_until
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+        self.open_until = 0.0
+
+    def record_failure(self, now: float) -> None:
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= CIRCUIT_FAILURES:
+            self.open_until = now + CIRCUIT_COOLDOWN_SECONDS
+
+    @property
+    def circuit_open(self) -> bool:
+        return time.monotonic() < self.open_until
+
+    def why_unavailable(self, now: float) -> str:
+        if not self.healthy:
+            return f"{self.name}: {self.health_detail}"
+        return f"{self.name}: circuit open after {self.consecutive_failures} failures"
+
+
+@dataclass
+class RoutingTable:
+    names: dict[str, str]  # name or alias -> canonical model
+    upstreams: dict[str, Upstream]
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_state(cls, state: DesiredState) -> RoutingTable:
+        upstreams = {
+            name: Upstream(
+                name=name,
+                model=b.model,
+                base_url=b.base_url,
+                protocol=b.wire_protocol,
+                max_concurrency=state.gateway.max_concurrency_per_backend,
+            )
+            for name, b in state.backends.items()
+        }
+        names = state.model_names()
+        fallbacks = {names[g]: [names[t] for t in ts] for g, ts in state.gateway.routing.fallbacks.items()}
+        return cls(names=names, upstreams=upstreams, fallbacks=fallbacks)
+
+    def served_models(self) -> list[str]:
+        """Canonical models with at least one backend, in declaration order."""
+        return list(dict.fromkeys(u.model for u in self.upstreams.values()))
+
+
+class Router:
+    def __init__(self, table: RoutingTable, strategy: str = "least-load"):
+        self.table = table
+        self.strategy = strategy
+        self._rr = itertools.count()
+
+    def resolve(self, requested: str) -> str | None:
+        return self.table.names.get(requested)
+
+    def members(self, model: str) -> list[Upstream]:
+        return [u for u in self.table.upstreams.values() if u.model == model]
+
+    def candidates(self, model: str, affinity_key: str | None = None) -> list[Upstream]:
+        """Available backends for `model` in the order to try them, then its fallbacks'."""
+        now = time.monotonic()
+        ordered: list[Upstream] = []
+        for group in [model, *self.table.fallbacks.get(model, [])]:
+            ready = [u for u in self.members(group) if u.available(now)]
+            ordered += self._order(ready, affinity_key)
+        return ordered
+
+    def _order(self, ready: list[Upstream], affinity_key: str | None) -> list[Upstream]:
+        if len(ready) < 2:
+            return ready
+        if self.strategy == "session-affinity" and affinity_key:
+            # Rendezvous hashing: a session keeps its backend while it stays healthy, and only
+            # the sessions of a backend that leaves move.
+            def score(u: Upstream) -> bytes:
+                return hashlib.blake2b(f"{affinity_key}|{u.name}".encode(), digest_size=8).digest()
+
+            return sorted(ready, key=score, reverse=True)
+        if self.strategy == "round-robin":
+            start = next(self._rr) % len(ready)
+            return ready[start:] + ready[:start]
+        return sorted(ready, key=lambda u: (u.in_flight + u.reported_load, u.name))
+
+    def unavailable_reason(self, model: str) -> str:
+        now = time.monotonic()
+        members = self.members(model)
+        if not members:
+            return f"no backend is declared for model {model!r}"
+        return "; ".join(u.why_unavailable(now) for u in members)

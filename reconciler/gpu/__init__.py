@@ -1,0 +1,1 @@
+"""GPUs: the inventory (NVML) and placement of backends onto them."""

@@ -1,0 +1,124 @@
+"""GPU inventory through NVML. No driver or no GPU is a normal answer: an empty inventory
+and one log line, never a traceback. Tests inject inventories through `StaticInventory`,
+which is what `NvmlInventory` produces from real hardware."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    uuid: str
+    name: str
+    memory_total: int  # bytes
+    memory_used: int
+    memory_free: int
+    utilization: int | None = None  # percent
+    compute_capability: tuple[int, int] | None = None
+    temperature: int | None = None  # degrees C
+    power_watts: float | None = None
+
+
+class GpuInventory(Protocol):
+    def gpus(self) -> list[GpuInfo]: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+class StaticInventory:
+    """A fixed list of GPUs: what tests and `--gpus-from FILE` use."""
+
+    def __init__(self, gpus: list[GpuInfo], reason: str = ""):
+        self._gpus = list(gpus)
+        self._reason = reason or ("" if gpus else "no GPU declared")
+
+    def gpus(self) -> list[GpuInfo]:
+        return list(self._gpus)
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+
+class NvmlInventory:
+    """The real inventory. `reason` says why it is empty when it is."""
+
+    def __init__(self) -> None:
+        self._reason = ""
+        self._ready = False
+        self._logged = False
+
+    def _init(self) -> bool:
+        if self._ready:
+            return True
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except ImportError:
+            self._reason = "nvidia-ml-py is not installed"
+        except Exception as exc:  # pynvml.NVMLError_LibraryNotFound and friends
+            self._reason = f"NVML unavailable ({type(exc).__name__}): running without GPUs"
+        else:
+            self._ready = True
+            return True
+        if not self._logged:
+            log.info("%s", self._reason)
+            self._logged = True
+        return False
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    def gpus(self) -> list[GpuInfo]:
+        if not self._init():
+            return []
+        import pynvml
+
+        found = []
+        try:
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                found.append(
+                    GpuInfo(
+                        index=index,
+                        uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                        name=_text(pynvml.nvmlDeviceGetName(handle)),
+                        memory_total=int(memory.total),
+                        memory_used=int(memory.used),
+                        memory_free=int(memory.free),
+                        utilization=_optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                        compute_capability=_optional(
+                            lambda: tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+                        ),
+                        temperature=_optional(
+                            lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+                        ),
+                        power_watts=_optional(lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0),
+                    )
+                )
+        except pynvml.NVMLError as exc:
+            self._reason = f"NVML query failed: {exc}"
+            log.warning("%s", self._reason)
+            return []
+        return found
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _optional(read):
+    try:
+        return read()
+    except Exception:  # a sensor this GPU does not have
+        return None

@@ -1,0 +1,71 @@
+"""Assign GPU indices to backends: best fit by estimated VRAM against free memory.
+
+Pure: takes the inventory and the estimates, returns assignments and one-line refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from reconciler.config.schema import BackendSpec
+from reconciler.gpu.inventory import GpuInfo
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Placement:
+    assignments: dict[str, list[int]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def place(
+    backends: Mapping[str, BackendSpec],
+    gpus: list[GpuInfo],
+    estimates: Mapping[str, int] | None = None,
+) -> Placement:
+    """Largest requests first; each takes the GPUs with the least free memory that still fit
+    (best fit), so big holes stay open for big models."""
+    estimates = estimates or {}
+    free = {g.index: g.memory_free for g in gpus}
+    assignments: dict[str, list[int]] = {}
+    refused: dict[str, str] = {}
+    wanting = [n for n, b in backends.items() if b.managed and b.gpus_wanted > 0]
+    order = sorted(wanting, key=lambda n: (-backends[n].gpus_wanted, -estimates.get(n, 0), n))
+    for name in order:
+        backend = backends[name]
+        count = backend.gpus_wanted
+        per_gpu = -(-estimates.get(name, 0) // count)  # ceil: each shard holds its part
+        if not gpus:
+            refused[name] = f"needs {count} GPU(s); this host has none"
+            continue
+        if backend.gpu_ids is not None:
+            missing = [i for i in backend.gpu_ids if i not in free]
+            short = [i for i in backend.gpu_ids if i in free and free[i] < per_gpu]
+            if missing:
+                refused[name] = f"gpu_ids {missing} do not exist (host has {sorted(free)})"
+            elif short:
+                i = short[0]
+                refused[name] = f"GPU {i}: needs {_gib(per_gpu)}, {_gib(free[i])} free"
+            else:
+                assignments[name] = list(backend.gpu_ids)
+                for i in backend.gpu_ids:
+                    free[i] -= per_gpu
+            continue
+        fitting = sorted((f, i) for i, f in free.items() if f >= per_gpu)
+        if len(fitting) < count:
+            best = max(free, key=lambda i: free[i])
+            refused[name] = (
+                f"needs {count} GPU(s) with {_gib(per_gpu)} free each; "
+                f"{len(fitting)} fit (most free: GPU {best}, {_gib(free[best])})"
+            )
+            continue
+        chosen = sorted(i for _, i in fitting[:count])
+        assignments[name] = chosen
+        for i in chosen:
+            free[i] -= per_gpu
+    return Placement(assignments, refused)

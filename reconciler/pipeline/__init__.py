@@ -1,0 +1,1 @@
+"""The product pipeline: bootstrap, pull, run, export, health."""

@@ -1,0 +1,98 @@
+"""`tensorforge export`: results to Markdown, plain text, JSONL or CSV.
+
+Reads JSONL line by line and writes as it reads, so large result files stream through."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+FORMATS = ("md", "txt", "jsonl", "csv")
+CSV_FIELDS = ["prompt", "answer", "model", "backend", "finish_reason", "prompt_tokens",
+              "completion_tokens", "total_s", "time_to_first_token_s", "tokens_per_s", "error"]  # fmt: skip
+
+
+def iter_results(path: Path) -> Iterator[dict]:
+    """A `run` result file ({"results": [...]}), a JSON list, or JSONL."""
+    with path.open(encoding="utf-8") as handle:
+        head = handle.read(1)
+        while head and head.isspace():
+            head = handle.read(1)
+        handle.seek(0)
+        if head == "[" or head == "{":
+            text = handle.read()
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                data = None  # JSONL starting with "{"
+            if data is not None:
+                yield from (data.get("results", [data]) if isinstance(data, dict) else data)
+                return
+            handle.seek(0)
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+
+
+def _flat(result: dict) -> dict:
+    usage = result.get("usage") or {}
+    timings = result.get("timings") or {}
+    return {
+        **{k: result.get(k) for k in ("prompt", "answer", "model", "backend", "finish_reason", "error")},
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        **{k: timings.get(k) for k in ("total_s", "time_to_first_token_s", "tokens_per_s")},
+    }
+
+
+def export(results: Iterator[dict], fmt: str, out: TextIO) -> int:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    count = 0
+    writer = csv.DictWriter(out, CSV_FIELDS, lineterminator="\n") if fmt == "csv" else None
+    if writer:
+        writer.writeheader()
+    if fmt == "md":
+        out.write("# TensorForge results\n")
+    for result in results:
+        count += 1
+        row = _flat(result)
+        if writer:
+            writer.writerow(row)
+        elif fmt == "jsonl":
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+        elif fmt == "md":
+            out.write(_markdown(count, row))
+        else:
+            out.write(_text(count, row))
+    return count
+
+
+def _markdown(number: int, row: dict) -> str:
+    buf = io.StringIO()
+    buf.write(f"\n## {number}. {_one_line(row['prompt'])}\n\n")
+    buf.write(f"- model: `{row['model']}` (backend `{row['backend']}`)\n")
+    buf.write(f"- tokens: {row['prompt_tokens']} in, {row['completion_tokens']} out; ")
+    buf.write(f"{row['total_s']} s total, first token {row['time_to_first_token_s']} s\n\n")
+    if row["error"]:
+        buf.write(f"> error: {row['error']}\n")
+    else:
+        buf.write("\n".join(f"> {line}" for line in (row["answer"] or "").splitlines()) + "\n")
+    return buf.getvalue()
+
+
+def _text(number: int, row: dict) -> str:
+    answer = row["error"] and f"[error] {row['error']}" or row["answer"] or ""
+    return f"[{number}] {row['prompt']}\n({row['model']}, {row['total_s']} s)\n{answer}\n\n"
+
+
+def _one_line(text: str | None, limit: int = 80) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -1,0 +1,48 @@
+# Shared setup for the pipeline scripts: a project venv and, when asked, Debian tools.
+# Sourced, not run. Quick when nothing changed: pip runs only when pyproject.toml did.
+
+TF_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+TF_VENV="${TF_VENV:-$TF_ROOT/.venv}"
+TF_PY="$TF_VENV/bin/python"
+
+tf_log() { printf '[tensorforge] %s\n' "$*" >&2; }
+
+# ensure_venv EXTRAS: create .venv and install the package with the given extras
+# ("cpu", "cpu,test") unless the same pyproject.toml was installed with them before.
+ensure_venv() {
+  local extras="$1"
+  local stamp="$TF_VENV/.tensorforge-$(echo "$extras" | tr ',' '-')"
+  local want
+  want="$(sha256sum "$TF_ROOT/pyproject.toml" | cut -d' ' -f1)"
+  if [ ! -x "$TF_PY" ]; then
+    tf_log "creating $TF_VENV"
+    python3 -m venv "$TF_VENV"
+  fi
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    tf_log "installing tensorforge[$extras] into $TF_VENV (first run takes a minute or two)"
+    "$TF_PY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+    "$TF_PY" -m pip install -q --disable-pip-version-check -e "$TF_ROOT[$extras]"
+    echo "$want" > "$stamp"
+  fi
+}
+
+# ensure_debian PACKAGE...: install missing Debian packages (root only; skipped elsewhere).
+ensure_debian() {
+  local missing=()
+  local pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    tf_log "not root or no apt-get: skipping ${missing[*]} (tests that need them will skip)"
+    return 0
+  fi
+  tf_log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  # No daemons started by the package scripts: tests start what they need themselves.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+}

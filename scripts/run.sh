@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job: answer a prompt with the embedded default (llama.cpp + SmolLM2 on CPU).
+#   ./scripts/run.sh --prompt "Explain quantum computing" --output result.json
+# Extra flags go to `tensorforge run` (--model, --prompts-file, --config, --max-tokens ...).
+set -euo pipefail
+source "$(dirname "$0")/lib/setup.sh"
+ensure_venv cpu
+exec "$TF_VENV/bin/tensorforge" run "$@"

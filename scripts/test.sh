@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Everything CI checks: lint, then the test suite (unit, integration against the real
+# llama.cpp server, real systemd, Prometheus, PostgreSQL and Nix evaluation where present).
+#   ./scripts/test.sh            all tests
+#   ./scripts/test.sh -k gateway pytest arguments pass through
+set -euo pipefail
+source "$(dirname "$0")/lib/setup.sh"
+ensure_venv cpu,test
+ensure_debian nix-bin systemd-container prometheus postgresql iproute2
+cd "$TF_ROOT"
+"$TF_VENV/bin/ruff" check reconciler tests bench
+exec "$TF_PY" -m pytest "$@"

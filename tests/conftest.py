@@ -1,0 +1,83 @@
+"""Shared fixtures: the real SmolLM2 model (pulled once through the model source, cached),
+a real llama.cpp server on a free port, and isolated state directories."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Models are cached across runs (pip caches the wheel too); state is per test.
+os.environ.setdefault("TF_MODELS", str(REPO / ".cache" / "models"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=1)
+            if response.status_code == status:
+                return
+            last = response.status_code
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready: {last}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from reconciler.config.loader import load_desired_state
+    from reconciler.models.pull import pull_model
+
+    state, _ = load_desired_state(None)
+    record = pull_model("smollm2", state.models["smollm2"], Path(os.environ["TF_MODELS"]))
+    return record.primary_path
+
+
+def start_llama_server(model: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "reconciler.backends.llamacpp_server", "--model", str(model)]
+    argv += ["--port", str(port), "--ctx-size", "2048", "--parallel", "2", "--threads", "1"]
+    argv += ["--alias", "smollm2", *extra]
+    return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="session")
+def llama_server(smollm2_path: Path, tmp_path_factory) -> Iterator[str]:
+    """A real llama.cpp server (xllamacpp) serving SmolLM2 for the whole session."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    proc = start_llama_server(smollm2_path, port, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", timeout=60)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "state"
+    monkeypatch.setenv("TF_STATE_DIR", str(path))
+    return path
