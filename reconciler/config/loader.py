@@ -52,7 +52,7 @@ def _friendly(error: dict[str, Any], data: Any) -> str:
 def _format_errors(exc: ValidationError, data: Any) -> list[str]:
     problems: list[str] = []
     for error in exc.errors():
-        path = ".".join(str(p) for p in error["loc"]).replace(".[key]", " (name)")
+        path = ".".join(_loc_part(p) for p in error["loc"]).replace(".[key]", " (name)")
         text = _friendly(error, data)
         # Cross-reference checks report several problems, each already naming its path.
         for line in text.splitlines():
@@ -64,6 +64,12 @@ def _format_errors(exc: ValidationError, data: Any) -> list[str]:
                     got = f" (got {error['input']!r})"
                 problems.append(f"{path}: {line}{got}")
     return problems
+
+
+def _loc_part(part: object) -> str:
+    text = str(part)
+    # A name with a newline would split the message; show it quoted instead.
+    return repr(text) if not text.isprintable() else text
 
 
 def _names_path(line: str) -> bool:

