@@ -20,8 +20,13 @@ ensure_venv() {
   fi
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     tf_log "installing tensorforge[$extras] into $TF_VENV (first run takes a minute or two)"
-    "$TF_PY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    "$TF_PY" -m pip install -q --disable-pip-version-check -e "$TF_ROOT[$extras]"
+    local log="$TF_VENV/pip-install.log"
+    if ! { "$TF_PY" -m pip install --disable-pip-version-check --upgrade pip &&
+           "$TF_PY" -m pip install --disable-pip-version-check -e "$TF_ROOT[$extras]"; } >"$log" 2>&1; then
+      tail -n 30 "$log" >&2
+      tf_log "pip install failed; full log in $log"
+      return 1
+    fi
     echo "$want" > "$stamp"
   fi
 }
