@@ -292,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(exc: OSError) -> str:
+    """A filesystem failure in words that say which file and what to do."""
+    import errno
+
+    where = exc.filename or "a file"
+    fixes = {
+        errno.ENOSPC: "the filesystem is full; free space or point TF_STATE_DIR/TF_MODELS elsewhere",
+        errno.EROFS: "the filesystem is read-only; point TF_STATE_DIR/TF_MODELS at a writable one",
+        errno.EACCES: "permission denied; run as the service user or fix the directory's owner",
+    }
+    fix = fixes.get(exc.errno or 0)
+    return f"cannot write {where}: {fix}" if fix else f"{where}: {exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -305,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # the CLI reports; the traceback goes to the log at debug level
         log.debug("command failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)

@@ -40,6 +40,23 @@ def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
     raise TimeoutError(f"{url} not ready: {last}")
 
 
+def our_processes(marker: Path | str) -> list[str]:
+    """Live processes whose command line or environment mentions `marker` (a state dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and str(marker).encode() in environ + cmdline:
+            found.append(cmdline.replace(b"\0", b" ").decode())
+    return found
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     from reconciler.config.loader import load_desired_state

