@@ -1,0 +1,1 @@
+"""Small real servers and clients that tests run as processes (never mocks of our code)."""
