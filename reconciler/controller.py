@@ -201,12 +201,33 @@ class Controller:
         return False
 
     def run(self, stop: threading.Event, interval: float = 1.0) -> None:
-        while not stop.is_set():
-            try:
-                self.reconcile_once()
-            except Exception:  # one bad pass must not end supervision of everything else
-                log.exception("reconcile pass failed; retrying")
-            stop.wait(interval)
+        metrics = self._metrics_exporter()
+        try:
+            while not stop.is_set():
+                ok = True
+                try:
+                    self.reconcile_once()
+                except Exception:  # one bad pass must not end supervision of everything else
+                    ok = False
+                    log.exception("reconcile pass failed; retrying")
+                if metrics is not None:
+                    metrics.observe_pass(self, ok)
+                stop.wait(interval)
+        finally:
+            if metrics is not None:
+                metrics.close()
+
+    def _metrics_exporter(self):
+        """The reconciler's /metrics when monitoring is enabled; a busy port is logged, not fatal."""
+        if not self.desired.monitoring.enable:
+            return None
+        from reconciler.monitoring.reconciler_metrics import ReconcilerMetricsExporter
+
+        try:
+            return ReconcilerMetricsExporter(self.desired.monitoring.reconciler_metrics_port)
+        except OSError as exc:
+            log.error("%s", exc)
+            return None
 
     def shutdown(self) -> None:
         """Stop the gateway first (no new requests), then the backends."""

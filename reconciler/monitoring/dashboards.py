@@ -1,0 +1,430 @@
+"""The Grafana dashboards, as data: each is a list of panels with their PromQL. `write_all`
+renders them to the JSON files in the repository's `monitoring/dashboards/`, which Grafana
+provisions; a test keeps those files identical to what this module renders and runs every
+expression through a real Prometheus.
+
+Template variables: `$datasource`, `$host` (every dashboard) and `$backend` (per-kind ones).
+`$__rate_interval` is Grafana's: at least four scrape intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reconciler.monitoring.grafana import Dashboard, Panel, rendered_files, write_files
+
+RATE = "$__rate_interval"
+
+
+def _q(p: float, metric: str, by: str, sel: str) -> tuple[str, str]:
+    expr = f"histogram_quantile({p}, sum by (le, {by}) (rate({metric}_bucket{{{sel}}}[{RATE}])))"
+    legend = "p" + f"{p * 100:g}" + " {{" + by.split(", ")[-1] + "}}"
+    return expr, legend
+
+
+def _quantiles(metric: str, by: str, sel: str) -> list[tuple[str, str]]:
+    return [_q(p, metric, by, sel) for p in (0.5, 0.95, 0.99)]
+
+
+H = 'host=~"$host"'
+HB = 'host=~"$host", backend=~"$backend"'
+G = "tensorforge_gateway_"
+
+
+def _ratio_or_zero(part: str, whole: str, by: str) -> str:
+    """part/whole per group, 0 (not "no data") for groups with traffic but no part."""
+    return f"(sum by ({by}) ({part}) or sum by ({by}) ({whole}) * 0) / sum by ({by}) ({whole})"
+
+
+GATEWAY = Dashboard(
+    "tensorforge-gateway",
+    "TensorForge / Gateway overview",
+    [
+        Panel(
+            "Requests per second by model",
+            [(f"sum by (model) (rate({G}requests_total{{{H}}}[{RATE}]))", "{{model}}")],
+            "reqps",
+        ),
+        Panel(
+            "Error ratio (5xx) by model",
+            [
+                (
+                    _ratio_or_zero(
+                        f'rate({G}requests_total{{{H}, status=~"5.."}}[{RATE}])',
+                        f"rate({G}requests_total{{{H}}}[{RATE}])",
+                        "model",
+                    ),
+                    "{{model}}",
+                )
+            ],
+            "percentunit",
+            description="Share of requests answered with a 5xx status.",
+        ),
+        Panel(
+            "Request latency (p50/p95/p99)",
+            _quantiles(f"{G}request_duration_seconds", "model", H),
+            "s",
+        ),
+        Panel(
+            "Time to first token (p50/p95/p99)",
+            _quantiles(f"{G}time_to_first_token_seconds", "model", H),
+            "s",
+        ),
+        Panel(
+            "In-flight requests by backend",
+            [(f"sum by (backend) ({G}in_flight_requests{{{H}}})", "{{backend}}")],
+        ),
+        Panel(
+            "Tokens per second by type",
+            [
+                (
+                    f"sum by (model, type) (rate({G}tokens_total{{{H}}}[{RATE}]))",
+                    "{{model}} {{type}}",
+                )
+            ],
+            "short",
+        ),
+        Panel(
+            "Retries per second by backend",
+            [(f"sum by (backend) (rate({G}retries_total{{{H}}}[{RATE}]))", "{{backend}}")],
+            "reqps",
+            description="Requests re-sent to another backend after a failure (empty until one happens).",
+        ),
+        Panel(
+            "Rejected requests per second by reason",
+            [(f"sum by (reason) (rate({G}rejected_total{{{H}}}[{RATE}]))", "{{reason}}")],
+            "reqps",
+            description="Requests refused before reaching a backend (empty until one happens).",
+        ),
+        Panel(
+            "Circuit open (1 = open)",
+            [(f"max by (backend) ({G}circuit_open{{{H}}})", "{{backend}}")],
+            max=1,
+        ),
+        Panel(
+            "Backend healthy (gateway's view)",
+            [(f"min by (backend, model) ({G}backend_healthy{{{H}}})", "{{backend}} {{model}}")],
+            max=1,
+        ),
+    ],
+)
+
+GPUS = Dashboard(
+    "tensorforge-gpus",
+    "TensorForge / GPUs and VRAM",
+    [
+        Panel(
+            "GPUs per host",
+            [(f"sum by (host) (tensorforge_gpus{{{H}}})", "{{host}}")],
+            kind="stat",
+            width=8,
+        ),
+        Panel(
+            "VRAM used per host",
+            [(f"sum by (host) (tensorforge_gpu_memory_used_bytes{{{H}}})", "{{host}}")],
+            "bytes",
+            kind="stat",
+            width=8,
+        ),
+        Panel(
+            "VRAM total per host",
+            [(f"sum by (host) (tensorforge_gpu_memory_total_bytes{{{H}}})", "{{host}}")],
+            "bytes",
+            kind="stat",
+            width=8,
+        ),
+        Panel(
+            "VRAM used per GPU",
+            [(f"tensorforge_gpu_memory_used_bytes{{{H}}}", "{{host}} GPU {{index}} ({{backend}})")],
+            "bytes",
+        ),
+        Panel(
+            "VRAM used ratio per GPU",
+            [
+                (
+                    f"tensorforge_gpu_memory_used_bytes{{{H}}} / tensorforge_gpu_memory_total_bytes{{{H}}}",
+                    "{{host}} GPU {{index}} ({{backend}})",
+                )
+            ],
+            "percentunit",
+            max=1,
+        ),
+        Panel(
+            "Utilisation per GPU",
+            [(f"tensorforge_gpu_utilization_ratio{{{H}}}", "{{host}} GPU {{index}}")],
+            "percentunit",
+            max=1,
+        ),
+        Panel(
+            "Temperature per GPU",
+            [(f"tensorforge_gpu_temperature_celsius{{{H}}}", "{{host}} GPU {{index}}")],
+            "celsius",
+        ),
+        Panel(
+            "Power per GPU",
+            [(f"tensorforge_gpu_power_watts{{{H}}}", "{{host}} GPU {{index}}")],
+            "watt",
+        ),
+    ],
+)
+
+RECONCILER = Dashboard(
+    "tensorforge-reconciler",
+    "TensorForge / Reconciler and units",
+    [
+        Panel(
+            "Converged (1 = as declared)",
+            [(f"min by (host) (tensorforge_reconciler_converged{{{H}}})", "{{host}}")],
+            kind="stat",
+            width=8,
+        ),
+        Panel(
+            "Seconds since last converged",
+            [
+                (
+                    f"time() - max by (host) (tensorforge_reconciler_last_converged_timestamp_seconds{{{H}}})",
+                    "{{host}}",
+                )
+            ],
+            "s",
+            kind="stat",
+            width=8,
+        ),
+        Panel(
+            "Passes and failures per second",
+            [
+                (
+                    f"sum by (host) (rate(tensorforge_reconciler_passes_total{{{H}}}[{RATE}]))",
+                    "passes {{host}}",
+                ),
+                (
+                    f"sum by (host) (rate(tensorforge_reconciler_pass_failures_total{{{H}}}[{RATE}]))",
+                    "failures {{host}}",
+                ),
+            ],
+            "ops",
+            width=8,
+        ),
+        Panel("Unit up", [(f"tensorforge_unit_up{{{H}}}", "{{host}} {{unit}}")], max=1),
+        Panel("Unit healthy", [(f"tensorforge_unit_healthy{{{H}}}", "{{host}} {{unit}}")], max=1),
+        Panel(
+            "Unit restarts (last hour)",
+            [(f"increase(tensorforge_unit_restarts_total{{{H}}}[1h])", "{{host}} {{unit}}")],
+            width=24,
+        ),
+    ],
+)
+
+LLAMACPP = Dashboard(
+    "tensorforge-llamacpp",
+    "TensorForge / llama.cpp backends",
+    [
+        Panel(
+            "Scrape up",
+            [(f'up{{{HB}, kind="llamacpp"}}', "{{backend}}")],
+            kind="stat",
+            width=24,
+            max=1,
+        ),
+        Panel(
+            "Generated tokens per second",
+            [
+                (
+                    f"sum by (backend) (rate(llamacpp:tokens_predicted_total{{{HB}}}[{RATE}]))",
+                    "{{backend}}",
+                )
+            ],
+        ),
+        Panel(
+            "Prompt tokens per second (processed / from cache)",
+            [
+                (
+                    f"sum by (backend) (rate(llamacpp:prompt_tokens_total{{{HB}}}[{RATE}]))",
+                    "processed {{backend}}",
+                ),
+                (
+                    f"sum by (backend) (rate(llamacpp:prompt_tokens_cached_total{{{HB}}}[{RATE}]))",
+                    "cached {{backend}}",
+                ),
+            ],
+        ),
+        Panel(
+            "Decode speed while generating (tokens/s)",
+            [
+                (
+                    f"sum by (backend) (rate(llamacpp:tokens_predicted_total{{{HB}}}[{RATE}])) / "
+                    f"sum by (backend) (rate(llamacpp:tokens_predicted_seconds_total{{{HB}}}[{RATE}]))",
+                    "{{backend}}",
+                )
+            ],
+            description="Tokens generated per second of generation time (empty while idle).",
+        ),
+        Panel(
+            "Average throughput reported by the server (tokens/s)",
+            [
+                (f"llamacpp:predicted_tokens_seconds{{{HB}}}", "decode {{backend}}"),
+                (f"llamacpp:prompt_tokens_seconds{{{HB}}}", "prompt {{backend}}"),
+            ],
+        ),
+        Panel(
+            "Requests processing / deferred",
+            [
+                (f"llamacpp:requests_processing{{{HB}}}", "processing {{backend}}"),
+                (f"llamacpp:requests_deferred{{{HB}}}", "deferred {{backend}}"),
+            ],
+        ),
+        Panel(
+            "Busy slots per decode call",
+            [(f"llamacpp:n_busy_slots_per_decode{{{HB}}}", "{{backend}}")],
+        ),
+        Panel(
+            "Largest sequence seen (tokens)", [(f"llamacpp:n_tokens_max{{{HB}}}", "{{backend}}")]
+        ),
+    ],
+    backend_kind="llamacpp",
+)
+
+VLLM = Dashboard(
+    "tensorforge-vllm",
+    "TensorForge / vLLM backends",
+    [
+        Panel(
+            "Scrape up", [(f'up{{{HB}, kind="vllm"}}', "{{backend}}")], kind="stat", width=24, max=1
+        ),
+        Panel(
+            "Requests running / waiting",
+            [
+                (f"sum by (backend) (vllm:num_requests_running{{{HB}}})", "running {{backend}}"),
+                (f"sum by (backend) (vllm:num_requests_waiting{{{HB}}})", "waiting {{backend}}"),
+            ],
+        ),
+        Panel(
+            "KV cache usage",
+            # kv_cache_usage_perc since the V1 engine; gpu_cache_usage_perc before it.
+            [
+                (
+                    f"max by (backend) (vllm:kv_cache_usage_perc{{{HB}}} or vllm:gpu_cache_usage_perc{{{HB}}})",
+                    "{{backend}}",
+                )
+            ],
+            "percentunit",
+            max=1,
+        ),
+        Panel(
+            "Time to first token (p50/p95/p99)",
+            _quantiles("vllm:time_to_first_token_seconds", "backend", HB),
+            "s",
+        ),
+        Panel(
+            "End-to-end latency (p50/p95/p99)",
+            _quantiles("vllm:e2e_request_latency_seconds", "backend", HB),
+            "s",
+        ),
+        Panel(
+            "Inter-token latency (p50/p95/p99)",
+            _quantiles("vllm:inter_token_latency_seconds", "backend", HB),
+            "s",
+        ),
+        Panel(
+            "Tokens per second (prompt / generation)",
+            [
+                (
+                    f"sum by (backend) (rate(vllm:prompt_tokens_total{{{HB}}}[{RATE}]))",
+                    "prompt {{backend}}",
+                ),
+                (
+                    f"sum by (backend) (rate(vllm:generation_tokens_total{{{HB}}}[{RATE}]))",
+                    "generation {{backend}}",
+                ),
+            ],
+        ),
+        Panel(
+            "Finished requests per second by reason",
+            [
+                (
+                    f"sum by (backend, finished_reason) (rate(vllm:request_success_total{{{HB}}}[{RATE}]))",
+                    "{{backend}} {{finished_reason}}",
+                )
+            ],
+            "reqps",
+        ),
+        Panel(
+            "Preemptions per second",
+            [
+                (
+                    f"sum by (backend) (rate(vllm:num_preemptions_total{{{HB}}}[{RATE}]))",
+                    "{{backend}}",
+                )
+            ],
+            "ops",
+        ),
+    ],
+    backend_kind="vllm",
+)
+
+TGI = Dashboard(
+    "tensorforge-tgi",
+    "TensorForge / TGI backends",
+    [
+        Panel(
+            "Scrape up", [(f'up{{{HB}, kind="tgi"}}', "{{backend}}")], kind="stat", width=24, max=1
+        ),
+        Panel(
+            "Requests per second (all / successful)",
+            [
+                (f"sum by (backend) (rate(tgi_request_count{{{HB}}}[{RATE}]))", "all {{backend}}"),
+                (
+                    f"sum by (backend) (rate(tgi_request_success{{{HB}}}[{RATE}]))",
+                    "successful {{backend}}",
+                ),
+            ],
+            "reqps",
+        ),
+        Panel(
+            "Queue size / current batch size",
+            [
+                (f"sum by (backend) (tgi_queue_size{{{HB}}})", "queue {{backend}}"),
+                (f"sum by (backend) (tgi_batch_current_size{{{HB}}})", "batch {{backend}}"),
+            ],
+        ),
+        Panel(
+            "Request latency (p50/p95/p99)", _quantiles("tgi_request_duration", "backend", HB), "s"
+        ),
+        Panel(
+            "Queue time (p50/p95/p99)", _quantiles("tgi_request_queue_duration", "backend", HB), "s"
+        ),
+        Panel(
+            "Time per output token (p50/p95/p99)",
+            _quantiles("tgi_request_mean_time_per_token_duration", "backend", HB),
+            "s",
+        ),
+        Panel(
+            "Tokens per second (input / generated)",
+            [
+                (
+                    f"sum by (backend) (rate(tgi_request_input_length_sum{{{HB}}}[{RATE}]))",
+                    "input {{backend}}",
+                ),
+                (
+                    f"sum by (backend) (rate(tgi_request_generated_tokens_sum{{{HB}}}[{RATE}]))",
+                    "generated {{backend}}",
+                ),
+            ],
+        ),
+        Panel(
+            "Batch max tokens",
+            [(f"max by (backend) (tgi_batch_current_max_tokens{{{HB}}})", "{{backend}}")],
+        ),
+    ],
+    backend_kind="tgi",
+)
+
+DASHBOARDS = [GATEWAY, GPUS, RECONCILER, LLAMACPP, VLLM, TGI]
+
+
+def dashboard_files() -> dict[str, str]:
+    """File name -> JSON text, exactly as committed under monitoring/dashboards/."""
+    return rendered_files(DASHBOARDS)
+
+
+def write_all(directory: Path) -> list[Path]:
+    return write_files(DASHBOARDS, directory)
