@@ -128,7 +128,9 @@ def wait_for(prom: str, expr: str, timeout: float = 20.0) -> None:
 
 
 def live_metrics_check(url: str) -> str:
-    text = httpx.get(url, timeout=5).text
+    response = httpx.get(url, timeout=5)
+    assert response.status_code == 200, f"{url} answered {response.status_code}: no metrics served"
+    text = response.text
     result = subprocess.run(
         [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
