@@ -251,6 +251,13 @@ def cmd_gpu_exporter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from reconciler.analyze.command import execute
+
+    state = _state(args)
+    return execute(args, state, _gateway_url(state))
+
+
 # -- wiring --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -330,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address")
     p.add_argument("--port", type=int, help="listen port (default monitoring.gpu_exporter_port)")
     p.set_defaults(func=cmd_gpu_exporter)
+
+    from reconciler.analyze.command import configure as configure_analyze
+
+    p = sub.add_parser("analyze", help="map a source tree (modules, imports, cycles) and summarize it with a model")
+    configure_analyze(p)
+    _config_arg(p)
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 

@@ -1,0 +1,135 @@
+"""Nix, parsed with tree-sitter: a file depends on the files its path literals name, for
+`import ./x.nix`, `callPackage ./x { }`, `imports = [ ./m.nix ]` and any literal `./y.nix`."""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path, PurePosixPath
+
+from reconciler.analyze.languages.base import (
+    Definition,
+    ImportRef,
+    ParsedModule,
+    Resolution,
+    count_lines,
+    node_text,
+)
+from reconciler.analyze.languages.treesitter import parse_tree
+
+IMPORTERS = {"import", "callPackage", "callPackages"}
+ROOT_ENTRIES = {"flake.nix", "default.nix", "shell.nix"}
+
+
+def _function_name(node) -> str:
+    """`import`, `pkgs.callPackage`, `lib.callPackageWith x` -> the last attribute name."""
+    while node is not None and node.type == "apply_expression":
+        node = node.child_by_field_name("function")
+    if node is None:
+        return ""
+    if node.type == "variable_expression":
+        return node_text(node.child_by_field_name("name"))
+    if node.type == "select_expression":
+        return node_text(node.child_by_field_name("attrpath")).split(".")[-1]
+    return ""
+
+
+def _context(node) -> str:
+    parent = node.parent
+    if parent is not None and parent.type == "apply_expression":
+        if parent.child_by_field_name("argument") == node:
+            name = _function_name(parent.child_by_field_name("function"))
+            if name in IMPORTERS:
+                return name
+    if parent is not None and parent.type == "list_expression":
+        binding = parent.parent
+        if binding is not None and binding.type == "binding":
+            if node_text(binding.child_by_field_name("attrpath")) == "imports":
+                return "imports"
+    return "path"
+
+
+def _definitions(root) -> list[Definition]:
+    node = root.child_by_field_name("expression")
+    found: list[Definition] = []
+    while node is not None:
+        if node.type == "function_expression":
+            node = node.child_by_field_name("body")
+        elif node.type == "let_expression":
+            found += _bindings_of(node, "let")
+            node = node.child_by_field_name("body")
+        elif node.type in ("attrset_expression", "rec_attrset_expression"):
+            found += _bindings_of(node, "attribute")
+            break
+        else:
+            break
+    return found
+
+
+def _bindings_of(node, kind: str) -> list[Definition]:
+    for child in node.named_children:
+        if child.type == "binding_set":
+            return [
+                Definition(kind, node_text(b.child_by_field_name("attrpath")), b.start_point[0] + 1)
+                for b in child.named_children
+                if b.type == "binding"
+            ]
+    return []
+
+
+def _walk(node):
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(reversed(current.named_children))
+
+
+class NixLanguage:
+    name = "nix"
+
+    def parse(self, path: str, source: str) -> ParsedModule:
+        module = ParsedModule(path, self.name, count_lines(source), source)
+        tree = parse_tree("nix", source)
+        if tree.root_node.has_error:
+            module.errors.append("tree-sitter reported syntax errors")
+        module.definitions = _definitions(tree.root_node)
+        for node in _walk(tree.root_node):
+            if node.type != "path_expression":
+                continue
+            if any(c.type != "path_fragment" for c in node.named_children):
+                continue  # an interpolated path (./${name}.nix) names no single file
+            module.imports.append(
+                ImportRef(node_text(node), node.start_point[0] + 1, _context(node))
+            )
+        if PurePosixPath(path).name in ROOT_ENTRIES and "/" not in path:
+            module.entry_hints.append(PurePosixPath(path).name)
+        return module
+
+    def resolver(self, modules: list[ParsedModule], files: set[str], root: Path) -> NixResolver:
+        return NixResolver({m.path for m in modules})
+
+
+class NixResolver:
+    def __init__(self, modules: set[str]) -> None:
+        self.modules = modules
+        self.entries: dict[str, str] = {}
+
+    def name(self, path: str) -> str:
+        return path
+
+    def resolve(self, module: ParsedModule, ref: ImportRef) -> Resolution:
+        if not ref.target.startswith(("./", "../")):
+            return Resolution()  # absolute, home or <nixpkgs> paths lie outside the tree
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(module.path), ref.target))
+        if joined.startswith("../"):
+            return Resolution()
+        if joined in self.modules:
+            return Resolution((joined,))
+        # A directory means its default.nix, but only where Nix itself would read it.
+        directory_default = "default.nix" if joined == "." else f"{joined}/default.nix"
+        if ref.kind != "path" and directory_default in self.modules:
+            return Resolution((directory_default,))
+        return Resolution()
+
+
+LANGUAGE = NixLanguage()

@@ -1,0 +1,162 @@
+"""Python, parsed with the standard `ast`: definitions, every import (lazy ones inside functions
+too), and package-aware resolution of absolute and relative imports."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
+
+from reconciler.analyze.languages.base import (
+    Definition,
+    ImportRef,
+    ParsedModule,
+    Resolution,
+    count_lines,
+)
+
+
+def _definitions(tree: ast.Module) -> list[Definition]:
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            found.append(Definition("function", node.name, node.lineno))
+        elif isinstance(node, ast.ClassDef):
+            found.append(Definition("class", node.name, node.lineno))
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                    found.append(Definition("method", f"{node.name}.{item.name}", item.lineno))
+    return found
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    parts = [node.test.left, *node.test.comparators]
+    names = {p.id for p in parts if isinstance(p, ast.Name)}
+    values = {p.value for p in parts if isinstance(p, ast.Constant)}
+    return "__name__" in names and "__main__" in values
+
+
+class PythonLanguage:
+    name = "python"
+
+    def parse(self, path: str, source: str) -> ParsedModule:
+        module = ParsedModule(path, self.name, count_lines(source), source)
+        try:
+            tree = ast.parse(source, filename=path)
+        except (SyntaxError, ValueError) as exc:
+            module.errors.append(f"syntax error: {exc}")
+            return module
+        module.definitions = _definitions(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                module.imports += [
+                    ImportRef(alias.name, node.lineno, "import") for alias in node.names
+                ]
+            elif isinstance(node, ast.ImportFrom):
+                names = tuple(alias.name for alias in node.names if alias.name != "*")
+                module.imports.append(
+                    ImportRef(node.module or "", node.lineno, "from", node.level, names)
+                )
+        module.imports.sort(key=lambda ref: (ref.line, ref.target, ref.names))
+        if PurePosixPath(path).name == "__main__.py":
+            module.entry_hints.append("__main__.py")
+        if any(_is_main_guard(node) for node in tree.body):
+            module.entry_hints.append("if __name__ == '__main__'")
+        return module
+
+    def resolver(self, modules: list[ParsedModule], files: set[str], root: Path) -> PythonResolver:
+        return PythonResolver(modules, files, root)
+
+
+class PythonResolver:
+    """A module's dotted name comes from the chain of directories holding __init__.py above it;
+    the first directory without one is its import root (so `src/` layouts work)."""
+
+    def __init__(self, modules: list[ParsedModule], files: set[str], root: Path) -> None:
+        self.files = files
+        self.names: dict[str, str] = {}
+        self.roots: dict[str, str] = {}
+        self.by_name: dict[str, list[str]] = {}
+        for module in modules:
+            name, import_root = self._dotted(module.path)
+            self.names[module.path] = name
+            self.roots[module.path] = import_root
+            self.by_name.setdefault(name, []).append(module.path)
+        self.entries = self._scripts(files, root)
+
+    def _scripts(self, files: set[str], root: Path) -> dict[str, str]:
+        """Modules pyproject.toml names in [project.scripts] / [project.gui-scripts]."""
+        entries: dict[str, str] = {}
+        for manifest in sorted(f for f in files if PurePosixPath(f).name == "pyproject.toml"):
+            try:
+                project = tomllib.loads((root / manifest).read_text(encoding="utf-8")).get(
+                    "project", {}
+                )
+            except (OSError, ValueError):
+                continue
+            for table in ("scripts", "gui-scripts"):
+                for script, target in sorted(project.get(table, {}).items()):
+                    dotted = str(target).split(":")[0].strip()
+                    found = self.by_name.get(dotted)
+                    if found:
+                        entries.setdefault(sorted(found)[0], f"script {script!r} in {manifest}")
+        return entries
+
+    def _dotted(self, path: str) -> tuple[str, str]:
+        pure = PurePosixPath(path)
+        parts = [] if pure.stem == "__init__" else [pure.stem]
+        directory = pure.parent
+        while str(directory) != "." and str(directory / "__init__.py") in self.files:
+            parts.insert(0, directory.name)
+            directory = directory.parent
+        return ".".join(parts) or pure.parent.name, str(directory)
+
+    def name(self, path: str) -> str:
+        return self.names[path]
+
+    def _find(self, dotted: str, importer: str) -> str | None:
+        candidates = self.by_name.get(dotted, [])
+        if not candidates:
+            return None
+        same_root = [c for c in candidates if self.roots[c] == self.roots[importer]]
+        return sorted(same_root or candidates)[0]
+
+    def _longest(self, dotted: str, importer: str) -> str | None:
+        parts = dotted.split(".")
+        for end in range(len(parts), 0, -1):
+            found = self._find(".".join(parts[:end]), importer)
+            if found:
+                return found
+        return None
+
+    def resolve(self, module: ParsedModule, ref) -> Resolution:
+        base = ref.target
+        if ref.level:
+            package = self.names[module.path].split(".")
+            if PurePosixPath(module.path).stem != "__init__":
+                package = package[:-1]
+            if ref.level - 1 > len(package):
+                return Resolution()
+            package = package[: len(package) - (ref.level - 1)]
+            base = ".".join([*package, *([ref.target] if ref.target else [])])
+        targets: list[str] = []
+        for name in ref.names:  # 'from pkg import submodule' imports the submodule
+            found = self._find(f"{base}.{name}" if base else name, module.path)
+            if found:
+                targets.append(found)
+        if not targets and base:
+            found = self._longest(base, module.path)
+            if found:
+                targets.append(found)
+        if targets:
+            return Resolution(tuple(dict.fromkeys(targets)))
+        if ref.level:
+            return Resolution()
+        top = base.split(".")[0]
+        return Resolution(external=None if top in sys.stdlib_module_names else top)
+
+
+LANGUAGE = PythonLanguage()

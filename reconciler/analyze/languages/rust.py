@@ -1,0 +1,244 @@
+"""Rust, parsed with tree-sitter: the module tree follows `mod` declarations from each crate
+root (main.rs, lib.rs, src/bin/*, build.rs, tests/, examples/, benches/), and `use` paths
+(crate::, self::, super::, sibling crates of the workspace) resolve along that tree."""
+
+from __future__ import annotations
+
+import tomllib
+from collections import deque
+from pathlib import Path, PurePosixPath
+
+from reconciler.analyze.languages.base import (
+    Definition,
+    ImportRef,
+    ParsedModule,
+    Resolution,
+    count_lines,
+    node_text,
+)
+from reconciler.analyze.languages.treesitter import parse_tree
+
+ITEMS = {
+    "function_item": "function", "struct_item": "struct", "enum_item": "enum",
+    "trait_item": "trait", "type_item": "type", "const_item": "const", "static_item": "static",
+    "union_item": "union", "macro_definition": "macro", "mod_item": "mod",
+}  # fmt: skip
+STANDARD_CRATES = {"std", "core", "alloc", "proc_macro", "test"}
+PATH_NODES = {"scoped_identifier", "scoped_type_identifier"}
+
+
+def _segments(text: str) -> list[str]:
+    return [part.strip() for part in text.split("::") if part.strip()]
+
+
+def expand_use(node, prefix: list[str]) -> list[list[str]]:
+    """All paths one `use` tree names: `a::{b, c::D as E, f::*}` -> a::b, a::c::D, a::f."""
+    kind = node.type
+    if kind == "use_list":
+        return [p for child in node.named_children for p in expand_use(child, prefix)]
+    if kind == "scoped_use_list":
+        path = node.child_by_field_name("path")
+        inner = prefix + (_segments(node_text(path)) if path is not None else [])
+        return expand_use(node.child_by_field_name("list"), inner)
+    if kind == "use_as_clause":
+        return expand_use(node.child_by_field_name("path"), prefix)
+    if kind == "use_wildcard":
+        named = node.named_children
+        return [prefix + (_segments(node_text(named[0])) if named else [])]
+    segments = prefix + _segments(node_text(node))
+    if len(segments) > 1 and segments[-1] == "self":
+        segments = segments[:-1]
+    return [segments]
+
+
+def _impl_name(node) -> str:
+    trait = node.child_by_field_name("trait")
+    target = node_text(node.child_by_field_name("type"))
+    return f"{node_text(trait)} for {target}" if trait is not None else target
+
+
+class RustLanguage:
+    name = "rust"
+
+    def parse(self, path: str, source: str) -> ParsedModule:
+        module = ParsedModule(path, self.name, count_lines(source), source)
+        tree = parse_tree("rust", source)
+        if tree.root_node.has_error:
+            module.errors.append("tree-sitter reported syntax errors")
+        for node in tree.root_node.named_children:
+            if node.type in ITEMS:
+                name = node_text(node.child_by_field_name("name"))
+                module.definitions.append(
+                    Definition(ITEMS[node.type], name, node.start_point[0] + 1)
+                )
+                if node.type == "function_item" and name == "main":
+                    module.entry_hints.append("fn main")
+            elif node.type == "impl_item":
+                module.definitions.append(
+                    Definition("impl", _impl_name(node), node.start_point[0] + 1)
+                )
+        self._collect(tree.root_node, (), module)
+        module.imports.sort(key=lambda ref: (ref.line, ref.kind, ref.target))
+        return module
+
+    def _collect(self, node, inline: tuple[str, ...], module: ParsedModule) -> None:
+        for child in node.named_children:
+            line = child.start_point[0] + 1
+            if child.type == "mod_item":
+                name = node_text(child.child_by_field_name("name"))
+                body = child.child_by_field_name("body")
+                if body is None:
+                    module.imports.append(ImportRef(name, line, "mod", names=inline))
+                else:
+                    self._collect(body, (*inline, name), module)
+            elif child.type == "use_declaration":
+                for path in expand_use(child.child_by_field_name("argument"), []):
+                    module.imports.append(ImportRef("::".join(path), line, "use", names=inline))
+            elif child.type == "extern_crate_declaration":
+                name = node_text(child.child_by_field_name("name"))
+                module.imports.append(ImportRef(name, line, "extern crate", names=inline))
+            elif child.type in PATH_NODES and node.type not in PATH_NODES:
+                text = node_text(child)
+                if text.startswith("crate::"):  # a fully qualified path used without `use`
+                    module.imports.append(ImportRef(text, line, "path", names=inline))
+                self._collect(child, inline, module)
+            else:
+                self._collect(child, inline, module)
+
+    def resolver(self, modules: list[ParsedModule], files: set[str], root: Path) -> RustResolver:
+        return RustResolver(modules, files, root)
+
+
+def _package_name(root: Path, directory: PurePosixPath) -> str | None:
+    try:
+        manifest = tomllib.loads((root / directory / "Cargo.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = manifest.get("package", {}).get("name")
+    return name.replace("-", "_") if isinstance(name, str) else None
+
+
+class RustResolver:
+    def __init__(self, modules: list[ParsedModule], files: set[str], root: Path) -> None:
+        self.files = files
+        self.modules = {m.path: m for m in modules}
+        self.place: dict[
+            str, tuple[str, tuple[str, ...]]
+        ] = {}  # path -> (crate label, module path)
+        self.by_place: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.crate_roots: dict[str, str] = {}  # crate label -> root file
+        self.libraries: dict[str, str] = {}  # library crate name -> label
+        self.mod_targets: dict[tuple[str, int, str], str] = {}
+        self.entries: dict[str, str] = {}
+        for path in sorted(self.modules):
+            label = self._crate_label(PurePosixPath(path), root)
+            if label:
+                self._add_crate(label, path)
+        for path in sorted(self.modules):  # files no `mod` reaches become crates of their own
+            if path not in self.place:
+                self._add_crate(f"{PurePosixPath(path).stem}({path})", path)
+
+    def _crate_label(self, path: PurePosixPath, root: Path) -> str | None:
+        parent = path.parent
+        if parent.name == "src" and path.name in ("lib.rs", "main.rs"):
+            package = _package_name(root, parent.parent) or parent.parent.name or "crate"
+            if path.name == "lib.rs":
+                self.libraries[package] = package
+                return package
+            return f"{package}(bin)"
+        if parent.name == "bin" and parent.parent.name == "src":
+            return f"{path.stem}(bin)"
+        if path.name == "build.rs" and path.parent.name != "src":
+            return f"{_package_name(root, parent) or parent.name}(build)"
+        if parent.name in ("tests", "examples", "benches") and path.name != "mod.rs":
+            return f"{path.stem}({parent.name})"
+        return None
+
+    def _add_crate(self, label: str, root_path: str) -> None:
+        self.crate_roots[label] = root_path
+        if label.endswith(("(bin)", "(build)", "(tests)", "(examples)", "(benches)")):
+            self.entries[root_path] = f"crate root {label}"
+        queue = deque([(root_path, ())])
+        self._register(root_path, label, ())
+        while queue:
+            path, segments = queue.popleft()
+            for ref in self.modules[path].imports:
+                if ref.kind != "mod":
+                    continue
+                child = self._child_file(path, ref, is_root=path == root_path)
+                if child is None or child in self.place:
+                    continue
+                self.mod_targets[(path, ref.line, ref.target)] = child
+                child_segments = (*segments, *ref.names, ref.target)
+                self._register(child, label, child_segments)
+                queue.append((child, child_segments))
+
+    def _register(self, path: str, label: str, segments: tuple[str, ...]) -> None:
+        self.place[path] = (label, segments)
+        self.by_place[(label, segments)] = path
+
+    def _child_file(self, path: str, ref: ImportRef, is_root: bool) -> str | None:
+        pure = PurePosixPath(path)
+        directory = pure.parent if is_root or pure.name == "mod.rs" else pure.parent / pure.stem
+        directory = directory.joinpath(*ref.names) if ref.names else directory
+        for candidate in (directory / f"{ref.target}.rs", directory / ref.target / "mod.rs"):
+            if str(candidate) in self.files and str(candidate) in self.modules:
+                return str(candidate)
+        return None
+
+    def name(self, path: str) -> str:
+        label, segments = self.place[path]
+        return "::".join((label, *segments))
+
+    def _longest(self, label: str, segments: list[str]) -> str | None:
+        for end in range(len(segments), -1, -1):
+            found = self.by_place.get((label, tuple(segments[:end])))
+            if found:
+                return found
+        return None
+
+    def resolve(self, module: ParsedModule, ref: ImportRef) -> Resolution:
+        label, own = self.place[module.path]
+        if ref.kind == "mod":
+            child = self.mod_targets.get((module.path, ref.line, ref.target))
+            return Resolution((child,) if child else ())
+        current = [*own, *ref.names]
+        path = _segments(ref.target)
+        if not path:
+            return Resolution()
+        first = path[0]
+        if ref.kind == "extern crate":
+            return self._crate(first, [])
+        if first == "crate":
+            absolute = path[1:]
+        elif first == "self":
+            absolute = current + path[1:]
+        elif first == "super":
+            ups = len(path) - len(list(_drop_supers(path)))
+            absolute = current[: max(0, len(current) - ups)] + list(_drop_supers(path))
+        elif not ref.names and any(d.kind == "mod" and d.name == first for d in module.definitions):
+            return Resolution()  # an inline module of this very file
+        elif (label, (*current, first)) in self.by_place:
+            absolute = current + path
+        else:
+            return self._crate(first, path[1:])
+        found = self._longest(label, absolute)
+        return Resolution((found,) if found else ())
+
+    def _crate(self, name: str, rest: list[str]) -> Resolution:
+        if name in self.libraries:
+            found = self._longest(self.libraries[name], rest)
+            return Resolution((found,) if found else ())
+        if name in STANDARD_CRATES or name.startswith("$"):
+            return Resolution()
+        return Resolution(external=name)
+
+
+def _drop_supers(path: list[str]):
+    index = 0
+    while index < len(path) and path[index] == "super":
+        index += 1
+    return path[index:]
+
+
+LANGUAGE = RustLanguage()

@@ -1,0 +1,21 @@
+"""One cached tree-sitter parser per grammar, from the grammars bundled in
+tree-sitter-language-pack (the 0.x line ships them in the wheel; no download at run time)."""
+
+from __future__ import annotations
+
+import threading
+from functools import cache
+
+_lock = threading.Lock()
+
+
+@cache
+def _parser(grammar: str):
+    from tree_sitter_language_pack import get_parser
+
+    return get_parser(grammar)  # type: ignore[arg-type]
+
+
+def parse_tree(grammar: str, source: str):
+    with _lock:  # parsers are not thread-safe; parsing is fast next to everything else
+        return _parser(grammar).parse(source.encode("utf-8"))

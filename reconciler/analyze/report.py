@@ -1,0 +1,239 @@
+"""The report: one JSON document built from the structure and the summaries, and the
+Markdown rendering of that same document (so the two can never disagree)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from reconciler.analyze.graph import Graph
+from reconciler.analyze.mermaid import mermaid
+from reconciler.analyze.structure import Structure
+from reconciler.analyze.summarize import Summaries
+
+REPORT_VERSION = 1
+TOP = 10
+
+
+def structural_facts(structure: Structure) -> str:
+    """A few lines about the graph, given to the model with the overview prompts."""
+    g = structure.graph
+    languages = ", ".join(
+        f"{k} ({v.files} files)" for k, v in structure.languages.items() if v.parsed
+    )
+    entries = [g.names[p] for p, r in g.entry_points.items() if len(r) > 1 or "nothing" not in r[0]]
+    hubs = sorted(g.modules, key=lambda p: (-g.fan_in(p), p))[:5]
+    lines = [
+        f"Repository `{structure.root.name}`: {len(g.modules)} modules in {languages}.",
+        "Entry points: " + (", ".join(entries[:10]) or "none found") + ".",
+        "Most imported modules: " + ", ".join(f"{g.names[p]} ({g.fan_in(p)})" for p in hubs) + ".",
+    ]
+    if g.cycles():
+        lines.append(f"Import cycles: {len(g.cycles())}.")
+    return "\n".join(lines)
+
+
+def _module_entry(g: Graph, path: str, summaries: Summaries) -> dict:
+    module = g.modules[path]
+    summary = summaries.modules.get(path)
+    return {
+        "path": path,
+        "name": g.names[path],
+        "language": module.language,
+        "lines": module.lines,
+        "definitions": [
+            {"kind": d.kind, "name": d.name, "line": d.line} for d in module.definitions
+        ],
+        "imports": g.successors(path),
+        "imported_by": g.predecessors(path),
+        "external": g.external.get(path, []),
+        "fan_in": g.fan_in(path),
+        "fan_out": g.fan_out(path),
+        "entry_point": g.entry_points.get(path),
+        "errors": module.errors,
+        "summary": {
+            "status": summary.status if summary else "skipped",
+            "text": summary.text if summary else None,
+            "reason": (summary.reason if summary else "not requested"),
+            "chunks": summary.chunks if summary else 0,
+            "truncated": summary.truncated if summary else False,
+            "seconds": summary.seconds if summary else 0.0,
+        },
+    }
+
+
+def build_report(structure: Structure, summaries: Summaries, timings: dict[str, float]) -> dict:
+    g = structure.graph
+    diagram, left_out = mermaid(g)
+    statuses = Counter(s.status for s in summaries.modules.values())
+    external = Counter(name for names in g.external.values() for name in names)
+    return {
+        "tool": "tensorforge analyze",
+        "version": REPORT_VERSION,
+        "root": str(structure.root),
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "timings": timings,
+        "totals": {
+            "files": len(structure.files),
+            "modules": len(g.modules),
+            "edges": len(g.edges),
+            "cycles": len(g.cycles()),
+            "lines": sum(m.lines for m in g.modules.values()),
+        },
+        "languages": {
+            name: {"files": t.files, "lines": t.lines, "parsed": t.parsed}
+            for name, t in structure.languages.items()
+        },
+        "modules": [_module_entry(g, path, summaries) for path in g.modules],
+        "edges": [
+            {
+                "from": s,
+                "to": t,
+                "kinds": sorted({ref.kind for ref in refs}),
+                "lines": sorted({ref.line for ref in refs}),
+            }
+            for (s, t), refs in sorted(g.edges.items())
+        ],
+        "cycles": [{"modules": c, "example": g.cycle_path(c)} for c in g.cycles()],
+        "entry_points": [
+            {"path": p, "name": g.names[p], "reasons": r} for p, r in g.entry_points.items()
+        ],
+        "largest": [
+            {"path": p, "lines": g.modules[p].lines}
+            for p in sorted(g.modules, key=lambda p: (-g.modules[p].lines, p))[:TOP]
+        ],
+        "most_connected": [
+            {"path": p, "fan_in": g.fan_in(p), "fan_out": g.fan_out(p)}
+            for p in sorted(g.modules, key=lambda p: (-(g.fan_in(p) + g.fan_out(p)), p))[:TOP]
+        ],
+        "external": dict(sorted(external.items(), key=lambda item: (-item[1], item[0]))),
+        "mermaid": diagram,
+        "mermaid_left_out": left_out,
+        "summaries": {
+            "status": summaries.status,
+            "reason": summaries.reason,
+            "gateway": summaries.gateway,
+            "model": summaries.model,
+            "context_tokens": summaries.context_tokens,
+            "context_source": summaries.context_source,
+            "counts": {k: statuses.get(k, 0) for k in ("summarized", "skipped", "failed")},
+            "overview": summaries.overview,
+            "overview_reason": summaries.overview_reason,
+            "seconds": summaries.seconds,
+        },
+    }
+
+
+def _code(text: str) -> str:
+    return "`" + text.replace("`", "'") + "`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: dict) -> str:
+    names = {m["path"]: m["name"] for m in report["modules"]}
+    totals, s = report["totals"], report["summaries"]
+    out = [f"# Analysis of {_code(report['root'])}", ""]
+    out.append(
+        f"{totals['files']} files, {totals['modules']} modules parsed ({totals['lines']} lines), "
+        f"{totals['edges']} dependencies, {totals['cycles']} import cycle(s). "
+        f"Generated {report['generated']} by `tensorforge analyze` in {report['timings'].get('total_s', 0):.1f}s."
+    )
+    out += ["", "## Architecture overview", ""]
+    if s["overview"]:
+        out.append(f"{s['overview']}")
+        out += [
+            "",
+            f"_Written by {_code(s['model'])} through {s['gateway']} ({s['context_tokens']} tokens of context, {s['context_source']})._",
+        ]
+    else:
+        out.append(f"_Skipped: {s['overview_reason'] or s['reason']}._")
+    counts = s["counts"]
+    out.append("")
+    out.append(
+        f"Module summaries: {counts['summarized']} summarized, {counts['skipped']} skipped, {counts['failed']} failed."
+    )
+    out += [
+        "",
+        "## Languages",
+        "",
+        "| language | files | lines | parsed |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for name, t in report["languages"].items():
+        out.append(f"| {name} | {t['files']} | {t['lines']} | {'yes' if t['parsed'] else ''} |")
+    out += ["", "## Dependency graph", ""]
+    if report["edges"]:
+        out += ["```mermaid", report["mermaid"], "```"]
+        if report["mermaid_left_out"]:
+            out.append(
+                f"\n{report['mermaid_left_out']} module(s) without any dependency are not drawn."
+            )
+    else:
+        out.append("_No module imports another._")
+    out += ["", "## Entry points", ""]
+    for e in report["entry_points"]:
+        out.append(f"- {_code(e['name'])} ({e['path']}): {'; '.join(e['reasons'])}")
+    out += ["", "## Import cycles", ""]
+    if not report["cycles"]:
+        out.append("None.")
+    for c in report["cycles"]:
+        out.append(
+            f"- {len(c['modules'])} modules: " + " → ".join(_code(names[p]) for p in c["example"])
+        )
+    out += ["", "## Largest modules", "", "| module | path | lines |", "| --- | --- | ---: |"]
+    out += [
+        f"| {_cell(names[m['path']])} | {m['path']} | {m['lines']} |" for m in report["largest"]
+    ]
+    out += [
+        "",
+        "## Most connected modules",
+        "",
+        "| module | fan-in | fan-out |",
+        "| --- | ---: | ---: |",
+    ]
+    out += [
+        f"| {_cell(names[m['path']])} | {m['fan_in']} | {m['fan_out']} |"
+        for m in report["most_connected"]
+    ]
+    if report["external"]:
+        out += [
+            "",
+            "## External dependencies",
+            "",
+            "| package | modules using it |",
+            "| --- | ---: |",
+        ]
+        out += [f"| {_cell(k)} | {v} |" for k, v in list(report["external"].items())[:20]]
+    out += ["", "## Modules", ""]
+    for m in report["modules"]:
+        out.append(f"### {_code(m['name'])}")
+        out.append("")
+        out.append(
+            f"{m['path']} · {m['language']} · {m['lines']} lines · fan-in {m['fan_in']} · fan-out {m['fan_out']}"
+        )
+        out.append("")
+        summary = m["summary"]
+        if summary["status"] == "summarized":
+            out.append(
+                summary["text"]
+                + (" _(summary of the first chunks only)_" if summary["truncated"] else "")
+            )
+        else:
+            out.append(f"_Summary {summary['status']}: {summary['reason']}._")
+        defined = [d["name"] for d in m["definitions"] if d["kind"] != "method"]
+        if defined:
+            shown = ", ".join(_code(d) for d in defined[:20]) + (
+                f" and {len(defined) - 20} more" if len(defined) > 20 else ""
+            )
+            out += ["", f"Defines: {shown}."]
+        if m["imports"]:
+            out += ["", "Uses: " + ", ".join(_code(names[p]) for p in m["imports"]) + "."]
+        if m["imported_by"]:
+            out += ["", "Used by: " + ", ".join(_code(names[p]) for p in m["imported_by"]) + "."]
+        if m["errors"]:
+            out += ["", "Parse problems: " + "; ".join(m["errors"]) + "."]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,312 @@
+"""Module summaries and an architecture overview from a model behind the gateway (OpenAI API).
+
+Map-reduce keeps every request inside the model's context: a module too long for one prompt
+is summarised chunk by chunk and the partial summaries combined; module summaries are packed
+into batches, each batch condensed, and the condensed texts combined again until one
+overview remains. When the gateway cannot be reached, every module is marked skipped with
+the reason, and the structural report is still written."""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import openai
+
+from reconciler.analyze import prompts
+from reconciler.analyze.budget import Budget, chunk_text, pack, truncate
+from reconciler.analyze.graph import Graph
+from reconciler.analyze.progress import Progress
+
+CONTEXT_KEYS = ("context_length", "max_model_len", "context_window", "n_ctx", "max_context_length")
+DEFAULT_CONTEXT_TOKENS = 2048  # one slot of the embedded default (4096 tokens over 2 slots)
+
+
+@dataclass
+class ModuleSummary:
+    status: str  # summarized | skipped | failed
+    text: str | None = None
+    reason: str | None = None
+    chunks: int = 0
+    truncated: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class Summaries:
+    status: str  # done | skipped
+    reason: str | None
+    gateway: str
+    model: str
+    context_tokens: int | None
+    context_source: str
+    modules: dict[str, ModuleSummary] = field(default_factory=dict)
+    overview: str | None = None
+    overview_reason: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class ModelInfo:
+    served: bool
+    known: list[str]
+    context_tokens: int | None
+
+
+class Completer(Protocol):
+    def complete(self, prompt: str, max_tokens: int) -> str: ...
+
+
+class GatewayUnreachable(Exception):
+    pass
+
+
+class GatewayClient:
+    """The OpenAI API of the TensorForge gateway (or any OpenAI-compatible server)."""
+
+    def __init__(
+        self, gateway: str, model: str, timeout: float = 180.0, api_key: str | None = None
+    ) -> None:
+        self.model = model
+        self.client = openai.OpenAI(
+            base_url=gateway.rstrip("/") + "/v1", api_key=api_key or "not-needed",
+            timeout=timeout, max_retries=0,
+        )  # fmt: skip
+
+    def probe(self, timeout: float = 5.0) -> ModelInfo:
+        try:
+            listing = self.client.with_options(timeout=timeout).models.list()
+        except openai.APIConnectionError as exc:
+            raise GatewayUnreachable(str(exc)) from None
+        except openai.APIStatusError as exc:
+            raise GatewayUnreachable(f"GET /v1/models answered {exc.status_code}") from None
+        known: list[str] = []
+        for entry in listing.data:
+            data = entry.model_dump()
+            names = [data.get("id"), *(data.get("aliases") or [])]
+            known.append(str(data.get("id")))
+            if self.model in names:
+                return ModelInfo(True, known, _context_of(data))
+        return ModelInfo(False, known, None)
+
+    def complete(self, prompt: str, max_tokens: int) -> str:
+        response = self.client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "system", "content": prompts.SYSTEM}, {"role": "user", "content": prompt}],
+            max_tokens=max_tokens, temperature=0.0, frequency_penalty=0.5,
+        )  # fmt: skip
+        return clean(response.choices[0].message.content or "")
+
+
+def _context_of(data: dict) -> int | None:
+    for source in (data, data.get("meta") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(source.get(key), int) and source[key] > 0:
+                return source[key]
+    return None
+
+
+def clean(text: str, max_sentences: int = 5) -> str:
+    """One paragraph without the loops small models fall into: a sentence, or a run of eight
+    words, said a second time ends the answer there."""
+    words = re.sub(r"\s+", " ", text).strip().split(" ")
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(words) - 7):
+        run = tuple(w.lower() for w in words[i : i + 8])
+        if run in seen:
+            words = words[:i]
+            break
+        seen.add(run)
+    sentences: list[str] = []
+    for sentence in re.split(r"(?<=[.!?])\s+", " ".join(words)):
+        if sentence and sentence not in sentences:
+            sentences.append(sentence)
+    return truncate(" ".join(sentences[:max_sentences]), 900, " …")
+
+
+def skipped_summaries(graph: Graph, gateway: str, model: str, reason: str) -> Summaries:
+    result = Summaries("skipped", reason, gateway, model, None, "none")
+    result.modules = {p: ModuleSummary("skipped", reason=reason) for p in graph.modules}
+    result.overview_reason = reason
+    return result
+
+
+@dataclass
+class SummaryOptions:
+    gateway: str = "http://127.0.0.1:8000"
+    model: str = "smollm2"
+    context_tokens: int | None = None  # None: ask /v1/models, else the fallback
+    fallback_context_tokens: int | None = None  # e.g. the declared backend's slot size
+    timeout: float = 180.0  # per request
+    max_tokens: int = 128
+    overview_tokens: int = 256
+    parallel: int = 2
+    max_chunks: int = 4  # beyond this, the rest of a huge module is described by its outline
+    chars_per_token: float = 3.0  # measured 3.4-4.0 on this repository's code with SmolLM2
+
+
+class Summarizer:
+    def __init__(self, completer: Completer, graph: Graph, context_tokens: int,
+                 options: SummaryOptions, progress: Progress) -> None:  # fmt: skip
+        self.completer = completer
+        self.graph = graph
+        self.options = options
+        self.progress = progress
+        self.budget = Budget(context_tokens, options.max_tokens, options.chars_per_token)
+        self.overview_budget = Budget(
+            context_tokens, options.overview_tokens, options.chars_per_token
+        )
+        self.down: str | None = None  # set when the gateway stops answering mid-run
+
+    # -- modules ---------------------------------------------------------------------------
+    def summarize_modules(self) -> dict[str, ModuleSummary]:
+        paths = list(self.graph.modules)
+        with ThreadPoolExecutor(max(1, self.options.parallel)) as pool:
+            results = list(pool.map(self._summarize_one, paths))
+        return dict(zip(paths, results, strict=True))
+
+    def _summarize_one(self, path: str) -> ModuleSummary:
+        started = time.monotonic()
+        module = self.graph.modules[path]
+        if not module.source.strip():
+            result = ModuleSummary("skipped", reason="empty module")
+        elif self.down:
+            result = ModuleSummary("skipped", reason=f"gateway stopped answering: {self.down}")
+        else:
+            try:
+                result = self._summarize_source(path, self.budget)
+            except openai.BadRequestError:  # most likely the prompt outgrew the context
+                try:
+                    result = self._summarize_source(path, self.budget.halved())
+                except openai.OpenAIError as exc:
+                    result = ModuleSummary("failed", reason=_describe(exc))
+            except openai.APIConnectionError as exc:
+                self.down = _describe(exc)
+                result = ModuleSummary("failed", reason=self.down)
+            except openai.OpenAIError as exc:
+                result = ModuleSummary("failed", reason=_describe(exc))
+        result.seconds = round(time.monotonic() - started, 2)
+        detail = (
+            result.status if result.status == "summarized" else f"{result.status} ({result.reason})"
+        )
+        self.progress.step(path, detail, result.seconds)
+        return result
+
+    def _header(self, path: str, limit: int) -> str:
+        g = self.graph
+        module = g.modules[path]
+        return prompts.module_header(
+            g.names[path], path, module.language, module.lines,
+            [d.name for d in module.definitions if d.kind != "method"],
+            [g.names[p] for p in g.successors(path)], [g.names[p] for p in g.predecessors(path)],
+            limit,
+        )  # fmt: skip
+
+    def _summarize_source(self, path: str, budget: Budget) -> ModuleSummary:
+        header = self._header(path, budget.prompt_chars // 4)
+        room = budget.prompt_chars - len(header) - 200  # the fixed words of the prompt
+        chunks = chunk_text(self.graph.modules[path].source, room)
+        truncated = len(chunks) > self.options.max_chunks
+        chunks = chunks[: self.options.max_chunks]
+        partials = [
+            self.completer.complete(
+                prompts.module_prompt(header, chunk, i + 1, len(chunks)), budget.max_tokens
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+        text = partials[0]
+        if len(partials) > 1:
+            text = self.completer.complete(
+                prompts.module_reduce_prompt(
+                    header, [truncate(p, room // len(partials)) for p in partials]
+                ),
+                budget.max_tokens,
+            )
+        return ModuleSummary(
+            "summarized", text or "(the model returned nothing)", None, len(chunks), truncated
+        )
+
+    # -- overview --------------------------------------------------------------------------
+    def overview(self, modules: dict[str, ModuleSummary], facts: str) -> str:
+        items = [
+            truncate(f"{self.graph.names[p]}: {s.text}", 400)
+            for p, s in modules.items()
+            if s.status == "summarized"
+        ]
+        if not items:
+            raise ValueError("no module was summarized")
+        budget = self.overview_budget
+        facts = truncate(facts, budget.prompt_chars // 4)
+        room = budget.prompt_chars - len(facts) - 300
+        level = 0
+        while True:
+            groups = pack(items, room)
+            if len(groups) == 1:
+                return self.completer.complete(
+                    prompts.overview_prompt(facts, groups[0], True), budget.max_tokens
+                )
+            level += 1
+            self.progress.note(
+                f"overview: condensing {len(items)} summaries in {len(groups)} groups (round {level})"
+            )
+            with ThreadPoolExecutor(max(1, self.options.parallel)) as pool:
+                items = list(
+                    pool.map(
+                        lambda g: self.completer.complete(
+                            prompts.overview_prompt(facts, g, False), budget.max_tokens
+                        ),
+                        groups,
+                    )
+                )
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}: {truncate(str(exc.message), 300)}"
+    return truncate(f"{type(exc).__name__}: {exc}", 300)
+
+
+def summarize(graph: Graph, facts: str, options: SummaryOptions, progress: Progress) -> Summaries:
+    """Summaries for every module and the overview; never raises for an absent gateway."""
+    started = time.monotonic()
+    gateway, model, context_tokens = options.gateway, options.model, options.context_tokens
+    client = GatewayClient(gateway, model, options.timeout)
+    try:
+        info = client.probe()
+    except GatewayUnreachable as exc:
+        reason = f"gateway {gateway} unreachable ({exc}); start it with `tensorforge server start`"
+        progress.note(f"summaries skipped: {reason}")
+        return skipped_summaries(graph, gateway, model, reason)
+    if not info.served:
+        reason = (
+            f"model {model!r} is not served by {gateway}; served: {', '.join(info.known) or 'none'}"
+        )
+        progress.note(f"summaries skipped: {reason}")
+        return skipped_summaries(graph, gateway, model, reason)
+    if context_tokens:
+        source = "--context-tokens"
+    elif info.context_tokens:
+        context_tokens, source = info.context_tokens, "/v1/models"
+    elif options.fallback_context_tokens:
+        context_tokens, source = (
+            options.fallback_context_tokens,
+            "desired state (context_size / parallel)",
+        )
+    else:
+        context_tokens, source = DEFAULT_CONTEXT_TOKENS, "default"
+    result = Summaries("done", None, gateway, model, context_tokens, source)
+    summarizer = Summarizer(client, graph, context_tokens, options, progress)
+    progress.note(
+        f"summarizing {len(graph.modules)} modules with {model} ({context_tokens} tokens of context, {options.parallel} at a time)"
+    )
+    result.modules = summarizer.summarize_modules()
+    try:
+        progress.note("writing the architecture overview")
+        result.overview = summarizer.overview(result.modules, facts)
+    except (openai.OpenAIError, ValueError) as exc:
+        result.overview_reason = _describe(exc) if isinstance(exc, openai.OpenAIError) else str(exc)
+    result.seconds = round(time.monotonic() - started, 2)
+    return result
