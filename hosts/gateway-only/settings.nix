@@ -1,0 +1,35 @@
+# gateway-only: one OpenAI-compatible endpoint for the fleet; no local backends. Every backend
+# is declared by `url` and runs on b200-node or cpu-dev; this host only routes to them.
+{
+  host = "gateway-only";
+  models = import ../models.nix;
+  backends = {
+    b200-qwen3-a = {
+      kind = "vllm";
+      model = "qwen3-235b";
+      url = "http://b200-node:8001";
+      port = 8001;
+    };
+    b200-qwen3-b = {
+      kind = "vllm";
+      model = "qwen3-235b";
+      url = "http://b200-node:8002";
+      port = 8002;
+    };
+    cpu-dev-smollm2 = {
+      kind = "llamacpp";
+      model = "smollm2";
+      url = "http://cpu-dev:8080";
+      port = 8080;
+    };
+  };
+  gateway = {
+    host = "0.0.0.0";
+    port = 8000;
+    routing = {
+      strategy = "least-load";
+      # When both B200 replicas are down, answer from the small model rather than fail.
+      fallbacks.qwen3-235b = [ "smollm2" ];
+    };
+  };
+}

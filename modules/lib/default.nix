@@ -1,0 +1,15 @@
+# The pure half of the NixOS module (builtins only): what `scripts/eval-desired.sh` evaluates
+# and what the module itself uses to write /etc/tensorforge/desired.json.
+let
+  desired = import ./desired.nix;
+  presets = import ./presets.nix;
+in
+{
+  inherit (desired) toDesired toSnake;
+  inherit (presets) applyPresets b200Flags;
+  presets = presets.b200;
+  defaults = import ./defaults.nix;
+
+  # hosts/<name>/settings.nix -> the desired-state attrset (JSON-ready).
+  evalHost = settings: desired.toDesired (presets.applyPresets settings);
+}

