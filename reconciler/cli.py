@@ -35,6 +35,16 @@ def _gateway_url(state) -> str:
     return f"http://{host}:{g.port}"
 
 
+def _driver_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--driver", choices=["auto", "systemd", "process"], default=None,
+        help="how units run (default: systemd when it is PID 1 and units are writable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unit-dir", help="systemd unit directory (default /etc/systemd/system); implies systemd",
+    )  # fmt: skip
+
+
 # -- commands ------------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
     state, source = load_desired_state(args.config)
@@ -50,7 +60,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from reconciler.controller import Controller
     from reconciler.service import serve_foreground
 
-    return serve_foreground(Controller(args.config))
+    return serve_foreground(Controller(args.config, driver=args.driver))
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -202,7 +212,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from reconciler.controller import Controller
 
-    controller = Controller(args.config)
+    unit_dir = Path(args.unit_dir) if args.unit_dir else None
+    driver = args.driver or ("systemd" if unit_dir else None)
+    controller = Controller(args.config, driver=driver, unit_dir=unit_dir)
     actions = controller.plan()
     changes = [a for a in actions if a.kind.value in ("start", "restart", "stop")]
     for action in actions:
@@ -217,11 +229,45 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.controller import Controller
 
-    controller = Controller(args.config)
+    unit_dir = Path(args.unit_dir) if args.unit_dir else None
+    controller = Controller(args.config, driver=args.driver, unit_dir=unit_dir)
+    started = time.monotonic()
     ok = controller.wait_healthy(args.timeout)
+    state = controller.desired
+    if ok and state.gateway.enable and any(b.managed for b in state.backends.values()):
+        from reconciler.service import wait_for_gateway
+
+        # The gateway probes backends on its own interval: done when it routes to them.
+        remaining = max(args.timeout - (time.monotonic() - started), 5.0)
+        wait_for_gateway(_gateway_url(state), None, remaining, None)
     for action in controller.last_actions:
         print(action)
+    for unit, reason in controller.apply_failures.items():
+        print(f"failed   {unit}: {reason}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from reconciler.controller import Controller
+    from reconciler.drivers.atomic import write_atomic
+    from reconciler.units.render import reconciler_unit_spec, render_unit, unit_file_name
+
+    out = Path(args.out)
+    controller = Controller(args.config, driver="systemd", unit_dir=out)
+    units = controller.desired_units()
+    argv = [sys.executable, "-m", "reconciler.cli", "up", "--driver", "systemd"]
+    if args.config:
+        argv += ["--config", str(Path(args.config).resolve())]
+    spec = reconciler_unit_spec(argv, str(Path(args.config).resolve()) if args.config else None)
+    texts = {u.name: u.content for u in units.values() if not u.refused}
+    texts["reconciler"] = render_unit(spec)
+    for name, text in sorted(texts.items()):
+        write_atomic(out / unit_file_name(name), text)
+        print(out / unit_file_name(name))
+    for unit in units.values():
+        if unit.refused:
+            print(f"refused  {unit.name}: {unit.refused}", file=sys.stderr)
+    return 0
 
 
 def cmd_monitoring_config(args: argparse.Namespace) -> int:
@@ -269,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="reconcile and serve the gateway in the foreground")
     _config_arg(p)
+    p.add_argument("--driver", choices=["auto", "systemd", "process"], default=None)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("server", help="run `up` in the background: start|stop|restart|status")
@@ -317,12 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show what apply would do (exit 0: nothing, 2: changes)")
     _config_arg(p)
     p.add_argument("--no-diff", action="store_true")
+    _driver_args(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", help="reconcile once and wait until healthy")
     _config_arg(p)
     p.add_argument("--timeout", type=float, default=300.0)
+    _driver_args(p)
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("render", help="write the systemd units for a desired state, nothing else")
+    _config_arg(p)
+    p.add_argument("--out", "-o", required=True, help="directory to write the unit files to")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser(
         "monitoring-config", help="write prometheus.yml, alert rules and Grafana dashboards to a directory"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -18,11 +19,14 @@ from reconciler.config.loader import ConfigError, load_desired_state
 from reconciler.config.schema import DesiredState
 from reconciler.drivers.atomic import write_atomic
 from reconciler.drivers.process import ProcessDriver
+from reconciler.drivers.systemd import SystemdDriver, systemd_booted, unit_dir_writable
 from reconciler.gpu.inventory import GpuInventory, NvmlInventory
 from reconciler.gpu.placement import Placement, place
+from reconciler.gpu.vram import estimate_vram
 from reconciler.models.pull import PullError, local_path, pull_model
 from reconciler.paths import models_dir, state_dir
 from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, plan
+from reconciler.units.render import backend_unit_spec, gateway_unit_spec, render_unit
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +52,36 @@ class UnitView:
     gpus: list[int] = field(default_factory=list)
 
 
+def make_driver(choice: str | None, state: Path, unit_dir: Path | None = None):
+    """`systemd`, `process`, or None/`auto`: systemd when it is PID 1 and we may write units."""
+    choice = choice or os.environ.get("TF_DRIVER") or "auto"
+    if choice == "auto":
+        use_systemd = unit_dir is not None or (systemd_booted() and unit_dir_writable())
+        choice = "systemd" if use_systemd else "process"
+    if choice == "systemd":
+        return SystemdDriver(unit_dir) if unit_dir else SystemdDriver()
+    if choice == "process":
+        return ProcessDriver(state)
+    raise ValueError(f"--driver: {choice!r} is not one of systemd, process, auto")
+
+
 class Controller:
     def __init__(
         self,
         config: str | None,
-        driver: ProcessDriver | None = None,
+        driver: ProcessDriver | SystemdDriver | str | None = None,
         gpus: GpuInventory | None = None,
         state: Path | None = None,
+        unit_dir: Path | None = None,
     ):
         self.config = config
         self.desired = self._load()
         self.state_dir = state or state_dir(self.desired.state_dir)
         self.models_dir = models_dir(self.desired.models_dir)
-        self.driver = driver or ProcessDriver(self.state_dir)
+        if driver is None or isinstance(driver, str):
+            driver = make_driver(driver, self.state_dir, unit_dir)
+        self.driver = driver
+        self.apply_failures: dict[str, str] = {}
         self.gpus = gpus or NvmlInventory()
         self.placement = Placement()
         self.health: dict[str, BackendHealth] = {}
@@ -92,9 +113,21 @@ class Controller:
         self.model_errors.pop(unit, None)
         return True
 
+    def vram_estimates(self) -> dict[str, int]:
+        """Bytes each GPU backend needs in total, for placement (0 when unknown)."""
+        gpus = self.gpus.gpus()
+        estimates = {}
+        for name, backend in self.desired.backends.items():
+            if backend.managed and backend.gpus_wanted:
+                path = self._model_path(backend.model)
+                estimate = estimate_vram(backend, self.desired.models[backend.model], path, gpus)
+                estimates[name] = estimate.total
+        return estimates
+
     def desired_units(self) -> dict[str, DesiredUnit]:
         state = self.desired
-        self.placement = place(state.backends, self.gpus.gpus())
+        self.placement = place(state.backends, self.gpus.gpus(), self.vram_estimates())
+        systemd = isinstance(self.driver, SystemdDriver)
         units: dict[str, DesiredUnit] = {}
         for name, backend in state.backends.items():
             if not backend.managed:
@@ -107,6 +140,10 @@ class Controller:
             ref = model_reference(backend.model, state.models[backend.model], path)
             gpu_ids = self.placement.assignments.get(name, [])
             launch = launch_for(name, backend, backend.model, ref, gpu_ids)
+            if systemd:
+                spec = backend_unit_spec(unit, backend, backend.model, ref, launch, gpu_ids)
+                units[unit] = DesiredUnit(unit, render_unit(spec), group=backend.model)
+                continue
             env = dict(launch.env)
             if backend.kind == "ollama":
                 env.setdefault("OLLAMA_MODELS", str(self.state_dir / "ollama"))
@@ -116,6 +153,10 @@ class Controller:
             argv = [sys.executable, "-m", "reconciler.cli", "gateway"]
             if self.config:
                 argv += ["--config", str(Path(self.config).resolve())]
+            if systemd:  # the unit text holds argv; a config edit reaches it through `up`
+                spec = gateway_unit_spec(GATEWAY_UNIT, argv, state.gateway, self.config)
+                units[GATEWAY_UNIT] = DesiredUnit(GATEWAY_UNIT, render_unit(spec))
+                return units
             # The gateway restarts when its part of the desired state changes.
             spec = state.gateway.model_dump(mode="json")
             content = json.dumps({"argv": argv, "env": {}, "gateway": spec}, indent=1, sort_keys=True)
@@ -163,8 +204,12 @@ class Controller:
             log.error("desired state invalid, keeping the previous one:\n%s", exc)
         desired = self.desired_units()
         actions = plan(desired, self.observe(), time.time())
+        if isinstance(self.driver, SystemdDriver):
+            self._apply_systemd(actions, desired)
         for action in actions:
-            if action.kind in (ActionKind.START, ActionKind.RESTART):
+            if isinstance(self.driver, SystemdDriver):
+                pass  # carried out above, as one pass
+            elif action.kind in (ActionKind.START, ActionKind.RESTART):
                 if not self.ensure_model(action.unit):
                     continue
                 if action.kind is ActionKind.START:
@@ -183,6 +228,26 @@ class Controller:
         self.write_status()
         return actions
 
+    def _apply_systemd(self, actions: list[Action], desired: dict[str, DesiredUnit]) -> None:
+        def health(unit: str) -> BackendHealth:
+            target = self._probe_target(unit)
+            state = probe(*target, timeout=1.0) if target else BackendHealth(Health.HEALTHY)
+            self.health[unit] = state
+            return state
+
+        timeouts = {
+            backend_unit(n): b.health_timeout for n, b in self.desired.backends.items()
+        }
+        timeouts[GATEWAY_UNIT] = 60.0
+        failures = self.driver.apply(actions, desired, health, timeouts, self.ensure_model)
+        for failure in failures:
+            self.apply_failures[failure.unit] = failure.reason
+        for action in actions:
+            if action.kind in (ActionKind.START, ActionKind.RESTART) and self.health.get(
+                action.unit, BackendHealth(Health.DOWN)
+            ).ok:
+                self.apply_failures.pop(action.unit, None)
+
     def _previous(self, unit: str) -> Action | None:
         return next((a for a in self.last_actions if a.unit == unit), None)
 
@@ -192,6 +257,8 @@ class Controller:
         while time.monotonic() < deadline:
             self.reconcile_once()
             wanted = units or list(self.desired_units())
+            if self.apply_failures:
+                return False  # a change was rolled back: the declared state is not running
             if all(self.health.get(u, BackendHealth(Health.DOWN)).ok for u in wanted):
                 return True
             refused = [a for a in self.last_actions if a.kind is ActionKind.REFUSE]
@@ -253,7 +320,10 @@ class Controller:
                     url=target[0] if target else "",
                     pid=record.pid,
                     health=health.state.value,
-                    detail=refusals.get(name) or self.model_errors.get(name) or health.detail,
+                    detail=refusals.get(name)
+                    or self.apply_failures.get(name)
+                    or self.model_errors.get(name)
+                    or health.detail,
                     restarts=record.restarts,
                     gpus=self.placement.assignments.get(name.removeprefix("backend-"), []),
                 )

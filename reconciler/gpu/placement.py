@@ -60,8 +60,8 @@ def place(
         if len(fitting) < count:
             best = max(free, key=lambda i: free[i])
             refused[name] = (
-                f"needs {count} GPU(s) with {_gib(per_gpu)} free each; "
-                f"{len(fitting)} fit (most free: GPU {best}, {_gib(free[best])})"
+                f"GPU {best} (the most free) has {_gib(free[best])} free, needs "
+                f"{_gib(per_gpu)}; {len(fitting)} of the {count} GPU(s) wanted fit"
             )
             continue
         chosen = sorted(i for _, i in fitting[:count])

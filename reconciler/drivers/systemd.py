@@ -1,0 +1,323 @@
+"""The systemd driver: each unit is a `tensorforge-NAME.service` file in the unit directory.
+
+Observe reads the unit files (their text is the installed "content" the plan compares) and asks
+systemd for their state. A pass writes every changed file atomically, reloads systemd once,
+starts/restarts/stops in plan order and waits for health; a changed unit that does not become
+healthy in time gets its previous file back and is restarted with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler.backends.health import BackendHealth, Health
+from reconciler.drivers.atomic import write_atomic
+from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit
+from reconciler.units.render import MANAGED_MARKER, UNIT_PREFIX, unit_file_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+ACTIVE_STATES = ("active", "activating", "reloading")
+# A unit whose change was rolled back is not tried again with the same content before this.
+ROLLBACK_BACKOFF_SECONDS = 300.0
+
+Systemctl = Callable[[Sequence[str]], subprocess.CompletedProcess]
+
+
+def run_systemctl(args: Sequence[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=120)
+
+
+def systemd_booted() -> bool:
+    """sd_booted(): systemd is PID 1 on this host (or container)."""
+    return Path("/run/systemd/system").is_dir()
+
+
+class SystemdError(RuntimeError):
+    pass
+
+
+@dataclass
+class SystemdRecord:
+    """What `status` shows for one unit (the process driver's UnitRecord, as systemd sees it)."""
+
+    name: str
+    content: str
+    pid: int | None = None
+    restarts: int = 0
+    active_state: str = "unknown"
+    sub_state: str = ""
+    result: str = ""
+
+
+@dataclass(frozen=True)
+class ApplyFailure:
+    unit: str
+    reason: str
+    rolled_back: bool
+
+
+class SystemdDriver:
+    name = "systemd"
+
+    def __init__(
+        self,
+        unit_dir: Path = DEFAULT_UNIT_DIR,
+        systemctl: Systemctl = run_systemctl,
+        poll_interval: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.unit_dir = Path(unit_dir)
+        self.systemctl = systemctl
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.sleep = sleep
+        self.failures: list[ApplyFailure] = []
+        self._rejected: dict[str, tuple[str, float]] = {}  # unit -> (content, retry after)
+        self._reachable = True
+
+    # -- files ---------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        return self.unit_dir / unit_file_name(name)
+
+    def installed(self) -> dict[str, str]:
+        """Unit name -> file text, for the units this reconciler manages (by its marker)."""
+        found: dict[str, str] = {}
+        if not self.unit_dir.is_dir():
+            return found
+        for path in sorted(self.unit_dir.glob(f"{UNIT_PREFIX}*.service")):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                log.warning("cannot read %s: %s", path, exc)
+                continue
+            first = text.split("\n", 1)[0]
+            if not first.startswith(MANAGED_MARKER):
+                continue
+            name = first.removeprefix(MANAGED_MARKER).strip()
+            if name == "reconciler" or path.name != unit_file_name(name):
+                continue  # the reconciler's own unit is never planned against
+            found[name] = text
+        return found
+
+    def _write(self, name: str, content: str) -> None:
+        write_atomic(self.path(name), content, mode=0o644)
+
+    # -- systemctl -----------------------------------------------------------------------
+    def _call(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = self.systemctl(list(args))
+        if check and result.returncode != 0:
+            raise SystemdError(
+                f"systemctl {' '.join(args)} failed ({result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()[:300]}"
+            )
+        return result
+
+    def show(self, names: Sequence[str]) -> dict[str, dict[str, str]]:
+        """`systemctl show` properties per unit name; empty if systemd cannot be asked."""
+        if not names:
+            return {}
+        props = "Id,ActiveState,SubState,Result,MainPID,NRestarts"
+        try:
+            result = self._call("show", "-p", props, *(unit_file_name(n) for n in names), check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            result = subprocess.CompletedProcess([], 1, "", str(exc))
+        if result.returncode != 0:
+            if self._reachable:
+                log.info("systemd not reachable (%s); treating installed units as running",
+                         (result.stderr or "").strip()[:200])
+            self._reachable = False
+            return {}
+        self._reachable = True
+        by_id: dict[str, dict[str, str]] = {}
+        for block in result.stdout.strip().split("\n\n"):
+            values = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+            if "Id" in values:
+                by_id[values["Id"]] = values
+        return {n: by_id.get(unit_file_name(n), {}) for n in names}
+
+    # -- observe -------------------------------------------------------------------------
+    def records(self) -> list[SystemdRecord]:
+        files = self.installed()
+        states = self.show(list(files))
+        records = []
+        for name, text in files.items():
+            state = states.get(name, {})
+            pid = int(state.get("MainPID", "0") or 0)
+            records.append(
+                SystemdRecord(
+                    name=name,
+                    content=text,
+                    pid=pid or None,
+                    restarts=int(state.get("NRestarts", "0") or 0),
+                    active_state=state.get("ActiveState", "unknown"),
+                    sub_state=state.get("SubState", ""),
+                    result=state.get("Result", ""),
+                )
+            )
+        return records
+
+    def observe(self) -> dict[str, ObservedUnit]:
+        observed = {}
+        for record in self.records():
+            # Without systemd (plan against a unit directory) the files are all there is.
+            active = record.active_state in ACTIVE_STATES or not self._reachable
+            rejected = self._rejected.get(record.name)
+            observed[record.name] = ObservedUnit(
+                name=record.name,
+                content=record.content,
+                active=active,
+                failures=record.restarts if record.result not in ("", "success") else 0,
+                retry_at=rejected[1] if rejected and not active else 0.0,
+            )
+        return observed
+
+    def mark_healthy(self, name: str) -> None:
+        """systemd keeps its own restart counters; nothing to record here."""
+
+    # -- act, one unit at a time (the ProcessDriver interface) ---------------------------
+    def start(self, unit: DesiredUnit) -> None:
+        self._write(unit.name, unit.content)
+        self._call("daemon-reload")
+        self._call("start", unit_file_name(unit.name))
+
+    def restart(self, unit: DesiredUnit) -> None:
+        self._write(unit.name, unit.content)
+        self._call("daemon-reload")
+        self._call("restart", unit_file_name(unit.name))
+
+    def stop(self, name: str, forget: bool = False, grace: float = 0.0) -> None:
+        self._call("stop", unit_file_name(name), check=False)
+        if forget:
+            self.path(name).unlink(missing_ok=True)
+            self._call("reset-failed", unit_file_name(name), check=False)
+            self._call("daemon-reload")
+
+    def remove(self, name: str) -> None:
+        self.stop(name, forget=True)
+
+    # -- act, a whole pass ---------------------------------------------------------------
+    def apply(
+        self,
+        actions: Sequence[Action],
+        desired: Mapping[str, DesiredUnit],
+        health: Callable[[str], BackendHealth],
+        timeouts: Mapping[str, float],
+        ready: Callable[[str], bool] = lambda _unit: True,
+    ) -> list[ApplyFailure]:
+        """Carry out one plan: write, one daemon-reload, act in plan order, wait, roll back.
+
+        `ready(unit)` is asked before a unit is written (the controller pulls its model there);
+        `health(unit)` probes a running unit; `timeouts` bounds the wait per unit."""
+        self.failures = []
+        previous = self.installed()
+        todo: list[Action] = []
+        changed_files = False
+        now = time.time()
+        for action in actions:
+            if action.kind not in (ActionKind.START, ActionKind.RESTART, ActionKind.STOP):
+                continue
+            if action.kind is ActionKind.STOP:
+                todo.append(action)
+                continue
+            unit = desired[action.unit]
+            rejected = self._rejected.get(action.unit)
+            if rejected and rejected[0] == unit.content and rejected[1] > now:
+                continue  # rolled back recently; `failures` said why, backoff before retrying
+            if not ready(action.unit):
+                continue
+            if previous.get(action.unit) != unit.content:
+                self._write(action.unit, unit.content)
+                changed_files = True
+            todo.append(action)
+        for action in todo:  # files of forgotten units go before the one reload
+            if action.kind is ActionKind.STOP and action.unit not in desired:
+                self._call("stop", unit_file_name(action.unit), check=False)
+                self.path(action.unit).unlink(missing_ok=True)
+                changed_files = True
+        if changed_files:
+            self._call("daemon-reload")
+
+        started: list[str] = []
+        for action in todo:
+            unit_name = unit_file_name(action.unit)
+            if action.kind is ActionKind.STOP:
+                if action.unit in desired:
+                    self._call("stop", unit_name, check=False)
+                else:
+                    self._call("reset-failed", unit_name, check=False)
+                continue
+            verb = "restart" if action.kind is ActionKind.RESTART else "start"
+            # A unit that hit its start limit refuses to start until its counter is reset.
+            self._call("reset-failed", unit_name, check=False)
+            result = self._call(verb, unit_name, check=False)
+            if result.returncode != 0:
+                reason = f"systemctl {verb} failed: {(result.stderr or '').strip()[:200]}"
+                self._fail(action.unit, reason, previous, desired)
+                continue
+            started.append(action.unit)
+        self._wait(started, health, timeouts, previous, desired)
+        return self.failures
+
+    def _wait(
+        self,
+        units: list[str],
+        health: Callable[[str], BackendHealth],
+        timeouts: Mapping[str, float],
+        previous: Mapping[str, str],
+        desired: Mapping[str, DesiredUnit],
+    ) -> None:
+        start = self.clock()
+        pending = {u: BackendHealth(Health.DOWN, "not probed yet") for u in units}
+        while pending:
+            for unit in list(pending):
+                state = health(unit)
+                pending[unit] = state
+                if state.ok:
+                    del pending[unit]
+                elif self.clock() - start >= timeouts.get(unit, 180.0):
+                    del pending[unit]
+                    self._fail(
+                        unit,
+                        f"not healthy within {timeouts.get(unit, 180.0):.0f}s "
+                        f"({state.state.value}: {state.detail})",
+                        previous,
+                        desired,
+                    )
+            if pending:
+                self.sleep(self.poll_interval)
+
+    def _fail(
+        self,
+        unit: str,
+        reason: str,
+        previous: Mapping[str, str],
+        desired: Mapping[str, DesiredUnit],
+    ) -> None:
+        old = previous.get(unit)
+        new = desired[unit].content if unit in desired else None
+        rolled_back = False
+        if old is not None and new is not None and old != new:
+            self._rejected[unit] = (new, time.time() + ROLLBACK_BACKOFF_SECONDS)
+            try:
+                self._write(unit, old)
+                self._call("daemon-reload")
+                self._call("reset-failed", unit_file_name(unit), check=False)
+                self._call("restart", unit_file_name(unit))
+                rolled_back = True
+                reason += "; restored the previous unit file and restarted it"
+            except (SystemdError, OSError) as exc:
+                reason += f"; restoring the previous unit file failed: {exc}"
+        log.error("%s: %s", unit, reason)
+        self.failures.append(ApplyFailure(unit, reason, rolled_back))
+
+
+def unit_dir_writable(unit_dir: Path = DEFAULT_UNIT_DIR) -> bool:
+    return os.access(unit_dir, os.W_OK)

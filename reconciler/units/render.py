@@ -1,0 +1,235 @@
+"""Render systemd unit files from the Jinja templates in `templates/`.
+
+Every value that reaches a unit file goes through one of the escaping filters below; anything a
+template prints without one still gets its `%` specifiers escaped (the `finalize` hook), so no
+declared value can smuggle a systemd specifier, a variable expansion or an extra line in.
+Control characters are rejected before rendering, naming the field, because no escaping makes a
+newline safe in a line-based format."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from reconciler.backends.commands import Launch
+from reconciler.config.schema import BackendSpec, GatewaySpec
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+UNIT_PREFIX = "tensorforge-"
+MANAGED_MARKER = "# tensorforge-managed:"
+KINDS = ("llamacpp", "vllm", "tgi", "ollama")
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+# Arguments made only of these need no quoting in ExecStart= (systemd splits on whitespace).
+_PLAIN_ARG_RE = re.compile(r"^[A-Za-z0-9_./:=,+@-]+$")
+# Paths under these are hidden by ProtectHome=yes / replaced by PrivateTmp=yes.
+_HOME_ROOTS = ("/home/", "/root/", "/run/user/")
+_TMP_ROOTS = ("/tmp/", "/var/tmp/")
+
+
+class UnitRenderError(ValueError):
+    """A value that cannot be put into a unit file; the message names the field."""
+
+
+class _Escaped(str):
+    """Output of an escaping filter: `finalize` leaves it alone."""
+
+
+def _finalize(value: object) -> object:
+    if isinstance(value, _Escaped):
+        return value
+    if isinstance(value, str):
+        return value.replace("%", "%%")
+    return value
+
+
+def exec_arg(value: object) -> _Escaped:
+    """One ExecStart= word: `%` -> `%%`, `$` -> `$$`, double-quoted with C escapes if needed."""
+    text = str(value).replace("%", "%%").replace("$", "$$")
+    if text and _PLAIN_ARG_RE.match(text):
+        return _Escaped(text)
+    return _quote(text)
+
+
+def _quote(text: str) -> _Escaped:
+    return _Escaped('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+
+
+def exec_line(argv: Sequence[str]) -> _Escaped:
+    """ExecStart= value. A first word starting with one of systemd's prefix characters
+    (`-@+!:`) is quoted so that it stays a literal executable name."""
+    first = exec_arg(argv[0])
+    if first.startswith(("-", "@", "+", "!", ":")):
+        first = _quote(first)
+    return _Escaped(" ".join([first, *(exec_arg(a) for a in argv[1:])]))
+
+
+def env_assignment(key: str, value: object) -> _Escaped:
+    """A quoted `Environment=` word: no `$` expansion happens there, only specifiers."""
+    return _quote(f"{key}={value}".replace("%", "%%"))
+
+
+def quoted_path(value: object) -> _Escaped:
+    text = str(value).replace("%", "%%")
+    return _Escaped(text) if _PLAIN_ARG_RE.match(text) else _quote(text)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        undefined=jinja2.StrictUndefined,
+        finalize=_finalize,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["arg"] = exec_arg
+    env.filters["exec"] = exec_line
+    env.filters["path"] = quoted_path
+    env.globals["env_assignment"] = env_assignment
+    return env
+
+
+_ENV = _environment()
+
+
+def check_values(value: object, field_name: str) -> None:
+    """Reject control characters anywhere in `value` (strings, lists, mappings)."""
+    if isinstance(value, str):
+        if _CONTROL_RE.search(value):
+            raise UnitRenderError(
+                f"{field_name}: contains a newline or control character ({value!r}); "
+                "unit files are line-based, remove it"
+            )
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_values(key, f"{field_name} (key)")
+            check_values(item, f"{field_name}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_values(item, f"{field_name}[{i}]")
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """Everything a unit template needs. `name` is the reconciler's unit name (`backend-x`)."""
+
+    name: str
+    kind: str  # llamacpp, vllm, tgi, ollama, gateway, reconciler
+    description: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    gpu_ids: list[int] = field(default_factory=list)
+    local_only: bool = True  # listens on loopback only: deny other IP traffic
+    read_paths: list[str] = field(default_factory=list)  # files the service must see
+    write_paths: list[str] = field(default_factory=list)
+    stop_timeout: int = 30
+
+
+def unit_file_name(name: str) -> str:
+    return f"{UNIT_PREFIX}{name}.service"
+
+
+def _resolve_executable(argv: list[str]) -> list[str]:
+    """systemd only searches a fixed PATH: make the executable absolute when we can."""
+    if argv and not argv[0].startswith("/"):
+        found = shutil.which(argv[0])
+        if found:
+            return [found, *argv[1:]]
+    return argv
+
+
+def render_unit(spec: UnitSpec) -> str:
+    """The unit file text for one service; raises UnitRenderError naming a bad field."""
+    if spec.kind not in (*KINDS, "gateway", "reconciler"):
+        raise UnitRenderError(f"kind: no template for {spec.kind!r}")
+    for name, value in spec.__dict__.items():
+        check_values(value, name)
+    if not _UNIT_NAME_RE.match(spec.name):
+        raise UnitRenderError(f"name: {spec.name!r} is not a valid unit name part")
+    if not spec.argv:
+        raise UnitRenderError("argv: empty command line")
+    argv = _resolve_executable(list(spec.argv))
+    # The interpreter behind a venv's python may live in a home directory (pyenv).
+    paths = [*spec.read_paths, *spec.write_paths, argv[0], os.path.realpath(argv[0])]
+    under_home = any(p.startswith(_HOME_ROOTS) for p in paths)
+    tmp_binds = sorted({str(Path(p).parent) for p in spec.read_paths if p.startswith(_TMP_ROOTS)})
+    context = {
+        "unit": spec.name,
+        "kind": spec.kind,
+        "description": spec.description,
+        "argv": argv,
+        "env": dict(sorted(spec.env.items())),
+        "gpu": bool(spec.gpu_ids),
+        "gpu_ids": spec.gpu_ids,
+        "local_only": spec.local_only,
+        "protect_home": "read-only" if under_home else "yes",
+        "tmp_binds": tmp_binds,
+        "write_paths": spec.write_paths,
+        "stop_timeout": spec.stop_timeout,
+        "marker": MANAGED_MARKER,
+        "state_directory": f"{UNIT_PREFIX}{spec.name}",
+    }
+    return _ENV.get_template(f"{spec.kind}.service.j2").render(context)
+
+
+def backend_unit_spec(
+    unit: str,
+    backend: BackendSpec,
+    model_name: str,
+    model_ref: str,
+    launch: Launch,
+    gpu_ids: list[int],
+) -> UnitSpec:
+    env = dict(launch.env)
+    write_paths: list[str] = []
+    if backend.kind == "ollama" and "OLLAMA_MODELS" not in backend.environment:
+        # Ollama downloads into its own state directory (writable, private to the unit).
+        env["OLLAMA_MODELS"] = f"/var/lib/{UNIT_PREFIX}{unit}/models"
+    elif backend.kind == "ollama":
+        write_paths.append(env["OLLAMA_MODELS"])
+    return UnitSpec(
+        name=unit,
+        kind=backend.kind,
+        description=f"TensorForge {backend.kind} backend {unit.removeprefix('backend-')} "
+        f"serving {model_name}",
+        argv=list(launch.argv),
+        env=env,
+        gpu_ids=list(gpu_ids),
+        local_only=backend.host in ("127.0.0.1", "::1", "localhost"),
+        read_paths=[model_ref] if os.path.isabs(model_ref) else [],
+        write_paths=write_paths,
+    )
+
+
+def gateway_unit_spec(unit: str, argv: list[str], gateway: GatewaySpec, config: str | None) -> UnitSpec:
+    return UnitSpec(
+        name=unit,
+        kind="gateway",
+        description="TensorForge OpenAI-compatible gateway",
+        argv=argv,
+        # The gateway proxies to backends declared by URL, which may be on other hosts.
+        local_only=False,
+        read_paths=[p for p in (config, gateway.api_keys_file) if p],
+        stop_timeout=35,  # uvicorn's graceful shutdown is 30 s
+    )
+
+
+def reconciler_unit_spec(argv: list[str], config: str | None) -> UnitSpec:
+    return UnitSpec(
+        name="reconciler",
+        kind="reconciler",
+        description="TensorForge reconciler: keeps backends and the gateway as declared",
+        argv=argv,
+        local_only=False,
+        read_paths=[config] if config else [],
+        stop_timeout=60,
+    )

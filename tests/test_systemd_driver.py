@@ -1,0 +1,235 @@
+"""SystemdDriver and the controller's systemd path against a fake systemctl: file writes,
+one daemon-reload per pass, plan order, health waits, rollback, and the CLI's plan/render."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from reconciler.backends.health import BackendHealth, Health
+from reconciler.cli import main
+from reconciler.controller import Controller, make_driver
+from reconciler.drivers.process import ProcessDriver
+from reconciler.drivers.systemd import SystemdDriver
+from reconciler.gpu.inventory import StaticInventory
+from reconciler.plan import Action, ActionKind, DesiredUnit
+from reconciler.units.render import MANAGED_MARKER
+
+
+class FakeSystemctl:
+    """Records every call; `active` is what `show` reports; `fail` makes verbs fail."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.active: dict[str, str] = {}
+        self.fail: set[tuple[str, str]] = set()
+
+    def __call__(self, args):
+        args = list(args)
+        self.calls.append(args)
+        verb = args[0]
+        if verb == "show":
+            units = [a for a in args[1:] if a.endswith(".service")]
+            blocks = [
+                f"Id={u}\nActiveState={self.active.get(u, 'inactive')}\nSubState=running\n"
+                f"Result=success\nMainPID={100 if self.active.get(u) == 'active' else 0}\nNRestarts=0"
+                for u in units
+            ]
+            return subprocess.CompletedProcess(args, 0, "\n\n".join(blocks) + "\n", "")
+        if (verb, args[-1]) in self.fail:
+            return subprocess.CompletedProcess(args, 1, "", f"{verb} failed")
+        if verb in ("start", "restart"):
+            self.active[args[-1]] = "active"
+        elif verb == "stop":
+            self.active[args[-1]] = "inactive"
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    def verbs(self) -> list[str]:
+        return [" ".join(c) for c in self.calls if c[0] not in ("show", "reset-failed")]
+
+
+def unit(name: str, text: str) -> DesiredUnit:
+    return DesiredUnit(name, f"{MANAGED_MARKER} {name}\n{text}\n")
+
+
+def driver(tmp_path: Path, fake: FakeSystemctl) -> SystemdDriver:
+    return SystemdDriver(tmp_path / "units", systemctl=fake, poll_interval=0, sleep=lambda _s: None)
+
+
+def healthy(_unit: str) -> BackendHealth:
+    return BackendHealth(Health.HEALTHY)
+
+
+def test_apply_writes_reloads_once_and_acts_in_plan_order(tmp_path: Path) -> None:
+    fake = FakeSystemctl()
+    d = driver(tmp_path, fake)
+    (tmp_path / "units").mkdir()
+    old = unit("backend-old", "old")
+    (tmp_path / "units" / "tensorforge-backend-old.service").write_text(old.content)
+    fake.active["tensorforge-backend-old.service"] = "active"
+    desired = {"backend-a": unit("backend-a", "a"), "gateway": unit("gateway", "g")}
+    actions = [
+        Action(ActionKind.STOP, "backend-old", "no longer declared"),
+        Action(ActionKind.START, "backend-a", "declared"),
+        Action(ActionKind.START, "gateway", "declared"),
+    ]
+    failures = d.apply(actions, desired, healthy, {})
+    assert failures == []
+    assert fake.verbs() == [
+        "stop tensorforge-backend-old.service",
+        "daemon-reload",
+        "start tensorforge-backend-a.service",
+        "start tensorforge-gateway.service",
+    ]
+    assert not (tmp_path / "units" / "tensorforge-backend-old.service").exists()
+    assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == desired["backend-a"].content
+    assert set(d.observe()) == {"backend-a", "gateway"}
+
+
+def test_changed_unit_that_stays_unhealthy_is_rolled_back(tmp_path: Path) -> None:
+    fake = FakeSystemctl()
+    clock = iter(range(0, 1000, 5))
+    d = SystemdDriver(tmp_path, systemctl=fake, poll_interval=0, clock=lambda: next(clock), sleep=lambda _s: None)
+    before = unit("backend-a", "v1")
+    (tmp_path / "tensorforge-backend-a.service").write_text(before.content)
+    fake.active["tensorforge-backend-a.service"] = "active"
+    after = unit("backend-a", "v2")
+    actions = [Action(ActionKind.RESTART, "backend-a", "settings changed")]
+    down = lambda _u: BackendHealth(Health.DOWN, "connection refused")  # noqa: E731
+    failures = d.apply(actions, {"backend-a": after}, down, {"backend-a": 20})
+    assert len(failures) == 1 and failures[0].rolled_back
+    assert "not healthy within 20s" in failures[0].reason
+    assert (tmp_path / "tensorforge-backend-a.service").read_text() == before.content
+    assert fake.verbs() == [
+        "daemon-reload",
+        "restart tensorforge-backend-a.service",
+        "daemon-reload",
+        "restart tensorforge-backend-a.service",
+    ]
+    # The same rejected content is not tried again right away.
+    fake.calls.clear()
+    assert d.apply(actions, {"backend-a": after}, down, {"backend-a": 20}) == []
+    assert fake.verbs() == []
+
+
+def test_unmanaged_and_reconciler_units_are_not_observed(tmp_path: Path) -> None:
+    fake = FakeSystemctl()
+    d = driver(tmp_path, fake)
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "tensorforge-hand-written.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (units / "tensorforge-reconciler.service").write_text(f"{MANAGED_MARKER} reconciler\n")
+    (units / "other.service").write_text(f"{MANAGED_MARKER} other\n")
+    assert d.observe() == {}
+
+
+def test_observe_without_systemd_treats_files_as_running(tmp_path: Path) -> None:
+    def no_systemd(args):
+        return subprocess.CompletedProcess(args, 1, "", "System has not been booted with systemd")
+
+    d = SystemdDriver(tmp_path, systemctl=no_systemd)
+    (tmp_path / "tensorforge-gateway.service").write_text(unit("gateway", "g").content)
+    assert d.observe()["gateway"].active
+
+
+def test_driver_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(make_driver("process", tmp_path), ProcessDriver)
+    assert isinstance(make_driver("systemd", tmp_path, tmp_path), SystemdDriver)
+    assert isinstance(make_driver(None, tmp_path, tmp_path), SystemdDriver)  # a unit dir implies it
+    monkeypatch.setattr("reconciler.controller.systemd_booted", lambda: False)
+    monkeypatch.delenv("TF_DRIVER", raising=False)
+    assert isinstance(make_driver(None, tmp_path), ProcessDriver)
+    with pytest.raises(ValueError, match="--driver"):
+        make_driver("docker", tmp_path)
+
+
+HOST = """\
+version: 1
+models:
+  m:
+    source: path:{model}
+backends:
+  m-cpu:
+    kind: llamacpp
+    model: m
+    port: {port}
+    context_size: 1024
+gateway:
+  port: {gw}
+"""
+
+
+@pytest.fixture
+def host_yaml(tmp_path: Path, state_dir: Path) -> Path:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    path = tmp_path / "host.yaml"
+    path.write_text(HOST.format(model=model, port=18501, gw=18502))
+    return path
+
+
+def test_controller_apply_is_a_no_op_the_second_time(
+    tmp_path: Path, host_yaml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeSystemctl()
+    d = driver(tmp_path, fake)
+    controller = Controller(str(host_yaml), driver=d, gpus=StaticInventory([]))
+    monkeypatch.setattr(
+        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
+    )
+    first = controller.reconcile_once()
+    assert [a.kind for a in first] == [ActionKind.START, ActionKind.START]
+    assert fake.verbs().count("daemon-reload") == 1
+    fake.calls.clear()
+    second = controller.reconcile_once()
+    assert second == []
+    assert fake.verbs() == []
+    text = (tmp_path / "units" / "tensorforge-backend-m-cpu.service").read_text()
+    assert "ExecStart=" in text and "--ctx-size 1024" in text
+
+
+def test_cli_render_then_plan_exit_codes(tmp_path: Path, host_yaml: Path, capsys) -> None:
+    out = tmp_path / "rendered"
+    assert main(["render", "--config", str(host_yaml), "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "tensorforge-backend-m-cpu.service",
+        "tensorforge-gateway.service",
+        "tensorforge-reconciler.service",
+    ]
+    capsys.readouterr()
+    assert main(["plan", "--config", str(host_yaml), "--unit-dir", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    changed = host_yaml.read_text().replace("context_size: 1024", "context_size: 2048")
+    host_yaml.write_text(changed)
+    assert main(["plan", "--config", str(host_yaml), "--unit-dir", str(out)]) == 2
+    printed = capsys.readouterr().out
+    assert "restart  backend-m-cpu: settings changed" in printed
+    assert "-ExecStart=" in printed and "+ExecStart=" in printed and "--ctx-size 2048" in printed
+    host_yaml.write_text("version: 1\nbackends: {x: {kind: nope}}\n")
+    assert main(["plan", "--config", str(host_yaml), "--unit-dir", str(out)]) == 1
+
+
+def test_plan_shows_a_refusal_naming_the_gpu(tmp_path: Path, state_dir: Path) -> None:
+    from tests.test_placement_vram import small_cards
+
+    path = tmp_path / "host.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            version: 1
+            models: {m: {source: "hf:org/m"}}
+            backends:
+              big: {kind: vllm, model: m, port: 18601, gpus: 1, gpu_ids: [1]}
+            gateway: {enable: false}
+            """
+        )
+    )
+    controller = Controller(str(path), driver=driver(tmp_path, FakeSystemctl()), gpus=small_cards())
+    controller.vram_estimates = lambda: {"big": 40 * 1024**3}
+    actions = controller.plan()
+    assert [(a.kind, a.unit) for a in actions] == [(ActionKind.REFUSE, "backend-big")]
+    assert actions[0].reason == "GPU 1: needs 40.0 GiB, 8.0 GiB free"
