@@ -99,6 +99,24 @@
           {
             # Building the package runs its pytest suite (tests not marked slow).
             package = self.packages.x86_64-linux.default;
+            # The same as tests/test_nix_contract.py's core, in the sandbox: every host's
+            # settings evaluate through modules/lib and pass `tensorforge validate`.
+            contract =
+              pkgs.runCommand "tensorforge-contract"
+                {
+                  nativeBuildInputs = [
+                    pkgs.nix
+                    self.packages.x86_64-linux.default
+                  ];
+                }
+                ''
+                  export HOME=$TMPDIR NIX_STATE_DIR=$TMPDIR/nix
+                  bash ${self}/scripts/eval-desired.sh $TMPDIR/desired
+                  for f in $TMPDIR/desired/*.json ${self}/hosts/*.yaml; do
+                    tensorforge validate --config "$f"
+                  done
+                  touch $out
+                '';
             vm-single-node = vmTest pkgs ./tests/nixos/single-node.nix;
             vm-recovery = vmTest pkgs ./tests/nixos/recovery.nix;
             vm-two-node = vmTest pkgs ./tests/nixos/two-node.nix;

@@ -13,7 +13,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 outdir="$1"
 mkdir -p "$outdir"
 
-# A private store/state: pure evaluation writes nothing to it, but Nix wants the directories.
+# Pure evaluation needs no store (--store dummy://); Nix still wants a state directory.
 if [ -z "${NIX_STATE_DIR:-}" ] && [ ! -w /nix/var/nix ] 2>/dev/null; then
   export NIX_STATE_DIR="${TMPDIR:-/tmp}/tensorforge-nix-state"
 fi
@@ -25,7 +25,7 @@ for settings in "$root"/hosts/*/settings.nix; do
   found=1
   host="$(basename "$(dirname "$settings")")"
   # restrict-eval: evaluation may read the repository and nothing else.
-  if nix-instantiate --eval --strict --json \
+  if nix-instantiate --eval --strict --json --store dummy:// \
     --option restrict-eval true -I "tensorforge=$root" \
     --arg settings "import $settings" \
     --expr '{ settings }: (import <tensorforge/modules/lib>).evalHost settings' \
