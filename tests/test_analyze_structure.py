@@ -40,7 +40,7 @@ def test_python_fixture():
         "app/models.py": "app.models",
         "app/util/__init__.py": "app.util",
         "app/util/helpers.py": "app.util.helpers",
-        "tests/test_core.py": "test_core",
+        "tests/check_core.py": "check_core",
     }  # generated/ and *.tmp.py are in the fixture's .gitignore
     assert edges(g) == {
         ("app/__main__.py", "app/cli.py"),
@@ -49,7 +49,7 @@ def test_python_fixture():
         ("app/core.py", "app/models.py"),
         ("app/core.py", "app/util/helpers.py"),
         ("app/models.py", "app/core.py"),  # lazy import inside a method
-        ("tests/test_core.py", "app/core.py"),
+        ("tests/check_core.py", "app/core.py"),
     }
     assert g.cycles() == [["app/core.py", "app/models.py"]]
     assert g.cycle_path(g.cycles()[0]) == ["app/core.py", "app/models.py", "app/core.py"]
@@ -57,7 +57,7 @@ def test_python_fixture():
     assert g.entry_points == {
         "app/__main__.py": ["__main__.py", "nothing in the tree imports it"],
         "app/cli.py": ["if __name__ == '__main__'", "script 'pyapp' in pyproject.toml"],
-        "tests/test_core.py": ["nothing in the tree imports it"],
+        "tests/check_core.py": ["nothing in the tree imports it"],
     }
     assert (g.fan_in("app/core.py"), g.fan_out("app/core.py")) == (3, 2)
     defined = [(d.kind, d.name) for d in g.modules["app/core.py"].definitions]

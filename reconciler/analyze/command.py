@@ -25,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "context_size / parallel, else 2048)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-tokens", type=int, default=128, help="answer tokens per module summary"
+        "--max-tokens", type=int, default=96, help="answer tokens per module summary"
     )
     parser.add_argument(
         "--overview-tokens", type=int, default=256, help="answer tokens for the overview"

@@ -141,10 +141,10 @@ class SummaryOptions:
     context_tokens: int | None = None  # None: ask /v1/models, else the fallback
     fallback_context_tokens: int | None = None  # e.g. the declared backend's slot size
     timeout: float = 180.0  # per request
-    max_tokens: int = 128
+    max_tokens: int = 96
     overview_tokens: int = 256
     parallel: int = 2
-    max_chunks: int = 4  # beyond this, the rest of a huge module is described by its outline
+    max_chunks: int = 3  # beyond this, the rest of a huge module is described by its outline
     chars_per_token: float = 3.0  # measured 3.4-4.0 on this repository's code with SmolLM2
 
 

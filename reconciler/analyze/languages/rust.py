@@ -158,7 +158,7 @@ class RustResolver:
         self.crate_roots[label] = root_path
         if label.endswith(("(bin)", "(build)", "(tests)", "(examples)", "(benches)")):
             self.entries[root_path] = f"crate root {label}"
-        queue = deque([(root_path, ())])
+        queue: deque[tuple[str, tuple[str, ...]]] = deque([(root_path, ())])
         self._register(root_path, label, ())
         while queue:
             path, segments = queue.popleft()
