@@ -31,6 +31,8 @@ python3Packages.buildPythonApplication {
       ../pyproject.toml
       ../reconciler
       ../tests
+      # systemd unit templates, read from the source tree (reconciler/units/render.py)
+      (lib.fileset.maybeMissing ../templates)
     ];
   };
 
