@@ -298,6 +298,9 @@ class Controller:
 
     def shutdown(self) -> None:
         """Stop the gateway first (no new requests), then the backends."""
+        if isinstance(self.driver, SystemdDriver):
+            self.write_status()  # systemd units outlive the reconciler: leave them running
+            return
         names = [r.name for r in self.driver.records()]
         for name in sorted(names, key=lambda n: n != GATEWAY_UNIT):
             self.driver.stop(name)

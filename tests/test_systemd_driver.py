@@ -233,3 +233,17 @@ def test_plan_shows_a_refusal_naming_the_gpu(tmp_path: Path, state_dir: Path) ->
     actions = controller.plan()
     assert [(a.kind, a.unit) for a in actions] == [(ActionKind.REFUSE, "backend-big")]
     assert actions[0].reason == "GPU 1: needs 40.0 GiB, 8.0 GiB free"
+
+
+def test_stopping_the_reconciler_leaves_systemd_units_running(
+    tmp_path: Path, host_yaml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeSystemctl()
+    controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
+    monkeypatch.setattr(
+        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
+    )
+    controller.reconcile_once()
+    fake.calls.clear()
+    controller.shutdown()
+    assert fake.verbs() == []

@@ -83,6 +83,14 @@ for i in $(seq 1 40); do
   curl -sf http://127.0.0.1:{backend_port}/health && break
   sleep 0.25
 done > /out/health-after.txt
+# The reconciler's own unit, as `render` writes it, runs `up` under its sandbox and converges.
+{python} -m reconciler.cli render --config /etc/tensorforge/host.yaml --out /etc/systemd/system \\
+  > /out/render.txt 2>&1
+systemctl daemon-reload
+systemctl start tensorforge-reconciler.service
+sleep 4
+systemctl is-active tensorforge-reconciler.service > /out/reconciler.txt
+journalctl --no-pager -u tensorforge-reconciler.service >> /out/reconciler.txt 2>&1
 systemctl show -p ActiveState,User,DynamicUser,MainPID tensorforge-backend-smollm2.service \\
   tensorforge-gateway.service > /out/units.txt
 systemd-analyze security --no-pager tensorforge-backend-smollm2.service > /out/security.txt 2>&1
@@ -210,6 +218,9 @@ def test_apply_under_real_systemd(tmp_path: Path, smollm2_path: Path) -> None:
     assert "restored the previous unit file" in apply3, apply3
     assert (out / "after.service").read_text() == (out / "before.service").read_text()
     assert '"status":"ok"' in (out / "health-after.txt").read_text().replace(" ", ""), context
+    reconciler = (out / "reconciler.txt").read_text()
+    assert reconciler.startswith("active\n"), reconciler
+    assert "Traceback" not in reconciler and "Failed" not in reconciler, reconciler
     units = (out / "units.txt").read_text()
     assert units.count("ActiveState=active") == 2, units
     assert "DynamicUser=yes" in units, units

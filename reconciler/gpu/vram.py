@@ -9,6 +9,7 @@ reserves that whole share at start. Unknown models estimate to 0: placement then
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -93,24 +94,39 @@ class GGUFShape:
 
 
 def read_gguf_shape(path: Path) -> GGUFShape:
+    """The shape of a GGUF model; cached per file version, since the controller asks every pass
+    and parsing a GGUF's metadata takes seconds (its vocabulary alone is ~50k strings)."""
+    stat = path.stat()
+    return _read_gguf_shape(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_gguf_shape(path: str, _mtime_ns: int, _size: int) -> GGUFShape:
     from gguf import GGUFReader
 
-    from reconciler.models.gguf_info import read_gguf_info
+    reader = GGUFReader(path)
 
-    info = read_gguf_info(path)
-    reader = GGUFReader(str(path))
-    ff = reader.fields.get(f"{info.architecture}.feed_forward_length")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    n_ff = ff.contents() if ff is not None else 4 * info.embedding_length
+    def field(key: str, default=None):
+        found = reader.fields.get(key)
+        return found.contents() if found is not None else default
+
+    # The same reading as reconciler/models/gguf_info.py, with feed-forward and vocabulary
+    # sizes added, from one parse of the file.
+    arch = field("general.architecture", "unknown")
+    heads = int(field(f"{arch}.attention.head_count", 1))
+    n_embd = int(field(f"{arch}.embedding_length", 0))
+    head_dim = n_embd // heads if heads else 0
+    n_ff = field(f"{arch}.feed_forward_length", 4 * n_embd)
     if isinstance(n_ff, list):  # per-layer feed-forward sizes: take the largest
         n_ff = max(n_ff)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
     return GGUFShape(
-        tensor_bytes=info.tensor_bytes,
-        n_layer=info.block_count,
-        n_head_kv=info.head_count_kv,
-        k_dim=info.key_length,
-        v_dim=info.value_length,
-        n_embd=info.embedding_length,
+        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        n_layer=int(field(f"{arch}.block_count", 0)),
+        n_head_kv=int(field(f"{arch}.attention.head_count_kv", heads)),
+        k_dim=int(field(f"{arch}.attention.key_length", head_dim)),
+        v_dim=int(field(f"{arch}.attention.value_length", head_dim)),
+        n_embd=n_embd,
         n_ff=int(n_ff),
         n_vocab=len(tokens.data) if tokens is not None else 32000,
     )
