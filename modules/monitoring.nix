@@ -7,7 +7,7 @@
   ...
 }:
 let
-  inherit (lib) literalExpression mkDefault mkIf mkOption types;
+  inherit (lib) literalMD mkDefault mkIf mkOption types;
   cfg = config.services.tensorforge;
   mon = cfg.monitoring;
   repoMonitoring = ../monitoring;
@@ -22,7 +22,7 @@ in
       enable = mkOption {
         type = types.bool;
         default = false;
-        defaultText = literalExpression "config.services.tensorforge.b200Optimized.monitoring.enable";
+        defaultText = literalMD "`false`; `true` with `b200Optimized.monitoring.enable`";
         description = "Run Prometheus on this host and scrape the gateway, reconciler and GPUs.";
       };
       ruleFiles = mkOption {
@@ -37,7 +37,7 @@ in
             )
           else
             [ ];
-        defaultText = literalExpression "monitoring/alerts/*.rules.yml of this repository, if any";
+        defaultText = literalMD "`monitoring/alerts/*.rules.yml` of this repository, if any";
         description = "Prometheus alerting and recording rules for TensorForge.";
       };
     };
@@ -45,13 +45,13 @@ in
       enable = mkOption {
         type = types.bool;
         default = false;
-        defaultText = literalExpression "config.services.tensorforge.b200Optimized.monitoring.enable";
+        defaultText = literalMD "`false`; `true` with `b200Optimized.monitoring.enable`";
         description = "Run Grafana with Prometheus as data source and the TensorForge dashboards.";
       };
       dashboardsDir = mkOption {
         type = types.nullOr types.path;
         default = if builtins.pathExists dashboardsDir then dashboardsDir else null;
-        defaultText = literalExpression "monitoring/dashboards of this repository, if it exists";
+        defaultText = literalMD "`monitoring/dashboards` of this repository, if it exists";
         description = "Directory of Grafana dashboard JSON files to provision; null provisions none.";
       };
     };

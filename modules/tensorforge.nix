@@ -12,6 +12,7 @@
 let
   inherit (lib)
     literalExpression
+    literalMD
     mkEnableOption
     mkIf
     mkOption
@@ -127,7 +128,7 @@ in
     modelsDir = mkOption {
       type = types.nullOr types.str;
       default = null;
-      defaultText = literalExpression ''"''${stateDir}/models/gguf" (decided by the reconciler)'';
+      defaultText = literalMD "`null`: the reconciler uses `<stateDir>/models/gguf`";
       example = "/srv/models";
       description = "Where pulled models are stored; null means under {option}`stateDir`.";
     };
@@ -172,7 +173,7 @@ in
       enable = mkOption {
         type = types.bool;
         default = defaults.monitoring.enable;
-        defaultText = literalExpression "config.services.tensorforge.b200Optimized.monitoring.enable";
+        defaultText = literalMD "`false`; `true` with `b200Optimized.monitoring.enable`";
         description = "Expose reconciler and GPU metrics (and scrape them, see `prometheus`).";
       };
       reconcilerMetricsPort = mkOption {
@@ -203,7 +204,7 @@ in
       default = cfg.b200Optimized.enable || lib.any (
         b: b.gpus > 0 || b.gpuIds != null || b.tensorParallelSize > 1
       ) (lib.attrValues managedBackends);
-      defaultText = literalExpression "b200Optimized.enable, or any local backend wants a GPU";
+      defaultText = literalMD "`true` with `b200Optimized.enable` or when a local backend wants a GPU";
       description = "Give the reconciler (and the servers it starts) the NVIDIA devices.";
     };
 
@@ -211,7 +212,7 @@ in
       type = types.path;
       readOnly = true;
       default = desiredFile;
-      defaultText = literalExpression "the generated desired.json in the store";
+      defaultText = literalMD "the generated `desired.json` in the store";
       description = "The generated desired state, also linked at /etc/tensorforge/desired.json.";
     };
   };

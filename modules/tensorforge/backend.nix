@@ -13,7 +13,7 @@
   ...
 }:
 let
-  inherit (lib) mkOption types literalExpression;
+  inherit (lib) mkOption types literalExpression literalMD;
   d = defaults.backend;
 
   # nixpkgs attribute and executable per kind; TGI is not packaged in nixpkgs (null).
@@ -78,34 +78,34 @@ in
     tensorParallelSize = mkOption {
       type = types.ints.positive;
       default = d.tensorParallelSize;
-      defaultText = literalExpression "4 with b200Optimized.vllm for vllm backends, else 1";
+      defaultText = literalMD "`4` for vllm backends with `b200Optimized.vllm`, else `1`";
       example = 4;
       description = "GPUs one model is sharded across (vllm and tgi only).";
     };
     contextSize = mkOption {
       type = types.ints.positive;
       default = d.contextSize;
-      defaultText = literalExpression "32768 with b200Optimized.llamacpp for llamacpp backends, else 4096";
+      defaultText = literalMD "`32768` for llamacpp backends with `b200Optimized.llamacpp`, else `4096`";
       example = 32768;
       description = "Context length in tokens (llama.cpp splits it across `parallel` slots).";
     };
     flashAttn = mkOption {
       type = types.bool;
       default = d.flashAttn;
-      defaultText = literalExpression "true with b200Optimized.llamacpp for llamacpp backends, else false";
+      defaultText = literalMD "`true` for llamacpp backends with `b200Optimized.llamacpp`, else `false`";
       description = "Use flash attention (llama.cpp `--flash-attn on`, Ollama `OLLAMA_FLASH_ATTENTION`).";
     };
     quantization = mkOption {
       type = types.nullOr types.str;
       default = null;
-      defaultText = literalExpression ''"fp8" with b200Optimized.vllm for vllm backends, else null'';
+      defaultText = literalMD ''`"fp8"` for vllm backends with `b200Optimized.vllm`, else `null`'';
       example = "fp8";
       description = "Weight quantization passed to vLLM (`--quantization`) or TGI (`--quantize`).";
     };
     kvCacheDtype = mkOption {
       type = types.nullOr types.str;
       default = null;
-      defaultText = literalExpression ''"fp8" with b200Optimized.vllm for vllm backends, else null'';
+      defaultText = literalMD ''`"fp8"` for vllm backends with `b200Optimized.vllm`, else `null`'';
       example = "fp8";
       description = "KV cache data type (vLLM `--kv-cache-dtype`).";
     };
@@ -158,7 +158,7 @@ in
     package = mkOption {
       type = types.nullOr types.package;
       default = if config.url != null then null else pkgs.${serverFor.${config.kind}.attr} or null;
-      defaultText = literalExpression ''
+      defaultText = literalMD ''
         null for a url backend, else pkgs.llama-cpp, pkgs.vllm, pkgs.ollama or
         pkgs.text-generation-inference (by kind)
       '';
@@ -178,7 +178,7 @@ in
           null
         else
           "${config.package}/bin/${serverFor.${config.kind}.exe}";
-      defaultText = literalExpression ''"''${package}/bin/<server>"'';
+      defaultText = literalMD "`<package>/bin/<server>`, or null without a package";
       description = "The executable the reconciler starts (derived from {option}`package`).";
     };
   };
