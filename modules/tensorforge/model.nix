@@ -20,6 +20,15 @@ in
       example = "SmolLM2-135M-Instruct.Q4_1.gguf";
       description = "File inside the source (the GGUF file name); relative, without `..`.";
     };
+    pattern = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "*Q4_K_M.gguf";
+      description = ''
+        Glob choosing files from an `hf:` source instead of {option}`file`; every match is
+        downloaded and the first in name order is loaded.
+      '';
+    };
     sha256 = mkOption {
       type = types.nullOr (types.strMatching "[0-9a-f]{64}");
       default = null;
