@@ -247,3 +247,23 @@ def test_stopping_the_reconciler_leaves_systemd_units_running(
     fake.calls.clear()
     controller.shutdown()
     assert fake.verbs() == []
+
+
+def test_a_new_unit_that_never_gets_healthy_backs_off(tmp_path: Path) -> None:
+    from reconciler.plan import plan
+
+    fake = FakeSystemctl()
+    clock = iter(range(0, 1000, 5))
+    d = SystemdDriver(tmp_path, systemctl=fake, poll_interval=0, clock=lambda: next(clock), sleep=lambda _s: None)
+    new = unit("backend-a", "v1")
+    down = lambda _u: BackendHealth(Health.DOWN, "connection refused")  # noqa: E731
+    failures = d.apply([Action(ActionKind.START, "backend-a", "declared")], {"backend-a": new}, down, {"backend-a": 10})
+    assert len(failures) == 1 and not failures[0].rolled_back
+    fake.active["tensorforge-backend-a.service"] = "failed"  # systemd gave up on it
+    import time
+
+    actions = plan({"backend-a": new}, d.observe(), time.time())
+    assert [a.kind for a in actions] == [ActionKind.WAIT]
+    assert "down after 1 failed start(s); retrying in" in actions[0].reason
+    d.mark_healthy("backend-a")
+    assert d.observe()["backend-a"].retry_at == 0.0

@@ -26,6 +26,8 @@ DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 ACTIVE_STATES = ("active", "activating", "reloading")
 # A unit whose change was rolled back is not tried again with the same content before this.
 ROLLBACK_BACKOFF_SECONDS = 300.0
+# A unit that did not become healthy is started again after 10 s, 20 s, … at most this.
+MAX_START_BACKOFF_SECONDS = 300.0
 
 Systemctl = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
@@ -81,6 +83,7 @@ class SystemdDriver:
         self.sleep = sleep
         self.failures: list[ApplyFailure] = []
         self._rejected: dict[str, tuple[str, float]] = {}  # unit -> (content, retry after)
+        self._start_failures: dict[str, tuple[int, float]] = {}  # unit -> (count, retry after)
         self._reachable = True
 
     # -- files ---------------------------------------------------------------------------
@@ -170,17 +173,20 @@ class SystemdDriver:
             # Without systemd (plan against a unit directory) the files are all there is.
             active = record.active_state in ACTIVE_STATES or not self._reachable
             rejected = self._rejected.get(record.name)
+            failed, retry_at = self._start_failures.get(record.name, (0, 0.0))
+            if rejected:
+                retry_at = max(retry_at, rejected[1])
             observed[record.name] = ObservedUnit(
                 name=record.name,
                 content=record.content,
                 active=active,
-                failures=record.restarts if record.result not in ("", "success") else 0,
-                retry_at=rejected[1] if rejected and not active else 0.0,
+                failures=failed,
+                retry_at=retry_at if not active else 0.0,
             )
         return observed
 
     def mark_healthy(self, name: str) -> None:
-        """systemd keeps its own restart counters; nothing to record here."""
+        self._start_failures.pop(name, None)
 
     # -- act, one unit at a time (the ProcessDriver interface) ---------------------------
     def start(self, unit: DesiredUnit) -> None:
@@ -315,6 +321,10 @@ class SystemdDriver:
                 reason += "; restored the previous unit file and restarted it"
             except (SystemdError, OSError) as exc:
                 reason += f"; restoring the previous unit file failed: {exc}"
+        else:
+            count = self._start_failures.get(unit, (0, 0.0))[0] + 1
+            delay = min(10.0 * 2 ** (count - 1), MAX_START_BACKOFF_SECONDS)
+            self._start_failures[unit] = (count, time.time() + delay)
         log.error("%s: %s", unit, reason)
         self.failures.append(ApplyFailure(unit, reason, rolled_back))
 
