@@ -55,10 +55,12 @@ set -x
 mkdir -p /etc/tensorforge
 cp /out/host.yaml /etc/tensorforge/host.yaml
 chmod 0644 /etc/tensorforge/host.yaml
-# The venv's interpreter may live in root's home (pyenv); the services' dynamic users must be
-# able to reach it. This changes only the container's volatile copy of those directories.
-d={interpreter_dir}
-while [ "$d" != / ]; do chmod o+x "$d"; d=$(dirname "$d"); done
+# The checkout or the venv's interpreter may live in root's home (pyenv); the services' dynamic
+# users must be able to reach them. This changes only the container's volatile directories.
+for root in {roots}; do
+  d=$(dirname "$root")
+  while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null; d=$(dirname "$d"); done
+done
 cd /
 timeout 55 {python} -m reconciler.cli apply --config /etc/tensorforge/host.yaml \\
   --driver systemd --timeout 50
@@ -160,18 +162,19 @@ def run_in_nspawn(out: Path, model: Path, timeout: float = BOOT_TIMEOUT) -> subp
     if not Path(python).exists():
         python = sys.executable
     (out / "host.yaml").write_text(_host_yaml(model, 18090, 18091))
-    interpreter_dir = Path(python).resolve().parent
+    roots = {REPO, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    roots |= {Path(python).resolve().parent.parent, model.parent.resolve()}
+    # With --volatile=yes the container has the host's /usr and nothing else of it.
+    roots = {r for r in roots if not r.is_relative_to("/usr")}
     (out / "probe.sh").write_text(
         PROBE_SCRIPT.format(
-            python=python, gateway_port=18091, backend_port=18090, interpreter_dir=interpreter_dir
-        )
+            python=python, gateway_port=18091, backend_port=18090,
+            roots=" ".join(str(r) for r in sorted(roots)),
+        )  # fmt: skip
     )
     (out / PROBE_UNIT).write_text(PROBE_SERVICE)
     binds = [f"--bind={out}:/out", f"--bind-ro={out / PROBE_UNIT}:/etc/systemd/system/{PROBE_UNIT}"]
-    roots = {REPO, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
-    roots |= {Path(python).resolve().parent.parent, model.parent.resolve()}
-    for path in sorted(roots):
-        binds.append(f"--bind-ro={path}")
+    binds += [f"--bind-ro={path}" for path in sorted(roots)]
     nspawn = [
         "systemd-nspawn", "-D", "/", "--volatile=yes", "--register=no", "--keep-unit",
         "--private-network", "--console=pipe", *binds,

@@ -149,6 +149,11 @@ def test_bad_names_and_kinds_are_refused() -> None:
         render_unit(UnitSpec(name="x", kind="docker", description="d", argv=["/bin/x"]))
 
 
+def test_a_hub_model_may_download_and_a_local_one_may_not() -> None:
+    assert "IPAddressDeny=any" in render_backend("vllm")
+    assert "IPAddressDeny=any" not in render_backend("vllm", ref="meta-llama/Llama-3.1-70B-Instruct")
+
+
 def test_home_and_tmp_paths_stay_reachable() -> None:
     spec = UnitSpec(
         name="backend-x", kind="llamacpp", description="d", argv=["/root/venv/bin/x"],

@@ -204,7 +204,8 @@ def backend_unit_spec(
         argv=list(launch.argv),
         env=env,
         gpu_ids=list(gpu_ids),
-        local_only=backend.host in ("127.0.0.1", "::1", "localhost"),
+        # Loopback-only traffic, unless the server must download its model (a hub id).
+        local_only=backend.host in ("127.0.0.1", "::1", "localhost") and os.path.isabs(model_ref),
         read_paths=[model_ref] if os.path.isabs(model_ref) else [],
         write_paths=write_paths,
     )
