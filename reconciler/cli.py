@@ -120,8 +120,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     host = args.host or state.gateway.host
     port = args.port or state.gateway.port
     uvicorn.run(
-        create_app(state), host=host, port=port, log_level=args.log_level.lower(),
-        access_log=False, timeout_graceful_shutdown=30,
+        create_app(state, config_path=args.config), host=host, port=port, log_level=args.log_level.lower(),
+        access_log=False, timeout_graceful_shutdown=30, proxy_headers=False,
     )  # fmt: skip
     return 0
 

@@ -186,6 +186,9 @@ class GatewaySpec(Strict):
     first_byte_timeout: float = Field(300.0, gt=0)
     idle_timeout: float = Field(120.0, gt=0)
     max_concurrency_per_backend: PositiveInt = 64
+    max_concurrency_per_key: PositiveInt | None = Field(
+        None, description="Open requests one API key may have; more get 429 (None: no limit)."
+    )
     health_interval: float = Field(2.0, gt=0)
 
 

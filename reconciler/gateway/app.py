@@ -1,151 +1,208 @@
-"""The gateway's Starlette application: an app factory, the OpenAI endpoints, and nothing
-at module level that a second app in the same process could trip over."""
+"""The gateway application: an app factory, the small endpoints, admission (keys, limits),
+and nothing at module level that a second gateway in the same process could trip over."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from reconciler.config.schema import DesiredState, GatewaySpec
-from reconciler.gateway.errors import error_response
+from reconciler.gateway.auth import ApiKeys
 from reconciler.gateway.health import HealthMonitor
-from reconciler.gateway.proxy import Proxy, ProxyCall
+from reconciler.gateway.limits import ConcurrencyLimiter
+from reconciler.gateway.load import LoadScraper
+from reconciler.gateway.metrics import GatewayMetrics
+from reconciler.gateway.ollama_api import OllamaSurface
+from reconciler.gateway.openai_api import OPENAI_ENDPOINTS, OpenAIEndpoints, parse_json
+from reconciler.gateway.proxy import Answer, Proxy, error_answer
+from reconciler.gateway.reload import StateWatcher
 from reconciler.gateway.router import Router, RoutingTable
+from reconciler.gateway.websocket import websocket_endpoint
 
-OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+log = logging.getLogger(__name__)
+STARTUP_HEALTH_WAIT = 1.0  # serve after this long even if a backend's probe hangs
 
 
-class BodyTooLarge(Exception):
-    pass
+def upstream_timeout(spec: GatewaySpec) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=spec.connect_timeout, read=spec.idle_timeout, write=spec.idle_timeout, pool=spec.connect_timeout
+    )
 
 
 def make_client(spec: GatewaySpec) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(
-        connect=spec.connect_timeout, read=spec.idle_timeout, write=spec.idle_timeout, pool=spec.connect_timeout
-    )
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
+    """httpx's API over aiohttp's connection pool, which stays fast with many connections
+    (httpx's own pool was measured to degrade at concurrency 64)."""
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256, keepalive_expiry=15)
+    return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=upstream_timeout(spec))
 
 
 class Gateway:
-    """Everything one gateway instance owns; the Starlette app hangs off it."""
+    """Everything one gateway instance owns. It is itself the ASGI app: the OpenAI endpoints
+    are dispatched directly, everything else goes through Starlette."""
 
-    def __init__(self, state: DesiredState, client: httpx.AsyncClient | None = None):
+    def __init__(
+        self, state: DesiredState, client: httpx.AsyncClient | None = None, config_path: str | None = None
+    ):
         self.state = state
         self.spec = state.gateway
+        self.affinity_header = self.spec.routing.affinity_header.lower().encode()
+        self.metrics = GatewayMetrics()
+        self.keys = ApiKeys(self.spec.api_keys_file)
+        self.key_limits = ConcurrencyLimiter(self.spec.max_concurrency_per_key)
         self._own_client = client is None
         self.client = client or make_client(self.spec)
-        self.table = RoutingTable.from_state(state)
-        self.router = Router(self.table, self.spec.routing.strategy)
-        self.proxy = Proxy(self.client, self.router, self.spec.first_byte_timeout)
-        self.health = HealthMonitor(self.client, self.spec.health_interval)
-        self.health.upstreams = list(self.table.upstreams.values())
+        self.router = Router(RoutingTable.from_state(state), self.spec.routing.strategy)
+        transport = self.client._transport  # the client's own, for the proxy's lean path
+        self.proxy = Proxy(
+            transport, upstream_timeout(self.spec), self.router, self.metrics, self.spec.first_byte_timeout
+        )
+        # Probes get a plain httpx client of their own: exact error types ("connection
+        # refused"), and no competition with requests for the proxy's connections.
+        self.probe_client = httpx.AsyncClient(timeout=upstream_timeout(self.spec))
+        self.health = HealthMonitor(self.probe_client, self.spec.health_interval, self.upstreams)
+        self.load = LoadScraper(self.probe_client, self.spec.health_interval, self.upstreams)
+        self.watcher = StateWatcher(config_path, self.apply_state) if config_path else None
+        self.openai = OpenAIEndpoints(self)
+        self.ollama = OllamaSurface(self)
         self.started = time.time()
         self.app = Starlette(
             routes=[
                 Route("/health", self.health_endpoint, methods=["GET"]),
+                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
                 Route("/v1/models", self.models_endpoint, methods=["GET"]),
-                *(Route(p, self.openai_endpoint, methods=["POST"]) for p in OPENAI_ENDPOINTS),
+                WebSocketRoute("/v1/ws", websocket_endpoint(self)),
+                *self.ollama.routes(),
             ],
             lifespan=self.lifespan,
         )
         self.app.state.gateway = self
 
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in OPENAI_ENDPOINTS and scope["method"] == "POST":
+            await self.openai(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    @property
+    def table(self) -> RoutingTable:
+        return self.router.table
+
+    def upstreams(self):
+        return self.router.table.upstreams.values()
+
+    def apply_state(self, state: DesiredState) -> None:
+        """Swap in the routes of a new desired state; streams already open keep going."""
+        self.router.table = RoutingTable.from_state(state, previous=self.router.table)
+        self.router.strategy = state.gateway.routing.strategy
+        self.state = state
+        asyncio.get_running_loop().create_task(self.health.check_all())
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        await self.health.check_all()  # route from the first request, not after an interval
-        task = asyncio.create_task(self.health.run())
+        tasks = [asyncio.create_task(self.health.run()), asyncio.create_task(self.load.run())]
+        if self.watcher is not None:
+            tasks.append(asyncio.create_task(self.watcher.run()))
+        with contextlib.suppress(TimeoutError):  # route from the first request when we can
+            await asyncio.wait_for(self.health.first_round.wait(), STARTUP_HEALTH_WAIT)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.probe_client.aclose()
             if self._own_client:
                 await self.client.aclose()
 
-    # -- endpoints -----------------------------------------------------------------------
+    # -- admission -------------------------------------------------------------------------
+    def reject(self, status: int, message: str, code: str, retry_after: str | None = None) -> Answer:
+        self.metrics.rejected.labels(code).inc()
+        return error_answer(status, message, code, retry_after)
+
+    def admit(
+        self, authorization: bytes | str | None, hold: bool = True
+    ) -> tuple[str | None, Answer | None]:
+        """(key identity to release later, refusal or None); `hold` takes one of the key's
+        concurrent-request slots."""
+        if not self.keys.enabled:
+            return None, None
+        if isinstance(authorization, bytes):
+            authorization = authorization.decode("latin-1")
+        key = self.keys.identify(authorization)
+        if key is None:
+            return None, self.reject(
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>'", "invalid_api_key"
+            )
+        if hold and not self.key_limits.try_acquire(key):
+            return None, self.reject(
+                429, f"this API key already has {self.key_limits.limit} requests open; retry shortly",
+                "key_concurrency_limit", retry_after="1",
+            )  # fmt: skip
+        return (key if hold else None), None
+
+    def release_key(self, key: str | None) -> None:
+        if key is not None:
+            self.key_limits.release(key)
+
+    def parse_request(self, raw: bytes) -> tuple[dict, str] | Answer:
+        """(body, canonical model) or the error answer for a bad request."""
+        body = parse_json(raw)
+        if isinstance(body, tuple):
+            return self.reject(400, *body)
+        requested = body.get("model")
+        if not isinstance(requested, str) or not requested:
+            return self.reject(400, "'model' is required and must be a string", "missing_model")
+        model = self.router.resolve(requested)
+        if model is None:
+            known = ", ".join(sorted(self.table.names)) or "none"
+            return self.reject(404, f"model {requested!r} not found; known models: {known}", "model_not_found")
+        return body, model
+
+    # -- small endpoints -------------------------------------------------------------------
     async def health_endpoint(self, request: Request) -> Response:
         backends = {
-            u.name: {"model": u.model, "healthy": u.healthy, "detail": u.health_detail}
-            for u in self.table.upstreams.values()
-        }
+            u.name: {"model": u.model, "healthy": u.healthy, "detail": u.health_detail,
+                     "circuit_open": u.circuit_open, "in_flight": u.in_flight}
+            for u in self.upstreams()
+        }  # fmt: skip
         healthy = sum(1 for b in backends.values() if b["healthy"])
         return JSONResponse(
             {"status": "ok", "backends_healthy": healthy, "backends_total": len(backends), "backends": backends}
         )
 
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(self.upstreams()), media_type="text/plain; version=0.0.4")
+
     async def models_endpoint(self, request: Request) -> Response:
+        _, refusal = self.admit(request.headers.get("authorization"), hold=False)
+        if refusal is not None:
+            return as_response(refusal)
         data = []
         for name in self.table.served_models():
             aliases = sorted(a for a, m in self.table.names.items() if m == name and a != name)
             data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": int(self.started),
-                    "owned_by": "tensorforge",
-                    "aliases": aliases,
-                }
-            )
+                {"id": name, "object": "model", "created": int(self.started), "owned_by": "tensorforge",
+                 "aliases": aliases}
+            )  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
 
-    async def openai_endpoint(self, request: Request) -> Response:
-        try:
-            raw = await self._read_body(request)
-        except BodyTooLarge:
-            return error_response(
-                413, f"request body exceeds {self.spec.max_body_bytes} bytes", "body_too_large"
-            )
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return error_response(400, f"request body is not valid JSON: {exc}", "invalid_json")
-        if not isinstance(body, dict):
-            return error_response(400, "request body must be a JSON object", "invalid_request")
-        requested = body.get("model")
-        if not isinstance(requested, str) or not requested:
-            return error_response(400, "'model' is required and must be a string", "missing_model")
-        model = self.router.resolve(requested)
-        if model is None:
-            known = ", ".join(sorted(self.table.names)) or "none"
-            return error_response(
-                404, f"model {requested!r} not found; known models: {known}", "model_not_found"
-            )
-        call = ProxyCall(
-            endpoint=request.url.path,
-            body=body,
-            raw=raw,
-            model=model,
-            requested_model=requested,
-            stream=body.get("stream") is True,
-            affinity_key=request.headers.get(self.spec.routing.affinity_header),
-        )
-        return await self.proxy.forward(call)
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.spec.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
+def as_response(answer: Answer) -> Response:
+    headers = {"retry-after": answer.retry_after} if answer.retry_after else None
+    return Response(answer.body, answer.status, headers=headers, media_type=answer.content_type.decode())
 
 
-def create_app(state: DesiredState, client: httpx.AsyncClient | None = None) -> Starlette:
-    return Gateway(state, client).app
+def create_app(
+    state: DesiredState, client: httpx.AsyncClient | None = None, config_path: str | None = None
+) -> Gateway:
+    return Gateway(state, client, config_path)

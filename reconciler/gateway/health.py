@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 
 import httpx
 
@@ -16,11 +17,18 @@ log = logging.getLogger(__name__)
 
 
 class HealthMonitor:
-    def __init__(self, client: httpx.AsyncClient, interval: float, timeout: float = 2.0):
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        interval: float,
+        upstreams: Callable[[], Iterable[Upstream]],
+        timeout: float = 2.0,
+    ):
         self.client = client
         self.interval = interval
         self.timeout = min(timeout, interval * 2)
-        self.upstreams: list[Upstream] = []
+        self.upstreams = upstreams
+        self.first_round = asyncio.Event()
 
     async def check(self, upstream: Upstream) -> None:
         health = await aprobe(self.client, upstream.base_url, upstream.protocol, self.timeout)
@@ -32,7 +40,7 @@ class HealthMonitor:
             upstream.consecutive_failures = 0
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(u) for u in self.upstreams))
+        await asyncio.gather(*(self.check(u) for u in self.upstreams()), return_exceptions=True)
 
     async def run(self) -> None:
         while True:
@@ -40,4 +48,5 @@ class HealthMonitor:
                 await self.check_all()
             except Exception:  # keep probing whatever one round did
                 log.exception("health round failed")
+            self.first_round.set()
             await asyncio.sleep(self.interval)

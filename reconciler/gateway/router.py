@@ -28,7 +28,22 @@ class Upstream:
     in_flight: int = 0
     consecutive_failures: int = 0
     open_until: float = 0.0
-    reported_load: float = 0.0  # from the backend's own metrics, when scraped
+    served_name: str = ""  # the name the backend itself knows the model by
+    reported_load: float = 0.0  # running + queued requests from the backend's own metrics
+    kv_usage: float | None = None  # KV-cache (VRAM) fraction in use, where the backend says
+
+    def score(self) -> float:
+        """Lower is better: our in-flight requests, the backend's own queue, and a penalty
+        that grows as its KV cache (the VRAM it has left for requests) fills up."""
+        pressure = 0.0
+        if self.kv_usage is not None:
+            pressure = 2.0 * self.kv_usage + (100.0 if self.kv_usage >= 0.98 else 0.0)
+        return self.in_flight + self.reported_load + pressure
+
+    def same_target(self, other: Upstream) -> bool:
+        return (self.base_url, self.protocol, self.model, self.served_name) == (
+            other.base_url, other.protocol, other.model, other.served_name
+        )  # fmt: skip
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.open_until
@@ -59,17 +74,24 @@ class RoutingTable:
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def from_state(cls, state: DesiredState) -> RoutingTable:
-        upstreams = {
-            name: Upstream(
+    def from_state(cls, state: DesiredState, previous: RoutingTable | None = None) -> RoutingTable:
+        """The table for `state`; backends unchanged since `previous` keep their live state
+        (health, circuit, in-flight count), so a reload neither drops nor double-counts."""
+        upstreams = {}
+        for name, b in state.backends.items():
+            upstream = Upstream(
                 name=name,
                 model=b.model,
                 base_url=b.base_url,
                 protocol=b.wire_protocol,
                 max_concurrency=state.gateway.max_concurrency_per_backend,
+                served_name=served_name(b.model, state.models[b.model].source, b.wire_protocol),
             )
-            for name, b in state.backends.items()
-        }
+            old = previous.upstreams.get(name) if previous else None
+            if old is not None and old.same_target(upstream):
+                old.max_concurrency = upstream.max_concurrency
+                upstream = old
+            upstreams[name] = upstream
         names = state.model_names()
         fallbacks = {names[g]: [names[t] for t in ts] for g, ts in state.gateway.routing.fallbacks.items()}
         return cls(names=names, upstreams=upstreams, fallbacks=fallbacks)
@@ -77,6 +99,13 @@ class RoutingTable:
     def served_models(self) -> list[str]:
         """Canonical models with at least one backend, in declaration order."""
         return list(dict.fromkeys(u.model for u in self.upstreams.values()))
+
+
+def served_name(model: str, source: str, protocol: str) -> str:
+    scheme, _, rest = source.partition(":")
+    if protocol == "ollama" and scheme == "ollama":
+        return rest  # Ollama knows the model by its tag
+    return model  # vLLM runs with --served-model-name <model>; llama.cpp ignores the name
 
 
 class Router:
@@ -113,7 +142,7 @@ class Router:
         if self.strategy == "round-robin":
             start = next(self._rr) % len(ready)
             return ready[start:] + ready[:start]
-        return sorted(ready, key=lambda u: (u.in_flight + u.reported_load, u.name))
+        return sorted(ready, key=lambda u: (u.score(), u.name))
 
     def unavailable_reason(self, model: str) -> str:
         now = time.monotonic()

@@ -1,9 +1,14 @@
-"""The interface every protocol adapter implements."""
+"""The interface every protocol adapter implements: build the backend's request from an
+OpenAI one, translate the answer back to OpenAI's shapes, and read the backend's load."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+
+class Unsupported(Exception):
+    """The backend's protocol has no equivalent of this endpoint."""
 
 
 @dataclass(frozen=True)
@@ -14,21 +19,78 @@ class UpstreamRequest:
     headers: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """One client request as the adapter sees it."""
+
+    endpoint: str  # the OpenAI path the client called
+    body: dict
+    requested_model: str  # what the client called the model (names the answer)
+
+
+@dataclass(frozen=True)
+class BackendLoad:
+    """What a backend reports about itself on /metrics."""
+
+    requests: float = 0.0  # running plus queued requests
+    kv_usage: float | None = None  # fraction of KV cache (VRAM) in use, where reported
+
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
 class Adapter:
-    """Default behaviour: the backend speaks OpenAI's API; pass everything through."""
+    """Default behaviour: the backend speaks OpenAI's API; bytes pass through untouched."""
 
     protocol = "openai"
+    metrics_path: str | None = None
+    # Prometheus series summed into BackendLoad.requests, and the KV-cache usage series.
+    load_series: tuple[str, ...] = ()
+    kv_series: tuple[str, ...] = ()
 
-    def build_request(
-        self, endpoint: str, body: dict, raw: bytes, served_model: str
-    ) -> UpstreamRequest:
-        return UpstreamRequest("POST", endpoint, raw, {"content-type": "application/json"})
+    def build_request(self, exchange: Exchange, raw: bytes, served_model: str) -> UpstreamRequest:
+        return UpstreamRequest("POST", exchange.endpoint, raw, JSON_HEADERS)
 
-    def convert_response(self, endpoint: str, content: bytes, requested_model: str) -> bytes:
+    def passes_through(self, endpoint: str) -> bool:
+        """True when the backend's answer is already OpenAI's, byte for byte."""
+        return True
+
+    def convert_response(self, exchange: Exchange, content: bytes) -> bytes:
         return content
 
     async def convert_stream(
-        self, endpoint: str, chunks: AsyncIterator[bytes], requested_model: str
+        self, exchange: Exchange, chunks: AsyncIterator[bytes]
     ) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             yield chunk
+
+    def parse_load(self, text: str) -> BackendLoad:
+        totals = parse_prometheus(text, (*self.load_series, *self.kv_series))
+        kv = [totals[name] for name in self.kv_series if name in totals]
+        return BackendLoad(
+            requests=sum(totals.get(name, 0.0) for name in self.load_series),
+            kv_usage=max(kv) if kv else None,
+        )
+
+
+def parse_prometheus(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Sum the samples of the wanted series over all their labels."""
+    wanted = set(names)
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        series, _, value = line.rpartition(" ")
+        name = series.split("{", 1)[0].strip()
+        if name not in wanted:
+            # Some exporters append a timestamp: "name{..} value ts".
+            series, _, value2 = series.rpartition(" ")
+            name = series.split("{", 1)[0].strip()
+            if name not in wanted:
+                continue
+            value = value2
+        try:
+            totals[name] = totals.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return totals

@@ -1,0 +1,137 @@
+"""Ollama's native API: chat -> `/api/chat`, text completions -> `/api/generate` (raw),
+embeddings -> `/api/embed`; its NDJSON streams become OpenAI SSE chunks. Liveness is
+`HEAD /`; Ollama has no Prometheus endpoint, so it reports no load."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from reconciler.gateway.adapters.base import (
+    JSON_HEADERS,
+    Adapter,
+    Exchange,
+    Unsupported,
+    UpstreamRequest,
+)
+from reconciler.gateway.adapters.shapes import (
+    ChunkWriter,
+    chat_completion,
+    text_completion,
+    usage,
+    wants_usage,
+)
+from reconciler.gateway.errors import sse_error_event
+from reconciler.gateway.sse import DONE, LineParser, encode_event
+
+PATHS = {"/v1/chat/completions": "/api/chat", "/v1/completions": "/api/generate", "/v1/embeddings": "/api/embed"}
+# OpenAI sampling field -> Ollama option.
+OPTIONS = {
+    "temperature": "temperature", "top_p": "top_p", "max_tokens": "num_predict",
+    "max_completion_tokens": "num_predict", "seed": "seed", "stop": "stop",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+}  # fmt: skip
+
+
+def ollama_messages(messages: list) -> list[dict]:
+    """OpenAI content parts (text, data-URL images) -> Ollama's content + images."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        converted = {"role": message.get("role", "user"), "content": content or ""}
+        if isinstance(content, list):
+            converted["content"] = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            images = [
+                p["image_url"]["url"].partition("base64,")[2]
+                for p in content
+                if p.get("type") == "image_url" and "base64," in p.get("image_url", {}).get("url", "")
+            ]
+            if images:
+                converted["images"] = images
+        out.append(converted)
+    return out
+
+
+def native_body(exchange: Exchange, served_model: str) -> dict:
+    body = exchange.body
+    native: dict = {"model": served_model, "stream": body.get("stream") is True}
+    if exchange.endpoint == "/v1/embeddings":
+        return {"model": served_model, "input": body.get("input", "")}
+    options = {OPTIONS[k]: v for k, v in body.items() if k in OPTIONS and v is not None}
+    if isinstance(options.get("stop"), str):
+        options["stop"] = [options["stop"]]
+    if options:
+        native["options"] = options
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_object":
+        native["format"] = "json"
+    elif fmt.get("type") == "json_schema":
+        native["format"] = (fmt.get("json_schema") or {}).get("schema", "json")
+    if exchange.endpoint == "/v1/chat/completions":
+        native["messages"] = ollama_messages(body.get("messages") or [])
+    else:
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise Unsupported("Ollama backends take one prompt per request; send one string")
+            prompt = prompt[0]
+        native["prompt"] = prompt
+        native["raw"] = True  # an OpenAI completion is plain text continuation, no template
+    return native
+
+
+def finish_reason(answer: dict) -> str:
+    return "length" if answer.get("done_reason") == "length" else "stop"
+
+
+class OllamaAdapter(Adapter):
+    protocol = "ollama"
+
+    def passes_through(self, endpoint: str) -> bool:
+        return False
+
+    def build_request(self, exchange: Exchange, raw: bytes, served_model: str) -> UpstreamRequest:
+        path = PATHS.get(exchange.endpoint)
+        if path is None:
+            raise Unsupported(f"Ollama backends do not serve {exchange.endpoint}")
+        content = json.dumps(native_body(exchange, served_model)).encode()
+        return UpstreamRequest("POST", path, content, JSON_HEADERS)
+
+    def convert_response(self, exchange: Exchange, content: bytes) -> bytes:
+        answer = json.loads(content)
+        model = exchange.requested_model
+        prompt, completion = answer.get("prompt_eval_count", 0), answer.get("eval_count", 0)
+        if exchange.endpoint == "/v1/embeddings":
+            data = [{"object": "embedding", "index": i, "embedding": v}
+                    for i, v in enumerate(answer.get("embeddings", []))]  # fmt: skip
+            result = {"object": "list", "data": data, "model": model, "usage": usage(prompt, 0)}
+            result["usage"].pop("completion_tokens")
+        elif exchange.endpoint == "/v1/chat/completions":
+            text = (answer.get("message") or {}).get("content", "")
+            result = chat_completion(model, text, finish_reason(answer), prompt, completion)
+        else:
+            result = text_completion(model, answer.get("response", ""), finish_reason(answer), prompt, completion)
+        return json.dumps(result).encode()
+
+    async def convert_stream(
+        self, exchange: Exchange, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        chat = exchange.endpoint == "/v1/chat/completions"
+        writer = ChunkWriter(exchange.requested_model, chat=chat)
+        parser = LineParser()
+        async for chunk in chunks:
+            out = []
+            for line in parser.feed(chunk):
+                if "error" in line:
+                    out.append(sse_error_event(f"Ollama: {line['error']}"))
+                    continue
+                text = (line.get("message") or {}).get("content", "") if chat else line.get("response", "")
+                if line.get("done"):
+                    out.append(encode_event(writer.delta(text, finish_reason(line))))
+                    if wants_usage(exchange.body):
+                        out.append(encode_event(writer.usage(line.get("prompt_eval_count", 0), line.get("eval_count", 0))))
+                    out.append(DONE)
+                elif text:
+                    out.append(encode_event(writer.delta(text)))
+            if out:
+                yield b"".join(out)

@@ -1,0 +1,60 @@
+"""Backend-reported load: scrape each backend's Prometheus endpoint on an interval (llama.cpp
+`llamacpp:requests_processing`, vLLM `vllm:num_requests_running/waiting`, TGI `tgi_queue_size`)
+and keep the numbers on the routing table for least-load scoring."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+import httpx
+
+from reconciler.gateway.adapters import adapter_for
+from reconciler.gateway.router import Upstream
+
+log = logging.getLogger(__name__)
+MISSING_RETRY_SECONDS = 30.0  # a backend without /metrics is asked again only this often
+
+
+class LoadScraper:
+    def __init__(
+        self, client: httpx.AsyncClient, interval: float, upstreams: Callable[[], Iterable[Upstream]]
+    ):
+        self.client = client
+        self.interval = interval
+        self.upstreams = upstreams
+        self.timeout = min(2.0, interval)
+        self._skip_until: dict[str, float] = {}
+
+    async def scrape(self, upstream: Upstream) -> None:
+        adapter = adapter_for(upstream.protocol)
+        loop = asyncio.get_running_loop()
+        if adapter.metrics_path is None or self._skip_until.get(upstream.name, 0) > loop.time():
+            return
+        try:
+            response = await self.client.get(upstream.base_url + adapter.metrics_path, timeout=self.timeout)
+        except httpx.HTTPError:
+            upstream.reported_load, upstream.kv_usage = 0.0, None
+            return
+        if response.status_code != 200:
+            # llama-server without --metrics answers 501; do not ask every round.
+            self._skip_until[upstream.name] = loop.time() + MISSING_RETRY_SECONDS
+            upstream.reported_load, upstream.kv_usage = 0.0, None
+            return
+        load = adapter.parse_load(response.text)
+        # Our own in-flight requests are counted separately; count only what the backend
+        # holds beyond them (other clients, or work we already gave up on).
+        upstream.reported_load = max(0.0, load.requests - upstream.in_flight)
+        upstream.kv_usage = load.kv_usage
+
+    async def scrape_all(self) -> None:
+        await asyncio.gather(*(self.scrape(u) for u in self.upstreams()), return_exceptions=True)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.scrape_all()
+            except Exception:  # keep scraping whatever one round did
+                log.exception("load scrape round failed")

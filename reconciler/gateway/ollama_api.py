@@ -1,0 +1,211 @@
+"""An Ollama-compatible surface (`/api/chat`, `/api/generate`, `/api/tags`, `/api/ps`,
+`/api/version`, `HEAD /`), so Ollama clients can use the gateway. Requests become OpenAI
+calls routed like any other; answers and NDJSON streams are built from the OpenAI ones."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from reconciler.gateway.adapters import Exchange
+from reconciler.gateway.proxy import Answer, ProxyCall
+from reconciler.gateway.sse import iter_events
+
+if TYPE_CHECKING:
+    from reconciler.gateway.app import Gateway
+
+OLLAMA_VERSION = "0.6.0"  # what /api/version claims: clients only check it is there
+# Ollama option -> OpenAI field.
+OPTIONS = {"temperature": "temperature", "top_p": "top_p", "num_predict": "max_tokens", "seed": "seed",
+           "stop": "stop", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}  # fmt: skip
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def openai_body(native: dict, chat: bool) -> dict:
+    body: dict = {"model": native.get("model", ""), "stream": native.get("stream", True) is not False}
+    for option, field in OPTIONS.items():
+        value = (native.get("options") or {}).get(option)
+        if value is not None and not (option == "num_predict" and value < 0):
+            body[field] = value
+    fmt = native.get("format")
+    if fmt == "json":
+        body["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt}}
+    if body["stream"]:
+        body["stream_options"] = {"include_usage": True}
+    if chat:
+        body["messages"] = [openai_message(m) for m in native.get("messages") or []]
+    elif native.get("raw"):
+        body["prompt"] = native.get("prompt", "")
+    else:  # Ollama applies the chat template unless raw: the chat endpoint does the same
+        messages = [{"role": "system", "content": native["system"]}] if native.get("system") else []
+        body["messages"] = [*messages, {"role": "user", "content": native.get("prompt", "")}]
+    return body
+
+
+def openai_message(message: dict) -> dict:
+    images = message.get("images") or []
+    if not images:
+        return {"role": message.get("role", "user"), "content": message.get("content", "")}
+    parts: list[dict] = [{"type": "text", "text": message.get("content", "")}]
+    parts += [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{i}"}} for i in images]
+    return {"role": message.get("role", "user"), "content": parts}
+
+
+def final_fields(usage: dict | None, finish: str | None, started: float) -> dict:
+    usage = usage or {}
+    total = int((time.perf_counter() - started) * 1e9)
+    return {
+        "done": True, "done_reason": "length" if finish == "length" else "stop",
+        "total_duration": total, "load_duration": 0,
+        "prompt_eval_count": usage.get("prompt_tokens", 0), "prompt_eval_duration": 0,
+        "eval_count": usage.get("completion_tokens", 0), "eval_duration": total,
+    }  # fmt: skip
+
+
+class OllamaSurface:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/", self.root, methods=["GET", "HEAD"]),
+            Route("/api/version", self.version, methods=["GET"]),
+            Route("/api/tags", self.tags, methods=["GET"]),
+            Route("/api/ps", self.ps, methods=["GET"]),
+            Route("/api/chat", self.chat, methods=["POST"]),
+            Route("/api/generate", self.generate, methods=["POST"]),
+        ]
+
+    async def root(self, request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": OLLAMA_VERSION})
+
+    def _models(self, running: bool) -> list[dict]:
+        g = self.gateway
+        out = []
+        for model in g.table.served_models():
+            if running and not any(u.healthy for u in g.router.members(model)):
+                continue
+            names = [model] + sorted(a for a, m in g.table.names.items() if m == model and a != model)
+            for name in names:
+                entry = {"name": name, "model": name, "modified_at": now_iso(), "size": 0, "digest": "",
+                         "details": {"format": "", "family": "", "families": None,
+                                     "parameter_size": "", "quantization_level": ""}}  # fmt: skip
+                if running:
+                    entry.update({"expires_at": now_iso(), "size_vram": 0})
+                out.append(entry)
+        return out
+
+    async def tags(self, request: Request) -> Response:
+        return JSONResponse({"models": self._models(running=False)})
+
+    async def ps(self, request: Request) -> Response:
+        return JSONResponse({"models": self._models(running=True)})
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def generate(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        g = self.gateway
+        started = time.perf_counter()
+        raw = await request.body()
+        if len(raw) > g.spec.max_body_bytes:
+            return ollama_error(g.reject(413, "request body too large", "body_too_large"))
+        try:
+            native = json.loads(raw)
+        except ValueError:
+            return ollama_error(g.reject(400, "request body is not valid JSON", "invalid_json"))
+        if not isinstance(native, dict):
+            return ollama_error(g.reject(400, "request body must be a JSON object", "invalid_request"))
+        body = openai_body(native, chat)
+        endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        if not chat and not native.get("prompt") and not native.get("raw"):
+            # An empty generate request is Ollama's way to load a model: answer done at once.
+            return JSONResponse({"model": body["model"], "created_at": now_iso(), "response": "", "done": True})
+        parsed = g.parse_request(json.dumps(body).encode())
+        if isinstance(parsed, Answer):
+            return ollama_error(parsed)
+        key, refusal = g.admit(request.headers.get("authorization"))
+        if refusal is not None:
+            return ollama_error(refusal)
+        body, model = parsed
+        raw = json.dumps(body).encode()
+        affinity = request.headers.get(g.spec.routing.affinity_header)
+        call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity)
+        try:
+            answer = await g.proxy.forward(call)
+        except BaseException:
+            g.release_key(key)
+            raise
+        if answer.stream is None:
+            g.release_key(key)
+            if answer.status != 200:
+                return ollama_error(answer)
+            return JSONResponse(self._whole(json.loads(answer.body), native, chat, started))
+        return StreamingResponse(
+            self._lines(answer, native, chat, started, key), media_type="application/x-ndjson"
+        )
+
+    def _whole(self, result: dict, native: dict, chat: bool, started: float) -> dict:
+        choice = (result.get("choices") or [{}])[0]
+        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
+        out = {"model": native.get("model"), "created_at": now_iso()}
+        if chat:
+            out["message"] = {"role": "assistant", "content": text}
+        else:
+            out["response"] = text
+        return {**out, **final_fields(result.get("usage"), choice.get("finish_reason"), started)}
+
+    async def _lines(
+        self, answer: Answer, native: dict, chat: bool, started: float, key: str | None
+    ) -> AsyncIterator[bytes]:
+        assert answer.stream is not None
+        model = native.get("model")
+        finish, usage = None, None
+        try:
+            async for event in iter_events(answer.stream):
+                if "error" in event:
+                    yield _line({"error": (event["error"] or {}).get("message", "backend failed")})
+                    return
+                if event.get("usage"):
+                    usage = event["usage"]
+                for choice in event.get("choices") or []:
+                    finish = choice.get("finish_reason") or finish
+                    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                    if not text:
+                        continue
+                    piece = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+                    yield _line({"model": model, "created_at": now_iso(), **piece, "done": False})
+            last = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+            yield _line({"model": model, "created_at": now_iso(), **last, **final_fields(usage, finish, started)})
+        finally:
+            await answer.stream.aclose()
+            self.gateway.release_key(key)
+
+
+def _line(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def ollama_error(answer: Answer) -> Response:
+    """Ollama's error shape: {"error": "message"} with the same status."""
+    message = json.loads(answer.body).get("error", {}).get("message", "request failed")
+    headers = {"retry-after": answer.retry_after} if answer.retry_after else None
+    return JSONResponse({"error": message}, answer.status, headers=headers)

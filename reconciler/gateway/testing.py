@@ -1,0 +1,202 @@
+"""Small upstreams for tests and benchmarks (as `starlette.testclient` ships with Starlette):
+a fast OpenAI-compatible server, and a server that replays recorded protocol responses.
+
+Run one standalone: `python -m reconciler.gateway.testing --port N [--chunk-delay S]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from reconciler.config.schema import DesiredState
+
+CHAT_ANSWER = {
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "bench",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there, friend."},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14},
+}  # fmt: skip
+EMBEDDING = {"object": "list", "model": "bench", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+             "usage": {"prompt_tokens": 2, "total_tokens": 2}}  # fmt: skip
+
+
+def _chunk(content: str | None, finish: str | None = None, usage: dict | None = None) -> bytes:
+    choices = [] if usage else [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}]
+    obj = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+           "model": "bench", "choices": choices}  # fmt: skip
+    if usage:
+        obj["usage"] = usage
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_events(chunks: int, usage: bool = False) -> list[bytes]:
+    """`chunks` content chunks, a finish chunk, a usage chunk if asked for, and [DONE]."""
+    events = [_chunk(f"tok{i} ") for i in range(chunks)]
+    events.append(_chunk(None, "stop"))
+    if usage:
+        events.append(_chunk(None, usage={"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks}))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+class FastOpenAI:
+    """An OpenAI-compatible upstream that answers at once (or with `chunk_delay` between
+    stream chunks); the stream length comes from the request's `max_tokens` (default 32)."""
+
+    def __init__(self, chunk_delay: float = 0.0, name: str = "fast"):
+        self.chunk_delay = chunk_delay
+        self.name = name
+        self.requests = 0
+        self.open_streams = 0
+        self._answer = json.dumps(CHAT_ANSWER).encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path = scope["path"]
+        if scope["method"] == "GET":
+            body = {"/health": b'{"status":"ok"}', "/v1/models": b'{"object":"list","data":[{"id":"bench"}]}'}.get(path)
+            if path == "/metrics":
+                text = f"llamacpp:requests_processing {self.open_streams}\n".encode()
+                await _respond(send, 200, b"text/plain", text)
+            else:
+                await _respond(send, 200 if body else 404, b"application/json", body or b"{}")
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.requests += 1
+        request = json.loads(raw or b"{}")
+        headers = [(b"x-upstream", self.name.encode())]
+        if path == "/v1/embeddings":
+            await _respond(send, 200, b"application/json", json.dumps(EMBEDDING).encode(), headers)
+            return
+        if not request.get("stream"):
+            await _respond(send, 200, b"application/json", self._answer, headers)
+            return
+        start = [(b"content-type", b"text/event-stream"), *headers]
+        await send({"type": "http.response.start", "status": 200, "headers": start})
+        self.open_streams += 1
+        try:
+            usage = (request.get("stream_options") or {}).get("include_usage") is True
+            for event in stream_events(int(request.get("max_tokens") or 32), usage):
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            self.open_streams -= 1
+
+
+async def _respond(send, status: int, ctype: bytes, body: bytes, extra: list | None = None) -> None:
+    headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@dataclass
+class Recorded:
+    """One recorded answer: a whole body, or stream pieces sent with `delay` between them."""
+
+    status: int = 200
+    content_type: str = "application/json"
+    body: bytes = b""
+    pieces: list[bytes] = field(default_factory=list)
+    delay: float = 0.0
+
+
+class RecordedUpstream:
+    """Replays recorded responses by (method, path) and keeps every request it received."""
+
+    def __init__(self, routes: dict[tuple[str, str], Recorded]):
+        self.routes = routes
+        self.received: list[tuple[str, str, dict | None]] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.received.append((scope["method"], scope["path"], json.loads(raw) if raw else None))
+        answer = self.routes.get((scope["method"], scope["path"]))
+        if answer is None:
+            await _respond(send, 404, b"application/json", b'{"error":"not recorded"}')
+            return
+        if not answer.pieces:
+            await _respond(send, answer.status, answer.content_type.encode(), answer.body)
+            return
+        await send({"type": "http.response.start", "status": answer.status,
+                    "headers": [(b"content-type", answer.content_type.encode())]})  # fmt: skip
+        for piece in answer.pieces:
+            await asyncio.sleep(answer.delay)
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    def last(self, path: str) -> dict | None:
+        return next(body for method, p, body in reversed(self.received) if p == path)
+
+
+@contextmanager
+def serve(app, port: int, host: str = "127.0.0.1") -> Iterator[uvicorn.Server]:
+    """Serve an ASGI app on a thread of its own for the duration of the block."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"test server on port {port} did not start")
+        time.sleep(0.01)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def fleet_state(
+    backends: dict[str, str], kind: str = "llamacpp", model: str = "m", source: str = "pypi:x",
+    aliases: tuple[str, ...] = ("alias",), **gateway,
+) -> DesiredState:
+    """A desired state whose backends (name -> URL) all serve one model, running elsewhere."""
+    return DesiredState.model_validate({
+        "models": {model: {"source": source, "aliases": list(aliases)}},
+        "backends": {n: {"kind": kind, "model": model, "port": 1, "url": u} for n, u in backends.items()},
+        "gateway": {"health_interval": 0.5, **gateway},
+    })  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument("--name", default="fast")
+    args = parser.parse_args()
+    uvicorn.run(FastOpenAI(args.chunk_delay, args.name), host="127.0.0.1", port=args.port,
+                log_level="warning", access_log=False)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""A WebSocket endpoint streaming the same deltas as SSE, as JSON messages, with several
+requests per connection (answered one after another, in order).
+
+Client sends: {"id": "1", "endpoint": "/v1/chat/completions", "body": {...}}
+  ("endpoint" defaults to chat; without "body", the message itself is the body).
+Gateway sends: {"id": "1", "type": "chunk", "data": <OpenAI chunk>} ... {"id": "1", "type": "done"},
+  or {"id": "1", "type": "response", "data": ...} for embeddings,
+  or {"id": "1", "type": "error", "status": 4xx/5xx, "error": {...}}."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from reconciler.gateway.adapters import Exchange
+from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
+from reconciler.gateway.proxy import Answer, ProxyCall
+from reconciler.gateway.sse import iter_events
+
+if TYPE_CHECKING:
+    from reconciler.gateway.app import Gateway
+
+MAX_PENDING = 8  # requests a client may queue on one connection before being refused
+
+
+def websocket_endpoint(gateway: Gateway):
+    async def endpoint(websocket: WebSocket) -> None:
+        _, refusal = gateway.admit(websocket.headers.get("authorization"), hold=False)
+        if refusal is not None:
+            await websocket.close(code=4401, reason="missing or invalid API key")
+            return
+        await websocket.accept()
+        await Session(gateway, websocket).run()
+
+    return endpoint
+
+
+class Session:
+    def __init__(self, gateway: Gateway, websocket: WebSocket):
+        self.gateway = gateway
+        self.ws = websocket
+        self.pending: asyncio.Queue[Any] = asyncio.Queue(MAX_PENDING)
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read())
+        try:
+            while True:
+                getter = asyncio.ensure_future(self.pending.get())
+                message = await getter
+                if message is None:  # the client went away
+                    return
+                work = asyncio.ensure_future(self._handle(message))
+                done, _ = await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if work not in done:  # disconnected mid-request: closing the stream stops the backend
+                    work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
+                        await work
+                    return
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                    work.result()
+        finally:
+            reader.cancel()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                text = await self.ws.receive_text()
+                try:
+                    self.pending.put_nowait(text)
+                except asyncio.QueueFull:
+                    await self._send_error(None, 429, f"more than {MAX_PENDING} requests queued", "too_many_pending")
+        except (WebSocketDisconnect, RuntimeError):
+            with contextlib.suppress(asyncio.QueueFull):
+                self.pending.put_nowait(None)
+
+    async def _send(self, obj: dict) -> None:
+        await self.ws.send_text(json.dumps(obj, separators=(",", ":")))
+
+    async def _send_error(self, rid: Any, status: int, message: str, code: str) -> None:
+        await self._send({"id": rid, "type": "error", "status": status,
+                          "error": {"message": message, "type": "invalid_request_error", "code": code}})  # fmt: skip
+
+    async def _handle(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError as exc:
+            await self._send_error(None, 400, f"message is not valid JSON: {exc}", "invalid_json")
+            return
+        if not isinstance(message, dict):
+            await self._send_error(None, 400, "message must be a JSON object", "invalid_request")
+            return
+        rid = message.get("id")
+        endpoint = message.get("endpoint", "/v1/chat/completions")
+        if endpoint not in OPENAI_ENDPOINTS:
+            await self._send_error(rid, 404, f"unknown endpoint {endpoint!r}", "unknown_endpoint")
+            return
+        body = message.get("body")
+        if body is None:
+            body = {k: v for k, v in message.items() if k not in ("id", "endpoint")}
+        body = {**body, "stream": endpoint != "/v1/embeddings"} if isinstance(body, dict) else body
+        raw = json.dumps(body).encode()
+        gateway = self.gateway
+        parsed = gateway.parse_request(raw)
+        if isinstance(parsed, Answer):
+            await self._send_answer_error(rid, parsed)
+            return
+        key, refusal = gateway.admit(self.ws.headers.get("authorization"))
+        if refusal is not None:
+            await self._send_answer_error(rid, refusal)
+            return
+        try:
+            body, model = parsed
+            affinity = self.ws.headers.get(gateway.spec.routing.affinity_header)
+            call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity)
+            answer = await gateway.proxy.forward(call)
+            if answer.stream is None:
+                if answer.status != 200:
+                    await self._send_answer_error(rid, answer)
+                else:
+                    await self._send({"id": rid, "type": "response", "data": json.loads(answer.body)})
+                return
+            try:
+                async for event in iter_events(answer.stream):
+                    if "error" in event:
+                        await self._send({"id": rid, "type": "error", "status": 502, "error": event["error"]})
+                        return
+                    await self._send({"id": rid, "type": "chunk", "data": event})
+                await self._send({"id": rid, "type": "done"})
+            finally:
+                await answer.stream.aclose()
+        finally:
+            gateway.release_key(key)
+
+    async def _send_answer_error(self, rid: Any, answer: Answer) -> None:
+        error = json.loads(answer.body).get("error", {})
+        await self._send({"id": rid, "type": "error", "status": answer.status, "error": error})

@@ -1,0 +1,143 @@
+"""Operating the gateway: API keys, per-key limits, the metrics contract, body and time
+limits, and errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+
+import httpx
+import pytest
+from conftest import free_port
+
+from reconciler.gateway.app import create_app
+from reconciler.gateway.auth import ApiKeys
+from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+KEYS = ("sk-alpha-123", "sk-beta-456")
+METRIC_NAMES = {
+    "tensorforge_gateway_requests_total": ("counter", {"model", "backend", "status"}),
+    "tensorforge_gateway_request_duration_seconds": ("histogram", {"model", "backend"}),
+    "tensorforge_gateway_time_to_first_token_seconds": ("histogram", {"model", "backend"}),
+    "tensorforge_gateway_tokens_total": ("counter", {"model", "backend", "type"}),
+    "tensorforge_gateway_in_flight_requests": ("gauge", {"backend"}),
+    "tensorforge_gateway_retries_total": ("counter", {"model", "backend"}),
+    "tensorforge_gateway_circuit_open": ("gauge", {"backend"}),
+    "tensorforge_gateway_backend_healthy": ("gauge", {"backend", "model"}),
+    "tensorforge_gateway_rejected_total": ("counter", {"reason"}),
+}
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    port = free_port()
+    fake = FastOpenAI(chunk_delay=0.05)
+    with serve(fake, port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def keyed(upstream, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# gateway keys\n{KEYS[0]}\n\n  {KEYS[1]}  \n")
+    port = free_port()
+    state = fleet_state({"up": upstream}, api_keys_file=str(keys), max_concurrency_per_key=1, max_body_bytes=4096)
+    with serve(create_app(state), port):
+        yield f"http://127.0.0.1:{port}"
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_keys_are_required_except_for_health(keyed):
+    assert httpx.get(f"{keyed}/health").status_code == 200
+    missing = httpx.post(f"{keyed}/v1/chat/completions", json=CHAT)
+    wrong = httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=bearer("sk-nope"))
+    for response in (missing, wrong):
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{keyed}/v1/models").status_code == 401
+    for key in KEYS:
+        assert httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=bearer(key)).status_code == 200
+    assert httpx.get(f"{keyed}/v1/models", headers=bearer(KEYS[0])).status_code == 200
+
+
+def test_keys_live_only_as_hashes_and_are_never_logged(tmp_path, caplog):
+    path = tmp_path / "keys"
+    path.write_text("sk-secret-value\n")
+    with caplog.at_level(logging.DEBUG):
+        keys = ApiKeys(str(path))
+        assert keys.identify("Bearer sk-secret-value") is not None
+        assert keys.identify("Bearer sk-secret-valuf") is None
+        assert keys.identify("Basic sk-secret-value") is None
+    assert keys._digests == [hashlib.sha256(b"sk-secret-value").digest()]
+    assert "sk-secret-value" not in caplog.text and "sk-secret-value" not in repr(vars(keys))
+
+
+def test_per_key_concurrency_limit_is_429_with_retry_after(keyed):
+    url = f"{keyed}/v1/chat/completions"
+    with httpx.stream("POST", url, json={**CHAT, "stream": True}, headers=bearer(KEYS[0]), timeout=10) as first:
+        assert first.status_code == 200
+        second = httpx.post(url, json=CHAT, headers=bearer(KEYS[0]))
+        other_key = httpx.post(url, json=CHAT, headers=bearer(KEYS[1]))
+        first.read()
+    assert second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert second.json()["error"]["code"] == "key_concurrency_limit"
+    assert other_key.status_code == 200
+    assert httpx.post(url, json=CHAT, headers=bearer(KEYS[0])).status_code == 200
+
+
+def test_body_limit_and_bad_requests_are_openai_errors(keyed):
+    url = f"{keyed}/v1/chat/completions"
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    cases = [
+        (httpx.post(url, json=big, headers=bearer(KEYS[0])), 413, "body_too_large"),
+        (httpx.post(url, content=b"{nope", headers=bearer(KEYS[0])), 400, "invalid_json"),
+        (httpx.post(url, json=[1], headers=bearer(KEYS[0])), 400, "invalid_request"),
+        (httpx.post(url, json={"model": 3}, headers=bearer(KEYS[0])), 400, "missing_model"),
+        (httpx.post(url, json={**CHAT, "model": "gpt-9"}, headers=bearer(KEYS[0])), 404, "model_not_found"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["code"] == code and set(error) == {"message", "type", "param", "code"}
+        assert "Traceback" not in response.text
+
+
+def test_metrics_have_exactly_the_contracted_names_and_labels(keyed):
+    httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=bearer(KEYS[0]))
+    httpx.post(f"{keyed}/v1/chat/completions", json=CHAT)  # a rejection
+    text = httpx.get(f"{keyed}/metrics").text
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    assert types == {n: k for n, (k, _) in METRIC_NAMES.items()}
+    for name, (_kind, labels) in METRIC_NAMES.items():
+        samples = re.findall(rf"^{name}(?:_bucket|_count|_sum)?\{{([^}}]*)\}}", text, re.M)
+        assert samples or name == "tensorforge_gateway_retries_total", f"{name} has no samples"
+        for sample in samples:
+            assert set(re.findall(r'(\w+)="', sample)) - {"le"} == labels, (name, sample)
+    assert 'tensorforge_gateway_tokens_total{backend="up",model="m",type="prompt"}' in text
+    assert 'tensorforge_gateway_rejected_total{reason="invalid_api_key"}' in text
+    assert 'tensorforge_gateway_backend_healthy{backend="up",model="m"} 1.0' in text
+
+
+def test_first_byte_timeout_is_a_clean_502(upstream):
+    port = free_port()
+    slow_port = free_port()
+    with serve(FastOpenAI(chunk_delay=2.0), slow_port):
+        state = fleet_state({"slow": f"http://127.0.0.1:{slow_port}"}, first_byte_timeout=0.3)
+        with serve(create_app(state), port):
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.status_code == 502
+    assert "no first byte within 0.3s" in response.json()["error"]["message"]
+
+
+def test_becomes_healthy_fast_and_idle_memory_is_small(upstream):
+    port = free_port()
+    started = __import__("time").monotonic()
+    with serve(create_app(fleet_state({"up": upstream})), port):
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        took = __import__("time").monotonic() - started
+    assert health["backends_healthy"] == 1 and took < 1.5

@@ -1,0 +1,212 @@
+"""Routing on fake upstreams (127.0.0.1, free ports): strategies, the passive circuit,
+retries only before the first byte, an error event after it, no lost requests when a replica
+dies under load, per-backend limits, and reloading the routing table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import free_port, wait_http
+
+from reconciler.gateway.app import create_app
+from reconciler.gateway.router import CIRCUIT_FAILURES
+from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def start_upstream(name: str, chunk_delay: float = 0.0) -> tuple[subprocess.Popen, str]:
+    """A fast OpenAI upstream in its own process, so a test can SIGKILL it."""
+    port = free_port()
+    argv = [sys.executable, "-m", "reconciler.gateway.testing", "--port", str(port), "--name", name,
+            "--chunk-delay", str(chunk_delay)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", timeout=20)
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Two in-process upstreams named a and b."""
+    ports = free_port(), free_port()
+    with serve(FastOpenAI(name="a"), ports[0]), serve(FastOpenAI(name="b"), ports[1]):
+        yield {"a": f"http://127.0.0.1:{ports[0]}", "b": f"http://127.0.0.1:{ports[1]}"}
+
+
+def gateway_for(backends: dict[str, str], **gateway):
+    port = free_port()
+    app = create_app(fleet_state(backends, **gateway))
+    return app, port
+
+
+def test_session_affinity_keeps_a_session_on_one_backend(pair):
+    app, port = gateway_for(pair, routing={"strategy": "session-affinity"})
+    with serve(app, port):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        placed = {}
+        for session in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            seen = {httpx.post(url, json=CHAT, headers={"x-session-id": session}).headers["x-tensorforge-backend"]
+                    for _ in range(4)}  # fmt: skip
+            assert len(seen) == 1, f"session {session} moved between {seen}"
+            placed[session] = seen.pop()
+        assert set(placed.values()) == {"a", "b"}  # sessions still spread over both
+
+
+def test_round_robin_alternates(pair):
+    app, port = gateway_for(pair, routing={"strategy": "round-robin"})
+    with serve(app, port):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        backends = [httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(6)]
+    assert Counter(backends) == {"a": 3, "b": 3}
+
+
+def test_least_load_avoids_the_backend_reporting_load(pair):
+    app, port = gateway_for(pair)
+    with serve(app, port):
+        app.table.upstreams["a"].reported_load = 5  # as if scraped from a's /metrics
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"b"}
+        app.table.upstreams["a"].reported_load = 0
+        app.table.upstreams["b"].kv_usage = 0.99  # b's KV cache (VRAM) is full
+        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"a"}
+
+
+def test_load_is_scraped_from_backend_metrics(pair):
+    app, port = gateway_for(pair)
+    with serve(app, port):
+        upstream = app.table.upstreams["a"]
+        upstream.reported_load = 42
+        deadline = time.monotonic() + 3
+        while upstream.reported_load == 42 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert upstream.reported_load == 0  # FastOpenAI reports llamacpp:requests_processing 0
+
+
+def test_failure_before_first_byte_retries_elsewhere_and_opens_the_circuit(pair):
+    dead = f"http://127.0.0.1:{free_port()}"
+    app, port = gateway_for({"dead": dead, **pair}, routing={"strategy": "round-robin"})
+    with serve(app, port):
+        app.table.upstreams["dead"].healthy = True  # health says yes, the backend says no
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(CIRCUIT_FAILURES * 3):
+            response = httpx.post(f"{url}/v1/chat/completions", json=CHAT)
+            assert response.status_code == 200  # never seen by the client
+            app.table.upstreams["dead"].healthy = True
+        assert app.table.upstreams["dead"].circuit_open
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'tensorforge_gateway_circuit_open{backend="dead"} 1.0' in metrics
+        assert f'tensorforge_gateway_retries_total{{backend="dead",model="m"}} {CIRCUIT_FAILURES:.1f}' in metrics
+
+
+def test_backend_killed_mid_stream_ends_with_an_error_event():
+    proc, upstream = start_upstream("slow", chunk_delay=0.05)
+    try:
+        app, port = gateway_for({"slow": upstream})
+        with serve(app, port):
+            body = {**CHAT, "stream": True}
+            events = []
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=10) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 3:
+                            proc.send_signal(signal.SIGKILL)
+    finally:
+        stop(proc)
+    assert len(events) >= 3 and events[-1] != "[DONE]"
+    error = json.loads(events[-1])["error"]
+    assert error["type"] == "upstream_error" and "mid-stream" in error["message"]
+
+
+def test_killing_one_of_two_replicas_under_load_loses_no_request():
+    procs = [start_upstream(n) for n in ("r1", "r2")]
+    try:
+        app, port = gateway_for({"r1": procs[0][1], "r2": procs[1][1]}, routing={"strategy": "round-robin"})
+        with serve(app, port):
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+            async def load() -> list[int]:
+                statuses: list[int] = []
+                async with httpx.AsyncClient(timeout=10) as client:
+
+                    async def worker() -> None:
+                        for _ in range(40):
+                            statuses.append((await client.post(url, json=CHAT)).status_code)
+
+                    async def killer() -> None:
+                        await asyncio.sleep(0.3)
+                        procs[0][0].kill()
+
+                    await asyncio.gather(*(worker() for _ in range(8)), killer())
+                return statuses
+
+            statuses = asyncio.run(load())
+    finally:
+        for proc, _ in procs:
+            stop(proc)
+    assert len(statuses) == 320 and set(statuses) == {200}
+
+
+def test_backend_concurrency_limit_refuses_with_retry_after():
+    proc, upstream = start_upstream("slow", chunk_delay=0.2)
+    try:
+        app, port = gateway_for({"slow": upstream}, max_concurrency_per_backend=1)
+        with serve(app, port):
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            with httpx.stream("POST", url, json={**CHAT, "stream": True}, timeout=10) as first:
+                assert first.status_code == 200
+                second = httpx.post(url, json=CHAT)
+            assert second.status_code == 429 and second.headers["retry-after"] == "1"
+            assert second.json()["error"]["code"] == "backend_busy"
+            assert httpx.post(url, json=CHAT).status_code == 200  # the slot was released
+    finally:
+        stop(proc)
+
+
+def test_reload_on_file_change_keeps_open_streams(tmp_path: Path):
+    proc, slow = start_upstream("slow", chunk_delay=0.03)
+    port_b = free_port()
+    try:
+        with serve(FastOpenAI(name="b"), port_b):
+            config = tmp_path / "fleet.yaml"
+            state = fleet_state({"slow": slow})
+            config.write_text(yaml.safe_dump(state.model_dump(mode="json", exclude_none=True)))
+            port = free_port()
+            app = create_app(state, config_path=str(config))
+            app.watcher.interval = 0.1
+            with serve(app, port):
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                with httpx.stream("POST", url, json={**CHAT, "stream": True}, timeout=10) as open_stream:
+                    new = fleet_state({"b": f"http://127.0.0.1:{port_b}"})
+                    config.write_text(yaml.safe_dump(new.model_dump(mode="json", exclude_none=True)))
+                    os.utime(config, (time.time() + 5, time.time() + 5))  # mtime granularity
+                    deadline = time.monotonic() + 5
+                    while "b" not in app.table.upstreams and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    assert list(app.table.upstreams) == ["b"]
+                    events = [line for line in open_stream.iter_lines() if line.startswith("data: ")]
+                assert events[-1] == "data: [DONE]" and len(events) == 34  # the open stream finished
+                deadline = time.monotonic() + 3
+                while not app.table.upstreams["b"].healthy and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] == "b"
+    finally:
+        stop(proc)
