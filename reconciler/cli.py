@@ -127,19 +127,24 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from reconciler.models.catalog import resolve_model
     from reconciler.models.pull import pull_model
 
     state = _state(args)
-    name = state.model_names().get(args.model)
-    if name is None:
-        known = ", ".join(sorted(state.model_names()))
-        print(f"error: model {args.model!r} is not declared; known: {known}", file=sys.stderr)
+    try:
+        name, spec, origin = resolve_model(
+            args.model, dict(state.models), state.model_names(), args.revision, args.pattern, args.file
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
+    log.info("pulling %s (%s: %s)", name, origin, spec.source)
     started = time.monotonic()
-    record = pull_model(name, state.models[name], models_dir(state.models_dir))
+    record = pull_model(name, spec, models_dir(state.models_dir))
     took = time.monotonic() - started
+    revision = f" @ {record.revision[:12]}" if record.revision else ""
     for f in record.files:
-        print(f"{name}: {f.path} ({f.size / 2**20:.1f} MiB, sha256 {f.sha256[:12]}…) in {took:.1f}s")
+        print(f"{name}: {f.path} ({f.size / 2**20:.1f} MiB, sha256 {f.sha256[:12]}…){revision} in {took:.1f}s")
     return 0
 
 
@@ -331,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port (default from the desired state)")
     p.set_defaults(func=cmd_gateway)
 
-    p = sub.add_parser("pull", help="download, verify and register a declared model")
-    p.add_argument("model", help="model name or alias from the desired state")
+    p = sub.add_parser("pull", help="download, verify and register a model")
+    p.add_argument("model", help="declared name or alias, catalog name (qwen2.5-coder-32b), or ORG/REPO")
+    p.add_argument("--revision", help="branch, tag or commit to pull (hf: sources)")
+    p.add_argument("--pattern", help="glob of files to take from an hf: repository, e.g. '*Q4_K_M.gguf'")
+    p.add_argument("--file", help="one file to take from the source")
     _config_arg(p)
     p.set_defaults(func=cmd_pull)
 

@@ -75,6 +75,11 @@ class ModelSpec(Strict):
         "'hf:ORG/REPO' (HuggingFace) or 'ollama:TAG' (pulled by Ollama itself)."
     )
     file: Text | None = Field(None, description="File inside the source (GGUF file name).")
+    pattern: Text | None = Field(
+        None,
+        description="Glob choosing files from an 'hf:' source instead of 'file' (for example "
+        "'*Q4_K_M.gguf'); every match is downloaded and the first in name order is loaded.",
+    )
     sha256: Sha256 | None = None
     revision: Text | None = None
     aliases: list[Text] = Field(default_factory=list)

