@@ -17,6 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # Models are cached across runs (pip caches the wheel too); state is per test.
 os.environ.setdefault("TF_MODELS", str(REPO / ".cache" / "models"))
+# Tests never write units into a developer's real systemd; the nspawn test opts in itself.
+os.environ.setdefault("TF_DRIVER", "process")
 
 
 def free_port() -> int:

@@ -109,13 +109,14 @@ def test_full_state_dir_gives_clear_error_and_keeps_old_state(tmp_path):
     try:
         status = state / "status.json"
         status.write_text('{"units": [], "marker": "old"}')
-        with (state / "filler").open("wb") as filler:
-            try:
-                while True:
-                    filler.write(b"x" * 4096)
-                    filler.flush()
-            except OSError:
+        fd = os.open(state / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"x" * 4096):
                 pass
+        except OSError:
+            pass  # full: exactly what this test wants
+        finally:
+            os.close(fd)
         config = tmp_path / "host.yaml"
         config.write_text(yaml.safe_dump({"gateway": {"port": free_port()}}))
         result = cli("apply", "--config", str(config), "--timeout", "5",
