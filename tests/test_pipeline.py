@@ -150,3 +150,12 @@ def test_percentiles_interpolate_like_numpy():
     assert percentile(values, 0.5) == 5.5 and percentile(values, 0.95) == pytest.approx(9.55)
     assert percentile([], 0.5) is None and percentile([2.0], 0.95) == 2.0
 
+
+
+def test_a_llamacpp_url_that_is_declared_is_not_measured_twice(fleet):
+    gateway, _, config = fleet
+    state, _ = load_desired_state(str(config))
+    urls = {"dup": fleet_state_urls(fleet)[0] + "/"}
+    report = collect(state, gateway, StaticInventory([]), requests=0, llamacpp_urls=urls)
+    assert [b.name for b in report.backends] == ["a", "b"] and report.benchmarks == []
+    assert report.gpu_reason == "no GPU declared"

@@ -124,7 +124,12 @@ def backend_states(state: DesiredState, gateway: dict, extra: dict[str, str]) ->
     routed = gateway.get("backends", {}) if gateway.get("reachable") else None
     found = []
     targets = [(n, b.kind, b.model, b.base_url, b.wire_protocol) for n, b in state.backends.items()]
-    targets += [(n, "llamacpp", "-", u.rstrip("/"), "llamacpp") for n, u in extra.items()]
+    declared = {t[3] for t in targets}
+    targets += [
+        (n, "llamacpp", "-", u.rstrip("/"), "llamacpp")
+        for n, u in extra.items()
+        if u.rstrip("/") not in declared  # already measured through the gateway
+    ]
     for name, kind, model, url, protocol in targets:
         health = probe(url, protocol)
         view = (
