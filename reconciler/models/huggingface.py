@@ -46,9 +46,9 @@ def select_files(files: list[HubFile], spec: ModelSpec, repo: str) -> list[HubFi
     if spec.file:
         chosen = [f for f in files if f.name == spec.file]
         what = f"file {spec.file!r}"
-    elif getattr(spec, "pattern", None):
-        chosen = [f for f in files if fnmatch.fnmatch(f.name, spec.pattern)]  # type: ignore[arg-type]
-        what = f"pattern {spec.pattern!r}"  # type: ignore[attr-defined]
+    elif spec.pattern:
+        chosen = [f for f in files if fnmatch.fnmatch(f.name, spec.pattern)]
+        what = f"pattern {spec.pattern!r}"
     else:
         chosen = [f for f in files if f.name.endswith(".gguf")]
         what = "no file or pattern (expecting exactly one .gguf)"
@@ -131,7 +131,7 @@ def fetch_hf(name: str, repo: str, spec: ModelSpec, models_dir: Path) -> HubPull
             staged.unlink()
             raise PullError(
                 f"hf:{repo}/{f.name}@{commit[:12]}: sha256 is {digest}, {problem}; "
-                "nothing was stored (pull again, or fix models.*.sha256)"
+                "the file was discarded (pull again, or fix models.*.sha256)"
             )
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, final)

@@ -192,9 +192,12 @@ class PostgresCluster:
         self.bin = next((d for d in PG_BIN_DIRS if (d / "initdb").exists()), None)
         self.root: Path | None = None
         self.url = ""
+        self.failure: str | None = None
 
     @property
     def unavailable(self) -> str | None:
+        if self.failure:
+            return self.failure
         if self.bin is None:
             return "PostgreSQL is not installed (apt-get install postgresql)"
         if os.geteuid() == 0 and shutil.which("runuser") is None:
@@ -259,8 +262,11 @@ def shared_postgres() -> PostgresCluster:
 
         cluster = PostgresCluster()
         if cluster.unavailable is None:
-            cluster.start()
-            atexit.register(cluster.stop)
+            try:
+                cluster.start()
+                atexit.register(cluster.stop)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                cluster.failure = f"PostgreSQL did not start: {exc}"
         _shared = cluster
     return _shared
 
@@ -278,7 +284,9 @@ def tiny_gguf(path: Path, rows: int = 128, file_type: int = 15) -> bytes:
     writer.add_head_count(4)
     writer.add_head_count_kv(2)
     writer.add_file_type(file_type)
-    writer.add_tensor("token_embd.weight", np.arange(rows * 256, dtype=np.float32).reshape(rows, 256))
+    writer.add_tensor(
+        "token_embd.weight", np.arange(rows * 256, dtype=np.float32).reshape(rows, 256)
+    )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
