@@ -48,9 +48,9 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def pinned(argv: list[str]) -> subprocess.Popen:
+def pinned(argv: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CORE}),
     )  # fmt: skip
 
@@ -142,55 +142,69 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=1.5, help="length of one measurement")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of direct and gateway")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--transport", choices=["lean", "aiohttp"], nargs="+", default=["lean"],
+                        help="upstream transport(s) of the gateway for http:// backends; with two, "
+                        "two gateways run side by side and are measured alternately")  # fmt: skip
     args = parser.parse_args()
     os.sched_setaffinity(0, {CLIENT_CORE})
 
-    up_port, gw_port = free_port(), free_port()
+    up_port = free_port()
     upstream = pinned([sys.executable, "-m", "reconciler.gateway.testing", "--port", str(up_port)])
     direct = f"http://127.0.0.1:{up_port}"
     wait_ready(direct + "/health")
-    config = {
-        "models": {"bench": {"source": "pypi:bench"}},
-        "backends": {"up": {"kind": "llamacpp", "model": "bench", "port": 1, "url": direct}},
-        "gateway": {"host": "127.0.0.1", "port": gw_port, "max_concurrency_per_backend": 256},
-    }
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(config, f)
-    gateway = pinned([sys.executable, "-m", "reconciler.cli", "--log-level", "WARNING", "gateway", "--config", f.name])
-    through = f"http://127.0.0.1:{gw_port}"
+    gateways: dict[str, tuple[subprocess.Popen, str]] = {}
+    files = []
     try:
-        ready = wait_ready(through + "/health", healthy_backends=True)
-        time.sleep(0.5)
-        rss_idle = rss_mib(gateway.pid)
-        print(f"gateway healthy {ready:.2f}s after start; idle RSS {rss_idle:.1f} MiB")
-        print(f"{'mode':<10}{'c':>4} {'target':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'ttfc ms':>9}"
-              f"{'added p50':>11}{'gw CPU ms/req':>15}{'ratio':>7}{'errors':>7}")  # fmt: skip
-        rows = []
+        for transport in args.transport:
+            port = free_port()
+            config = {
+                "models": {"bench": {"source": "pypi:bench"}},
+                "backends": {"up": {"kind": "llamacpp", "model": "bench", "port": 1, "url": direct}},
+                "gateway": {"host": "127.0.0.1", "port": port, "max_concurrency_per_backend": 256},
+            }
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                json.dump(config, f)
+            files.append(f.name)
+            env = {**os.environ, "TF_GATEWAY_TRANSPORT": transport}
+            argv = [sys.executable, "-m", "reconciler.cli", "--log-level", "WARNING", "gateway", "--config", f.name]
+            proc = pinned(argv, env)
+            url = f"http://127.0.0.1:{port}"
+            ready = wait_ready(url + "/health", healthy_backends=True)
+            gateways[f"gw-{transport}"] = (proc, url)
+            time.sleep(0.5)
+            print(f"gw-{transport}: healthy {ready:.2f}s after start; idle RSS {rss_mib(proc.pid):.1f} MiB")
+        idle = {name: rss_mib(proc.pid) for name, (proc, _) in gateways.items()}
+        print(f"{'mode':<10}{'c':>4} {'target':<12}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'ttfc ms':>8}"
+              f"{'added p50':>10}{'CPU ms/req':>11}{'ratio':>6}{'err':>4}")  # fmt: skip
+        targets = [("direct", direct, None), *((n, u, p.pid) for n, (p, u) in gateways.items())]
         for stream in (False, True):
             for concurrency in args.concurrency:
-                results = {"direct": Run(), "gateway": Run()}
+                results = {name: Run() for name, _, _ in targets}
                 for _ in range(args.rounds):
-                    for target, base, pid in (("direct", direct, None), ("gateway", through, gateway.pid)):
+                    for name, base, pid in targets:
                         url = base + "/v1/chat/completions"
-                        results[target].add(asyncio.run(load(url, stream, concurrency, args.seconds, pid)))
-                d, g = results["direct"], results["gateway"]
-                d_rps, g_rps = len(d.latencies) / d.elapsed, len(g.latencies) / g.elapsed
-                added = pct(g.latencies, 0.5) - pct(d.latencies, 0.5)
-                cpu_per = g.cpu / max(1, len(g.latencies)) * 1000
-                mode = "stream34" if stream else "json"
-                for name, run, rps in (("direct", d, d_rps), ("gateway", g, g_rps)):
-                    ttfc = f"{pct(run.first_chunks, 0.5):9.2f}" if stream else f"{'-':>9}"
-                    extra = (f"{added:11.2f}{cpu_per:15.3f}{g_rps / d_rps:7.2f}" if name == "gateway"
-                             else f"{'':11}{'':15}{'':7}")  # fmt: skip
-                    print(f"{mode:<10}{concurrency:>4} {name:<8}{rps:9.0f}{pct(run.latencies, 0.5):9.2f}"
-                          f"{pct(run.latencies, 0.99):9.2f}{ttfc}{extra}{run.errors:7d}", flush=True)  # fmt: skip
-                rows.append((mode, concurrency, d_rps, g_rps, added, cpu_per))
-        print(f"gateway RSS after load {rss_mib(gateway.pid):.1f} MiB (idle {rss_idle:.1f} MiB)")
+                        results[name].add(asyncio.run(load(url, stream, concurrency, args.seconds, pid)))
+                d = results["direct"]
+                d_rps = len(d.latencies) / d.elapsed
+                for name, run in results.items():
+                    rps = len(run.latencies) / run.elapsed
+                    ttfc = f"{pct(run.first_chunks, 0.5):8.2f}" if stream else f"{'-':>8}"
+                    extra = f"{'':10}{'':11}{'':6}"
+                    if name != "direct":
+                        added = pct(run.latencies, 0.5) - pct(d.latencies, 0.5)
+                        cpu_per = run.cpu / max(1, len(run.latencies)) * 1000
+                        extra = f"{added:10.2f}{cpu_per:11.3f}{rps / d_rps:6.2f}"
+                    mode = "stream34" if stream else "json"
+                    print(f"{mode:<10}{concurrency:>4} {name:<12}{rps:8.0f}{pct(run.latencies, 0.5):8.2f}"
+                          f"{pct(run.latencies, 0.99):8.2f}{ttfc}{extra}{run.errors:4d}", flush=True)  # fmt: skip
+        for name, (proc, _) in gateways.items():
+            print(f"{name}: RSS {idle[name]:.1f} MiB idle, {rss_mib(proc.pid):.1f} MiB after the load")
     finally:
-        for proc in (gateway, upstream):
+        for proc in [p for p, _ in gateways.values()] + [upstream]:
             proc.terminate()
             proc.wait(10)
-        os.unlink(f.name)
+        for name in files:
+            os.unlink(name)
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import free_port
 
 from reconciler.gateway.adapters import adapter_for
-from reconciler.gateway.app import create_app, make_client
+from reconciler.gateway.app import create_app
 from reconciler.gateway.load import LoadScraper
 from reconciler.gateway.router import Upstream
 from reconciler.gateway.testing import fleet_state, serve
@@ -48,7 +48,7 @@ def test_load_is_read_from_the_real_metrics_endpoint(llama_server):
     upstream = Upstream("cpu", "smollm2", llama_server, "llamacpp", healthy=True)
 
     async def scrape() -> None:
-        client = make_client(fleet_state({"cpu": llama_server}).gateway)
+        client = httpx.AsyncClient()
         try:
             upstream.reported_load = 99
             await LoadScraper(client, 1.0, lambda: [upstream]).scrape(upstream)

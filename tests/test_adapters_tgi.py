@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -37,7 +38,7 @@ def tgi():
         ("POST", "/v1/chat/completions"): recorded("chat_completion.json"),
     })  # fmt: skip
     up_port, gw_port = free_port(), free_port()
-    state = fleet_state({"tgi": f"http://127.0.0.1:{up_port}"}, kind="tgi")
+    state = fleet_state({"tgi": f"http://127.0.0.1:{up_port}"}, kind="tgi", max_concurrency_per_backend=500)
     with serve(upstream, up_port), serve(create_app(state), gw_port):
         yield upstream, f"http://127.0.0.1:{gw_port}"
 
@@ -106,3 +107,14 @@ def test_stream_error_event_and_split_events():
 def test_queue_metrics_are_load():
     load = adapter_for("tgi").parse_load((FIXTURES / "metrics.txt").read_text())
     assert load.requests == 5 and load.kv_usage is None
+
+
+def test_info_caps_concurrency_at_the_backends_own_limit(tgi):
+    _, gateway = tgi
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        backend = httpx.get(f"{gateway}/health").json()["backends"]["tgi"]
+        if backend.get("limit") == 128:
+            break
+        time.sleep(0.1)
+    assert backend["limit"] == 128  # /info's max_concurrent_requests, below our own 500

@@ -90,7 +90,9 @@ def test_websocket_streams_the_same_deltas_several_requests_per_connection(gatew
         assert error["type"] == "error" and error["status"] == 404
 
 
-def test_client_disconnect_cancels_the_backend_request(gateway, llama_server):
+def test_client_disconnect_mid_stream_stops_the_backend(gateway, llama_server):
+    """(A non-streaming request is cut the same way, but llama.cpp only notices a closed
+    connection while streaming; test_gateway_operating checks that case on a fake.)"""
     url, app = gateway
     body = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story."}],
             "max_tokens": 1000, "stream": True}  # fmt: skip

@@ -4,8 +4,12 @@ limits, and errors in OpenAI's shape."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
+import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -141,3 +145,45 @@ def test_becomes_healthy_fast_and_idle_memory_is_small(upstream):
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         took = __import__("time").monotonic() - started
     assert health["backends_healthy"] == 1 and took < 1.5
+
+
+class HangingUpstream:
+    """Takes a request and never answers; notes when the gateway hangs up on it."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.disconnected = threading.Event()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["method"] == "GET":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.started.set()
+        if (await receive())["type"] == "http.disconnect":
+            self.disconnected.set()
+
+
+def test_client_hanging_up_before_the_first_byte_closes_the_backend_request():
+    hanging, up_port, port = HangingUpstream(), free_port(), free_port()
+    app = create_app(fleet_state({"hang": f"http://127.0.0.1:{up_port}"}))
+    with serve(hanging, up_port), serve(app, port):
+        payload = json.dumps(CHAT).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(payload), payload))  # fmt: skip
+            assert hanging.started.wait(5)
+        hung_up = time.monotonic()
+        assert hanging.disconnected.wait(2), "the gateway kept the backend request open"
+        assert time.monotonic() - hung_up < 0.5
+        deadline = time.monotonic() + 2
+        while app.table.upstreams["hang"].in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert app.table.upstreams["hang"].in_flight == 0

@@ -210,3 +210,15 @@ def test_reload_on_file_change_keeps_open_streams(tmp_path: Path):
                 assert httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] == "b"
     finally:
         stop(proc)
+
+
+def test_backend_connections_are_kept_alive_and_reused():
+    fake, up_port = FastOpenAI(), free_port()
+    with serve(fake, up_port):
+        app, port = gateway_for({"up": f"http://127.0.0.1:{up_port}"})
+        with serve(app, port), httpx.Client() as client:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            for stream in (False, True, False, True):
+                for _ in range(5):
+                    assert client.post(url, json={**CHAT, "stream": stream, "max_tokens": 3}).status_code == 200
+    assert fake.requests == 20 and len(fake.peers) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -27,6 +28,7 @@ from reconciler.gateway.openai_api import OPENAI_ENDPOINTS, OpenAIEndpoints, par
 from reconciler.gateway.proxy import Answer, Proxy, error_answer
 from reconciler.gateway.reload import StateWatcher
 from reconciler.gateway.router import Router, RoutingTable
+from reconciler.gateway.transport import LeanTransport
 from reconciler.gateway.websocket import websocket_endpoint
 
 log = logging.getLogger(__name__)
@@ -39,11 +41,15 @@ def upstream_timeout(spec: GatewaySpec) -> httpx.Timeout:
     )
 
 
-def make_client(spec: GatewaySpec) -> httpx.AsyncClient:
-    """httpx's API over aiohttp's connection pool, which stays fast with many connections
-    (httpx's own pool was measured to degrade at concurrency 64)."""
+def make_transports(spec: GatewaySpec) -> dict[str, httpx.AsyncBaseTransport]:
+    """Per URL scheme. Plain http (local and LAN backends) gets the lean transport; https gets
+    httpx-aiohttp's, which stays fast with many connections (httpx's own pool was measured
+    to degrade at concurrency 64). TF_GATEWAY_TRANSPORT=aiohttp uses it for http too."""
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256, keepalive_expiry=15)
-    return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=upstream_timeout(spec))
+    secure = AiohttpTransport(limits=limits)
+    if os.environ.get("TF_GATEWAY_TRANSPORT") == "aiohttp":
+        return {"http": secure, "https": secure}
+    return {"http": LeanTransport(spec.connect_timeout), "https": secure}
 
 
 class Gateway:
@@ -51,7 +57,10 @@ class Gateway:
     are dispatched directly, everything else goes through Starlette."""
 
     def __init__(
-        self, state: DesiredState, client: httpx.AsyncClient | None = None, config_path: str | None = None
+        self,
+        state: DesiredState,
+        transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+        config_path: str | None = None,
     ):
         self.state = state
         self.spec = state.gateway
@@ -59,12 +68,10 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.keys = ApiKeys(self.spec.api_keys_file)
         self.key_limits = ConcurrencyLimiter(self.spec.max_concurrency_per_key)
-        self._own_client = client is None
-        self.client = client or make_client(self.spec)
         self.router = Router(RoutingTable.from_state(state), self.spec.routing.strategy)
-        transport = self.client._transport  # the client's own, for the proxy's lean path
+        self.transports = transports or make_transports(self.spec)
         self.proxy = Proxy(
-            transport, upstream_timeout(self.spec), self.router, self.metrics, self.spec.first_byte_timeout
+            self.transports, upstream_timeout(self.spec), self.router, self.metrics, self.spec.first_byte_timeout
         )
         # Probes get a plain httpx client of their own: exact error types ("connection
         # refused"), and no competition with requests for the proxy's connections.
@@ -121,8 +128,8 @@ class Gateway:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.probe_client.aclose()
-            if self._own_client:
-                await self.client.aclose()
+            for transport in set(self.transports.values()):
+                await transport.aclose()
 
     # -- admission -------------------------------------------------------------------------
     def reject(self, status: int, message: str, code: str, retry_after: str | None = None) -> Answer:
@@ -172,7 +179,7 @@ class Gateway:
     async def health_endpoint(self, request: Request) -> Response:
         backends = {
             u.name: {"model": u.model, "healthy": u.healthy, "detail": u.health_detail,
-                     "circuit_open": u.circuit_open, "in_flight": u.in_flight}
+                     "circuit_open": u.circuit_open, "in_flight": u.in_flight, "limit": u.limit}
             for u in self.upstreams()
         }  # fmt: skip
         healthy = sum(1 for b in backends.values() if b["healthy"])
@@ -203,6 +210,8 @@ def as_response(answer: Answer) -> Response:
 
 
 def create_app(
-    state: DesiredState, client: httpx.AsyncClient | None = None, config_path: str | None = None
+    state: DesiredState,
+    transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+    config_path: str | None = None,
 ) -> Gateway:
-    return Gateway(state, client, config_path)
+    return Gateway(state, transports, config_path)

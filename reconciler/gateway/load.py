@@ -27,7 +27,21 @@ class LoadScraper:
         self.timeout = min(2.0, interval)
         self._skip_until: dict[str, float] = {}
 
+    async def describe(self, upstream: Upstream) -> None:
+        """Once per backend: its own concurrency limit (TGI's /info max_concurrent_requests),
+        so the gateway answers 429 itself instead of passing on the backend's overload."""
+        adapter = adapter_for(upstream.protocol)
+        if adapter.info_path is None or upstream.backend_limit is not None or not upstream.healthy:
+            return
+        try:
+            response = await self.client.get(upstream.base_url + adapter.info_path, timeout=self.timeout)
+            if response.status_code == 200:
+                upstream.backend_limit = adapter.parse_info(response.json())
+        except (httpx.HTTPError, ValueError):
+            pass
+
     async def scrape(self, upstream: Upstream) -> None:
+        await self.describe(upstream)
         adapter = adapter_for(upstream.protocol)
         loop = asyncio.get_running_loop()
         if adapter.metrics_path is None or self._skip_until.get(upstream.name, 0) > loop.time():

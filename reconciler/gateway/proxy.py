@@ -66,7 +66,7 @@ def error_answer(status: int, message: str, code: str, retry_after: str | None =
 class Proxy:
     def __init__(
         self,
-        transport: httpx.AsyncBaseTransport,
+        transports: dict[str, httpx.AsyncBaseTransport],
         timeout: httpx.Timeout,
         router: Router,
         metrics: GatewayMetrics,
@@ -75,8 +75,8 @@ class Proxy:
         # Requests go straight to the transport, with httpx's Request and Response: a proxy
         # wants none of the client's cookie jar (it would carry one user's cookies to the
         # next), redirects or auth, and skipping them was a fifth of the measured CPU cost.
-        self.transport = transport
-        self.timeout = timeout.as_dict()
+        self.transports = transports  # by URL scheme
+        self.timeout = {**timeout.as_dict(), "first_byte": first_byte_timeout}
         self.router = router
         self.metrics = metrics
         self.first_byte_timeout = first_byte_timeout
@@ -97,9 +97,9 @@ class Proxy:
         tried: list[str] = []
         busy = 0
         for index, upstream in enumerate(candidates):
-            if upstream.in_flight >= upstream.max_concurrency:
+            if upstream.in_flight >= upstream.limit:
                 busy += 1
-                tried.append(f"{upstream.name}: at its concurrency limit ({upstream.max_concurrency})")
+                tried.append(f"{upstream.name}: at its concurrency limit ({upstream.limit})")
                 continue
             try:
                 return await self._attempt(upstream, call, started)
@@ -241,11 +241,12 @@ class Proxy:
                 self.metrics.record_tokens(call.model, upstream.name, usage)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
+        transport = self.transports[request.url.scheme]
         try:
-            return await self.transport.handle_async_request(request)
+            return await transport.handle_async_request(request)
         except _STALE:
             try:
-                return await self.transport.handle_async_request(request)
+                return await transport.handle_async_request(request)
             except httpx.HTTPError as exc:
                 raise UpstreamFailed(_describe(exc)) from exc
         except httpx.HTTPError as exc:

@@ -29,8 +29,16 @@ class Upstream:
     consecutive_failures: int = 0
     open_until: float = 0.0
     served_name: str = ""  # the name the backend itself knows the model by
+    backend_limit: int | None = None  # concurrent requests the backend says it accepts
     reported_load: float = 0.0  # running + queued requests from the backend's own metrics
     kv_usage: float | None = None  # KV-cache (VRAM) fraction in use, where the backend says
+
+    @property
+    def limit(self) -> int:
+        """Requests the gateway keeps open here: ours, or the backend's own if lower."""
+        if self.backend_limit is None:
+            return self.max_concurrency
+        return min(self.max_concurrency, self.backend_limit)
 
     def score(self) -> float:
         """Lower is better: our in-flight requests, the backend's own queue, and a penalty

@@ -56,6 +56,7 @@ class FastOpenAI:
         self.name = name
         self.requests = 0
         self.open_streams = 0
+        self.peers: set[tuple] = set()  # client addresses: how many connections were used
         self._answer = json.dumps(CHAT_ANSWER).encode()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -80,6 +81,7 @@ class FastOpenAI:
             if not message.get("more_body"):
                 break
         self.requests += 1
+        self.peers.add(tuple(scope.get("client") or ()))
         request = json.loads(raw or b"{}")
         headers = [(b"x-upstream", self.name.encode())]
         if path == "/v1/embeddings":

@@ -47,6 +47,11 @@ class Adapter:
     # Prometheus series summed into BackendLoad.requests, and the KV-cache usage series.
     load_series: tuple[str, ...] = ()
     kv_series: tuple[str, ...] = ()
+    info_path: str | None = None  # where the backend describes its own limits
+
+    def parse_info(self, info: dict) -> int | None:
+        """The most concurrent requests the backend accepts, from its info document."""
+        return None
 
     def build_request(self, exchange: Exchange, raw: bytes, served_model: str) -> UpstreamRequest:
         return UpstreamRequest("POST", exchange.endpoint, raw, JSON_HEADERS)

@@ -54,6 +54,11 @@ class TGIAdapter(Adapter):
     protocol = "tgi"
     metrics_path = "/metrics"
     load_series = ("tgi_queue_size", "tgi_batch_current_size")
+    info_path = "/info"
+
+    def parse_info(self, info: dict) -> int | None:
+        limit = info.get("max_concurrent_requests")
+        return limit if isinstance(limit, int) and limit > 0 else None
 
     def passes_through(self, endpoint: str) -> bool:
         return endpoint == "/v1/chat/completions"

@@ -1,0 +1,221 @@
+"""A lean HTTP/1.1 transport for httpx: persistent connections to the backends, parsed by
+httptools, no per-request machinery beyond that. It keeps httpx's Request and Response API
+for the proxy; the profile showed httpx's client layer and aiohttp's request path as the
+largest share of the gateway's own CPU per request.
+
+Backends are plain HTTP on a trusted network (or localhost); for https:// URLs the gateway
+uses httpx-aiohttp's transport instead (see `make_transport`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import httptools
+import httpx
+
+IDLE_EXPIRY = 15.0  # seconds an unused connection stays in the pool
+MAX_IDLE_PER_HOST = 256
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; answers one request at a time."""
+
+    def __init__(self, pool: LeanTransport, key: tuple[str, int]):
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head: asyncio.Future[int] | None = None
+        self.chunks: deque[bytes] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.complete = False
+        self.keep_alive = False
+        self.error: Exception | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"malformed response from backend: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.complete:
+            if self.head is not None and not self.head.done():
+                self._fail(httpx.RemoteProtocolError("backend closed the connection without answering"))
+            else:
+                self._fail(httpx.ReadError("backend closed the connection mid-response"))
+
+    # -- httptools callbacks ---------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()  # only meaningful until the body ends
+        if self.head is not None and not self.head.done():
+            self.head.set_result(self.parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        self.error = exc
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(exc)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def release(self) -> None:
+        """Back to the pool when the answer was read whole and the backend keeps it open."""
+        if self.complete and self.keep_alive and not self.closed and self.error is None:
+            self._reset()
+            self.parser = httptools.HttpResponseParser(self)
+            self.pool._put(self)
+        else:
+            self.close()
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, connection: _Connection, read_timeout: float | None):
+        self.connection = connection
+        self.read_timeout = read_timeout
+        self.done = False
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        c = self.connection
+        loop = asyncio.get_running_loop()
+        while True:
+            if c.chunks:
+                data = b"".join(c.chunks) if len(c.chunks) > 1 else c.chunks[0]
+                c.chunks.clear()
+                yield data
+                continue
+            if c.complete:
+                self.done = True
+                return
+            if c.error is not None:
+                raise c.error
+            c.waiter = loop.create_future()
+            timer = loop.call_later(self.read_timeout, _expire, c.waiter) if self.read_timeout else None
+            try:
+                await c.waiter
+            finally:
+                c.waiter = None
+                if timer is not None:
+                    timer.cancel()
+
+    async def aclose(self) -> None:
+        if self.closed:  # httpx closes after reading, and the proxy closes again
+            return
+        self.closed = True
+        if self.done:
+            self.connection.release()
+        else:
+            self.connection.close()  # abandoned mid-answer: closing tells the backend to stop
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(httpx.ReadTimeout("backend sent nothing within the idle timeout"))
+
+
+class LeanTransport(httpx.AsyncBaseTransport):
+    def __init__(self, connect_timeout: float = 5.0) -> None:
+        self.connect_timeout = connect_timeout
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+
+    def _put(self, connection: _Connection) -> None:
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) < MAX_IDLE_PER_HOST:
+            connection.idle_since = time.monotonic()
+            idle.append(connection)
+        else:
+            connection.close()
+
+    async def _get(self, key: tuple[str, int], timeouts: dict) -> tuple[_Connection, bool]:
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < IDLE_EXPIRY:
+                return connection, True
+            connection.close()
+        loop = asyncio.get_running_loop()
+        timeout = timeouts.get("connect") or self.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                _, connection = await loop.create_connection(lambda: _Connection(self, key), key[0], key[1])
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"no connection to {key[0]}:{key[1]} within {timeout:g}s") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from exc
+        return connection, False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme != "http":
+            raise httpx.UnsupportedProtocol("the lean transport speaks plain http only")
+        key = (url.host, url.port or 80)
+        timeouts = request.extensions.get("timeout", {})
+        connection, reused = await self._get(key, timeouts)
+        head = b"%s %s HTTP/1.1\r\n" % (request.method.encode(), url.raw_path)
+        lines = [head, *(b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw), b"\r\n", request.content]
+        connection.head = asyncio.get_running_loop().create_future()
+        assert connection.transport is not None
+        connection.transport.write(b"".join(lines))
+        read_timeout = timeouts.get("read")
+        # A non-streaming answer's headers come when it is all done: wait as long as for a
+        # first byte (the caller's "first_byte" entry), not just the idle timeout.
+        head_timeout = timeouts.get("first_byte", read_timeout)
+        try:
+            if head_timeout:
+                async with asyncio.timeout(head_timeout):
+                    status = await connection.head
+            else:
+                status = await connection.head
+        except TimeoutError as exc:
+            connection.close()
+            raise httpx.ReadTimeout(f"backend sent no response headers within {head_timeout:g}s") from exc
+        except BaseException:
+            connection.close()
+            raise
+        return httpx.Response(
+            status, headers=connection.headers, stream=_Body(connection, read_timeout),
+            request=request, extensions={"http_version": b"HTTP/1.1", "reused": reused},
+        )  # fmt: skip
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
