@@ -81,6 +81,18 @@ def test_keys_live_only_as_hashes_and_are_never_logged(tmp_path, caplog):
     assert "sk-secret-value" not in caplog.text and "sk-secret-value" not in repr(vars(keys))
 
 
+def test_an_edited_keys_file_takes_effect_without_a_restart(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("sk-old\n")
+    keys = ApiKeys(str(path))
+    path.write_text("sk-new\n")
+    keys.reload_if_changed()
+    assert keys.identify("Bearer sk-new") and not keys.identify("Bearer sk-old")
+    path.unlink()
+    keys.reload_if_changed()  # a vanished file keeps the last keys rather than lock everyone out
+    assert keys.identify("Bearer sk-new")
+
+
 def test_per_key_concurrency_limit_is_429_with_retry_after(keyed):
     url = f"{keyed}/v1/chat/completions"
     with httpx.stream("POST", url, json={**CHAT, "stream": True}, headers=bearer(KEYS[0]), timeout=10) as first:

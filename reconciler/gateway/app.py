@@ -33,6 +33,7 @@ from reconciler.gateway.websocket import websocket_endpoint
 
 log = logging.getLogger(__name__)
 STARTUP_HEALTH_WAIT = 1.0  # serve after this long even if a backend's probe hangs
+KEYS_POLL_SECONDS = 1.0
 
 
 def upstream_timeout(spec: GatewaySpec) -> httpx.Timeout:
@@ -119,6 +120,8 @@ class Gateway:
         tasks = [asyncio.create_task(self.health.run()), asyncio.create_task(self.load.run())]
         if self.watcher is not None:
             tasks.append(asyncio.create_task(self.watcher.run()))
+        if self.keys.enabled:
+            tasks.append(asyncio.create_task(self._watch_keys()))
         with contextlib.suppress(TimeoutError):  # route from the first request when we can
             await asyncio.wait_for(self.health.first_round.wait(), STARTUP_HEALTH_WAIT)
         try:
@@ -130,6 +133,12 @@ class Gateway:
             await self.probe_client.aclose()
             for transport in set(self.transports.values()):
                 await transport.aclose()
+
+    async def _watch_keys(self) -> None:
+        """Pick up an edited keys file (added or revoked keys) without a restart."""
+        while True:
+            await asyncio.sleep(KEYS_POLL_SECONDS)
+            self.keys.reload_if_changed()
 
     # -- admission -------------------------------------------------------------------------
     def reject(self, status: int, message: str, code: str, retry_after: str | None = None) -> Answer:

@@ -20,7 +20,7 @@ class ApiKeys:
     def __init__(self, path: str | None):
         self.path = Path(path) if path else None
         self._digests: list[bytes] = []
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[int, int] | None = None
         if self.path is not None:
             self.load()
 
@@ -44,7 +44,7 @@ class ApiKeys:
             if key and not key.startswith("#"):
                 digests.append(hashlib.sha256(key.encode()).digest())
         self._digests = digests
-        self._stamp = (stat.st_mtime, stat.st_size)
+        self._stamp = (stat.st_mtime_ns, stat.st_size)
         log.info("loaded %d API key(s) from %s", len(digests), self.path)
 
     def reload_if_changed(self) -> None:
@@ -54,7 +54,7 @@ class ApiKeys:
             stat = os.stat(self.path)
         except OSError:
             return  # keep the keys we have rather than lock everyone out
-        if (stat.st_mtime, stat.st_size) != self._stamp:
+        if (stat.st_mtime_ns, stat.st_size) != self._stamp:
             try:
                 self.load()
             except ApiKeyError as exc:
