@@ -222,3 +222,20 @@ def test_backend_connections_are_kept_alive_and_reused():
                 for _ in range(5):
                     assert client.post(url, json={**CHAT, "stream": stream, "max_tokens": 3}).status_code == 200
     assert fake.requests == 20 and len(fake.peers) == 1
+
+
+def test_fallback_model_group_serves_when_the_model_has_no_healthy_backend(pair):
+    from reconciler.config.schema import DesiredState
+
+    state = DesiredState.model_validate({
+        "models": {"big": {"source": "pypi:x"}, "small": {"source": "pypi:y"}},
+        "backends": {
+            "big-1": {"kind": "llamacpp", "model": "big", "port": 1, "url": f"http://127.0.0.1:{free_port()}"},
+            "small-1": {"kind": "llamacpp", "model": "small", "port": 1, "url": pair["a"]},
+        },
+        "gateway": {"health_interval": 0.5, "routing": {"fallbacks": {"big": ["small"]}}},
+    })  # fmt: skip
+    port = free_port()
+    with serve(create_app(state), port):
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "model": "big"})
+    assert response.status_code == 200 and response.headers["x-tensorforge-backend"] == "small-1"

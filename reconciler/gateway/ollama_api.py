@@ -159,9 +159,9 @@ class OllamaSurface:
             if answer.status != 200:
                 return ollama_error(answer)
             return JSONResponse(self._whole(json.loads(answer.body), native, chat, started))
-        return StreamingResponse(
-            self._lines(answer, native, chat, started, key), media_type="application/x-ndjson"
-        )
+        lines = self._lines(answer, native, chat, started, key)
+        await anext(lines)  # started: if the client leaves before streaming, closing cleans up
+        return StreamingResponse(lines, media_type="application/x-ndjson")
 
     def _whole(self, result: dict, native: dict, chat: bool, started: float) -> dict:
         choice = (result.get("choices") or [{}])[0]
@@ -180,6 +180,7 @@ class OllamaSurface:
         model = native.get("model")
         finish, usage = None, None
         try:
+            yield b""  # the priming step (see _generate)
             async for event in iter_events(answer.stream):
                 if "error" in event:
                     yield _line({"error": (event["error"] or {}).get("message", "backend failed")})

@@ -175,6 +175,7 @@ class Proxy:
         upstream.record_success()
         self.metrics.child(self.metrics.ttft, call.model, upstream.name).observe(time.perf_counter() - started)
         stream = self._relay(first, chunks, response, upstream, call, started)
+        await anext(stream)  # run it to its first yield: from here on, closing it cleans up
         return Answer(200, EVENT_STREAM, upstream.name, stream=stream)
 
     async def _relay(
@@ -189,6 +190,7 @@ class Proxy:
         status = "200"
         finished = False  # [DONE] went out: a consumer stopping now is not a disconnect
         try:
+            yield b""  # the priming step (see _attempt); never reaches the client
             if first:
                 finished = first.endswith(b"[DONE]\n\n")
                 if b'"usage"' in first:

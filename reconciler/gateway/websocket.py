@@ -49,8 +49,7 @@ class Session:
         reader = asyncio.create_task(self._read())
         try:
             while True:
-                getter = asyncio.ensure_future(self.pending.get())
-                message = await getter
+                message = await self.pending.get()
                 if message is None:  # the client went away
                     return
                 work = asyncio.ensure_future(self._handle(message))
