@@ -64,6 +64,8 @@ def test_keys_are_required_except_for_health(keyed):
         assert response.status_code == 401
         assert response.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{keyed}/v1/models").status_code == 401
+    assert httpx.get(f"{keyed}/api/tags").status_code == 401
+    assert httpx.post(f"{keyed}/api/chat", json={"model": "m", "messages": []}).status_code == 401
     for key in KEYS:
         assert httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=bearer(key)).status_code == 200
     assert httpx.get(f"{keyed}/v1/models", headers=bearer(KEYS[0])).status_code == 200
@@ -199,3 +201,27 @@ def test_client_hanging_up_before_the_first_byte_closes_the_backend_request():
         while app.table.upstreams["hang"].in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
         assert app.table.upstreams["hang"].in_flight == 0
+
+
+def test_websocket_needs_a_key_too(keyed):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    ws_url = keyed.replace("http", "ws") + "/v1/ws"
+    try:
+        with connect(ws_url) as ws:
+            ws.recv(timeout=5)
+        refused = False
+    except InvalidStatus:
+        refused = True
+    except Exception as exc:  # closed with 4401 right after the handshake
+        refused = "4401" in str(exc)
+    assert refused
+    with connect(ws_url, additional_headers=bearer(KEYS[1])) as ws:
+        ws.send(json.dumps({"id": 7, "body": {**CHAT, "max_tokens": 2}}))
+        kinds = []
+        while not kinds or kinds[-1] not in ("done", "error"):
+            message = json.loads(ws.recv(timeout=10))
+            assert message["id"] == 7
+            kinds.append(message["type"])
+    assert kinds[-1] == "done" and kinds.count("chunk") == 3

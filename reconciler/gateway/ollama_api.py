@@ -111,9 +111,15 @@ class OllamaSurface:
         return out
 
     async def tags(self, request: Request) -> Response:
+        _, refusal = self.gateway.admit(request.headers.get("authorization"), hold=False)
+        if refusal is not None:
+            return ollama_error(refusal)
         return JSONResponse({"models": self._models(running=False)})
 
     async def ps(self, request: Request) -> Response:
+        _, refusal = self.gateway.admit(request.headers.get("authorization"), hold=False)
+        if refusal is not None:
+            return ollama_error(refusal)
         return JSONResponse({"models": self._models(running=True)})
 
     async def chat(self, request: Request) -> Response:
