@@ -12,7 +12,7 @@ from reconciler.config.schema import ModelSpec
 from reconciler.models import catalog
 from reconciler.models.catalog import catalog_spec, resolve_model
 from reconciler.models.pull import registry_for
-from reconciler.models.testing import FakeHub, tiny_gguf
+from reconciler.models.testing import FakeHub, point_hub_client_at, tiny_gguf
 
 REPO_ID = "tf-test/Tiny-GGUF"
 
@@ -29,7 +29,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TF_MODELS", str(tmp_path / "models"))
     monkeypatch.delenv("TF_REGISTRY_URL", raising=False)
     with hub.serve() as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
+        point_hub_client_at(url, monkeypatch)
         yield hub
 
 

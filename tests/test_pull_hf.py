@@ -15,7 +15,7 @@ import pytest
 
 from reconciler.config.schema import ModelSpec
 from reconciler.models.pull import PullError, pull_model, registry_for
-from reconciler.models.testing import FakeHub, shared_postgres, tiny_gguf
+from reconciler.models.testing import FakeHub, point_hub_client_at, shared_postgres, tiny_gguf
 
 REPO_ID = "tf-test/Tiny-GGUF"
 Q4 = "Tiny-Q4_K_M.gguf"
@@ -54,7 +54,7 @@ def test_pattern_pull_records_the_model(weights, hf_env, monkeypatch):
     hub = FakeHub(REPO_ID, weights, token="hf_secret")
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     with hub.serve() as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
+        point_hub_client_at(url, monkeypatch)
         record = pull_model("tiny", spec(aliases=["tiny-q4"]), hf_env)
         again = pull_model("tiny", spec(aliases=["tiny-q4"]), hf_env)
     final = hf_env / "tiny" / Q4
@@ -79,7 +79,7 @@ def test_cut_download_resumes_with_a_range_request(weights, hf_env, monkeypatch)
     monkeypatch.setattr("huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE", 1 << 16)
     hub = FakeHub(REPO_ID, weights, truncate_first_get={Q4: 200_000})
     with hub.serve() as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
+        point_hub_client_at(url, monkeypatch)
         record = pull_model("tiny", spec(), hf_env)
     assert [r.range for r in resolves(hub)] == [None, f"bytes={200_000 - 200_000 % (1 << 16)}-"]
     assert Path(record.files[0].path).read_bytes() == weights[Q4]
@@ -89,7 +89,7 @@ def test_cut_download_resumes_with_a_range_request(weights, hf_env, monkeypatch)
 def test_wrong_checksum_leaves_nothing_behind(weights, hf_env, monkeypatch):
     hub = FakeHub(REPO_ID, weights, corrupt={Q4})
     with hub.serve() as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
+        point_hub_client_at(url, monkeypatch)
         with pytest.raises(PullError, match=r"sha256 is [0-9a-f]{64}, expected " + hub.sha256(Q4)):
             pull_model("tiny", spec(), hf_env)
     assert not (hf_env / "tiny" / Q4).exists()
@@ -99,7 +99,7 @@ def test_wrong_checksum_leaves_nothing_behind(weights, hf_env, monkeypatch):
 def test_declared_sha256_must_match(weights, hf_env, monkeypatch):
     hub = FakeHub(REPO_ID, weights)
     with hub.serve() as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
+        point_hub_client_at(url, monkeypatch)
         with pytest.raises(PullError, match="declared " + "0" * 64):
             pull_model("tiny", spec(sha256="0" * 64), hf_env)
         record = pull_model("tiny", spec(sha256=hub.sha256(Q4)), hf_env)
@@ -109,7 +109,7 @@ def test_declared_sha256_must_match(weights, hf_env, monkeypatch):
 def test_revision_pinning(weights, hf_env, monkeypatch):
     hub = FakeHub(REPO_ID, weights)
     with hub.serve() as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
+        point_hub_client_at(url, monkeypatch)
         with pytest.raises(PullError, match="revision 'v9' does not exist"):
             pull_model("tiny", spec(revision="v9"), hf_env)
         record = pull_model("tiny", spec(revision=hub.commit, file=Q8, pattern=None), hf_env)
@@ -121,7 +121,7 @@ def test_revision_pinning(weights, hf_env, monkeypatch):
 def test_choices_that_match_nothing_or_too_much_are_explained(weights, hf_env, monkeypatch):
     hub = FakeHub(REPO_ID, weights)
     with hub.serve() as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
+        point_hub_client_at(url, monkeypatch)
         with pytest.raises(PullError, match=r"pattern '\*IQ2.gguf' matches nothing; .*Tiny-Q8_0"):
             pull_model("tiny", spec(pattern="*IQ2.gguf"), hf_env)
         with pytest.raises(PullError, match="has 2 GGUF files; choose with file: or pattern:"):
@@ -134,7 +134,7 @@ def test_not_enough_disk_space_refuses_before_downloading(weights, hf_env, monke
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda _: Usage(10**9, 10**9 - 1000, 1000))
     with hub.serve() as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
+        point_hub_client_at(url, monkeypatch)
         with pytest.raises(PullError, match="not enough disk space .* need 1 MiB, 0 MiB free"):
             pull_model("tiny", spec(), hf_env)
     assert resolves(hub) == [] and resolves(hub, "HEAD") == []
@@ -178,3 +178,18 @@ def test_two_processes_pulling_at_once_end_with_one_complete_entry(
     visible = sorted(p.name for p in (hf_env / "tiny").iterdir())
     assert visible == [Q4]  # no .incomplete or .partial where a backend looks
     assert (hf_env / "tiny" / Q4).read_bytes() == weights[Q4]
+
+
+
+def test_nothing_goes_to_the_public_hub(weights, hf_env, monkeypatch):
+    """The client's own side requests (its agent registry) reach the local hub too."""
+    hub = FakeHub(REPO_ID, weights)
+    with hub.serve() as url:
+        point_hub_client_at(url, monkeypatch)
+        pull_model("tiny", spec(), hf_env)
+        from huggingface_hub.utils import _detect_agent
+
+        if hasattr(_detect_agent, "_fetch_registry"):  # newer clients fetch it once a day
+            _detect_agent._fetch_registry()
+            assert hub.requests[-1].path == "/api/agent-harnesses"
+    assert all(r.path.startswith(("/api/", f"/{REPO_ID}/")) for r in hub.requests)

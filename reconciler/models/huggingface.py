@@ -101,7 +101,7 @@ def list_repo(
 def fetch_hf(name: str, repo: str, spec: ModelSpec, models_dir: Path) -> HubPull:
     from huggingface_hub import hf_hub_download
 
-    endpoint = os.environ.get("HF_ENDPOINT") or None  # read per call, not at import
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None  # per call
     token = os.environ.get("HF_TOKEN") or None
     commit, listing = list_repo(repo, spec.revision or "main", endpoint, token)
     wanted = select_files(listing, spec, repo)

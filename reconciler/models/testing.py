@@ -63,6 +63,18 @@ class FakeHub:
         return HubServer(self)
 
 
+def point_hub_client_at(url: str, monkeypatch) -> None:
+    """Make an already imported huggingface_hub use `url` for everything, as if HF_ENDPOINT
+    had been set before its import: it derives its URL template and the endpoint of its own
+    side requests (the agent-harness registry) from HF_ENDPOINT at import time only."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    template = url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+
+
 class HubServer:
     """`with FakeHub(...).serve() as url:` — the hub on 127.0.0.1 at a free port."""
 
