@@ -87,3 +87,21 @@ def test_gateway_lost_mid_run_skips_the_rest(tmp_path: Path):
         "skipped",
         "skipped",
     ]
+
+
+class SlowOnce(FakeModel):
+    def complete(self, prompt: str, max_tokens: int) -> str:
+        with self.lock:
+            if not self.prompts:
+                self.prompts.append("timed out")
+                raise openai.APITimeoutError(request=httpx.Request("POST", "http://gw/v1"))
+        return super().complete(prompt, max_tokens)
+
+
+def test_a_timeout_fails_one_module_only(tmp_path: Path):
+    graph = analyze_structure(tree(tmp_path, 2, 1)).graph
+    summarizer = Summarizer(
+        SlowOnce(), graph, 1024, SummaryOptions(parallel=1), Progress(4, enabled=False)
+    )
+    statuses = [r.status for r in summarizer.summarize_modules().values()]
+    assert statuses == ["skipped", "failed", "summarized", "summarized"]

@@ -128,6 +128,11 @@ def _code(text: str) -> str:
     return "`" + text.replace("`", "'") + "`"
 
 
+def _prose(text: str) -> str:
+    """Markdown would read __main__ as bold; escape what it treats as emphasis."""
+    return text.replace("_", "\\_").replace("*", "\\*")
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -175,17 +180,22 @@ def render_markdown(report: dict) -> str:
         out.append("_No module imports another._")
     out += ["", "## Entry points", ""]
     for e in report["entry_points"]:
-        out.append(f"- {_code(e['name'])} ({e['path']}): {'; '.join(e['reasons'])}")
+        reasons = "; ".join(_prose(r) for r in e["reasons"])
+        out.append(f"- {_code(e['name'])} ({_code(e['path'])}): {reasons}")
     out += ["", "## Import cycles", ""]
     if not report["cycles"]:
         out.append("None.")
     for c in report["cycles"]:
-        out.append(
-            f"- {len(c['modules'])} modules: " + " → ".join(_code(names[p]) for p in c["example"])
-        )
+        loop = " → ".join(_code(names[p]) for p in c["example"])
+        if len(c["example"]) - 1 < len(c["modules"]):
+            members = ", ".join(_code(names[p]) for p in c["modules"])
+            out.append(f"- {len(c['modules'])} modules ({members}), for example {loop}")
+        else:
+            out.append(f"- {len(c['modules'])} modules: {loop}")
     out += ["", "## Largest modules", "", "| module | path | lines |", "| --- | --- | ---: |"]
     out += [
-        f"| {_cell(names[m['path']])} | {m['path']} | {m['lines']} |" for m in report["largest"]
+        f"| {_cell(names[m['path']])} | {_code(m['path'])} | {m['lines']} |"
+        for m in report["largest"]
     ]
     out += [
         "",
@@ -212,7 +222,7 @@ def render_markdown(report: dict) -> str:
         out.append(f"### {_code(m['name'])}")
         out.append("")
         out.append(
-            f"{m['path']} · {m['language']} · {m['lines']} lines · fan-in {m['fan_in']} · fan-out {m['fan_out']}"
+            f"{_code(m['path'])} · {m['language']} · {m['lines']} lines · fan-in {m['fan_in']} · fan-out {m['fan_out']}"
         )
         out.append("")
         summary = m["summary"]

@@ -183,6 +183,8 @@ class Summarizer:
                     result = self._summarize_source(path, self.budget.halved())
                 except openai.OpenAIError as exc:
                     result = ModuleSummary("failed", reason=_describe(exc))
+            except openai.APITimeoutError as exc:  # slow, not gone: the next module may fare better
+                result = ModuleSummary("failed", reason=_describe(exc))
             except openai.APIConnectionError as exc:
                 self.down = _describe(exc)
                 result = ModuleSummary("failed", reason=self.down)
