@@ -136,6 +136,7 @@ def test_observe_without_systemd_treats_files_as_running(tmp_path: Path) -> None
 
 
 def test_driver_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TF_DRIVER", raising=False)  # conftest pins the process driver
     assert isinstance(make_driver("process", tmp_path), ProcessDriver)
     assert isinstance(make_driver("systemd", tmp_path, tmp_path), SystemdDriver)
     assert isinstance(make_driver(None, tmp_path, tmp_path), SystemdDriver)  # a unit dir implies it

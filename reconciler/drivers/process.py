@@ -6,6 +6,7 @@ its children again when it comes back instead of starting duplicates."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,9 @@ from reconciler.plan import DesiredUnit, ObservedUnit
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 15.0
+# Every unit's process carries this variable (units dir, name, content hash), so a process
+# whose pid was never recorded can still be recognised as ours.
+UNIT_ENV = "TENSORFORGE_UNIT"
 MAX_BACKOFF_SECONDS = 30.0
 
 
@@ -123,11 +127,45 @@ class ProcessDriver:
         return observed
 
     # -- act -----------------------------------------------------------------------------
+    def _marker(self, name: str) -> str:
+        return f"{self.units_dir.resolve()}/{name}"
+
+    def find_orphan(self, name: str) -> tuple[int, int, str] | None:
+        """A process of this unit that no record knows: a supervisor killed between starting
+        it and recording its pid leaves one. Returns (pid, start ticks, content hash)."""
+        needle = f"{UNIT_ENV}={self._marker(name)}@".encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                environ = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            for entry in environ.split(b"\0"):
+                if entry.startswith(needle):
+                    pid = int(proc.name)
+                    ticks = _start_ticks(pid)
+                    if ticks is not None and os.getpgid(pid) == pid:  # the unit's leader
+                        return pid, ticks, entry[len(needle) :].decode()
+        return None
+
     def start(self, unit: DesiredUnit) -> None:
         launch = json.loads(unit.content)
         record = self.load(unit.name) or UnitRecord(name=unit.name, content=unit.content)
+        digest = hashlib.sha256(unit.content.encode()).hexdigest()[:16]
+        orphan = self.find_orphan(unit.name)
+        if orphan is not None:
+            pid, ticks, orphan_digest = orphan
+            if orphan_digest == digest:
+                record.content, record.pid, record.start_ticks = unit.content, pid, ticks
+                record.started_at = time.time()
+                self._save(record)
+                log.info("adopted %s (pid %d), started by an earlier supervisor", unit.name, pid)
+                return
+            terminate(pid, ticks, STOP_GRACE_SECONDS)
         log_path = self.logs_dir / f"{unit.name}.log"
         env = {**os.environ, **launch.get("env", {})}
+        env[UNIT_ENV] = f"{self._marker(unit.name)}@{digest}"
         with log_path.open("ab") as log_file:
             # A session of its own: a Ctrl-C at the terminal reaches the supervisor, which
             # stops children in order, instead of every child at once.

