@@ -1,9 +1,11 @@
-# services.tensorforge.monitoring.{prometheus,grafana}: scrape TensorForge and show it.
-# Dashboards and alert rules live in ../monitoring (dashboards/, alerts/); used when present.
+# services.tensorforge.monitoring.{prometheus,grafana}: scrape TensorForge and show it, and the
+# GPU exporter service. Dashboards and alert rules live in ../monitoring (dashboards/, alerts/);
+# the scrape jobs come from ./lib/scrape.nix, the mirror of reconciler/monitoring/prometheus.py.
 {
   config,
   lib,
   pkgs,
+  utils,
   ...
 }:
 let
@@ -13,8 +15,8 @@ let
   repoMonitoring = ../monitoring;
   dashboardsDir = repoMonitoring + "/dashboards";
   rulesDir = repoMonitoring + "/alerts";
-  local = host: if host == "0.0.0.0" || host == "::" then "127.0.0.1" else host;
-  target = host: port: "${local host}:${toString port}";
+  tfLib = import ./lib;
+  hardening = import ./tensorforge/hardening.nix;
 in
 {
   options.services.tensorforge.monitoring = {
@@ -60,42 +62,45 @@ in
   config = mkIf (cfg.enable && mon.enable) {
     services.prometheus = mkIf mon.prometheus.enable {
       enable = mkDefault true;
-      globalConfig.scrape_interval = mkDefault mon.scrapeInterval;
+      globalConfig = {
+        scrape_interval = mkDefault mon.scrapeInterval;
+        evaluation_interval = mkDefault mon.scrapeInterval;
+      };
       ruleFiles = mon.prometheus.ruleFiles;
-      scrapeConfigs = [
-        {
-          job_name = "tensorforge-reconciler";
-          static_configs = [ { targets = [ "127.0.0.1:${toString mon.reconcilerMetricsPort}" ]; } ];
-        }
-        {
-          job_name = "tensorforge-gpu";
-          static_configs = [ { targets = [ "127.0.0.1:${toString mon.gpuExporterPort}" ]; } ];
-        }
-      ]
-      ++ lib.optional cfg.gateway.enable {
-        job_name = "tensorforge-gateway";
-        static_configs = [ { targets = [ (target cfg.gateway.host cfg.gateway.port) ]; } ];
-      }
-      ++ lib.optional (lib.any (b: b.url == null && b.kind == "llamacpp") (lib.attrValues cfg.backends)) {
-        # llama-server's own /metrics (started with --metrics).
-        job_name = "tensorforge-llamacpp";
-        static_configs = [
-          {
-            targets = lib.mapAttrsToList (_: b: target b.host b.port) (
-              lib.filterAttrs (_: b: b.url == null && b.kind == "llamacpp") cfg.backends
-            );
-          }
+      # The same jobs and target labels as `tensorforge monitoring-config` (gateway, reconciler,
+      # GPU exporter, one `tensorforge-backend-<name>` per llama.cpp/vLLM/TGI backend): the
+      # dashboards and alerts select on them. tests/test_nix_monitoring.py keeps both equal.
+      scrapeConfigs = tfLib.scrapeConfigs cfg.desiredState;
+    };
+
+    # `tensorforge gpu-exporter`: per-GPU memory, utilisation, temperature and power, labelled
+    # with the backends placed on each GPU. Without a GPU it serves `tensorforge_gpus 0`.
+    systemd.services.tensorforge-gpu-exporter = {
+      description = "TensorForge GPU metrics exporter";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ] ++ lib.optional cfg.gpu "nvidia-persistenced.service";
+      environment = {
+        PYTHONUNBUFFERED = "1";
+      } // lib.optionalAttrs cfg.gpu {
+        # NVML (libnvidia-ml.so) comes from the driver, which NixOS links here.
+        LD_LIBRARY_PATH = "/run/opengl-driver/lib";
+      };
+      serviceConfig = hardening.common cfg // hardening.devices cfg.gpu // {
+        Type = "exec";
+        ExecStart = utils.escapeSystemdExecArgs [
+          (lib.getExe cfg.package)
+          "gpu-exporter"
+          "--config"
+          "/etc/tensorforge/desired.json"
         ];
-      }
-      ++ lib.optional (lib.any (b: b.url == null && b.kind == "vllm") (lib.attrValues cfg.backends)) {
-        job_name = "tensorforge-vllm";
-        static_configs = [
-          {
-            targets = lib.mapAttrsToList (_: b: target b.host b.port) (
-              lib.filterAttrs (_: b: b.url == null && b.kind == "vllm") cfg.backends
-            );
-          }
-        ];
+        Restart = "always";
+        RestartSec = "5s";
+        # NVML needs no JIT: keep writable-executable memory off even on GPU hosts.
+        MemoryDenyWriteExecute = true;
+      } // lib.optionalAttrs (cfg.user != null) {
+        # The reconciler's status.json says which backend runs on which GPU. Only a static
+        # user can read it; a DynamicUser exporter labels GPUs from pinned gpuIds alone.
+        ReadOnlyPaths = [ cfg.stateDir ];
       };
     };
 

@@ -29,10 +29,13 @@ python3Packages.buildPythonApplication {
     root = ../.;
     fileset = lib.fileset.unions [
       ../pyproject.toml
+      # setup.py copies templates/ (systemd unit templates) into the package at build time,
+      # so the installed reconciler finds them without a source tree.
+      ../setup.py
+      ../MANIFEST.in
+      ../templates
       ../reconciler
       ../tests
-      # systemd unit templates, read from the source tree (reconciler/units/render.py)
-      (lib.fileset.maybeMissing ../templates)
     ];
   };
 

@@ -51,12 +51,9 @@ let
     ];
   };
   desired = tfLib.toDesired settings;
+  # One file for both services: the reconciler runs `up --no-gateway`, because the gateway is
+  # its own hardened unit without GPU access.
   desiredFile = pkgs.writeText "tensorforge-desired.json" (builtins.toJSON desired);
-  # `tensorforge up` supervises a gateway itself when gateway.enable is set; here the gateway is
-  # its own hardened unit without GPU access, so the reconciler's copy has it switched off.
-  reconcilerFile = pkgs.writeText "tensorforge-reconciler.json" (
-    builtins.toJSON (lib.recursiveUpdate desired { gateway.enable = false; })
-  );
 
   hardening = import ./tensorforge/hardening.nix;
 in
@@ -208,6 +205,14 @@ in
       description = "Give the reconciler (and the servers it starts) the NVIDIA devices.";
     };
 
+    desiredState = mkOption {
+      type = types.attrs;
+      readOnly = true;
+      internal = true;
+      default = desired;
+      description = "The desired state as written to desired.json (for ./monitoring.nix).";
+    };
+
     desiredStateFile = mkOption {
       type = types.path;
       readOnly = true;
@@ -238,6 +243,10 @@ in
         message = "services.tensorforge.backends.${name}.tensorParallelSize: only vllm and tgi shard a model; remove it for kind ${b.kind}.";
       }) cfg.backends
       ++ lib.mapAttrsToList (name: b: {
+        assertion = b.port != null;
+        message = "services.tensorforge.backends.${name}.port: required for a backend this host runs; add it, or set url for a remote one.";
+      }) managedBackends
+      ++ lib.mapAttrsToList (name: b: {
         assertion = !cfg.gateway.enable || b.port != cfg.gateway.port;
         message = "services.tensorforge.backends.${name}.port: ${toString b.port} is the gateway's port; give each service its own.";
       }) managedBackends;
@@ -257,7 +266,6 @@ in
       # changes, and every store file has the same mtime.
       mode = "0444";
     };
-    environment.etc."tensorforge/reconciler.json".source = reconcilerFile;
     environment.systemPackages = [ cfg.package ];
 
     systemd.tmpfiles.rules = lib.optional (!useStateDirectory) "d ${cfg.stateDir} 0700 ${
@@ -276,7 +284,7 @@ in
         "nvidia-fabricmanager.service"
       ];
       # A changed desired state is re-read on SIGHUP: only backends whose part changed restart.
-      reloadTriggers = [ reconcilerFile ];
+      reloadTriggers = [ desiredFile ];
       path = lib.filter (p: p != null) (lib.mapAttrsToList (_: b: b.package) managedBackends);
       environment = {
         HOME = cfg.stateDir; # pip's cache for pypi: sources
@@ -293,8 +301,9 @@ in
         ExecStart = utils.escapeSystemdExecArgs [
           (lib.getExe cfg.package)
           "up"
+          "--no-gateway"
           "--config"
-          "/etc/tensorforge/reconciler.json"
+          "/etc/tensorforge/desired.json"
         ];
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         # The supervisor stops its backends itself (SIGTERM, grace, SIGKILL); systemd only
@@ -339,7 +348,9 @@ in
 
     networking.firewall.allowedTCPPorts =
       lib.optional (cfg.gateway.enable && cfg.gateway.openFirewall) cfg.gateway.port
-      ++ lib.mapAttrsToList (_: b: b.port) (lib.filterAttrs (_: b: b.openFirewall) managedBackends)
+      ++ lib.mapAttrsToList (_: b: b.port) (
+        lib.filterAttrs (_: b: b.openFirewall && b.port != null) managedBackends
+      )
       ++ lib.optionals (cfg.monitoring.enable && cfg.monitoring.openFirewall) [
         cfg.monitoring.reconcilerMetricsPort
         cfg.monitoring.gpuExporterPort

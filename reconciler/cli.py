@@ -60,7 +60,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from reconciler.controller import Controller
     from reconciler.service import serve_foreground
 
-    return serve_foreground(Controller(args.config, driver=args.driver))
+    controller = Controller(args.config, driver=args.driver, run_gateway=not args.no_gateway)
+    return serve_foreground(controller)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -354,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="reconcile and serve the gateway in the foreground")
     _config_arg(p)
     p.add_argument("--driver", choices=["auto", "systemd", "process"], default=None)
+    p.add_argument(
+        "--no-gateway", action="store_true",
+        help="reconcile the backends only; the gateway runs as its own service (`tensorforge gateway`)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("server", help="run `up` in the background: start|stop|restart|status")

@@ -73,8 +73,11 @@ class Controller:
         gpus: GpuInventory | None = None,
         state: Path | None = None,
         unit_dir: Path | None = None,
+        run_gateway: bool = True,
     ):
         self.config = config
+        # False: the gateway runs as its own service (the NixOS module); reconcile backends only.
+        self.run_gateway = run_gateway
         self.desired = self._load()
         self.state_dir = state or state_dir(self.desired.state_dir)
         self.models_dir = models_dir(self.desired.models_dir)
@@ -149,7 +152,7 @@ class Controller:
                 env.setdefault("OLLAMA_MODELS", str(self.state_dir / "ollama"))
             content = json.dumps({"argv": launch.argv, "env": env}, indent=1, sort_keys=True)
             units[unit] = DesiredUnit(unit, content + "\n", group=backend.model)
-        if state.gateway.enable:
+        if state.gateway.enable and self.run_gateway:
             argv = [sys.executable, "-m", "reconciler.cli", "gateway"]
             if self.config:
                 argv += ["--config", str(Path(self.config).resolve())]

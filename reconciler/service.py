@@ -48,12 +48,14 @@ def serve_foreground(controller: Controller, ready_timeout: float = 300.0) -> in
     _write_supervisor_record(controller.state_dir, controller.config)
     try:
         gateway = controller.desired.gateway
-        log.info(
-            "supervising %d backend(s); gateway on http://%s:%d",
-            sum(1 for b in controller.desired.backends.values() if b.managed),
-            gateway.host,
-            gateway.port,
-        )
+        backends = sum(1 for b in controller.desired.backends.values() if b.managed)
+        if gateway.enable and controller.run_gateway:
+            log.info(
+                "supervising %d backend(s); gateway on http://%s:%d",
+                backends, gateway.host, gateway.port,
+            )  # fmt: skip
+        else:
+            log.info("supervising %d backend(s); no gateway here", backends)
         controller.run(stop)
     finally:
         log.info("stopping everything this supervisor runs")

@@ -298,6 +298,36 @@ def test_module_declares_every_schema_field(section: str):
         )
 
 
+# Schema fields the module always sets: binary comes from `package`, state_dir has a NixOS default.
+NOT_NULLABLE_IN_NIX = {"binary", "state_dir"}
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_optional_schema_fields_are_nullable_options(section: str):
+    """A field the schema lets you leave out (default None) must be settable to null in Nix."""
+    model, path = SECTIONS[section]
+    text = (REPO / path).read_text()
+    for name, field in model.model_fields.items():
+        if field.is_required() or field.default is not None or name in NOT_NULLABLE_IN_NIX:
+            continue
+        match = re.search(rf"\b{camel(name)} = mkOption \{{[^}}]*?\btype =([^;]+);", text)
+        assert match, f"{model.__name__}.{name}: no `{camel(name)} = mkOption` with a type in {path}"
+        assert "nullOr" in match[1], f"{path}: {camel(name)} must be types.nullOr (schema default None)"
+
+
+def test_port_is_required_for_managed_backends_only():
+    problems = problems_for(f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; }}; }}')
+    assert problems == [
+        "backends.b.port: required for a backend this host runs; add it, or set url for a remote one"
+    ]
+    data = nix_eval(
+        f'lib.toDesired {{ {BASE_MODEL} backends.r = {{ kind = "vllm"; model = "m"; '
+        'url = "https://far.example/v1"; port = null; }; }'
+    )
+    assert "port" not in data["backends"]["r"]
+    assert validate_data(data, "remote.json").backends["r"].port == 443
+
+
 def test_module_defaults_equal_schema_defaults():
     defaults = nix_eval("lib.defaults")
     models = {

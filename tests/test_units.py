@@ -270,3 +270,69 @@ def test_exposure_at_or_below_nixpkgs_ollama(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
         scores[name] = exposure(tmp_path / name)
     assert all(score <= limit for score in scores.values()), (limit, scores)
+
+
+# -- templates from an installed package, not only from the checkout -------------------------------
+REPO = Path(__file__).resolve().parent.parent
+RENDER_FROM_ELSEWHERE = """
+import reconciler, sys
+from reconciler.backends.commands import launch_for
+from reconciler.config.schema import BackendSpec
+from reconciler.units.render import TEMPLATES_DIR, backend_unit_spec, render_unit
+b = BackendSpec(kind="tgi", model="m", port=8003, binary="/bin/true")
+launch = launch_for("b", b, "m", "/models/m", [0])
+text = render_unit(backend_unit_spec("backend-b", b, "m", "/models/m", launch, [0]))
+print(reconciler.__file__)
+print(TEMPLATES_DIR)
+print(text.splitlines()[0])
+"""
+
+
+def test_installed_layout_renders_from_the_packaged_templates(tmp_path: Path) -> None:
+    """What setup.py's build step produces: reconciler/units/templates/ inside the package,
+    and no source checkout around it."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(REPO / "reconciler", site / "reconciler", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "templates", site / "reconciler" / "units" / "templates")
+    result = subprocess.run(
+        [sys.executable, "-c", RENDER_FROM_ELSEWHERE], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    module, templates, first = result.stdout.splitlines()
+    assert module.startswith(str(site)) and templates == str(site / "reconciler/units/templates")
+    assert first == "# tensorforge-managed: backend-b"
+
+
+def test_missing_templates_name_the_fix(tmp_path: Path) -> None:
+    site = tmp_path / "site-packages"
+    shutil.copytree(REPO / "reconciler", site / "reconciler", ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run(
+        [sys.executable, "-c", RENDER_FROM_ELSEWHERE], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "reinstall TensorForge" in result.stderr
+
+
+@pytest.mark.slow
+def test_built_wheel_carries_the_templates(tmp_path: Path) -> None:
+    """`pip wheel .` runs setup.py's build step: every template ends up in the wheel."""
+    import zipfile
+
+    source = tmp_path / "src"  # a copy: the in-tree build/ must not land in the checkout
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in"):
+        (source / name).parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for name in ("reconciler", "templates"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(source)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if result.returncode != 0 and "No matching distribution" in result.stderr:
+        pytest.skip("no setuptools>=77 reachable for the isolated build")
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("tensorforge-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for template in (REPO / "templates").glob("*.j2"):
+        assert f"reconciler/units/templates/{template.name}" in names

@@ -1,5 +1,6 @@
 # gateway-only: one OpenAI-compatible endpoint for the fleet; no local backends. Every backend
-# is declared by `url` and runs on b200-node or cpu-dev; this host only routes to them.
+# is declared by `url` (its port is the URL's) and runs on b200-node or cpu-dev; this host only
+# routes to them.
 {
   host = "gateway-only";
   models = import ../models.nix;
@@ -8,19 +9,16 @@
       kind = "vllm";
       model = "qwen3-235b";
       url = "http://b200-node:8001";
-      port = 8001;
     };
     b200-qwen3-b = {
       kind = "vllm";
       model = "qwen3-235b";
       url = "http://b200-node:8002";
-      port = 8002;
     };
     cpu-dev-smollm2 = {
       kind = "llamacpp";
       model = "smollm2";
       url = "http://cpu-dev:8080";
-      port = 8080;
     };
   };
   gateway = {

@@ -3,12 +3,15 @@
 let
   desired = import ./desired.nix;
   presets = import ./presets.nix;
+  scrape = import ./scrape.nix;
 in
 {
   inherit (desired) toDesired toSnake;
   inherit (presets) applyPresets b200Flags;
   presets = presets.b200;
   defaults = import ./defaults.nix;
+  # desired state -> Prometheus scrape_configs, as reconciler/monitoring/prometheus.py makes them.
+  inherit (scrape) scrapeConfigs withoutMetrics;
 
   # hosts/<name>/settings.nix -> the desired-state attrset (JSON-ready).
   evalHost = settings: desired.toDesired (presets.applyPresets settings);

@@ -44,9 +44,14 @@ in
       description = "Address the backend listens on; `0.0.0.0` to serve a gateway on another host.";
     };
     port = mkOption {
-      type = types.port;
+      type = types.nullOr types.port;
+      default = null;
+      defaultText = literalMD "`null`: required for a backend this host runs; a `url` backend takes the URL's port";
       example = 8080;
-      description = "Port the backend listens on (for a `url` backend: the port in that URL).";
+      description = ''
+        Port the backend listens on. Required unless {option}`url` is set; a `url` backend
+        without it uses the port in the URL (80/443 by scheme when the URL names none).
+      '';
     };
     url = mkOption {
       type = types.nullOr (types.strMatching "https?://[^/[:space:]]+.*");

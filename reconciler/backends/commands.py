@@ -5,9 +5,11 @@ backend starts the same way under either driver. Flags are the real servers' own
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from reconciler.config.schema import BackendSpec, ModelSpec
 
@@ -31,10 +33,25 @@ def gpu_env(gpu_ids: list[int]) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids)}
 
 
+def find_llama_server() -> str | None:
+    """`llama-server` on PATH, else where `tensorforge bootstrap` installs it: the directory in
+    TF_LLAMACPP_BIN_DIR, or next to this interpreter (the venv's bin/, often not on PATH when
+    the CLI is run by its full path or from a service)."""
+    found = shutil.which("llama-server")
+    if found:
+        return found
+    places = [os.environ.get("TF_LLAMACPP_BIN_DIR"), os.path.dirname(sys.executable)]
+    for directory in filter(None, places):
+        candidate = Path(directory) / "llama-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
 def llamacpp_launch(
     name: str, backend: BackendSpec, model_name: str, model_ref: str, gpu_ids: list[int]
 ) -> Launch:
-    binary = backend.binary or shutil.which("llama-server")
+    binary = backend.binary or find_llama_server()
     common = [
         "--host", backend.host,
         "--port", str(backend.port),

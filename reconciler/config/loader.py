@@ -4,6 +4,7 @@ the file, the field path and the fix."""
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,12 @@ def _format_errors(exc: ValidationError, data: Any) -> list[str]:
         text = _friendly(error, data)
         # Cross-reference checks report several problems, each already naming its path.
         for line in text.splitlines():
+            field = re.match(r"^([a-z_]+): ", line)
             if not path or line.startswith(f"{path}.") or _names_path(line):
                 problems.append(line)
+            elif field and isinstance(error.get("input"), dict):
+                # A model check about one of its own fields: name the field in the path.
+                problems.append(f"{path}.{line}")
             else:
                 got = ""
                 if "input" in error and not isinstance(error["input"], dict | list):

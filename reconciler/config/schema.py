@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -57,6 +58,15 @@ def _check_sha256(value: str) -> str:
     return value
 
 
+def url_port(url: str) -> int:
+    """The port a URL points at: its explicit port, else the scheme's (80, 443)."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        raise ValueError(f"url {url!r}: the port is not a number between 1 and 65535") from None
+    return port or (443 if url.lower().startswith("https:") else 80)
+
+
 Name = Annotated[str, AfterValidator(_check_name)]
 Text = Annotated[str, AfterValidator(_check_text)]
 Port = Annotated[int, AfterValidator(_check_port)]
@@ -104,7 +114,11 @@ class BackendSpec(Strict):
     kind: BackendKind
     model: Name = Field(description="Name of an entry in 'models'.")
     host: Text = Field("127.0.0.1", description="Address the backend listens on.")
-    port: Port
+    port: Port | None = Field(
+        None,
+        description="Port the backend listens on; required unless 'url' is set (then the "
+        "URL's port, or 80/443 by scheme).",
+    )
     url: Text | None = Field(
         None,
         description="A backend that runs elsewhere: the gateway routes to this URL and the "
@@ -160,6 +174,13 @@ class BackendSpec(Strict):
             raise ValueError("gpu_ids lists a GPU twice")
         if self.url is not None and not re.match(r"^https?://[^/\s]+", self.url):
             raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        if self.port is None and self.url is None:
+            raise ValueError(
+                "port: required for a backend this host runs; add it, or set url for a remote one"
+            )
+        if self.port is None:
+            # Frozen model: set the derived value once, here, so every user sees an int.
+            object.__setattr__(self, "port", url_port(self.url))
         for key in self.environment:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"environment key {key!r} is not a valid variable name")

@@ -92,8 +92,13 @@ def placement_from_state(state: DesiredState, status_file: Path | None) -> Place
         for name, backend in state.backends.items():
             for index in backend.gpu_ids or []:
                 placed.setdefault(index, set()).add(name)
-        if status_file is not None and status_file.exists():
-            status = json.loads(status_file.read_text())
+        try:
+            status = json.loads(status_file.read_text()) if status_file is not None else {}
+        except (OSError, ValueError):
+            # Not written yet, mid-rewrite, or not readable by this user (another DynamicUser):
+            # label from pinned gpu_ids alone rather than fail the scrape.
+            status = {}
+        if isinstance(status, dict):
             for unit in status.get("units", []):
                 name = unit.get("unit", "").removeprefix("backend-")
                 for index in unit.get("gpus") or []:

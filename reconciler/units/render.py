@@ -20,7 +20,17 @@ import jinja2
 from reconciler.backends.commands import Launch
 from reconciler.config.schema import BackendSpec, GatewaySpec
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+
+def templates_dir() -> Path:
+    """`templates/` of a source checkout (the source of truth, so edits show at once), else the
+    copy setup.py puts into the installed package (wheel, Nix)."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "templates").is_dir():
+        return checkout / "templates"
+    return Path(__file__).resolve().parent / "templates"
+
+
+TEMPLATES_DIR = templates_dir()
 UNIT_PREFIX = "tensorforge-"
 MANAGED_MARKER = "# tensorforge-managed:"
 KINDS = ("llamacpp", "vllm", "tgi", "ollama")
@@ -178,7 +188,14 @@ def render_unit(spec: UnitSpec) -> str:
         "marker": MANAGED_MARKER,
         "state_directory": f"{UNIT_PREFIX}{spec.name}",
     }
-    return _ENV.get_template(f"{spec.kind}.service.j2").render(context)
+    try:
+        template = _ENV.get_template(f"{spec.kind}.service.j2")
+    except jinja2.TemplateNotFound as exc:
+        raise UnitRenderError(
+            f"kind: template {exc.name} not found in {TEMPLATES_DIR}; reinstall TensorForge "
+            "(its build copies templates/ into the package)"
+        ) from None
+    return template.render(context)
 
 
 def backend_unit_spec(

@@ -1,0 +1,95 @@
+# Prometheus scrape jobs for one host's desired state (builtins only): the same jobs, names and
+# target labels as reconciler/monitoring/prometheus.py's `scrape_config`, which the dashboards
+# and alert rules select on. tests/test_nix_monitoring.py compares the two for every host.
+#
+# Input: the desired state as `toDesired` returns it (snake_case, nulls omitted), so missing
+# keys take the schema's defaults from ./defaults.nix.
+let
+  defaults = import ./defaults.nix;
+
+  # Backend kinds whose servers serve Prometheus metrics at /metrics (Ollama has none).
+  kindsWithMetrics = [ "llamacpp" "vllm" "tgi" ];
+
+  # A wildcard listen address is scraped on loopback.
+  local = host: if host == "0.0.0.0" || host == "::" || host == "" then "127.0.0.1" else host;
+
+  job = name: target: labels: scheme: path: {
+    job_name = name;
+    metrics_path = path;
+    inherit scheme;
+    static_configs = [ { targets = [ target ]; inherit labels; } ];
+  };
+
+  # "https://far:8443/v1/" -> { scheme = "https"; netloc = "far:8443"; path = "/v1/"; }
+  splitUrl = url:
+    let m = builtins.match "([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^?#]*).*" url;
+    in
+    if m == null then
+      throw "scrape.nix: url ${url} is not scheme://host[:port][/path]"
+    else
+      {
+        scheme = builtins.elemAt m 0;
+        netloc = builtins.elemAt m 1;
+        path = builtins.elemAt m 2;
+      };
+
+  # Trailing slashes off, as Python's str.rstrip("/").
+  stripSlashes = s:
+    let m = builtins.match "(.*[^/])/*" s; in if m == null then "" else builtins.head m;
+
+  # BackendSpec.base_url: the url if given, else where the backend listens.
+  baseUrl = b:
+    if (b.url or null) != null then
+      stripSlashes b.url
+    else
+      let host = b.host or defaults.backend.host; in
+      "http://${if host == "0.0.0.0" || host == "::" then "127.0.0.1" else host}:${toString b.port}";
+
+  backendJob = hostName: name: b:
+    let parts = splitUrl (baseUrl b);
+    in
+    job "tensorforge-backend-${name}" parts.netloc
+      {
+        host = hostName;
+        backend = name;
+        inherit (b) model kind;
+      }
+      (if parts.scheme == "" then "http" else parts.scheme)
+      (stripSlashes parts.path + "/metrics");
+
+  scrapeConfigs = desired:
+    let
+      hostName = desired.host or "localhost";
+      hostLabel = { host = hostName; };
+      gateway = defaults.gateway // (desired.gateway or { });
+      monitoring = {
+        enable = defaults.monitoring.enable;
+        reconciler_metrics_port = defaults.monitoring.reconcilerMetricsPort;
+        gpu_exporter_port = defaults.monitoring.gpuExporterPort;
+      } // (desired.monitoring or { });
+      backends = desired.backends or { };
+    in
+    (if gateway.enable then
+      [ (job "tensorforge-gateway" "${local gateway.host}:${toString gateway.port}" hostLabel "http" "/metrics") ]
+    else
+      [ ])
+    ++ (if monitoring.enable then
+      [
+        (job "tensorforge-reconciler" "127.0.0.1:${toString monitoring.reconciler_metrics_port}" hostLabel "http" "/metrics")
+        (job "tensorforge-gpu" "127.0.0.1:${toString monitoring.gpu_exporter_port}" hostLabel "http" "/metrics")
+      ]
+    else
+      [ ])
+    # attrNames is sorted, like Python's sorted(state.backends.items()).
+    ++ map (name: backendJob hostName name backends.${name}) (
+      builtins.filter (name: builtins.elem backends.${name}.kind kindsWithMetrics) (builtins.attrNames backends)
+    );
+
+  # Backends Prometheus cannot scrape (listed, not scraped).
+  withoutMetrics = desired:
+    let backends = desired.backends or { }; in
+    builtins.filter (name: !(builtins.elem backends.${name}.kind kindsWithMetrics)) (builtins.attrNames backends);
+in
+{
+  inherit scrapeConfigs withoutMetrics kindsWithMetrics;
+}
