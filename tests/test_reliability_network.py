@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
