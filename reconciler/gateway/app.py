@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -24,7 +25,13 @@ from reconciler.gateway.limits import ConcurrencyLimiter
 from reconciler.gateway.load import LoadScraper
 from reconciler.gateway.metrics import GatewayMetrics
 from reconciler.gateway.ollama_api import OllamaSurface
-from reconciler.gateway.openai_api import OPENAI_ENDPOINTS, OpenAIEndpoints, parse_json
+from reconciler.gateway.openai_api import (
+    OPENAI_ENDPOINTS,
+    OpenAIEndpoints,
+    check_fields,
+    parse_json,
+)
+from reconciler.gateway.openapi import openapi_document
 from reconciler.gateway.proxy import Answer, Proxy, error_answer
 from reconciler.gateway.reload import StateWatcher
 from reconciler.gateway.router import Router, RoutingTable
@@ -34,6 +41,9 @@ from reconciler.gateway.websocket import websocket_endpoint
 log = logging.getLogger(__name__)
 STARTUP_HEALTH_WAIT = 1.0  # serve after this long even if a backend's probe hangs
 KEYS_POLL_SECONDS = 1.0
+# Answered without a key even when keys are on: liveness, and Prometheus scraping (counters
+# and backend names only; bind the gateway to 127.0.0.1 or firewall it, see docs/reliability.md).
+PUBLIC_PATHS = frozenset(("/health", "/metrics"))
 
 
 def upstream_timeout(spec: GatewaySpec) -> httpx.Timeout:
@@ -65,6 +75,7 @@ class Gateway:
     ):
         self.state = state
         self.spec = state.gateway
+        self.context_limits = context_limits(state)
         self.affinity_header = self.spec.routing.affinity_header.lower().encode()
         self.metrics = GatewayMetrics()
         self.keys = ApiKeys(self.spec.api_keys_file)
@@ -88,6 +99,7 @@ class Gateway:
                 Route("/health", self.health_endpoint, methods=["GET"]),
                 Route("/metrics", self.metrics_endpoint, methods=["GET"]),
                 Route("/v1/models", self.models_endpoint, methods=["GET"]),
+                Route("/openapi.json", self.openapi_endpoint, methods=["GET"]),
                 WebSocketRoute("/v1/ws", websocket_endpoint(self)),
                 *self.ollama.routes(),
             ],
@@ -97,9 +109,21 @@ class Gateway:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] in OPENAI_ENDPOINTS and scope["method"] == "POST":
-            await self.openai(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+            await self.openai(scope, receive, send)  # admits (and holds) the key itself
+            return
+        if self.keys.enabled and scope["type"] in ("http", "websocket") and scope["path"] not in PUBLIC_PATHS:
+            # Every other path, known or not, needs a key: a route added later cannot be open
+            # by accident, and an unknown path tells a stranger nothing.
+            _, refusal = self.admit(dict(scope["headers"]).get(b"authorization"), hold=False)
+            if refusal is not None:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 4401, "reason": "missing or invalid API key"})
+                    return
+                if scope["path"].startswith("/api/"):  # Ollama's error shape
+                    refusal.body = json.dumps({"error": json.loads(refusal.body)["error"]["message"]}).encode()
+                await as_response(refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
     @property
     def table(self) -> RoutingTable:
@@ -112,6 +136,7 @@ class Gateway:
         """Swap in the routes of a new desired state; streams already open keep going."""
         self.router.table = RoutingTable.from_state(state, previous=self.router.table)
         self.router.strategy = state.gateway.routing.strategy
+        self.context_limits = context_limits(state)
         self.state = state
         asyncio.get_running_loop().create_task(self.health.check_all())
 
@@ -170,8 +195,10 @@ class Gateway:
         if key is not None:
             self.key_limits.release(key)
 
-    def parse_request(self, raw: bytes) -> tuple[dict, str] | Answer:
-        """(body, canonical model) or the error answer for a bad request."""
+    def parse_request(self, raw: bytes, endpoint: str | None = None) -> tuple[dict, str] | Answer:
+        """(body, canonical model) or the error answer for a bad request. With `endpoint`,
+        the fields the gateway and its adapters read are checked too: a malformed request is
+        the client's 400, never a backend failure."""
         body = parse_json(raw)
         if isinstance(body, tuple):
             return self.reject(400, *body)
@@ -182,6 +209,10 @@ class Gateway:
         if model is None:
             known = ", ".join(sorted(self.table.names)) or "none"
             return self.reject(404, f"model {requested!r} not found; known models: {known}", "model_not_found")
+        if endpoint is not None:
+            problem = check_fields(endpoint, body, self.context_limits.get(model))
+            if problem is not None:
+                return self.reject(400, *problem)
         return body, model
 
     # -- small endpoints -------------------------------------------------------------------
@@ -195,6 +226,9 @@ class Gateway:
         return JSONResponse(
             {"status": "ok", "backends_healthy": healthy, "backends_total": len(backends), "backends": backends}
         )
+
+    async def openapi_endpoint(self, request: Request) -> Response:
+        return JSONResponse(openapi_document(list(self.table.names)))
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(self.upstreams()), media_type="text/plain; version=0.0.4")
@@ -216,6 +250,22 @@ class Gateway:
 def as_response(answer: Answer) -> Response:
     headers = {"retry-after": answer.retry_after} if answer.retry_after else None
     return Response(answer.body, answer.status, headers=headers, media_type=answer.content_type.decode())
+
+
+def context_limits(state: DesiredState) -> dict[str, int]:
+    """Per model, the most tokens one request can have: a slot's share of the context
+    (context_size / parallel), the largest among the model's backends. A backend running
+    elsewhere (`url`) counts only if its context_size is declared; otherwise its real
+    context is unknown and the model gets no limit here (the backend judges)."""
+    limits: dict[str, int] = {}
+    unknown: set[str] = set()
+    for backend in state.backends.values():
+        if backend.url and "context_size" not in backend.model_fields_set:
+            unknown.add(backend.model)
+            continue
+        per_slot = backend.context_size // backend.parallel
+        limits[backend.model] = max(limits.get(backend.model, 0), per_slot)
+    return {model: limit for model, limit in limits.items() if model not in unknown}
 
 
 def create_app(

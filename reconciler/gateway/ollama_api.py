@@ -4,6 +4,7 @@ calls routed like any other; answers and NDJSON streams are built from the OpenA
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from reconciler.gateway.adapters import Exchange
+from reconciler.gateway.openai_api import BodyTooLarge, read_body
 from reconciler.gateway.proxy import Answer, ProxyCall
 from reconciler.gateway.sse import iter_events
 
@@ -131,21 +133,31 @@ class OllamaSurface:
     async def _generate(self, request: Request, chat: bool) -> Response:
         g = self.gateway
         started = time.perf_counter()
-        raw = await request.body()
-        if len(raw) > g.spec.max_body_bytes:
-            return ollama_error(g.reject(413, "request body too large", "body_too_large"))
+        try:  # the same size and time limits as the OpenAI endpoints, while reading
+            async with asyncio.timeout(g.spec.idle_timeout):
+                raw = await read_body(request.receive, dict(request.scope["headers"]), g.spec.max_body_bytes)
+        except BodyTooLarge:
+            return ollama_error(g.reject(413, f"request body exceeds {g.spec.max_body_bytes} bytes", "body_too_large"))
+        except TimeoutError:
+            return ollama_error(g.reject(408, "request body not received in time", "body_timeout"))
         try:
             native = json.loads(raw)
-        except ValueError:
-            return ollama_error(g.reject(400, "request body is not valid JSON", "invalid_json"))
+        except ValueError:  # UnicodeDecodeError included
+            return ollama_error(g.reject(400, "request body is not valid JSON (UTF-8)", "invalid_json"))
         if not isinstance(native, dict):
             return ollama_error(g.reject(400, "request body must be a JSON object", "invalid_request"))
-        body = openai_body(native, chat)
+        try:
+            body = openai_body(native, chat)
+        except (AttributeError, TypeError, KeyError) as exc:  # a field of the wrong shape
+            return ollama_error(g.reject(400, f"malformed request: {exc}", "invalid_request"))
         endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        if chat and not body["messages"]:  # as with generate: loading the model, answered at once
+            return JSONResponse({"model": body["model"], "created_at": now_iso(),
+                                 "message": {"role": "assistant", "content": ""}, "done": True})  # fmt: skip
         if not chat and not native.get("prompt") and not native.get("raw"):
             # An empty generate request is Ollama's way to load a model: answer done at once.
             return JSONResponse({"model": body["model"], "created_at": now_iso(), "response": "", "done": True})
-        parsed = g.parse_request(json.dumps(body).encode())
+        parsed = g.parse_request(json.dumps(body).encode(), endpoint)
         if isinstance(parsed, Answer):
             return ollama_error(parsed)
         key, refusal = g.admit(request.headers.get("authorization"))

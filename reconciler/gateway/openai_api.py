@@ -99,7 +99,7 @@ class OpenAIEndpoints:
                 return
             except asyncio.CancelledError:
                 return
-            parsed = gateway.parse_request(raw)
+            parsed = gateway.parse_request(raw, scope["path"])
             if isinstance(parsed, Answer):
                 await send_answer(send, parsed)
                 return
@@ -144,3 +144,61 @@ def parse_json(raw: bytes) -> dict | tuple[str, str]:
     if not isinstance(body, dict):
         return "request body must be a JSON object", "invalid_request"
     return body
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _strings(value, allow_tokens: bool = False) -> bool:
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, list):
+        return False
+    for item in value:
+        if isinstance(item, str):
+            continue
+        if not allow_tokens:
+            return False
+        tokens = item if isinstance(item, list) else [item]  # token ids, or lists of them
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            return False
+    return True
+
+
+def check_fields(endpoint: str, body: dict, context: int | None) -> tuple[str, str] | None:
+    """(what is wrong, error code) for the fields the gateway or an adapter reads, else None.
+    Everything else is the backend's to judge."""
+    if "stream" in body and not isinstance(body["stream"], bool):
+        return "'stream' must be true or false", "invalid_request"
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is None:
+            continue
+        if not _is_count(value):
+            return f"'{field}' must be a positive integer", "invalid_max_tokens"
+        if context is not None and value > context:
+            return (
+                f"'{field}' is {value}, more than this model's context per request ({context} tokens: "
+                "the backend's context_size / parallel); ask for fewer", "max_tokens_too_large",
+            )  # fmt: skip
+    if "n" in body and body["n"] is not None and not _is_count(body["n"]):
+        return "'n' must be a positive integer", "invalid_request"
+    if endpoint == "/v1/chat/completions":
+        messages = body.get("messages")
+        if not isinstance(messages, list):  # an empty list is the backend's to judge
+            return "'messages' must be a list of messages", "invalid_messages"
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                return "each message must be an object with a string 'role'", "invalid_messages"
+            content = message.get("content")
+            parts_ok = isinstance(content, list) and all(isinstance(p, dict) for p in content)
+            if content is not None and not isinstance(content, str) and not parts_ok:
+                return "a message's 'content' must be a string, a list of parts or null", "invalid_messages"
+    elif endpoint == "/v1/completions":
+        if not _strings(body.get("prompt"), allow_tokens=True):
+            return "'prompt' must be a string or a list of strings", "invalid_prompt"
+    elif endpoint == "/v1/embeddings":
+        if not _strings(body.get("input"), allow_tokens=True):
+            return "'input' must be a string or a list of strings", "invalid_input"
+    return None

