@@ -98,7 +98,7 @@ def test_partition_loses_no_request_and_routes_away(netns, tmp_path):
             "b2": {"kind": "vllm", "model": "m", "port": 9000, "url": "http://10.203.2.2:9000"},
         },
         "gateway": {"port": 8000, "health_interval": 0.5, "connect_timeout": 0.5,
-                    "idle_timeout": 2.0, "first_byte_timeout": 2.0,
+                    "idle_timeout": 5.0, "first_byte_timeout": 5.0,
                     "routing": {"strategy": "round-robin"}},
     }  # fmt: skip
     path = tmp_path / "gw.yaml"
