@@ -220,11 +220,13 @@ def test_clean_cuts_model_loops():
 
 def test_this_repository():
     g = analyze_structure(REPO).graph
-    assert g.names["reconciler/cli.py"] == "reconciler.cli"
-    assert "reconciler/config/loader.py" in g.successors("reconciler/cli.py")
-    assert "reconciler/analyze/command.py" in g.successors("reconciler/cli.py")
+    cli = "reconciler/cli/__init__.py"
+    assert g.names[cli] == "reconciler.cli"
+    assert "reconciler/cli/host.py" in g.successors(cli)
+    assert "reconciler/config/loader.py" in g.successors("reconciler/cli/common.py")
+    assert "reconciler/analyze/command.py" in g.successors("reconciler/cli/pipeline.py")
     assert "reconciler/config/schema.py" in g.successors("reconciler/config/loader.py")
-    assert "script 'tensorforge' in pyproject.toml" in g.entry_points["reconciler/cli.py"]
+    assert "script 'tensorforge' in pyproject.toml" in g.entry_points[cli]
     assert not any(p.startswith((".venv/", ".cache/")) for p in g.modules)  # .gitignore'd
     assert any(p.endswith(".nix") for p in g.modules)
 

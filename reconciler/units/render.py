@@ -42,6 +42,8 @@ _PLAIN_ARG_RE = re.compile(r"^[A-Za-z0-9_./:=,+@-]+$")
 # Paths under these are hidden by ProtectHome=yes / replaced by PrivateTmp=yes.
 _HOME_ROOTS = ("/home/", "/root/", "/run/user/")
 _TMP_ROOTS = ("/tmp/", "/var/tmp/")
+# The directory the `reconciler` package is imported from (a checkout, or site-packages).
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 class UnitRenderError(ValueError):
@@ -157,6 +159,17 @@ def _resolve_executable(argv: list[str]) -> list[str]:
     return argv
 
 
+def _tmp_binds(read_paths: list[str], executable: str) -> list[str]:
+    """What lives under /tmp that the unit needs, since PrivateTmp hides the host's /tmp: the
+    model files' directories, the prefix (venv) holding the executable, and the checkout an
+    editable install imports TensorForge from."""
+    wanted = {str(Path(p).parent) for p in read_paths}
+    if executable.startswith("/"):
+        wanted.add(str(Path(executable).parent.parent))
+    wanted.add(str(_PACKAGE_ROOT))
+    return sorted(p for p in wanted if p.startswith(_TMP_ROOTS))
+
+
 def render_unit(spec: UnitSpec) -> str:
     """The unit file text for one service; raises UnitRenderError naming a bad field."""
     if spec.kind not in (*KINDS, "gateway", "reconciler"):
@@ -171,7 +184,7 @@ def render_unit(spec: UnitSpec) -> str:
     # The interpreter behind a venv's python may live in a home directory (pyenv).
     paths = [*spec.read_paths, *spec.write_paths, argv[0], os.path.realpath(argv[0])]
     under_home = any(p.startswith(_HOME_ROOTS) for p in paths)
-    tmp_binds = sorted({str(Path(p).parent) for p in spec.read_paths if p.startswith(_TMP_ROOTS)})
+    tmp_binds = _tmp_binds(spec.read_paths, argv[0])
     context = {
         "unit": spec.name,
         "kind": spec.kind,
