@@ -35,6 +35,21 @@ def driver_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unit-dir", help="systemd unit directory (default /etc/systemd/system); implies systemd",
     )  # fmt: skip
+    gpus_arg(parser)
+
+
+def gpus_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpus-from", metavar="FILE",
+        help="plan against the GPUs in this JSON file instead of NVML (e.g. a B200 node's)",
+    )  # fmt: skip
+
+
+def gpu_inventory(args: argparse.Namespace):
+    """The inventory --gpus-from names, or None for the real one (NVML)."""
+    from reconciler.gpu.inventory import load_inventory
+
+    return load_inventory(args.gpus_from) if getattr(args, "gpus_from", None) else None
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -9,7 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from reconciler.cli.common import config_arg, driver_args, gateway_url, load_state
+from reconciler.cli.common import (
+    config_arg,
+    driver_args,
+    gateway_url,
+    gpu_inventory,
+    gpus_arg,
+    load_state,
+)
 from reconciler.config.loader import load_desired_state
 from reconciler.paths import state_dir
 
@@ -103,7 +110,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     unit_dir = Path(args.unit_dir) if args.unit_dir else None
     driver = args.driver or ("systemd" if unit_dir else None)
-    controller = Controller(args.config, driver=driver, unit_dir=unit_dir)
+    controller = Controller(args.config, driver=driver, unit_dir=unit_dir, gpus=gpu_inventory(args))
     actions = controller.plan()
     changes = [a for a in actions if a.kind.value in ("start", "restart", "stop")]
     for action in actions:
@@ -119,7 +126,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.controller import Controller
 
     unit_dir = Path(args.unit_dir) if args.unit_dir else None
-    controller = Controller(args.config, driver=args.driver, unit_dir=unit_dir)
+    controller = Controller(args.config, driver=args.driver, unit_dir=unit_dir, gpus=gpu_inventory(args))
     started = time.monotonic()
     ok = controller.wait_healthy(args.timeout)
     state = controller.desired
@@ -142,7 +149,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from reconciler.units.render import reconciler_unit_spec, render_unit, unit_file_name
 
     out = Path(args.out)
-    controller = Controller(args.config, driver="systemd", unit_dir=out)
+    controller = Controller(args.config, driver="systemd", unit_dir=out, gpus=gpu_inventory(args))
     units = controller.desired_units()
     argv = [sys.executable, "-m", "reconciler.cli", "up", "--driver", "systemd"]
     if args.config:
@@ -206,4 +213,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("render", help="write the systemd units for a desired state, nothing else")
     config_arg(p)
     p.add_argument("--out", "-o", required=True, help="directory to write the unit files to")
+    gpus_arg(p)
     p.set_defaults(func=cmd_render)

@@ -47,6 +47,28 @@ class StaticInventory:
         return self._reason
 
 
+def load_inventory(path: str) -> StaticInventory:
+    """GPUs described in a JSON file (a list of GpuInfo fields, sizes in bytes), so a host's
+    placement can be planned and its units rendered on another machine."""
+    import json
+    from dataclasses import fields
+
+    allowed = {f.name for f in fields(GpuInfo)}
+    try:
+        entries = json.loads(open(path, encoding="utf-8").read())
+        gpus = []
+        for number, entry in enumerate(entries):
+            unknown = set(entry) - allowed
+            if unknown:
+                raise ValueError(f"[{number}]: unknown keys {sorted(unknown)}; use {sorted(allowed)}")
+            if entry.get("compute_capability") is not None:
+                entry = {**entry, "compute_capability": tuple(entry["compute_capability"])}
+            gpus.append(GpuInfo(**entry))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a GPU inventory: {exc}") from None
+    return StaticInventory(gpus, reason=f"GPUs from {path}")
+
+
 class NvmlInventory:
     """The real inventory. `reason` says why it is empty when it is."""
 
