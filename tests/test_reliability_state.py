@@ -89,6 +89,18 @@ def test_reconciler_killed_mid_apply_converges_next_time(tmp_path, state_dir, sm
     assert our_processes(state_dir) == []
 
 
+def _pids_mentioning(marker: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if str(marker).encode() in (proc / "environ").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
 def mount_tmpfs(target: Path, options: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
@@ -127,6 +139,8 @@ def test_full_state_dir_gives_clear_error_and_keeps_old_state(tmp_path):
         assert json.loads(status.read_text())["marker"] == "old"
         assert not [p for p in state.rglob(".*.tmp")]
     finally:
+        for pid in _pids_mentioning(state):  # what apply started before the disk refused it
+            os.kill(pid, signal.SIGKILL)
         umount(state)
 
 
