@@ -133,8 +133,13 @@ def test_server_start_status_stop(tmp_path, state_dir, smollm2_path):
         assert data["supervisor"]["running"]
         units = {u["unit"]: u for u in data["units"]}
         assert set(units) == {"backend-a", "backend-b", "gateway"}
+        # status.json is refreshed every reconcile pass: health appears within a pass or two.
+        deadline = time.monotonic() + 15
         human = cli("status", "--config", str(config))
-        assert "backend-a" in human.stdout and "healthy" in human.stdout
+        while "healthy" not in human.stdout and time.monotonic() < deadline:
+            time.sleep(0.5)
+            human = cli("status", "--config", str(config))
+        assert "backend-a" in human.stdout and "healthy" in human.stdout, human.stdout
         for unit in units.values():
             assert unit["pid"] and Path(f"/proc/{unit['pid']}").exists()
     finally:
