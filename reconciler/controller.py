@@ -19,7 +19,7 @@ from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
 from reconciler.config.schema import DesiredState
 from reconciler.drain import drained
-from reconciler.drivers.atomic import write_atomic
+from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.process import ProcessDriver
 from reconciler.drivers.systemd import SystemdDriver, systemd_booted, unit_dir_writable
 from reconciler.gpu.inventory import GpuInventory, NvmlInventory
@@ -82,6 +82,7 @@ class Controller:
         self.run_gateway = run_gateway
         self.desired = self._load()
         self.state_dir = state or state_dir(self.desired.state_dir)
+        sweep_orphans(self.state_dir)  # status.json written by a reconciler killed mid-write
         self.models_dir = models_dir(self.desired.models_dir)
         if driver is None or isinstance(driver, str):
             driver = make_driver(driver, self.state_dir, unit_dir)

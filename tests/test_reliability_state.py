@@ -75,9 +75,10 @@ def test_reconciler_killed_mid_apply_converges_next_time(tmp_path, state_dir, sm
     try:
         for record in units.glob("*.json"):
             json.loads(record.read_text())  # never half-written
-        assert not list(units.glob(".*.tmp"))
+        # A temporary file may be left if the kill landed mid-write; the next run sweeps it.
         again = cli("apply", "--config", str(config), "--timeout", "60")
         assert again.returncode == 0, again.stderr
+        assert not list(state_dir.rglob(".*.tmp"))
         records = {p.stem: json.loads(p.read_text()) for p in units.glob("*.json")}
         assert set(records) == {"backend-a", "backend-b"}
         # Adopted, not duplicated: exactly one server process per backend.
@@ -174,3 +175,30 @@ def test_models_dir_too_small_refuses_before_downloading(tmp_path):
         assert all(not name.endswith((".gguf", ".partial")) for name in leftovers), leftovers
     finally:
         umount(models)
+
+
+def test_temporary_files_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
+    from reconciler.drivers.atomic import sweep_orphans, write_atomic
+
+    # A real writer SIGKILLed between creating its temporary file and renaming it.
+    script = (
+        "import os, sys, tempfile\n"
+        "fd, _ = tempfile.mkstemp(dir=sys.argv[1], prefix=f'.status.json.{os.getpid()}.', suffix='.tmp')\n"
+        "os.write(fd, b'{\"half')\n"
+        "print('written', flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )  # fmt: skip
+    writer = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "written"
+    live = list(tmp_path.glob(".*.tmp"))
+    assert len(live) == 1
+    assert sweep_orphans(tmp_path) == []  # its writer is alive: never pull a file from under it
+    writer.kill()
+    writer.wait()
+    foreign = tmp_path / ".someone-else.tmp"  # not in our name format: not ours to remove
+    foreign.write_text("x")
+    assert sweep_orphans(tmp_path) == live
+    assert list(tmp_path.glob(".*.tmp")) == [foreign]
+    write_atomic(tmp_path / "status.json", "{}")
+    assert (tmp_path / "status.json").read_text() == "{}"
+    assert list(tmp_path.glob(".*.tmp")) == [foreign]

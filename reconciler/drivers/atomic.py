@@ -1,4 +1,9 @@
-"""Write a file so that readers see the old content or the new one, never half of either."""
+"""Write a file so that readers see the old content or the new one, never half of either.
+
+A writer killed between creating its temporary file and renaming it (SIGKILL, power loss)
+leaves that file behind. Its name carries the writer's pid, so the next writer can sweep the
+orphans of dead writers without touching a live writer's file.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from pathlib import Path
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        )
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
@@ -32,3 +39,37 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
         os.fsync(dir_fd)  # the rename itself survives a crash only once the directory is synced
     finally:
         os.close(dir_fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def sweep_orphans(directory: Path, prefix: str = "") -> list[Path]:
+    """Remove temporary files left by writers that died mid-write; return what was removed.
+
+    `prefix` narrows the sweep in shared directories (/etc/systemd/system) to our own names.
+    """
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for tmp in directory.glob(f".{prefix}*.tmp"):
+        # .NAME.PID.RANDOM.tmp; NAME itself may contain dots, so read the pid from the right.
+        parts = tmp.name[1:].removesuffix(".tmp").rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue  # not ours
+        pid = int(parts[1])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass  # gone already, or a read-only directory: the next writer retries
+    return removed

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from reconciler.drivers.atomic import write_atomic
+from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.plan import DesiredUnit, ObservedUnit
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class ProcessDriver:
         self.units_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen] = {}
+        for orphan in sweep_orphans(self.units_dir):
+            log.info("removed %s, left by a writer that died mid-write", orphan)
 
     # -- records -------------------------------------------------------------------------
     def _path(self, name: str) -> Path:

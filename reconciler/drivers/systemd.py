@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.backends.health import BackendHealth, Health
-from reconciler.drivers.atomic import write_atomic
+from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit
 from reconciler.units.render import MANAGED_MARKER, UNIT_PREFIX, unit_file_name
 
@@ -95,6 +95,7 @@ class SystemdDriver:
         found: dict[str, str] = {}
         if not self.unit_dir.is_dir():
             return found
+        sweep_orphans(self.unit_dir, prefix=UNIT_PREFIX)
         for path in sorted(self.unit_dir.glob(f"{UNIT_PREFIX}*.service")):
             try:
                 text = path.read_text(encoding="utf-8")
