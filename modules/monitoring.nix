@@ -60,6 +60,10 @@ in
   };
 
   config = mkIf (cfg.enable && mon.enable) {
+    warnings = lib.optional (
+      mon.prometheus.enable && cfg.gateway.enable && cfg.gateway.apiKeysFile != null && mon.scrapeKeyFile == null
+    ) "services.tensorforge.gateway.apiKeysFile is set but services.tensorforge.monitoring.scrapeKeyFile is not: the gateway's /metrics answers 401 to Prometheus. Put one of the keys in a file the prometheus user can read and point scrapeKeyFile at it.";
+
     services.prometheus = mkIf mon.prometheus.enable {
       enable = mkDefault true;
       globalConfig = {

@@ -189,6 +189,18 @@ in
         example = "5s";
         description = "How often Prometheus scrapes TensorForge's targets.";
       };
+      scrapeKeyFile = mkOption {
+        # A string, not a path: a path literal would copy the key into the world-readable store.
+        type = types.nullOr (types.strMatching "/.+");
+        default = null;
+        example = "/run/secrets/tensorforge-prometheus-key";
+        description = ''
+          File holding one of the gateway's API keys, which Prometheus presents
+          (`authorization.credentials_file`) to scrape the gateway's `/metrics`. Needed when
+          {option}`services.tensorforge.gateway.apiKeysFile` is set: with keys on, `/metrics`
+          answers 401 without one. The `prometheus` user must be able to read it.
+        '';
+      };
       openFirewall = mkOption {
         type = types.bool;
         default = false;

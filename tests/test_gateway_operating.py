@@ -128,7 +128,7 @@ def test_body_limit_and_bad_requests_are_openai_errors(keyed):
 def test_metrics_have_exactly_the_contracted_names_and_labels(keyed):
     httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=bearer(KEYS[0]))
     httpx.post(f"{keyed}/v1/chat/completions", json=CHAT)  # a rejection
-    text = httpx.get(f"{keyed}/metrics").text
+    text = httpx.get(f"{keyed}/metrics", headers=bearer(KEYS[1])).text
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
     assert types == {n: k for n, (k, _) in METRIC_NAMES.items()}
     for name, (_kind, labels) in METRIC_NAMES.items():

@@ -355,3 +355,22 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test():
             (firing if check["exp_alerts"] else quiet).add(check["alertname"])
     assert names - firing == set(), "alerts without a firing test"
     assert names - quiet == set(), "alerts without a quiet test"
+
+
+def test_keys_without_a_scrape_key_are_warned_about_by_name(tmp_path: Path, caplog):
+    config = tmp_path / "fleet.yaml"
+    keyed = {**FLEET, "gateway": {**FLEET.get("gateway", {}), "api_keys_file": "/etc/tf/keys"}}
+    config.write_text(yaml.safe_dump(keyed))
+    with caplog.at_level("WARNING"):
+        assert main(["monitoring-config", "--config", str(config), "--out", str(tmp_path / "a")]) == 0
+    assert f"{config}: " in caplog.text and "monitoring.scrape_key_file" in caplog.text
+    assert "WARNING: gateway.api_keys_file is set" in (tmp_path / "a" / "prometheus.yml").read_text()
+
+    caplog.clear()
+    keyed["monitoring"] = {**keyed.get("monitoring", {}), "scrape_key_file": "/etc/tf/prometheus-key"}
+    config.write_text(yaml.safe_dump(keyed))
+    assert main(["monitoring-config", "--config", str(config), "--out", str(tmp_path / "b")]) == 0
+    assert "scrape_key_file" not in caplog.text
+    written = yaml.safe_load((tmp_path / "b" / "prometheus.yml").read_text())
+    gateway = next(j for j in written["scrape_configs"] if j["job_name"] == "tensorforge-gateway")
+    assert gateway["authorization"] == {"type": "Bearer", "credentials_file": "/etc/tf/prometheus-key"}

@@ -59,6 +59,14 @@ NO_GATEWAY = """{
   monitoring.enable = true;
 }"""
 
+# API keys on: Prometheus presents one to scrape the gateway's /metrics.
+KEYED = """{
+  models.m = { source = "path:/m"; file = "m.gguf"; };
+  backends.only = { kind = "llamacpp"; model = "m"; port = 8080; };
+  gateway.apiKeysFile = "/run/credentials/tensorforge-gateway.service/api-keys";
+  monitoring = { enable = true; scrapeKeyFile = "@KEY@"; };
+}"""
+
 
 def nix_eval(expr: str) -> Any:
     result = subprocess.run(
@@ -88,8 +96,9 @@ def host_settings(name: str) -> str:
 
 @pytest.mark.parametrize(
     "settings",
-    [*(host_settings(h) for h in HOSTS), EVERY_KIND, MINIMAL, NO_GATEWAY],
-    ids=[*HOSTS, "every-kind", "minimal", "no-gateway"],
+    [*(host_settings(h) for h in HOSTS), EVERY_KIND, MINIMAL, NO_GATEWAY,
+     KEYED.replace("@KEY@", "/run/secrets/prometheus-key")],
+    ids=[*HOSTS, "every-kind", "minimal", "no-gateway", "keyed"],
 )
 def test_nix_scrape_jobs_equal_the_python_ones(settings: str):
     nix_jobs, python_jobs, _ = both_sides(settings)
@@ -158,3 +167,23 @@ def test_promtool_accepts_the_nix_jobs(tmp_path: Path):
         ["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
+def test_keyed_gateway_is_scraped_with_the_key_file(tmp_path: Path):
+    import yaml
+
+    key = tmp_path / "prometheus-key"
+    key.write_text("sk-scrape\n")
+    jobs, _, state = both_sides(KEYED.replace("@KEY@", str(key)))
+    gateway = next(j for j in jobs if j["job_name"] == "tensorforge-gateway")
+    assert gateway["authorization"] == {"type": "Bearer", "credentials_file": str(key)}
+    assert all("authorization" not in j for j in jobs if j is not gateway)  # the key goes nowhere else
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "15s"}, "scrape_configs": jobs}))
+    result = subprocess.run(
+        ["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    key.unlink()  # promtool checks that the file is there
+    assert subprocess.run(["promtool", "check", "config", str(config)], capture_output=True).returncode != 0

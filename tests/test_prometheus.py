@@ -127,8 +127,8 @@ def wait_for(prom: str, expr: str, timeout: float = 20.0) -> None:
     raise AssertionError(f"no series for {expr} after {timeout}s")
 
 
-def live_metrics_check(url: str) -> str:
-    response = httpx.get(url, timeout=5)
+def live_metrics_check(url: str, headers: dict | None = None) -> str:
+    response = httpx.get(url, timeout=5, headers=headers)
     assert response.status_code == 200, f"{url} answered {response.status_code}: no metrics served"
     text = response.text
     result = subprocess.run(
@@ -164,7 +164,12 @@ def test_real_prometheus_answers_every_dashboard_and_alert_query(
     )
     gpus = MetricsServer(gpu_registry(inventory, lambda: {0: ["cpu"]}), "127.0.0.1", free_port())
     try:
-        config = smollm2_config(llama_server, free_port())
+        # API keys on: /metrics needs one too, and Prometheus presents its own from a file.
+        keys, scrape_key = tmp_path / "api-keys", tmp_path / "prometheus-key"
+        keys.write_text("sk-client\nsk-prometheus\n")
+        scrape_key.write_text("sk-prometheus\n")
+        auth = {"Authorization": "Bearer sk-client"}
+        config = smollm2_config(llama_server, free_port(), api_keys_file=str(keys))
         gateway = run_gateway(config)
         state = DesiredState.model_validate(
             {
@@ -174,6 +179,7 @@ def test_real_prometheus_answers_every_dashboard_and_alert_query(
                     "enable": True,
                     "reconciler_metrics_port": reconciler.server.port,
                     "gpu_exporter_port": gpus.port,
+                    "scrape_key_file": str(scrape_key),
                 },
             }
         )
@@ -184,7 +190,7 @@ def test_real_prometheus_answers_every_dashboard_and_alert_query(
         prom = prometheus_server(out / "prometheus.yml")
 
         # Traffic: plain and streaming completions, and one request for an unknown model.
-        with httpx.Client(base_url=gateway, timeout=30) as client:
+        with httpx.Client(base_url=gateway, timeout=30, headers=auth) as client:
             for i in range(3):
                 body = {
                     "model": "smollm2",
@@ -201,7 +207,8 @@ def test_real_prometheus_answers_every_dashboard_and_alert_query(
             assert client.post("/v1/chat/completions", json=missing).status_code == 404
 
         # promtool accepts what the gateway and the exporters actually serve.
-        gateway_text = live_metrics_check(gateway + "/metrics")
+        assert httpx.get(gateway + "/metrics", timeout=5).status_code == 401
+        gateway_text = live_metrics_check(gateway + "/metrics", headers=auth)
         assert "tensorforge_gateway_requests_total" in gateway_text
         live_metrics_check(reconciler.server.url)
         live_metrics_check(gpus.url)

@@ -70,7 +70,14 @@ let
       backends = desired.backends or { };
     in
     (if gateway.enable then
-      [ (job "tensorforge-gateway" "${local gateway.host}:${toString gateway.port}" hostLabel "http" "/metrics") ]
+      [
+        ((job "tensorforge-gateway" "${local gateway.host}:${toString gateway.port}" hostLabel "http" "/metrics")
+          # With API keys on, /metrics answers 401 to a scraper without one.
+          // (if (monitoring.scrape_key_file or null) != null then
+            { authorization = { type = "Bearer"; credentials_file = monitoring.scrape_key_file; }; }
+          else
+            { }))
+      ]
     else
       [ ])
     ++ (if monitoring.enable then

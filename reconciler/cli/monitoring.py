@@ -13,9 +13,12 @@ log = logging.getLogger("tensorforge")
 
 
 def cmd_monitoring_config(args: argparse.Namespace) -> int:
-    from reconciler.monitoring.prometheus import write_bundle
+    from reconciler.monitoring.prometheus import scrape_key_warning, write_bundle
 
     state = load_state(args)
+    warning = scrape_key_warning(state)
+    if warning:
+        log.warning("%s: %s", args.config or "embedded default", warning)
     written = write_bundle(state, Path(args.out), args.scrape_interval)
     for path in written:
         print(path)

@@ -223,6 +223,11 @@ class MonitoringSpec(Strict):
     reconciler_metrics_port: Port = 9310
     gpu_exporter_port: Port = 9311
     scrape_interval: Text = "15s"
+    scrape_key_file: Text | None = Field(
+        None,
+        description="File holding one gateway API key, which Prometheus presents to scrape the "
+        "gateway's /metrics when gateway.api_keys_file is set (None: scrape without a key).",
+    )
 
 
 class DesiredState(Strict):

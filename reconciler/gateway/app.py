@@ -45,7 +45,7 @@ STARTUP_HEALTH_WAIT = 1.0  # serve after this long even if a backend's probe han
 KEYS_POLL_SECONDS = 1.0
 # Answered without a key even when keys are on: liveness, and Prometheus scraping (counters
 # and backend names only; bind the gateway to 127.0.0.1 or firewall it, see docs/reliability.md).
-PUBLIC_PATHS = frozenset(("/health", "/metrics"))
+PUBLIC_PATHS = frozenset(("/health",))  # /metrics too needs a key: Prometheus sends one
 
 
 def upstream_timeout(spec: GatewaySpec) -> httpx.Timeout:

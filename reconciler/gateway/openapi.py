@@ -113,7 +113,7 @@ def openapi_document(models: list[str] | None = None) -> dict:
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "paths": {
             "/health": get("gateway and backend health", secured=False),
-            "/metrics": get("Prometheus metrics", secured=False),
+            "/metrics": get("Prometheus metrics"),
             "/openapi.json": get("this document"),
             "/v1/models": get("served models and their aliases"),
             "/v1/chat/completions": post("chat completion", _body(["model", "messages"], chat)),

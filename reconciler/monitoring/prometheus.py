@@ -65,7 +65,14 @@ def scrape_config(
     jobs = []
     if state.gateway.enable:
         g = state.gateway
-        jobs.append(_job(GATEWAY_JOB, targets.gateway or f"{_local(g.host)}:{g.port}", host))
+        job = _job(GATEWAY_JOB, targets.gateway or f"{_local(g.host)}:{g.port}", host)
+        if state.monitoring.scrape_key_file:
+            # With API keys on, /metrics answers 401 to a scraper without one.
+            job["authorization"] = {
+                "type": "Bearer",
+                "credentials_file": state.monitoring.scrape_key_file,
+            }
+        jobs.append(job)
     if state.monitoring.enable:
         m = state.monitoring
         jobs.append(
@@ -82,6 +89,18 @@ def scrape_config(
         config["rule_files"] = list(rule_files)
     config["scrape_configs"] = jobs
     return config
+
+
+def scrape_key_warning(state: DesiredState) -> str | None:
+    """Why Prometheus would see the gateway as down, if it would."""
+    g = state.gateway
+    if g.enable and g.api_keys_file and not state.monitoring.scrape_key_file:
+        return (
+            "gateway.api_keys_file is set but monitoring.scrape_key_file is not: the gateway's "
+            "/metrics answers 401 to Prometheus; put one of the keys in a file Prometheus can "
+            "read and set monitoring.scrape_key_file to it"
+        )
+    return None
 
 
 def without_metrics(state: DesiredState) -> list[str]:
@@ -101,6 +120,9 @@ def render(state: DesiredState, **kwargs) -> str:
         )
     if not state.monitoring.enable:
         header.append("# monitoring.enable is false: no reconciler or GPU exporter jobs.")
+    warning = scrape_key_warning(state)
+    if warning:
+        header.append(f"# WARNING: {warning}")
     body = yaml.safe_dump(scrape_config(state, **kwargs), sort_keys=False, default_flow_style=False)
     return "\n".join(header) + "\n" + body
 
