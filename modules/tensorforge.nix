@@ -56,6 +56,11 @@ let
   desiredFile = pkgs.writeText "tensorforge-desired.json" (builtins.toJSON desired);
 
   hardening = import ./tensorforge/hardening.nix;
+
+  # The reconciler marks a backend here before it stops it; the gateway, another DynamicUser,
+  # takes it out of routing (reconciler/drain.py). Not under stateDir: a DynamicUser's state
+  # lives in /var/lib/private, which no other unit can enter.
+  drainDir = "/run/tensorforge/drain";
 in
 {
   imports = [
@@ -304,6 +309,7 @@ in
         # Backends are children of this unit, inside its sandbox: the systemd driver would
         # need root to write units, which this unit deliberately does not have.
         TF_DRIVER = "process";
+        TF_DRAIN_DIR = drainDir;
       } // lib.optionalAttrs cfg.gpu {
         # NVML (GPU inventory) and CUDA come from the driver, which NixOS links here.
         LD_LIBRARY_PATH = "/run/opengl-driver/lib";
@@ -327,6 +333,9 @@ in
         WorkingDirectory = cfg.stateDir;
         ReadWritePaths = lib.optional (!useStateDirectory) cfg.stateDir
           ++ lib.optional (cfg.modelsDir != null) cfg.modelsDir;
+        # /run/tensorforge, readable by the gateway for the drain marks (see drainDir).
+        RuntimeDirectory = "tensorforge";
+        RuntimeDirectoryMode = "0755";
       } // lib.optionalAttrs useStateDirectory {
         StateDirectory = lib.removePrefix "/var/lib/" cfg.stateDir;
         StateDirectoryMode = "0700";
@@ -340,7 +349,10 @@ in
       # Backends and models are reloaded from the file without a restart (no stream is cut);
       # the listen address, keys and limits need one.
       restartTriggers = [ (builtins.toJSON desired.gateway) ];
-      environment.PYTHONUNBUFFERED = "1";
+      environment = {
+        PYTHONUNBUFFERED = "1";
+        TF_DRAIN_DIR = drainDir;
+      };
       serviceConfig = hardening.common cfg // hardening.devices false // {
         Type = "exec";
         ExecStart = utils.escapeSystemdExecArgs [

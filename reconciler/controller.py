@@ -18,7 +18,7 @@ from reconciler.backends.commands import launch_for, model_reference
 from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
 from reconciler.config.schema import DesiredState
-from reconciler.drain import drained
+from reconciler.drain import DRAIN_DIR_ENV, drain_dir, drained
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.process import ProcessDriver
 from reconciler.drivers.systemd import SystemdDriver, systemd_booted, unit_dir_writable
@@ -160,7 +160,9 @@ class Controller:
             if self.config:
                 argv += ["--config", str(Path(self.config).resolve())]
             if systemd:  # the unit text holds argv; a config edit reaches it through `up`
-                spec = gateway_unit_spec(GATEWAY_UNIT, argv, state.gateway, self.config)
+                # Under its own user the gateway still finds the reconciler's drain marks.
+                env = {DRAIN_DIR_ENV: str(drain_dir(self.state_dir))}
+                spec = gateway_unit_spec(GATEWAY_UNIT, argv, state.gateway, self.config, env)
                 units[GATEWAY_UNIT] = DesiredUnit(GATEWAY_UNIT, render_unit(spec))
                 return units
             # The gateway restarts when its part of the desired state changes.
@@ -259,7 +261,7 @@ class Controller:
             backend_unit(n): b.health_timeout for n, b in self.desired.backends.items()
         }
         timeouts[GATEWAY_UNIT] = 60.0
-        failures = self.driver.apply(actions, desired, health, timeouts, self.ensure_model)
+        failures = self.driver.apply(actions, desired, health, timeouts, self.ensure_model, self._drained)
         for failure in failures:
             self.apply_failures[failure.unit] = failure.reason
         for action in actions:

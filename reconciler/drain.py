@@ -9,11 +9,16 @@ replica of the model, then stops it; the marker goes when the new process has be
 Needed because a stopped backend cannot be relied on to finish what it has: llama.cpp through
 xllamacpp stops listening at SIGTERM but stalls its open streams until it is killed, and any
 backend keeps answering on connections the gateway already holds open. Without a reachable
-gateway (none declared, or not up yet) nothing is waited for."""
+gateway (none declared, or not up yet) nothing is waited for.
+
+Where the gateway is its own service under another user (a systemd unit, the NixOS module),
+both get `TF_DRAIN_DIR`, and the directory and its markers are world-readable whatever the
+umask: they hold only backend names (public in the desired state) and a timestamp."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,12 +29,27 @@ import httpx
 log = logging.getLogger(__name__)
 
 DRAIN_DIR = "drain"
+DRAIN_DIR_ENV = "TF_DRAIN_DIR"
 DRAIN_TIMEOUT_SECONDS = 30.0
 DRAINING_DETAIL = "draining: the reconciler is about to stop it"
 
 
 def drain_dir(state: Path) -> Path:
+    """TF_DRAIN_DIR, else <state dir>/drain."""
+    if env := os.environ.get(DRAIN_DIR_ENV):
+        return Path(env)
     return state / DRAIN_DIR
+
+
+def _make_readable_dir(directory: Path) -> None:
+    """Create `directory` (and missing parents) readable by the gateway's user."""
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in (directory, *missing):
+        try:
+            os.chmod(path, 0o755)
+        except OSError:
+            pass  # not ours (an existing RuntimeDirectory): its owner chose the mode
 
 
 def draining(directory: Path | None) -> set[str]:
@@ -62,8 +82,9 @@ def drained(state: Path, gateway_url: str | None, backend: str, replicas: list[s
     `ack_timeout`: how long the gateway gets to take it out of routing at all (a gateway that
     reads another state directory never does; then the stop goes ahead)."""
     marker = drain_dir(state) / backend
-    marker.parent.mkdir(parents=True, exist_ok=True)
+    _make_readable_dir(marker.parent)
     marker.write_text(f"{time.time()}\n")
+    os.chmod(marker, 0o644)
     try:
         if gateway_url:
             _wait(gateway_url, backend, replicas, timeout, ack_timeout)

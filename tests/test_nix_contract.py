@@ -387,3 +387,13 @@ def test_cli_validates_the_yaml_examples():
             timeout=60,
         )
         assert result.returncode == 0, result.stderr
+
+
+def test_module_gives_both_services_one_drain_directory_outside_private_state():
+    """The reconciler and the gateway are two DynamicUsers on NixOS: the drain marks must be in
+    a directory both reach (not /var/lib/private), named to both by TF_DRAIN_DIR."""
+    text = (REPO / "modules" / "tensorforge.nix").read_text()
+    declared = re.search(r'drainDir = "(/run/tensorforge/[^"]+)";', text)
+    assert declared, "drainDir under the reconciler's RuntimeDirectory"
+    assert text.count("TF_DRAIN_DIR = drainDir;") == 2  # reconciler and gateway
+    assert 'RuntimeDirectory = "tensorforge";' in text and 'RuntimeDirectoryMode = "0755";' in text

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import pytest
 import yaml
 from conftest import free_port, our_processes, wait_http
 
-from reconciler.drain import drained, gateway_ready_to_stop
+from reconciler.drain import drain_dir, drained, draining, gateway_ready_to_stop
 from reconciler.drivers.process import process_alive
 from reconciler.gateway.app import create_app
 from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
@@ -336,3 +338,27 @@ def test_rolling_change_of_every_replica_loses_no_request(fleet):
           f"both replicas replaced {rolled_at - changed_at:.1f}s after the change; "
           f"longest gap with no replica answering /health {max(gaps, default=0):.2f}s; "
           + "; ".join(line.split(": ", 1)[-1] for line in drains))  # fmt: skip
+
+
+def test_drain_marks_reach_a_gateway_running_as_another_user(tmp_path, monkeypatch):
+    """Under systemd (and the NixOS module) the gateway is another user with its own HOME: it
+    finds the marks through TF_DRAIN_DIR, and can read them although the reconciler's units
+    run with UMask=0077."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another user needs root (CI runs as root)")
+    run = Path(tempfile.mkdtemp(prefix="tf-run-"))  # stands for /run: pytest's tmp is 0700
+    run.chmod(0o755)
+    shared = run / "tensorforge" / "drain"  # neither exists yet, as on a fresh boot
+    monkeypatch.setenv("TF_DRAIN_DIR", str(shared))
+    assert drain_dir(tmp_path / "private-state") == shared
+    old = os.umask(0o077)
+    try:
+        with drained(tmp_path / "private-state", None, "a", []):
+            listed = subprocess.run(["ls", str(shared)], user="nobody", capture_output=True, text=True)
+            assert listed.returncode == 0 and listed.stdout.split() == ["a"], listed.stderr
+            read = subprocess.run(["cat", str(shared / "a")], user="nobody", capture_output=True, text=True)
+            assert read.returncode == 0 and float(read.stdout), read.stderr
+        assert draining(shared) == set()
+    finally:
+        os.umask(old)
+        shutil.rmtree(run)

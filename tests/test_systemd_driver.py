@@ -3,6 +3,7 @@ one daemon-reload per pass, plan order, health waits, rollback, and the CLI's pl
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import textwrap
 from pathlib import Path
@@ -89,6 +90,39 @@ def test_apply_writes_reloads_once_and_acts_in_plan_order(tmp_path: Path) -> Non
     assert set(d.observe()) == {"backend-a", "gateway"}
 
 
+def test_running_units_are_drained_around_their_restart_and_stop(tmp_path: Path) -> None:
+    """A rolling change under systemd takes each backend out of the gateway's routing before
+    systemctl stops it, and lets it back only after, exactly as the process driver does."""
+    fake = FakeSystemctl()
+    d = driver(tmp_path, fake)
+    (tmp_path / "units").mkdir()
+    for name in ("backend-a", "backend-b"):
+        (tmp_path / "units" / f"tensorforge-{name}.service").write_text(unit(name, "v1").content)
+        fake.active[f"tensorforge-{name}.service"] = "active"
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def drain(name: str):
+        events.append(f"drain {name} (systemctl calls so far: {len(fake.verbs())})")
+        yield
+        events.append(f"undrain {name} after {fake.verbs()[-1]}")
+
+    desired = {"backend-a": unit("backend-a", "v2"), "backend-b": unit("backend-b", "v1"),
+               "backend-new": unit("backend-new", "v1")}  # fmt: skip
+    actions = [
+        Action(ActionKind.RESTART, "backend-a", "settings changed"),
+        Action(ActionKind.STOP, "backend-b", "placement refused"),
+        Action(ActionKind.START, "backend-new", "declared"),
+    ]
+    assert d.apply(actions, desired, healthy, {}, drain=drain) == []
+    assert events == [
+        "drain backend-a (systemctl calls so far: 1)",  # after the daemon-reload, before restart
+        "undrain backend-a after restart tensorforge-backend-a.service",
+        "drain backend-b (systemctl calls so far: 2)",
+        "undrain backend-b after stop tensorforge-backend-b.service",
+    ]  # a unit being started has nothing in flight: not drained
+
+
 def test_changed_unit_that_stays_unhealthy_is_rolled_back(tmp_path: Path) -> None:
     fake = FakeSystemctl()
     clock = iter(range(0, 1000, 5))
@@ -173,7 +207,7 @@ def host_yaml(tmp_path: Path, state_dir: Path) -> Path:
 
 
 def test_controller_apply_is_a_no_op_the_second_time(
-    tmp_path: Path, host_yaml: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, host_yaml: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FakeSystemctl()
     d = driver(tmp_path, fake)
@@ -190,6 +224,9 @@ def test_controller_apply_is_a_no_op_the_second_time(
     assert fake.verbs() == []
     text = (tmp_path / "units" / "tensorforge-backend-m-cpu.service").read_text()
     assert "ExecStart=" in text and "--ctx-size 1024" in text
+    # The gateway runs under its own user and HOME: it is told where the drain marks are.
+    gateway = (tmp_path / "units" / "tensorforge-gateway.service").read_text()
+    assert f'Environment="TF_DRAIN_DIR={state_dir / "drain"}"' in gateway.splitlines()
 
 
 def test_cli_render_then_plan_exit_codes(tmp_path: Path, host_yaml: Path, capsys) -> None:

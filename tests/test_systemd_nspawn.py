@@ -226,6 +226,9 @@ def test_apply_under_real_systemd(tmp_path: Path, smollm2_path: Path) -> None:
     apply3 = (out / "apply3.txt").read_text()
     assert (out / "apply3.rc").read_text().strip() == "1", apply3
     assert "restored the previous unit file" in apply3, apply3
+    # Before systemd restarted the backend, the gateway (a DynamicUser unit of its own, with
+    # PrivateUsers) read the reconciler's drain mark and took the backend out of routing.
+    assert "drained smollm2" in apply3 and "did not take" not in apply3, apply3
     assert (out / "after.service").read_text() == (out / "before.service").read_text()
     assert '"status":"ok"' in (out / "health-after.txt").read_text().replace(" ", ""), context
     reconciler = (out / "reconciler.txt").read_text()

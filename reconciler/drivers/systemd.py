@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,11 +219,13 @@ class SystemdDriver:
         health: Callable[[str], BackendHealth],
         timeouts: Mapping[str, float],
         ready: Callable[[str], bool] = lambda _unit: True,
+        drain: Callable[[str], AbstractContextManager] = lambda _unit: nullcontext(),
     ) -> list[ApplyFailure]:
         """Carry out one plan: write, one daemon-reload, act in plan order, wait, roll back.
 
         `ready(unit)` is asked before a unit is written (the controller pulls its model there);
-        `health(unit)` probes a running unit; `timeouts` bounds the wait per unit."""
+        `health(unit)` probes a running unit; `timeouts` bounds the wait per unit; `drain(unit)`
+        holds a running unit out of the gateway's routing while it is stopped or restarted."""
         self.failures = []
         previous = self.installed()
         todo: list[Action] = []
@@ -246,7 +249,8 @@ class SystemdDriver:
             todo.append(action)
         for action in todo:  # files of forgotten units go before the one reload
             if action.kind is ActionKind.STOP and action.unit not in desired:
-                self._call("stop", unit_file_name(action.unit), check=False)
+                with drain(action.unit):
+                    self._call("stop", unit_file_name(action.unit), check=False)
                 self.path(action.unit).unlink(missing_ok=True)
                 changed_files = True
         if changed_files:
@@ -257,14 +261,16 @@ class SystemdDriver:
             unit_name = unit_file_name(action.unit)
             if action.kind is ActionKind.STOP:
                 if action.unit in desired:
-                    self._call("stop", unit_name, check=False)
+                    with drain(action.unit):
+                        self._call("stop", unit_name, check=False)
                 else:
                     self._call("reset-failed", unit_name, check=False)
                 continue
             verb = "restart" if action.kind is ActionKind.RESTART else "start"
             # A unit that hit its start limit refuses to start until its counter is reset.
             self._call("reset-failed", unit_name, check=False)
-            result = self._call(verb, unit_name, check=False)
+            with drain(action.unit) if verb == "restart" else nullcontext():
+                result = self._call(verb, unit_name, check=False)
             if result.returncode != 0:
                 reason = f"systemctl {verb} failed: {(result.stderr or '').strip()[:200]}"
                 self._fail(action.unit, reason, previous, desired)

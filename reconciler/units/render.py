@@ -241,12 +241,15 @@ def backend_unit_spec(
     )
 
 
-def gateway_unit_spec(unit: str, argv: list[str], gateway: GatewaySpec, config: str | None) -> UnitSpec:
+def gateway_unit_spec(
+    unit: str, argv: list[str], gateway: GatewaySpec, config: str | None, env: dict[str, str] | None = None
+) -> UnitSpec:
     return UnitSpec(
         name=unit,
         kind="gateway",
         description="TensorForge OpenAI-compatible gateway",
         argv=argv,
+        env=dict(env or {}),
         # The gateway proxies to backends declared by URL, which may be on other hosts.
         local_only=False,
         read_paths=[p for p in (config, gateway.api_keys_file) if p],
