@@ -113,31 +113,43 @@ def smollm2_config(backend_url: str, gateway_port: int, **gateway) -> dict:
     }
 
 
+class Servers:
+    """Server subprocesses a test starts: each logs to a file and is waited for over HTTP;
+    `stop_all` ends them (SIGTERM, then SIGKILL after 10 s)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log: Path, ready_url: str, timeout: float = 20) -> None:
+        with log.open("wb") as out:
+            self.procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT))
+        wait_http(ready_url, timeout=timeout)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture
 def run_gateway(tmp_path: Path) -> Iterator:
     """Start `tensorforge gateway` as a subprocess for a desired-state dict; returns its URL."""
     import yaml
 
-    procs: list[subprocess.Popen] = []
+    servers = Servers()
 
     def start(config: dict) -> str:
-        path = tmp_path / f"gateway-{len(procs)}.yaml"
+        n = len(servers.procs)
+        path = tmp_path / f"gateway-{n}.yaml"
         path.write_text(yaml.safe_dump(config))
-        port = config["gateway"]["port"]
-        log = (tmp_path / f"gateway-{len(procs)}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "reconciler.cli", "gateway", "--config", str(path)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health", timeout=20)
+        url = f"http://127.0.0.1:{config['gateway']['port']}"
+        argv = [sys.executable, "-m", "reconciler.cli", "gateway", "--config", str(path)]
+        servers.start(argv, tmp_path / f"gateway-{n}.log", url + "/health")
         return url
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    servers.stop_all()

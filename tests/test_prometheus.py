@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import REPO, free_port, smollm2_config, wait_http
+from conftest import REPO, Servers, free_port, smollm2_config
 
 from reconciler.config.schema import DesiredState
 from reconciler.gpu.inventory import GpuInfo, StaticInventory
@@ -84,31 +84,19 @@ def all_expressions() -> list[tuple[str, str, str]]:
 @pytest.fixture
 def prometheus_server(tmp_path: Path) -> Iterator:
     """Start Prometheus on a free port for a configuration file; returns its URL."""
-    procs: list[subprocess.Popen] = []
+    servers = Servers()
 
     def start(config: Path) -> str:
-        port = free_port()
-        log = (tmp_path / "prometheus.log").open("wb")
-        proc = subprocess.Popen(
-            [
-                PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-            ],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/-/ready", timeout=20)
+        url = f"http://127.0.0.1:{free_port()}"
+        argv = [
+            PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn",
+        ]  # fmt: skip
+        servers.start(argv, tmp_path / "prometheus.log", url + "/-/ready")
         return url
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    servers.stop_all()
 
 
 def query(prom: str, expr: str) -> dict:

@@ -14,7 +14,7 @@ from reconciler.analyze.languages.base import (
     count_lines,
     node_text,
 )
-from reconciler.analyze.languages.treesitter import parse_tree
+from reconciler.analyze.languages.treesitter import parse_tree, walk
 
 IMPORTERS = {"import", "callPackage", "callPackages"}
 ROOT_ENTRIES = {"flake.nix", "default.nix", "shell.nix"}
@@ -76,14 +76,6 @@ def _bindings_of(node, kind: str) -> list[Definition]:
     return []
 
 
-def _walk(node):
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        yield current
-        stack.extend(reversed(current.named_children))
-
-
 class NixLanguage:
     name = "nix"
 
@@ -93,7 +85,7 @@ class NixLanguage:
         if tree.root_node.has_error:
             module.errors.append("tree-sitter reported syntax errors")
         module.definitions = _definitions(tree.root_node)
-        for node in _walk(tree.root_node):
+        for node in walk(tree.root_node):
             if node.type != "path_expression":
                 continue
             if any(c.type != "path_fragment" for c in node.named_children):

@@ -19,3 +19,12 @@ def _parser(grammar: str):
 def parse_tree(grammar: str, source: str):
     with _lock:  # parsers are not thread-safe; parsing is fast next to everything else
         return _parser(grammar).parse(source.encode("utf-8"))
+
+
+def walk(node):
+    """Every named node under `node`, in source order (iterative: deep trees are no problem)."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(reversed(current.named_children))

@@ -16,7 +16,7 @@ from reconciler.analyze.languages.base import (
     count_lines,
     node_text,
 )
-from reconciler.analyze.languages.treesitter import parse_tree
+from reconciler.analyze.languages.treesitter import parse_tree, walk
 
 DECLARATIONS = {
     "function_declaration": "function", "generator_function_declaration": "function",
@@ -59,14 +59,6 @@ def _declarations(node, line_of) -> list[Definition]:
     return found
 
 
-def _walk(node):
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        yield current
-        stack.extend(reversed(current.named_children))
-
-
 class TypeScriptLanguage:
     name = "typescript"
 
@@ -82,7 +74,7 @@ class TypeScriptLanguage:
         if tree.root_node.has_error:
             module.errors.append("tree-sitter reported syntax errors")
         module.definitions = _declarations(tree.root_node, lambda n: n.start_point[0] + 1)
-        for node in _walk(tree.root_node):
+        for node in walk(tree.root_node):
             line = node.start_point[0] + 1
             if node.type in ("import_statement", "export_statement"):
                 spec = _string(node.child_by_field_name("source"))
