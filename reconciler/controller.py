@@ -248,7 +248,7 @@ class Controller:
         replicas = [n for n, b in self.desired.backends.items() if b.model == backend.model and n != name]
         url = self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None  # type: ignore[index]
         ack = 3 * self.desired.gateway.health_interval + 2.0  # the gateway reads markers each round
-        return drained(self.state_dir, url, name, replicas, ack_timeout=ack)
+        return drained(self.state_dir, url, name, replicas, timeout=backend.drain_timeout, ack_timeout=ack)
 
     def _apply_systemd(self, actions: list[Action], desired: dict[str, DesiredUnit]) -> None:
         def health(unit: str) -> BackendHealth:

@@ -305,3 +305,29 @@ def test_a_new_unit_that_never_gets_healthy_backs_off(tmp_path: Path) -> None:
     assert "down after 1 failed start(s); retrying in" in actions[0].reason
     d.mark_healthy("backend-a")
     assert d.observe()["backend-a"].retry_at == 0.0
+
+
+def test_a_rolling_change_drains_each_backend_for_its_declared_time(
+    tmp_path: Path, host_yaml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeSystemctl()
+    controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
+    monkeypatch.setattr(
+        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
+    )
+    controller.reconcile_once()
+    calls = []
+
+    @contextlib.contextmanager
+    def drained(state, gateway_url, backend, replicas, timeout, ack_timeout):
+        calls.append((backend, gateway_url, timeout, [v for v in fake.verbs() if "restart" in v]))
+        yield
+
+    monkeypatch.setattr("reconciler.controller.drained", drained)
+    changed = host_yaml.read_text().replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600")
+    host_yaml.write_text(changed)
+    actions = controller.reconcile_once()
+    assert [(a.kind, a.unit) for a in actions] == [(ActionKind.RESTART, "backend-m-cpu")]
+    # Drained before systemctl restarted it, for as long as declared, through the local gateway.
+    assert calls == [("m-cpu", "http://127.0.0.1:18502", 600.0, [])]
+    assert "restart tensorforge-backend-m-cpu.service" in fake.verbs()

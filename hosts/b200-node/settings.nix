@@ -22,6 +22,9 @@ let
     gpuMemoryUtilization = 0.92;
     # Loading ~470 GB of safetensors (first start downloads them too) takes a while.
     healthTimeout = 3600;
+    # A thinking model's answer can stream for minutes: let it finish before a rolling change
+    # restarts the replica (the other one serves meanwhile).
+    drainTimeout = 600;
   };
 in
 {

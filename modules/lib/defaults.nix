@@ -12,6 +12,7 @@
     extraArgs = [ ];
     environment = { };
     healthTimeout = 180.0;
+    drainTimeout = 30.0;
   };
   gateway = {
     enable = true;

@@ -158,6 +158,16 @@ in
       example = 900;
       description = "Seconds to wait for the backend to become healthy (large models load slowly).";
     };
+    drainTimeout = mkOption {
+      type = types.addCheck types.number (x: x > 0);
+      default = d.drainTimeout;
+      example = 600;
+      description = ''
+        Seconds open requests (streams too) get to finish, once the gateway has stopped sending
+        new ones, before a rolling change stops or restarts this backend. Raise it for long
+        generations; a stream still open then is cut with an error event.
+      '';
+    };
 
     # NixOS only: not part of the desired state.
     package = mkOption {

@@ -142,6 +142,12 @@ class BackendSpec(Strict):
     extra_args: list[Text] = Field(default_factory=list)
     environment: dict[Text, Text] = Field(default_factory=dict)
     health_timeout: float = Field(180.0, gt=0, description="Seconds to wait for health.")
+    drain_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds open requests (streams too) get to finish, once the gateway stops "
+        "sending new ones, before the reconciler stops or restarts this backend.",
+    )
 
     @property
     def wire_protocol(self) -> str:
