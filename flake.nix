@@ -13,9 +13,14 @@
       ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
-      # Every directory under hosts/ is a host: hosts/<name>/default.nix (NixOS) and
-      # hosts/<name>/settings.nix (the same settings as plain data, for eval-desired.sh).
-      hostNames = lib.attrNames (lib.filterAttrs (_: type: type == "directory") (builtins.readDir ./hosts));
+      # Every directory under hosts/ with a default.nix is a host: hosts/<name>/default.nix
+      # (NixOS) and hosts/<name>/settings.nix (the same settings as plain data, for
+      # eval-desired.sh). Other directories (hosts/inventories: GPU inventories) are data.
+      hostNames = lib.attrNames (
+        lib.filterAttrs (
+          name: type: type == "directory" && builtins.pathExists ./hosts/${name}/default.nix
+        ) (builtins.readDir ./hosts)
+      );
       hostModules = name: [
         self.nixosModules.default
         ./hosts/${name}

@@ -397,3 +397,35 @@ def test_module_gives_both_services_one_drain_directory_outside_private_state():
     assert declared, "drainDir under the reconciler's RuntimeDirectory"
     assert text.count("TF_DRAIN_DIR = drainDir;") == 2  # reconciler and gateway
     assert 'RuntimeDirectory = "tensorforge";' in text and 'RuntimeDirectoryMode = "0755";' in text
+
+
+# -- the flake's outputs ---------------------------------------------------------------------------
+def test_flake_lists_the_promised_outputs_for_every_host():
+    """What `nix flake show` would list, evaluated here against a names-only stub of nixpkgs
+    (tests/nix/flake-shape.nix): the values need nixpkgs, the names do not."""
+    result = subprocess.run(
+        [NIX or "nix-instantiate", "--eval", "--strict", "--json", str(REPO / "tests" / "nix" / "flake-shape.nix")],
+        capture_output=True, text=True, env=nix_env(), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shape = json.loads(result.stdout)
+    hosts = sorted(p.parent.name for p in (REPO / "hosts").glob("*/default.nix"))
+    assert hosts == ["b200-node", "cpu-dev", "gateway-only"]
+    assert {"packages", "apps", "devShells", "formatter", "nixosModules", "nixosConfigurations",
+            "colmena", "checks"} <= set(shape["outputs"])  # fmt: skip
+    assert shape["inputs"] == ["nixpkgs"]
+    for system in ("x86_64-linux", "aarch64-linux"):
+        assert "default" in shape["packages"][system] and shape["apps"][system] == ["default"]
+        assert shape["devShells"][system] == ["default"] and system in shape["formatter"]
+    assert "default" in shape["nixosModules"]
+    # Every host, and nothing but hosts (hosts/inventories holds data, not a machine).
+    assert shape["nixosConfigurations"] == hosts
+    assert sorted(set(shape["colmena"]) - {"meta", "defaults"}) == hosts
+    assert all(shape["colmenaTags"][h] for h in hosts), shape["colmenaTags"]
+    checks = set(shape["checks"]["x86_64-linux"])
+    assert {"package", "contract", "vm-single-node", "vm-recovery", "vm-two-node"} <= checks
+    # Every host but the B200 one (CUDA, unfree driver) is built by `nix flake check`.
+    assert {c for c in checks if c.startswith("host-")} == {f"host-{h}" for h in hosts if h != "b200-node"}
+    tests = {t["name"]: t for t in shape["vmTests"]}
+    assert tests["tensorforge-two-node"]["nodes"] == ["backend", "gateway"]
+    assert all(t["hasScript"] and t["nodes"] for t in tests.values())
