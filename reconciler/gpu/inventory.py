@@ -132,6 +132,9 @@ class NvmlInventory:
             self._reason = f"NVML query failed: {exc}"
             log.warning("%s", self._reason)
             return []
+        if self._reason:
+            log.info("NVML answers again: %d GPU(s)", len(found))
+        self._reason = ""  # a failure that passed (a driver reset) must not be reported forever
         return found
 
 
