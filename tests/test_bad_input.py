@@ -80,7 +80,8 @@ def test_schemathesis_finds_no_server_error_and_no_traceback(gateway):
 def test_openapi_describes_every_http_route(gateway):
     base, app = gateway
     paths = httpx.get(base + "/openapi.json").json()["paths"]
-    routes = {r.path for r in app.app.routes if hasattr(r, "methods")} | OPENAI_ENDPOINTS
+    # OpenAPI writes Starlette's `{model:path}` as `{model}`.
+    routes = {re.sub(r":\w+}", "}", r.path) for r in app.app.routes if hasattr(r, "methods")} | OPENAI_ENDPOINTS
     assert routes == set(paths)
 
 

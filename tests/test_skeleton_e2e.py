@@ -102,3 +102,8 @@ def test_official_openai_client_unmodified(gateway):
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces).strip()
     assert [m.id for m in client.models.list()] == ["smollm2"]
+    assert client.models.retrieve("smol").id == "smol"  # an alias is a model id too
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="smollm2"):  # the error names what exists
+        client.models.retrieve("gpt-9")

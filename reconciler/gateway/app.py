@@ -104,6 +104,8 @@ class Gateway:
                 Route("/health", self.health_endpoint, methods=["GET"]),
                 Route("/metrics", self.metrics_endpoint, methods=["GET"]),
                 Route("/v1/models", self.models_endpoint, methods=["GET"]),
+                # Hub-style ids hold slashes (Qwen/Qwen3-235B): take the rest of the path.
+                Route("/v1/models/{model:path}", self.model_endpoint, methods=["GET"]),
                 Route("/openapi.json", self.openapi_endpoint, methods=["GET"]),
                 WebSocketRoute("/v1/ws", websocket_endpoint(self)),
                 *self.ollama.routes(),
@@ -242,14 +244,26 @@ class Gateway:
         _, refusal = self.admit(request.headers.get("authorization"), hold=False)
         if refusal is not None:
             return as_response(refusal)
-        data = []
-        for name in self.table.served_models():
-            aliases = sorted(a for a, m in self.table.names.items() if m == name and a != name)
-            data.append(
-                {"id": name, "object": "model", "created": int(self.started), "owned_by": "tensorforge",
-                 "aliases": aliases}
-            )  # fmt: skip
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.table.served_models()]})
+
+    async def model_endpoint(self, request: Request) -> Response:
+        """OpenAI's "retrieve model" (`client.models.retrieve`): a served name or an alias."""
+        _, refusal = self.admit(request.headers.get("authorization"), hold=False)
+        if refusal is not None:
+            return as_response(refusal)
+        requested = request.path_params["model"]
+        model = self.router.resolve(requested)
+        if model is None:
+            known = ", ".join(sorted(self.table.names)) or "none"
+            return as_response(
+                self.reject(404, f"model {requested!r} not found; known models: {known}", "model_not_found")
+            )
+        return JSONResponse({**self._model_card(model), "id": requested, "root": model})
+
+    def _model_card(self, name: str) -> dict:
+        aliases = sorted(a for a, m in self.table.names.items() if m == name and a != name)
+        return {"id": name, "object": "model", "created": int(self.started), "owned_by": "tensorforge",
+                "aliases": aliases}  # fmt: skip
 
 
 def as_response(answer: Answer) -> Response:

@@ -116,6 +116,10 @@ def openapi_document(models: list[str] | None = None) -> dict:
             "/metrics": get("Prometheus metrics"),
             "/openapi.json": get("this document"),
             "/v1/models": get("served models and their aliases"),
+            "/v1/models/{model}": {"get": {"summary": "one served model, by name or alias", "security": bearer,
+                                           "parameters": [{"name": "model", "in": "path", "required": True,
+                                                           "schema": {"type": "string"}}],
+                                           "responses": _answers("the model", 401, 404)}},  # fmt: skip
             "/v1/chat/completions": post("chat completion", _body(["model", "messages"], chat)),
             "/v1/completions": post("text completion", _body(["model", "prompt"], completion)),
             "/v1/embeddings": post("embeddings", _body(["model", "input"], embedding)),
