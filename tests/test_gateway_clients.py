@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, start_llama_server, wait_http
 
 from reconciler.gateway.app import create_app
 from reconciler.gateway.testing import fleet_state, serve
@@ -116,3 +116,58 @@ def test_client_disconnect_mid_stream_stops_the_backend(gateway, llama_server):
 def busy(llama_server: str) -> bool:
     slots = httpx.get(f"{llama_server}/slots", timeout=5).json()
     return any(s.get("is_processing") for s in slots)
+
+
+@pytest.fixture(scope="module")
+def embedding_gateway(smollm2_path, tmp_path_factory):
+    """A second real llama.cpp server, started as llama-server would be for embeddings
+    (`--embeddings --pooling mean`: SmolLM2 is a decoder, its own pooling is none)."""
+    port, gateway_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("embed") / "server.log"
+    proc = start_llama_server(smollm2_path, port, log, "--embeddings", "--pooling", "mean")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
+        app = create_app(fleet_state({"cpu": f"http://127.0.0.1:{port}"}, model="smollm2", aliases=("smol",)))
+        with serve(app, gateway_port):
+            yield f"http://127.0.0.1:{gateway_port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_embeddings_through_openai_and_ollama_clients_agree(embedding_gateway):
+    import math
+
+    import ollama
+    from openai import OpenAI
+
+    texts = ["The cat sat on the mat.", "Stock markets fell sharply today."]
+    openai_client = OpenAI(base_url=f"{embedding_gateway}/v1", api_key="unused")
+    reference = [d.embedding for d in openai_client.embeddings.create(model="smollm2", input=texts).data]
+    assert len(reference) == 2 and len(reference[0]) == 576  # SmolLM2-135M's hidden size
+
+    client = ollama.Client(host=embedding_gateway)
+    embedded = client.embed(model="smol", input=texts)
+    assert embedded.model == "smol" and embedded.prompt_eval_count > 0
+    assert len(embedded.embeddings) == 2
+    for ours, theirs in zip(embedded.embeddings, reference, strict=True):
+        assert ours == pytest.approx(theirs, abs=1e-6)  # same backend, same vectors, same order
+    # One text alone: compared with the same request through the OpenAI client, since
+    # llama.cpp's vector for a text can depend on what shares its batch.
+    alone = [openai_client.embeddings.create(model="smollm2", input=t).data[0].embedding for t in texts]
+    single = client.embed(model="smollm2", input=texts[0]).embeddings
+    assert len(single) == 1 and single[0] == pytest.approx(alone[0], abs=1e-6)
+    legacy = client.embeddings(model="smollm2", prompt=texts[1]).embedding  # /api/embeddings
+    assert list(legacy) == pytest.approx(alone[1], abs=1e-6)
+
+    def cosine(a, b):
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    assert cosine(reference[0], reference[0]) == pytest.approx(1.0)
+    assert cosine(reference[0], reference[1]) < 0.999  # two different texts, two different vectors
+
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.embed(model="gpt-9", input="x")
+    assert missing.value.status_code == 404 and "smollm2" in missing.value.error
+    bad = httpx.post(f"{embedding_gateway}/api/embed", json={"model": "smollm2", "input": []})
+    assert bad.status_code == 400 and "'input' must be" in bad.json()["error"]

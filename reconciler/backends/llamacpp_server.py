@@ -25,6 +25,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flash-attn", default="auto", choices=["on", "off", "auto"])
     parser.add_argument("--n-gpu-layers", "-ngl", type=int, default=0)
     parser.add_argument("--verbosity", type=int, default=2)
+    # As llama-server: /v1/embeddings needs --embeddings and a pooling other than none.
+    parser.add_argument("--embeddings", "--embedding", action="store_true", help="serve /v1/embeddings")
+    parser.add_argument("--pooling", choices=["none", "mean", "cls", "last", "rank"],
+                        help="embedding pooling (default: the model's; decoder models need mean or last)")  # fmt: skip
     parser.add_argument(
         "--shutdown-grace", type=float, default=10.0, help="seconds open streams get on SIGTERM"
     )
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     params.cpuparams_batch.n_threads = args.threads
     if args.alias:
         params.model_alias = set(args.alias)
+    if args.embeddings:
+        params.embedding = True
+    if args.pooling:
+        params.pooling_type = getattr(xllamacpp.llama_pooling_type, f"LLAMA_POOLING_TYPE_{args.pooling.upper()}")
     flash = {"on": "LLAMA_FLASH_ATTN_TYPE_ENABLED", "off": "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
     if args.flash_attn in flash:
         params.flash_attn_type = getattr(xllamacpp.llama_flash_attn_type, flash[args.flash_attn])

@@ -1,6 +1,7 @@
-"""An Ollama-compatible surface (`/api/chat`, `/api/generate`, `/api/tags`, `/api/ps`,
-`/api/version`, `HEAD /`), so Ollama clients can use the gateway. Requests become OpenAI
-calls routed like any other; answers and NDJSON streams are built from the OpenAI ones."""
+"""An Ollama-compatible surface (`/api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings`,
+`/api/tags`, `/api/ps`, `/api/version`, `HEAD /`), so Ollama clients can use the gateway.
+Requests become OpenAI calls routed like any other; answers and NDJSON streams are built from
+the OpenAI ones."""
 
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ class OllamaSurface:
             Route("/api/ps", self.ps, methods=["GET"]),
             Route("/api/chat", self.chat, methods=["POST"]),
             Route("/api/generate", self.generate, methods=["POST"]),
+            Route("/api/embed", self.embed, methods=["POST"]),
+            Route("/api/embeddings", self.embed, methods=["POST"]),  # the older single-prompt form
         ]
 
     async def root(self, request: Request) -> Response:
@@ -130,10 +133,11 @@ class OllamaSurface:
     async def generate(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
 
-    async def _generate(self, request: Request, chat: bool) -> Response:
+    async def _read(self, request: Request) -> dict | Response:
+        """The request's JSON object, read under the same size and time limits as the OpenAI
+        endpoints; or the error to answer."""
         g = self.gateway
-        started = time.perf_counter()
-        try:  # the same size and time limits as the OpenAI endpoints, while reading
+        try:
             async with asyncio.timeout(g.spec.idle_timeout):
                 raw = await read_body(request.receive, dict(request.scope["headers"]), g.spec.max_body_bytes)
         except BodyTooLarge:
@@ -146,6 +150,56 @@ class OllamaSurface:
             return ollama_error(g.reject(400, "request body is not valid JSON (UTF-8)", "invalid_json"))
         if not isinstance(native, dict):
             return ollama_error(g.reject(400, "request body must be a JSON object", "invalid_request"))
+        return native
+
+    async def embed(self, request: Request) -> Response:
+        """`/api/embed` {model, input: text or texts} -> {model, embeddings: [[...]]}, and the
+        older `/api/embeddings` {model, prompt} -> {embedding: [...]}, through /v1/embeddings."""
+        g = self.gateway
+        started = time.perf_counter()
+        native = await self._read(request)
+        if isinstance(native, Response):
+            return native
+        legacy = request.url.path == "/api/embeddings"
+        texts = native.get("prompt") if legacy else native.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            field = "prompt" if legacy else "input"
+            kind = "a string" if legacy else "a string or a non-empty list of strings"
+            return ollama_error(g.reject(400, f"'{field}' must be {kind}", "invalid_request"))
+        body = {"model": native.get("model", ""), "input": texts}
+        parsed = g.parse_request(json.dumps(body).encode(), "/v1/embeddings")
+        if isinstance(parsed, Answer):
+            return ollama_error(parsed)
+        key, refusal = g.admit(request.headers.get("authorization"))
+        if refusal is not None:
+            return ollama_error(refusal)
+        try:
+            body, model = parsed
+            call = ProxyCall(Exchange("/v1/embeddings", body, body["model"]), json.dumps(body).encode(), model, False,
+                             request.headers.get(g.spec.routing.affinity_header))  # fmt: skip
+            answer = await g.proxy.forward(call)
+        finally:
+            g.release_key(key)
+        if answer.status != 200:
+            return ollama_error(answer)
+        result = json.loads(answer.body)
+        vectors = [d["embedding"] for d in sorted(result.get("data") or [], key=lambda d: d.get("index", 0))]
+        if legacy:
+            return JSONResponse({"embedding": vectors[0] if vectors else []})
+        return JSONResponse({
+            "model": native.get("model"), "embeddings": vectors,
+            "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
+            "prompt_eval_count": (result.get("usage") or {}).get("prompt_tokens", 0),
+        })  # fmt: skip
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        g = self.gateway
+        started = time.perf_counter()
+        native = await self._read(request)
+        if isinstance(native, Response):
+            return native
         try:
             body = openai_body(native, chat)
         except (AttributeError, TypeError, KeyError) as exc:  # a field of the wrong shape

@@ -97,6 +97,9 @@ def openapi_document(models: list[str] | None = None) -> dict:
         "prompt": {"type": "string"}, "system": {"type": "string"}, "raw": {"type": "boolean"},
     }  # fmt: skip
 
+    ollama_embed = {"model": model, "input": embedding["input"], "truncate": {"type": "boolean"}}
+    ollama_embeddings = {"model": model, "prompt": {"type": "string"}}
+
     def post(summary: str, body: dict, ollama: bool = False) -> dict:
         return {"post": {"summary": summary, "security": bearer, "requestBody": body,
                          "responses": _answers("the answer (or an event stream)", *PROXIED, ollama=ollama)}}  # fmt: skip
@@ -130,5 +133,8 @@ def openapi_document(models: list[str] | None = None) -> dict:
             "/api/ps": get("Ollama running models"),
             "/api/chat": post("Ollama chat", _body(["model"], ollama_chat), ollama=True),
             "/api/generate": post("Ollama generate", _body(["model"], ollama_generate), ollama=True),
+            "/api/embed": post("Ollama embeddings", _body(["model", "input"], ollama_embed), ollama=True),
+            "/api/embeddings": post("Ollama embeddings (older form)", _body(["model", "prompt"], ollama_embeddings),
+                                    ollama=True),  # fmt: skip
         },
     }
