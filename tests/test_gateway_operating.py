@@ -225,3 +225,24 @@ def test_websocket_needs_a_key_too(keyed):
             assert message["id"] == 7
             kinds.append(message["type"])
     assert kinds[-1] == "done" and kinds.count("chunk") == 3
+
+
+def test_ollama_show_gives_the_context_a_request_gets(upstream):
+    """Editors (Continue, Open WebUI) size prompts from `/api/show`; the ollama client parses it."""
+    import ollama
+
+    from reconciler.config.schema import DesiredState
+
+    state = DesiredState.model_validate({
+        "models": {"m": {"source": "pypi:x", "aliases": ["alias"]}},
+        "backends": {"a": {"kind": "llamacpp", "model": "m", "url": upstream, "context_size": 8192, "parallel": 4}},
+    })  # fmt: skip
+    port = free_port()
+    with serve(create_app(state), port):
+        client = ollama.Client(host=f"http://127.0.0.1:{port}")
+        shown = client.show("alias")
+        assert shown.modelinfo["tensorforge.context_length"] == 2048  # 8192 over 4 slots
+        assert shown.details.parent_model == "m" and "completion" in shown.capabilities
+        with pytest.raises(ollama.ResponseError) as missing:
+            client.show("gpt-9")
+        assert missing.value.status_code == 404 and "alias" in missing.value.error

@@ -1,5 +1,6 @@
 """An Ollama-compatible surface (`/api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings`,
-`/api/tags`, `/api/ps`, `/api/version`, `HEAD /`), so Ollama clients can use the gateway.
+`/api/show`, `/api/tags`, `/api/ps`, `/api/version`, `HEAD /`), so Ollama clients can use the
+gateway.
 Requests become OpenAI calls routed like any other; answers and NDJSON streams are built from
 the OpenAI ones."""
 
@@ -91,6 +92,7 @@ class OllamaSurface:
             Route("/api/generate", self.generate, methods=["POST"]),
             Route("/api/embed", self.embed, methods=["POST"]),
             Route("/api/embeddings", self.embed, methods=["POST"]),  # the older single-prompt form
+            Route("/api/show", self.show, methods=["POST"]),
         ]
 
     async def root(self, request: Request) -> Response:
@@ -151,6 +153,31 @@ class OllamaSurface:
         if not isinstance(native, dict):
             return ollama_error(g.reject(400, "request body must be a JSON object", "invalid_request"))
         return native
+
+    async def show(self, request: Request) -> Response:
+        """What the gateway knows of a model: editors (Continue, Open WebUI) ask for the
+        context length here. Weights and templates live on the backends: left empty."""
+        g = self.gateway
+        _, refusal = g.admit(request.headers.get("authorization"), hold=False)
+        if refusal is not None:
+            return ollama_error(refusal)
+        native = await self._read(request)
+        if isinstance(native, Response):
+            return native
+        requested = native.get("model") or native.get("name")  # `name`: older clients
+        model = g.router.resolve(requested) if isinstance(requested, str) else None
+        if model is None:
+            known = ", ".join(sorted(g.table.names)) or "none"
+            return ollama_error(g.reject(404, f"model {requested!r} not found; known models: {known}", "model_not_found"))
+        info = {"general.architecture": "tensorforge"}
+        if model in g.context_limits:  # a request's share of the context, as the gateway enforces it
+            info["tensorforge.context_length"] = g.context_limits[model]
+        return JSONResponse({
+            "modelfile": "", "parameters": "", "template": "", "modified_at": now_iso(),
+            "details": {"parent_model": model if model != requested else "", "format": "", "family": "",
+                        "families": None, "parameter_size": "", "quantization_level": ""},
+            "model_info": info, "capabilities": ["completion"],
+        })  # fmt: skip
 
     async def embed(self, request: Request) -> Response:
         """`/api/embed` {model, input: text or texts} -> {model, embeddings: [[...]]}, and the

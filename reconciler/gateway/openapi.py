@@ -133,6 +133,7 @@ def openapi_document(models: list[str] | None = None) -> dict:
             "/api/ps": get("Ollama running models"),
             "/api/chat": post("Ollama chat", _body(["model"], ollama_chat), ollama=True),
             "/api/generate": post("Ollama generate", _body(["model"], ollama_generate), ollama=True),
+            "/api/show": post("Ollama model details", _body(["model"], {"model": model}), ollama=True),
             "/api/embed": post("Ollama embeddings", _body(["model", "input"], ollama_embed), ollama=True),
             "/api/embeddings": post("Ollama embeddings (older form)", _body(["model", "prompt"], ollama_embeddings),
                                     ollama=True),  # fmt: skip
