@@ -1,10 +1,20 @@
 # The reconciler brings a killed backend back: SIGKILL llama.cpp, and the same unit is running
 # and healthy again (new pid, restart counted) without the reconciler service restarting.
+# Then a changed setting, switched to at run time (a specialisation), rolls the backend: the
+# reconciler is reloaded, marks the backend in /run/tensorforge/drain, the gateway (another
+# DynamicUser) takes it out of routing, and only then is it restarted.
 { self }:
 {
   name = "tensorforge-recovery";
 
-  nodes.machine = import ./common.nix { inherit self; };
+  nodes.machine =
+    { lib, ... }:
+    {
+      imports = [ (import ./common.nix { inherit self; }) ];
+      specialisation.smaller-context.configuration = {
+        services.tensorforge.backends.smollm2-cpu.contextSize = lib.mkForce 1024;
+      };
+    };
 
   testScript = ''
     import json
@@ -47,5 +57,21 @@
         machine.wait_until_succeeds("curl -sf http://127.0.0.1:8080/health", timeout=120)
         chat()
         machine.succeed("systemctl show -p NRestarts tensorforge-reconciler | grep -qx NRestarts=0")
+
+    with subtest("a changed setting rolls the backend, drained through the gateway first"):
+        old = backend()["pid"]
+        machine.succeed("/run/booted-system/specialisation/smaller-context/bin/switch-to-configuration test")
+        machine.wait_until_succeeds(
+            "journalctl -u tensorforge-reconciler.service | grep -q 'drained smollm2-cpu'", timeout=120
+        )
+        machine.fail("journalctl -u tensorforge-reconciler.service | grep -q 'did not take smollm2-cpu'")
+        machine.succeed('test "$(stat -c %a /run/tensorforge)" = 755')
+        machine.wait_until_succeeds(
+            f"{STATUS} | jq -e '.units[] | select(.unit == \"{UNIT}\")"
+            f" | .pid != null and .pid != {old} and .health == \"healthy\"'",
+            timeout=300,
+        )
+        machine.succeed("test -z \"$(ls /run/tensorforge/drain)\"")  # the mark is gone again
+        chat()
   '';
 }
