@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from reconciler.backends.commands import launch_for, model_reference
 from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
 from reconciler.config.schema import DesiredState
-from reconciler.drain import DRAIN_DIR_ENV, drain_dir, drained
+from reconciler.drain import DRAIN_DIR_ENV, Drainer, drain_dir
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.process import ProcessDriver
 from reconciler.drivers.systemd import SystemdDriver, systemd_booted, unit_dir_writable
@@ -93,6 +94,7 @@ class Controller:
         self.health: dict[str, BackendHealth] = {}
         self.last_actions: list[Action] = []
         self.model_errors: dict[str, str] = {}
+        self.drainer = Drainer(drain_dir(self.state_dir))
 
     def _load(self) -> DesiredState:
         return load_desired_state(self.config)[0]
@@ -211,23 +213,25 @@ class Controller:
             # Keep running what was declared last; a typo must not take the host down.
             log.error("desired state invalid, keeping the previous one:\n%s", exc)
         desired = self.desired_units()
-        actions = plan(desired, self.observe(), time.time())
+        actions = self._hold_for_drains(plan(desired, self.observe(), time.time()), desired)
         if isinstance(self.driver, SystemdDriver):
             self._apply_systemd(actions, desired)
         for action in actions:
             if isinstance(self.driver, SystemdDriver):
                 pass  # carried out above, as one pass
-            elif action.kind in (ActionKind.START, ActionKind.RESTART):
-                if not self.ensure_model(action.unit):
-                    continue
-                if action.kind is ActionKind.START:
+            elif action.kind is ActionKind.START:
+                if self.ensure_model(action.unit):
                     self.driver.start(desired[action.unit])
-                else:
-                    with self._drained(action.unit):
-                        self.driver.restart(desired[action.unit])
+            elif action.kind is ActionKind.RESTART:
+                try:  # its model was checked and its drain finished in _hold_for_drains
+                    self.driver.restart(desired[action.unit])
+                finally:
+                    self.drainer.end(action.unit.removeprefix("backend-"))
             elif action.kind is ActionKind.STOP:
-                with self._drained(action.unit):
+                try:
                     self.driver.stop(action.unit, forget=action.unit not in desired)
+                finally:
+                    self.drainer.end(action.unit.removeprefix("backend-"))
             # Waiting and refusing repeat every pass: say them once, when they change.
             if action.kind in (ActionKind.WAIT, ActionKind.REFUSE) and action == self._previous(
                 action.unit
@@ -238,17 +242,43 @@ class Controller:
         self.write_status()
         return actions
 
-    def _drained(self, unit: str) -> contextlib.AbstractContextManager:
-        """Take a declared backend out of the gateway's routing while it stops: no request is
-        sent to it, its open ones finish first (reconciler/drain.py)."""
-        name = unit.removeprefix("backend-")
-        backend = self.desired.backends.get(name)
-        if unit == GATEWAY_UNIT or backend is None:
-            return contextlib.nullcontext()
-        replicas = [n for n, b in self.desired.backends.items() if b.model == backend.model and n != name]
-        url = self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None  # type: ignore[index]
-        ack = 3 * self.desired.gateway.health_interval + 2.0  # the gateway reads markers each round
-        return drained(self.state_dir, url, name, replicas, timeout=backend.drain_timeout, ack_timeout=ack)
+    def _hold_for_drains(self, actions: list[Action], desired: dict[str, DesiredUnit]) -> list[Action]:
+        """Let a stop or restart of a declared backend through only once the gateway has
+        drained it (reconciler/drain.py); until then it is a WAIT, and this pass, like every
+        pass, goes on with everything else. A drain no longer planned is dropped."""
+        held: list[Action] = []
+        stopping: set[str] = set()
+        for action in actions:
+            name = action.unit.removeprefix("backend-")
+            backend = self.desired.backends.get(name)
+            if action.kind not in (ActionKind.RESTART, ActionKind.STOP) or action.unit == GATEWAY_UNIT or backend is None:
+                held.append(action)
+                continue
+            stopping.add(name)
+            if self._deferred(action, desired):
+                held.append(action)  # the driver will not act on it this pass: nothing to drain
+                continue
+            if action.kind is ActionKind.RESTART and not self.ensure_model(action.unit):
+                stopping.discard(name)  # the new version cannot start: keep the old one routed
+                continue
+            replicas = [n for n, b in self.desired.backends.items() if b.model == backend.model and n != name]
+            url = self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None  # type: ignore[index]
+            ack = 3 * self.desired.gateway.health_interval + 2.0  # the gateway reads marks each round
+            if self.drainer.ready(name, url, replicas, timeout=backend.drain_timeout, ack_timeout=ack):
+                held.append(action)
+            else:
+                held.append(Action(ActionKind.WAIT, action.unit, self.drainer.waiting(name), action.diff))
+        self.drainer.end_all_but(stopping)
+        return held
+
+    def _deferred(self, action: Action, desired: dict[str, DesiredUnit]) -> bool:
+        """True when the driver is backing off this change (a rolled-back unit)."""
+        unit = desired.get(action.unit)
+        return (
+            isinstance(self.driver, SystemdDriver)
+            and unit is not None
+            and self.driver.backing_off(action.unit, unit.content)
+        )
 
     def _apply_systemd(self, actions: list[Action], desired: dict[str, DesiredUnit]) -> None:
         def health(unit: str) -> BackendHealth:
@@ -261,7 +291,21 @@ class Controller:
             backend_unit(n): b.health_timeout for n, b in self.desired.backends.items()
         }
         timeouts[GATEWAY_UNIT] = 60.0
-        failures = self.driver.apply(actions, desired, health, timeouts, self.ensure_model, self._drained)
+        @contextlib.contextmanager
+        def drained(unit: str) -> Iterator[None]:
+            """Back into routing as soon as systemctl has restarted (or stopped) it, not after
+            the health waits of the whole pass."""
+            try:
+                yield
+            finally:
+                self.drainer.end(unit.removeprefix("backend-"))
+
+        try:
+            failures = self.driver.apply(actions, desired, health, timeouts, self.ensure_model, drained)
+        finally:
+            for action in actions:  # whatever the driver did or skipped, no mark outlives a pass
+                if action.kind in (ActionKind.RESTART, ActionKind.STOP):
+                    self.drainer.end(action.unit.removeprefix("backend-"))
         for failure in failures:
             self.apply_failures[failure.unit] = failure.reason
         for action in actions:
@@ -274,14 +318,18 @@ class Controller:
         return next((a for a in self.last_actions if a.unit == unit), None)
 
     def wait_healthy(self, timeout: float, units: list[str] | None = None) -> bool:
-        """Reconcile until every unit (or the named ones) is healthy, or time runs out."""
+        """Reconcile until every unit (or the named ones) is healthy and nothing is left to
+        do (a rolling change goes replica by replica, over several passes), or time runs out."""
         deadline = time.monotonic() + timeout
+        pending = (ActionKind.START, ActionKind.RESTART, ActionKind.STOP, ActionKind.WAIT)
+        self.drainer.clear_stale()
         while time.monotonic() < deadline:
             self.reconcile_once()
             wanted = units or list(self.desired_units())
             if self.apply_failures:
                 return False  # a change was rolled back: the declared state is not running
-            if all(self.health.get(u, BackendHealth(Health.DOWN)).ok for u in wanted):
+            converged = not any(a.kind in pending and (not units or a.unit in units) for a in self.last_actions)
+            if converged and all(self.health.get(u, BackendHealth(Health.DOWN)).ok for u in wanted):
                 return True
             refused = [a for a in self.last_actions if a.kind is ActionKind.REFUSE]
             if refused and not units:
@@ -291,6 +339,7 @@ class Controller:
 
     def run(self, stop: threading.Event, interval: float = 1.0) -> None:
         metrics = self._metrics_exporter()
+        self.drainer.clear_stale()
         try:
             while not stop.is_set():
                 ok = True
@@ -321,11 +370,13 @@ class Controller:
     def shutdown(self) -> None:
         """Stop the gateway first (no new requests), then the backends."""
         if isinstance(self.driver, SystemdDriver):
+            self.drainer.end_all_but(set())  # a change not made: route to the old unit again
             self.write_status()  # systemd units outlive the reconciler: leave them running
             return
         names = [r.name for r in self.driver.records()]
         for name in sorted(names, key=lambda n: n != GATEWAY_UNIT):
             self.driver.stop(name)
+        self.drainer.end_all_but(set())
         self.write_status()
 
     # -- status --------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Draining a backend before the reconciler stops it, so that a rolling change loses no request.
 
-The reconciler writes `<state dir>/drain/<backend>`; the gateway's health monitor reads that
+The reconciler writes `<drain dir>/<backend>`; the gateway's health monitor reads that
 directory every round and takes a backend named there out of routing (reported in /health as
-unhealthy, detail "draining"). The reconciler waits until the gateway says so and has no
-request open on it (streams included), and, for a replica, until the gateway routes to another
-replica of the model, then stops it; the marker goes when the new process has been started.
+unhealthy, detail "draining"). The reconciler holds the stop, pass after pass, until the
+gateway says so and has no request open on it (streams included), and, for a replica, until
+the gateway routes to another replica of the model; then it stops it. The marker goes when the
+new process has been started.
 
 Needed because a stopped backend cannot be relied on to finish what it has: llama.cpp through
 xllamacpp stops listening at SIGTERM but stalls its open streams until it is killed, and any
@@ -20,8 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -75,43 +76,82 @@ def gateway_ready_to_stop(health: dict, backend: str, replicas: list[str]) -> bo
     return not others or any(o["healthy"] and not o.get("circuit_open") for o in others)
 
 
-@contextmanager
-def drained(state: Path, gateway_url: str | None, backend: str, replicas: list[str],
-            timeout: float = DRAIN_TIMEOUT_SECONDS, ack_timeout: float = 5.0) -> Iterator[None]:  # fmt: skip
-    """Drain `backend` for the duration of the block (its stop, or its stop and start).
-    `ack_timeout`: how long the gateway gets to take it out of routing at all (a gateway that
-    reads another state directory never does; then the stop goes ahead)."""
-    marker = drain_dir(state) / backend
-    _make_readable_dir(marker.parent)
-    marker.write_text(f"{time.time()}\n")
-    os.chmod(marker, 0o644)
-    try:
-        if gateway_url:
-            _wait(gateway_url, backend, replicas, timeout, ack_timeout)
-        yield
-    finally:
-        marker.unlink(missing_ok=True)
+@dataclass
+class _Drain:
+    started: float  # monotonic
+    last: str = "no answer yet"
 
 
-def _wait(url: str, backend: str, replicas: list[str], timeout: float, ack_timeout: float) -> None:
-    started = time.monotonic()
-    deadline = started + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
+class Drainer:
+    """Drains as the reconcile loop needs them: never blocking a pass. `ready` marks a backend
+    the first time it is asked, then asks the gateway once per call whether the backend may
+    be stopped now; the caller stops it when the answer is yes, and calls `end`. Meanwhile the
+    loop goes on supervising everything else (a long `drain_timeout` holds up only this
+    backend's change)."""
+
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.monotonic):
+        self.directory = directory
+        self.clock = clock
+        self.active: dict[str, _Drain] = {}
+
+    def _mark(self, backend: str) -> None:
+        _make_readable_dir(self.directory)
+        marker = self.directory / backend
+        marker.write_text(f"{time.time()}\n")
+        os.chmod(marker, 0o644)
+
+    def ready(self, backend: str, gateway_url: str | None, replicas: list[str],
+              timeout: float = DRAIN_TIMEOUT_SECONDS, ack_timeout: float = 5.0) -> bool:  # fmt: skip
+        """True when `backend` may be stopped now. `ack_timeout`: how long the gateway gets to
+        take it out of routing at all (a gateway reading another drain directory never does;
+        then the stop goes ahead, with a warning)."""
+        drain = self.active.get(backend)
+        if drain is None:
+            self._mark(backend)
+            drain = self.active[backend] = _Drain(self.clock())
+            log.info("draining %s before it stops", backend)
+        if not gateway_url:
+            return True
+        waited = self.clock() - drain.started
         try:
-            health = httpx.get(f"{url}/health", timeout=1.0).json()
+            health = httpx.get(f"{gateway_url}/health", timeout=1.0).json()
         except (httpx.HTTPError, ValueError) as exc:
             log.info("gateway not reachable (%s); stopping %s without draining", exc, backend)
-            return
+            return True
         if gateway_ready_to_stop(health, backend, replicas):
-            log.info("drained %s in %.1fs", backend, time.monotonic() - started)
-            return
+            log.info("drained %s in %.1fs", backend, waited)
+            return True
         mine = health.get("backends", {}).get(backend, {})
-        acknowledged = str(mine.get("detail", "")).startswith("draining")
-        if not acknowledged and time.monotonic() - started > ack_timeout:
+        if not str(mine.get("detail", "")).startswith("draining") and waited > ack_timeout:
             log.warning("the gateway at %s did not take %s out of routing within %.0fs "
-                        "(does it share this state directory?); stopping it anyway", url, backend, ack_timeout)  # fmt: skip
-            return
-        last = f"{mine.get('in_flight', '?')} request(s) open, detail {mine.get('detail')!r}"
-        time.sleep(0.1)
-    log.warning("%s not drained within %.0fs (%s); stopping it anyway", backend, timeout, last)
+                        "(does it read the same drain directory, TF_DRAIN_DIR?); stopping it anyway",
+                        gateway_url, backend, ack_timeout)  # fmt: skip
+            return True
+        drain.last = f"{mine.get('in_flight', '?')} request(s) open, detail {mine.get('detail')!r}"
+        if waited > timeout:
+            log.warning("%s not drained within %.0fs (%s); stopping it anyway", backend, timeout, drain.last)
+            return True
+        return False
+
+    def waiting(self, backend: str) -> str:
+        """Why a backend being drained is not stopped yet (for the plan's WAIT reason)."""
+        drain = self.active.get(backend)
+        return f"draining: {drain.last}" if drain else "draining"
+
+    def end(self, backend: str) -> None:
+        """The backend was stopped and started again (or the change was dropped): route to it."""
+        self.active.pop(backend, None)
+        (self.directory / backend).unlink(missing_ok=True)
+
+    def clear_stale(self) -> None:
+        """Remove marks this drainer did not write: a reconciler killed mid-drain left them,
+        and the gateway would keep those backends out of routing for good."""
+        for backend in draining(self.directory) - set(self.active):
+            log.info("removing a stale drain mark for %s", backend)
+            (self.directory / backend).unlink(missing_ok=True)
+
+    def end_all_but(self, backends: set[str]) -> None:
+        """Drop drains the plan no longer asks for (the change was reverted, say)."""
+        for backend in set(self.active) - backends:
+            log.info("drain of %s dropped: no stop planned any more", backend)
+            self.end(backend)

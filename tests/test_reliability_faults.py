@@ -30,7 +30,7 @@ import pytest
 import yaml
 from conftest import free_port, our_processes, wait_http
 
-from reconciler.drain import drain_dir, drained, draining, gateway_ready_to_stop
+from reconciler.drain import Drainer, drain_dir, draining, gateway_ready_to_stop
 from reconciler.drivers.process import process_alive
 from reconciler.gateway.app import create_app
 from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
@@ -225,11 +225,15 @@ def test_gateway_drains_a_marked_backend_and_reopens_a_recovered_circuit(tmp_pat
         deadline = time.monotonic() + 5
         while served_by() != {"a", "b"} and time.monotonic() < deadline:
             time.sleep(0.1)
-        with drained(tmp_path, url, "a", ["b"], timeout=5):  # what the reconciler does
-            health = httpx.get(url + "/health").json()
-            assert gateway_ready_to_stop(health, "a", ["b"]), health
-            assert health["backends"]["a"]["detail"].startswith("draining")
-            assert served_by() == {"b"}
+        drainer = Drainer(drain_dir(tmp_path))  # what the reconciler does, one pass at a time
+        deadline = time.monotonic() + 5
+        while not drainer.ready("a", url, ["b"], timeout=5) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = httpx.get(url + "/health").json()
+        assert gateway_ready_to_stop(health, "a", ["b"]), health
+        assert health["backends"]["a"]["detail"].startswith("draining")
+        assert served_by() == {"b"}
+        drainer.end("a")
         assert not (tmp_path / "drain" / "a").exists()
         deadline = time.monotonic() + 5
         while served_by() != {"a", "b"} and time.monotonic() < deadline:
@@ -353,12 +357,28 @@ def test_drain_marks_reach_a_gateway_running_as_another_user(tmp_path, monkeypat
     assert drain_dir(tmp_path / "private-state") == shared
     old = os.umask(0o077)
     try:
-        with drained(tmp_path / "private-state", None, "a", []):
-            listed = subprocess.run(["ls", str(shared)], user="nobody", capture_output=True, text=True)
-            assert listed.returncode == 0 and listed.stdout.split() == ["a"], listed.stderr
-            read = subprocess.run(["cat", str(shared / "a")], user="nobody", capture_output=True, text=True)
-            assert read.returncode == 0 and float(read.stdout), read.stderr
+        drainer = Drainer(drain_dir(tmp_path / "private-state"))
+        assert drainer.ready("a", None, [])  # no gateway declared: may stop at once, still marked
+        listed = subprocess.run(["ls", str(shared)], user="nobody", capture_output=True, text=True)
+        assert listed.returncode == 0 and listed.stdout.split() == ["a"], listed.stderr
+        read = subprocess.run(["cat", str(shared / "a")], user="nobody", capture_output=True, text=True)
+        assert read.returncode == 0 and float(read.stdout), read.stderr
+        drainer.end("a")
         assert draining(shared) == set()
     finally:
         os.umask(old)
         shutil.rmtree(run)
+
+
+def test_marks_left_by_a_killed_reconciler_are_cleared_by_the_next(tmp_path):
+    """A reconciler killed mid-drain leaves its mark; the gateway would keep that backend out
+    of routing for good. The next reconciler clears marks it did not write, and only those."""
+    directory = drain_dir(tmp_path)
+    assert Drainer(directory).ready("old", None, [])  # the killed reconciler's drain
+    mine = Drainer(directory)
+    assert mine.ready("new", None, [])
+    assert draining(directory) == {"old", "new"}
+    mine.clear_stale()
+    assert draining(directory) == {"new"}
+    mine.end_all_but(set())
+    assert draining(directory) == set() and mine.active == {}

@@ -307,27 +307,55 @@ def test_a_new_unit_that_never_gets_healthy_backs_off(tmp_path: Path) -> None:
     assert d.observe()["backend-a"].retry_at == 0.0
 
 
-def test_a_rolling_change_drains_each_backend_for_its_declared_time(
-    tmp_path: Path, host_yaml: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
+    tmp_path: Path, host_yaml: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The restart is held (a WAIT naming what is open) while the gateway still has requests
+    on the backend, for up to the backend's drain_timeout; each pass returns at once; a drain
+    the plan no longer needs is dropped, and the backend is routed to again."""
     fake = FakeSystemctl()
     controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
     monkeypatch.setattr(
         "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
     )
     controller.reconcile_once()
-    calls = []
+    now = [1000.0]
+    controller.drainer.clock = lambda: now[0]
+    gateway = {"in_flight": 2, "detail": "draining: the reconciler is about to stop it"}
+    asked = []
 
-    @contextlib.contextmanager
-    def drained(state, gateway_url, backend, replicas, timeout, ack_timeout):
-        calls.append((backend, gateway_url, timeout, [v for v in fake.verbs() if "restart" in v]))
-        yield
+    class Answer:
+        def json(self):
+            return {"backends": {"m-cpu": {"healthy": False, "circuit_open": False, **gateway}}}
 
-    monkeypatch.setattr("reconciler.controller.drained", drained)
-    changed = host_yaml.read_text().replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600")
-    host_yaml.write_text(changed)
-    actions = controller.reconcile_once()
-    assert [(a.kind, a.unit) for a in actions] == [(ActionKind.RESTART, "backend-m-cpu")]
-    # Drained before systemctl restarted it, for as long as declared, through the local gateway.
-    assert calls == [("m-cpu", "http://127.0.0.1:18502", 600.0, [])]
-    assert "restart tensorforge-backend-m-cpu.service" in fake.verbs()
+    def get(url, timeout):
+        asked.append(url)
+        return Answer()
+
+    monkeypatch.setattr("reconciler.drain.httpx.get", get)
+    mark = state_dir / "drain" / "m-cpu"
+    original = host_yaml.read_text()
+    host_yaml.write_text(original.replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600"))
+
+    fake.calls.clear()
+    held = controller.reconcile_once()
+    assert [(a.kind, a.unit) for a in held] == [(ActionKind.WAIT, "backend-m-cpu")]
+    assert "draining: 2 request(s) open" in held[0].reason
+    assert mark.exists() and "restart" not in " ".join(fake.verbs())
+    assert asked == ["http://127.0.0.1:18502/health"]  # one question per pass, no polling loop
+
+    now[0] += 100  # past the default 30 s, within the declared 600 s
+    gateway["in_flight"] = 1
+    assert controller.reconcile_once()[0].kind is ActionKind.WAIT
+
+    # Reverted before the drain finished: nothing to restart, and the mark goes.
+    host_yaml.write_text(original)
+    assert controller.reconcile_once() == [] and not mark.exists()
+
+    host_yaml.write_text(original.replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600"))
+    assert controller.reconcile_once()[0].kind is ActionKind.WAIT and mark.exists()
+    gateway["in_flight"] = 0
+    done = controller.reconcile_once()
+    assert [(a.kind, a.unit) for a in done] == [(ActionKind.RESTART, "backend-m-cpu")]
+    assert "restart tensorforge-backend-m-cpu.service" in fake.verbs() and not mark.exists()
+    assert controller.drainer.active == {}

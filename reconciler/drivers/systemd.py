@@ -87,6 +87,11 @@ class SystemdDriver:
         self._start_failures: dict[str, tuple[int, float]] = {}  # unit -> (count, retry after)
         self._reachable = True
 
+    def backing_off(self, unit: str, content: str, now: float | None = None) -> bool:
+        """True while this exact unit content, rolled back recently, waits before a retry."""
+        rejected = self._rejected.get(unit)
+        return bool(rejected and rejected[0] == content and rejected[1] > (time.time() if now is None else now))
+
     # -- files ---------------------------------------------------------------------------
     def path(self, name: str) -> Path:
         return self.unit_dir / unit_file_name(name)
@@ -238,8 +243,7 @@ class SystemdDriver:
                 todo.append(action)
                 continue
             unit = desired[action.unit]
-            rejected = self._rejected.get(action.unit)
-            if rejected and rejected[0] == unit.content and rejected[1] > now:
+            if self.backing_off(action.unit, unit.content, now):
                 continue  # rolled back recently; `failures` said why, backoff before retrying
             if not ready(action.unit):
                 continue
