@@ -213,7 +213,8 @@ class Controller:
             # Keep running what was declared last; a typo must not take the host down.
             log.error("desired state invalid, keeping the previous one:\n%s", exc)
         desired = self.desired_units()
-        actions = self._hold_for_drains(plan(desired, self.observe(), time.time()), desired)
+        observed = self.observe()
+        actions = self._hold_for_drains(plan(desired, observed, time.time()), desired, observed)
         if isinstance(self.driver, SystemdDriver):
             self._apply_systemd(actions, desired)
         for action in actions:
@@ -242,7 +243,9 @@ class Controller:
         self.write_status()
         return actions
 
-    def _hold_for_drains(self, actions: list[Action], desired: dict[str, DesiredUnit]) -> list[Action]:
+    def _hold_for_drains(
+        self, actions: list[Action], desired: dict[str, DesiredUnit], observed: dict[str, ObservedUnit]
+    ) -> list[Action]:
         """Let a stop or restart of a declared backend through only once the gateway has
         drained it (reconciler/drain.py); until then it is a WAIT, and this pass, like every
         pass, goes on with everything else. A drain no longer planned is dropped."""
@@ -254,13 +257,16 @@ class Controller:
             if action.kind not in (ActionKind.RESTART, ActionKind.STOP) or action.unit == GATEWAY_UNIT or backend is None:
                 held.append(action)
                 continue
-            stopping.add(name)
-            if self._deferred(action, desired):
-                held.append(action)  # the driver will not act on it this pass: nothing to drain
+            seen = observed.get(action.unit)
+            if self._deferred(action, desired) or seen is None or not seen.active:
+                held.append(action)  # not acted on this pass, or nothing running: nothing to drain
                 continue
             if action.kind is ActionKind.RESTART and not self.ensure_model(action.unit):
-                stopping.discard(name)  # the new version cannot start: keep the old one routed
+                # The new version cannot start: keep the old one running and routed.
+                reason = f"settings changed, but the model is not ready: {self.model_errors.get(action.unit)}"
+                held.append(Action(ActionKind.WAIT, action.unit, reason, action.diff))
                 continue
+            stopping.add(name)
             replicas = [n for n, b in self.desired.backends.items() if b.model == backend.model and n != name]
             url = self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None  # type: ignore[index]
             ack = 3 * self.desired.gateway.health_interval + 2.0  # the gateway reads marks each round
@@ -291,6 +297,7 @@ class Controller:
             backend_unit(n): b.health_timeout for n, b in self.desired.backends.items()
         }
         timeouts[GATEWAY_UNIT] = 60.0
+
         @contextlib.contextmanager
         def drained(unit: str) -> Iterator[None]:
             """Back into routing as soon as systemctl has restarted (or stopped) it, not after

@@ -359,3 +359,22 @@ def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
     assert [(a.kind, a.unit) for a in done] == [(ActionKind.RESTART, "backend-m-cpu")]
     assert "restart tensorforge-backend-m-cpu.service" in fake.verbs() and not mark.exists()
     assert controller.drainer.active == {}
+
+
+def test_a_change_whose_model_is_missing_keeps_the_old_backend_routed(
+    tmp_path: Path, host_yaml: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeSystemctl()
+    controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
+    monkeypatch.setattr(
+        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
+    )
+    controller.reconcile_once()
+    moved = tmp_path / "gone" / "m.gguf"
+    host_yaml.write_text(host_yaml.read_text().replace(f"path:{tmp_path / 'm.gguf'}", f"path:{moved}"))
+    fake.calls.clear()
+    held = controller.reconcile_once()
+    assert [(a.kind, a.unit) for a in held] == [(ActionKind.WAIT, "backend-m-cpu")]
+    assert "the model is not ready" in held[0].reason and str(moved) in held[0].reason
+    assert fake.verbs() == [] and not (state_dir / "drain" / "m-cpu").exists()  # not drained
+    assert not controller.wait_healthy(1)  # `apply` does not call a change it could not make done
