@@ -390,6 +390,8 @@ class Controller:
     def views(self) -> list[UnitView]:
         views = []
         refusals = {a.unit: a.reason for a in self.last_actions if a.kind is ActionKind.REFUSE}
+        # What a unit waits for (a drain, a replica, a retry): status says why a change is pending.
+        waits = {a.unit: a.reason for a in self.last_actions if a.kind is ActionKind.WAIT}
         for record in self.driver.records():
             name = record.name
             backend = self.desired.backends.get(name.removeprefix("backend-"))
@@ -406,6 +408,7 @@ class Controller:
                     detail=refusals.get(name)
                     or self.apply_failures.get(name)
                     or self.model_errors.get(name)
+                    or waits.get(name)
                     or health.detail,
                     restarts=record.restarts,
                     gpus=self.placement.assignments.get(name.removeprefix("backend-"), []),

@@ -4,6 +4,7 @@ one daemon-reload per pass, plan order, health waits, rollback, and the CLI's pl
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import textwrap
 from pathlib import Path
@@ -343,6 +344,8 @@ def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
     assert "draining: 2 request(s) open" in held[0].reason
     assert mark.exists() and "restart" not in " ".join(fake.verbs())
     assert asked == ["http://127.0.0.1:18502/health"]  # one question per pass, no polling loop
+    status = json.loads((state_dir / "status.json").read_text())
+    assert "draining: 2 request(s) open" in status["units"][0]["detail"]  # `tensorforge status`
 
     now[0] += 100  # past the default 30 s, within the declared 600 s
     gateway["in_flight"] = 1
