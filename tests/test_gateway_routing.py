@@ -22,6 +22,7 @@ from conftest import free_port, wait_http
 from reconciler.gateway.app import create_app
 from reconciler.gateway.router import CIRCUIT_FAILURES
 from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+from reconciler.gpu.inventory import GpuInfo, StaticInventory
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -87,6 +88,41 @@ def test_least_load_avoids_the_backend_reporting_load(pair):
         app.table.upstreams["a"].reported_load = 0
         app.table.upstreams["b"].kv_usage = 0.99  # b's KV cache (VRAM) is full
         assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"a"}
+
+
+def test_least_load_avoids_the_backend_whose_gpu_is_nearly_full(pair, tmp_path, monkeypatch):
+    """VRAM headroom from NVML, here a GPU inventory injected through the same interface; the
+    gateway reads where the reconciler placed each backend from its status file."""
+    monkeypatch.setenv("TF_STATE_DIR", str(tmp_path))
+    (tmp_path / "status.json").write_text(json.dumps(
+        {"units": [{"unit": "backend-a", "gpus": [0]}, {"unit": "backend-b", "gpus": [1]}]}
+    ))  # fmt: skip
+    gib = 1024**3
+    full = GpuInfo(0, "GPU-0", "NVIDIA B200", 192 * gib, 191 * gib, 1 * gib)  # an Ollama model too many
+    half = GpuInfo(1, "GPU-1", "NVIDIA B200", 192 * gib, 96 * gib, 96 * gib)
+    port = free_port()
+    app = create_app(fleet_state(pair), gpus=StaticInventory([full, half]))
+
+    def gpu_free() -> dict:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            backends = httpx.get(f"http://127.0.0.1:{port}/health").json()["backends"]
+            if all(b["gpu_free"] is not None for b in backends.values()):
+                return {name: b["gpu_free"] for name, b in backends.items()}
+            time.sleep(0.1)
+        raise AssertionError("no GPU headroom after 5 s")
+
+    with serve(app, port):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        assert gpu_free() == {"a": pytest.approx(1 / 192), "b": 0.5}
+        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"b"}
+        # The model on GPU 0 unloads: both are routed to again.
+        app.gpu_headroom.inventory = StaticInventory([half, GpuInfo(0, "GPU-0", "NVIDIA B200", 192 * gib, 96 * gib, 96 * gib)])
+        deadline = time.monotonic() + 5
+        while gpu_free()["a"] != 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        app.router.strategy = "round-robin"  # equal headroom: show both take requests
+        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"a", "b"}
 
 
 def test_load_is_scraped_from_backend_metrics(pair):

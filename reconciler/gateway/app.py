@@ -21,6 +21,7 @@ from starlette.routing import Route, WebSocketRoute
 from reconciler.config.schema import DesiredState, GatewaySpec
 from reconciler.drain import drain_dir
 from reconciler.gateway.auth import ApiKeys
+from reconciler.gateway.gpu_headroom import GpuHeadroom
 from reconciler.gateway.health import HealthMonitor
 from reconciler.gateway.limits import ConcurrencyLimiter
 from reconciler.gateway.load import LoadScraper
@@ -38,6 +39,8 @@ from reconciler.gateway.reload import StateWatcher
 from reconciler.gateway.router import Router, RoutingTable
 from reconciler.gateway.transport import LeanTransport
 from reconciler.gateway.websocket import websocket_endpoint
+from reconciler.gpu.inventory import GpuInventory, NvmlInventory
+from reconciler.monitoring.gpu_exporter import placement_from_state
 from reconciler.paths import state_dir
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ class Gateway:
         state: DesiredState,
         transports: dict[str, httpx.AsyncBaseTransport] | None = None,
         config_path: str | None = None,
+        gpus: GpuInventory | None = None,
     ):
         self.state = state
         self.spec = state.gateway
@@ -95,6 +99,12 @@ class Gateway:
             drain_dir=drain_dir(state_dir(state.state_dir)),  # see reconciler/drain.py
         )  # fmt: skip
         self.load = LoadScraper(self.probe_client, self.spec.health_interval, self.upstreams)
+        # The reconciler's status file says which GPUs each local backend was placed on.
+        status = state_dir(state.state_dir) / "status.json"
+        self.gpu_headroom = GpuHeadroom(
+            gpus if gpus is not None else NvmlInventory(),
+            lambda: placement_from_state(self.state, status)(), self.spec.health_interval, self.upstreams,
+        )  # fmt: skip
         self.watcher = StateWatcher(config_path, self.apply_state) if config_path else None
         self.openai = OpenAIEndpoints(self)
         self.ollama = OllamaSurface(self)
@@ -149,7 +159,8 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(self.health.run()), asyncio.create_task(self.load.run())]
+        tasks = [asyncio.create_task(self.health.run()), asyncio.create_task(self.load.run()),
+                 asyncio.create_task(self.gpu_headroom.run())]  # fmt: skip
         if self.watcher is not None:
             tasks.append(asyncio.create_task(self.watcher.run()))
         if self.keys.enabled:
@@ -226,7 +237,8 @@ class Gateway:
     async def health_endpoint(self, request: Request) -> Response:
         backends = {
             u.name: {"model": u.model, "healthy": u.healthy, "detail": u.health_detail,
-                     "circuit_open": u.circuit_open, "in_flight": u.in_flight, "limit": u.limit}
+                     "circuit_open": u.circuit_open, "in_flight": u.in_flight, "limit": u.limit,
+                     "gpu_free": u.gpu_free}
             for u in self.upstreams()
         }  # fmt: skip
         healthy = sum(1 for b in backends.values() if b["healthy"])
@@ -291,5 +303,6 @@ def create_app(
     state: DesiredState,
     transports: dict[str, httpx.AsyncBaseTransport] | None = None,
     config_path: str | None = None,
+    gpus: GpuInventory | None = None,
 ) -> Gateway:
-    return Gateway(state, transports, config_path)
+    return Gateway(state, transports, config_path, gpus)

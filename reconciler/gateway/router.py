@@ -32,6 +32,7 @@ class Upstream:
     backend_limit: int | None = None  # concurrent requests the backend says it accepts
     reported_load: float = 0.0  # running + queued requests from the backend's own metrics
     kv_usage: float | None = None  # KV-cache (VRAM) fraction in use, where the backend says
+    gpu_free: float | None = None  # free fraction of its fullest GPU, from NVML (local backends)
 
     @property
     def limit(self) -> int:
@@ -41,11 +42,14 @@ class Upstream:
         return min(self.max_concurrency, self.backend_limit)
 
     def score(self) -> float:
-        """Lower is better: our in-flight requests, the backend's own queue, and a penalty
-        that grows as its KV cache (the VRAM it has left for requests) fills up."""
+        """Lower is better: our in-flight requests, the backend's own queue, and penalties
+        that grow as its KV cache and its GPUs' memory (the VRAM it has left) fill up; a
+        backend about to run out of either goes last."""
         pressure = 0.0
         if self.kv_usage is not None:
-            pressure = 2.0 * self.kv_usage + (100.0 if self.kv_usage >= 0.98 else 0.0)
+            pressure += 2.0 * self.kv_usage + (100.0 if self.kv_usage >= 0.98 else 0.0)
+        if self.gpu_free is not None:
+            pressure += (1.0 - self.gpu_free) + (100.0 if self.gpu_free < 0.02 else 0.0)
         return self.in_flight + self.reported_load + pressure
 
     def same_target(self, other: Upstream) -> bool:
