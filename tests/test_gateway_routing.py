@@ -19,6 +19,7 @@ import pytest
 import yaml
 from conftest import free_port, wait_http
 
+from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import create_app
 from reconciler.gateway.router import CIRCUIT_FAILURES
 from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
@@ -100,8 +101,19 @@ def test_least_load_avoids_the_backend_whose_gpu_is_nearly_full(pair, tmp_path, 
     gib = 1024**3
     full = GpuInfo(0, "GPU-0", "NVIDIA B200", 192 * gib, 191 * gib, 1 * gib)  # an Ollama model too many
     half = GpuInfo(1, "GPU-1", "NVIDIA B200", 192 * gib, 96 * gib, 96 * gib)
-    port = free_port()
-    app = create_app(fleet_state(pair), gpus=StaticInventory([full, half]))
+    # Run here (declared by port, as the reconciler would start them), not elsewhere by URL.
+    ports = {name: int(url.rsplit(":", 1)[1]) for name, url in pair.items()}
+    state = DesiredState.model_validate({
+        "models": {"m": {"source": "pypi:x"}},
+        "backends": {n: {"kind": "llamacpp", "model": "m", "port": p} for n, p in ports.items()},
+        "gateway": {"port": free_port(), "health_interval": 0.5},
+    })  # fmt: skip
+    port = state.gateway.port
+    app = create_app(state, gpus=StaticInventory([full, half]))
+    # The same backends declared by URL run on another host: this host's GPUs say nothing of them.
+    elsewhere = create_app(fleet_state(pair), gpus=StaticInventory([full, half]))
+    elsewhere.gpu_headroom.refresh()
+    assert {u.gpu_free for u in elsewhere.upstreams()} == {None}
 
     def gpu_free() -> dict:
         deadline = time.monotonic() + 5

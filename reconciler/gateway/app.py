@@ -99,12 +99,10 @@ class Gateway:
             drain_dir=drain_dir(state_dir(state.state_dir)),  # see reconciler/drain.py
         )  # fmt: skip
         self.load = LoadScraper(self.probe_client, self.spec.health_interval, self.upstreams)
-        # The reconciler's status file says which GPUs each local backend was placed on.
-        status = state_dir(state.state_dir) / "status.json"
+        self.status_file = state_dir(state.state_dir) / "status.json"
         self.gpu_headroom = GpuHeadroom(
-            gpus if gpus is not None else NvmlInventory(),
-            lambda: placement_from_state(self.state, status)(), self.spec.health_interval, self.upstreams,
-        )  # fmt: skip
+            gpus if gpus is not None else NvmlInventory(), self.local_placement, self.spec.health_interval, self.upstreams
+        )
         self.watcher = StateWatcher(config_path, self.apply_state) if config_path else None
         self.openai = OpenAIEndpoints(self)
         self.ollama = OllamaSurface(self)
@@ -141,6 +139,13 @@ class Gateway:
                 await as_response(refusal)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def local_placement(self) -> dict[int, list[str]]:
+        """GPU index -> backends this host runs on it (the reconciler's status file, pinned
+        `gpu_ids`); a backend declared by URL runs elsewhere, on GPUs this host cannot see."""
+        local = {name for name, b in self.state.backends.items() if b.managed}
+        placed = placement_from_state(self.state, self.status_file)()
+        return {index: [n for n in names if n in local] for index, names in placed.items()}
 
     @property
     def table(self) -> RoutingTable:
