@@ -85,10 +85,7 @@ in
       after = [ "network.target" ] ++ lib.optional cfg.gpu "nvidia-persistenced.service";
       environment = {
         PYTHONUNBUFFERED = "1";
-      } // lib.optionalAttrs cfg.gpu {
-        # NVML (libnvidia-ml.so) comes from the driver, which NixOS links here.
-        LD_LIBRARY_PATH = "/run/opengl-driver/lib";
-      };
+      } // hardening.driverEnvironment cfg.gpu;
       serviceConfig = hardening.common cfg // hardening.devices cfg.gpu // {
         Type = "exec";
         ExecStart = utils.escapeSystemdExecArgs [

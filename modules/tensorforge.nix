@@ -310,10 +310,7 @@ in
         # need root to write units, which this unit deliberately does not have.
         TF_DRIVER = "process";
         TF_DRAIN_DIR = drainDir;
-      } // lib.optionalAttrs cfg.gpu {
-        # NVML (GPU inventory) and CUDA come from the driver, which NixOS links here.
-        LD_LIBRARY_PATH = "/run/opengl-driver/lib";
-      };
+      } // hardening.driverEnvironment cfg.gpu;
       serviceConfig = hardening.common cfg // hardening.devices cfg.gpu // {
         Type = "exec";
         ExecStart = utils.escapeSystemdExecArgs [

@@ -69,6 +69,16 @@ def smollm2_path() -> Path:
     return record.primary_path
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def start_llama_server(model: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
     argv = [sys.executable, "-m", "reconciler.backends.llamacpp_server", "--model", str(model)]
     argv += ["--port", str(port), "--ctx-size", "2048", "--parallel", "2", "--threads", "1"]
@@ -87,12 +97,7 @@ def llama_server(smollm2_path: Path, tmp_path_factory) -> Iterator[str]:
         wait_http(url + "/health", timeout=60)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=20)
 
 
 @pytest.fixture
@@ -127,12 +132,7 @@ class Servers:
 
     def stop_all(self) -> None:
         for proc in self.procs:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 @pytest.fixture

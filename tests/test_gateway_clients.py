@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, start_llama_server, wait_http
+from conftest import free_port, start_llama_server, stop_process, wait_http
 
 from reconciler.gateway.app import create_app
 from reconciler.gateway.testing import fleet_state, serve
@@ -131,8 +131,7 @@ def embedding_gateway(smollm2_path, tmp_path_factory):
         with serve(app, gateway_port):
             yield f"http://127.0.0.1:{gateway_port}"
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop_process(proc, grace=20)
 
 
 def test_embeddings_through_openai_and_ollama_clients_agree(embedding_gateway):

@@ -199,6 +199,17 @@ gateway:
 
 
 @pytest.fixture
+def systemd_host(tmp_path: Path, host_yaml: Path, monkeypatch: pytest.MonkeyPatch):
+    """A controller on the fake systemctl for host_yaml, every backend probing healthy."""
+    fake = FakeSystemctl()
+    controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
+    monkeypatch.setattr(
+        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
+    )
+    return controller, fake
+
+
+@pytest.fixture
 def host_yaml(tmp_path: Path, state_dir: Path) -> Path:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
@@ -208,14 +219,9 @@ def host_yaml(tmp_path: Path, state_dir: Path) -> Path:
 
 
 def test_controller_apply_is_a_no_op_the_second_time(
-    tmp_path: Path, host_yaml: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, state_dir: Path, systemd_host
 ) -> None:
-    fake = FakeSystemctl()
-    d = driver(tmp_path, fake)
-    controller = Controller(str(host_yaml), driver=d, gpus=StaticInventory([]))
-    monkeypatch.setattr(
-        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
-    )
+    controller, fake = systemd_host
     first = controller.reconcile_once()
     assert [a.kind for a in first] == [ActionKind.START, ActionKind.START]
     assert fake.verbs().count("daemon-reload") == 1
@@ -275,13 +281,9 @@ def test_plan_shows_a_refusal_naming_the_gpu(tmp_path: Path, state_dir: Path) ->
 
 
 def test_stopping_the_reconciler_leaves_systemd_units_running(
-    tmp_path: Path, host_yaml: Path, monkeypatch: pytest.MonkeyPatch
+    systemd_host
 ) -> None:
-    fake = FakeSystemctl()
-    controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
-    monkeypatch.setattr(
-        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
-    )
+    controller, fake = systemd_host
     controller.reconcile_once()
     fake.calls.clear()
     controller.shutdown()
@@ -309,16 +311,12 @@ def test_a_new_unit_that_never_gets_healthy_backs_off(tmp_path: Path) -> None:
 
 
 def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
-    tmp_path: Path, host_yaml: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+    host_yaml: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch, systemd_host
 ) -> None:
     """The restart is held (a WAIT naming what is open) while the gateway still has requests
     on the backend, for up to the backend's drain_timeout; each pass returns at once; a drain
     the plan no longer needs is dropped, and the backend is routed to again."""
-    fake = FakeSystemctl()
-    controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
-    monkeypatch.setattr(
-        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
-    )
+    controller, fake = systemd_host
     controller.reconcile_once()
     now = [1000.0]
     controller.drainer.clock = lambda: now[0]
@@ -365,13 +363,9 @@ def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
 
 
 def test_a_change_whose_model_is_missing_keeps_the_old_backend_routed(
-    tmp_path: Path, host_yaml: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, host_yaml: Path, state_dir: Path, systemd_host
 ) -> None:
-    fake = FakeSystemctl()
-    controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
-    monkeypatch.setattr(
-        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
-    )
+    controller, fake = systemd_host
     controller.reconcile_once()
     moved = tmp_path / "gone" / "m.gguf"
     host_yaml.write_text(host_yaml.read_text().replace(f"path:{tmp_path / 'm.gguf'}", f"path:{moved}"))

@@ -70,4 +70,7 @@
         PrivateDevices = true;
         MemoryDenyWriteExecute = true;
       };
+
+  # NVML and CUDA come from the driver, which NixOS links under /run/opengl-driver.
+  driverEnvironment = gpu: if gpu then { LD_LIBRARY_PATH = "/run/opengl-driver/lib"; } else { };
 }

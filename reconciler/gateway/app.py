@@ -193,6 +193,11 @@ class Gateway:
         self.metrics.rejected.labels(code).inc()
         return error_answer(status, message, code, retry_after)
 
+    def unknown_model(self, requested: object) -> Answer:
+        """404 naming what is served, so the client can fix the name."""
+        known = ", ".join(sorted(self.table.names)) or "none"
+        return self.reject(404, f"model {requested!r} not found; known models: {known}", "model_not_found")
+
     def admit(
         self, authorization: bytes | str | None, hold: bool = True
     ) -> tuple[str | None, Answer | None]:
@@ -230,8 +235,7 @@ class Gateway:
             return self.reject(400, "'model' is required and must be a string", "missing_model")
         model = self.router.resolve(requested)
         if model is None:
-            known = ", ".join(sorted(self.table.names)) or "none"
-            return self.reject(404, f"model {requested!r} not found; known models: {known}", "model_not_found")
+            return self.unknown_model(requested)
         if endpoint is not None:
             problem = check_fields(endpoint, body, self.context_limits.get(model))
             if problem is not None:
@@ -271,10 +275,7 @@ class Gateway:
         requested = request.path_params["model"]
         model = self.router.resolve(requested)
         if model is None:
-            known = ", ".join(sorted(self.table.names)) or "none"
-            return as_response(
-                self.reject(404, f"model {requested!r} not found; known models: {known}", "model_not_found")
-            )
+            return as_response(self.unknown_model(requested))
         return JSONResponse({**self._model_card(model), "id": requested, "root": model})
 
     def _model_card(self, name: str) -> dict:

@@ -167,8 +167,7 @@ class OllamaSurface:
         requested = native.get("model") or native.get("name")  # `name`: older clients
         model = g.router.resolve(requested) if isinstance(requested, str) else None
         if model is None:
-            known = ", ".join(sorted(g.table.names)) or "none"
-            return ollama_error(g.reject(404, f"model {requested!r} not found; known models: {known}", "model_not_found"))
+            return ollama_error(g.unknown_model(requested))
         info = {"general.architecture": "tensorforge"}
         if model in g.context_limits:  # a request's share of the context, as the gateway enforces it
             info["tensorforge.context_length"] = g.context_limits[model]
