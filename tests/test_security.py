@@ -5,7 +5,6 @@ hub file names cannot escape the models directory."""
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 import time
@@ -115,25 +114,29 @@ def test_keys_never_reach_the_logs_even_at_debug(tmp_path):
     assert KEY not in text and "sk-second-key" not in text and KEY[:12] not in text
 
 
-def test_which_key_matches_does_not_change_how_long_the_check_takes(tmp_path):
-    """Behavioural: digests are compared with hmac.compare_digest and every key is looked
-    at, so the first key, the last key and no key at all take the same time."""
+def test_which_key_matches_does_not_change_the_work_the_check_does(tmp_path, monkeypatch):
+    """Behavioural: every key's digest goes through hmac.compare_digest whichever key
+    matches (first, last or none), so the check's timing says nothing about which key
+    was presented. Counted, not timed: a wall-clock ratio of microsecond calls flaked
+    on a loaded CI machine."""
+    import reconciler.gateway.auth as auth
+
     keys = [f"sk-{i:04d}-{'z' * 40}" for i in range(300)]
     path = tmp_path / "keys"
     path.write_text("\n".join(keys) + "\n")
     api = ApiKeys(str(path))
+    calls = []
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
 
-    def median_time(header: str) -> float:
-        samples = []
-        for _ in range(300):
-            started = time.perf_counter()
-            api.identify(header)
-            samples.append(time.perf_counter() - started)
-        return statistics.median(samples)
+    def comparisons(header: str) -> int:
+        calls.clear()
+        api.identify(header)
+        return len(calls)
 
-    first, last, none = (median_time(f"Bearer {k}") for k in (keys[0], keys[-1], "sk-not-a-key"))
-    assert api.identify(f"Bearer {keys[0]}") and api.identify(f"Bearer {keys[-1]}")
-    assert max(first, last, none) / min(first, last, none) < 1.5, (first, last, none)
+    assert api.identify(f"Bearer {keys[0]}") != api.identify(f"Bearer {keys[-1]}")
+    assert api.identify("Bearer sk-not-a-key") is None
+    assert [comparisons(f"Bearer {k}") for k in (keys[0], keys[-1], "sk-not-a-key")] == [300] * 3
 
 
 def test_services_listen_on_localhost_by_default():
