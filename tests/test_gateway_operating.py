@@ -17,7 +17,7 @@ from conftest import free_port
 
 from reconciler.gateway.app import create_app
 from reconciler.gateway.auth import ApiKeys
-from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+from reconciler.gateway.testing import FastOpenAI, fleet_state, lifespan, serve
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 KEYS = ("sk-alpha-123", "sk-beta-456")
@@ -152,12 +152,14 @@ def test_first_byte_timeout_is_a_clean_502(upstream):
     assert "no first byte within 0.3s" in response.json()["error"]["message"]
 
 
-def test_becomes_healthy_fast_and_idle_memory_is_small(upstream):
+def test_becomes_healthy_fast(upstream):
+    """Healthy (backend probed) within 1.5 s of the app being built; idle memory is measured
+    on a real process by the soak test and bench/gateway_bench.py."""
     port = free_port()
-    started = __import__("time").monotonic()
+    started = time.monotonic()
     with serve(create_app(fleet_state({"up": upstream})), port):
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
-        took = __import__("time").monotonic() - started
+        took = time.monotonic() - started
     assert health["backends_healthy"] == 1 and took < 1.5
 
 
@@ -170,10 +172,7 @@ class HangingUpstream:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await lifespan(receive, send)
         if scope["method"] == "GET":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"{}"})

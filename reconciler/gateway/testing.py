@@ -61,10 +61,7 @@ class FastOpenAI:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await lifespan(receive, send)
         path = scope["path"]
         if scope["method"] == "GET":
             body = {"/health": b'{"status":"ok"}', "/v1/models": b'{"object":"list","data":[{"id":"bench"}]}'}.get(path)
@@ -74,12 +71,7 @@ class FastOpenAI:
             else:
                 await _respond(send, 200 if body else 404, b"application/json", body or b"{}")
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
         self.requests += 1
         self.peers.add(tuple(scope.get("client") or ()))
         request = json.loads(raw or b"{}")
@@ -102,6 +94,22 @@ class FastOpenAI:
             await send({"type": "http.response.body", "body": b""})
         finally:
             self.open_streams -= 1
+
+
+async def lifespan(receive, send) -> None:
+    """Answer an ASGI lifespan scope: start at once, stop when told."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+async def read_body(receive) -> bytes:
+    raw = b""
+    while True:
+        message = await receive()
+        raw += message.get("body", b"")
+        if not message.get("more_body"):
+            return raw
 
 
 async def _respond(send, status: int, ctype: bytes, body: bytes, extra: list | None = None) -> None:
@@ -130,16 +138,8 @@ class RecordedUpstream:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+            return await lifespan(receive, send)
+        raw = await read_body(receive)
         self.received.append((scope["method"], scope["path"], json.loads(raw) if raw else None))
         answer = self.routes.get((scope["method"], scope["path"]))
         if answer is None:

@@ -11,10 +11,9 @@ from reconciler.analyze.languages.base import (
     ImportRef,
     ParsedModule,
     Resolution,
-    count_lines,
     node_text,
 )
-from reconciler.analyze.languages.treesitter import parse_tree, walk
+from reconciler.analyze.languages.treesitter import parse_module, walk
 
 IMPORTERS = {"import", "callPackage", "callPackages"}
 ROOT_ENTRIES = {"flake.nix", "default.nix", "shell.nix"}
@@ -80,10 +79,7 @@ class NixLanguage:
     name = "nix"
 
     def parse(self, path: str, source: str) -> ParsedModule:
-        module = ParsedModule(path, self.name, count_lines(source), source)
-        tree = parse_tree("nix", source)
-        if tree.root_node.has_error:
-            module.errors.append("tree-sitter reported syntax errors")
+        module, tree = parse_module(path, self.name, "nix", source)
         module.definitions = _definitions(tree.root_node)
         for node in walk(tree.root_node):
             if node.type != "path_expression":

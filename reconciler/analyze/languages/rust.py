@@ -13,10 +13,9 @@ from reconciler.analyze.languages.base import (
     ImportRef,
     ParsedModule,
     Resolution,
-    count_lines,
     node_text,
 )
-from reconciler.analyze.languages.treesitter import parse_tree
+from reconciler.analyze.languages.treesitter import parse_module
 
 ITEMS = {
     "function_item": "function", "struct_item": "struct", "enum_item": "enum",
@@ -61,10 +60,7 @@ class RustLanguage:
     name = "rust"
 
     def parse(self, path: str, source: str) -> ParsedModule:
-        module = ParsedModule(path, self.name, count_lines(source), source)
-        tree = parse_tree("rust", source)
-        if tree.root_node.has_error:
-            module.errors.append("tree-sitter reported syntax errors")
+        module, tree = parse_module(path, self.name, "rust", source)
         for node in tree.root_node.named_children:
             if node.type in ITEMS:
                 name = node_text(node.child_by_field_name("name"))

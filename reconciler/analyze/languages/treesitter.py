@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from functools import cache
 
+from reconciler.analyze.languages.base import ParsedModule, count_lines
+
 _lock = threading.Lock()
 
 
@@ -19,6 +21,16 @@ def _parser(grammar: str):
 def parse_tree(grammar: str, source: str):
     with _lock:  # parsers are not thread-safe; parsing is fast next to everything else
         return _parser(grammar).parse(source.encode("utf-8"))
+
+
+def parse_module(path: str, language: str, grammar: str, source: str):
+    """A fresh ParsedModule for `path` and its syntax tree; syntax errors are noted on the
+    module, not raised: a file the grammar half-understands still has imports worth mapping."""
+    module = ParsedModule(path, language, count_lines(source), source)
+    tree = parse_tree(grammar, source)
+    if tree.root_node.has_error:
+        module.errors.append("tree-sitter reported syntax errors")
+    return module, tree
 
 
 def walk(node):

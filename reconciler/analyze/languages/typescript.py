@@ -13,10 +13,9 @@ from reconciler.analyze.languages.base import (
     ImportRef,
     ParsedModule,
     Resolution,
-    count_lines,
     node_text,
 )
-from reconciler.analyze.languages.treesitter import parse_tree, walk
+from reconciler.analyze.languages.treesitter import parse_module, walk
 
 DECLARATIONS = {
     "function_declaration": "function", "generator_function_declaration": "function",
@@ -64,15 +63,8 @@ class TypeScriptLanguage:
 
     def parse(self, path: str, source: str) -> ParsedModule:
         grammar = _grammar(path)
-        module = ParsedModule(
-            path,
-            "javascript" if grammar == "javascript" else "typescript",
-            count_lines(source),
-            source,
-        )
-        tree = parse_tree(grammar, source)
-        if tree.root_node.has_error:
-            module.errors.append("tree-sitter reported syntax errors")
+        language = "javascript" if grammar == "javascript" else "typescript"
+        module, tree = parse_module(path, language, grammar, source)
         module.definitions = _declarations(tree.root_node, lambda n: n.start_point[0] + 1)
         for node in walk(tree.root_node):
             line = node.start_point[0] + 1
