@@ -5,12 +5,14 @@ replayed by a small local fake upstream; the NDJSON streams become OpenAI SSE ch
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import free_port
 
+from reconciler.gateway.adapters.ollama import OllamaAdapter
 from reconciler.gateway.app import create_app
 from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 
@@ -97,3 +99,49 @@ def test_embeddings(ollama):
     assert upstream.last("/api/embed") == {"model": "llama3.2", "input": "hello"}
     assert answer["data"][0]["embedding"][:2] == [0.010071029, -0.0017594862]
     assert answer["usage"] == {"prompt_tokens": 8, "total_tokens": 8}
+
+
+def test_ps_says_which_models_are_in_memory():
+    """Ollama's documented /api/ps answer lists `mistral:latest`; a bare name means `:latest`."""
+    document = json.loads((FIXTURES / "ps.json").read_text())
+    adapter = OllamaAdapter()
+    assert adapter.holds_model(document, "mistral") is True
+    assert adapter.holds_model(document, "mistral:latest") is True
+    assert adapter.holds_model(document, "mistral:7b") is False
+    assert adapter.holds_model(document, "llama3.2") is False
+    assert adapter.holds_model({"models": []}, "mistral") is False
+    assert adapter.holds_model({"error": "x"}, "mistral") is None  # not an /api/ps answer
+
+
+def test_routing_prefers_the_replica_that_holds_the_model():
+    """Two Ollama replicas of `mistral`: one lists it in /api/ps, the other would load it
+    first. Least-load sends requests to the warm one until it is busier than a cold load."""
+
+    def replica(ps: bytes) -> RecordedUpstream:
+        return RecordedUpstream({
+            ("HEAD", "/"): Recorded(content_type="text/plain", body=b"Ollama is running"),
+            ("GET", "/api/ps"): Recorded(body=ps),
+            ("POST", "/api/chat"): whole("chat.json"),
+        })  # fmt: skip
+
+    warm, cold = replica((FIXTURES / "ps.json").read_bytes()), replica(b'{"models": []}')
+    ports = {"warm": free_port(), "cold": free_port()}
+    state = fleet_state({n: f"http://127.0.0.1:{p}" for n, p in ports.items()}, kind="ollama",
+                        source="ollama:mistral")  # fmt: skip
+    gw_port = free_port()
+    app = create_app(state)
+    with serve(warm, ports["warm"]), serve(cold, ports["cold"]), serve(app, gw_port):
+        gateway = f"http://127.0.0.1:{gw_port}"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            backends = httpx.get(f"{gateway}/health").json()["backends"]
+            if backends["warm"]["warm"] is not None and backends["cold"]["warm"] is not None:
+                break
+            time.sleep(0.1)
+        assert {n: b["warm"] for n, b in backends.items()} == {"warm": True, "cold": False}
+        body = {"model": "m", "messages": [{"role": "user", "content": "Hello"}]}
+        answered = {httpx.post(f"{gateway}/v1/chat/completions", json=body).headers["x-tensorforge-backend"]
+                    for _ in range(6)}  # fmt: skip
+        assert answered == {"warm"}
+        app.table.upstreams["warm"].reported_load = 20  # far busier than a cold load costs
+        assert httpx.post(f"{gateway}/v1/chat/completions", json=body).headers["x-tensorforge-backend"] == "cold"

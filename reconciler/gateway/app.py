@@ -247,7 +247,7 @@ class Gateway:
         backends = {
             u.name: {"model": u.model, "healthy": u.healthy, "detail": u.health_detail,
                      "circuit_open": u.circuit_open, "in_flight": u.in_flight, "limit": u.limit,
-                     "gpu_free": u.gpu_free}
+                     "gpu_free": u.gpu_free, "warm": u.warm}
             for u in self.upstreams()
         }  # fmt: skip
         healthy = sum(1 for b in backends.values() if b["healthy"])

@@ -1,6 +1,7 @@
 """Backend-reported load: scrape each backend's Prometheus endpoint on an interval (llama.cpp
-`llamacpp:requests_processing`, vLLM `vllm:num_requests_running/waiting`, TGI `tgi_queue_size`)
-and keep the numbers on the routing table for least-load scoring."""
+`llamacpp:requests_processing`, vLLM `vllm:num_requests_running/waiting`, TGI `tgi_queue_size`),
+and ask backends that load models on demand (Ollama's `/api/ps`) whether the model is in
+memory; keep the answers on the routing table for least-load scoring."""
 
 from __future__ import annotations
 
@@ -40,8 +41,20 @@ class LoadScraper:
         except (httpx.HTTPError, ValueError):
             pass
 
+    async def check_warm(self, upstream: Upstream) -> None:
+        adapter = adapter_for(upstream.protocol)
+        if adapter.loaded_path is None:
+            return
+        try:
+            response = await self.client.get(upstream.base_url + adapter.loaded_path, timeout=self.timeout)
+            document = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            document = None
+        upstream.warm = None if document is None else adapter.holds_model(document, upstream.served_name)
+
     async def scrape(self, upstream: Upstream) -> None:
         await self.describe(upstream)
+        await self.check_warm(upstream)
         adapter = adapter_for(upstream.protocol)
         loop = asyncio.get_running_loop()
         if adapter.metrics_path is None or self._skip_until.get(upstream.name, 0) > loop.time():

@@ -12,6 +12,9 @@ from reconciler.config.schema import DesiredState
 
 CIRCUIT_FAILURES = 3  # consecutive failures that open a backend's circuit
 CIRCUIT_COOLDOWN_SECONDS = 10.0
+# What a cold model costs in the least-load score, in requests: loading a model takes seconds
+# to minutes, longer than a few requests queued on a replica that already holds it.
+COLD_MODEL_PENALTY = 8.0
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Upstream:
     reported_load: float = 0.0  # running + queued requests from the backend's own metrics
     kv_usage: float | None = None  # KV-cache (VRAM) fraction in use, where the backend says
     gpu_free: float | None = None  # free fraction of its fullest GPU, from NVML (local backends)
+    warm: bool | None = None  # model in the backend's memory (Ollama /api/ps); None: not known
 
     @property
     def limit(self) -> int:
@@ -44,8 +48,9 @@ class Upstream:
     def score(self) -> float:
         """Lower is better: our in-flight requests, the backend's own queue, and penalties
         that grow as its KV cache and its GPUs' memory (the VRAM it has left) fill up; a
-        backend about to run out of either goes last."""
-        pressure = 0.0
+        backend about to run out of either goes last, and one that would first have to load
+        the model waits behind a few requests on one that holds it."""
+        pressure = COLD_MODEL_PENALTY if self.warm is False else 0.0
         if self.kv_usage is not None:
             pressure += 2.0 * self.kv_usage + (100.0 if self.kv_usage >= 0.98 else 0.0)
         if self.gpu_free is not None:

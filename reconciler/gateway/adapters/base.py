@@ -48,9 +48,16 @@ class Adapter:
     load_series: tuple[str, ...] = ()
     kv_series: tuple[str, ...] = ()
     info_path: str | None = None  # where the backend describes its own limits
+    # Where a backend that loads models on demand lists the ones it holds in memory: a
+    # replica that must load the model first answers seconds later than one that has it.
+    loaded_path: str | None = None
 
     def parse_info(self, info: dict) -> int | None:
         """The most concurrent requests the backend accepts, from its info document."""
+        return None
+
+    def holds_model(self, document: dict, served_model: str) -> bool | None:
+        """From the `loaded_path` document: is `served_model` in memory (None: cannot tell)."""
         return None
 
     def build_request(self, exchange: Exchange, raw: bytes, served_model: str) -> UpstreamRequest:

@@ -1,6 +1,7 @@
 """Ollama's native API: chat -> `/api/chat`, text completions -> `/api/generate` (raw),
 embeddings -> `/api/embed`; its NDJSON streams become OpenAI SSE chunks. Liveness is
-`HEAD /`; Ollama has no Prometheus endpoint, so it reports no load."""
+`HEAD /`; Ollama has no Prometheus endpoint, so it reports no load, but `/api/ps` says which
+models it holds in memory: routing prefers a replica that need not load the model first."""
 
 from __future__ import annotations
 
@@ -84,8 +85,24 @@ def finish_reason(answer: dict) -> str:
     return "length" if answer.get("done_reason") == "length" else "stop"
 
 
+def tagged(name: str) -> str:
+    """Ollama's full model name: `llama3.2` is `llama3.2:latest`."""
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
 class OllamaAdapter(Adapter):
     protocol = "ollama"
+    loaded_path = "/api/ps"
+
+    def holds_model(self, document: dict, served_model: str) -> bool | None:
+        models = document.get("models") if isinstance(document, dict) else None
+        if not isinstance(models, list):
+            return None
+        wanted = tagged(served_model)
+        return any(
+            isinstance(m, dict) and wanted in (tagged(str(m.get("model", ""))), tagged(str(m.get("name", ""))))
+            for m in models
+        )
 
     def passes_through(self, endpoint: str) -> bool:
         return False
