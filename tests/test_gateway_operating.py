@@ -16,7 +16,7 @@ import pytest
 from conftest import free_port
 
 from reconciler.gateway.app import create_app
-from reconciler.gateway.auth import ApiKeys
+from reconciler.gateway.auth import ApiKeyError, ApiKeys
 from reconciler.gateway.testing import FastOpenAI, fleet_state, lifespan, serve
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -31,7 +31,12 @@ METRIC_NAMES = {
     "tensorforge_gateway_circuit_open": ("gauge", {"backend"}),
     "tensorforge_gateway_backend_healthy": ("gauge", {"backend", "model"}),
     "tensorforge_gateway_rejected_total": ("counter", {"reason"}),
+    "tensorforge_gateway_client_requests_total": ("counter", {"client", "model", "status"}),
+    "tensorforge_gateway_client_tokens_total": ("counter", {"client", "model", "type"}),
 }
+# KEYS[0] is written as itself, unnamed: known by its digest's first 16 hex digits.
+# KEYS[1] is written only as its digest, named "team-b".
+CLIENTS = (hashlib.sha256(KEYS[0].encode()).hexdigest()[:16], "team-b")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,8 @@ def upstream():
 @pytest.fixture(scope="module")
 def keyed(upstream, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
-    keys.write_text(f"# gateway keys\n{KEYS[0]}\n\n  {KEYS[1]}  \n")
+    digest = hashlib.sha256(KEYS[1].encode()).hexdigest()
+    keys.write_text(f"# gateway keys\n{KEYS[0]}\n\n  sha256:{digest} team-b   # rotated 2026-11\n")
     port = free_port()
     state = fleet_state({"up": upstream}, api_keys_file=str(keys), max_concurrency_per_key=1, max_body_bytes=4096)
     with serve(create_app(state), port):
@@ -79,8 +85,48 @@ def test_keys_live_only_as_hashes_and_are_never_logged(tmp_path, caplog):
         assert keys.identify("Bearer sk-secret-value") is not None
         assert keys.identify("Bearer sk-secret-valuf") is None
         assert keys.identify("Basic sk-secret-value") is None
-    assert keys._digests == [hashlib.sha256(b"sk-secret-value").digest()]
+    assert [d for d, _ in keys._digests] == [hashlib.sha256(b"sk-secret-value").digest()]
     assert "sk-secret-value" not in caplog.text and "sk-secret-value" not in repr(vars(keys))
+
+
+def test_keys_file_holds_digests_names_and_comments(tmp_path):
+    """`KEY [NAME]` per line; KEY may be `sha256:<hex>` so the file holds no secret; keys
+    with one name are one client (a rotated key and its successor share its limit)."""
+    path = tmp_path / "keys"
+    digest = hashlib.sha256(b"sk-new").hexdigest()
+    path.write_text(
+        f"# comment line\nsk-old alice  # until the rotation is done\nsha256:{digest.upper()} alice\n"
+        "sk-with#hash\n"
+    )  # fmt: skip
+    keys = ApiKeys(str(path))
+    assert keys.identify("Bearer sk-old") == keys.identify("Bearer sk-new") == "alice"
+    assert keys.identify("Bearer sk-with#hash") == hashlib.sha256(b"sk-with#hash").hexdigest()[:16]
+    assert keys.identify("Bearer sk-with") is None  # a '#' inside a key is not a comment
+    assert keys.identify(f"Bearer sha256:{digest}") is None  # the digest is not the key
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("sha256:abc123", "'sha256:' must be followed by 64 hex digits"),
+    ("sk-key-one two three", "more than 'KEY [NAME]'"),
+    ("sk-key-one ../etc", "a client name is 1-64 letters"),
+])  # fmt: skip
+def test_a_bad_keys_line_names_file_and_line_but_not_the_key(tmp_path, line, problem):
+    path = tmp_path / "keys"
+    path.write_text(f"sk-fine\n{line}\n")
+    with pytest.raises(ApiKeyError) as error:
+        ApiKeys(str(path))
+    message = str(error.value)
+    assert message.startswith(f"gateway.api_keys_file: {path} line 2: ") and problem in message
+    assert line.split()[0] not in message
+
+
+def test_a_bad_edit_keeps_the_last_good_keys(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("sk-good\n")
+    keys = ApiKeys(str(path))
+    path.write_text("sha256:nothex\n")
+    keys.reload_if_changed()
+    assert keys.identify("Bearer sk-good")
 
 
 def test_an_edited_keys_file_takes_effect_without_a_restart(tmp_path):
@@ -138,6 +184,13 @@ def test_metrics_have_exactly_the_contracted_names_and_labels(keyed):
             assert set(re.findall(r'(\w+)="', sample)) - {"le"} == labels, (name, sample)
     assert 'tensorforge_gateway_tokens_total{backend="up",model="m",type="prompt"}' in text
     assert 'tensorforge_gateway_rejected_total{reason="invalid_api_key"}' in text
+    # Who used what: by the key's client name, or its digest prefix when unnamed.
+    assert f'tensorforge_gateway_client_requests_total{{client="{CLIENTS[0]}",model="m",status="200"}}' in text
+    assert f'tensorforge_gateway_client_tokens_total{{client="{CLIENTS[0]}",model="m",type="completion"}}' in text
+    httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=bearer(KEYS[1]))
+    text = httpx.get(f"{keyed}/metrics", headers=bearer(KEYS[1])).text
+    assert 'tensorforge_gateway_client_requests_total{client="team-b",model="m",status="200"}' in text
+    assert KEYS[0] not in text and KEYS[1] not in text
     assert 'tensorforge_gateway_backend_healthy{backend="up",model="m"} 1.0' in text
 
 

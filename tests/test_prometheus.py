@@ -154,7 +154,7 @@ def test_real_prometheus_answers_every_dashboard_and_alert_query(
     try:
         # API keys on: /metrics needs one too, and Prometheus presents its own from a file.
         keys, scrape_key = tmp_path / "api-keys", tmp_path / "prometheus-key"
-        keys.write_text("sk-client\nsk-prometheus\n")
+        keys.write_text("sk-client ci-client\nsk-prometheus prometheus\n")
         scrape_key.write_text("sk-prometheus\n")
         auth = {"Authorization": "Bearer sk-client"}
         config = smollm2_config(llama_server, free_port(), api_keys_file=str(keys))

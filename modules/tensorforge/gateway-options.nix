@@ -31,7 +31,9 @@ in
     default = null;
     example = "/run/secrets/tensorforge-api-keys";
     description = ''
-      File with the accepted API keys, one per line; null accepts every request. Read through
+      File with the accepted API keys, one per line as `KEY [NAME]`; KEY may be written as
+      `sha256:<hex digest>` so the file holds no secret, NAME labels the client in the
+      gateway's metrics. null accepts every request. Read through
       systemd's `LoadCredential`, so it may be owned by root and mode 0400. Keep it out of the
       Nix store (use a string path, or agenix/sops-nix).
     '';

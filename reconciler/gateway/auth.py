@@ -1,5 +1,14 @@
-"""API keys: read from a file (one per line, `#` comments), kept only as sha256 digests,
-compared in constant time. A key itself is never logged or stored."""
+"""API keys: read from a file, kept only as sha256 digests, compared in constant time. A key
+itself is never logged or stored.
+
+One key per line; a word starting with `#` starts a comment:
+
+    sk-plain-key                    # the key itself
+    sha256:<64 hex digits> alice    # only its digest (printf %s KEY | sha256sum), named
+
+The optional second field names the client in metrics (`client` label) and in the per-key
+concurrency limit; keys with one name share it, so a rotated key and its successor are one
+client. Unnamed keys are known by the first 16 hex digits of their digest."""
 
 from __future__ import annotations
 
@@ -7,9 +16,12 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+_DIGEST = re.compile(r"sha256:([0-9a-fA-F]{64})")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ApiKeyError(Exception):
@@ -19,7 +31,7 @@ class ApiKeyError(Exception):
 class ApiKeys:
     def __init__(self, path: str | None):
         self.path = Path(path) if path else None
-        self._digests: list[bytes] = []
+        self._digests: list[tuple[bytes, str]] = []  # (sha256 digest, client name)
         self._stamp: tuple[int, int] | None = None
         if self.path is not None:
             self.load()
@@ -39,13 +51,40 @@ class ApiKeys:
                 "create it with one key per line or remove the setting"
             ) from exc
         digests = []
-        for line in text.splitlines():
-            key = line.strip()
-            if key and not key.startswith("#"):
-                digests.append(hashlib.sha256(key.encode()).digest())
+        for number, line in enumerate(text.splitlines(), 1):
+            fields = line.split()
+            comment = next((i for i, f in enumerate(fields) if f.startswith("#")), len(fields))
+            fields = fields[:comment]  # a '#' inside a key is part of the key
+            if not fields:
+                continue
+            digests.append(self._parse(fields, number))
         self._digests = digests
         self._stamp = (stat.st_mtime_ns, stat.st_size)
         log.info("loaded %d API key(s) from %s", len(digests), self.path)
+
+    def _parse(self, fields: list[str], number: int) -> tuple[bytes, str]:
+        # Never quote the line in an error: it may hold a key.
+        where = f"gateway.api_keys_file: {self.path} line {number}"
+        if len(fields) > 2:
+            raise ApiKeyError(f"{where}: more than 'KEY [NAME]'; a key has no spaces, a name is one word")
+        secret = fields[0]
+        if secret.lower().startswith("sha256:"):
+            found = _DIGEST.fullmatch(secret)
+            if found is None:
+                raise ApiKeyError(
+                    f"{where}: 'sha256:' must be followed by 64 hex digits (printf %s KEY | sha256sum)"
+                )
+            digest = bytes.fromhex(found.group(1))
+        else:
+            digest = hashlib.sha256(secret.encode()).digest()
+        if len(fields) == 1:
+            return digest, digest.hex()[:16]
+        if _NAME.fullmatch(fields[1]) is None:
+            raise ApiKeyError(
+                f"{where}: a client name is 1-64 letters, digits, '.', '_' or '-', starting with "
+                "a letter or digit"
+            )
+        return digest, fields[1]
 
     def reload_if_changed(self) -> None:
         if self.path is None:
@@ -61,12 +100,13 @@ class ApiKeys:
                 log.warning("%s", exc)
 
     def identify(self, authorization: str | None) -> str | None:
-        """The key's identity (a digest prefix) for a valid `Bearer` header, else None."""
+        """The client a valid `Bearer` header names (the key's name, or a digest prefix),
+        else None."""
         if not authorization or not authorization[:7].lower() == "bearer ":
             return None
         presented = hashlib.sha256(authorization[7:].strip().encode()).digest()
         match = None
-        for digest in self._digests:  # look at every key: timing says nothing about which
+        for digest, client in self._digests:  # look at every key: timing says nothing about which
             if hmac.compare_digest(digest, presented):
-                match = digest
-        return match.hex()[:16] if match is not None else None
+                match = client
+        return match

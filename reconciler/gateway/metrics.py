@@ -39,6 +39,16 @@ class GatewayMetrics:
             "tensorforge_gateway_tokens_total", "Tokens from the backends' usage reports.",
             ["model", "backend", "type"], registry=r,
         )  # fmt: skip
+        # Per API-key client (the keys file's names): who uses how much. Only with keys on;
+        # as many series as there are named clients, never one per request.
+        self.client_requests = Counter(
+            "tensorforge_gateway_client_requests_total", "Requests answered, by API-key client and status.",
+            ["client", "model", "status"], registry=r,
+        )  # fmt: skip
+        self.client_tokens = Counter(
+            "tensorforge_gateway_client_tokens_total", "Tokens from the backends' usage reports, by API-key client.",
+            ["client", "model", "type"], registry=r,
+        )  # fmt: skip
         self.in_flight = Gauge(
             "tensorforge_gateway_in_flight_requests", "Requests open at a backend.", ["backend"], registry=r
         )
@@ -69,12 +79,18 @@ class GatewayMetrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def record_tokens(self, model: str, backend: str, usage: dict) -> None:
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int) and prompt > 0:
-            self.child(self.tokens, model, backend, "prompt").inc(prompt)
-        if isinstance(completion, int) and completion > 0:
-            self.child(self.tokens, model, backend, "completion").inc(completion)
+    def count(self, model: str, backend: str, status: str, client: str | None = None) -> None:
+        self.child(self.requests, model, backend, status).inc()
+        if client is not None:
+            self.child(self.client_requests, client, model, status).inc()
+
+    def record_tokens(self, model: str, backend: str, usage: dict, client: str | None = None) -> None:
+        for kind in ("prompt", "completion"):
+            count = usage.get(f"{kind}_tokens")
+            if isinstance(count, int) and count > 0:
+                self.child(self.tokens, model, backend, kind).inc(count)
+                if client is not None:
+                    self.child(self.client_tokens, client, model, kind).inc(count)
 
     def render(self, upstreams: Iterable[Upstream]) -> bytes:
         """Refresh the per-backend gauges from the live routing state, then serialize."""

@@ -204,7 +204,7 @@ class OllamaSurface:
         try:
             body, model = parsed
             call = ProxyCall(Exchange("/v1/embeddings", body, body["model"]), json.dumps(body).encode(), model, False,
-                             request.headers.get(g.spec.routing.affinity_header))  # fmt: skip
+                             request.headers.get(g.spec.routing.affinity_header), key)  # fmt: skip
             answer = await g.proxy.forward(call)
         finally:
             g.release_key(key)
@@ -246,7 +246,7 @@ class OllamaSurface:
         body, model = parsed
         raw = json.dumps(body).encode()
         affinity = request.headers.get(g.spec.routing.affinity_header)
-        call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity)
+        call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity, key)
         try:
             answer = await g.proxy.forward(call)
         except BaseException:

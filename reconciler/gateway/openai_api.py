@@ -111,7 +111,7 @@ class OpenAIEndpoints:
             affinity = headers.get(gateway.affinity_header)
             call = ProxyCall(
                 Exchange(scope["path"], body, body["model"]), raw, model, stream,
-                affinity.decode("latin-1") if affinity else None,
+                affinity.decode("latin-1") if affinity else None, key,
             )  # fmt: skip
             await self._serve(call, receive, send)
         finally:

@@ -44,6 +44,7 @@ class ProxyCall:
     model: str  # canonical model name
     stream: bool
     affinity_key: str | None = None
+    client: str | None = None  # the API key's client name, when keys are on
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Proxy:
         candidates = self.router.candidates(call.model, call.affinity_key)
         if not candidates:
             self.metrics.rejected.labels("no_healthy_backend").inc()
-            self.metrics.requests.labels(call.model, "none", "503").inc()
+            self.metrics.count(call.model, "none", "503", call.client)
             return error_answer(
                 503,
                 f"no healthy backend for model {call.exchange.requested_model!r}: "
@@ -104,7 +105,7 @@ class Proxy:
             try:
                 return await self._attempt(upstream, call, started)
             except Unsupported as exc:
-                self.metrics.requests.labels(call.model, upstream.name, "400").inc()
+                self.metrics.count(call.model, upstream.name, "400", call.client)
                 return error_answer(400, str(exc), "unsupported_endpoint")
             except UpstreamFailed as exc:
                 if exc.busy:
@@ -117,12 +118,12 @@ class Proxy:
                     self.metrics.retries.labels(call.model, upstream.name).inc()
         if busy == len(candidates):
             self.metrics.rejected.labels("backend_busy").inc()
-            self.metrics.requests.labels(call.model, "none", "429").inc()
+            self.metrics.count(call.model, "none", "429", call.client)
             return error_answer(
                 429, "every backend for this model is at its concurrency limit; retry shortly",
                 "backend_busy", retry_after="1",
             )  # fmt: skip
-        self.metrics.requests.labels(call.model, "none", "502").inc()
+        self.metrics.count(call.model, "none", "502", call.client)
         return error_answer(502, "all backends failed: " + "; ".join(tried), "upstream_error")
 
     async def _attempt(self, upstream: Upstream, call: ProxyCall, started: float) -> Answer:
@@ -172,7 +173,7 @@ class Proxy:
             if response is not None:
                 await response.aclose()
             if isinstance(exc, asyncio.CancelledError):
-                self.metrics.requests.labels(call.model, upstream.name, "499").inc()
+                self.metrics.count(call.model, upstream.name, "499", call.client)
             raise
         upstream.record_success()
         self.metrics.child(self.metrics.ttft, call.model, upstream.name).observe(time.perf_counter() - started)
@@ -216,13 +217,13 @@ class Proxy:
             upstream.in_flight -= 1
             await response.aclose()
             m = self.metrics
-            m.child(m.requests, call.model, upstream.name, status).inc()
+            m.count(call.model, upstream.name, status, call.client)
             m.child(m.duration, call.model, upstream.name).observe(time.perf_counter() - started)
 
     def _record(self, call: ProxyCall, upstream: Upstream, status: int, started: float, content: bytes | None) -> None:
         m = self.metrics
         elapsed = time.perf_counter() - started
-        m.child(m.requests, call.model, upstream.name, str(status)).inc()
+        m.count(call.model, upstream.name, str(status), call.client)
         m.child(m.duration, call.model, upstream.name).observe(elapsed)
         m.child(m.ttft, call.model, upstream.name).observe(elapsed)
         if content and b'"usage"' in content:
@@ -231,7 +232,7 @@ class Proxy:
             except (ValueError, AttributeError):
                 return
             if isinstance(usage, dict):
-                m.record_tokens(call.model, upstream.name, usage)
+                m.record_tokens(call.model, upstream.name, usage, call.client)
 
     def _stream_usage(self, chunk: bytes, call: ProxyCall, upstream: Upstream) -> None:
         for data in EventParser().feed(chunk):
@@ -242,7 +243,7 @@ class Proxy:
             except (ValueError, AttributeError):
                 continue
             if isinstance(usage, dict):
-                self.metrics.record_tokens(call.model, upstream.name, usage)
+                self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         transport = self.transports[request.url.scheme]

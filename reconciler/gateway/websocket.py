@@ -114,7 +114,7 @@ class Session:
         try:
             body, model = parsed
             affinity = self.ws.headers.get(gateway.spec.routing.affinity_header)
-            call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity)
+            call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity, key)
             answer = await gateway.proxy.forward(call)
             if answer.stream is None:
                 if answer.status != 200:
