@@ -35,3 +35,15 @@ def test_every_command_has_help(command, capsys):
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "reconciler.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "validate" in result.stdout
+
+
+def test_a_bad_log_level_is_a_usage_error_not_a_traceback(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--log-level", "bogus", "status"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'bogus' is not one of DEBUG, INFO" in err and "Traceback" not in err
+    monkeypatch.setenv("TF_LOG_LEVEL", "loud")
+    with pytest.raises(SystemExit):
+        main(["status"])
+    assert "'loud' is not one of" in capsys.readouterr().err

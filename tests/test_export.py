@@ -132,3 +132,32 @@ def test_cli_export_writes_utf8_files(tmp_path, capsys):
         assert "日本語" in target.read_text(encoding="utf-8")  # unescaped out
     assert b"\r\r\n" not in (tmp_path / "out.csv").read_bytes()  # no newline translation
     assert "exported 2 result(s)" in capsys.readouterr().err
+
+
+def test_exporting_a_file_onto_itself_keeps_every_result(tmp_path, capsys):
+    """The output is written to a temporary file and renamed at the end, so the input is
+    read whole before it is replaced (opening the output first used to empty it)."""
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RESULTS), encoding="utf-8")
+    assert main(["export", "-i", str(path), "-f", "jsonl", "-o", str(path)]) == 0
+    assert list(iter_results(path)) == RESULTS
+    assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]  # no temporary file left
+
+
+def test_a_failed_export_leaves_the_old_output(tmp_path, capsys):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.csv"
+    source.write_text(json.dumps(RESULTS[0]) + "\n42\n")
+    out.write_text("previous export\n")
+    assert main(["export", "-i", str(source), "-f", "csv", "-o", str(out)]) == 1
+    assert f"{source}:2: expected a result object, found 42" in capsys.readouterr().err
+    assert out.read_text() == "previous export\n" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_byte_order_mark_and_non_utf8_input(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(RESULTS[0]).encode() + b"\r\n")
+    assert list(iter_results(bom)) == [RESULTS[0]]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"{latin}: not UTF-8 text .*save it as UTF-8"):
+        list(iter_results(latin))

@@ -13,7 +13,7 @@ import yaml
 from reconciler.cli import main
 from reconciler.config.loader import load_desired_state
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+from reconciler.gateway.testing import FastOpenAI, Recorded, RecordedUpstream, fleet_state, serve
 from reconciler.gpu.inventory import GpuInfo, StaticInventory
 from reconciler.pipeline.health import collect, percentile, render
 from reconciler.pipeline.run import read_prompts, run_prompts
@@ -132,7 +132,7 @@ def test_health_without_gpus_or_gateway_is_an_answer_not_a_crash(tmp_path, capsy
 def test_health_measures_a_llamacpp_url_directly(fleet, tmp_path, capsys):
     _, upstreams, _ = fleet
     empty = tmp_path / "empty.yaml"
-    empty.write_text(yaml.safe_dump({"version": 1, "gateway": {"port": free_port()}}))
+    empty.write_text(yaml.safe_dump({"version": 1, "gateway": {"enable": False}}))  # llama.cpp alone
     url = next(iter(fleet_state_urls(fleet)))
     assert main(["health", "--config", str(empty), "--llamacpp-url", url, "-n", "3", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -159,3 +159,64 @@ def test_a_llamacpp_url_that_is_declared_is_not_measured_twice(fleet):
     report = collect(state, gateway, StaticInventory([]), requests=0, llamacpp_urls=urls)
     assert [b.name for b in report.backends] == ["a", "b"] and report.benchmarks == []
     assert report.gpu_reason == "no GPU declared"
+
+
+def test_prompt_files_bom_crlf_and_unicode_separators(tmp_path):
+    """A BOM is not part of the first prompt, CRLF ends lines, and characters that
+    str.splitlines() would also split on (form feed, U+0085, U+2028) stay inside a prompt."""
+    jsonl = tmp_path / "p.jsonl"
+    lines = [json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False), json.dumps({"prompt": "second"})]
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    assert read_prompts(jsonl) == ["a\u2028b", "second"]
+    plain = tmp_path / "p.txt"
+    plain.write_text("one\x0cpage\nnext\x85line\n", encoding="utf-8")
+    assert read_prompts(plain) == ["one\x0cpage", "next\x85line"]
+
+
+@pytest.mark.parametrize("line", ['{"prompt": null}', '{"prompt": ["a"]}', '{"prompt": "  "}', "[1]"])
+def test_a_prompt_that_is_not_a_string_is_named(tmp_path, line):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    if line.startswith("{"):
+        with pytest.raises(ValueError, match=rf"{path}:2: 'prompt' must be a non-empty string"):
+            read_prompts(path)
+    else:  # not a JSON object: a plain-text prompt, as written
+        assert read_prompts(path) == ["fine", "[1]"]
+
+
+def test_a_failing_prompt_is_its_result_not_the_end_of_the_run(tmp_path):
+    """A malformed stream or a refused connection becomes that result's error; the run goes
+    on and returns one result per prompt."""
+    broken = RecordedUpstream({("POST", "/v1/chat/completions"): Recorded(
+        content_type="text/event-stream", pieces=[b'data: {"choices": []}\n\n', b"data: {not json\n\n"])})  # fmt: skip
+    port = free_port()
+    with serve(broken, port):
+        results = run_prompts(f"http://127.0.0.1:{port}", "m", ["a", "b"], parallel=2)
+    assert [r["prompt"] for r in results] == ["a", "b"]
+    assert all(r["error"].startswith("JSONDecodeError") for r in results)
+    dead = run_prompts(f"http://127.0.0.1:{free_port()}", "m", ["c"], timeout=5)
+    assert dead[0]["error"].startswith("ConnectError")
+
+
+def test_run_checks_its_output_and_settings_before_asking(fleet, tmp_path, monkeypatch, capsys):
+    gateway, upstreams, config = fleet
+    before = sum(u.requests for u in upstreams.values())
+    missing = tmp_path / "no-such-dir" / "out.json"
+    assert main(["run", "--config", str(config), "-p", "hi", "-o", str(missing)]) == 1
+    assert f"--output {missing}: directory {missing.parent} does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("LLM_PARALLEL", "abc")
+    assert main(["run", "--config", str(config), "-p", "hi", "-o", str(tmp_path / "o.json")]) == 1
+    assert "LLM_PARALLEL='abc': must be a whole number of at least 1" in capsys.readouterr().err
+    assert sum(u.requests for u in upstreams.values()) == before  # nothing was asked
+
+
+def test_health_is_not_ok_when_the_gateway_is_down(fleet, tmp_path, capsys):
+    """Backends up, gateway declared but not running: not healthy, exit 1, and it says why."""
+    state, _ = load_desired_state(str(fleet[2]))
+    state = state.model_copy(update={"gateway": state.gateway.model_copy(update={"port": free_port()})})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(state.model_dump(mode="json", exclude_none=True)))
+    assert main(["health", "--config", str(config), "-n", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "\nNOT healthy: gateway http://127.0.0.1:" in out and "unreachable" in out
+    assert out.count(" healthy ") >= 2  # both backends themselves answer

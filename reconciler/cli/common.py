@@ -24,7 +24,7 @@ def load_state(args: argparse.Namespace) -> DesiredState:
 def gateway_url(state: DesiredState) -> str:
     g = state.gateway
     host = "127.0.0.1" if g.host in ("0.0.0.0", "::") else g.host
-    return f"http://{host}:{g.port}"
+    return f"http://[{host}]:{g.port}" if ":" in host else f"http://{host}:{g.port}"
 
 
 def driver_args(parser: argparse.ArgumentParser) -> None:

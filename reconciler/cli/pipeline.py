@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from reconciler.cli.common import config_arg, gateway_url, load_state
+from reconciler.drivers.atomic import atomic_output, write_atomic
 from reconciler.paths import state_dir
 
 log = logging.getLogger("tensorforge")
@@ -21,6 +22,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reconciler.service import start_background, stop_background, wait_for_gateway
 
     state = load_state(args)
+    parallel = _positive_env("LLM_PARALLEL", 8)
+    output = None if args.output == "-" else Path(args.output)
+    if output is not None and not output.parent.is_dir():
+        # Checked before any prompt is sent: answers are not thrown away at the end.
+        print(f"error: --output {args.output}: directory {output.parent} does not exist", file=sys.stderr)
+        return 1
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts(Path(args.prompts_file))
@@ -42,21 +49,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             started_here = True
             wait_for_gateway(url, model, args.start_timeout, info)
         results = run_prompts(
-            url, requested, prompts, args.max_tokens,
-            int(os.environ.get("LLM_PARALLEL", "8")), os.environ.get("TF_API_KEY"),
+            url, requested, prompts, args.max_tokens, parallel, os.environ.get("TF_API_KEY"),
         )  # fmt: skip
     finally:
         if started_here:
             stop_background(directory)
     document = {"created": time.time(), "gateway": url, "results": results}
     text = json.dumps(document, indent=2, ensure_ascii=False)
-    if args.output == "-":
+    if output is None:
         print(text)
     else:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        write_atomic(output, text + "\n")
         failed = sum(1 for r in results if r["error"])
         print(f"wrote {len(results)} result(s) to {args.output}" + (f", {failed} failed" if failed else ""))
     return 1 if any(r["error"] for r in results) else 0
+
+
+def _positive_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: must be a whole number of at least 1 (default {default})")
+    return int(value)
 
 
 def _gateway_serves(url: str, model: str) -> bool:
@@ -74,7 +89,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     results = iter_results(Path(args.input))
     if args.output:
-        with open(args.output, "w", encoding="utf-8", newline="") as out:
+        # Into a temporary file renamed at the end: a file exported onto itself stays intact
+        # while it is read, and a failure half-way leaves the old output, not half of one.
+        with atomic_output(Path(args.output), newline="") as out:
             count = export(results, args.format, out)
         print(f"exported {count} result(s) to {args.output}", file=sys.stderr)
     else:
@@ -91,6 +108,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     report = collect(
         state, args.gateway or gateway_url(state), NvmlInventory(), args.requests,
         args.concurrency, args.max_tokens, urls, os.environ.get("TF_API_KEY"),
+        gateway_expected=state.gateway.enable or args.gateway is not None,
     )  # fmt: skip
     print(json.dumps(report.to_dict(), indent=1) if args.json else render(report))
     return 0 if report.ok else 1

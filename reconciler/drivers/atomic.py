@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+@contextmanager
+def atomic_output(path: Path, mode: int = 0o644, newline: str | None = None) -> Iterator[TextIO]:
+    """A text handle on a temporary file next to `path`, renamed over `path` when the block
+    ends without an exception and removed when it raises: a reader (or the input being
+    exported into its own file) sees the old content until the new one is complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(
@@ -21,8 +28,8 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
@@ -39,6 +46,11 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
         os.fsync(dir_fd)  # the rename itself survives a crash only once the directory is synced
     finally:
         os.close(dir_fd)
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    with atomic_output(path, mode) as handle:
+        handle.write(text)
 
 
 def _alive(pid: int) -> bool:

@@ -20,38 +20,52 @@ def iter_results(path: Path) -> Iterator[dict]:
     """A `run` result file ({"results": [...]}), a JSON list, or JSONL. JSONL is parsed line
     by line as it is read (never seeking, so a pipe works); a JSONL line holding a whole
     compact result document contributes its results."""
-    with path.open(encoding="utf-8") as handle:
-        lines = enumerate(handle, start=1)
-        first = next((line for _, line in lines if line.strip()), None)
-        if first is None:
-            return
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON.
+        with path.open(encoding="utf-8-sig") as handle:
+            yield from _parse(path, handle)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
+def _parse(path: Path, handle: TextIO) -> Iterator[dict]:
+    lines = enumerate(handle, start=1)
+    number, first = next(((n, line) for n, line in lines if line.strip()), (0, None))
+    if first is None:
+        return
+    try:
+        item = json.loads(first)
+    except json.JSONDecodeError:
+        item = None
+    if item is None or first.lstrip().startswith("["):
+        # A pretty-printed document or a JSON list: it has to be read whole.
         try:
-            item = json.loads(first)
-        except json.JSONDecodeError:
-            item = None
-        if item is None or first.lstrip().startswith("["):
-            # A pretty-printed document or a JSON list: it has to be read whole.
+            data = json.loads(first + handle.read())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: neither JSON nor JSONL: {exc}") from None
+        yield from _results(data, str(path))
+        return
+    yield from _results(item, f"{path}:{number}")
+    for number, line in lines:
+        if line.strip():
             try:
-                data = json.loads(first + handle.read())
+                data = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: neither JSON nor JSONL: {exc}") from None
-            yield from _results(data)
-            return
-        yield from _results(item)
-        for number, line in lines:
-            if line.strip():
-                try:
-                    yield from _results(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+                raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+            yield from _results(data, f"{path}:{number}")
 
 
-def _results(data) -> list[dict]:
+def _results(data, where: str) -> list[dict]:
     if isinstance(data, list):
-        return data
-    if isinstance(data, dict) and isinstance(data.get("results"), list):
-        return data["results"]
-    return [data]
+        items = data
+    elif isinstance(data, dict) and isinstance(data.get("results"), list):
+        items = data["results"]
+    else:
+        items = [data]
+    for item in items:
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected a result object, found {json.dumps(item)[:40]}")
+    return items
 
 
 def _flat(result: dict) -> dict:

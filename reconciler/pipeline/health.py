@@ -52,15 +52,28 @@ class HealthReport:
     gateway: dict = field(default_factory=dict)
     backends: list[BackendState] = field(default_factory=list)
     benchmarks: list[Benchmark] = field(default_factory=list)
+    gateway_expected: bool = True  # declared with the gateway on: it must answer
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the host is not healthy; empty when it is."""
+        found = [f"backend {b.name} is {b.state}" for b in self.backends if b.state != "healthy"]
+        if self.gateway_expected and not self.gateway.get("reachable"):
+            found.append(f"gateway {self.gateway.get('url')} unreachable (no benchmark through it)")
+        found += [f"backend {b.name} is healthy but the gateway does not route to it"
+                  for b in self.backends if b.state == "healthy" and b.routed is False]  # fmt: skip
+        found += [f"{b.errors} of {b.requests} benchmark request(s) to {b.backend} failed"
+                  for b in self.benchmarks if b.errors]  # fmt: skip
+        return found
 
     @property
     def ok(self) -> bool:
-        backends_ok = all(b.state == "healthy" for b in self.backends)
-        return backends_ok and all(b.errors == 0 for b in self.benchmarks)
+        return not self.problems
 
     def to_dict(self) -> dict:
         return {
             "ok": self.ok,
+            "problems": self.problems,
             "gpus": self.gpus,
             "gpu_reason": self.gpu_reason,
             "gateway": self.gateway,
@@ -196,8 +209,9 @@ def collect(
     max_tokens: int = 32,
     llamacpp_urls: dict[str, str] | None = None,
     api_key: str | None = None,
+    gateway_expected: bool = True,
 ) -> HealthReport:
-    report = HealthReport()
+    report = HealthReport(gateway_expected=gateway_expected)
     report.gpus, report.gpu_reason = gpu_rows(inventory)
     report.gateway = gateway_view(gateway_url)
     extra = llamacpp_urls or {}
@@ -246,7 +260,7 @@ def render(report: HealthReport) -> str:
         for b in report.benchmarks:
             if b.first_error:
                 lines.append(f"  {b.backend}: {b.errors} error(s), first: {b.first_error}")
-    lines.append("\nhealthy" if report.ok else "\nNOT healthy")
+    lines.append("\nhealthy" if report.ok else "\nNOT healthy: " + "; ".join(report.problems))
     return "\n".join(lines)
 
 

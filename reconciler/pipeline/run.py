@@ -14,16 +14,25 @@ import httpx
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per line, or JSONL with a "prompt" field per line."""
+    """One prompt per line, or JSONL with a "prompt" field per line. Lines end at `\n` (and
+    `\r\n`) only: a form feed or U+2028 inside a prompt or a JSON string stays in it."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not a prompt
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
             try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (ValueError, KeyError) as exc:
+                prompt = json.loads(line)["prompt"]
+            except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{number}: expected a JSON object with 'prompt': {exc}") from None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{path}:{number}: 'prompt' must be a non-empty string")
+            prompts.append(prompt)
         else:
             prompts.append(line)
     return prompts
@@ -47,31 +56,36 @@ def ask(
     served_model = model
     backend = None
     error = None
-    with client.stream("POST", f"{gateway}/v1/chat/completions", json=body, headers=headers) as resp:
-        backend = resp.headers.get("x-tensorforge-backend")
-        if resp.status_code != 200:
-            resp.read()
-            try:
-                error = resp.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                error = resp.text[:500]
-        else:
-            for line in resp.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    error = event["error"].get("message", str(event["error"]))
-                    break
-                served_model = event.get("model", served_model)
-                usage = event.get("usage") or usage
-                for choice in event.get("choices", []):
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        if first_token is None:
-                            first_token = time.perf_counter()
-                        parts.append(text)
-                    finish = choice.get("finish_reason") or finish
+    try:
+        with client.stream("POST", f"{gateway}/v1/chat/completions", json=body, headers=headers) as resp:
+            backend = resp.headers.get("x-tensorforge-backend")
+            if resp.status_code != 200:
+                resp.read()
+                try:
+                    error = resp.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    error = resp.text[:500]
+            else:
+                for line in resp.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"].get("message", str(event["error"]))
+                        break
+                    served_model = event.get("model", served_model)
+                    usage = event.get("usage") or usage
+                    for choice in event.get("choices", []):
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            if first_token is None:
+                                first_token = time.perf_counter()
+                            parts.append(text)
+                        finish = choice.get("finish_reason") or finish
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        # One prompt's broken connection or malformed event is that result's error; the
+        # other prompts' answers are kept.
+        error = f"{type(exc).__name__}: {exc}"
     total = time.perf_counter() - started
     completion_tokens = usage.get("completion_tokens") or 0
     decode_time = total - ((first_token or started) - started)
