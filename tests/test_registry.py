@@ -133,6 +133,30 @@ def test_concurrent_first_opens_migrate_once(database):
     assert sorted(versions) == list(range(1, len(MIGRATIONS) + 1))
 
 
+def test_concurrent_puts_of_one_model_end_with_one_entry(database):
+    """Hosts sharing a registry may write one model at the same moment. On PostgreSQL's
+    READ COMMITTED, unserialized DELETE-then-INSERT pairs collided on the primary key."""
+    Registry(database=database())  # migrated once, so the threads race on put alone
+    errors: list[Exception] = []
+
+    def put_many(worker: int) -> None:
+        registry = Registry(database=database())
+        for i in range(15):
+            try:
+                registry.put(record(quantization=f"Q{worker}_{i}"))
+            except Exception as exc:  # collected and asserted below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=put_many, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    found = Registry(database=database()).list()
+    assert [r.name for r in found] == ["qwen"] and len(found[0].files) == 2
+
+
 def test_sqlite_is_the_default_and_urls_are_checked(tmp_path, monkeypatch):
     monkeypatch.delenv("TF_REGISTRY_URL", raising=False)
     db = open_database(tmp_path)

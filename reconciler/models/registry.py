@@ -96,6 +96,7 @@ class Database(Protocol):
     dialect: str
 
     def transaction(self) -> Any: ...  # a context manager yielding a cursor-like `execute`
+    def writing(self) -> Any: ...  # the same, for writers, who run one at a time
 
 
 class SQLiteDatabase:
@@ -125,10 +126,12 @@ class SQLiteDatabase:
         finally:
             conn.close()
 
+    writing = transaction  # BEGIN IMMEDIATE already runs writers one at a time
+
 
 class PostgresDatabase:
     dialect = "postgresql"
-    LOCK_KEY = 0x7E2F0  # pg_advisory_xact_lock key serializing registry migrations
+    LOCK_KEY = 0x7E2F0  # pg_advisory_xact_lock key serializing registry writes and migrations
 
     def __init__(self, url: str):
         try:
@@ -149,6 +152,15 @@ class PostgresDatabase:
 
         with psycopg.connect(self.url, connect_timeout=10) as conn, conn.transaction():
             yield _Cursor(conn.execute, lambda q: q.replace("?", "%s"))
+
+    @contextmanager
+    def writing(self) -> Iterator[_Cursor]:
+        # Under READ COMMITTED, two writers' DELETE-then-INSERT of one name interleave into a
+        # duplicate key; one lock for all writers gives SQLite's BEGIN IMMEDIATE semantics
+        # (hosts sharing a registry pull rarely; writers are short).
+        with self.transaction() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(?)", (self.LOCK_KEY,))
+            yield cur
 
 
 class _Cursor:
@@ -200,9 +212,7 @@ class Registry:
         self._migrate()
 
     def _migrate(self) -> None:
-        with self.db.transaction() as cur:
-            if self.db.dialect == "postgresql":
-                cur.execute("SELECT pg_advisory_xact_lock(?)", (PostgresDatabase.LOCK_KEY,))
+        with self.db.writing() as cur:
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
             for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
@@ -219,7 +229,7 @@ class Registry:
 
     def put(self, record: ModelRecord) -> None:
         """Insert or replace a model, its files and aliases in one transaction."""
-        with self.db.transaction() as cur:
+        with self.db.writing() as cur:
             taken = [
                 (alias, owner)
                 for alias in record.aliases
@@ -282,7 +292,7 @@ class Registry:
         return [r for r in (self.get(n) for n in names) if r is not None]
 
     def remove(self, name: str) -> bool:
-        with self.db.transaction() as cur:
+        with self.db.writing() as cur:
             return cur.execute("DELETE FROM models WHERE name = ?", (name,)).rowcount > 0
 
 
