@@ -118,6 +118,32 @@ def test_revision_pinning(weights, hf_env, monkeypatch):
     assert {r.path.split("/resolve/")[1].split("/")[0] for r in resolves(hub, "HEAD")} == {hub.commit}
 
 
+def test_a_changed_branch_or_tag_asks_the_hub_again(weights, hf_env, monkeypatch):
+    """A registered model is reused without the network only while the declared revision is
+    the one it was pulled at; a branch or tag that changed (or does not exist) is resolved."""
+    hub = FakeHub(REPO_ID, weights)
+    with hub.serve() as url:
+        point_hub_client_at(url, monkeypatch)
+        first = pull_model("tiny", spec(), hf_env)
+        asked = len(hub.requests)
+        assert pull_model("tiny", spec(), hf_env) == first and len(hub.requests) == asked
+        with pytest.raises(PullError, match="revision 'no-such-branch' does not exist"):
+            pull_model("tiny", spec(revision="no-such-branch"), hf_env)
+        pinned = pull_model("tiny", spec(revision="main"), hf_env)
+    assert pinned.requested_revision == "main" and pinned.revision == hub.commit
+    assert registry_for(hf_env).get("tiny").requested_revision == "main"
+
+
+def test_a_replaced_quantization_does_not_stay_on_disk(weights, hf_env, monkeypatch):
+    hub = FakeHub(REPO_ID, weights)
+    with hub.serve() as url:
+        point_hub_client_at(url, monkeypatch)
+        pull_model("tiny", spec(), hf_env)
+        record = pull_model("tiny", spec(pattern="*Q8_0.gguf"), hf_env)
+    assert record.primary_path.name == Q8
+    assert sorted(p.name for p in (hf_env / "tiny").iterdir()) == [Q8]
+
+
 def test_choices_that_match_nothing_or_too_much_are_explained(weights, hf_env, monkeypatch):
     hub = FakeHub(REPO_ID, weights)
     with hub.serve() as url:

@@ -109,8 +109,10 @@ def test_version_1_registry_upgrades_in_place(database):
         )
         cur.execute("INSERT INTO model_files VALUES (?,?,?,?)", ("old", "/m/old.gguf", 5, "d" * 64))
     registry = Registry(database=database())
-    assert registry.schema_version == len(MIGRATIONS) == 2
-    assert registry.get("o2").files == [ModelFile("/m/old.gguf", 5, "d" * 64)]
+    assert registry.schema_version == len(MIGRATIONS) == 3
+    old = registry.get("o2")
+    assert old.files == [ModelFile("/m/old.gguf", 5, "d" * 64)]
+    assert old.requested_revision is None  # column added by migration 3, empty for old rows
 
 
 def test_concurrent_first_opens_migrate_once(database):

@@ -77,12 +77,11 @@ def _still_valid(record: ModelRecord | None, spec: ModelSpec) -> bool:
         return False
     if spec.pattern and not fnmatch.fnmatch(first.name, spec.pattern.rsplit("/", 1)[-1]):
         return False
-    if (
-        spec.revision
-        and _is_commit(spec.revision)
-        and not (record.revision or "").startswith(spec.revision)
-    ):
-        return False
+    if spec.revision and _is_commit(spec.revision):
+        if not (record.revision or "").startswith(spec.revision):
+            return False
+    elif record.requested_revision != spec.revision:
+        return False  # another branch or tag than the one pulled: ask the hub again
     return all(
         Path(f.path).is_file() and Path(f.path).stat().st_size == f.size for f in record.files
     )
@@ -136,10 +135,28 @@ def pull_model(name: str, spec: ModelSpec, models_dir: Path) -> ModelRecord:
             files=files,
             aliases=list(spec.aliases),
             pulled_at=time.time(),
+            requested_revision=spec.revision,
         )
         record = _with_metadata(record)
+        previous = registry.get(name)
         registry.put(record)
+        _remove_replaced(previous, record, models_dir)
         return record
+
+
+def _remove_replaced(previous: ModelRecord | None, record: ModelRecord, models_dir: Path) -> None:
+    """Files of the entry just replaced that the new one does not use (a Q4 quantization
+    swapped for a Q8) would fill the disk unseen: remove those we downloaded ourselves.
+    A `path:` model's files are the user's and are never touched."""
+    if previous is None or previous.source.partition(":")[0] not in ("hf", "pypi"):
+        return
+    kept = {f.path for f in record.files}
+    root = models_dir.resolve()
+    for old in previous.files:
+        path = Path(old.path)
+        if old.path not in kept and path.resolve().is_relative_to(root / previous.name):
+            path.unlink(missing_ok=True)
+            log.info("removed %s: replaced by %s", path, record.primary_path.name)
 
 
 def _backfilled(registry: Registry, record: ModelRecord) -> ModelRecord:

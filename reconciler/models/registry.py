@@ -56,7 +56,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX model_files_sha256 ON model_files (sha256);
     """,
+    # 3: the revision the declaration asked for (a branch or tag), next to the commit it was:
+    # a changed `revision: v2` must pull again, an unchanged one must not ask the hub.
+    """
+    ALTER TABLE models ADD COLUMN requested_revision TEXT;
+    """,
 ]
+COLUMNS = ("name, source, revision, format, architecture, parameters, quantization, "
+           "context_length, vram_estimate_bytes, aliases, pulled_at, requested_revision")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class ModelRecord:
     vram_estimate_bytes: int | None = None
     aliases: list[str] = field(default_factory=list)
     pulled_at: float = 0.0
+    requested_revision: str | None = None  # what was declared; `revision` is what it resolved to
 
     @property
     def primary_path(self) -> Path:
@@ -245,7 +253,7 @@ class Registry:
                 )
             cur.execute("DELETE FROM models WHERE name = ?", (record.name,))
             cur.execute(
-                "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO models ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.name,
                     record.source,
@@ -258,6 +266,7 @@ class Registry:
                     record.vram_estimate_bytes,
                     ",".join(record.aliases),
                     record.pulled_at or time.time(),
+                    record.requested_revision,
                 ),
             )
             cur.executemany(
@@ -272,10 +281,11 @@ class Registry:
     def get(self, name: str) -> ModelRecord | None:
         """The model called `name`, or whose alias `name` is."""
         with self.db.transaction() as cur:
-            row = cur.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+            row = cur.execute(f"SELECT {COLUMNS} FROM models WHERE name = ?", (name,)).fetchone()
             if row is None:
                 row = cur.execute(
-                    "SELECT m.* FROM models m JOIN model_aliases a ON a.model = m.name WHERE a.alias = ?",
+                    f"SELECT {COLUMNS} FROM models WHERE name = "
+                    "(SELECT model FROM model_aliases WHERE alias = ?)",
                     (name,),
                 ).fetchone()
             if row is None:
@@ -307,7 +317,7 @@ def _backfill_aliases(cur: _Cursor) -> None:
 
 
 def _record(row: tuple, files: list[ModelFile]) -> ModelRecord:
-    (name, source, revision, fmt, arch, params, quant, ctx, vram, aliases, pulled_at) = row
+    (name, source, revision, fmt, arch, params, quant, ctx, vram, aliases, pulled_at, requested) = row
     return ModelRecord(
         name=name,
         source=source,
@@ -321,4 +331,5 @@ def _record(row: tuple, files: list[ModelFile]) -> ModelRecord:
         vram_estimate_bytes=vram,
         aliases=[a for a in aliases.split(",") if a],
         pulled_at=pulled_at,
+        requested_revision=requested,
     )
