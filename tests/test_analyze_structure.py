@@ -5,6 +5,7 @@ walker's .gitignore handling, the Mermaid output, prompt budgeting, and this rep
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -250,3 +251,26 @@ def test_cli_without_gateway_writes_structure_and_marks_skipped(tmp_path: Path):
     assert "```mermaid\nflowchart LR" in markdown
     assert "_Skipped: gateway http://127.0.0.1:9 unreachable" in markdown
     assert "summaries skipped" in done.stderr
+
+
+def test_byte_order_mark_and_a_non_utf8_file_name(tmp_path: Path):
+    """A BOM-prefixed Python file (Python imports it fine) keeps its structure, and a file
+    name that is not UTF-8 (PEP 383 surrogates) is written escaped, not a failed report."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bom.py").write_bytes(b"\xef\xbb\xbfimport os\n\n\nclass A:\n    pass\n")
+    (src / "b.py").write_text("import bom\n")
+    (src / os.fsdecode(b"caf\xe9.py")).write_text("import b\n")
+    out, data = tmp_path / "r.md", tmp_path / "r.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", "analyze", str(src), "--no-summaries",
+         "--output", str(out), "--json", str(data)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(data.read_text(encoding="utf-8"))
+    modules = {m["path"]: m for m in report["modules"]}
+    assert [d["name"] for d in modules["bom.py"]["definitions"]] == ["A"]
+    assert not modules["bom.py"].get("errors")
+    assert "caf\\udce9.py" in data.read_text(encoding="utf-8") and "caf\\udce9.py" in out.read_text()
+    assert {(e["from"], e["to"]) for e in report["edges"]} >= {("b.py", "bom.py")}

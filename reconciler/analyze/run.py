@@ -37,9 +37,13 @@ def analyze(root: Path, options: SummaryOptions | None, progress_enabled: bool =
 
 
 def write_report(report: dict, markdown: Path | None, json_path: Path | None) -> None:
+    # A file name that is not UTF-8 reaches us with surrogate escapes (PEP 383); written as
+    # `\udce9` it stays readable and the report valid, instead of failing the whole run.
     if markdown is not None:
-        markdown.write_text(render_markdown(report), encoding="utf-8")
+        markdown.write_text(render_markdown(report), encoding="utf-8", errors="backslashreplace")
     if json_path is not None:
         json_path.write_text(
-            json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+            json.dumps(report, indent=1, ensure_ascii=False) + "\n",
+            encoding="utf-8",
+            errors="backslashreplace",
         )

@@ -34,7 +34,8 @@ def analyze_structure(root: Path) -> Structure:
     languages: dict[str, LanguageTotals] = {}
     modules: list[ParsedModule] = []
     for file in files:
-        text = (root / file.path).read_text(encoding="utf-8", errors="replace")
+        # -sig: a byte-order mark is not source (Python itself skips it; ast.parse would not).
+        text = (root / file.path).read_text(encoding="utf-8-sig", errors="replace")
         language = file.language or "other"
         totals = languages.setdefault(language, LanguageTotals())
         totals.files += 1
