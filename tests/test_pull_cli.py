@@ -72,3 +72,13 @@ def test_declared_models_win_and_command_line_choices_override():
     name, spec, origin = resolve_model("qwen2.5-coder-7b", {}, {}, "abc1234", "*Q8_0.gguf")
     assert (origin, spec.revision, spec.pattern, spec.file) == ("catalog", "abc1234", "*Q8_0.gguf", None)
     assert resolve_model("org/Some-Model-GGUF", {}, {})[:1] == ("some-model",)
+
+
+def test_a_bad_flag_is_named_not_dumped(capsys):
+    """A value given on the command line fails with the flag's name and the rule, not a
+    pydantic dump; nothing is fetched."""
+    assert main(["pull", "tf-test/Tiny-GGUF", "--file", "../../etc/passwd"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --file: file must be a relative name inside the source, without '..'"
+    with pytest.raises(ValueError, match=r"^--file: file must be a relative name"):
+        resolve_model("smollm2", {}, {}, file="/etc/passwd")

@@ -5,6 +5,8 @@ pull resolves `main` to a commit and the registry records that commit."""
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from reconciler.config.schema import ModelSpec
 
 Q4 = "*Q4_K_M.gguf"
@@ -56,7 +58,22 @@ def adhoc_spec(
     spec: dict = {"source": f"hf:{repo}", "revision": revision, "file": file}
     if pattern:
         spec["pattern"] = pattern
-    return local, ModelSpec(**spec)
+    return local, _flag_checked(spec)
+
+
+def _flag_checked(fields: dict) -> ModelSpec:
+    """A spec built from command-line flags; a bad value is named by its flag
+    (`--file: file must be a relative name …`), not as a pydantic dump."""
+    try:
+        return ModelSpec(**fields)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            field = str(error["loc"][0]) if error["loc"] else message.split(" ", 1)[0]
+            flag = f"--{field}" if field in ("file", "pattern", "revision") else field
+            problems.append(f"{flag}: {message}")
+        raise ValueError("; ".join(problems)) from None
 
 
 def resolve_model(
@@ -89,5 +106,5 @@ def resolve_model(
     if pattern or file:  # a different file choice: a declared checksum no longer applies
         changes.update(pattern=pattern, file=file if not pattern else None, sha256=None)
     if changes:
-        spec = ModelSpec(**{**spec.model_dump(), **changes})
+        spec = _flag_checked({**spec.model_dump(), **changes})
     return name, spec, origin
