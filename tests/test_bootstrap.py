@@ -121,9 +121,18 @@ def test_archives_cannot_write_outside_the_work_dir(tmp_path):
         info = tarfile.TarInfo("../escaped.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bad"))
-    with pytest.raises(tarfile.TarError):
+    with pytest.raises(BootstrapError, match=r"evil.tar.gz: not a readable tar or zip archive"):
         fetch_source(str(archive), tmp_path / "work")
     assert not (tmp_path / "work" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+
+
+def test_a_broken_archive_is_named_and_leaves_no_staging_directory(tmp_path):
+    archive = tmp_path / "llama.cpp-b4000.tar.gz"
+    archive.write_bytes(b"\x1f\x8b not really gzip")
+    work = tmp_path / "work"
+    with pytest.raises(BootstrapError, match=rf"^{archive}: not a readable tar or zip archive \("):
+        fetch_source(str(archive), work)
+    assert [p.name for p in work.iterdir()] == []  # the .extract-* staging directory is gone
 
 
 def test_run_build_installs_the_binary_atomically(tmp_path, monkeypatch):

@@ -159,6 +159,14 @@ def test_concurrent_puts_of_one_model_end_with_one_entry(database):
     assert [r.name for r in found] == ["qwen"] and len(found[0].files) == 2
 
 
+def test_a_corrupt_sqlite_registry_is_named(tmp_path):
+    path = tmp_path / "registry.sqlite3"
+    path.write_bytes(b"this is not sqlite, it is a text file of some length" * 40)
+    with pytest.raises(ValueError, match=rf"^model registry {path}: file is not a database; move it aside"):
+        Registry(path)
+    assert path.read_bytes().startswith(b"this is not sqlite")  # left as it was, for inspection
+
+
 def test_sqlite_is_the_default_and_urls_are_checked(tmp_path, monkeypatch):
     monkeypatch.delenv("TF_REGISTRY_URL", raising=False)
     db = open_database(tmp_path)

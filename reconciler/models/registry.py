@@ -123,8 +123,16 @@ class SQLiteDatabase:
         # DDL in migrations is transactional too and concurrent writers queue instead of failing.
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as exc:
+                if type(exc) is not sqlite3.DatabaseError:
+                    raise  # locked, read-only, …: those say what they are
+                raise ValueError(
+                    f"model registry {self.path}: {exc}; move it aside and pull the models "
+                    "again to rebuild it"
+                ) from None
             try:
                 yield _Cursor(conn.execute, lambda q: q)
             except BaseException:

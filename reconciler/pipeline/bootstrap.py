@@ -205,7 +205,15 @@ def fetch_source(source: str, work_dir: Path, sha256: str | None = None) -> Path
     target = work_dir / "src" / archive.name.split(".tar")[0].removesuffix(".zip")
     if not target.is_dir():
         staging = Path(tempfile.mkdtemp(dir=work_dir, prefix=".extract-"))
-        _extract(archive, staging)
+        try:
+            _extract(archive, staging)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise BootstrapError(
+                f"{archive}: not a readable tar or zip archive ({first}); give llama.cpp's "
+                "source as a directory, a .tar.gz or a .zip"
+            ) from None
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, target)
     return find_source_root(target)
