@@ -4,6 +4,7 @@ replayed by a small local fake upstream; the NDJSON streams become OpenAI SSE ch
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from conftest import free_port
 
+from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.adapters.ollama import OllamaAdapter
 from reconciler.gateway.app import create_app
 from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
@@ -145,3 +147,28 @@ def test_routing_prefers_the_replica_that_holds_the_model():
         assert answered == {"warm"}
         app.table.upstreams["warm"].reported_load = 20  # far busier than a cold load costs
         assert httpx.post(f"{gateway}/v1/chat/completions", json=body).headers["x-tensorforge-backend"] == "cold"
+
+
+def _convert(adapter: OllamaAdapter, exchange: Exchange, data: bytes) -> list:
+    async def pieces():
+        for i in range(0, len(data), 50):  # cut anywhere, as a backend's chunks are
+            yield data[i : i + 50]
+
+    async def collect() -> bytes:
+        return b"".join([c async for c in adapter.convert_stream(exchange, pieces())])
+
+    events = [e.removeprefix(b"data: ") for e in asyncio.run(collect()).split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]"
+    return [{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]]
+
+
+def test_a_last_line_without_its_newline_still_finishes_the_stream():
+    """The final NDJSON line carries finish, usage and [DONE]: a missing trailing newline lost them all."""
+    adapter = OllamaAdapter()
+    exchange = Exchange("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True}}, "m")
+    data = (FIXTURES / "chat_stream.ndjson").read_bytes()
+    assert data.endswith(b"\n")
+    chunks = _convert(adapter, exchange, data.rstrip(b"\n"))
+    assert chunks == _convert(adapter, exchange, data)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 26, "completion_tokens": 282, "total_tokens": 308}

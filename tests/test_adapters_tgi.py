@@ -118,3 +118,21 @@ def test_info_caps_concurrency_at_the_backends_own_limit(tgi):
             break
         time.sleep(0.1)
     assert backend["limit"] == 128  # /info's max_concurrent_requests, below our own 500
+
+
+def test_a_last_event_without_its_blank_line_still_finishes_the_stream():
+    """The final SSE event carries finish, usage and [DONE]: a missing trailing blank line lost them all."""
+    adapter = adapter_for("tgi")
+    exchange = Exchange("/v1/completions", {"stream": True, "stream_options": {"include_usage": True}}, "m")
+    data = (FIXTURES / "generate_stream.sse").read_bytes()
+
+    async def collect(raw: bytes) -> list:
+        out = b"".join([c async for c in adapter.convert_stream(exchange, _pieces(raw[:40], raw[40:]))])
+        events = [e.removeprefix(b"data: ") for e in out.split(b"\n\n") if e]
+        assert events[-1] == b"[DONE]"
+        return [{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]]
+
+    chunks = asyncio.run(collect(data.rstrip(b"\n")))
+    assert chunks == asyncio.run(collect(data))
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}

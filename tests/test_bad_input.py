@@ -22,7 +22,7 @@ from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import context_limits, create_app
 from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
 from reconciler.gateway.server import header_timeout_protocol
-from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+from reconciler.gateway.testing import FastOpenAI, Recorded, RecordedUpstream, fleet_state, serve
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 LIMIT = 64 * 1024
@@ -122,12 +122,96 @@ def test_invalid_utf8_is_a_400(gateway):
         ({"model": "m", "messages": "hi"}, "invalid_messages"),
         ({"model": "m", "messages": [{"content": "no role"}]}, "invalid_messages"),
         ({"model": "m", "messages": [{"role": "user", "content": ["not a part"]}]}, "invalid_messages"),
+        ({**CHAT, "response_format": "json"}, "invalid_request"),
+        ({**CHAT, "stop": 5}, "invalid_request"),
+        ({**CHAT, "stop": ["\n", 5]}, "invalid_request"),
+        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}]}]},
+         "invalid_messages"),
+        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]},
+         "invalid_messages"),
     ],
 )
 def test_malformed_fields_are_the_clients_400(gateway, body, code):
     base, app = gateway
     openai_error(httpx.post(base + "/v1/chat/completions", json=body), 400, code)
     assert app.table.upstreams["up"].consecutive_failures == 0
+
+
+OLLAMA_UPSTREAM = {
+    ("HEAD", "/"): Recorded(content_type="text/plain", body=b"Ollama is running"),
+    ("POST", "/api/chat"): Recorded(body=b'{"message":{"content":"hi"},"done":true}'),
+}
+TGI_UPSTREAM = {
+    ("GET", "/health"): Recorded(body=b""),
+    ("POST", "/generate"): Recorded(body=b'{"generated_text":"hi","details":{"finish_reason":"length"}}'),
+}
+
+
+@pytest.mark.parametrize(
+    "kind, path, fields, named",
+    [
+        ("ollama", "/v1/chat/completions", {"response_format": "json"}, "response_format"),
+        ("ollama", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}]}]}, "image_url"),
+        ("tgi", "/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+        # Shapes check_fields does not look at: the adapter's failure is still the client's 400.
+        ("ollama", "/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": "x"}}, None),
+        ("ollama", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, None),
+    ],
+)
+def test_fields_a_translating_adapter_cannot_read_are_a_400_never_a_500(kind, path, fields, named):
+    """Ollama and TGI adapters read client fields: a wrong shape must be the client's 400, not a traceback."""
+    upstream, up, port = RecordedUpstream(OLLAMA_UPSTREAM if kind == "ollama" else TGI_UPSTREAM), free_port(), free_port()
+    app = create_app(fleet_state({"b": f"http://127.0.0.1:{up}"}, kind=kind, source="ollama:m" if kind == "ollama" else "pypi:x"))
+    with serve(upstream, up), serve(app, port):
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], **fields}
+        error = openai_error(httpx.post(f"http://127.0.0.1:{port}{path}", json=body), 400)
+        assert error["code"] in ("invalid_request", "invalid_messages")
+        if named:
+            assert named in error["message"]
+        backend = app.table.upstreams["b"]
+        assert backend.in_flight == 0 and backend.consecutive_failures == 0
+        assert not [r for r in upstream.received if r[0] == "POST"]  # refused before the backend
+
+
+def test_websocket_binary_frames_and_odd_endpoints_are_answered_and_keep_the_session(gateway):
+    """A binary frame or a non-string endpoint once killed the reader (a hung session) or the connection."""
+    from websockets.sync.client import connect
+
+    base, _ = gateway
+    good = json.dumps({"id": "ok", "body": {**CHAT, "max_tokens": 2}})
+    with connect(base.replace("http", "ws") + "/v1/ws", open_timeout=5) as ws:
+        for bad, status in ((b'{"id": "1"}', 400), (json.dumps({"id": "2", "endpoint": ["x"], "body": {}}), 404),
+                            (json.dumps({"id": "3", "endpoint": {"a": 1}}), 404)):  # fmt: skip
+            ws.send(bad)
+            error = json.loads(ws.recv(timeout=5))
+            assert error["type"] == "error" and error["status"] == status and error["error"]["message"], error
+            ws.send(good)  # the session goes on
+            kinds = []
+            while not kinds or kinds[-1] not in ("done", "error"):
+                message = json.loads(ws.recv(timeout=5))
+                assert message["id"] == "ok"
+                kinds.append(message["type"])
+            assert kinds[-1] == "done" and "chunk" in kinds
+
+
+def test_unknown_routes_and_wrong_methods_answer_in_the_apis_error_shape(gateway):
+    """Clients parse `{"error": ...}`: Starlette's plain-text 404/405 broke them."""
+    base, _ = gateway
+    with httpx.Client(base_url=base) as client:
+        for method, path, status in (("GET", "/v1/chat/completions", 405), ("GET", "/v1/embeddings", 405),
+                                     ("POST", "/v1/models", 405), ("GET", "/v1/nope", 404), ("POST", "/nope", 404)):  # fmt: skip
+            response = client.request(method, path)
+            assert response.headers["content-type"] == "application/json", (method, path)
+            error = openai_error(response, status, "method_not_allowed" if status == 405 else "unknown_endpoint")
+            assert path in error["message"]
+            if status == 405:
+                assert response.headers["allow"]
+        assert client.get("/v1/chat/completions").headers["allow"] == "POST"
+        for method, path, status in (("GET", "/api/chat", 405), ("POST", "/api/tags", 405), ("GET", "/api/nope", 404)):
+            response = client.request(method, path)
+            assert response.status_code == status and response.headers["content-type"] == "application/json"
+            assert isinstance(response.json()["error"], str) and path in response.json()["error"]
 
 
 def test_the_context_limit_comes_only_from_declared_contexts():

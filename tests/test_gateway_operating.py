@@ -17,7 +17,14 @@ from conftest import free_port
 
 from reconciler.gateway.app import create_app
 from reconciler.gateway.auth import ApiKeyError, ApiKeys
-from reconciler.gateway.testing import FastOpenAI, fleet_state, lifespan, serve
+from reconciler.gateway.testing import (
+    FastOpenAI,
+    Recorded,
+    RecordedUpstream,
+    fleet_state,
+    lifespan,
+    serve,
+)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 KEYS = ("sk-alpha-123", "sk-beta-456")
@@ -169,6 +176,23 @@ def test_body_limit_and_bad_requests_are_openai_errors(keyed):
         error = response.json()["error"]
         assert error["code"] == code and set(error) == {"message", "type", "param", "code"}
         assert "Traceback" not in response.text
+
+
+def test_backend_errors_are_reshaped_as_json_and_other_statuses_pass_untouched():
+    """A reshaped error keeps a text/plain content-type no client can parse; a 201 is no error at all."""
+    upstream = RecordedUpstream({
+        ("GET", "/health"): Recorded(body=b'{"status":"ok"}'),
+        ("POST", "/v1/chat/completions"): Recorded(status=404, content_type="text/plain", body=b"Not Found"),
+        ("POST", "/v1/completions"): Recorded(status=201, body=b'{"id":"x","choices":[{"text":"hi"}]}'),
+    })  # fmt: skip
+    up_port, port = free_port(), free_port()
+    with serve(upstream, up_port), serve(create_app(fleet_state({"up": f"http://127.0.0.1:{up_port}"})), port):
+        base = f"http://127.0.0.1:{port}"
+        error = httpx.post(f"{base}/v1/chat/completions", json=CHAT)
+        assert error.status_code == 404 and error.headers["content-type"] == "application/json"
+        assert error.json()["error"]["message"] == "Not Found"
+        created = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": "x"})
+        assert created.status_code == 201 and created.content == b'{"id":"x","choices":[{"text":"hi"}]}'
 
 
 def test_metrics_have_exactly_the_contracted_names_and_labels(keyed):

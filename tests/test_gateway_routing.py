@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,7 +24,14 @@ from conftest import free_port, wait_http
 from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import create_app
 from reconciler.gateway.router import CIRCUIT_FAILURES
-from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+from reconciler.gateway.testing import (
+    FastOpenAI,
+    Recorded,
+    RecordedUpstream,
+    fleet_state,
+    serve,
+    stream_events,
+)
 from reconciler.gpu.inventory import GpuInfo, StaticInventory
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -270,6 +279,101 @@ def test_backend_connections_are_kept_alive_and_reused():
                 for _ in range(5):
                     assert client.post(url, json={**CHAT, "stream": stream, "max_tokens": 3}).status_code == 200
     assert fake.requests == 20 and len(fake.peers) == 1
+
+
+def test_connections_are_reused_when_the_consumer_stops_at_done():
+    """The WebSocket and Ollama's /api/chat stop reading at [DONE]: that closed a connection per request."""
+    from websockets.sync.client import connect
+
+    fake, up_port = FastOpenAI(), free_port()
+    with serve(fake, up_port):
+        app, port = gateway_for({"up": f"http://127.0.0.1:{up_port}"})
+        with serve(app, port), httpx.Client() as client:
+            for _ in range(5):
+                answer = client.post(f"http://127.0.0.1:{port}/api/chat", json={**CHAT, "options": {"num_predict": 3}})
+                assert answer.status_code == 200 and answer.text.count("\n") == 4
+            assert fake.requests == 5 and len(fake.peers) == 1
+            fake.peers.clear()
+            with connect(f"ws://127.0.0.1:{port}/v1/ws", open_timeout=5) as ws:
+                for i in range(5):
+                    ws.send(json.dumps({"id": i, "body": {**CHAT, "max_tokens": 3}}))
+                    while json.loads(ws.recv(timeout=5))["type"] != "done":
+                        pass
+            assert fake.requests == 10 and len(fake.peers) == 1
+
+
+class CloseDelimitedBackend:
+    """An HTTP/1.0-style backend: its answers carry no Content-Length and end when it closes
+    the connection (RFC 9112 §6.3); only the health probe gets a Content-Length."""
+
+    STREAM = b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\ndata: [DONE]\n\n'
+    ANSWER = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}'
+
+    def __init__(self, port: int):
+        self.port = port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET"):
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{"status":"ok"}')
+        else:
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            stream = json.loads(await reader.readexactly(length)).get("stream")
+            ctype, body = (b"text/event-stream", self.STREAM) if stream else (b"application/json", self.ANSWER)
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: %s\r\n\r\n%s" % (ctype, body))
+        await writer.drain()
+        writer.close()
+
+    def __enter__(self) -> str:
+        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop)
+        self.thread.start()
+        self.server.result(5)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.server.result().close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_a_body_delimited_by_the_connection_closing_is_a_whole_answer():
+    """HTTP/1.0 backends end a body by closing: the lean transport called that a broken answer."""
+    with CloseDelimitedBackend(free_port()) as url:
+        app, port = gateway_for({"old": url})
+        with serve(app, port):
+            deadline = time.monotonic() + 3
+            while not app.table.upstreams["old"].healthy and time.monotonic() < deadline:
+                time.sleep(0.05)
+            chat = f"http://127.0.0.1:{port}/v1/chat/completions"
+            for _ in range(2):  # a second time: the closed connection is not taken from the pool
+                whole = httpx.post(chat, json=CHAT)
+                assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"] == "hi"
+                streamed = httpx.post(chat, json={**CHAT, "stream": True})
+                assert streamed.status_code == 200 and streamed.content == CloseDelimitedBackend.STREAM
+            assert app.table.upstreams["old"].consecutive_failures == 0
+
+
+@pytest.mark.parametrize("cut", [3, 12], ids=["inside-the-usage-key", "after-the-usage-key"])
+def test_a_usage_event_split_across_chunks_is_counted(cut):
+    """Backends' chunks fall anywhere: a usage event cut in two must still count its tokens."""
+    events = b"".join(stream_events(2, usage=True))
+    at = events.index(b'"usage"') + cut
+    upstream = RecordedUpstream({
+        ("GET", "/health"): Recorded(body=b'{"status":"ok"}'),
+        ("POST", "/v1/chat/completions"): Recorded(content_type="text/event-stream", pieces=[events[:at], events[at:]],
+                                                   delay=0.02),
+    })  # fmt: skip
+    up_port = free_port()
+    with serve(upstream, up_port):
+        app, port = gateway_for({"up": f"http://127.0.0.1:{up_port}"})
+        with serve(app, port):
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": True})
+            assert response.status_code == 200 and response.content == events
+    metrics = app.metrics.render(app.upstreams()).decode()
+    assert 'tensorforge_gateway_tokens_total{backend="up",model="m",type="prompt"} 9.0' in metrics
+    assert 'tensorforge_gateway_tokens_total{backend="up",model="m",type="completion"} 2.0' in metrics
 
 
 def test_fallback_model_group_serves_when_the_model_has_no_healthy_backend(pair):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import httpx
 from httpx_aiohttp import AiohttpTransport
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -21,6 +22,7 @@ from starlette.routing import Route, WebSocketRoute
 from reconciler.config.schema import DesiredState, GatewaySpec
 from reconciler.drain import drain_dir
 from reconciler.gateway.auth import ApiKeys
+from reconciler.gateway.errors import error_response
 from reconciler.gateway.gpu_headroom import GpuHeadroom
 from reconciler.gateway.health import HealthMonitor
 from reconciler.gateway.limits import ConcurrencyLimiter
@@ -119,6 +121,7 @@ class Gateway:
                 *self.ollama.routes(),
             ],
             lifespan=self.lifespan,
+            exception_handlers={404: route_error, 405: route_error},
         )
         self.app.state.gateway = self
 
@@ -282,6 +285,23 @@ class Gateway:
         aliases = sorted(a for a, m in self.table.names.items() if m == name and a != name)
         return {"id": name, "object": "model", "created": int(self.started), "owned_by": "tensorforge",
                 "aliases": aliases}  # fmt: skip
+
+
+async def route_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and wrong methods in the API's error shape, not Starlette's plain text."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    status, headers = exc.status_code, exc.headers
+    if status == 404 and path in OPENAI_ENDPOINTS:  # routed before Starlette, for POST only
+        status, headers = 405, {"Allow": "POST"}
+    if status == 405:
+        allowed = (headers or {}).get("Allow")
+        message, code = f"{request.method} is not allowed on {path} (allowed: {allowed})", "method_not_allowed"
+    else:
+        message, code = f"no such endpoint: {request.method} {path}", "unknown_endpoint"
+    if path.startswith("/api/"):  # Ollama's error shape
+        return JSONResponse({"error": message}, status, headers=headers)
+    return error_response(status, message, code, headers)
 
 
 def as_response(answer: Answer) -> Response:

@@ -166,6 +166,13 @@ def _strings(value, allow_tokens: bool = False) -> bool:
     return True
 
 
+def _image_ok(part: dict) -> bool:
+    if "image_url" not in part:
+        return True
+    image = part["image_url"]
+    return isinstance(image, dict) and isinstance(image.get("url"), str)
+
+
 def check_fields(endpoint: str, body: dict, context: int | None) -> tuple[str, str] | None:
     """(what is wrong, error code) for the fields the gateway or an adapter reads, else None.
     Everything else is the backend's to judge."""
@@ -184,6 +191,11 @@ def check_fields(endpoint: str, body: dict, context: int | None) -> tuple[str, s
             )  # fmt: skip
     if "n" in body and body["n"] is not None and not _is_count(body["n"]):
         return "'n' must be a positive integer", "invalid_request"
+    # Read by the Ollama and TGI adapters, which translate them.
+    if body.get("response_format") is not None and not isinstance(body["response_format"], dict):
+        return "'response_format' must be an object", "invalid_request"
+    if body.get("stop") is not None and not _strings(body["stop"]):
+        return "'stop' must be a string or a list of strings", "invalid_request"
     if endpoint == "/v1/chat/completions":
         messages = body.get("messages")
         if not isinstance(messages, list):  # an empty list is the backend's to judge
@@ -195,6 +207,8 @@ def check_fields(endpoint: str, body: dict, context: int | None) -> tuple[str, s
             parts_ok = isinstance(content, list) and all(isinstance(p, dict) for p in content)
             if content is not None and not isinstance(content, str) and not parts_ok:
                 return "a message's 'content' must be a string, a list of parts or null", "invalid_messages"
+            if parts_ok and not all(_image_ok(p) for p in content):
+                return "a content part's 'image_url' must be an object with a string 'url'", "invalid_messages"
     elif endpoint == "/v1/completions":
         if not _strings(body.get("prompt"), allow_tokens=True):
             return "'prompt' must be a string or a list of strings", "invalid_prompt"

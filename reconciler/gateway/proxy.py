@@ -27,6 +27,14 @@ EVENT_STREAM = b"text/event-stream"
 # Errors of a connection that may have been stale (closed by the backend while idle in our
 # pool): worth one more try on a fresh connection before calling the backend failed.
 _STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectTimeout, httpx.WriteError)
+# After [DONE], how long a consumer that stopped reading waits for the backend's answer to
+# end: a finished answer leaves its connection in the pool instead of closing it.
+DRAIN_SECONDS = 0.5
+DRAIN_CHUNKS = 8
+
+
+class Malformed(Exception):
+    """The adapter could not translate the request: a field of a shape it did not expect."""
 
 
 class UpstreamFailed(Exception):
@@ -107,6 +115,9 @@ class Proxy:
             except Unsupported as exc:
                 self.metrics.count(call.model, upstream.name, "400", call.client)
                 return error_answer(400, str(exc), "unsupported_endpoint")
+            except Malformed as exc:
+                self.metrics.count(call.model, upstream.name, "400", call.client)
+                return error_answer(400, str(exc), "invalid_request")
             except UpstreamFailed as exc:
                 if exc.busy:
                     busy += 1
@@ -128,7 +139,13 @@ class Proxy:
 
     async def _attempt(self, upstream: Upstream, call: ProxyCall, started: float) -> Answer:
         adapter = adapter_for(upstream.protocol)
-        spec = adapter.build_request(call.exchange, call.raw, upstream.served_name)
+        try:
+            spec = adapter.build_request(call.exchange, call.raw, upstream.served_name)
+        except Unsupported:
+            raise
+        except Exception as exc:  # check_fields missed a shape: still the client's 400, not a 500
+            log.debug("adapter %s could not build the request", upstream.protocol, exc_info=True)
+            raise Malformed(f"malformed request for this backend: {type(exc).__name__}: {exc}") from exc
         passthrough = adapter.passes_through(call.exchange.endpoint)
         target = upstream.base_url + spec.path
         url = self._urls.get(target)
@@ -151,9 +168,11 @@ class Proxy:
                     await response.aclose()
                     if status == 200 and not passthrough:
                         content = adapter.convert_response(call.exchange, content)
-                    elif status != 200:
+                    if status >= 400:  # errors in OpenAI's shape; other statuses pass as they are
                         content = openai_error(content, status)
-                    ctype = response.headers.get("content-type", "application/json").encode()
+                        ctype = JSON
+                    else:
+                        ctype = response.headers.get("content-type", "application/json").encode()
                     upstream.record_success()
                     upstream.in_flight -= 1
                     self._record(call, upstream, status, started, content if status == 200 else None)
@@ -192,16 +211,19 @@ class Proxy:
     ) -> AsyncGenerator[bytes, None]:
         status = "200"
         finished = False  # [DONE] went out: a consumer stopping now is not a disconnect
+        # Made on the first chunk that holds "usage" or ends mid-event (before that, every
+        # event was whole, so a parser would hold nothing); then fed every chunk.
+        usage: EventParser | None = None
         try:
             yield b""  # the priming step (see _attempt); never reaches the client
             if first:
                 finished = first.endswith(b"[DONE]\n\n")
-                if b'"usage"' in first:
-                    self._stream_usage(first, call, upstream)
+                if b'"usage"' in first or not first.endswith(b"\n\n"):
+                    usage = self._stream_usage(usage, first, call, upstream)
                 yield first
             async for chunk in chunks:
-                if b'"usage"' in chunk:
-                    self._stream_usage(chunk, call, upstream)
+                if usage is not None or b'"usage"' in chunk or not chunk.endswith(b"\n\n"):
+                    usage = self._stream_usage(usage, chunk, call, upstream)
                 finished = chunk.endswith(b"[DONE]\n\n")
                 yield chunk
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
@@ -215,10 +237,14 @@ class Proxy:
             raise
         finally:
             upstream.in_flight -= 1
-            await response.aclose()
             m = self.metrics
             m.count(call.model, upstream.name, status, call.client)
             m.child(m.duration, call.model, upstream.name).observe(time.perf_counter() - started)
+            try:
+                if finished and not response.is_closed:
+                    await _drain(chunks)
+            finally:
+                await response.aclose()
 
     def _record(self, call: ProxyCall, upstream: Upstream, status: int, started: float, content: bytes | None) -> None:
         m = self.metrics
@@ -234,8 +260,11 @@ class Proxy:
             if isinstance(usage, dict):
                 m.record_tokens(call.model, upstream.name, usage, call.client)
 
-    def _stream_usage(self, chunk: bytes, call: ProxyCall, upstream: Upstream) -> None:
-        for data in EventParser().feed(chunk):
+    def _stream_usage(
+        self, parser: EventParser | None, chunk: bytes, call: ProxyCall, upstream: Upstream
+    ) -> EventParser:
+        parser = parser or EventParser()
+        for data in parser.feed(chunk):
             if '"usage"' not in data:
                 continue
             try:
@@ -244,6 +273,7 @@ class Proxy:
                 continue
             if isinstance(usage, dict):
                 self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
+        return parser
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         transport = self.transports[request.url.scheme]
@@ -284,6 +314,18 @@ def openai_error(content: bytes, status: int) -> bytes:
     shaped["param"] = error.get("param") if isinstance(error.get("param"), str) else None
     extra = {k: v for k, v in error.items() if k not in shaped and error is not body}
     return json.dumps({**body, "error": {**shaped, **extra}}).encode()
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """The consumer stopped at [DONE] (WebSocket, Ollama's /api/chat): read what is left of
+    the answer, briefly, so its connection can be reused; a backend that goes on is cut off."""
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            for _ in range(DRAIN_CHUNKS):
+                if await anext(chunks, None) is None:
+                    return
+    except (httpx.HTTPError, TimeoutError, ValueError):
+        pass
 
 
 def _describe(exc: BaseException) -> str:

@@ -30,6 +30,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
+        self.head_request = False  # a HEAD's answer has no body, whatever its headers say
         self._reset()
 
     def _reset(self) -> None:
@@ -39,6 +40,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.complete = False
         self.keep_alive = False
+        self.until_eof = False  # the body ends when the backend closes (RFC 9112 §6.3)
         self.error: Exception | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -54,7 +56,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.complete:
+        if self.until_eof and not self.complete and self.error is None:
+            self.complete = True  # httptools has no call for "EOF": the close ends the body
+            self.keep_alive = False
+            self._wake()
+        elif not self.complete:
             if self.head is not None and not self.head.done():
                 self._fail(httpx.RemoteProtocolError("backend closed the connection without answering"))
             else:
@@ -66,6 +72,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()  # only meaningful until the body ends
+        if not self.keep_alive:  # kept-alive answers are length-delimited: skip the header scan
+            self.until_eof = self._body_until_eof()
         if self.head is not None and not self.head.done():
             self.head.set_result(self.parser.get_status_code())
 
@@ -78,6 +86,18 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # -- helpers ---------------------------------------------------------------------------
+    def _body_until_eof(self) -> bool:
+        """No Content-Length and not chunked (HTTP/1.0, `Connection: close`): per RFC 9112
+        §6.3 the body is whatever comes until the backend closes the connection."""
+        status = self.parser.get_status_code()
+        if self.head_request or status < 200 or status in (204, 304):
+            return False
+        for name, value in self.headers:
+            name = name.lower()
+            if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+                return False
+        return True
+
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
@@ -138,7 +158,7 @@ class _Body(httpx.AsyncByteStream):
         if self.closed:  # httpx closes after reading, and the proxy closes again
             return
         self.closed = True
-        if self.done:
+        if self.done or self.connection.complete:  # read whole, or ended while unread: reusable
             self.connection.release()
         else:
             self.connection.close()  # abandoned mid-answer: closing tells the backend to stop
@@ -191,6 +211,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         head = b"%s %s HTTP/1.1\r\n" % (request.method.encode(), url.raw_path)
         lines = [head, *(b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw), b"\r\n", request.content]
         connection.head = asyncio.get_running_loop().create_future()
+        connection.head_request = request.method == "HEAD"
         assert connection.transport is not None
         connection.transport.write(b"".join(lines))
         read_timeout = timeouts.get("read")

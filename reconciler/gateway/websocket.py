@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from reconciler.gateway.adapters import Exchange
+from reconciler.gateway.errors import error_body
 from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
 from reconciler.gateway.proxy import Answer, ProxyCall
 from reconciler.gateway.sse import iter_events
@@ -24,6 +26,7 @@ from reconciler.gateway.sse import iter_events
 if TYPE_CHECKING:
     from reconciler.gateway.app import Gateway
 
+log = logging.getLogger(__name__)
 MAX_PENDING = 8  # requests a client may queue on one connection before being refused
 
 
@@ -67,12 +70,18 @@ class Session:
     async def _read(self) -> None:
         try:
             while True:
-                text = await self.ws.receive_text()
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                # A binary frame is queued too: it is answered in its turn, with an error.
+                data = message.get("text")
                 try:
-                    self.pending.put_nowait(text)
+                    self.pending.put_nowait(data if data is not None else message.get("bytes") or b"")
                 except asyncio.QueueFull:
                     await self._send_error(None, 429, f"more than {MAX_PENDING} requests queued", "too_many_pending")
         except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:  # whatever ended the reading, the session must not wait for more
             with contextlib.suppress(asyncio.QueueFull):
                 self.pending.put_nowait(None)
 
@@ -83,7 +92,10 @@ class Session:
         await self._send({"id": rid, "type": "error", "status": status,
                           "error": {"message": message, "type": "invalid_request_error", "code": code}})  # fmt: skip
 
-    async def _handle(self, text: str) -> None:
+    async def _handle(self, text: str | bytes) -> None:
+        if not isinstance(text, str):
+            await self._send_error(None, 400, "binary frames are not accepted: send JSON in text frames", "invalid_request")
+            return
         try:
             message = json.loads(text)
         except ValueError as exc:
@@ -93,8 +105,19 @@ class Session:
             await self._send_error(None, 400, "message must be a JSON object", "invalid_request")
             return
         rid = message.get("id")
+        try:
+            await self._request(rid, message)
+        except (WebSocketDisconnect, RuntimeError):
+            raise  # the connection is gone: nobody to answer
+        except Exception as exc:  # one request's failure, not the session's
+            log.exception("WebSocket request %r failed", rid)
+            await self._send({"id": rid, "type": "error", "status": 500,
+                              "error": error_body(f"the gateway failed on this request: {type(exc).__name__}",
+                                                  500, "internal_error")["error"]})  # fmt: skip
+
+    async def _request(self, rid: Any, message: dict) -> None:
         endpoint = message.get("endpoint", "/v1/chat/completions")
-        if endpoint not in OPENAI_ENDPOINTS:
+        if not isinstance(endpoint, str) or endpoint not in OPENAI_ENDPOINTS:
             await self._send_error(rid, 404, f"unknown endpoint {endpoint!r}", "unknown_endpoint")
             return
         body = message.get("body")

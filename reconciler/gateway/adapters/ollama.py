@@ -137,18 +137,24 @@ class OllamaAdapter(Adapter):
         writer = ChunkWriter(exchange.requested_model, chat=chat)
         parser = LineParser()
         async for chunk in chunks:
-            out = []
-            for line in parser.feed(chunk):
-                if "error" in line:
-                    out.append(sse_error_event(f"Ollama: {line['error']}"))
-                    continue
-                text = (line.get("message") or {}).get("content", "") if chat else line.get("response", "")
-                if line.get("done"):
-                    out.append(encode_event(writer.delta(text, finish_reason(line))))
-                    if wants_usage(exchange.body):
-                        out.append(encode_event(writer.usage(line.get("prompt_eval_count", 0), line.get("eval_count", 0))))
-                    out.append(DONE)
-                elif text:
-                    out.append(encode_event(writer.delta(text)))
+            out = [event for line in parser.feed(chunk) for event in self._events(exchange, writer, line)]
             if out:
                 yield b"".join(out)
+        # A last line without its newline still carries the finish, the usage and [DONE].
+        out = [event for line in parser.flush() for event in self._events(exchange, writer, line)]
+        if out:
+            yield b"".join(out)
+
+    @staticmethod
+    def _events(exchange: Exchange, writer: ChunkWriter, line: dict) -> list[bytes]:
+        """The SSE events of one NDJSON line."""
+        if "error" in line:
+            return [sse_error_event(f"Ollama: {line['error']}")]
+        text = (line.get("message") or {}).get("content", "") if writer.chat else line.get("response", "")
+        if line.get("done"):
+            out = [encode_event(writer.delta(text, finish_reason(line)))]
+            if wants_usage(exchange.body):
+                out.append(encode_event(writer.usage(line.get("prompt_eval_count", 0), line.get("eval_count", 0))))
+            out.append(DONE)
+            return out
+        return [encode_event(writer.delta(text))] if text else []

@@ -92,22 +92,27 @@ class TGIAdapter(Adapter):
         writer = ChunkWriter(exchange.requested_model, chat=False)
         parser = EventParser()
         async for chunk in chunks:
-            out = []
-            for data in parser.feed(chunk):
-                event = json.loads(data)
-                if "error" in event:
-                    out.append(sse_error_event(f"TGI: {event['error']}", event.get("error_type") or "upstream_error"))
-                    continue
-                token = event.get("token") or {}
-                text = "" if token.get("special") else token.get("text", "")
-                details = event.get("details")
-                if details:
-                    out.append(encode_event(writer.delta(text, FINISH.get(details.get("finish_reason"), "stop"))))
-                    if wants_usage(exchange.body):
-                        prompt = details.get("input_length", 0)
-                        out.append(encode_event(writer.usage(prompt, details.get("generated_tokens", 0))))
-                    out.append(DONE)
-                else:
-                    out.append(encode_event(writer.delta(text)))
+            out = [event for data in parser.feed(chunk) for event in self._events(exchange, writer, data)]
             if out:
                 yield b"".join(out)
+        # A last event without its blank line still carries the finish, the usage and [DONE].
+        out = [event for data in parser.flush() for event in self._events(exchange, writer, data)]
+        if out:
+            yield b"".join(out)
+
+    @staticmethod
+    def _events(exchange: Exchange, writer: ChunkWriter, data: str) -> list[bytes]:
+        """The OpenAI events of one TGI event."""
+        event = json.loads(data)
+        if "error" in event:
+            return [sse_error_event(f"TGI: {event['error']}", event.get("error_type") or "upstream_error")]
+        token = event.get("token") or {}
+        text = "" if token.get("special") else token.get("text", "")
+        details = event.get("details")
+        if not details:
+            return [encode_event(writer.delta(text))]
+        out = [encode_event(writer.delta(text, FINISH.get(details.get("finish_reason"), "stop")))]
+        if wants_usage(exchange.body):
+            out.append(encode_event(writer.usage(details.get("input_length", 0), details.get("generated_tokens", 0))))
+        out.append(DONE)
+        return out
