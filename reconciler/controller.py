@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from reconciler.backends.commands import launch_for, model_reference
 from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
-from reconciler.config.schema import DesiredState
+from reconciler.config.schema import DesiredState, host_port
 from reconciler.drain import DRAIN_DIR_ENV, Drainer, drain_dir
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.process import ProcessDriver
@@ -34,6 +35,9 @@ from reconciler.units.render import backend_unit_spec, gateway_unit_spec, render
 log = logging.getLogger(__name__)
 
 GATEWAY_UNIT = "gateway"
+# The GPUs a unit runs on, in a process launch description ("KEY": "0,1") or a unit file
+# (Environment="KEY=0,1").
+_VISIBLE_RE = re.compile(r'CUDA_VISIBLE_DEVICES(?:=|": ")([0-9]+(?:,[0-9]+)*)"')
 
 
 def backend_unit(name: str) -> str:
@@ -62,7 +66,7 @@ def make_driver(choice: str | None, state: Path, unit_dir: Path | None = None):
         use_systemd = unit_dir is not None or (systemd_booted() and unit_dir_writable())
         choice = "systemd" if use_systemd else "process"
     if choice == "systemd":
-        return SystemdDriver(unit_dir) if unit_dir else SystemdDriver()
+        return SystemdDriver(unit_dir, state_dir=state) if unit_dir else SystemdDriver(state_dir=state)
     if choice == "process":
         return ProcessDriver(state)
     raise ValueError(f"--driver: {choice!r} is not one of systemd, process, auto")
@@ -93,6 +97,7 @@ class Controller:
         self.placement = Placement()
         self.health: dict[str, BackendHealth] = {}
         self.last_actions: list[Action] = []
+        self.last_desired: dict[str, DesiredUnit] = {}
         self.model_errors: dict[str, str] = {}
         self.drainer = Drainer(drain_dir(self.state_dir))
 
@@ -132,9 +137,23 @@ class Controller:
                 estimates[name] = estimate.total
         return estimates
 
-    def desired_units(self) -> dict[str, DesiredUnit]:
+    def running_gpus(self, observed: dict[str, ObservedUnit]) -> dict[str, list[int]]:
+        """The GPUs each running backend was started on, read from what runs (so a restarted
+        reconciler knows it too)."""
+        running = {}
+        for unit, seen in observed.items():
+            match = _VISIBLE_RE.search(seen.content or "") if seen.active else None
+            if match and unit.startswith("backend-"):
+                running[unit.removeprefix("backend-")] = [int(i) for i in match.group(1).split(",")]
+        return running
+
+    def desired_units(self, observed: dict[str, ObservedUnit] | None = None) -> dict[str, DesiredUnit]:
+        """`observed`: what runs now. Without it, placement ignores that running backends
+        already hold GPU memory (fine for rendering; a pass must pass it, or a backend that
+        fits no more beside itself is moved or stopped)."""
         state = self.desired
-        self.placement = place(state.backends, self.gpus.gpus(), self.vram_estimates())
+        running = self.running_gpus(observed or {})
+        self.placement = place(state.backends, self.gpus.gpus(), self.vram_estimates(), running)
         systemd = isinstance(self.driver, SystemdDriver)
         units: dict[str, DesiredUnit] = {}
         for name, backend in state.backends.items():
@@ -178,7 +197,7 @@ class Controller:
         if unit == GATEWAY_UNIT:
             g = self.desired.gateway
             host = "127.0.0.1" if g.host in ("0.0.0.0", "::") else g.host
-            return f"http://{host}:{g.port}", "gateway"
+            return f"http://{host_port(host, g.port)}", "gateway"
         name = unit.removeprefix("backend-")
         backend = self.desired.backends.get(name)
         if backend is None:
@@ -203,8 +222,8 @@ class Controller:
 
     # -- act -----------------------------------------------------------------------------
     def plan(self) -> list[Action]:
-        desired = self.desired_units()
-        return plan(desired, self.observe(), time.time())
+        observed = self.observe()
+        return plan(self.desired_units(observed), observed, time.time())
 
     def reconcile_once(self) -> list[Action]:
         try:
@@ -212,8 +231,8 @@ class Controller:
         except ConfigError as exc:
             # Keep running what was declared last; a typo must not take the host down.
             log.error("desired state invalid, keeping the previous one:\n%s", exc)
-        desired = self.desired_units()
         observed = self.observe()
+        desired = self.last_desired = self.desired_units(observed)
         actions = self._hold_for_drains(plan(desired, observed, time.time()), desired, observed)
         if isinstance(self.driver, SystemdDriver):
             self._apply_systemd(actions, desired)
@@ -332,7 +351,7 @@ class Controller:
         self.drainer.clear_stale()
         while time.monotonic() < deadline:
             self.reconcile_once()
-            wanted = units or list(self.desired_units())
+            wanted = units or list(self.last_desired)
             if self.apply_failures:
                 return False  # a change was rolled back: the declared state is not running
             converged = not any(a.kind in pending and (not units or a.unit in units) for a in self.last_actions)
@@ -408,6 +427,7 @@ class Controller:
                     detail=refusals.get(name)
                     or self.apply_failures.get(name)
                     or self.model_errors.get(name)
+                    or getattr(record, "extra", {}).get("error")  # process driver: launch failed
                     or waits.get(name)
                     or health.detail,
                     restarts=record.restarts,

@@ -115,7 +115,7 @@ class Drainer:
         waited = self.clock() - drain.started
         try:
             health = httpx.get(f"{gateway_url}/health", timeout=1.0).json()
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             log.info("gateway not reachable (%s); stopping %s without draining", exc, backend)
             return True
         if gateway_ready_to_stop(health, backend, replicas):

@@ -134,12 +134,14 @@ def _rolling(
     observed: Mapping[str, ObservedUnit],
 ) -> list[Action]:
     """Restart one replica per group at a time, and never the last healthy one of a group
-    while another member is still coming up."""
+    while another member is still coming up. When no replica is healthy, restarting one takes
+    nothing away: it goes ahead (waiting would wait for good)."""
     result: list[Action] = []
     busy_groups: set[str] = set()
     for action in restarts:
         group = desired[action.unit].group or action.unit
-        members = [n for n, u in desired.items() if (u.group or n) == group]
+        # A replica placement refused never comes up: it is no member to wait for.
+        members = [n for n, u in desired.items() if (u.group or n) == group and not u.refused]
         healthy = [
             n for n in members if n in observed and observed[n].health is Health.HEALTHY
         ]
@@ -149,7 +151,7 @@ def _rolling(
                 Action(ActionKind.WAIT, action.unit, f"waiting: another replica of {group} restarts first")
             )
             continue
-        if len(members) > 1 and not others_healthy:
+        if len(members) > 1 and not others_healthy and action.unit in healthy:
             result.append(
                 Action(
                     ActionKind.WAIT,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from reconciler.config.schema import host_port
 from reconciler.controller import Controller
 from reconciler.drivers.process import _start_ticks, process_alive, terminate
 
@@ -51,8 +52,8 @@ def serve_foreground(controller: Controller, ready_timeout: float = 300.0) -> in
         backends = sum(1 for b in controller.desired.backends.values() if b.managed)
         if gateway.enable and controller.run_gateway:
             log.info(
-                "supervising %d backend(s); gateway on http://%s:%d",
-                backends, gateway.host, gateway.port,
+                "supervising %d backend(s); gateway on http://%s",
+                backends, host_port(gateway.host, gateway.port),
             )  # fmt: skip
         else:
             log.info("supervising %d backend(s); no gateway here", backends)

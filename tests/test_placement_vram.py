@@ -193,3 +193,24 @@ def test_small_cards_refuse_with_gpu_and_numbers() -> None:
     assert placed.assignments == {"x": [0]}
     placed = place({"x": backend(gpus=1)}, [], {"x": GiB})
     assert "this host has none" in placed.refused["x"]
+
+
+def test_a_running_backend_is_credited_its_memory_and_keeps_its_gpus() -> None:
+    """NVML's free memory already excludes what a running backend holds: placing it again
+    without crediting that back moves it (a restart) or refuses it (a stop), pass after pass."""
+    cards = lambda used0, used1: [  # noqa: E731
+        GpuInfo(0, "GPU-a", "NVIDIA L4", 24 * GiB, used0, 24 * GiB - used0),
+        GpuInfo(1, "GPU-b", "NVIDIA A100", 40 * GiB, used1, 40 * GiB - used1),
+    ]
+    backends = {"a": backend(gpus=1), "b": backend(port=9001, gpus=1)}
+    estimates = {"a": 16 * GiB, "b": 20 * GiB}
+    assert place({"a": backends["a"]}, cards(0, 0), estimates).assignments == {"a": [0]}
+    # a runs on GPU 0. b, new and bigger, would best-fit there (a credited back): a stays.
+    placed = place(backends, cards(16 * GiB, 0), estimates, running={"a": [0]})
+    assert placed.assignments == {"a": [0], "b": [1]} and placed.refused == {}
+    # On a single card a still fits beside itself.
+    placed = place({"a": backends["a"]}, cards(16 * GiB, 0)[:1], estimates, running={"a": [0]})
+    assert placed.assignments == {"a": [0]}
+    # Grown past its card, it moves.
+    placed = place({"a": backends["a"]}, cards(16 * GiB, 0), {"a": 30 * GiB}, running={"a": [0]})
+    assert placed.assignments == {"a": [1]}

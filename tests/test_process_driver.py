@@ -1,13 +1,26 @@
 """The process driver on real (tiny) processes: records survive the supervisor, a process
-whose pid was never recorded is recognised and adopted, and a stale one is replaced."""
+whose pid was never recorded is recognised and adopted, a stale one is replaced, and a stop
+leaves no process of the unit's group behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
+import time
 
-from reconciler.drivers.process import UNIT_ENV, ProcessDriver, process_alive
+from reconciler.drivers.process import (
+    MAX_BACKOFF_SECONDS,
+    UNIT_ENV,
+    ProcessDriver,
+    UnitRecord,
+    _start_ticks,
+    backoff,
+    group_alive,
+    process_alive,
+)
 from reconciler.plan import DesiredUnit
 
 
@@ -72,3 +85,44 @@ def test_a_process_from_another_state_dir_is_not_ours(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_stop_ends_the_whole_process_group(tmp_path):
+    """A server whose worker ignores SIGTERM: stopping the unit does not end when the leader
+    exits, it waits out the grace and SIGKILLs the group, so no worker keeps the port or the
+    GPU memory."""
+    script = tmp_path / "server.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        "sh -c 'trap \"\" TERM; echo $$ > worker.pid; while :; do sleep 0.1; done' &\n"
+        "trap 'exit 0' TERM\n"
+        "while :; do sleep 0.1; done\n"
+    )
+    script.chmod(0o755)
+    driver = ProcessDriver(tmp_path)
+    content = json.dumps({"argv": ["sh", "-c", f"cd {tmp_path} && exec {script}"], "env": {}})
+    driver.start(DesiredUnit("backend-x", content))
+    pgid = driver.load("backend-x").pid
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "worker.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = int((tmp_path / "worker.pid").read_text())
+    started = time.monotonic()
+    try:
+        driver.stop("backend-x", grace=1.0)
+        assert time.monotonic() - started < 5
+        assert not group_alive(pgid)
+        assert not process_alive(worker, _start_ticks(worker))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def test_backoff_survives_thousands_of_failures(tmp_path):
+    """2**1024 does not fit a float: without a cap on the exponent, observe raised
+    OverflowError for a unit that had failed about a thousand times, every pass."""
+    driver = ProcessDriver(tmp_path)
+    driver._save(UnitRecord(name="backend-x", content="{}", failures=5000, pid=999999999, start_ticks=1))
+    seen = driver.observe()["backend-x"]
+    assert seen.failures == 5001 and seen.retry_at - time.time() <= MAX_BACKOFF_SECONDS
+    assert backoff(5000) == MAX_BACKOFF_SECONDS

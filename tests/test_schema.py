@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from reconciler.config.loader import ConfigError, load_desired_state
+from reconciler.config.schema import DesiredState, host_port
 
 GOOD = {
     "version": 1,
@@ -58,6 +59,18 @@ def test_embedded_default_is_one_cpu_llamacpp_backend():
     [(name, backend)] = state.backends.items()
     assert backend.kind == "llamacpp" and backend.gpus_wanted == 0
     assert state.models[backend.model].sha256
+
+
+def test_an_ipv6_host_is_bracketed_in_urls():
+    """http://::1:8081 is no URL (httpx raised InvalidURL, not an HTTPError, and every pass
+    crashed probing it); the brackets make it one."""
+    data = json.loads(json.dumps(GOOD))
+    data["backends"]["chat"]["host"] = "::1"
+    data["backends"]["big"]["host"] = "::"
+    state = DesiredState.model_validate(data)
+    assert state.backends["chat"].base_url == "http://[::1]:8081"
+    assert state.backends["big"].base_url == "http://127.0.0.1:8100"  # every address, v4 too
+    assert host_port("localhost", 80) == "localhost:80" and host_port("10.0.0.5", 80) == "10.0.0.5:80"
 
 
 def problems_for(tmp_path, mutate, suffix=".yaml") -> list[str]:
@@ -109,6 +122,15 @@ CASES = [
     ("bad url", lambda d: d["backends"]["remote"].update(url="10.0.0.5:80"), "must start with http"),
     ("bad sha", lambda d: d["models"]["smollm2"].update(sha256="abc"),
      "models.smollm2.sha256: must be 64 lowercase hex digits"),
+    ("empty host", lambda d: d["backends"]["chat"].update(host=""),
+     "backends.chat.host: must not be empty"),
+    ("empty gateway host", lambda d: d["gateway"].update(host=" "), "gateway.host: must not be empty"),
+    ("tp beyond pinned gpus", lambda d: d["backends"]["big"].update(gpu_ids=[0, 1]),
+     "backends.big.tensor_parallel_size: 4 shards need as many GPUs, but gpu_ids pins 2"),
+    ("systemd prefix on binary", lambda d: d["backends"]["chat"].update(binary="+/opt/llama-server"),
+     "backends.chat.binary: give an absolute path or a bare command name"),
+    ("relative binary path", lambda d: d["backends"]["chat"].update(binary="bin/llama-server"),
+     "backends.chat.binary: give an absolute path or a bare command name"),
 ]  # fmt: skip
 
 

@@ -15,9 +15,9 @@ from reconciler.backends.health import BackendHealth, Health
 from reconciler.cli import main
 from reconciler.controller import Controller, make_driver
 from reconciler.drivers.process import ProcessDriver
-from reconciler.drivers.systemd import SystemdDriver
+from reconciler.drivers.systemd import SystemdDriver, SystemdError
 from reconciler.gpu.inventory import StaticInventory
-from reconciler.plan import Action, ActionKind, DesiredUnit
+from reconciler.plan import Action, ActionKind, DesiredUnit, plan
 from reconciler.units.render import MANAGED_MARKER
 
 
@@ -58,7 +58,9 @@ def unit(name: str, text: str) -> DesiredUnit:
 
 
 def driver(tmp_path: Path, fake: FakeSystemctl) -> SystemdDriver:
-    return SystemdDriver(tmp_path / "units", systemctl=fake, poll_interval=0, sleep=lambda _s: None)
+    return SystemdDriver(
+        tmp_path / "units", systemctl=fake, poll_interval=0, sleep=lambda _s: None, state_dir=tmp_path / "state"
+    )
 
 
 def healthy(_unit: str) -> BackendHealth:
@@ -127,7 +129,8 @@ def test_running_units_are_drained_around_their_restart_and_stop(tmp_path: Path)
 def test_changed_unit_that_stays_unhealthy_is_rolled_back(tmp_path: Path) -> None:
     fake = FakeSystemctl()
     clock = iter(range(0, 1000, 5))
-    d = SystemdDriver(tmp_path, systemctl=fake, poll_interval=0, clock=lambda: next(clock), sleep=lambda _s: None)
+    d = SystemdDriver(tmp_path, systemctl=fake, poll_interval=0, clock=lambda: next(clock), sleep=lambda _s: None,
+                      state_dir=tmp_path / "state")  # fmt: skip
     before = unit("backend-a", "v1")
     (tmp_path / "tensorforge-backend-a.service").write_text(before.content)
     fake.active["tensorforge-backend-a.service"] = "active"
@@ -148,6 +151,41 @@ def test_changed_unit_that_stays_unhealthy_is_rolled_back(tmp_path: Path) -> Non
     fake.calls.clear()
     assert d.apply(actions, {"backend-a": after}, down, {"backend-a": 20}) == []
     assert fake.verbs() == []
+
+
+def test_a_change_cut_short_after_its_file_is_written_is_restarted_next_pass(tmp_path: Path) -> None:
+    """The new unit file is on disk but daemon-reload failed (or the reconciler was killed)
+    before the restart: the file alone says there is nothing left to do while the old process
+    runs the old settings. The pending mark makes the next pass, by a new driver too, restart
+    it, and only a restart that went through clears it."""
+    fake = FakeSystemctl()
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "tensorforge-backend-a.service").write_text(unit("backend-a", "v1").content)
+    fake.active["tensorforge-backend-a.service"] = "active"
+    desired = {"backend-a": unit("backend-a", "v2")}
+    d = driver(tmp_path, fake)
+    fake.fail.add(("daemon-reload", "daemon-reload"))
+    with pytest.raises(SystemdError, match="daemon-reload"):
+        d.apply(plan(desired, d.observe(), 0), desired, healthy, {})
+    assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == desired["backend-a"].content
+    fake.fail.clear()
+    fake.calls.clear()
+    d = driver(tmp_path, fake)  # a reconciler started again
+    actions = plan(desired, d.observe(), 0)
+    assert [(a.kind, a.unit) for a in actions] == [(ActionKind.RESTART, "backend-a")]
+    assert "-v1" in actions[0].diff and "+v2" in actions[0].diff  # from what probably still runs
+    assert d.apply(actions, desired, healthy, {}) == []
+    assert fake.verbs() == ["daemon-reload", "restart tensorforge-backend-a.service"]
+    assert plan(desired, d.observe(), 0) == []
+
+
+def test_start_backoff_survives_thousands_of_failures(tmp_path: Path) -> None:
+    """2**5000 does not fit a float: the backoff's exponent is capped."""
+    d = driver(tmp_path, FakeSystemctl())
+    d._start_failures["backend-a"] = (5000, 0.0)
+    d._fail("backend-a", "not healthy", {}, {})
+    count, retry_at = d._start_failures["backend-a"]
+    assert count == 5001 and retry_at > 0
 
 
 def test_unmanaged_and_reconciler_units_are_not_observed(tmp_path: Path) -> None:
@@ -291,11 +329,10 @@ def test_stopping_the_reconciler_leaves_systemd_units_running(
 
 
 def test_a_new_unit_that_never_gets_healthy_backs_off(tmp_path: Path) -> None:
-    from reconciler.plan import plan
-
     fake = FakeSystemctl()
     clock = iter(range(0, 1000, 5))
-    d = SystemdDriver(tmp_path, systemctl=fake, poll_interval=0, clock=lambda: next(clock), sleep=lambda _s: None)
+    d = SystemdDriver(tmp_path, systemctl=fake, poll_interval=0, clock=lambda: next(clock), sleep=lambda _s: None,
+                      state_dir=tmp_path / "state")  # fmt: skip
     new = unit("backend-a", "v1")
     down = lambda _u: BackendHealth(Health.DOWN, "connection refused")  # noqa: E731
     failures = d.apply([Action(ActionKind.START, "backend-a", "declared")], {"backend-a": new}, down, {"backend-a": 10})

@@ -18,7 +18,6 @@ from reconciler.units.render import (
     UnitRenderError,
     UnitSpec,
     backend_unit_spec,
-    exec_line,
     gateway_unit_spec,
     reconciler_unit_spec,
     render_unit,
@@ -123,8 +122,17 @@ def test_injection_attempts_are_escaped() -> None:
     assert '"a b\\" ; rm -rf / #" "%%n%%h" "$$HOME" "$${PATH}" "\\\\x41" -x' in text
     assert 'Environment="EVIL=x\\" ExecStartPre=/bin/sh \\"%%i$USER"' in text
     assert not any(line.startswith("ExecStartPre") for line in text.splitlines())
-    # A prefix character on the executable itself stays literal.
-    assert exec_line(["-bin", "x"]) == '"-bin" x'
+
+
+@pytest.mark.parametrize("binary", ["+/opt/llama-server", "-/opt/x", "@/opt/x", "!/opt/x", ":/opt/x", "bin/x"])
+def test_an_executable_systemd_would_misread_is_refused(binary: str) -> None:
+    """systemd reads a leading -@+!: of ExecStart= as a prefix even inside quotes ("+/opt/x"
+    runs /opt/x as root, outside the sandbox), and refuses a relative path: both are refused
+    here, naming the field to fix."""
+    backend = BACKENDS["llamacpp"].model_copy(update={"binary": binary})  # past the schema's check
+    with pytest.raises(UnitRenderError, match=re.escape(f"backends.b.binary: {binary!r}")):
+        launch = launch_for("b", backend, "m", "/models/m.gguf", [])
+        render_unit(backend_unit_spec("backend-b", backend, "m", "/models/m.gguf", launch, []))
 
 
 @pytest.mark.parametrize(
@@ -163,8 +171,20 @@ def test_home_and_tmp_paths_stay_reachable() -> None:
     assert "ProtectHome=read-only" in text and "BindReadOnlyPaths=/tmp/models" in text
 
 
+def test_a_bound_path_with_a_colon_stays_one_path() -> None:
+    """BindReadOnlyPaths=/tmp/x:y binds /tmp/x to "y" (SRC:DST); quoted, it is one path."""
+    spec = UnitSpec(
+        name="backend-x", kind="llamacpp", description="d", argv=["/opt/x"], read_paths=["/tmp/x:y/m.gguf"],
+    )  # fmt: skip
+    text = render_unit(spec)
+    assert 'BindReadOnlyPaths="/tmp/x:y"' in text.splitlines()
+    assert exec_start(text) == "/opt/x"  # a word of ExecStart= needs no quotes for ':'
+
+
 def all_units() -> dict[str, str]:
     units = {f"tensorforge-backend-{k}.service": render_backend(k) for k in BACKENDS}
+    # A model under /tmp is bound into the unit: a ':' in its path must not split the bind.
+    units["tensorforge-backend-colon.service"] = render_backend("llamacpp", ref="/tmp/x:y/m.gguf")
     argv = [PY, "-m", "reconciler.cli", "gateway", "--config", "/etc/tensorforge/host.yaml"]
     units["tensorforge-gateway.service"] = render_unit(
         gateway_unit_spec("gateway", argv, GatewaySpec(), "/etc/tensorforge/host.yaml")

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.config.schema import BackendSpec, ModelSpec
+from reconciler.config.schema import BackendSpec, ModelSpec, host_port
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def ollama_launch(
     name: str, backend: BackendSpec, model_name: str, model_ref: str, gpu_ids: list[int]
 ) -> Launch:
     env = {
-        "OLLAMA_HOST": f"{backend.host}:{backend.port}",
+        "OLLAMA_HOST": host_port(backend.host, backend.port),  # type: ignore[arg-type]
         "OLLAMA_NUM_PARALLEL": str(backend.parallel),
         "OLLAMA_CONTEXT_LENGTH": str(backend.context_size),
         "OLLAMA_MAX_LOADED_MODELS": str(backend.max_loaded_models or 1),

@@ -56,7 +56,7 @@ def probe(base_url: str, protocol: str, timeout: float = 2.0) -> BackendHealth:
     method, path = PROBES[protocol]
     try:
         response = httpx.request(method, base_url + path, timeout=timeout)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError
         return _failure(exc)
     return classify(protocol, response.status_code)
 
@@ -67,6 +67,6 @@ async def aprobe(
     method, path = PROBES[protocol]
     try:
         response = await client.request(method, base_url + path, timeout=timeout)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         return _failure(exc)
     return classify(protocol, response.status_code)

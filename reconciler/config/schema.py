@@ -4,6 +4,7 @@ JSON and hand-written YAML) and the one consumer (the reconciler)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -46,6 +47,35 @@ def _check_text(value: str) -> str:
     return value
 
 
+def _check_host(value: str) -> str:
+    value = _check_text(value)
+    if not value.strip():
+        raise ValueError("must not be empty; use 127.0.0.1 (this host only) or 0.0.0.0 (all)")
+    return value
+
+
+def _check_binary(value: str) -> str:
+    value = _check_text(value)
+    # systemd reads a leading -@+!: of ExecStart= as a prefix ('+': run as root, unsandboxed).
+    if value.startswith(("-", "@", "+", "!", ":")) or ("/" in value and not value.startswith("/")):
+        raise ValueError(
+            "give an absolute path or a bare command name (looked up on PATH), not a relative "
+            "path, and no leading -@+!: (systemd reads those as ExecStart= prefixes)"
+        )
+    return value
+
+
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT for a URL or a server's listen address: an IPv6 literal goes in brackets
+    (http://::1:8081 is not a URL; http://[::1]:8081 is)."""
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass  # a name, or already bracketed
+    return f"{host}:{port}"
+
+
 def _check_port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ValueError("must be between 1 and 65535")
@@ -69,6 +99,8 @@ def url_port(url: str) -> int:
 
 Name = Annotated[str, AfterValidator(_check_name)]
 Text = Annotated[str, AfterValidator(_check_text)]
+Host = Annotated[str, AfterValidator(_check_host)]
+Binary = Annotated[str, AfterValidator(_check_binary)]
 Port = Annotated[int, AfterValidator(_check_port)]
 Sha256 = Annotated[str, AfterValidator(_check_sha256)]
 
@@ -113,7 +145,7 @@ class ModelSpec(Strict):
 class BackendSpec(Strict):
     kind: BackendKind
     model: Name = Field(description="Name of an entry in 'models'.")
-    host: Text = Field("127.0.0.1", description="Address the backend listens on.")
+    host: Host = Field("127.0.0.1", description="Address the backend listens on.")
     port: Port | None = Field(
         None,
         description="Port the backend listens on; required unless 'url' is set (then the "
@@ -138,7 +170,7 @@ class BackendSpec(Strict):
     kv_cache_dtype: Text | None = None
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_loaded_models: PositiveInt | None = None
-    binary: Text | None = Field(None, description="Server executable; default found on PATH.")
+    binary: Binary | None = Field(None, description="Server executable; default found on PATH.")
     extra_args: list[Text] = Field(default_factory=list)
     environment: dict[Text, Text] = Field(default_factory=dict)
     health_timeout: float = Field(180.0, gt=0, description="Seconds to wait for health.")
@@ -162,7 +194,7 @@ class BackendSpec(Strict):
         if self.url:
             return self.url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{host_port(host, self.port)}"  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _kind_settings(self) -> BackendSpec:
@@ -170,6 +202,12 @@ class BackendSpec(Strict):
             raise ValueError(
                 f"tensor_parallel_size: only vllm and tgi shard a model across GPUs; "
                 f"remove it for kind {self.kind!r}"
+            )
+        pinned = self.gpu_ids
+        if self.tensor_parallel_size > 1 and pinned is not None and len(pinned) < self.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size: {self.tensor_parallel_size} shards need as many GPUs, but "
+                f"gpu_ids pins {len(pinned)}; list more GPUs or lower tensor_parallel_size"
             )
         if self.tensor_parallel_size > 1 and self.gpus and self.gpus < self.tensor_parallel_size:
             raise ValueError(
@@ -209,7 +247,7 @@ class RoutingSpec(Strict):
 
 class GatewaySpec(Strict):
     enable: bool = True
-    host: Text = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: Port = 8000
     api_keys_file: Text | None = None
     routing: RoutingSpec = RoutingSpec()

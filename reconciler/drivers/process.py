@@ -58,6 +58,12 @@ def process_alive(pid: int | None, start_ticks: int | None) -> bool:
     return pid is not None and start_ticks is not None and _start_ticks(pid) == start_ticks
 
 
+def backoff(failures: int) -> float:
+    """Seconds before the next start after `failures` failed ones: 1, 2, 4, … at most
+    MAX_BACKOFF_SECONDS (the exponent is capped: 2.0**1024 does not fit a float)."""
+    return min(0.5 * 2.0 ** min(failures, 32), MAX_BACKOFF_SECONDS)
+
+
 class ProcessDriver:
     name = "process"
 
@@ -108,7 +114,7 @@ class ProcessDriver:
             record.extra.pop("stopping")
         else:
             record.failures += 1
-            record.retry_at = time.time() + min(0.5 * 2**record.failures, MAX_BACKOFF_SECONDS)
+            record.retry_at = time.time() + backoff(record.failures)
             log.warning("unit %s exited with %s (failure %d)", record.name, code, record.failures)
         self._save(record)
 
@@ -169,17 +175,24 @@ class ProcessDriver:
         env = {**os.environ, **launch.get("env", {})}
         env[UNIT_ENV] = f"{self._marker(unit.name)}@{digest}"
         with log_path.open("ab") as log_file:
-            # A session of its own: a Ctrl-C at the terminal reaches the supervisor, which
-            # stops children in order, instead of every child at once.
-            child = subprocess.Popen(
-                launch["argv"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            try:
+                # A session of its own: a Ctrl-C at the terminal reaches the supervisor, which
+                # stops children in order, instead of every child at once.
+                child = subprocess.Popen(
+                    launch["argv"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                # A missing or non-executable binary: a failed start of this unit, backed off
+                # like a crash, not an error that ends the pass for every other unit.
+                self._launch_failed(record, unit.content, launch["argv"][0], exc)
+                return
         self._children[unit.name] = child
+        record.extra.pop("error", None)
         record.content = unit.content
         record.pid = child.pid
         record.start_ticks = _start_ticks(child.pid)
@@ -189,6 +202,15 @@ class ProcessDriver:
             record.restarts += 1
         self._save(record)
         log.info("started %s (pid %d)", unit.name, child.pid)
+
+    def _launch_failed(self, record: UnitRecord, content: str, binary: str, exc: OSError) -> None:
+        record.content = content
+        record.pid = record.start_ticks = None
+        record.failures += 1
+        record.retry_at = time.time() + backoff(record.failures)
+        record.extra["error"] = f"cannot run {binary}: {exc.strerror or exc}"
+        self._save(record)
+        log.error("unit %s: %s (failure %d)", record.name, record.extra["error"], record.failures)
 
     def mark_healthy(self, name: str) -> None:
         record = self.load(name)
@@ -224,23 +246,45 @@ class ProcessDriver:
 
 
 def terminate(pid: int, start_ticks: int | None, grace: float) -> None:
-    """SIGTERM the process group, wait up to `grace` seconds, then SIGKILL it."""
+    """SIGTERM the process group, wait up to `grace` seconds for all of it to exit (a server's
+    workers too, not just the leader: they may hold the port or GPU memory), then SIGKILL it."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not process_alive(pid, start_ticks):
-            return
         _reap_pid(pid)
+        if not group_alive(pid):
+            return
         time.sleep(0.05)
-    log.warning("pid %d did not stop within %.0fs; killing it", pid, grace)
+    log.warning("process group %d did not stop within %.0fs; killing it", pid, grace)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     _reap_pid(pid)
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process of the group has not exited. Zombies do not count: the leader's
+    orphaned children are reaped by init, which in a container may never do it."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _reap_pid(pid: int) -> None:

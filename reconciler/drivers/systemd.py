@@ -3,10 +3,16 @@
 Observe reads the unit files (their text is the installed "content" the plan compares) and asks
 systemd for their state. A pass writes every changed file atomically, reloads systemd once,
 starts/restarts/stops in plan order and waits for health; a changed unit that does not become
-healthy in time gets its previous file back and is restarted with it."""
+healthy in time gets its previous file back and is restarted with it.
+
+A file written is not yet a change made: if the reload or restart fails, or the reconciler is
+killed in between, the old process runs on while the file says the new settings. So a pending
+mark (in the state directory) is written before a unit's file and removed once its start or
+restart succeeded; observe reports a marked unit as changed, and the next pass finishes it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -18,6 +24,7 @@ from pathlib import Path
 
 from reconciler.backends.health import BackendHealth, Health
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
+from reconciler.paths import state_dir as default_state_dir
 from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit
 from reconciler.units.render import MANAGED_MARKER, UNIT_PREFIX, unit_file_name
 
@@ -29,6 +36,10 @@ ACTIVE_STATES = ("active", "activating", "reloading")
 ROLLBACK_BACKOFF_SECONDS = 300.0
 # A unit that did not become healthy is started again after 10 s, 20 s, … at most this.
 MAX_START_BACKOFF_SECONDS = 300.0
+PENDING_DIR = "systemd-pending"
+# Appended to the content observe reports for a unit with a pending mark: it then differs from
+# any desired content, so the plan restarts the unit whatever the file holds.
+PENDING_NOTE = "# tensorforge: written, but not yet (re)started by systemd\n"
 
 Systemctl = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
@@ -76,8 +87,10 @@ class SystemdDriver:
         poll_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        state_dir: Path | None = None,
     ):
         self.unit_dir = Path(unit_dir)
+        self.pending_dir = (state_dir or default_state_dir()) / PENDING_DIR
         self.systemctl = systemctl
         self.poll_interval = poll_interval
         self.clock = clock
@@ -119,6 +132,34 @@ class SystemdDriver:
 
     def _write(self, name: str, content: str) -> None:
         write_atomic(self.path(name), content, mode=0o644)
+
+    # -- pending marks -------------------------------------------------------------------
+    def pending(self) -> dict[str, str | None]:
+        """Units whose file was written but not (re)started since -> the file text before that
+        change (None: there was no file), which may be what still runs."""
+        found: dict[str, str | None] = {}
+        if not self.pending_dir.is_dir():
+            return found
+        sweep_orphans(self.pending_dir)
+        for path in sorted(self.pending_dir.iterdir()):
+            if path.name.startswith("."):
+                continue  # a live writer's temporary file
+            try:
+                found[path.name] = json.loads(path.read_text(encoding="utf-8"))["before"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("unreadable pending mark %s (%s); restarting %s", path, exc, path.name)
+                found[path.name] = None
+        return found
+
+    def _begin(self, name: str, before: str | None) -> None:
+        """Mark `name` pending before its file is written. An existing mark is kept: it holds
+        what ran before the first change that was cut short."""
+        mark = self.pending_dir / name
+        if not mark.exists():
+            write_atomic(mark, json.dumps({"before": before}))
+
+    def _done(self, name: str) -> None:
+        (self.pending_dir / name).unlink(missing_ok=True)
 
     # -- systemctl -----------------------------------------------------------------------
     def _call(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -176,6 +217,7 @@ class SystemdDriver:
 
     def observe(self) -> dict[str, ObservedUnit]:
         observed = {}
+        pending = self.pending()
         for record in self.records():
             # Without systemd (plan against a unit directory) the files are all there is.
             active = record.active_state in ACTIVE_STATES or not self._reachable
@@ -183,9 +225,12 @@ class SystemdDriver:
             failed, retry_at = self._start_failures.get(record.name, (0, 0.0))
             if rejected:
                 retry_at = max(retry_at, rejected[1])
+            content = record.content
+            if record.name in pending:
+                content = (pending[record.name] or "") + PENDING_NOTE
             observed[record.name] = ObservedUnit(
                 name=record.name,
-                content=record.content,
+                content=content,
                 active=active,
                 failures=failed,
                 retry_at=retry_at if not active else 0.0,
@@ -196,20 +241,21 @@ class SystemdDriver:
         self._start_failures.pop(name, None)
 
     # -- act, one unit at a time (the ProcessDriver interface) ---------------------------
-    def start(self, unit: DesiredUnit) -> None:
+    def start(self, unit: DesiredUnit, verb: str = "start") -> None:
+        self._begin(unit.name, self.installed().get(unit.name))
         self._write(unit.name, unit.content)
         self._call("daemon-reload")
-        self._call("start", unit_file_name(unit.name))
+        self._call(verb, unit_file_name(unit.name))
+        self._done(unit.name)
 
     def restart(self, unit: DesiredUnit) -> None:
-        self._write(unit.name, unit.content)
-        self._call("daemon-reload")
-        self._call("restart", unit_file_name(unit.name))
+        self.start(unit, "restart")
 
     def stop(self, name: str, forget: bool = False, grace: float = 0.0) -> None:
         self._call("stop", unit_file_name(name), check=False)
         if forget:
             self.path(name).unlink(missing_ok=True)
+            self._done(name)
             self._call("reset-failed", unit_file_name(name), check=False)
             self._call("daemon-reload")
 
@@ -233,6 +279,12 @@ class SystemdDriver:
         holds a running unit out of the gateway's routing while it is stopped or restarted."""
         self.failures = []
         previous = self.installed()
+        pending = self.pending()
+        for name, before in pending.items():  # a change cut short: roll back to what ran before it
+            if before is None:
+                previous.pop(name, None)
+            else:
+                previous[name] = before
         todo: list[Action] = []
         changed_files = False
         now = time.time()
@@ -247,7 +299,8 @@ class SystemdDriver:
                 continue  # rolled back recently; `failures` said why, backoff before retrying
             if not ready(action.unit):
                 continue
-            if previous.get(action.unit) != unit.content:
+            if previous.get(action.unit) != unit.content or action.unit in pending:
+                self._begin(action.unit, previous.get(action.unit))
                 self._write(action.unit, unit.content)
                 changed_files = True
             todo.append(action)
@@ -256,6 +309,7 @@ class SystemdDriver:
                 with drain(action.unit):
                     self._call("stop", unit_file_name(action.unit), check=False)
                 self.path(action.unit).unlink(missing_ok=True)
+                self._done(action.unit)
                 changed_files = True
         if changed_files:
             self._call("daemon-reload")
@@ -279,6 +333,7 @@ class SystemdDriver:
                 reason = f"systemctl {verb} failed: {(result.stderr or '').strip()[:200]}"
                 self._fail(action.unit, reason, previous, desired)
                 continue
+            self._done(action.unit)  # systemd runs what the file says now
             started.append(action.unit)
         self._wait(started, health, timeouts, previous, desired)
         return self.failures
@@ -324,17 +379,20 @@ class SystemdDriver:
         if old is not None and new is not None and old != new:
             self._rejected[unit] = (new, time.time() + ROLLBACK_BACKOFF_SECONDS)
             try:
+                self._begin(unit, old)
                 self._write(unit, old)
                 self._call("daemon-reload")
                 self._call("reset-failed", unit_file_name(unit), check=False)
                 self._call("restart", unit_file_name(unit))
+                self._done(unit)
                 rolled_back = True
                 reason += "; restored the previous unit file and restarted it"
             except (SystemdError, OSError) as exc:
                 reason += f"; restoring the previous unit file failed: {exc}"
         else:
             count = self._start_failures.get(unit, (0, 0.0))[0] + 1
-            delay = min(10.0 * 2 ** (count - 1), MAX_START_BACKOFF_SECONDS)
+            # The exponent is capped: 2.0**1024 does not fit a float.
+            delay = min(10.0 * 2.0 ** min(count - 1, 32), MAX_START_BACKOFF_SECONDS)
             self._start_failures[unit] = (count, time.time() + delay)
         log.error("%s: %s", unit, reason)
         self.failures.append(ApplyFailure(unit, reason, rolled_back))

@@ -10,6 +10,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from reconciler.config.schema import host_port
+
 
 class MetricsServer:
     """`/metrics` for one registry on host:port; `close()` frees the port."""
@@ -29,7 +31,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
+        return f"http://{host_port(self.host, self.port)}/metrics"
 
     def close(self) -> None:
         self._server.shutdown()

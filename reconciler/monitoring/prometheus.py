@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from reconciler.config.schema import BackendSpec, DesiredState
+from reconciler.config.schema import BackendSpec, DesiredState, host_port
 
 # Backend kinds whose servers expose Prometheus metrics at /metrics.
 KINDS_WITH_METRICS = ("llamacpp", "vllm", "tgi")
@@ -65,7 +65,7 @@ def scrape_config(
     jobs = []
     if state.gateway.enable:
         g = state.gateway
-        job = _job(GATEWAY_JOB, targets.gateway or f"{_local(g.host)}:{g.port}", host)
+        job = _job(GATEWAY_JOB, targets.gateway or host_port(_local(g.host), g.port), host)
         if state.monitoring.scrape_key_file:
             # With API keys on, /metrics answers 401 to a scraper without one.
             job["authorization"] = {

@@ -39,6 +39,10 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 # Arguments made only of these need no quoting in ExecStart= (systemd splits on whitespace).
 _PLAIN_ARG_RE = re.compile(r"^[A-Za-z0-9_./:=,+@-]+$")
+# Paths need quoting for ':' too: BindReadOnlyPaths= splits an unquoted one there (SRC:DST).
+_PLAIN_PATH_RE = re.compile(r"^[A-Za-z0-9_./=,+@-]+$")
+# ExecStart= prefixes (run as root, ignore failure, …): systemd reads them even in quotes.
+_EXEC_PREFIXES = ("-", "@", "+", "!", ":")
 # Paths under these are hidden by ProtectHome=yes / replaced by PrivateTmp=yes.
 _HOME_ROOTS = ("/home/", "/root/", "/run/user/")
 _TMP_ROOTS = ("/tmp/", "/var/tmp/")
@@ -75,12 +79,8 @@ def _quote(text: str) -> _Escaped:
 
 
 def exec_line(argv: Sequence[str]) -> _Escaped:
-    """ExecStart= value. A first word starting with one of systemd's prefix characters
-    (`-@+!:`) is quoted so that it stays a literal executable name."""
-    first = exec_arg(argv[0])
-    if first.startswith(("-", "@", "+", "!", ":")):
-        first = _quote(first)
-    return _Escaped(" ".join([first, *(exec_arg(a) for a in argv[1:])]))
+    """ExecStart= value; render_unit has refused an executable systemd would misread."""
+    return _Escaped(" ".join(exec_arg(a) for a in argv))
 
 
 def env_assignment(key: str, value: object) -> _Escaped:
@@ -90,7 +90,7 @@ def env_assignment(key: str, value: object) -> _Escaped:
 
 def quoted_path(value: object) -> _Escaped:
     text = str(value).replace("%", "%%")
-    return _Escaped(text) if _PLAIN_ARG_RE.match(text) else _quote(text)
+    return _Escaped(text) if _PLAIN_PATH_RE.match(text) else _quote(text)
 
 
 def _environment() -> jinja2.Environment:
@@ -159,6 +159,23 @@ def _resolve_executable(argv: list[str]) -> list[str]:
     return argv
 
 
+def _check_executable(unit: str, executable: str) -> None:
+    """systemd takes an absolute path or a bare name it looks up in its own PATH, and reads a
+    leading `-@+!:` as a prefix even when quoted: "+/opt/x" would run /opt/x as root, outside
+    the sandbox."""
+    where = f"backends.{unit.removeprefix('backend-')}.binary" if unit.startswith("backend-") else "argv[0]"
+    if executable.startswith(_EXEC_PREFIXES):
+        raise UnitRenderError(
+            f"{where}: {executable!r} starts with {executable[0]!r}, which systemd reads as an "
+            "ExecStart= prefix (quoting does not help); give the executable's absolute path"
+        )
+    if "/" in executable and not executable.startswith("/"):
+        raise UnitRenderError(
+            f"{where}: {executable!r} is a relative path, which systemd refuses; "
+            "give the executable's absolute path"
+        )
+
+
 def _tmp_binds(read_paths: list[str], executable: str) -> list[str]:
     """What lives under /tmp that the unit needs, since PrivateTmp hides the host's /tmp: the
     model files' directories, the prefix (venv) holding the executable, and the checkout an
@@ -181,6 +198,7 @@ def render_unit(spec: UnitSpec) -> str:
     if not spec.argv:
         raise UnitRenderError("argv: empty command line")
     argv = _resolve_executable(list(spec.argv))
+    _check_executable(spec.name, argv[0])
     # The interpreter behind a venv's python may live in a home directory (pyenv).
     paths = [*spec.read_paths, *spec.write_paths, argv[0], os.path.realpath(argv[0])]
     under_home = any(p.startswith(_HOME_ROOTS) for p in paths)

@@ -1,0 +1,125 @@
+"""The controller's passes on stand-in backends (a shell script that sleeps, under the process
+driver): GPU placement holds still across passes while NVML counts a running backend's memory
+as used, one backend that cannot be launched does not hold up the others, and an IPv6 host
+does not crash a pass."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from reconciler.backends.health import Health, aprobe, probe
+from reconciler.controller import Controller
+from reconciler.drain import Drainer
+from reconciler.drivers.process import process_alive
+from reconciler.gpu.inventory import GpuInfo, StaticInventory
+from reconciler.plan import ActionKind
+
+GiB = 1024**3
+
+
+def fake_server(tmp_path: Path) -> str:
+    script = tmp_path / "server.sh"
+    script.write_text("#!/bin/sh\nexec sleep 300\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def controller(tmp_path: Path, backends: dict, gpus=None) -> Controller:
+    config = {
+        "gateway": {"enable": False},
+        "models": {"m": {"source": "ollama:m"}},
+        "backends": {n: {"kind": "ollama", "model": "m", **b} for n, b in backends.items()},
+    }
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps(config))
+    return Controller(
+        str(path), driver="process", gpus=gpus or StaticInventory([]), state=tmp_path / "state",
+        run_gateway=False,
+    )  # fmt: skip
+
+
+class NvmlLike:
+    """Free memory as NVML reports it: less what the running backends hold (16 GiB each)."""
+
+    reason = ""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.controller: Controller | None = None
+
+    def gpus(self) -> list[GpuInfo]:
+        used = dict.fromkeys(range(self.count), 0)
+        for record in self.controller.driver.records():  # type: ignore[union-attr]
+            if process_alive(record.pid, record.start_ticks):
+                for i in json.loads(record.content)["env"]["CUDA_VISIBLE_DEVICES"].split(","):
+                    used[int(i)] += 16 * GiB
+        return [GpuInfo(i, f"u{i}", "L4", 24 * GiB, used[i], 24 * GiB - used[i]) for i in used]
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_running_backend_keeps_its_gpu_pass_after_pass(tmp_path, count):
+    """NVML's free memory already excludes what a running backend holds: placement credits it
+    back, or the backend no longer fits where it runs and is moved (2 GPUs) or stopped (1 GPU)
+    on the next pass, then started again, forever."""
+    inventory = NvmlLike(count)
+    c = controller(tmp_path, {"a": {"port": 18090, "gpus": 1, "binary": fake_server(tmp_path)}}, inventory)
+    inventory.controller = c
+    c.vram_estimates = lambda: {"a": 16 * GiB}
+    try:
+        assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]
+        gpus = c.placement.assignments["a"]
+        for _ in range(4):
+            assert c.reconcile_once() == []
+            assert c.placement.assignments["a"] == gpus
+    finally:
+        c.shutdown()
+
+
+def test_a_backend_that_cannot_be_launched_does_not_stop_the_others(tmp_path):
+    """A missing binary (Popen raises) is that backend's failed start, backed off and reported
+    by name, while the rest of the plan goes on and status.json is written."""
+    c = controller(tmp_path, {
+        "a": {"port": 18091, "binary": "/nonexistent/x"},
+        "b": {"port": 18092, "binary": fake_server(tmp_path)},
+    })  # fmt: skip
+    try:
+        first = c.reconcile_once()
+        assert {a.unit: a.kind for a in first} == {"backend-a": ActionKind.START, "backend-b": ActionKind.START}
+        b = c.driver.load("backend-b")
+        assert process_alive(b.pid, b.start_ticks)
+        a = c.driver.load("backend-a")
+        assert a.pid is None and a.failures == 1 and a.retry_at > 0
+        status = json.loads((c.state_dir / "status.json").read_text())
+        [view] = [u for u in status["units"] if u["unit"] == "backend-a"]
+        assert "cannot run /nonexistent/x" in view["detail"] and view["health"] == "down"
+        # The next pass waits out the backoff instead of failing again at once.
+        assert [(a.unit, a.kind) for a in c.reconcile_once()] == [("backend-a", ActionKind.WAIT)]
+    finally:
+        c.shutdown()
+
+
+def test_an_ipv6_backend_is_probed_and_a_malformed_url_is_a_failed_probe(tmp_path):
+    """`host: "::1"` gave http://::1:18093, on which httpx raises InvalidURL (no HTTPError):
+    every pass crashed. The URL is bracketed now, and a URL httpx refuses is a probe that
+    failed, for the reconciler, the gateway and the drain alike."""
+    c = controller(tmp_path, {"a": {"host": "::1", "port": 18093, "binary": fake_server(tmp_path)}})
+    try:
+        assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]
+        assert c.reconcile_once() == []
+        assert c.health["backend-a"].detail == "connection refused"
+    finally:
+        c.shutdown()
+    bad = "http://::1:18093"
+    assert probe(bad, "llamacpp").state is Health.DOWN
+    assert asyncio.run(_aprobe(bad)).state is Health.DOWN
+    assert Drainer(tmp_path / "drain").ready("a", bad, [])  # no gateway to ask: stop it
+
+
+async def _aprobe(url: str):
+    async with httpx.AsyncClient() as client:
+        return await aprobe(client, url, "llamacpp")
