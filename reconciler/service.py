@@ -3,6 +3,7 @@ background `up`. One supervisor per state directory, enforced with a lock."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -130,9 +131,38 @@ def stop_background(state_dir: Path, grace: float = 60.0) -> bool:
     if info is None:
         _stop_orphans(state_dir)
         return False
-    terminate(info.pid, info.start_ticks, grace)
+    _end_supervisor(info, grace)
+    if info.alive:
+        raise RuntimeError(f"supervisor pid {info.pid} is still running after SIGKILL; not touching its units")
     _stop_orphans(state_dir)  # whatever a killed supervisor left behind
     return True
+
+
+def _end_supervisor(info: SupervisorInfo, grace: float) -> None:
+    """SIGTERM the supervisor (it stops its units in order), SIGKILL it after `grace`. Its
+    process group only when it leads one (`server start`); `tensorforge up` run from a shell
+    script or `timeout` is in its parent's group, which must not be signalled."""
+    try:
+        leads_group = os.getpgid(info.pid) == info.pid
+    except ProcessLookupError:
+        return
+    if leads_group:
+        terminate(info.pid, info.start_ticks, grace)
+        return
+    try:
+        os.kill(info.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while info.alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if info.alive:
+        log.warning("supervisor pid %d did not stop within %.0fs; killing it", info.pid, grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while info.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _stop_orphans(state_dir: Path) -> None:
@@ -145,8 +175,11 @@ def _stop_orphans(state_dir: Path) -> None:
         driver.stop(record.name)
 
 
-def wait_for_gateway(url: str, model: str | None, timeout: float, supervisor: SupervisorInfo | None) -> None:
-    """Until the gateway answers /health with a healthy backend (for `model`, if given)."""
+def wait_for_gateway(
+    url: str, model: str | None, timeout: float, supervisor: SupervisorInfo | None, need_backend: bool = True
+) -> None:
+    """Until the gateway answers /health with a healthy backend (for `model`, if given), or
+    at all when `need_backend` is False."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while time.monotonic() < deadline:
@@ -154,6 +187,8 @@ def wait_for_gateway(url: str, model: str | None, timeout: float, supervisor: Su
             raise RuntimeError("the supervisor exited while starting; see logs/supervisor.log")
         try:
             health = httpx.get(f"{url}/health", timeout=2).json()
+            if not need_backend:
+                return
             wanted = [
                 b for b in health["backends"].values() if model is None or b["model"] == model
             ]

@@ -41,9 +41,16 @@ def test_two_small_cards_refuse_with_the_reason(tmp_path):
          "memory_used": 0, "memory_free": 8 * 2**30} for i in range(2)
     ]))  # fmt: skip
     result = render(tmp_path, small)
-    assert result.returncode == 0
+    assert result.returncode == 1  # a unit set missing a declared backend is not written at all
     assert "refused  backend-qwen3-a: gpu_ids [2, 3] do not exist (host has [0, 1])" in result.stderr
-    assert not list((tmp_path / "units").glob("tensorforge-backend-*"))
+    assert "nothing written" in result.stderr and not list((tmp_path / "units").glob("*"))
+    planned = subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", "plan", "--config", str(REPO / "hosts" / "b200-node.yaml"),
+         "--unit-dir", str(tmp_path / "units"), "--gpus-from", str(small)],
+        capture_output=True, text=True, env={"TF_STATE_DIR": str(tmp_path / "state"), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert planned.returncode == 1, planned.stdout  # a refusal: apply would fail, not "nothing to do"
+    assert "refuse   backend-qwen3-a" in planned.stdout and "nothing to do" not in planned.stdout
 
 
 def test_a_broken_inventory_file_is_named(tmp_path):

@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
-from conftest import free_port, our_processes
+from conftest import free_port, our_processes, wait_http
 
 from reconciler.controller import Controller
 
@@ -162,3 +163,59 @@ def test_run_answers_and_leaves_no_process(tmp_path, state_dir, smollm2_path):
     assert answer["usage"]["completion_tokens"] > 0
     assert answer["timings"]["time_to_first_token_s"] > 0
     assert our_processes(state_dir) == []
+
+
+def gateway_only(tmp_path: Path) -> tuple[Path, str]:
+    port = free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"gateway": {"port": port, "health_interval": 0.5}}))
+    return path, f"http://127.0.0.1:{port}"
+
+
+def supervisor_pid(state_dir: Path) -> int | None:
+    try:
+        return json.loads((state_dir / "supervisor.json").read_text())["pid"]
+    except (OSError, ValueError):
+        return None
+
+
+def test_server_stop_ends_an_up_that_leads_no_process_group(tmp_path, state_dir):
+    """`tensorforge up` started from a script or `timeout` shares its parent's process group:
+    `server stop` must signal the supervisor itself (it used to signal a group that did not
+    exist, print "stopped" and leave the supervisor restarting its units)."""
+    config, url = gateway_only(tmp_path)
+    up = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "up", "--config", str(config)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert os.getpgid(up.pid) != up.pid
+        wait_http(url + "/health", timeout=30)
+        deadline = time.monotonic() + 10
+        while supervisor_pid(state_dir) != up.pid and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stopped = cli("server", "stop", "--config", str(config), timeout=90)
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+        assert up.wait(10) is not None
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert our_processes(state_dir) == []
+
+
+def test_status_shows_what_a_dead_supervisor_left_running(tmp_path, state_dir):
+    """A SIGKILLed supervisor's units still serve: status says so (not "stopped"), and
+    `server stop` ends them. `--wait` with no backend declared waits only for the gateway."""
+    config, url = gateway_only(tmp_path)
+    started = cli("server", "start", "--config", str(config), "--wait", "30", timeout=60)
+    assert started.returncode == 0, started.stderr
+    try:
+        os.kill(supervisor_pid(state_dir), signal.SIGKILL)
+        status = cli("status", "--config", str(config))
+        assert status.returncode == 3 and "supervisor: not running" in status.stdout
+        assert "orphaned: still running" in status.stdout, status.stdout
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+    finally:
+        stopped = cli("server", "stop", "--config", str(config))
+    assert stopped.returncode == 0 and "no supervisor was running" in stopped.stdout
+    assert our_processes(state_dir) == []
+    assert "orphaned" not in cli("status", "--config", str(config)).stdout

@@ -19,6 +19,7 @@ from reconciler.cli.common import (
 )
 from reconciler.config.loader import load_desired_state
 from reconciler.paths import state_dir
+from reconciler.plan import ActionKind
 
 log = logging.getLogger("tensorforge")
 
@@ -55,7 +56,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         return cmd_status(args)
     info = start_background(args.config, directory, args.log_level)
     if state.gateway.enable and args.wait:
-        wait_for_gateway(gateway_url(state), None, args.wait, info)
+        # With no backend declared, a gateway answering /health is all there is to wait for.
+        wait_for_gateway(gateway_url(state), None, args.wait, info, need_backend=bool(state.backends))
     print(f"supervisor running (pid {info.pid}); gateway {gateway_url(state)}")
     return 0
 
@@ -71,6 +73,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         status = {"units": []}
     status["supervisor"] = {"running": info is not None, "pid": info.pid if info else None}
+    if info is None:  # nothing supervises: whatever still runs is an orphan, not "stopped"
+        orphans = _orphans(directory)
+        for unit in status["units"]:
+            unit["orphan_pid"] = orphans.get(unit["unit"])
     status["state_dir"] = str(directory)
     if args.json:
         print(json.dumps(status, indent=1))
@@ -80,13 +86,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [("UNIT", "KIND", "MODEL", "PID", "HEALTH", "RESTARTS", "URL / DETAIL")]
     for unit in status["units"]:
         detail = unit["url"] + (f"  {unit['detail']}" if unit["detail"] else "")
-        pid = str(unit["pid"]) if unit["pid"] and info else "-"
-        health = unit["health"] if info else "stopped"
+        orphan = unit.get("orphan_pid")
+        pid = str(unit["pid"]) if unit["pid"] and info else str(orphan) if orphan else "-"
+        health = unit["health"] if info else "orphaned: still running" if orphan else "stopped"
         rows.append((unit["unit"], unit["kind"], unit["model"] or "-", pid, health, str(unit["restarts"]), detail))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[6])
     return 0 if info else 3
+
+
+def _orphans(directory: Path) -> dict[str, int]:
+    """Units a dead supervisor left running (`server stop` ends them), by unit name -> pid."""
+    from reconciler.drivers.process import ProcessDriver, process_alive
+
+    if not (directory / "units").is_dir():
+        return {}
+    return {
+        r.name: r.pid
+        for r in ProcessDriver(directory).records()
+        if r.pid is not None and process_alive(r.pid, r.start_ticks)
+    }
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -112,14 +132,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     driver = args.driver or ("systemd" if unit_dir else None)
     controller = Controller(args.config, driver=driver, unit_dir=unit_dir, gpus=gpu_inventory(args))
     actions = controller.plan()
-    changes = [a for a in actions if a.kind.value in ("start", "restart", "stop")]
     for action in actions:
         print(action)
         if action.diff and not args.no_diff:
             print(action.diff.rstrip())
     if not actions:
         print("nothing to do: the running state matches the declaration")
-    return 2 if changes else 0
+    if any(a.kind == ActionKind.REFUSE for a in actions):
+        return 1  # the declaration cannot be met on this host: apply would fail
+    return 2 if actions else 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -135,7 +156,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
         # The gateway probes backends on its own interval: done when it routes to them.
         remaining = max(args.timeout - (time.monotonic() - started), 5.0)
-        wait_for_gateway(gateway_url(state), None, remaining, None)
+        try:
+            wait_for_gateway(gateway_url(state), None, remaining, None)
+        except TimeoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            ok = False
     for action in controller.last_actions:
         print(action)
     for unit, reason in controller.apply_failures.items():
@@ -155,14 +180,19 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.config:
         argv += ["--config", str(Path(args.config).resolve())]
     spec = reconciler_unit_spec(argv, str(Path(args.config).resolve()) if args.config else None)
-    texts = {u.name: u.content for u in units.values() if not u.refused}
+    refused = [u for u in units.values() if u.refused]
+    for unit in refused:
+        print(f"refused  {unit.name}: {unit.refused}", file=sys.stderr)
+    if refused:
+        # A unit set missing a declared backend is not the declaration: write none of it.
+        print(f"error: nothing written to {out}; fix the refusals (or render with --gpus-from "
+              "the target host's GPUs)", file=sys.stderr)  # fmt: skip
+        return 1
+    texts = {u.name: u.content for u in units.values()}
     texts["reconciler"] = render_unit(spec)
     for name, text in sorted(texts.items()):
         write_atomic(out / unit_file_name(name), text)
         print(out / unit_file_name(name))
-    for unit in units.values():
-        if unit.refused:
-            print(f"refused  {unit.name}: {unit.refused}", file=sys.stderr)
     return 0
 
 
