@@ -53,7 +53,19 @@ let
   desired = tfLib.toDesired settings;
   # One file for both services: the reconciler runs `up --no-gateway`, because the gateway is
   # its own hardened unit without GPU access.
-  desiredFile = pkgs.writeText "tensorforge-desired.json" (builtins.toJSON desired);
+  uncheckedDesired = pkgs.writeText "tensorforge-desired.json" (builtins.toJSON desired);
+  # The reconciler's own validation at build time, as nixpkgs' prometheus module runs promtool:
+  # every rule the schema has (port clashes across services, durations, GPU pins, …) fails
+  # `nixos-rebuild` with the schema's one-line messages, instead of a reconciler that refuses
+  # the file at boot. The assertions below give the same problems their option names.
+  desiredFile =
+    if cfg.checkDesiredState then
+      pkgs.runCommand "tensorforge-desired.json" { nativeBuildInputs = [ cfg.package ]; } ''
+        tensorforge validate --config ${uncheckedDesired}
+        cp ${uncheckedDesired} $out
+      ''
+    else
+      uncheckedDesired;
 
   hardening = import ./tensorforge/hardening.nix;
 
@@ -94,6 +106,17 @@ in
       default = pkgs.python3Packages.callPackage ./package.nix { };
       defaultText = literalExpression "pkgs.python3Packages.callPackage ./package.nix { }";
       description = "The TensorForge package (reconciler, gateway and `tensorforge` CLI).";
+    };
+
+    checkDesiredState = mkOption {
+      type = types.bool;
+      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+      defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
+      description = ''
+        Run `tensorforge validate` on the generated desired state when the system is built, so
+        a declaration the reconciler would refuse fails the build with the schema's messages.
+        Off by default only when cross-compiling (the package cannot run on the build machine).
+      '';
     };
 
     host = mkOption {
@@ -189,7 +212,8 @@ in
         description = "Port of the GPU metrics exporter.";
       };
       scrapeInterval = mkOption {
-        type = types.strMatching "[0-9]+(ms|s|m|h)";
+        # Prometheus' duration syntax (units largest first); the schema also refuses zero.
+        type = types.strMatching "([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?";
         default = defaults.monitoring.scrapeInterval;
         example = "5s";
         description = "How often Prometheus scrapes TensorForge's targets.";

@@ -374,3 +374,10 @@ def test_keys_without_a_scrape_key_are_warned_about_by_name(tmp_path: Path, capl
     written = yaml.safe_load((tmp_path / "b" / "prometheus.yml").read_text())
     gateway = next(j for j in written["scrape_configs"] if j["job_name"] == "tensorforge-gateway")
     assert gateway["authorization"] == {"type": "Bearer", "credentials_file": "/etc/tf/prometheus-key"}
+
+
+def test_a_scrape_interval_flag_promtool_would_refuse_is_a_usage_error(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["monitoring-config", "--out", str(tmp_path / "m"), "--scrape-interval", "15"])
+    assert exit_.value.code == 2 and not (tmp_path / "m").exists()
+    assert "'15' is not a duration: write a number and a unit, for example 15s" in capsys.readouterr().err

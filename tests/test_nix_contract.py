@@ -399,6 +399,20 @@ def test_module_gives_both_services_one_drain_directory_outside_private_state():
     assert 'RuntimeDirectory = "tensorforge";' in text and 'RuntimeDirectoryMode = "0755";' in text
 
 
+def test_module_checks_the_desired_state_with_the_reconcilers_validation():
+    """One set of rules: the built desired.json goes through `tensorforge validate` (port
+    clashes, durations, GPU pins…), not a second copy of the schema's checks in Nix."""
+    text = (REPO / "modules" / "tensorforge.nix").read_text()
+    assert "tensorforge validate --config ${uncheckedDesired}" in text
+    assert re.search(r"desiredFile =\s+if cfg.checkDesiredState then", text)
+
+
+def test_nix_scrape_interval_type_is_prometheus_duration_syntax():
+    text = (REPO / "modules" / "tensorforge.nix").read_text()
+    nix = re.search(r'scrapeInterval = mkOption \{\s+#[^\n]*\n\s+type = types.strMatching "([^"]+)";', text)
+    assert nix and nix.group(1) == schema._DURATION_RE.pattern
+
+
 # -- the flake's outputs ---------------------------------------------------------------------------
 def test_flake_lists_the_promised_outputs_for_every_host():
     """What `nix flake show` would list, evaluated here against a names-only stub of nixpkgs

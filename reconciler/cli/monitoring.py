@@ -12,6 +12,16 @@ from reconciler.paths import state_dir
 log = logging.getLogger("tensorforge")
 
 
+def duration(value: str) -> str:
+    """argparse type: a Prometheus duration, refused with the schema's own message."""
+    from reconciler.config.schema import check_duration
+
+    try:
+        return check_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_monitoring_config(args: argparse.Namespace) -> int:
     from reconciler.monitoring.prometheus import scrape_key_warning, write_bundle
 
@@ -48,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     config_arg(p)
     p.add_argument("--out", "-o", required=True, help="directory to write into")
-    p.add_argument("--scrape-interval", help="override monitoring.scrape_interval (e.g. 5s)")
+    p.add_argument("--scrape-interval", type=duration, help="override monitoring.scrape_interval (e.g. 5s)")
     p.set_defaults(func=cmd_monitoring_config)
 
     p = sub.add_parser("gpu-exporter", help="serve GPU metrics for Prometheus (zero GPUs is fine)")
