@@ -26,6 +26,9 @@ let
 
   managedBackends = lib.filterAttrs (_: b: b.url == null) cfg.backends;
   staticUser = cfg.user != null;
+  gatewayCredentials = "/run/credentials/tensorforge-gateway.service";
+  backendKeyCredential = name: "backend-key-${name}";
+  keyedBackends = lib.filterAttrs (_: b: b.apiKeyFile != null) cfg.backends;
   useStateDirectory = lib.hasPrefix "/var/lib/" cfg.stateDir;
 
   # The desired state, built from the options that mirror the schema (NixOS-only ones removed).
@@ -33,16 +36,19 @@ let
     inherit (cfg) host stateDir modelsDir;
     models = cfg.models;
     backends = lib.mapAttrs (
-      _: b:
+      name: b:
       removeAttrs b [
         "package"
         "openFirewall"
       ]
+      // {
+        # Read by the gateway through systemd's credential store, like its own keys.
+        apiKeyFile = if b.apiKeyFile == null then null else "${gatewayCredentials}/${backendKeyCredential name}";
+      }
     ) cfg.backends;
     gateway = removeAttrs cfg.gateway [ "openFirewall" ] // {
       # The gateway reads its keys through systemd's credential store (see LoadCredential).
-      apiKeysFile =
-        if cfg.gateway.apiKeysFile == null then null else "/run/credentials/tensorforge-gateway.service/api-keys";
+      apiKeysFile = if cfg.gateway.apiKeysFile == null then null else "${gatewayCredentials}/api-keys";
     };
     monitoring = removeAttrs cfg.monitoring [
       "openFirewall"
@@ -386,8 +392,9 @@ in
         RestartSec = "2s";
         # No JIT, no GPU: the gateway can give up writable-executable memory.
         MemoryDenyWriteExecute = true;
-      } // lib.optionalAttrs (cfg.gateway.apiKeysFile != null) {
-        LoadCredential = "api-keys:${cfg.gateway.apiKeysFile}";
+        LoadCredential =
+          lib.optional (cfg.gateway.apiKeysFile != null) "api-keys:${cfg.gateway.apiKeysFile}"
+          ++ lib.mapAttrsToList (name: b: "${backendKeyCredential name}:${b.apiKeyFile}") keyedBackends;
       };
     };
 

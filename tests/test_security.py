@@ -194,3 +194,63 @@ def test_a_hostile_hub_listing_cannot_write_outside(tmp_path, monkeypatch, hosti
     assert not [r for r in hub.requests if "/resolve/" in r.path], "downloaded before checking the name"
     assert not list(Path(tmp_path).rglob("evil.gguf"))
     assert not (models / "registry.sqlite3").exists() or registry_for(models).get("tiny") is None
+
+
+class KeyedUpstream:
+    """An OpenAI-compatible server behind a key (vLLM --api-key, a hosted API): 401 without
+    `Authorization: Bearer <key>`, on /health too; otherwise FastOpenAI's answers."""
+
+    def __init__(self, key: str):
+        self.key = f"Bearer {key}".encode()
+        self.inner = FastOpenAI()
+        self.refused = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self.key:
+            self.refused += 1
+            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"error": "unauthorized"}'})
+            return
+        await self.inner(scope, receive, send)
+
+
+def test_a_backend_behind_a_key_gets_it_and_nobody_sees_it(tmp_path, caplog):
+    key = "sk-backend-" + "q" * 24
+    key_file = tmp_path / "backend-key"
+    key_file.write_text(key + "\n")
+    up, port = free_port(), free_port()
+    state = DesiredState.model_validate({
+        "models": {"m": {"source": "pypi:x"}},
+        "backends": {"remote": {"kind": "vllm", "model": "m", "url": f"http://127.0.0.1:{up}",
+                                "api_key_file": str(key_file)}},
+        "gateway": {"port": port, "health_interval": 0.3},
+    })  # fmt: skip
+    upstream = KeyedUpstream(key)
+    app = create_app(state)
+    with caplog.at_level("DEBUG"), serve(upstream, up), serve(app, port):
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", timeout=5)
+        deadline = time.monotonic() + 5  # the health probe carries the key too
+        while not httpx.get(base + "/health").json()["backends"]["remote"]["healthy"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        answer = httpx.post(base + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        health = httpx.get(base + "/health").text
+        metrics = httpx.get(base + "/metrics").text
+    assert answer.status_code == 200 and upstream.refused == 0
+    for text in (health, metrics, caplog.text, repr(app.table.upstreams["remote"])):
+        assert key not in text and key[:12] not in text
+
+
+def test_an_unreadable_backend_key_file_is_named(tmp_path):
+    state = DesiredState.model_validate({
+        "models": {"m": {"source": "pypi:x"}},
+        "backends": {"remote": {"kind": "vllm", "model": "m", "url": "http://127.0.0.1:9",
+                                "api_key_file": str(tmp_path / "missing")}},
+    })  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^backends.remote.api_key_file: cannot read {tmp_path / 'missing'}: "):
+        create_app(state)
+
+
+def test_credentials_in_a_backend_url_are_refused():
+    with pytest.raises(ValidationError, match="no user or password in the URL"):
+        BackendSpec.model_validate({"kind": "vllm", "model": "m", "url": "http://user:pw@far:8000/v1"})

@@ -68,6 +68,17 @@ in
       example = "openai";
       description = "Wire protocol the gateway speaks to it; null means the kind's own.";
     };
+    apiKeyFile = mkOption {
+      # A string, not a path: a path literal would copy the key into the world-readable store.
+      type = types.nullOr (types.strMatching "/.+");
+      default = null;
+      example = "/run/secrets/remote-vllm-key";
+      description = ''
+        File holding the key the gateway sends this backend as `Authorization: Bearer` (a vLLM
+        started with `--api-key`, a hosted OpenAI-compatible API). Read by the gateway through
+        systemd's `LoadCredential`, so it may be owned by root and mode 0400.
+      '';
+    };
     gpus = mkOption {
       type = types.ints.unsigned;
       default = d.gpus;

@@ -62,11 +62,12 @@ def probe(base_url: str, protocol: str, timeout: float = 2.0) -> BackendHealth:
 
 
 async def aprobe(
-    client: httpx.AsyncClient, base_url: str, protocol: str, timeout: float = 2.0
+    client: httpx.AsyncClient, base_url: str, protocol: str, timeout: float = 2.0,
+    headers: dict[str, str] | None = None,
 ) -> BackendHealth:
     method, path = PROBES[protocol]
     try:
-        response = await client.request(method, base_url + path, timeout=timeout)
+        response = await client.request(method, base_url + path, timeout=timeout, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         return _failure(exc)
     return classify(protocol, response.status_code)

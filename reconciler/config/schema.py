@@ -219,6 +219,11 @@ class BackendSpec(Strict):
         "local reconciler leaves it alone.",
     )
     protocol: Protocol | None = Field(None, description="Wire protocol; defaults to the kind's.")
+    api_key_file: Text | None = Field(
+        None,
+        description="File holding the key the gateway sends this backend as "
+        "'Authorization: Bearer' (vLLM --api-key, a hosted OpenAI-compatible API); never logged.",
+    )
     gpus: Int = Field(0, ge=0, description="Number of GPUs wanted (0: CPU).")
     gpu_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         None, description="Pin to these GPU indices instead of automatic placement."
@@ -280,6 +285,12 @@ class BackendSpec(Strict):
             raise ValueError("gpu_ids lists a GPU twice")
         if self.url is not None and not re.match(r"^https?://[^/\s]+", self.url):
             raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        if self.url is not None and "@" in urlsplit(self.url).netloc:
+            # The desired state is world-readable (the Nix store) and URLs become metric labels.
+            raise ValueError(
+                "url: no user or password in the URL (it would be readable in the desired state "
+                "and in Prometheus labels); put the backend's key in a file and set api_key_file"
+            )
         if self.port is None and self.url is None:
             raise ValueError(
                 "port: required for a backend this host runs; add it, or set url for a remote one"

@@ -42,7 +42,7 @@ class HealthMonitor:
             upstream.healthy = False
             upstream.health_detail = DRAINING_DETAIL
             return
-        health = await aprobe(self.client, upstream.base_url, upstream.protocol, self.timeout)
+        health = await aprobe(self.client, upstream.base_url, upstream.protocol, self.timeout, upstream.headers)
         if upstream.name in self.draining:  # marked while the probe ran
             return
         if health.ok != upstream.healthy:

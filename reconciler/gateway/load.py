@@ -35,7 +35,9 @@ class LoadScraper:
         if adapter.info_path is None or upstream.backend_limit is not None or not upstream.healthy:
             return
         try:
-            response = await self.client.get(upstream.base_url + adapter.info_path, timeout=self.timeout)
+            response = await self.client.get(
+                upstream.base_url + adapter.info_path, timeout=self.timeout, headers=upstream.headers
+            )
             if response.status_code == 200:
                 upstream.backend_limit = adapter.parse_info(response.json())
         except (httpx.HTTPError, ValueError):
@@ -46,7 +48,9 @@ class LoadScraper:
         if adapter.loaded_path is None:
             return
         try:
-            response = await self.client.get(upstream.base_url + adapter.loaded_path, timeout=self.timeout)
+            response = await self.client.get(
+                upstream.base_url + adapter.loaded_path, timeout=self.timeout, headers=upstream.headers
+            )
             document = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             document = None
@@ -60,7 +64,9 @@ class LoadScraper:
         if adapter.metrics_path is None or self._skip_until.get(upstream.name, 0) > loop.time():
             return
         try:
-            response = await self.client.get(upstream.base_url + adapter.metrics_path, timeout=self.timeout)
+            response = await self.client.get(
+                upstream.base_url + adapter.metrics_path, timeout=self.timeout, headers=upstream.headers
+            )
         except httpx.HTTPError:
             upstream.reported_load, upstream.kv_usage = 0.0, None
             return

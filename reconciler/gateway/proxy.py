@@ -151,8 +151,9 @@ class Proxy:
         url = self._urls.get(target)
         if url is None:
             url = self._urls[target] = httpx.URL(target)
+        headers = {**spec.headers, **upstream.headers} if upstream.headers else spec.headers
         request = httpx.Request(
-            spec.method, url, content=spec.content, headers=spec.headers, extensions={"timeout": self.timeout}
+            spec.method, url, content=spec.content, headers=headers, extensions={"timeout": self.timeout}
         )
         upstream.in_flight += 1
         response: httpx.Response | None = None

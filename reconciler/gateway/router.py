@@ -7,8 +7,9 @@ import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from reconciler.config.schema import DesiredState
+from reconciler.config.schema import BackendSpec, DesiredState
 
 CIRCUIT_FAILURES = 3  # consecutive failures that open a backend's circuit
 CIRCUIT_COOLDOWN_SECONDS = 10.0
@@ -37,6 +38,9 @@ class Upstream:
     kv_usage: float | None = None  # KV-cache (VRAM) fraction in use, where the backend says
     gpu_free: float | None = None  # free fraction of its fullest GPU, from NVML (local backends)
     warm: bool | None = None  # model in the backend's memory (Ollama /api/ps); None: not known
+    # Sent with every request and probe: the backend's own key (api_key_file). Not in repr,
+    # so no log line or traceback that prints an Upstream shows it.
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def limit(self) -> int:
@@ -103,10 +107,12 @@ class RoutingTable:
                 protocol=b.wire_protocol,
                 max_concurrency=state.gateway.max_concurrency_per_backend,
                 served_name=served_name(b.model, state.models[b.model].source, b.wire_protocol),
+                headers=backend_headers(name, b),
             )
             old = previous.upstreams.get(name) if previous else None
             if old is not None and old.same_target(upstream):
                 old.max_concurrency = upstream.max_concurrency
+                old.headers = upstream.headers  # a rotated key takes effect on reload
                 upstream = old
             upstreams[name] = upstream
         names = state.model_names()
@@ -116,6 +122,24 @@ class RoutingTable:
     def served_models(self) -> list[str]:
         """Canonical models with at least one backend, in declaration order."""
         return list(dict.fromkeys(u.model for u in self.upstreams.values()))
+
+
+def backend_headers(name: str, backend: BackendSpec) -> dict[str, str]:
+    """`Authorization: Bearer <key>` from the backend's api_key_file, else nothing."""
+    if backend.api_key_file is None:
+        return {}
+    try:
+        key = Path(backend.api_key_file).read_text().strip()
+    except OSError as exc:
+        raise ValueError(
+            f"backends.{name}.api_key_file: cannot read {backend.api_key_file}: {exc.strerror}; "
+            "make it readable by the gateway or remove the setting"
+        ) from None
+    if not key or any(c.isspace() for c in key):
+        raise ValueError(
+            f"backends.{name}.api_key_file: {backend.api_key_file} must hold one key on one line"
+        )
+    return {"authorization": f"Bearer {key}"}
 
 
 def served_name(model: str, source: str, protocol: str) -> str:
