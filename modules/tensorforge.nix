@@ -207,6 +207,15 @@ in
         defaultText = literalMD "`false`; `true` with `b200Optimized.monitoring.enable`";
         description = "Expose reconciler and GPU metrics (and scrape them, see `prometheus`).";
       };
+      listenAddress = mkOption {
+        type = types.strMatching ".+";
+        default = defaults.monitoring.listenAddress;
+        example = "0.0.0.0";
+        description = ''
+          Where the reconciler's metrics and the GPU exporter listen. Loopback serves the local
+          Prometheus; `0.0.0.0` (with {option}`openFirewall`) one on another host.
+        '';
+      };
       reconcilerMetricsPort = mkOption {
         type = types.port;
         default = defaults.monitoring.reconcilerMetricsPort;
@@ -293,6 +302,13 @@ in
         assertion = b.port != null;
         message = "services.tensorforge.backends.${name}.port: required for a backend this host runs; add it, or set url for a remote one.";
       }) managedBackends
+      ++ [
+        {
+          assertion = !(cfg.monitoring.enable && cfg.monitoring.openFirewall)
+            || !(lib.elem cfg.monitoring.listenAddress [ "127.0.0.1" "::1" "localhost" ]);
+          message = "services.tensorforge.monitoring.openFirewall: the exporters listen on ${cfg.monitoring.listenAddress} only; set monitoring.listenAddress = \"0.0.0.0\" for a Prometheus on another host.";
+        }
+      ]
       ++ lib.mapAttrsToList (name: b: {
         assertion = !cfg.gateway.enable || b.port != cfg.gateway.port;
         message = "services.tensorforge.backends.${name}.port: ${toString b.port} is the gateway's port; give each service its own.";

@@ -388,7 +388,8 @@ class Controller:
         from reconciler.monitoring.reconciler_metrics import ReconcilerMetricsExporter
 
         try:
-            return ReconcilerMetricsExporter(self.desired.monitoring.reconciler_metrics_port)
+            m = self.desired.monitoring
+            return ReconcilerMetricsExporter(m.reconciler_metrics_port, m.listen_address)
         except OSError as exc:
             log.error("%s", exc)
             return None

@@ -68,6 +68,15 @@ KEYED = """{
 }"""
 
 
+# IPv6 listeners (bracketed in targets) and exporters on a routable address.
+IPV6_AND_LISTEN = """{
+  models.m = { source = "path:/m"; file = "m.gguf"; };
+  backends.v6 = { kind = "llamacpp"; model = "m"; port = 8080; host = "::1"; };
+  gateway = { host = "::1"; port = 9000; };
+  monitoring = { enable = true; listenAddress = "10.0.0.5"; };
+}"""
+
+
 def nix_eval(expr: str) -> Any:
     result = subprocess.run(
         [NIX or "nix-instantiate", "--eval", "--strict", "--json", "--store", "dummy://",
@@ -97,8 +106,8 @@ def host_settings(name: str) -> str:
 @pytest.mark.parametrize(
     "settings",
     [*(host_settings(h) for h in HOSTS), EVERY_KIND, MINIMAL, NO_GATEWAY,
-     KEYED.replace("@KEY@", "/run/secrets/prometheus-key")],
-    ids=[*HOSTS, "every-kind", "minimal", "no-gateway", "keyed"],
+     KEYED.replace("@KEY@", "/run/secrets/prometheus-key"), IPV6_AND_LISTEN],
+    ids=[*HOSTS, "every-kind", "minimal", "no-gateway", "keyed", "ipv6-and-listen"],
 )
 def test_nix_scrape_jobs_equal_the_python_ones(settings: str):
     nix_jobs, python_jobs, _ = both_sides(settings)
@@ -187,3 +196,12 @@ def test_keyed_gateway_is_scraped_with_the_key_file(tmp_path: Path):
     assert result.returncode == 0, result.stdout + result.stderr
     key.unlink()  # promtool checks that the file is there
     assert subprocess.run(["promtool", "check", "config", str(config)], capture_output=True).returncode != 0
+
+
+def test_ipv6_targets_are_bracketed_and_exporters_scraped_where_they_listen():
+    jobs, _, _ = both_sides(IPV6_AND_LISTEN)
+    targets = {j["job_name"]: j["static_configs"][0]["targets"][0] for j in jobs}
+    assert targets["tensorforge-gateway"] == "[::1]:9000"
+    assert targets["tensorforge-backend-v6"] == "[::1]:8080"
+    assert targets["tensorforge-reconciler"] == "10.0.0.5:9310"
+    assert targets["tensorforge-gpu"] == "10.0.0.5:9311"

@@ -32,6 +32,7 @@
   };
   monitoring = {
     enable = false;
+    listenAddress = "127.0.0.1";
     reconcilerMetricsPort = 9310;
     gpuExporterPort = 9311;
     scrapeInterval = "15s";

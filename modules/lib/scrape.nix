@@ -13,6 +13,11 @@ let
   # A wildcard listen address is scraped on loopback.
   local = host: if host == "0.0.0.0" || host == "::" || host == "" then "127.0.0.1" else host;
 
+  # HOST:PORT, an IPv6 literal in brackets (as schema.host_port).
+  hostPort = host: port:
+    if lib_hasColon host && builtins.substring 0 1 host != "[" then "[${host}]:${toString port}" else "${host}:${toString port}";
+  lib_hasColon = s: builtins.match ".*:.*" s != null;
+
   job = name: target: labels: scheme: path: {
     job_name = name;
     metrics_path = path;
@@ -43,7 +48,7 @@ let
       stripSlashes b.url
     else
       let host = b.host or defaults.backend.host; in
-      "http://${if host == "0.0.0.0" || host == "::" then "127.0.0.1" else host}:${toString b.port}";
+      "http://${hostPort (if host == "0.0.0.0" || host == "::" then "127.0.0.1" else host) b.port}";
 
   backendJob = hostName: name: b:
     let parts = splitUrl (baseUrl b);
@@ -64,6 +69,7 @@ let
       gateway = defaults.gateway // (desired.gateway or { });
       monitoring = {
         enable = defaults.monitoring.enable;
+        listen_address = defaults.monitoring.listenAddress;
         reconciler_metrics_port = defaults.monitoring.reconcilerMetricsPort;
         gpu_exporter_port = defaults.monitoring.gpuExporterPort;
       } // (desired.monitoring or { });
@@ -71,7 +77,7 @@ let
     in
     (if gateway.enable then
       [
-        ((job "tensorforge-gateway" "${local gateway.host}:${toString gateway.port}" hostLabel "http" "/metrics")
+        ((job "tensorforge-gateway" (hostPort (local gateway.host) gateway.port) hostLabel "http" "/metrics")
           # With API keys on, /metrics answers 401 to a scraper without one.
           // (if (monitoring.scrape_key_file or null) != null then
             { authorization = { type = "Bearer"; credentials_file = monitoring.scrape_key_file; }; }
@@ -82,8 +88,8 @@ let
       [ ])
     ++ (if monitoring.enable then
       [
-        (job "tensorforge-reconciler" "127.0.0.1:${toString monitoring.reconciler_metrics_port}" hostLabel "http" "/metrics")
-        (job "tensorforge-gpu" "127.0.0.1:${toString monitoring.gpu_exporter_port}" hostLabel "http" "/metrics")
+        (job "tensorforge-reconciler" (hostPort (local monitoring.listen_address) monitoring.reconciler_metrics_port) hostLabel "http" "/metrics")
+        (job "tensorforge-gpu" (hostPort (local monitoring.listen_address) monitoring.gpu_exporter_port) hostLabel "http" "/metrics")
       ]
     else
       [ ])

@@ -48,7 +48,8 @@ def cmd_gpu_exporter(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     status = state_dir(state.state_dir) / "status.json"
     port = args.port or state.monitoring.gpu_exporter_port
-    serve(NvmlInventory(), placement_from_state(state, status), args.host, port, stop)
+    host = args.host or state.monitoring.listen_address
+    serve(NvmlInventory(), placement_from_state(state, status), host, port, stop)
     return 0
 
 
@@ -63,6 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("gpu-exporter", help="serve GPU metrics for Prometheus (zero GPUs is fine)")
     config_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="listen address")
+    p.add_argument("--host", help="listen address (default monitoring.listen_address)")
     p.add_argument("--port", type=int, help="listen port (default monitoring.gpu_exporter_port)")
     p.set_defaults(func=cmd_gpu_exporter)

@@ -337,6 +337,11 @@ class GatewaySpec(Strict):
 
 class MonitoringSpec(Strict):
     enable: bool = False
+    listen_address: Host = Field(
+        "127.0.0.1",
+        description="Where the reconciler's metrics and the GPU exporter listen; 0.0.0.0 for a "
+        "Prometheus on another host.",
+    )
     reconciler_metrics_port: Port = 9310
     gpu_exporter_port: Port = 9311
     scrape_interval: Duration = Field(
@@ -399,10 +404,9 @@ class DesiredState(Strict):
                 port: int = backend.port  # type: ignore[assignment]
                 found.append((f"backends.{name}.port", backend.host, port))
         if self.monitoring.enable:
-            # Both exporters listen on 127.0.0.1 (reconciler_metrics.py, `gpu-exporter --host`).
-            m = self.monitoring
+            m = self.monitoring  # both exporters listen on listen_address
             for field in ("reconciler_metrics_port", "gpu_exporter_port"):
-                found.append((f"monitoring.{field}", "127.0.0.1", getattr(m, field)))
+                found.append((f"monitoring.{field}", m.listen_address, getattr(m, field)))
         return found
 
     def model_names(self) -> dict[str, str]:

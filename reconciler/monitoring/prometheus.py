@@ -77,10 +77,11 @@ def scrape_config(
         m = state.monitoring
         jobs.append(
             _job(
-                RECONCILER_JOB, targets.reconciler or f"127.0.0.1:{m.reconciler_metrics_port}", host
+                RECONCILER_JOB, targets.reconciler or host_port(_local(m.listen_address), m.reconciler_metrics_port), host
             )
         )
-        jobs.append(_job(GPU_JOB, targets.gpu_exporter or f"127.0.0.1:{m.gpu_exporter_port}", host))
+        gpu = targets.gpu_exporter or host_port(_local(m.listen_address), m.gpu_exporter_port)
+        jobs.append(_job(GPU_JOB, gpu, host))
     for name, backend in sorted(state.backends.items()):
         if backend.kind in KINDS_WITH_METRICS:
             jobs.append(backend_job(name, backend, state.host))
