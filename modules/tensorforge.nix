@@ -30,6 +30,7 @@ let
   backendKeyCredential = name: "backend-key-${name}";
   keyedBackends = lib.filterAttrs (_: b: b.apiKeyFile != null) cfg.backends;
   useStateDirectory = lib.hasPrefix "/var/lib/" cfg.stateDir;
+  modelsOutside = cfg.modelsDir != null && !(useStateDirectory && lib.hasPrefix "/var/lib/" cfg.modelsDir);
 
   # The desired state, built from the options that mirror the schema (NixOS-only ones removed).
   settings = {
@@ -254,8 +255,9 @@ in
 
     gpu = mkOption {
       type = types.bool;
+      # As the schema's gpus_wanted: vllm and tgi take a GPU per shard even with gpus = 0.
       default = cfg.b200Optimized.enable || lib.any (
-        b: b.gpus > 0 || b.gpuIds != null || b.tensorParallelSize > 1
+        b: b.gpus > 0 || b.gpuIds != null || b.tensorParallelSize > 1 || lib.elem b.kind [ "vllm" "tgi" ]
       ) (lib.attrValues managedBackends);
       defaultText = literalMD "`true` with `b200Optimized.enable` or when a local backend wants a GPU";
       description = "Give the reconciler (and the servers it starts) the NVIDIA devices.";
@@ -309,6 +311,13 @@ in
           message = "services.tensorforge.monitoring.openFirewall: the exporters listen on ${cfg.monitoring.listenAddress} only; set monitoring.listenAddress = \"0.0.0.0\" for a Prometheus on another host.";
         }
       ]
+      ++ [
+        {
+          # A DynamicUser's uid changes between boots: it can own only systemd's directories.
+          assertion = staticUser || (useStateDirectory && (cfg.modelsDir == null || lib.hasPrefix "/var/lib/" cfg.modelsDir));
+          message = "services.tensorforge.stateDir/modelsDir outside /var/lib need a static user: set services.tensorforge.user (and group), or keep both under /var/lib.";
+        }
+      ]
       ++ lib.mapAttrsToList (name: b: {
         assertion = !cfg.gateway.enable || b.port != cfg.gateway.port;
         message = "services.tensorforge.backends.${name}.port: ${toString b.port} is the gateway's port; give each service its own.";
@@ -331,11 +340,14 @@ in
     };
     environment.systemPackages = [ cfg.package ];
 
-    systemd.tmpfiles.rules = lib.optional (!useStateDirectory) "d ${cfg.stateDir} 0700 ${
-      if staticUser then cfg.user else "root"
-    } ${if staticUser then cfg.group else "root"} - -";
+    # Outside /var/lib (a static user, asserted above) systemd makes no directory for us.
+    systemd.tmpfiles.rules =
+      lib.optional (!useStateDirectory && staticUser) "d ${cfg.stateDir} 0700 ${cfg.user} ${cfg.group} - -"
+      ++ lib.optional (modelsOutside && staticUser) "d ${cfg.modelsDir} 0750 ${cfg.user} ${cfg.group} - -";
 
-    systemd.services.tensorforge-reconciler = mkIf (managedBackends != { }) {
+    # With monitoring on it runs even with nothing to supervise: the Prometheus job and the
+    # TensorForgeReconcilerDown alert expect its metrics on every monitored host.
+    systemd.services.tensorforge-reconciler = mkIf (managedBackends != { } || cfg.monitoring.enable) {
       description = "TensorForge reconciler: keeps the declared inference backends running";
       wantedBy = [ "multi-user.target" ];
       # Models with pypi:/hf: sources are downloaded on first start.
@@ -375,12 +387,14 @@ in
         RestartSec = "5s";
         WorkingDirectory = cfg.stateDir;
         ReadWritePaths = lib.optional (!useStateDirectory) cfg.stateDir
-          ++ lib.optional (cfg.modelsDir != null) cfg.modelsDir;
+          ++ lib.optional modelsOutside cfg.modelsDir;
         # /run/tensorforge, readable by the gateway for the drain marks (see drainDir).
         RuntimeDirectory = "tensorforge";
         RuntimeDirectoryMode = "0755";
       } // lib.optionalAttrs useStateDirectory {
-        StateDirectory = lib.removePrefix "/var/lib/" cfg.stateDir;
+        # A models directory under /var/lib is a StateDirectory too: a DynamicUser can own it.
+        StateDirectory = [ (lib.removePrefix "/var/lib/" cfg.stateDir) ]
+          ++ lib.optional (cfg.modelsDir != null && !modelsOutside) (lib.removePrefix "/var/lib/" cfg.modelsDir);
         StateDirectoryMode = "0700";
       };
     };

@@ -7,7 +7,10 @@
 # Flags go to `tensorforge bootstrap`. LLAMA_CPP_BUILD_JOBS sets the compile jobs (default: all
 # cores); TF_LLAMACPP_BIN_DIR installs elsewhere.
 set -euo pipefail
-source "$(dirname "$0")/lib/setup.sh"
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symlink to the script works too
 ensure_venv cpu
-ensure_debian cmake build-essential ninja-build
+case " $* " in
+  *" --dry-run "*|*" --help "*|*" -h "*) ;;  # nothing is built: no compilers needed
+  *) TF_SKIP_WHY="install them first, or the build below fails" ensure_debian cmake build-essential ninja-build ;;
+esac
 exec "$TF_VENV/bin/tensorforge" bootstrap --jobs "${LLAMA_CPP_BUILD_JOBS:-$(nproc)}" "$@"

@@ -9,7 +9,7 @@ if [ $# -ne 1 ]; then
   echo "usage: $0 OUTDIR" >&2
   exit 2
 fi
-root="$(cd "$(dirname "$0")/.." && pwd)"
+root="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
 outdir="$1"
 mkdir -p "$outdir"
 
@@ -27,8 +27,8 @@ for settings in "$root"/hosts/*/settings.nix; do
   # restrict-eval: evaluation may read the repository and nothing else.
   if nix-instantiate --eval --strict --json --store dummy:// \
     --option restrict-eval true -I "tensorforge=$root" \
-    --arg settings "import $settings" \
-    --expr '{ settings }: (import <tensorforge/modules/lib>).evalHost settings' \
+    --argstr settingsPath "$settings" \
+    --expr '{ settingsPath }: (import <tensorforge/modules/lib>).evalHost (import (/. + settingsPath))' \
     >"$outdir/$host.json.tmp"; then
     mv "$outdir/$host.json.tmp" "$outdir/$host.json"
     echo "$outdir/$host.json"

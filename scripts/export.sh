@@ -7,6 +7,6 @@ case "${1:-}" in
   -h|--help) sed -n '2,4p' "$0"; exit 0 ;;
   "") sed -n '2,4p' "$0" >&2; exit 2 ;;
 esac
-source "$(dirname "$0")/lib/setup.sh"
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symlink to the script works too
 ensure_venv cpu
 exec "$TF_VENV/bin/tensorforge" export "$@"

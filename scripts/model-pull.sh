@@ -21,6 +21,6 @@ if [ -z "$model" ]; then
   echo "usage: $0 --model NAME [--revision REV] [--pattern GLOB] [--config FILE]" >&2
   exit 2
 fi
-source "$(dirname "$0")/lib/setup.sh"
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symlink to the script works too
 ensure_venv cpu
 exec "$TF_VENV/bin/tensorforge" pull "$model" ${args[@]+"${args[@]}"}

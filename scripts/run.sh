@@ -3,6 +3,6 @@
 #   ./scripts/run.sh --prompt "Explain quantum computing" --output result.json
 # Extra flags go to `tensorforge run` (--model, --prompts-file, --config, --max-tokens ...).
 set -euo pipefail
-source "$(dirname "$0")/lib/setup.sh"
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symlink to the script works too
 ensure_venv cpu
 exec "$TF_VENV/bin/tensorforge" run "$@"

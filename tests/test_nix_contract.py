@@ -110,6 +110,20 @@ def test_eval_desired_writes_one_valid_file_per_host(evaluated):
         assert state.host == host
 
 
+@pytest.mark.skipif(NIX is None, reason="nix-instantiate not found")
+def test_eval_desired_works_from_a_path_with_spaces(tmp_path, evaluated):
+    """The settings path reaches Nix as a string, not pasted into Nix source, where a space
+    ended the path."""
+    root = tmp_path / "dir with space"
+    for part in ("modules", "hosts", "scripts"):
+        shutil.copytree(REPO / part, root / part)
+    out = tmp_path / "out dir"
+    result = subprocess.run([str(root / "scripts" / "eval-desired.sh"), str(out)],
+                            capture_output=True, text=True, env=nix_env(), timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")} == evaluated
+
+
 def test_eval_desired_needs_an_outdir():
     result = subprocess.run(
         [str(REPO / "scripts" / "eval-desired.sh")], capture_output=True, text=True, timeout=30

@@ -64,6 +64,14 @@
         ];
         # CUDA, Triton and PyTorch JIT-compile kernels into writable-executable memory.
         MemoryDenyWriteExecute = false;
+        # NCCL finds its network interfaces through getifaddrs(), a netlink socket (as the
+        # rendered vllm/tgi units in templates/ allow).
+        RestrictAddressFamilies = [
+          "AF_INET"
+          "AF_INET6"
+          "AF_UNIX"
+          "AF_NETLINK"
+        ];
       }
     else
       {

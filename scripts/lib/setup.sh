@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared setup for the pipeline scripts: a project venv and, when asked, Debian tools.
 # Sourced, not run. Quick when nothing changed: pip runs only when pyproject.toml did.
 
@@ -11,7 +12,8 @@ tf_log() { printf '[tensorforge] %s\n' "$*" >&2; }
 # ("cpu", "cpu,test") unless the same pyproject.toml was installed with them before.
 ensure_venv() {
   local extras="$1"
-  local stamp="$TF_VENV/.tensorforge-$(echo "$extras" | tr ',' '-')"
+  local stamp
+  stamp="$TF_VENV/.tensorforge-$(echo "$extras" | tr ',' '-')"
   local want
   want="$(sha256sum "$TF_ROOT/pyproject.toml" | cut -d' ' -f1)"
   if [ ! -x "$TF_PY" ]; then
@@ -22,7 +24,7 @@ ensure_venv() {
     tf_log "installing tensorforge[$extras] into $TF_VENV (first run takes a minute or two)"
     local log="$TF_VENV/pip-install.log"
     if ! { "$TF_PY" -m pip install --disable-pip-version-check --upgrade pip &&
-           "$TF_PY" -m pip install --disable-pip-version-check -e "$TF_ROOT[$extras]"; } >"$log" 2>&1; then
+           "$TF_PY" -m pip install --disable-pip-version-check -e "${TF_ROOT}[${extras}]"; } >"$log" 2>&1; then
       tail -n 30 "$log" >&2
       tf_log "pip install failed; full log in $log"
       return 1
@@ -32,6 +34,7 @@ ensure_venv() {
 }
 
 # ensure_debian PACKAGE...: install missing Debian packages (root only; skipped elsewhere).
+# TF_SKIP_WHY says what doing without them means for the caller.
 ensure_debian() {
   local missing=()
   local pkg
@@ -40,14 +43,19 @@ ensure_debian() {
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
-    tf_log "not root or no apt-get: skipping ${missing[*]} (tests that need them will skip)"
+    tf_log "not root or no apt-get: not installing ${missing[*]} (${TF_SKIP_WHY:-tests that need them will skip})"
     return 0
   fi
   tf_log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  # No daemons started by the package scripts: tests start what they need themselves.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  rm -f /usr/sbin/policy-rc.d
+  # No daemons started by the package scripts: tests start what they need themselves. An
+  # existing policy (container images ship one) is put back afterwards, whatever happens.
+  local policy=/usr/sbin/policy-rc.d saved=""
+  if [ -e "$policy" ]; then saved="$(mktemp)" && cp -p "$policy" "$saved"; fi
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy"
+  local status=0
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+  if [ -n "$saved" ]; then mv "$saved" "$policy"; else rm -f "$policy"; fi
+  return "$status"
 }
