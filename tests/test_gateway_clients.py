@@ -90,21 +90,32 @@ def test_websocket_streams_the_same_deltas_several_requests_per_connection(gatew
         assert error["type"] == "error" and error["status"] == 404
 
 
-def test_client_disconnect_mid_stream_stops_the_backend(gateway, llama_server):
-    """(A non-streaming request is cut the same way, but llama.cpp only notices a closed
-    connection while streaming; test_gateway_operating checks that case on a fake.)"""
+STORY = [{"role": "user", "content": "Write a long story."}]
+
+
+@pytest.mark.parametrize(("path", "body", "event"), [
+    ("/v1/chat/completions", {"model": "smollm2", "messages": STORY, "max_tokens": 1000, "stream": True}, b"data: "),
+    ("/api/chat", {"model": "smollm2", "messages": STORY, "options": {"num_predict": 1000}}, b'"done":false'),
+], ids=["openai-sse", "ollama-ndjson"])  # fmt: skip
+def test_client_disconnect_mid_stream_stops_the_backend(gateway, llama_server, path, body, event):
+    """On both streaming surfaces. (A non-streaming request is cut the same way, but
+    llama.cpp only notices a closed connection while streaming; test_gateway_operating checks
+    that case on a fake.)"""
     url, app = gateway
-    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story."}],
-            "max_tokens": 1000, "stream": True}  # fmt: skip
     port = int(url.rsplit(":", 1)[1])
     payload = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\n\r\n%s" % (len(payload), payload))  # fmt: skip
+        sock.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))  # fmt: skip
         received = b""
-        while received.count(b"data: ") < 3:
+        while received.count(event) < 3:
             received += sock.recv(65536)
         assert busy(llama_server)
+    assert_backend_stops(llama_server, app)
+
+
+def assert_backend_stops(llama_server: str, app) -> None:
+    """The client is gone: the backend stops generating within a second."""
     hung_up = time.monotonic()
     while busy(llama_server) and time.monotonic() - hung_up < 5:
         time.sleep(0.05)
@@ -170,3 +181,15 @@ def test_embeddings_through_openai_and_ollama_clients_agree(embedding_gateway):
     assert missing.value.status_code == 404 and "smollm2" in missing.value.error
     bad = httpx.post(f"{embedding_gateway}/api/embed", json={"model": "smollm2", "input": []})
     assert bad.status_code == 400 and "'input' must be" in bad.json()["error"]
+
+
+def test_closing_a_websocket_mid_stream_stops_the_backend(gateway, llama_server):
+    from websockets.sync.client import connect
+
+    url, app = gateway
+    with connect(url.replace("http", "ws") + "/v1/ws") as ws:
+        ws.send(json.dumps({"id": "long", "body": {"model": "smollm2", "messages": STORY, "max_tokens": 1000}}))
+        for _ in range(3):
+            assert json.loads(ws.recv(timeout=30))["type"] == "chunk"
+        assert busy(llama_server)
+    assert_backend_stops(llama_server, app)
