@@ -128,6 +128,8 @@ CASES = [
     ("empty gateway host", lambda d: d["gateway"].update(host=" "), "gateway.host: must not be empty"),
     ("tp beyond pinned gpus", lambda d: d["backends"]["big"].update(gpu_ids=[0, 1]),
      "backends.big.tensor_parallel_size: 4 shards need as many GPUs, but gpu_ids pins 2"),
+    ("more gpus than shards", lambda d: d["backends"]["big"].update(gpus=8),
+     "backends.big.gpus: 8 GPUs for tensor_parallel_size 4 leaves 4 idle (vllm uses one GPU per shard)"),
     ("systemd prefix on binary", lambda d: d["backends"]["chat"].update(binary="+/opt/llama-server"),
      "backends.chat.binary: give an absolute path or a bare command name"),
     ("relative binary path", lambda d: d["backends"]["chat"].update(binary="bin/llama-server"),

@@ -281,6 +281,16 @@ class BackendSpec(Strict):
                 f"gpus ({self.gpus}) is smaller than tensor_parallel_size "
                 f"({self.tensor_parallel_size}); raise gpus or leave it 0 to take one per shard"
             )
+        shards = self.tensor_parallel_size
+        wanted = len(self.gpu_ids) if self.gpu_ids is not None else self.gpus
+        if self.kind in ("vllm", "tgi") and wanted > shards:
+            # One GPU per shard: the rest would sit idle, and the model would not fit where
+            # placement thought it would (it splits the weights over the shards only).
+            field = "gpu_ids" if self.gpu_ids is not None else "gpus"
+            raise ValueError(
+                f"{field}: {wanted} GPUs for tensor_parallel_size {shards} leaves {wanted - shards} "
+                f"idle ({self.kind} uses one GPU per shard); set tensor_parallel_size: {wanted}"
+            )
         if self.gpu_ids is not None and len(set(self.gpu_ids)) != len(self.gpu_ids):
             raise ValueError("gpu_ids lists a GPU twice")
         if self.url is not None and not re.match(r"^https?://[^/\s]+", self.url):
