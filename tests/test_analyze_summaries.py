@@ -4,6 +4,8 @@ that goes away mid-run turns the remaining modules into 'skipped' instead of lon
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import openai
 from reconciler.analyze.budget import Budget
 from reconciler.analyze.progress import Progress
 from reconciler.analyze.structure import analyze_structure
-from reconciler.analyze.summarize import Summarizer, SummaryOptions
+from reconciler.analyze.summarize import ModelInfo, Summarizer, SummaryOptions, summarize
 
 
 class FakeModel:
@@ -105,3 +107,67 @@ def test_a_timeout_fails_one_module_only(tmp_path: Path):
     )
     statuses = [r.status for r in summarizer.summarize_modules().values()]
     assert statuses == ["skipped", "failed", "summarized", "summarized"]
+
+
+def test_overview_rounds_are_bounded(tmp_path: Path, monkeypatch):
+    """Should packing ever stop reducing, the overview gives up after a bounded number of
+    rounds (summarize() reports the reason) instead of condensing forever."""
+    import reconciler.analyze.summarize as summarize_module
+
+    graph = analyze_structure(tree(tmp_path, 6, 1)).graph
+    model = FakeModel()
+    summarizer = Summarizer(
+        model, graph, 1024, SummaryOptions(parallel=1), Progress(8, enabled=False)
+    )
+    results = summarizer.summarize_modules()
+    monkeypatch.setattr(
+        summarize_module, "pack", lambda items, limit, separator: [[i] for i in items]
+    )
+    outcome: list[BaseException | str] = []
+
+    def run() -> None:
+        try:
+            outcome.append(summarizer.overview(results, "Repository `x`."))
+        except ValueError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert outcome, "the overview loop did not end"
+    assert isinstance(outcome[0], ValueError) and "rounds" in str(outcome[0])
+
+
+class TinyContextClient:
+    def __init__(self, gateway: str, model: str, timeout: float) -> None:
+        pass
+
+    def probe(self) -> ModelInfo:
+        return ModelInfo(True, ["smollm2"], 300)
+
+
+def test_a_context_too_small_for_the_prompts_skips_summaries_with_the_reason(
+    tmp_path: Path, monkeypatch
+):
+    import reconciler.analyze.summarize as summarize_module
+
+    monkeypatch.setattr(summarize_module, "GatewayClient", TinyContextClient)
+    graph = analyze_structure(tree(tmp_path, 2, 1)).graph
+    result = summarize(graph, "facts", SummaryOptions(), Progress(4, enabled=False))
+    assert result.status == "skipped"
+    assert "--context-tokens" in result.reason and "--overview-tokens" in result.reason
+    assert "/v1/models" in result.reason
+    assert {m.status for m in result.modules.values()} == {"skipped"}
+
+
+def test_cli_refuses_a_context_too_small_before_walking(tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", "analyze", str(tmp_path), "--context-tokens", "600",
+         "--gateway", "http://127.0.0.1:9", "--output", str(tmp_path / "r.md")],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    # 600 tokens leave room for module summaries, not for the 256 tokens of the overview.
+    assert "--context-tokens" in done.stderr and "--overview-tokens" in done.stderr
+    assert "--max-tokens" not in done.stderr
+    assert not (tmp_path / "r.md").exists()

@@ -73,6 +73,14 @@ def execute(args: argparse.Namespace, state, gateway_url: str) -> int:
         )
         if options.context_tokens is None and args.gateway is None:
             options.fallback_context_tokens = declared_context(state, args.model)
+        if options.context_tokens is not None:  # refused now, not after walking the tree
+            from reconciler.analyze.summarize import budgets
+
+            try:
+                budgets(options.context_tokens, options)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
     report = analyze(root, options, progress_enabled=not args.quiet)
     output = None if args.output == "-" else Path(args.output)
     write_report(report, output, Path(args.json) if args.json else None)

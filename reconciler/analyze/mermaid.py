@@ -5,6 +5,7 @@ and escaped; one subgraph per directory keeps large trees legible."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from reconciler.analyze.graph import Graph
@@ -28,9 +29,33 @@ def label(text: str) -> str:
     return f'"{escaped}"'
 
 
-def mermaid(graph: Graph) -> tuple[str, int]:
-    """The diagram, and how many modules it leaves out (those without any edge)."""
-    edges = sorted(graph.edges)[:MAX_EDGES]
+@dataclass(frozen=True)
+class Diagram:
+    text: str
+    isolated: int  # modules without any edge: nothing to draw
+    edges_left_out: int  # edges past the limit
+    modules_left_out: int  # modules with edges, all of them past the limit
+
+
+def _priority(graph: Graph):
+    """Which edges to keep when there are too many: those inside import cycles, then those
+    leaving entry points (where reading starts), then the rest; by name within each."""
+    component = {p: i for i, members in enumerate(graph.cycles()) for p in members}
+
+    def key(edge: tuple[str, str]):
+        source, target = edge
+        in_cycle = source in component and component[source] == component.get(target)
+        rank = 0 if in_cycle else 1 if source in graph.entry_points else 2
+        return (rank, source, target)
+
+    return key
+
+
+def mermaid(graph: Graph, max_edges: int | None = None) -> Diagram:
+    """The diagram, with counts of what it leaves out."""
+    limit = MAX_EDGES if max_edges is None else max_edges
+    kept = sorted(graph.edges, key=_priority(graph))[:limit]
+    edges = sorted(kept)
     shown = sorted({p for edge in edges for p in edge})
     taken: set[str] = set()
     ids = {path: node_id(path, taken) for path in shown}
@@ -60,4 +85,10 @@ def mermaid(graph: Graph) -> tuple[str, int]:
         lines.append(f"  class {','.join(entry)} entry")
     if cyclic:
         lines.append(f"  class {','.join(cyclic)} cycle")
-    return "\n".join(lines), len(graph.modules) - len(shown)
+    connected = {p for edge in graph.edges for p in edge}
+    return Diagram(
+        "\n".join(lines),
+        isolated=len(graph.modules) - len(connected),
+        edges_left_out=len(graph.edges) - len(edges),
+        modules_left_out=len(connected) - len(shown),
+    )

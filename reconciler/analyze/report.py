@@ -64,7 +64,7 @@ def _module_entry(g: Graph, path: str, summaries: Summaries) -> dict:
 
 def build_report(structure: Structure, summaries: Summaries, timings: dict[str, float]) -> dict:
     g = structure.graph
-    diagram, left_out = mermaid(g)
+    diagram = mermaid(g)
     statuses = Counter(s.status for s in summaries.modules.values())
     external = Counter(name for names in g.external.values() for name in names)
     return {
@@ -107,8 +107,10 @@ def build_report(structure: Structure, summaries: Summaries, timings: dict[str, 
             for p in sorted(g.modules, key=lambda p: (-(g.fan_in(p) + g.fan_out(p)), p))[:TOP]
         ],
         "external": dict(sorted(external.items(), key=lambda item: (-item[1], item[0]))),
-        "mermaid": diagram,
-        "mermaid_left_out": left_out,
+        "mermaid": diagram.text,
+        "mermaid_left_out": diagram.isolated,  # modules without any dependency
+        "mermaid_edges_left_out": diagram.edges_left_out,  # past the diagram's limit
+        "mermaid_modules_left_out": diagram.modules_left_out,  # every edge past the limit
         "summaries": {
             "status": summaries.status,
             "reason": summaries.reason,
@@ -176,6 +178,16 @@ def render_markdown(report: dict) -> str:
             out.append(
                 f"\n{report['mermaid_left_out']} module(s) without any dependency are not drawn."
             )
+        cut = report.get("mermaid_edges_left_out", 0)
+        if cut:  # past Mermaid's limit; cycles and entry points were kept first
+            total, modules = len(report["edges"]), report.get("mermaid_modules_left_out", 0)
+            note = (
+                f"\nThe diagram draws {total - cut} of {total} dependencies (those inside "
+                f"import cycles and from entry points first); {cut} are left out"
+            )
+            if modules:
+                note += f", and with them {modules} module(s) none of whose dependencies is drawn"
+            out.append(note + ".")
     else:
         out.append("_No module imports another._")
     out += ["", "## Entry points", ""]

@@ -8,6 +8,7 @@ the reason, and the structural report is still written."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import Protocol
 import openai
 
 from reconciler.analyze import prompts
-from reconciler.analyze.budget import Budget, chunk_text, pack, truncate
+from reconciler.analyze.budget import PROMPT_WORDS_CHARS, Budget, chunk_text, pack, truncate
 from reconciler.analyze.graph import Graph
 from reconciler.analyze.progress import Progress
 
@@ -148,6 +149,20 @@ class SummaryOptions:
     chars_per_token: float = 3.0  # measured 3.4-4.0 on this repository's code with SmolLM2
 
 
+def budgets(context_tokens: int, options: SummaryOptions) -> tuple[Budget, Budget]:
+    """The module and the overview budgets; ValueError names the options to change."""
+    made, problems = [], []
+    for answer, option in ((options.max_tokens, "--max-tokens"),
+                           (options.overview_tokens, "--overview-tokens")):  # fmt: skip
+        try:
+            made.append(Budget(context_tokens, answer, options.chars_per_token, option))
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return made[0], made[1]
+
+
 class Summarizer:
     def __init__(self, completer: Completer, graph: Graph, context_tokens: int,
                  options: SummaryOptions, progress: Progress) -> None:  # fmt: skip
@@ -155,10 +170,7 @@ class Summarizer:
         self.graph = graph
         self.options = options
         self.progress = progress
-        self.budget = Budget(context_tokens, options.max_tokens, options.chars_per_token)
-        self.overview_budget = Budget(
-            context_tokens, options.overview_tokens, options.chars_per_token
-        )
+        self.budget, self.overview_budget = budgets(context_tokens, options)
         self.down: str | None = None  # set when the gateway stops answering mid-run
 
     # -- modules ---------------------------------------------------------------------------
@@ -208,8 +220,8 @@ class Summarizer:
         )  # fmt: skip
 
     def _summarize_source(self, path: str, budget: Budget) -> ModuleSummary:
-        header = self._header(path, budget.prompt_chars // 4)
-        room = budget.prompt_chars - len(header) - 200  # the fixed words of the prompt
+        header = self._header(path, budget.header_chars)
+        room = budget.prompt_chars - len(header) - PROMPT_WORDS_CHARS  # >= budget.room > 0
         chunks = chunk_text(self.graph.modules[path].source, room)
         truncated = len(chunks) > self.options.max_chunks
         chunks = chunks[: self.options.max_chunks]
@@ -241,14 +253,22 @@ class Summarizer:
         if not items:
             raise ValueError("no module was summarized")
         budget = self.overview_budget
-        facts = truncate(facts, budget.prompt_chars // 4)
-        room = budget.prompt_chars - len(facts) - 300
+        facts = truncate(facts, budget.header_chars)
+        room = budget.prompt_chars - len(facts) - PROMPT_WORDS_CHARS
+        # pack() at least halves the count each round, so this many rounds always suffice;
+        # the bound is there so that no estimate gone wrong can keep the loop going.
+        rounds = math.ceil(math.log2(len(items))) + 1
         level = 0
         while True:
-            groups = pack(items, room)
+            groups = pack(items, room, separator="\n- ")  # how overview_prompt lists them
             if len(groups) == 1:
                 return self.completer.complete(
                     prompts.overview_prompt(facts, groups[0], True), budget.max_tokens
+                )
+            if level >= rounds:
+                raise ValueError(
+                    f"{len(items)} summaries still do not fit one overview prompt after "
+                    f"{level} rounds of condensing"
                 )
             level += 1
             self.progress.note(
@@ -299,8 +319,13 @@ def summarize(graph: Graph, facts: str, options: SummaryOptions, progress: Progr
         )
     else:
         context_tokens, source = DEFAULT_CONTEXT_TOKENS, "default"
+    try:
+        summarizer = Summarizer(client, graph, context_tokens, options, progress)
+    except ValueError as exc:  # a context too small for the prompts (from /v1/models, say)
+        reason = f"{exc} (context from {source})"
+        progress.note(f"summaries skipped: {reason}")
+        return skipped_summaries(graph, gateway, model, reason)
     result = Summaries("done", None, gateway, model, context_tokens, source)
-    summarizer = Summarizer(client, graph, context_tokens, options, progress)
     progress.note(
         f"summarizing {len(graph.modules)} modules with {model} ({context_tokens} tokens of context, {options.parallel} at a time)"
     )

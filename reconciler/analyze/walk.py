@@ -4,10 +4,9 @@ binary and oversized files are left out, each file gets a language from its name
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import pathspec
 
 # Extension -> language. Only some languages are parsed; the rest are counted.
 EXTENSIONS: dict[str, str] = {
@@ -45,10 +44,84 @@ class SourceFile:
     size: int
 
 
-class IgnoreRules:
-    """The .gitignore files seen from the root down to one directory; the deepest match wins."""
+@dataclass(frozen=True)
+class IgnorePattern:
+    regex: re.Pattern[str]  # matched against the whole path relative to the .gitignore
+    negate: bool
+    dir_only: bool
 
-    def __init__(self, layers: tuple[tuple[str, pathspec.PathSpec], ...] = ()) -> None:
+
+def _glob(segment: str) -> str:
+    """One path segment of a wildmatch pattern as a regex: * and ? stop at '/'."""
+    out, i = "", 0
+    while i < len(segment):
+        char = segment[i]
+        if char == "\\" and i + 1 < len(segment):
+            out, i = out + re.escape(segment[i + 1]), i + 2
+            continue
+        if char == "*":
+            out += "[^/]*"
+        elif char == "?":
+            out += "[^/]"
+        elif char == "[":
+            end = i + 1
+            if end < len(segment) and segment[end] in "!^":
+                end += 1
+            if end < len(segment) and segment[end] == "]":
+                end += 1
+            end = segment.find("]", end)
+            if end == -1:
+                out += re.escape(char)
+            else:
+                body = segment[i + 1 : end]
+                negate = body[:1] in ("!", "^")
+                body = body[1:] if negate else body
+                body = "".join(c if c == "-" else re.escape(c) for c in body)
+                out += f"[{'^' if negate else ''}{body}]"
+                i = end
+        else:
+            out += re.escape(char)
+        i += 1
+    return out
+
+
+def parse_gitignore(lines: list[str]) -> tuple[IgnorePattern, ...]:
+    """Patterns in file order, as gitignore(5) reads them."""
+    patterns = []
+    for raw in lines:
+        line = re.sub(r"(?<!\\)\s+$", "", raw)  # trailing blanks count only when escaped
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        line = line[1:] if negate else line
+        dir_only = line.endswith("/")
+        line = line.rstrip("/")
+        if not line:
+            continue
+        # A slash at the start or in the middle anchors the pattern to the .gitignore's
+        # directory; otherwise it matches at any depth below it.
+        anchored = "/" in line
+        segments = line.removeprefix("/").split("/")
+        regex = ""
+        for index, segment in enumerate(segments):
+            first, last = index == 0, index == len(segments) - 1
+            if segment == "**":
+                regex += ".*" if first and last else ".+" if last else "(?:.*/)?"
+                continue
+            regex += _glob(segment) + ("" if last else "/")
+        if not anchored:
+            regex = "(?:.*/)?" + regex
+        patterns.append(IgnorePattern(re.compile(regex, re.DOTALL), negate, dir_only))
+    return tuple(patterns)
+
+
+class IgnoreRules:
+    """The .gitignore files seen from the root down to one directory. As in git, the last
+    matching pattern of a file decides, and a deeper file overrides a shallower one; a
+    directory pattern (`build/`, `!*/`) speaks for directories only, never for the files in
+    them (an ignored directory is not walked at all, so its files are never asked about)."""
+
+    def __init__(self, layers: tuple[tuple[str, tuple[IgnorePattern, ...]], ...] = ()) -> None:
         self.layers = layers
 
     def descend(self, root: Path, relative_dir: str) -> IgnoreRules:
@@ -56,15 +129,16 @@ class IgnoreRules:
         if not file.is_file():
             return self
         lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
-        return IgnoreRules((*self.layers, (relative_dir, pathspec.GitIgnoreSpec.from_lines(lines))))
+        return IgnoreRules((*self.layers, (relative_dir, parse_gitignore(lines))))
 
     def ignored(self, relative: str, is_dir: bool) -> bool:
         verdict = False
-        for base, spec in self.layers:
+        for base, patterns in self.layers:
             inside = relative[len(base) + 1 :] if base else relative
-            result = spec.check_file(inside + "/" if is_dir else inside)
-            if result.include is not None:
-                verdict = result.include
+            for pattern in reversed(patterns):
+                if (is_dir or not pattern.dir_only) and pattern.regex.fullmatch(inside):
+                    verdict = not pattern.negate
+                    break
         return verdict
 
 
@@ -103,7 +177,7 @@ def walk(root: Path) -> list[SourceFile]:
     exclude = root / ".git" / "info" / "exclude"
     if exclude.is_file():
         lines = exclude.read_text(encoding="utf-8", errors="replace").splitlines()
-        base_rules = IgnoreRules((("", pathspec.GitIgnoreSpec.from_lines(lines)),))
+        base_rules = IgnoreRules((("", parse_gitignore(lines)),))
     rules_by_dir = {"": base_rules.descend(root, "")}
     found: list[SourceFile] = []
     for directory, dirnames, filenames in os.walk(root):

@@ -24,6 +24,7 @@ class ImportRef:
     level: int = 0  # Python relative-import dots
     # Python: the names of 'from X import names'; Rust: the inline modules around the item.
     names: tuple[str, ...] = ()
+    location: str = ""  # Rust: the file a `#[path = "…"]` attribute gives a `mod`
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Nix, parsed with tree-sitter: a file depends on the files its path literals name, for
-`import ./x.nix`, `callPackage ./x { }`, `imports = [ ./m.nix ]` and any literal `./y.nix`."""
+`import ./x.nix`, `callPackage ./x { }`, `imports = [ ./m.nix ]` (and the `modules = [ … ]` of
+nixosSystem) and any literal `./y.nix`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from reconciler.analyze.languages.treesitter import parse_module, walk
 
 IMPORTERS = {"import", "callPackage", "callPackages"}
 ROOT_ENTRIES = {"flake.nix", "default.nix", "shell.nix"}
+MODULE_LISTS = {"imports", "modules"}  # lists of NixOS modules: a directory means default.nix
 
 
 def _function_name(node) -> str:
@@ -41,9 +43,19 @@ def _context(node) -> str:
                 return name
     if parent is not None and parent.type == "list_expression":
         binding = parent.parent
+        while binding is not None and (  # imports = [ … ] ++ ([ … ])
+            binding.type == "parenthesized_expression"
+            or (
+                binding.type == "binary_expression"
+                and node_text(binding.child_by_field_name("operator")) == "++"
+            )
+        ):
+            binding = binding.parent
         if binding is not None and binding.type == "binding":
-            if node_text(binding.child_by_field_name("attrpath")) == "imports":
-                return "imports"
+            # `modules` is the module list nixosSystem, evalModules and friends take.
+            name = node_text(binding.child_by_field_name("attrpath"))
+            if name in MODULE_LISTS:
+                return name
     return "path"
 
 

@@ -71,12 +71,30 @@ class PythonLanguage:
         return PythonResolver(modules, files, root)
 
 
+ABOVE_ROOT = ".."  # the import root of a tree whose root directory is itself a package
+
+
+def _package_prefix(files: set[str], root: Path) -> list[str]:
+    """When the root is a package (root/__init__.py), the dotted names of its enclosing
+    packages: analysing `src/mypkg` names its modules mypkg.a, so `from mypkg import b`
+    resolves. Parents above the root are read from disk; they are not in the walk."""
+    if "__init__.py" not in files:
+        return []
+    prefix = [root.name]
+    directory = root.parent
+    while directory != directory.parent and (directory / "__init__.py").is_file():
+        prefix.insert(0, directory.name)
+        directory = directory.parent
+    return prefix
+
+
 class PythonResolver:
     """A module's dotted name comes from the chain of directories holding __init__.py above it;
     the first directory without one is its import root (so `src/` layouts work)."""
 
     def __init__(self, modules: list[ParsedModule], files: set[str], root: Path) -> None:
         self.files = files
+        self.prefix = _package_prefix(files, root)
         self.names: dict[str, str] = {}
         self.roots: dict[str, str] = {}
         self.by_name: dict[str, list[str]] = {}
@@ -112,6 +130,8 @@ class PythonResolver:
         while str(directory) != "." and str(directory / "__init__.py") in self.files:
             parts.insert(0, directory.name)
             directory = directory.parent
+        if str(directory) == "." and self.prefix:  # the chain goes on above the tree's root
+            return ".".join([*self.prefix, *parts]), ABOVE_ROOT
         return ".".join(parts) or pure.parent.name, str(directory)
 
     def name(self, path: str) -> str:
@@ -120,9 +140,28 @@ class PythonResolver:
     def _find(self, dotted: str, importer: str) -> str | None:
         candidates = self.by_name.get(dotted, [])
         if not candidates:
-            return None
+            return self._by_path(dotted, importer)
         same_root = [c for c in candidates if self.roots[c] == self.roots[importer]]
         return sorted(same_root or candidates)[0]
+
+    def _by_path(self, dotted: str, importer: str) -> str | None:
+        """A module inside namespace packages (directories without __init__.py) has no dotted
+        name of its own here; find its file from the importer's import root, then the tree's."""
+        parts = dotted.split(".")
+        bases: list[tuple[str, list[str]]] = []
+        if self.prefix:
+            if parts[: len(self.prefix)] == self.prefix:
+                bases.append((".", parts[len(self.prefix) :]))
+        else:
+            bases += [(self.roots[importer], parts), (".", parts)]
+        for base, rest in bases:
+            if not rest or base == ABOVE_ROOT:
+                continue
+            stem = "/".join(rest) if base == "." else "/".join([base, *rest])
+            for candidate in (f"{stem}.py", f"{stem}.pyi", f"{stem}/__init__.py"):
+                if candidate in self.names:
+                    return candidate
+        return None
 
     def _longest(self, dotted: str, importer: str) -> str | None:
         parts = dotted.split(".")
@@ -143,11 +182,16 @@ class PythonResolver:
             package = package[: len(package) - (ref.level - 1)]
             base = ".".join([*package, *([ref.target] if ref.target else [])])
         targets: list[str] = []
-        for name in ref.names:  # 'from pkg import submodule' imports the submodule
+        # 'from pkg import submodule' imports the submodule; any other name (or *) comes
+        # from pkg itself, so `from pkg import helpers, VERSION` depends on both.
+        from_base = not ref.names
+        for name in ref.names:
             found = self._find(f"{base}.{name}" if base else name, module.path)
             if found:
                 targets.append(found)
-        if not targets and base:
+            else:
+                from_base = True
+        if from_base and base:
             found = self._longest(base, module.path)
             if found:
                 targets.append(found)

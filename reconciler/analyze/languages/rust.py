@@ -1,9 +1,10 @@
 """Rust, parsed with tree-sitter: the module tree follows `mod` declarations from each crate
-root (main.rs, lib.rs, src/bin/*, build.rs, tests/, examples/, benches/), and `use` paths
-(crate::, self::, super::, sibling crates of the workspace) resolve along that tree."""
+root (main.rs, lib.rs, src/bin/*, build.rs, tests/, examples/, benches/), `#[path]` included,
+and `use` paths (crate::, self::, super::, sibling crates of the workspace) resolve along it."""
 
 from __future__ import annotations
 
+import posixpath
 import tomllib
 from collections import deque
 from pathlib import Path, PurePosixPath
@@ -78,13 +79,22 @@ class RustLanguage:
         return module
 
     def _collect(self, node, inline: tuple[str, ...], module: ParsedModule) -> None:
+        location = ""  # from a #[path] attribute, for the item that follows it
         for child in node.named_children:
             line = child.start_point[0] + 1
+            if child.type == "attribute_item":
+                location = _path_attribute(child) or location
+                continue
+            if child.type in ("line_comment", "block_comment"):
+                continue
+            pending, location = location, ""
             if child.type == "mod_item":
                 name = node_text(child.child_by_field_name("name"))
                 body = child.child_by_field_name("body")
                 if body is None:
-                    module.imports.append(ImportRef(name, line, "mod", names=inline))
+                    module.imports.append(
+                        ImportRef(name, line, "mod", names=inline, location=pending)
+                    )
                 else:
                     self._collect(body, (*inline, name), module)
             elif child.type == "use_declaration":
@@ -105,6 +115,19 @@ class RustLanguage:
         return RustResolver(modules, files, root)
 
 
+def _path_attribute(node) -> str:
+    """The file of `#[path = "platform/linux.rs"]`, or "" for any other attribute."""
+    attribute = next((c for c in node.named_children if c.type == "attribute"), None)
+    if attribute is None or not attribute.named_children:
+        return ""
+    if node_text(attribute.named_children[0]) != "path":
+        return ""
+    value = attribute.child_by_field_name("value")
+    if value is None or value.type != "string_literal":
+        return ""
+    return "".join(node_text(c) for c in value.named_children if c.type == "string_content")
+
+
 def _package_name(root: Path, directory: PurePosixPath) -> str | None:
     try:
         manifest = tomllib.loads((root / directory / "Cargo.toml").read_text(encoding="utf-8"))
@@ -112,6 +135,10 @@ def _package_name(root: Path, directory: PurePosixPath) -> str | None:
         return None
     name = manifest.get("package", {}).get("name")
     return name.replace("-", "_") if isinstance(name, str) else None
+
+
+def _package(root: Path, directory: PurePosixPath) -> str:
+    return _package_name(root, directory) or directory.name or "crate"
 
 
 class RustResolver:
@@ -125,6 +152,7 @@ class RustResolver:
         self.crate_roots: dict[str, str] = {}  # crate label -> root file
         self.libraries: dict[str, str] = {}  # library crate name -> label
         self.mod_targets: dict[tuple[str, int, str], str] = {}
+        self.by_attribute: set[str] = set()  # files a #[path] attribute loads
         self.entries: dict[str, str] = {}
         for path in sorted(self.modules):
             label = self._crate_label(PurePosixPath(path), root)
@@ -135,49 +163,72 @@ class RustResolver:
                 self._add_crate(f"{PurePosixPath(path).stem}({path})", path)
 
     def _crate_label(self, path: PurePosixPath, root: Path) -> str | None:
+        """Binaries, tests, examples and benches carry their package's name: two packages of a
+        workspace may both have a tests/integration.rs, and they are different crates."""
         parent = path.parent
         if parent.name == "src" and path.name in ("lib.rs", "main.rs"):
-            package = _package_name(root, parent.parent) or parent.parent.name or "crate"
+            package = _package(root, parent.parent)
             if path.name == "lib.rs":
                 self.libraries[package] = package
                 return package
             return f"{package}(bin)"
         if parent.name == "bin" and parent.parent.name == "src":
-            return f"{path.stem}(bin)"
+            return f"{_package(root, parent.parent.parent)}/{path.stem}(bin)"
         if path.name == "build.rs" and path.parent.name != "src":
-            return f"{_package_name(root, parent) or parent.name}(build)"
+            return f"{_package(root, parent)}(build)"
         if parent.name in ("tests", "examples", "benches") and path.name != "mod.rs":
-            return f"{path.stem}({parent.name})"
+            return f"{_package(root, parent.parent)}/{path.stem}({parent.name})"
         return None
 
     def _add_crate(self, label: str, root_path: str) -> None:
         self.crate_roots[label] = root_path
         if label.endswith(("(bin)", "(build)", "(tests)", "(examples)", "(benches)")):
             self.entries[root_path] = f"crate root {label}"
+        # Every crate walks its own module tree: a tests/common/mod.rs that tests/a.rs and
+        # tests/b.rs both declare belongs to both crates, with an edge from each.
+        seen = {root_path}
         queue: deque[tuple[str, tuple[str, ...]]] = deque([(root_path, ())])
         self._register(root_path, label, ())
         while queue:
             path, segments = queue.popleft()
+            owns_directory = path == root_path or path in self.by_attribute
             for ref in self.modules[path].imports:
                 if ref.kind != "mod":
                     continue
-                child = self._child_file(path, ref, is_root=path == root_path)
-                if child is None or child in self.place:
+                child = self._child_file(path, ref, owns_directory)
+                if child is None:
                     continue
                 self.mod_targets[(path, ref.line, ref.target)] = child
+                if ref.location:
+                    self.by_attribute.add(child)
+                if child in seen:
+                    continue
+                seen.add(child)
                 child_segments = (*segments, *ref.names, ref.target)
                 self._register(child, label, child_segments)
                 queue.append((child, child_segments))
 
     def _register(self, path: str, label: str, segments: tuple[str, ...]) -> None:
-        self.place[path] = (label, segments)
+        # A file's name is its place in the first crate that reaches it; a crate root is
+        # always named after its own crate.
+        if not segments or path not in self.place:
+            self.place[path] = (label, segments)
         self.by_place[(label, segments)] = path
 
-    def _child_file(self, path: str, ref: ImportRef, is_root: bool) -> str | None:
+    def _child_file(self, path: str, ref: ImportRef, owns_directory: bool) -> str | None:
         pure = PurePosixPath(path)
-        directory = pure.parent if is_root or pure.name == "mod.rs" else pure.parent / pure.stem
+        if ref.location and not ref.names:  # rustc: relative to the declaring file's directory
+            directory = pure.parent
+        elif owns_directory or pure.name == "mod.rs":
+            directory = pure.parent
+        else:
+            directory = pure.parent / pure.stem
         directory = directory.joinpath(*ref.names) if ref.names else directory
-        for candidate in (directory / f"{ref.target}.rs", directory / ref.target / "mod.rs"):
+        if ref.location:
+            candidates = [PurePosixPath(posixpath.normpath(directory / ref.location))]
+        else:
+            candidates = [directory / f"{ref.target}.rs", directory / ref.target / "mod.rs"]
+        for candidate in candidates:
             if str(candidate) in self.files and str(candidate) in self.modules:
                 return str(candidate)
         return None
@@ -212,7 +263,7 @@ class RustResolver:
         elif first == "super":
             ups = len(path) - len(list(_drop_supers(path)))
             absolute = current[: max(0, len(current) - ups)] + list(_drop_supers(path))
-        elif not ref.names and any(d.kind == "mod" and d.name == first for d in module.definitions):
+        elif not ref.names and first in self._inline_mods(module):
             return Resolution()  # an inline module of this very file
         elif (label, (*current, first)) in self.by_place:
             absolute = current + path
@@ -220,6 +271,11 @@ class RustResolver:
             return self._crate(first, path[1:])
         found = self._longest(label, absolute)
         return Resolution((found,) if found else ())
+
+    def _inline_mods(self, module: ParsedModule) -> set[str]:
+        """`mod x { … }` of this file; a `mod x;` is a file of its own, reached by `use x::`."""
+        declared = {r.target for r in module.imports if r.kind == "mod" and not r.names}
+        return {d.name for d in module.definitions if d.kind == "mod"} - declared
 
     def _crate(self, name: str, rest: list[str]) -> Resolution:
         if name in self.libraries:

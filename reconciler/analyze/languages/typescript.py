@@ -1,11 +1,14 @@
 """TypeScript (and JavaScript), parsed with tree-sitter: `import … from`, `export … from`,
 `require()` and `import()`; relative specifiers resolve the way bundlers and tsc do
-(extensions, index files, `./a.js` naming `a.ts`); bare specifiers are packages."""
+(extensions, index files, `./a.js` naming `a.ts`); bare specifiers go through the nearest
+tsconfig/jsconfig `paths` and `baseUrl`, and are packages when nothing there matches."""
 
 from __future__ import annotations
 
 import json
 import posixpath
+import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from reconciler.analyze.languages.base import (
@@ -24,7 +27,51 @@ DECLARATIONS = {
     "enum_declaration": "enum", "module": "namespace", "internal_module": "namespace",
 }  # fmt: skip
 EXTENSIONS = (".ts", ".tsx", ".d.ts", ".mts", ".cts", ".js", ".jsx", ".mjs", ".cjs")
+# What tsc tries for a specifier written with the extension of the compiled output.
+TS_FOR_JS = {
+    ".js": (".ts", ".tsx", ".d.ts"), ".jsx": (".tsx", ".ts", ".d.ts"),
+    ".mjs": (".mts", ".d.mts"), ".cjs": (".cts", ".d.cts"),
+}  # fmt: skip
 ENTRY_NAMES = {"main.ts", "main.tsx", "index.ts", "index.tsx", "main.js", "index.js"}
+CONFIG_NAMES = ("tsconfig.json", "jsconfig.json")
+_STRING = r'"(?:\\.|[^"\\\n])*"'
+
+
+def lenient_json(text: str):
+    """tsconfig.json is JSON with comments and trailing commas; strings are kept as they are."""
+    keep = lambda match: match[0] if match[0].startswith('"') else " "  # noqa: E731
+    text = re.sub(_STRING + r"|//[^\n]*|/\*.*?\*/", keep, text, flags=re.DOTALL)
+    return json.loads(re.sub(_STRING + r"|,(?=\s*[}\]])", keep, text))
+
+
+@dataclass(frozen=True)
+class PathConfig:
+    """compilerOptions.baseUrl and paths of one tsconfig/jsconfig, directories made relative
+    to the tree's root."""
+
+    base_url: str | None
+    paths_base: str  # where `paths` substitutions start: baseUrl, else the config's directory
+    paths: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def candidates(self, spec: str) -> list[str]:
+        """Tree-relative paths to try for a bare specifier, in tsc's order: the `paths`
+        pattern with the longest prefix before `*`, then baseUrl."""
+        best: tuple[int, str, tuple[str, ...]] | None = None
+        for pattern, substitutions in self.paths:
+            prefix, star, suffix = pattern.partition("*")
+            fits = len(spec) >= len(prefix) + len(suffix)
+            if star and fits and spec.startswith(prefix) and spec.endswith(suffix):
+                if best is None or len(prefix) > best[0]:
+                    best = (len(prefix), spec[len(prefix) : len(spec) - len(suffix)], substitutions)
+            elif not star and spec == pattern:
+                best = (len(pattern) + 1, "", substitutions)  # an exact key beats any pattern
+                break
+        found = []
+        if best is not None:
+            found += [posixpath.join(self.paths_base, s.replace("*", best[1])) for s in best[2]]
+        if self.base_url is not None:
+            found.append(posixpath.join(self.base_url, spec))
+        return found
 
 
 def _grammar(path: str) -> str:
@@ -69,7 +116,13 @@ class TypeScriptLanguage:
         for node in walk(tree.root_node):
             line = node.start_point[0] + 1
             if node.type in ("import_statement", "export_statement"):
-                spec = _string(node.child_by_field_name("source"))
+                source = node.child_by_field_name("source")
+                if source is None and node.type == "import_statement":  # import x = require()
+                    clause = next(
+                        (c for c in node.named_children if c.type == "import_require_clause"), None
+                    )
+                    source = clause.child_by_field_name("source") if clause else None
+                spec = _string(source)
                 if spec is not None:
                     module.imports.append(ImportRef(spec, line, node.type.split("_")[0]))
             elif node.type == "call_expression":
@@ -99,7 +152,58 @@ class TypeScriptLanguage:
 class TypeScriptResolver:
     def __init__(self, modules: set[str], files: set[str], root: Path) -> None:
         self.modules = modules
+        self.files = files
+        self.root = root
+        self.configs: dict[str, PathConfig | None] = {}  # directory -> its nearest config
         self.entries = self._package_entries(files, root)
+
+    def _config(self, directory: str) -> PathConfig | None:
+        """The nearest tsconfig.json (or jsconfig.json) at or above `directory` that parses;
+        as with tsc, a parent's aliases apply only through `extends`."""
+        if directory not in self.configs:
+            found = None
+            for name in CONFIG_NAMES:
+                path = posixpath.join(directory, name)
+                if path in self.files:
+                    found = self._read_config(path, depth=0)
+                    if found:
+                        break
+            if found is None and directory:
+                found = self._config(posixpath.dirname(directory))
+            self.configs[directory] = found
+        return self.configs[directory]
+
+    def _read_config(self, path: str, depth: int) -> PathConfig | None:
+        try:
+            data = lenient_json((self.root / path).read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError):
+            return None  # a config we cannot read changes nothing
+        if not isinstance(data, dict):
+            return None
+        directory = posixpath.dirname(path)
+        inherited = None
+        parent = data.get("extends")
+        if isinstance(parent, str) and parent.startswith(".") and depth < 5:
+            parent = posixpath.normpath(posixpath.join(directory, parent))
+            parent = parent if parent.endswith(".json") else parent + ".json"
+            inherited = self._read_config(parent, depth + 1) if parent in self.files else None
+        options = data.get("compilerOptions")
+        options = options if isinstance(options, dict) else {}
+        base_url = inherited.base_url if inherited else None
+        if isinstance(options.get("baseUrl"), str):
+            base_url = posixpath.normpath(posixpath.join(directory, options["baseUrl"]))
+        paths = inherited.paths if inherited else ()
+        paths_base = inherited.paths_base if inherited else directory
+        if isinstance(options.get("paths"), dict):
+            paths = tuple(
+                (key, tuple(v for v in value if isinstance(v, str)))
+                for key, value in options["paths"].items()
+                if isinstance(value, list)
+            )
+            paths_base = directory
+        if base_url is not None:
+            paths_base = base_url
+        return PathConfig(base_url, paths_base, paths)  # possibly empty: it still decides
 
     def _package_entries(self, files: set[str], root: Path) -> dict[str, str]:
         """Files package.json names as main, module, types or bin: entry points."""
@@ -130,12 +234,10 @@ class TypeScriptResolver:
         joined = posixpath.normpath(posixpath.join(directory, spec))
         if joined.startswith("../"):
             return None
-        stem = joined
-        for js, ts in ((".js", ".ts"), (".jsx", ".tsx"), (".mjs", ".mts"), (".cjs", ".cts")):
-            if joined.endswith(js):
-                stem = joined[: -len(js)]
-                if stem + ts in self.modules:
-                    return stem + ts
+        stem, suffix = posixpath.splitext(joined)
+        for ts in TS_FOR_JS.get(suffix, ()):
+            if stem + ts in self.modules:
+                return stem + ts
         candidates = [
             joined,
             *(joined + e for e in EXTENSIONS),
@@ -149,6 +251,11 @@ class TypeScriptResolver:
             return Resolution((found,) if found else ())
         if ref.target.startswith("node:"):
             return Resolution()
+        config = self._config(posixpath.dirname(module.path))
+        for candidate in config.candidates(ref.target) if config else ():
+            found = self._lookup("", "./" + candidate)  # an alias (@/x) or a baseUrl path
+            if found:
+                return Resolution((found,))
         parts = ref.target.split("/")
         return Resolution(external="/".join(parts[:2]) if ref.target.startswith("@") else parts[0])
 
