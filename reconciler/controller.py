@@ -26,7 +26,7 @@ from reconciler.drivers.process import ProcessDriver
 from reconciler.drivers.systemd import SystemdDriver, systemd_booted, unit_dir_writable
 from reconciler.gpu.inventory import GpuInventory, NvmlInventory
 from reconciler.gpu.placement import Placement, place
-from reconciler.gpu.vram import estimate_vram
+from reconciler.gpu.vram import VramEstimate, estimate_vram
 from reconciler.models.pull import PullError, local_path, pull_model
 from reconciler.paths import models_dir, state_dir
 from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, plan
@@ -126,15 +126,14 @@ class Controller:
         self.model_errors.pop(unit, None)
         return True
 
-    def vram_estimates(self) -> dict[str, int]:
-        """Bytes each GPU backend needs in total, for placement (0 when unknown)."""
-        gpus = self.gpus.gpus()
-        estimates = {}
+    def vram_estimates(self) -> dict[str, int | VramEstimate]:
+        """What each GPU backend needs, for placement (0 when unknown): a whole estimate, since
+        vLLM's need is a share of each GPU's own size."""
+        estimates: dict[str, int | VramEstimate] = {}
         for name, backend in self.desired.backends.items():
             if backend.managed and backend.gpus_wanted:
                 path = self._model_path(backend.model)
-                estimate = estimate_vram(backend, self.desired.models[backend.model], path, gpus)
-                estimates[name] = estimate.total
+                estimates[name] = estimate_vram(backend, self.desired.models[backend.model], path)
         return estimates
 
     def running_gpus(self, observed: dict[str, ObservedUnit]) -> dict[str, list[int]]:
@@ -152,14 +151,42 @@ class Controller:
         already hold GPU memory (fine for rendering; a pass must pass it, or a backend that
         fits no more beside itself is moved or stopped)."""
         state = self.desired
-        running = self.running_gpus(observed or {})
-        self.placement = place(state.backends, self.gpus.gpus(), self.vram_estimates(), running)
+        observed = observed or {}
+        running = self.running_gpus(observed)
+        gpus = self.gpus.gpus()
+        # NVML erred this pass: the GPUs running backends hold but the inventory lacks exist, only
+        # unread. A monitoring failure must not move or stop what runs on them.
+        failed = self.gpus.failed
+        seen = {g.index for g in gpus}
+        unread = {i for held in running.values() for i in held if i not in seen} if failed else set()
+        placement = place(state.backends, gpus, self.vram_estimates(), running, unread)
+        held: set[str] = set()  # running backends kept exactly as they run this pass
+        if failed:
+            for name in state.backends:
+                now = observed.get(backend_unit(name))
+                blind = name in placement.refused or unread & set(placement.assignments.get(name, []))
+                if blind and now is not None and now.active and now.content:
+                    held.add(name)
+            placement = Placement(
+                {**placement.assignments, **{n: running[n] for n in held if n in running}},
+                {
+                    n: f"{r} (GPU inventory: {self.gpus.reason})"
+                    for n, r in placement.refused.items()
+                    if n not in held
+                },
+            )
+        self.placement = placement
         systemd = isinstance(self.driver, SystemdDriver)
         units: dict[str, DesiredUnit] = {}
         for name, backend in state.backends.items():
             if not backend.managed:
                 continue  # runs elsewhere: the gateway routes to it, we leave it alone
             unit = backend_unit(name)
+            if name in held:
+                # Whether it (or a change to it) fits cannot be judged without its GPUs' state:
+                # keep it exactly as it runs, no stop and no restart, until NVML answers again.
+                units[unit] = DesiredUnit(unit, observed[unit].content or "", group=backend.model)
+                continue
             if name in self.placement.refused:
                 units[unit] = DesiredUnit(unit, "", backend.model, self.placement.refused[name])
                 continue

@@ -1,7 +1,7 @@
 """The controller's passes on stand-in backends (a shell script that sleeps, under the process
 driver): GPU placement holds still across passes while NVML counts a running backend's memory
-as used, one backend that cannot be launched does not hold up the others, and an IPv6 host
-does not crash a pass."""
+as used, an NVML failure does not stop or move what runs, one backend that cannot be launched
+does not hold up the others, and an IPv6 host does not crash a pass."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from reconciler.backends.health import Health, aprobe, probe
 from reconciler.controller import Controller
 from reconciler.drain import Drainer
 from reconciler.drivers.process import process_alive
-from reconciler.gpu.inventory import GpuInfo, StaticInventory
+from reconciler.gpu.inventory import GpuInfo, NvmlInventory, StaticInventory
 from reconciler.plan import ActionKind
+from tests.test_gpu_nvml import Board
 
 GiB = 1024**3
 
@@ -47,6 +48,7 @@ class NvmlLike:
     """Free memory as NVML reports it: less what the running backends hold (16 GiB each)."""
 
     reason = ""
+    failed = False
 
     def __init__(self, count: int):
         self.count = count
@@ -76,6 +78,41 @@ def test_a_running_backend_keeps_its_gpu_pass_after_pass(tmp_path, count):
         for _ in range(4):
             assert c.reconcile_once() == []
             assert c.placement.assignments["a"] == gpus
+    finally:
+        c.shutdown()
+
+
+def test_an_nvml_failure_keeps_running_backends_where_they_are(tmp_path, monkeypatch):
+    """A lost GPU, or NVML failing outright, used to empty the inventory: placement said "this
+    host has none" and the plan stopped every running GPU backend. A monitoring failure is no
+    reason to stop or move anything: what runs stays as it runs until NVML answers again."""
+    board = Board([
+        ("GPU-a", "NVIDIA L4", 24 * GiB, 0, 0, (8, 9), 40, 30_000),
+        ("GPU-b", "NVIDIA L4", 24 * GiB, 0, 0, (8, 9), 40, 30_000),
+    ])  # fmt: skip
+    board.install(monkeypatch)
+    c = controller(tmp_path, {"a": {"port": 18094, "gpus": 1, "binary": fake_server(tmp_path)}}, NvmlInventory())
+    c.vram_estimates = lambda: {"a": 16 * GiB}
+    try:
+        assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]
+        [held] = c.placement.assignments["a"]
+        board.lost.add(held)  # the GPU it runs on stops answering
+        assert c.reconcile_once() == []
+        assert c.placement.assignments["a"] == [held]
+        board.lost.clear()
+        board.count_error = True  # NVML answers nothing at all
+        assert c.reconcile_once() == []
+        status = json.loads((c.state_dir / "status.json").read_text())
+        assert "NVML query failed" in status["gpus"]
+        # A config change cannot be placed blind either: it waits, running as it is.
+        config = json.loads(Path(c.config).read_text())  # type: ignore[arg-type]
+        config["backends"]["a"]["context_size"] = 8192
+        Path(c.config).write_text(json.dumps(config))  # type: ignore[arg-type]
+        assert c.reconcile_once() == []
+        board.count_error = False  # NVML is back: the change goes through, on the same GPU
+        assert [a.kind for a in c.reconcile_once()] == [ActionKind.RESTART]
+        assert c.placement.assignments["a"] == [held]
+        assert c.reconcile_once() == []
     finally:
         c.shutdown()
 

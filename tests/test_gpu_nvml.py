@@ -26,14 +26,19 @@ def test_no_driver_is_an_empty_inventory_with_a_reason(caplog):
         assert inventory.gpus() == []
     assert "NVML unavailable (NVMLError_LibraryNotFound)" in inventory.reason
     assert caplog.text.count("NVML unavailable") == 1  # said once, not every pass
+    assert inventory.failed is False  # no driver is an answer, not an error
 
 
 class Board:
-    """A simulated NVML: `gpus` are (uuid, name, total, used, util, cc, temp, milliwatts)."""
+    """A simulated NVML: `gpus` are (uuid, name, total, used, util, cc, temp, milliwatts).
+    `lost`: GPUs whose handle raises GPU_IS_LOST; `no_memory_info`: GPUs whose memory query
+    raises NOT_SUPPORTED; `count_error`: nvmlDeviceGetCount itself fails."""
 
     def __init__(self, gpus):
         self.gpus = gpus
         self.lost: set[int] = set()
+        self.no_memory_info: set[int] = set()
+        self.count_error = False
         self.inits = 0
 
     def install(self, monkeypatch):
@@ -43,6 +48,8 @@ class Board:
             return i
 
         def memory(h):
+            if h in self.no_memory_info:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
             info = pynvml.c_nvmlMemory_t()
             info.total, info.used = self.gpus[h][2], self.gpus[h][3]
             info.free = info.total - info.used
@@ -65,9 +72,14 @@ class Board:
         def init():
             self.inits += 1
 
+        def count():
+            if self.count_error:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+            return len(self.gpus)
+
         for name, fake in {
             "nvmlInit": init,
-            "nvmlDeviceGetCount": lambda: len(self.gpus),
+            "nvmlDeviceGetCount": count,
             "nvmlDeviceGetHandleByIndex": handle,
             "nvmlDeviceGetMemoryInfo": memory,
             "nvmlDeviceGetUUID": lambda h: self.gpus[h][0],
@@ -101,13 +113,44 @@ def test_a_board_is_read_into_gpu_infos(board):
     assert board.inits == 1  # NVML is initialised once per process, not every pass
 
 
-def test_a_lost_gpu_empties_the_inventory_with_a_reason_and_recovers(board, caplog):
+def test_a_lost_gpu_is_left_out_with_its_reason_and_the_others_stay(board, caplog):
+    """One GPU raising an NVML error used to empty the whole inventory: placement then said
+    "this host has none" and the plan stopped every GPU backend, on every healthy card too."""
     inventory = NvmlInventory()
     board.lost.add(1)
     with caplog.at_level(logging.WARNING):
-        assert inventory.gpus() == []
-    assert "NVML query failed" in inventory.reason and "GPU is lost" in inventory.reason
-    assert "GPU is lost" in caplog.text
+        assert [g.uuid for g in inventory.gpus()] == ["GPU-aaaa"]
+        assert [g.uuid for g in inventory.gpus()] == ["GPU-aaaa"]
+    assert inventory.failed is True  # an incomplete answer, not "no GPU"
+    assert "GPU 1 left out: NVML query failed: GPU is lost" == inventory.reason
+    assert caplog.text.count("GPU is lost") == 1  # said when it happens, not every pass
     board.lost.clear()  # after a driver reset the next pass sees the board again
     assert [g.uuid for g in inventory.gpus()] == ["GPU-aaaa", "GPU-bbbb"]
     assert inventory.reason == ""  # status.json and the exporter stop reporting the failure
+    assert inventory.failed is False
+
+
+def test_a_query_a_gpu_does_not_support_leaves_out_that_gpu_only(board):
+    """NOT_SUPPORTED on one GPU's memory query is that GPU's problem, not the host's."""
+    inventory = NvmlInventory()
+    board.no_memory_info.add(0)
+    assert [g.uuid for g in inventory.gpus()] == ["GPU-bbbb"]
+    assert inventory.failed and "GPU 0 left out" in inventory.reason and "Not Supported" in inventory.reason
+
+
+def test_nvml_failing_as_a_whole_is_a_failed_inventory_not_an_empty_host(board, monkeypatch):
+    """No answer at all from a working driver is a failure (`failed`), which the controller
+    must not read as "this host has no GPU"; a failed init is one too, unlike a missing driver."""
+    inventory = NvmlInventory()
+    board.count_error = True
+    assert inventory.gpus() == []
+    assert inventory.failed and "NVML query failed: Unknown Error" in inventory.reason
+    board.count_error = False
+    assert len(inventory.gpus()) == 2 and not inventory.failed
+
+    def broken_init():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", broken_init)
+    fresh = NvmlInventory()
+    assert fresh.gpus() == [] and fresh.failed and "NVML init failed" in fresh.reason

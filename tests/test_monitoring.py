@@ -64,7 +64,10 @@ FLEET = {
     },
     "backends": {
         "cpu": {"kind": "llamacpp", "model": "smollm2", "port": 18080},
-        "big": {"kind": "vllm", "model": "llama", "port": 18081, "gpus": 2, "gpu_ids": [0, 1]},
+        "big": {
+            "kind": "vllm", "model": "llama", "port": 18081, "gpus": 2, "gpu_ids": [0, 1],
+            "tensor_parallel_size": 2,  # one GPU per shard (the schema refuses idle GPUs)
+        },  # fmt: skip
         "remote": {
             "kind": "tgi",
             "model": "llama",
@@ -232,6 +235,27 @@ def test_gpu_exporter_without_gpu_reports_zero():
     assert samples(generate_latest(gpu_registry(nvml)).decode())[("tensorforge_gpus", ())] == len(
         nvml.gpus()
     )
+
+
+def test_gpu_exporter_says_when_nvml_failed(monkeypatch):
+    """A lost GPU is left out of the inventory: its series vanish and tensorforge_gpus drops,
+    which alone reads like a GPU removed. The failure is exported, only while it lasts."""
+    from tests.test_gpu_nvml import Board
+
+    board = Board([
+        ("GPU-aaaa", "NVIDIA B200", 192 * GiB, 0, 0, (10, 0), 40, 500_000),
+        ("GPU-bbbb", "NVIDIA B200", 192 * GiB, 0, 0, (10, 0), 40, 500_000),
+    ])  # fmt: skip
+    board.install(monkeypatch)
+    registry = gpu_registry(NvmlInventory())
+    board.lost.add(1)
+    got = samples(generate_latest(registry).decode())
+    assert got[("tensorforge_gpus", ())] == 1
+    assert got[("tensorforge_gpu_inventory_failed", ())] == 1
+    board.lost.clear()
+    got = samples(generate_latest(registry).decode())
+    assert got[("tensorforge_gpus", ())] == 2
+    assert ("tensorforge_gpu_inventory_failed", ()) not in got
 
 
 def test_gpu_placement_from_status_file_and_pinned_ids(tmp_path: Path):

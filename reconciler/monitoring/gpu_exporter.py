@@ -2,7 +2,8 @@
 each series labelled with the backend(s) placed on it, plus the GPU count.
 
 A host without a GPU (no driver, no NVML) exports `tensorforge_gpus 0` and nothing else: no
-GPU is a normal answer, not a scrape error. Which backend sits on which GPU comes from the
+GPU is a normal answer, not a scrape error. An NVML error (a GPU lost, a query refused) adds
+`tensorforge_gpu_inventory_failed 1`: the GPUs it could not read are missing from the scrape. Which backend sits on which GPU comes from the
 reconciler's `status.json` (what it actually placed) and from pinned `gpu_ids`."""
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class GpuCollector(Collector):
             "GPUs NVML reports on this host (0 without a GPU or driver).",
             value=len(gpus),
         )
+        if self.inventory.failed:  # only then: a count that dropped is otherwise silent
+            yield GaugeMetricFamily(
+                "tensorforge_gpu_inventory_failed",
+                "1 when NVML erred on this read: GPUs it could not read are missing.",
+                value=1,
+            )
         families = {
             "used": GaugeMetricFamily(
                 "tensorforge_gpu_memory_used_bytes", "GPU memory in use.", labels=GPU_LABELS
@@ -127,6 +134,8 @@ def serve(
     server = MetricsServer(gpu_registry(inventory, placement), host, port)
     count = len(inventory.gpus())
     detail = f"{count} GPU(s)" if count else f"no GPU ({inventory.reason or 'none found'})"
+    if count and inventory.failed:
+        detail += f" ({inventory.reason})"
     log.info("GPU exporter on %s: %s", server.url, detail)
     try:
         stop.wait()
