@@ -1,4 +1,10 @@
-"""Server-sent events and NDJSON, incrementally: backends hand us bytes cut anywhere."""
+"""Server-sent events and NDJSON, incrementally: backends hand us bytes cut anywhere.
+
+The parsers keep only the unterminated tail between feeds, as a list of pieces, and look for
+terminators in the new bytes alone (plus the byte before them): feeding costs what was fed,
+however the stream is cut. A single event or line longer than MAX_EVENT_BYTES is an error
+(ValueError, which the proxy maps to a failed stream): a backend that never ends one must
+not grow the gateway's memory."""
 
 from __future__ import annotations
 
@@ -7,21 +13,47 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
+MAX_EVENT_BYTES = 1 << 20  # one SSE event or NDJSON line, terminator excluded
 
 
 def encode_event(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _too_long(what: str) -> ValueError:
+    return ValueError(f"backend sent {what} longer than {MAX_EVENT_BYTES} bytes")
+
+
 class EventParser:
     """Feed it raw bytes; get back the `data` payload of every complete event."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._tail: list[bytes] = []  # the unterminated event so far, CRLFs already made LFs
+        self._size = 0
+        self._cr = False  # the last byte fed was a CR, held back: it may start a CRLF
 
     def feed(self, chunk: bytes) -> list[str]:
-        buffer = (self._buffer + chunk).replace(b"\r\n", b"\n")
-        *events, self._buffer = buffer.split(b"\n\n")
+        if self._cr:
+            chunk, self._cr = b"\r" + chunk, False
+        chunk = chunk.replace(b"\r\n", b"\n")
+        if chunk.endswith(b"\r"):
+            chunk, self._cr = chunk[:-1], True
+        if not chunk:
+            return []
+        joined = chunk[:1] == b"\n" and bool(self._tail) and self._tail[-1].endswith(b"\n")
+        if b"\n\n" not in chunk and not joined:
+            self._size += len(chunk)
+            if self._size > MAX_EVENT_BYTES:
+                self._drop()
+                raise _too_long("an event")
+            self._tail.append(chunk)
+            return []
+        self._tail.append(chunk)
+        *events, rest = b"".join(self._tail).split(b"\n\n")
+        self._tail, self._size = ([rest], len(rest)) if rest else ([], 0)
+        if self._size > MAX_EVENT_BYTES or any(len(event) > MAX_EVENT_BYTES for event in events):
+            self._drop()
+            raise _too_long("an event")
         payloads: list[str] = []
         for event in events:
             data = [
@@ -31,9 +63,13 @@ class EventParser:
                 payloads.append(b"\n".join(data).decode())
         return payloads
 
+    def _drop(self) -> None:
+        self._tail, self._size, self._cr = [], 0, False
+
     def flush(self) -> list[str]:
         """What is left when the stream ends without a final blank line."""
-        rest, self._buffer = self._buffer, b""
+        rest = b"".join(self._tail) + (b"\r" if self._cr else b"")
+        self._drop()
         return self.feed(rest + b"\n\n") if rest.strip() else []
 
 
@@ -41,14 +77,29 @@ class LineParser:
     """NDJSON: one JSON document per line."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._tail: list[bytes] = []  # the unterminated line so far
+        self._size = 0
 
     def feed(self, chunk: bytes) -> list[dict]:
-        *lines, self._buffer = (self._buffer + chunk).split(b"\n")
+        if b"\n" not in chunk:
+            self._size += len(chunk)
+            if self._size > MAX_EVENT_BYTES:
+                self._tail, self._size = [], 0
+                raise _too_long("a line")
+            if chunk:
+                self._tail.append(chunk)
+            return []
+        self._tail.append(chunk)
+        *lines, rest = b"".join(self._tail).split(b"\n")
+        self._tail, self._size = ([rest], len(rest)) if rest else ([], 0)
+        if self._size > MAX_EVENT_BYTES or any(len(line) > MAX_EVENT_BYTES for line in lines):
+            self._tail, self._size = [], 0
+            raise _too_long("a line")
         return [json.loads(line) for line in lines if line.strip()]
 
     def flush(self) -> list[dict]:
-        rest, self._buffer = self._buffer, b""
+        rest = b"".join(self._tail)
+        self._tail, self._size = [], 0
         return [json.loads(rest)] if rest.strip() else []
 
 

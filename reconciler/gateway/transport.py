@@ -18,6 +18,8 @@ import httpx
 
 IDLE_EXPIRY = 15.0  # seconds an unused connection stays in the pool
 MAX_IDLE_PER_HOST = 256
+MAX_HEADER_BYTES = 64 * 1024  # status line and headers of one answer, as h11's default
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a whole answer read at once (`aread`); streams are not capped
 
 
 class _Connection(asyncio.Protocol):
@@ -35,6 +37,9 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0  # the status line and headers httptools handed over so far
+        self.head_received = 0  # bytes received while the head was not yet whole
+        self.headers_done = False
         self.head: asyncio.Future[int] | None = None
         self.chunks: deque[bytes] = deque()
         self.waiter: asyncio.Future[None] | None = None
@@ -48,11 +53,23 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return  # failed (and closing): what else comes is not parsed
+        headers_done = self.headers_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"malformed response from backend: {exc}"))
             self.close()
+            return
+        if not headers_done and not self.headers_done:  # all of `data` was head, some of it
+            self.head_received += len(data)  # held by httptools in a header not yet ended
+            if self.head_received > MAX_HEADER_BYTES:
+                self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        self._fail(httpx.RemoteProtocolError(f"backend response headers exceed {MAX_HEADER_BYTES} bytes"))
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -67,10 +84,21 @@ class _Connection(asyncio.Protocol):
                 self._fail(httpx.ReadError("backend closed the connection mid-response"))
 
     # -- httptools callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.headers_done = False  # after a 1xx, another head follows: count it too
+
+    def on_status(self, status: bytes) -> None:
+        self.header_bytes += len(status) + 15  # "HTTP/1.1 200 " and the CRLF
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4  # ": " and the CRLF
+        if self.header_bytes > MAX_HEADER_BYTES:  # a head cut into few reads: count it here
+            self._head_too_large()
+            raise httpx.RemoteProtocolError("headers too large")  # stops httptools mid-chunk
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.headers_done = True
         self.keep_alive = self.parser.should_keep_alive()  # only meaningful until the body ends
         if not self.keep_alive:  # kept-alive answers are length-delimited: skip the header scan
             self.until_eof = self._body_until_eof()
@@ -103,7 +131,8 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_result(None)
 
     def _fail(self, exc: Exception) -> None:
-        self.error = exc
+        if self.error is None:  # the first failure is the cause: the close that follows is not
+            self.error = exc
         if self.head is not None and not self.head.done():
             self.head.set_exception(exc)
         if self.waiter is not None and not self.waiter.done():
@@ -162,6 +191,26 @@ class _Body(httpx.AsyncByteStream):
             self.connection.release()
         else:
             self.connection.close()  # abandoned mid-answer: closing tells the backend to stop
+
+
+class _Response(httpx.Response):
+    """httpx's Response, whose `aread` (the whole answer at once, as the proxy reads
+    non-streamed answers) stops at MAX_BODY_BYTES; streaming reads are not capped."""
+
+    async def aread(self) -> bytes:
+        if not hasattr(self, "_content"):
+            parts: list[bytes] = []
+            size = 0
+            async for part in self.aiter_bytes():
+                size += len(part)
+                if size > MAX_BODY_BYTES:
+                    await self.aclose()  # unread: the connection is closed, not reused
+                    raise httpx.RemoteProtocolError(
+                        f"backend answer larger than {MAX_BODY_BYTES} bytes", request=self.request
+                    )
+                parts.append(part)
+            self._content = b"".join(parts)
+        return self._content
 
 
 def _expire(future: asyncio.Future) -> None:
@@ -230,7 +279,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except BaseException:
             connection.close()
             raise
-        return httpx.Response(
+        return _Response(
             status, headers=connection.headers, stream=_Body(connection, read_timeout),
             request=request, extensions={"http_version": b"HTTP/1.1", "reused": reused},
         )  # fmt: skip
