@@ -21,6 +21,7 @@ from hypothesis.errors import Unsatisfiable
 from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import context_limits, create_app
 from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
+from reconciler.gateway.router import CIRCUIT_FAILURES
 from reconciler.gateway.server import header_timeout_protocol
 from reconciler.gateway.testing import FastOpenAI, Recorded, RecordedUpstream, fleet_state, serve
 
@@ -379,6 +380,22 @@ def test_prompt_longer_than_the_context_is_a_clean_400_and_not_a_backend_failure
     assert "tensorforge_gateway_retries_total{" not in metrics
     counted = re.findall(r'tensorforge_gateway_requests_total\{backend="(\w)",model="smollm2",status="400"\} (\S+)', metrics)
     assert sum(float(n) for _, n in counted) == 2 and metrics_before != metrics
+    for upstream in app.table.upstreams.values():
+        assert upstream.consecutive_failures == 0 and not upstream.circuit_open
+    assert _ask(base, max_tokens=2).status_code == 200
+
+
+def test_input_the_backend_fails_on_cannot_open_the_circuit_for_everyone(llama_gateway):
+    """llama.cpp answers 500 to a malformed tool. That is the request's answer, passed on in
+    OpenAI's shape, not a backend failure: counted as one, three such requests from anyone
+    opened every replica's circuit and took the model away from all users for 10 s."""
+    base, app = llama_gateway
+    for _ in range(CIRCUIT_FAILURES + 2):
+        response = _ask(base, tools=[{"type": "function"}])
+        assert response.status_code == 500 and "Traceback" not in response.text
+        assert isinstance(response.json()["error"]["message"], str)
+    metrics = httpx.get(base + "/metrics").text
+    assert "tensorforge_gateway_retries_total{" not in metrics  # not retried on the other replica
     for upstream in app.table.upstreams.values():
         assert upstream.consecutive_failures == 0 and not upstream.circuit_open
     assert _ask(base, max_tokens=2).status_code == 200

@@ -5,6 +5,7 @@ hub file names cannot escape the models directory."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -254,3 +255,49 @@ def test_an_unreadable_backend_key_file_is_named(tmp_path):
 def test_credentials_in_a_backend_url_are_refused():
     with pytest.raises(ValidationError, match="no user or password in the URL"):
         BackendSpec.model_validate({"kind": "vllm", "model": "m", "url": "http://user:pw@far:8000/v1"})
+
+
+def test_health_detail_is_for_key_holders_and_this_host(tmp_path):
+    """/health stays open (load balancers), but which models are served and how loaded is
+    for callers with a key, or on this host (the reconciler reads drain progress there)."""
+    from starlette.testclient import TestClient
+
+    keys = tmp_path / "keys"
+    keys.write_text(KEY + "\n")
+    up, port = free_port(), free_port()
+    with serve(FastOpenAI(), up):
+        app = create_app(fleet_state({"b1": f"http://127.0.0.1:{up}"}, api_keys_file=str(keys)))
+        with TestClient(app) as remote:  # its client address is "testclient", not loopback
+            anonymous = remote.get("/health").json()
+            keyed = remote.get("/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+        with serve(app, port):
+            local = httpx.get(f"http://127.0.0.1:{port}/health").json()
+    assert set(anonymous) == {"status", "backends_healthy", "backends_total"}
+    assert "b1" in keyed["backends"] and "b1" in local["backends"]
+
+
+def test_json_nested_past_the_parser_is_a_400_not_a_500():
+    deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    up, port = free_port(), free_port()
+    with serve(FastOpenAI(), up), serve(create_app(fleet_state({"b": f"http://127.0.0.1:{up}"})), port):
+        for path in ("/v1/chat/completions", "/api/chat"):
+            response = httpx.post(f"http://127.0.0.1:{port}{path}", content=deep,
+                                  headers={"content-type": "application/json"})  # fmt: skip
+            assert response.status_code == 400, (path, response.text)
+            assert "Traceback" not in response.text and "error" in response.json()
+
+
+def test_websocket_messages_are_held_to_max_body_bytes():
+    """An HTTP body over gateway.max_body_bytes is a 413; a WebSocket message used to be
+    forwarded whatever its size (uvicorn allows 16 MiB, eight queued per connection)."""
+    from websockets.sync.client import connect
+
+    up, port = free_port(), free_port()
+    app = create_app(fleet_state({"b": f"http://127.0.0.1:{up}"}, max_body_bytes=2000))
+    with serve(FastOpenAI(), up), serve(app, port), connect(f"ws://127.0.0.1:{port}/v1/ws") as ws:
+        big = {"id": "big", "body": {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}}
+        ws.send(json.dumps(big))
+        refused = json.loads(ws.recv(timeout=5))
+        assert refused["type"] == "error" and refused["status"] == 413
+        ws.send(json.dumps({"id": "ok", "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "chunk"  # the session goes on

@@ -121,6 +121,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     uvicorn.run(
         create_app(state, config_path=args.config), host=host, port=port, log_level=args.log_level.lower(),
         access_log=False, timeout_graceful_shutdown=30, proxy_headers=False, http=header_timeout_protocol(),
+        # A WebSocket message is a request body with an envelope: the same limit, not uvicorn's
+        # 16 MiB default (the session also refuses what exceeds max_body_bytes).
+        ws_max_size=state.gateway.max_body_bytes + 64 * 1024,
     )  # fmt: skip
     return 0
 

@@ -254,9 +254,12 @@ class Gateway:
             for u in self.upstreams()
         }  # fmt: skip
         healthy = sum(1 for b in backends.values() if b["healthy"])
-        return JSONResponse(
-            {"status": "ok", "backends_healthy": healthy, "backends_total": len(backends), "backends": backends}
-        )
+        summary = {"status": "ok", "backends_healthy": healthy, "backends_total": len(backends)}
+        if self.keys.enabled and not _trusted_for_detail(self, request):
+            # /health stays open for load balancers; what is served, and how loaded, is for
+            # callers with a key and for this host (the reconciler reads drain progress here).
+            return JSONResponse(summary)
+        return JSONResponse({**summary, "backends": backends})
 
     async def openapi_endpoint(self, request: Request) -> Response:
         return JSONResponse(openapi_document(list(self.table.names)))
@@ -302,6 +305,13 @@ async def route_error(request: Request, exc: Exception) -> Response:
     if path.startswith("/api/"):  # Ollama's error shape
         return JSONResponse({"error": message}, status, headers=headers)
     return error_response(status, message, code, headers)
+
+
+def _trusted_for_detail(gateway: Gateway, request: Request) -> bool:
+    client = request.client.host if request.client else ""
+    if client in ("127.0.0.1", "::1") or client.startswith("127."):
+        return True
+    return gateway.keys.identify(request.headers.get("authorization")) is not None
 
 
 def as_response(answer: Answer) -> Response:

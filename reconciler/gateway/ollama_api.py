@@ -148,7 +148,7 @@ class OllamaSurface:
             return ollama_error(g.reject(408, "request body not received in time", "body_timeout"))
         try:
             native = json.loads(raw)
-        except ValueError:  # UnicodeDecodeError included
+        except (ValueError, RecursionError):  # UnicodeDecodeError included; too deep a nesting
             return ollama_error(g.reject(400, "request body is not valid JSON (UTF-8)", "invalid_json"))
         if not isinstance(native, dict):
             return ollama_error(g.reject(400, "request body must be a JSON object", "invalid_request"))

@@ -141,6 +141,8 @@ def parse_json(raw: bytes) -> dict | tuple[str, str]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return f"request body is not valid JSON: {exc}", "invalid_json"
+    except RecursionError:  # [[[[…]]]] deeper than the parser goes: still the client's 400
+        return "request body is nested too deeply", "invalid_json"
     if not isinstance(body, dict):
         return "request body must be a JSON object", "invalid_request"
     return body

@@ -161,7 +161,12 @@ class Proxy:
             async with asyncio.timeout(self.first_byte_timeout):
                 response = await self._send(request)
                 status = response.status_code
-                if (status >= 500 and status != 501) or status == 429:  # 501: asked for what it lacks
+                # 502/503/504 and 429 say the backend (or what fronts it) cannot serve now: try
+                # another. A 500 is this request's answer: llama.cpp gives one for input it
+                # cannot handle (a malformed tool, an image to a text model), so treating it as
+                # a backend failure let any client open every replica's circuit with 3 requests.
+                # A backend broken for every request fails its health check instead.
+                if status >= 502 or status == 429:
                     await response.aclose()
                     raise UpstreamFailed(f"answered {status}", busy=status == 429)
                 if not call.stream or status != 200:

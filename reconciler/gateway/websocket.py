@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 8  # requests a client may queue on one connection before being refused
+# Bytes of queued messages one connection may hold, in request bodies (gateway.max_body_bytes):
+# eight full-size messages per connection were 32 MiB of gateway memory a client could pin.
+PENDING_BODIES = 2
 
 
 def websocket_endpoint(gateway: Gateway):
@@ -47,6 +50,8 @@ class Session:
         self.gateway = gateway
         self.ws = websocket
         self.pending: asyncio.Queue[Any] = asyncio.Queue(MAX_PENDING)
+        self.limit = gateway.spec.max_body_bytes
+        self.queued_bytes = 0
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
@@ -55,6 +60,7 @@ class Session:
                 message = await self.pending.get()
                 if message is None:  # the client went away
                     return
+                self.queued_bytes -= len(message)
                 work = asyncio.ensure_future(self._handle(message))
                 done, _ = await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if work not in done:  # disconnected mid-request: closing the stream stops the backend
@@ -75,8 +81,19 @@ class Session:
                     return
                 # A binary frame is queued too: it is answered in its turn, with an error.
                 data = message.get("text")
+                item = data if data is not None else message.get("bytes") or b""
+                if len(item) > self.limit:  # characters <= bytes: a cheap first cut
+                    await self._send_error(
+                        None, 413, f"message exceeds {self.limit} bytes (gateway.max_body_bytes)", "body_too_large"
+                    )  # fmt: skip
+                    continue
+                if self.queued_bytes + len(item) > PENDING_BODIES * self.limit:
+                    await self._send_error(None, 429, "too much queued on this connection; wait for answers",
+                                           "too_many_pending")  # fmt: skip
+                    continue
                 try:
-                    self.pending.put_nowait(data if data is not None else message.get("bytes") or b"")
+                    self.pending.put_nowait(item)
+                    self.queued_bytes += len(item)
                 except asyncio.QueueFull:
                     await self._send_error(None, 429, f"more than {MAX_PENDING} requests queued", "too_many_pending")
         except (WebSocketDisconnect, RuntimeError):
@@ -98,8 +115,8 @@ class Session:
             return
         try:
             message = json.loads(text)
-        except ValueError as exc:
-            await self._send_error(None, 400, f"message is not valid JSON: {exc}", "invalid_json")
+        except (ValueError, RecursionError) as exc:
+            await self._send_error(None, 400, f"message is not valid JSON: {type(exc).__name__}", "invalid_json")
             return
         if not isinstance(message, dict):
             await self._send_error(None, 400, "message must be a JSON object", "invalid_request")
@@ -126,6 +143,10 @@ class Session:
         body = {**body, "stream": endpoint != "/v1/embeddings"} if isinstance(body, dict) else body
         raw = json.dumps(body).encode()
         gateway = self.gateway
+        if len(raw) > self.limit:  # the same limit as an HTTP request body
+            await self._send_error(rid, 413, f"request body exceeds {self.limit} bytes (gateway.max_body_bytes)",
+                                   "body_too_large")  # fmt: skip
+            return
         parsed = gateway.parse_request(raw, endpoint)
         if isinstance(parsed, Answer):
             await self._send_answer_error(rid, parsed)
