@@ -18,6 +18,7 @@ from reconciler.gateway.testing import fleet_state, serve
 from reconciler.gateway.transport import LeanTransport
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+SENT = {"bytes": 0}  # what the "flood" backend managed to write
 
 
 async def _evil(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mode: str) -> None:
@@ -45,6 +46,14 @@ async def _evil(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mode
                 for _ in range(100_000):
                     writer.write(b"a" * 4000)
                     await writer.drain()
+            elif mode == "flood":  # a stream far faster than its reader, ended by the close
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+                event = b'data: "' + b"x" * 65_000 + b'"\n\n'
+                for _ in range(1000):  # 65 MB if nothing slows it down
+                    writer.write(event)
+                    await writer.drain()
+                    SENT["bytes"] += len(event)
+                return
             elif mode == "body":  # a length-delimited answer just over the (lowered) cap
                 body = b"x" * 300_000
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -181,3 +190,25 @@ def test_byte_by_byte_feed_parses_as_one_feed():
     split_lines = LineParser()
     got_lines = [d for i in range(len(lines)) for d in split_lines.feed(lines[i : i + 1])] + split_lines.flush()
     assert got_lines == expected_lines
+
+
+def test_a_stalled_client_slows_the_backend_instead_of_filling_the_gateway(evil_backend):
+    """Backpressure: while the client does not read, the transport stops reading the backend
+    (READ_HIGH_WATER), so TCP holds the backend back. Without it the gateway took all 65 MB
+    of the answer into memory at once."""
+    url, set_mode = evil_backend
+    set_mode("flood")
+    SENT["bytes"] = 0
+    port = free_port()
+    app = create_app(fleet_state({"b1": url}))
+    with serve(app, port):
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                          json={**CHAT, "stream": True}, timeout=30) as response:  # fmt: skip
+            assert response.status_code == 200
+            chunks = response.iter_raw()
+            received = len(next(chunks))
+            time.sleep(2)  # the client stalls; sockets and the high-water mark fill up
+            stalled_at = SENT["bytes"]
+            received += sum(len(c) for c in chunks)  # then reads everything
+    assert stalled_at < 24 * 2**20, f"backend wrote {stalled_at / 2**20:.0f} MiB to a stalled client"
+    assert received > 60 * 2**20  # and once it reads again, the whole answer flows

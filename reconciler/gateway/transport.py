@@ -20,6 +20,7 @@ IDLE_EXPIRY = 15.0  # seconds an unused connection stays in the pool
 MAX_IDLE_PER_HOST = 256
 MAX_HEADER_BYTES = 64 * 1024  # status line and headers of one answer, as h11's default
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a whole answer read at once (`aread`); streams are not capped
+READ_HIGH_WATER = 1024 * 1024  # unread bytes of one answer before the backend is paused
 
 
 class _Connection(asyncio.Protocol):
@@ -33,6 +34,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.head_request = False  # a HEAD's answer has no body, whatever its headers say
+        self.paused = False  # reading paused until the consumer catches up (on_body)
         self._reset()
 
     def _reset(self) -> None:
@@ -42,6 +44,7 @@ class _Connection(asyncio.Protocol):
         self.headers_done = False
         self.head: asyncio.Future[int] | None = None
         self.chunks: deque[bytes] = deque()
+        self.buffered = 0  # bytes in `chunks`, not yet taken by the reader
         self.waiter: asyncio.Future[None] | None = None
         self.complete = False
         self.keep_alive = False
@@ -107,7 +110,23 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > READ_HIGH_WATER and not self.paused and self.transport is not None:
+            # The client reads slower than the backend writes: stop reading, so TCP slows the
+            # backend down instead of the answer piling up in the gateway's memory.
+            self.transport.pause_reading()
+            self.paused = True
         self._wake()
+
+    def take(self) -> bytes:
+        """Everything buffered, and reading resumed if it was paused."""
+        data = b"".join(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+        self.chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        self.paused = False
+        return data
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -146,6 +165,9 @@ class _Connection(asyncio.Protocol):
     def release(self) -> None:
         """Back to the pool when the answer was read whole and the backend keeps it open."""
         if self.complete and self.keep_alive and not self.closed and self.error is None:
+            if self.paused and self.transport is not None:
+                self.transport.resume_reading()  # the next answer on this connection must flow
+                self.paused = False
             self._reset()
             self.parser = httptools.HttpResponseParser(self)
             self.pool._put(self)
@@ -165,9 +187,7 @@ class _Body(httpx.AsyncByteStream):
         loop = asyncio.get_running_loop()
         while True:
             if c.chunks:
-                data = b"".join(c.chunks) if len(c.chunks) > 1 else c.chunks[0]
-                c.chunks.clear()
-                yield data
+                yield c.take()
                 continue
             if c.complete:
                 self.done = True
