@@ -306,6 +306,12 @@ in
       }) managedBackends
       ++ [
         {
+          # The type's pattern has every unit optional, as Prometheus' syntax does; the value
+          # must still say something, and more than zero (as the schema's check_duration).
+          assertion = builtins.match ".*[1-9].*" cfg.monitoring.scrapeInterval != null;
+          message = "services.tensorforge.monitoring.scrapeInterval: '${cfg.monitoring.scrapeInterval}' is empty or zero; give a duration such as \"15s\".";
+        }
+        {
           assertion = !(cfg.monitoring.enable && cfg.monitoring.openFirewall)
             || !(lib.elem cfg.monitoring.listenAddress [ "127.0.0.1" "::1" "localhost" ]);
           message = "services.tensorforge.monitoring.openFirewall: the exporters listen on ${cfg.monitoring.listenAddress} only; set monitoring.listenAddress = \"0.0.0.0\" for a Prometheus on another host.";

@@ -19,7 +19,7 @@ from pathlib import Path
 from reconciler.backends.commands import launch_for, model_reference
 from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
-from reconciler.config.schema import DesiredState, host_port
+from reconciler.config.schema import DesiredState, reach
 from reconciler.drain import DRAIN_DIR_ENV, Drainer, drain_dir
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.process import ProcessDriver
@@ -223,8 +223,7 @@ class Controller:
     def _probe_target(self, unit: str) -> tuple[str, str] | None:
         if unit == GATEWAY_UNIT:
             g = self.desired.gateway
-            host = "127.0.0.1" if g.host in ("0.0.0.0", "::") else g.host
-            return f"http://{host_port(host, g.port)}", "gateway"
+            return f"http://{reach(g.host, g.port)}", "gateway"
         name = unit.removeprefix("backend-")
         backend = self.desired.backends.get(name)
         if backend is None:

@@ -66,7 +66,9 @@ def draining(directory: Path | None) -> set[str]:
 def gateway_ready_to_stop(health: dict, backend: str, replicas: list[str]) -> bool:
     """True when the gateway routes nothing to `backend` any more, and (if the model has other
     replicas) routes to at least one of them."""
-    seen = health.get("backends", {})
+    seen = health.get("backends")
+    if not isinstance(seen, dict):
+        return False  # a summary without detail says nothing: wait (ack_timeout still applies)
     mine = seen.get(backend)
     if mine is None:
         return True  # the gateway does not route to it at all

@@ -20,7 +20,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from reconciler.config.schema import BackendSpec, DesiredState, GatewaySpec, ModelSpec
 from reconciler.gateway.app import PUBLIC_PATHS, create_app
-from reconciler.gateway.auth import ApiKeys
+from reconciler.gateway.auth import ApiKeyError, ApiKeys
 from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
 from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
 
@@ -301,3 +301,73 @@ def test_websocket_messages_are_held_to_max_body_bytes():
         assert refused["type"] == "error" and refused["status"] == 413
         ws.send(json.dumps({"id": "ok", "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}))
         assert json.loads(ws.recv(timeout=5))["type"] == "chunk"  # the session goes on
+
+
+def test_this_host_is_trusted_however_it_reaches_the_gateway():
+    """A `::` listener sees an IPv4 loopback caller as ::ffff:127.0.0.1, and a local process
+    calling the gateway's LAN address arrives from that address: both are this host (the
+    reconciler reads drain progress from /health), a remote peer is not."""
+    from starlette.requests import Request
+
+    from reconciler.gateway.app import _trusted_for_detail
+
+    class Keys:
+        def identify(self, header):
+            return None
+
+    class Gateway:
+        keys = Keys()
+
+    def trusted(client: str, server: str) -> bool:
+        scope = {"type": "http", "client": (client, 40000), "server": (server, 8000), "headers": []}
+        return _trusted_for_detail(Gateway(), Request(scope))
+
+    assert trusted("::ffff:127.0.0.1", "::ffff:127.0.0.1") and trusted("::1", "::1")
+    assert trusted("10.0.0.5", "10.0.0.5")  # this host, through its own LAN address
+    assert not trusted("10.0.0.9", "10.0.0.5") and not trusted("::ffff:10.0.0.9", "::")
+
+
+def test_a_health_summary_without_detail_never_counts_as_drained():
+    from reconciler.drain import gateway_ready_to_stop
+
+    summary = {"status": "ok", "backends_healthy": 2, "backends_total": 2}
+    assert gateway_ready_to_stop(summary, "a", ["b"]) is False
+
+
+def test_a_keys_file_that_is_not_utf8_is_named_and_a_bom_is_not_part_of_a_key(tmp_path):
+    path = tmp_path / "keys"
+    path.write_bytes(b"sk-fine\nsk-caf\xe9\n")
+    with pytest.raises(ApiKeyError, match=rf"^gateway.api_keys_file: {path} line 2: not UTF-8 text"):
+        ApiKeys(str(path))
+    path.write_bytes(b"\xef\xbb\xbfsk-first\n")
+    assert ApiKeys(str(path)).identify("Bearer sk-first") is not None
+
+
+def test_websocket_budget_counts_bytes_not_characters():
+    """Three-byte characters: a message of 1,000 of them is 3,000 bytes, over a 2,000-byte
+    limit, although it is 1,000 characters long."""
+    from websockets.sync.client import connect
+
+    up, port = free_port(), free_port()
+    app = create_app(fleet_state({"b": f"http://127.0.0.1:{up}"}, max_body_bytes=2000))
+    with serve(FastOpenAI(), up), serve(app, port), connect(f"ws://127.0.0.1:{port}/v1/ws") as ws:
+        ws.send(json.dumps({"id": "wide", "body": {"model": "m", "messages": [
+            {"role": "user", "content": "€" * 1000}]}}, ensure_ascii=False))  # fmt: skip
+        refused = json.loads(ws.recv(timeout=5))
+        assert refused["type"] == "error" and refused["status"] == 413
+
+
+def test_tensorforge_health_probes_a_keyed_backend_with_its_key(tmp_path):
+    from reconciler.pipeline.health import backend_states
+
+    key = "sk-backend-" + "h" * 20
+    (tmp_path / "k").write_text(key)
+    up = free_port()
+    state = DesiredState.model_validate({
+        "models": {"m": {"source": "pypi:x"}},
+        "backends": {"remote": {"kind": "vllm", "model": "m", "url": f"http://127.0.0.1:{up}",
+                                "api_key_file": str(tmp_path / "k")}},
+    })  # fmt: skip
+    with serve(KeyedUpstream(key), up):
+        [remote] = backend_states(state, {"reachable": False}, {})
+    assert remote.state == "healthy", remote

@@ -52,10 +52,12 @@ def _failure(exc: Exception) -> BackendHealth:
     return BackendHealth(Health.DOWN, f"{type(exc).__name__}: {exc}"[:200])
 
 
-def probe(base_url: str, protocol: str, timeout: float = 2.0) -> BackendHealth:
+def probe(
+    base_url: str, protocol: str, timeout: float = 2.0, headers: dict[str, str] | None = None
+) -> BackendHealth:
     method, path = PROBES[protocol]
     try:
-        response = httpx.request(method, base_url + path, timeout=timeout)
+        response = httpx.request(method, base_url + path, timeout=timeout, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError
         return _failure(exc)
     return classify(protocol, response.status_code)

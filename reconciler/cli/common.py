@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from reconciler.config.loader import load_desired_state
-from reconciler.config.schema import DesiredState
+from reconciler.config.schema import DesiredState, reach
 
 
 def config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -22,9 +22,7 @@ def load_state(args: argparse.Namespace) -> DesiredState:
 
 
 def gateway_url(state: DesiredState) -> str:
-    g = state.gateway
-    host = "127.0.0.1" if g.host in ("0.0.0.0", "::") else g.host
-    return f"http://[{host}]:{g.port}" if ":" in host else f"http://{host}:{g.port}"
+    return f"http://{reach(state.gateway.host, state.gateway.port)}"
 
 
 def driver_args(parser: argparse.ArgumentParser) -> None:

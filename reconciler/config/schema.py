@@ -77,6 +77,12 @@ def host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def reach(host: str, port: int) -> str:
+    """HOST:PORT to connect to a service listening on `host`: a wildcard listener (0.0.0.0,
+    ::) is reached on loopback."""
+    return host_port("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
+
+
 def _check_port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ValueError("must be between 1 and 65535")
@@ -260,8 +266,7 @@ class BackendSpec(Strict):
     def base_url(self) -> str:
         if self.url:
             return self.url.rstrip("/")
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host_port(host, self.port)}"  # type: ignore[arg-type]
+        return f"http://{reach(self.host, self.port)}"  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _kind_settings(self) -> BackendSpec:

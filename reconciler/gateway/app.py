@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -189,7 +190,10 @@ class Gateway:
         """Pick up an edited keys file (added or revoked keys) without a restart."""
         while True:
             await asyncio.sleep(KEYS_POLL_SECONDS)
-            self.keys.reload_if_changed()
+            try:
+                self.keys.reload_if_changed()
+            except Exception:  # keep watching: a revoked key must stop working once the file is fixed
+                log.exception("reading %s failed; keeping the last good keys", self.keys.path)
 
     # -- admission -------------------------------------------------------------------------
     def reject(self, status: int, message: str, code: str, retry_after: str | None = None) -> Answer:
@@ -308,9 +312,19 @@ async def route_error(request: Request, exc: Exception) -> Response:
 
 
 def _trusted_for_detail(gateway: Gateway, request: Request) -> bool:
+    """A key holder, or a caller on this host: loopback (an IPv4 one seen by a `::` listener
+    as ::ffff:127.0.0.1), or the very address it connected to (a local process calling the
+    gateway's LAN address, as the reconciler does when gateway.host is one)."""
     client = request.client.host if request.client else ""
-    if client in ("127.0.0.1", "::1") or client.startswith("127."):
-        return True
+    server = (request.scope.get("server") or ("",))[0]
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        address = None
+    if address is not None:
+        address = getattr(address, "ipv4_mapped", None) or address
+        if address.is_loopback or client == server:
+            return True
     return gateway.keys.identify(request.headers.get("authorization")) is not None
 
 

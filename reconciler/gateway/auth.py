@@ -44,12 +44,17 @@ class ApiKeys:
         assert self.path is not None
         try:
             stat = self.path.stat()
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8-sig")  # -sig: a BOM is not part of a key
         except OSError as exc:
             raise ApiKeyError(
                 f"gateway.api_keys_file: cannot read {self.path}: {exc.strerror}; "
                 "create it with one key per line or remove the setting"
             ) from exc
+        except UnicodeDecodeError as exc:
+            line = self.path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise ApiKeyError(
+                f"gateway.api_keys_file: {self.path} line {line}: not UTF-8 text; save it as UTF-8"
+            ) from None
         digests = []
         for number, line in enumerate(text.splitlines(), 1):
             fields = line.split()

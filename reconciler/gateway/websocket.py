@@ -60,7 +60,8 @@ class Session:
                 message = await self.pending.get()
                 if message is None:  # the client went away
                     return
-                self.queued_bytes -= len(message)
+                message, size = message
+                self.queued_bytes -= size
                 work = asyncio.ensure_future(self._handle(message))
                 done, _ = await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if work not in done:  # disconnected mid-request: closing the stream stops the backend
@@ -82,18 +83,19 @@ class Session:
                 # A binary frame is queued too: it is answered in its turn, with an error.
                 data = message.get("text")
                 item = data if data is not None else message.get("bytes") or b""
-                if len(item) > self.limit:  # characters <= bytes: a cheap first cut
+                size = len(data.encode()) if data is not None else len(item)
+                if size > self.limit:
                     await self._send_error(
                         None, 413, f"message exceeds {self.limit} bytes (gateway.max_body_bytes)", "body_too_large"
                     )  # fmt: skip
                     continue
-                if self.queued_bytes + len(item) > PENDING_BODIES * self.limit:
+                if self.queued_bytes + size > PENDING_BODIES * self.limit:
                     await self._send_error(None, 429, "too much queued on this connection; wait for answers",
                                            "too_many_pending")  # fmt: skip
                     continue
                 try:
-                    self.pending.put_nowait(item)
-                    self.queued_bytes += len(item)
+                    self.pending.put_nowait((item, size))
+                    self.queued_bytes += size
                 except asyncio.QueueFull:
                     await self._send_error(None, 429, f"more than {MAX_PENDING} requests queued", "too_many_pending")
         except (WebSocketDisconnect, RuntimeError):

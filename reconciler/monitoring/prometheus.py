@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from reconciler.config.schema import BackendSpec, DesiredState, host_port
+from reconciler.config.schema import BackendSpec, DesiredState, reach
 
 # Backend kinds whose servers expose Prometheus metrics at /metrics.
 KINDS_WITH_METRICS = ("llamacpp", "vllm", "tgi")
@@ -33,10 +33,6 @@ class ScrapeTargets:
     gateway: str | None = None
     reconciler: str | None = None
     gpu_exporter: str | None = None
-
-
-def _local(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _job(
@@ -65,7 +61,7 @@ def scrape_config(
     jobs = []
     if state.gateway.enable:
         g = state.gateway
-        job = _job(GATEWAY_JOB, targets.gateway or host_port(_local(g.host), g.port), host)
+        job = _job(GATEWAY_JOB, targets.gateway or reach(g.host, g.port), host)
         if state.monitoring.scrape_key_file:
             # With API keys on, /metrics answers 401 to a scraper without one.
             job["authorization"] = {
@@ -77,10 +73,10 @@ def scrape_config(
         m = state.monitoring
         jobs.append(
             _job(
-                RECONCILER_JOB, targets.reconciler or host_port(_local(m.listen_address), m.reconciler_metrics_port), host
+                RECONCILER_JOB, targets.reconciler or reach(m.listen_address, m.reconciler_metrics_port), host
             )
         )
-        gpu = targets.gpu_exporter or host_port(_local(m.listen_address), m.gpu_exporter_port)
+        gpu = targets.gpu_exporter or reach(m.listen_address, m.gpu_exporter_port)
         jobs.append(_job(GPU_JOB, gpu, host))
     for name, backend in sorted(state.backends.items()):
         if backend.kind in KINDS_WITH_METRICS:

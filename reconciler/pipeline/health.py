@@ -16,6 +16,7 @@ import httpx
 
 from reconciler.backends.health import probe
 from reconciler.config.schema import DesiredState
+from reconciler.gateway.router import backend_headers
 from reconciler.gpu.inventory import GpuInventory
 from reconciler.pipeline.run import ask
 
@@ -144,7 +145,13 @@ def backend_states(state: DesiredState, gateway: dict, extra: dict[str, str]) ->
         if u.rstrip("/") not in declared  # already measured through the gateway
     ]
     for name, kind, model, url, protocol in targets:
-        health = probe(url, protocol)
+        backend = state.backends.get(name)
+        try:  # a backend behind a key is probed with it, as the gateway does
+            headers = backend_headers(name, backend) if backend is not None else {}
+        except ValueError as exc:
+            found.append(BackendState(name, kind, model, url, "unhealthy", str(exc), None))
+            continue
+        health = probe(url, protocol, headers=headers)
         view = (
             None if routed is None or name in extra else bool(routed.get(name, {}).get("healthy"))
         )
