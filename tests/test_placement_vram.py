@@ -148,7 +148,7 @@ def test_vllm_fp8_reserves_its_share_of_each_gpu(llama70b: Path) -> None:
         kv_cache_dtype="fp8", context_size=32768, gpu_memory_utilization=0.9,
     )  # fmt: skip
     inventory = b200s()
-    estimate = estimate_vram(vllm, spec, llama70b, inventory.gpus())
+    estimate = estimate_vram(vllm, spec, llama70b)
     params, _ = safetensors_weights(llama70b)
     assert estimate.weights == params  # FP8: one byte per parameter
     # KV for one 32k sequence in fp8: 2 * 80 layers * 8 heads * 128 dims * 1 byte per token.
@@ -163,7 +163,7 @@ def test_vllm_weights_beyond_utilization_are_refused(llama70b: Path) -> None:
     spec = ModelSpec(source=f"path:{llama70b}", format="safetensors")
     vllm = BackendSpec(kind="vllm", model="m", port=9000, tensor_parallel_size=1, gpu_memory_utilization=0.5)
     inventory = b200s()
-    estimate = estimate_vram(vllm, spec, llama70b, inventory.gpus())
+    estimate = estimate_vram(vllm, spec, llama70b)
     # 141 GB of BF16 weights do not fit in half of a 192 GB card.
     assert estimate.total > 0.5 * 192 * 10**9
     placed = place({"llama": vllm}, inventory.gpus(), {"llama": estimate})
@@ -389,7 +389,7 @@ def test_vllm_share_is_of_each_gpus_own_memory(tmp_path: Path) -> None:
         GpuInfo(1, "GPU-4090", "NVIDIA GeForce RTX 4090", 24 * GiB, 0, 24 * GiB),
     ]
     vllm = BackendSpec(kind="vllm", model="m", port=9000, gpus=1)
-    estimate = estimate_vram(vllm, ModelSpec(source=f"path:{tmp_path}", format="safetensors"), tmp_path, gpus)
+    estimate = estimate_vram(vllm, ModelSpec(source=f"path:{tmp_path}", format="safetensors"), tmp_path)
     placed = place({"v": vllm}, gpus, {"v": estimate})
     assert placed.assignments == {"v": [1]} and placed.refused == {}
     # Running there, it is credited its share of that card back and stays.
@@ -408,8 +408,8 @@ def test_vllm_weights_split_over_shards_not_gpus(tmp_path: Path) -> None:
     valid = BackendSpec(kind="vllm", model="m", port=9000, tensor_parallel_size=2)
     unsharded = BackendSpec.model_construct(**{**valid.model_dump(), "gpus": 2, "tensor_parallel_size": 1})
     assert unsharded.gpus_wanted == 2
-    split = estimate_vram(valid, spec, tmp_path, cards)
-    whole = estimate_vram(unsharded, spec, tmp_path, cards)
+    split = estimate_vram(valid, spec, tmp_path)
+    whole = estimate_vram(unsharded, spec, tmp_path)
     assert split.per_gpu(2) == -(-(80 * GiB + 2 * ACTIVATION_ALLOWANCE_PER_GPU) // 2)
     assert whole.per_gpu(2) == 80 * GiB + ACTIVATION_ALLOWANCE_PER_GPU  # one shard: all of it
     assert "v" in place({"v": unsharded}, cards, {"v": whole}).refused

@@ -275,23 +275,24 @@ class BackendSpec(Strict):
                 f"tensor_parallel_size: only vllm and tgi shard a model across GPUs; "
                 f"remove it for kind {self.kind!r}"
             )
-        pinned = self.gpu_ids
-        if self.tensor_parallel_size > 1 and pinned is not None and len(pinned) < self.tensor_parallel_size:
-            raise ValueError(
-                f"tensor_parallel_size: {self.tensor_parallel_size} shards need as many GPUs, but "
-                f"gpu_ids pins {len(pinned)}; list more GPUs or lower tensor_parallel_size"
-            )
-        if self.tensor_parallel_size > 1 and self.gpus and self.gpus < self.tensor_parallel_size:
-            raise ValueError(
-                f"gpus ({self.gpus}) is smaller than tensor_parallel_size "
-                f"({self.tensor_parallel_size}); raise gpus or leave it 0 to take one per shard"
-            )
+        # One GPU per shard: GPUs given (pinned, or counted; 0 takes one per shard) must match.
         shards = self.tensor_parallel_size
+        pinned = self.gpu_ids is not None
         wanted = len(self.gpu_ids) if self.gpu_ids is not None else self.gpus
+        if shards > 1 and (pinned or wanted) and wanted < shards:
+            if pinned:
+                raise ValueError(
+                    f"tensor_parallel_size: {shards} shards need as many GPUs, but gpu_ids pins "
+                    f"{wanted}; list more GPUs or lower tensor_parallel_size"
+                )
+            raise ValueError(
+                f"gpus ({wanted}) is smaller than tensor_parallel_size ({shards}); raise gpus or "
+                "leave it 0 to take one per shard"
+            )
         if self.kind in ("vllm", "tgi") and wanted > shards:
-            # One GPU per shard: the rest would sit idle, and the model would not fit where
-            # placement thought it would (it splits the weights over the shards only).
-            field = "gpu_ids" if self.gpu_ids is not None else "gpus"
+            # The rest would sit idle, and the model would not fit where placement thought it
+            # would (it splits the weights over the shards only).
+            field = "gpu_ids" if pinned else "gpus"
             raise ValueError(
                 f"{field}: {wanted} GPUs for tensor_parallel_size {shards} leaves {wanted - shards} "
                 f"idle ({self.kind} uses one GPU per shard); set tensor_parallel_size: {wanted}"

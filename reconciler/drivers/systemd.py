@@ -77,6 +77,22 @@ class ApplyFailure:
     rolled_back: bool
 
 
+def _managed(path: Path) -> tuple[str, str] | None:
+    """(unit name, file text) of a unit file this reconciler wrote, else None."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None
+    first = text.split("\n", 1)[0]
+    if not first.startswith(MANAGED_MARKER):
+        return None
+    name = first.removeprefix(MANAGED_MARKER).strip()
+    if name == "reconciler" or path.name != unit_file_name(name):
+        return None  # the reconciler's own unit is never planned against
+    return name, text
+
+
 class SystemdDriver:
     name = "systemd"
 
@@ -116,18 +132,9 @@ class SystemdDriver:
             return found
         sweep_orphans(self.unit_dir, prefix=UNIT_PREFIX)
         for path in sorted(self.unit_dir.glob(f"{UNIT_PREFIX}*.service")):
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as exc:
-                log.warning("cannot read %s: %s", path, exc)
-                continue
-            first = text.split("\n", 1)[0]
-            if not first.startswith(MANAGED_MARKER):
-                continue
-            name = first.removeprefix(MANAGED_MARKER).strip()
-            if name == "reconciler" or path.name != unit_file_name(name):
-                continue  # the reconciler's own unit is never planned against
-            found[name] = text
+            managed = _managed(path)
+            if managed is not None:
+                found[managed[0]] = managed[1]
         return found
 
     def _write(self, name: str, content: str) -> None:
@@ -242,7 +249,8 @@ class SystemdDriver:
 
     # -- act, one unit at a time (the ProcessDriver interface) ---------------------------
     def start(self, unit: DesiredUnit, verb: str = "start") -> None:
-        self._begin(unit.name, self.installed().get(unit.name))
+        before = _managed(self.path(unit.name)) if self.path(unit.name).exists() else None
+        self._begin(unit.name, before[1] if before else None)
         self._write(unit.name, unit.content)
         self._call("daemon-reload")
         self._call(verb, unit_file_name(unit.name))

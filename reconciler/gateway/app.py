@@ -29,7 +29,7 @@ from reconciler.gateway.health import HealthMonitor
 from reconciler.gateway.limits import ConcurrencyLimiter
 from reconciler.gateway.load import LoadScraper
 from reconciler.gateway.metrics import GatewayMetrics
-from reconciler.gateway.ollama_api import OllamaSurface
+from reconciler.gateway.ollama_api import OllamaSurface, ollama_error_response
 from reconciler.gateway.openai_api import (
     OPENAI_ENDPOINTS,
     OpenAIEndpoints,
@@ -251,18 +251,19 @@ class Gateway:
 
     # -- small endpoints -------------------------------------------------------------------
     async def health_endpoint(self, request: Request) -> Response:
-        backends = {
-            u.name: {"model": u.model, "healthy": u.healthy, "detail": u.health_detail,
-                     "circuit_open": u.circuit_open, "in_flight": u.in_flight, "limit": u.limit,
-                     "gpu_free": u.gpu_free, "warm": u.warm}
-            for u in self.upstreams()
-        }  # fmt: skip
-        healthy = sum(1 for b in backends.values() if b["healthy"])
-        summary = {"status": "ok", "backends_healthy": healthy, "backends_total": len(backends)}
+        upstreams = list(self.upstreams())
+        summary = {"status": "ok", "backends_healthy": sum(1 for u in upstreams if u.healthy),
+                   "backends_total": len(upstreams)}  # fmt: skip
         if self.keys.enabled and not _trusted_for_detail(self, request):
             # /health stays open for load balancers; what is served, and how loaded, is for
             # callers with a key and for this host (the reconciler reads drain progress here).
             return JSONResponse(summary)
+        backends = {
+            u.name: {"model": u.model, "healthy": u.healthy, "detail": u.health_detail,
+                     "circuit_open": u.circuit_open, "in_flight": u.in_flight, "limit": u.limit,
+                     "gpu_free": u.gpu_free, "warm": u.warm}
+            for u in upstreams
+        }  # fmt: skip
         return JSONResponse({**summary, "backends": backends})
 
     async def openapi_endpoint(self, request: Request) -> Response:
@@ -307,7 +308,7 @@ async def route_error(request: Request, exc: Exception) -> Response:
     else:
         message, code = f"no such endpoint: {request.method} {path}", "unknown_endpoint"
     if path.startswith("/api/"):  # Ollama's error shape
-        return JSONResponse({"error": message}, status, headers=headers)
+        return ollama_error_response(status, message, headers)
     return error_response(status, message, code, headers)
 
 

@@ -195,7 +195,8 @@ class OllamaSurface:
             kind = "a string" if legacy else "a string or a non-empty list of strings"
             return ollama_error(g.reject(400, f"'{field}' must be {kind}", "invalid_request"))
         body = {"model": native.get("model", ""), "input": texts}
-        parsed = g.parse_request(json.dumps(body).encode(), "/v1/embeddings")
+        raw = json.dumps(body).encode()  # serialized once: checked, then sent as it is
+        parsed = g.parse_request(raw, "/v1/embeddings")
         if isinstance(parsed, Answer):
             return ollama_error(parsed)
         key, refusal = g.admit(request.headers.get("authorization"))
@@ -203,7 +204,7 @@ class OllamaSurface:
             return ollama_error(refusal)
         try:
             body, model = parsed
-            call = ProxyCall(Exchange("/v1/embeddings", body, body["model"]), json.dumps(body).encode(), model, False,
+            call = ProxyCall(Exchange("/v1/embeddings", body, body["model"]), raw, model, False,
                              request.headers.get(g.spec.routing.affinity_header), key)  # fmt: skip
             answer = await g.proxy.forward(call)
         finally:
@@ -237,14 +238,14 @@ class OllamaSurface:
         if not chat and not native.get("prompt") and not native.get("raw"):
             # An empty generate request is Ollama's way to load a model: answer done at once.
             return JSONResponse({"model": body["model"], "created_at": now_iso(), "response": "", "done": True})
-        parsed = g.parse_request(json.dumps(body).encode(), endpoint)
+        raw = json.dumps(body).encode()  # serialized once: checked, then sent as it is
+        parsed = g.parse_request(raw, endpoint)
         if isinstance(parsed, Answer):
             return ollama_error(parsed)
         key, refusal = g.admit(request.headers.get("authorization"))
         if refusal is not None:
             return ollama_error(refusal)
         body, model = parsed
-        raw = json.dumps(body).encode()
         affinity = request.headers.get(g.spec.routing.affinity_header)
         call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity, key)
         try:
@@ -304,7 +305,12 @@ def _line(obj: dict) -> bytes:
 
 
 def ollama_error(answer: Answer) -> Response:
-    """Ollama's error shape: {"error": "message"} with the same status."""
+    """An OpenAI-shaped error answer in Ollama's shape, with the same status."""
     message = json.loads(answer.body).get("error", {}).get("message", "request failed")
     headers = {"retry-after": answer.retry_after} if answer.retry_after else None
-    return JSONResponse({"error": message}, answer.status, headers=headers)
+    return ollama_error_response(status=answer.status, message=message, headers=headers)
+
+
+def ollama_error_response(status: int, message: str, headers: dict | None = None) -> Response:
+    """Ollama's error shape: {"error": "message"}."""
+    return JSONResponse({"error": message}, status, headers=headers)

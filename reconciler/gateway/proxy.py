@@ -259,27 +259,25 @@ class Proxy:
         m.child(m.duration, call.model, upstream.name).observe(elapsed)
         m.child(m.ttft, call.model, upstream.name).observe(elapsed)
         if content and b'"usage"' in content:
-            try:
-                usage = json.loads(content).get("usage")
-            except (ValueError, AttributeError):
-                return
-            if isinstance(usage, dict):
-                m.record_tokens(call.model, upstream.name, usage, call.client)
+            self._count_usage(content, call, upstream)
 
     def _stream_usage(
         self, parser: EventParser | None, chunk: bytes, call: ProxyCall, upstream: Upstream
     ) -> EventParser:
         parser = parser or EventParser()
         for data in parser.feed(chunk):
-            if '"usage"' not in data:
-                continue
-            try:
-                usage = json.loads(data).get("usage")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(usage, dict):
-                self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
+            if '"usage"' in data:
+                self._count_usage(data, call, upstream)
         return parser
+
+    def _count_usage(self, document: str | bytes, call: ProxyCall, upstream: Upstream) -> None:
+        """Tokens from an answer's (or a stream event's) OpenAI `usage` object, if it has one."""
+        try:
+            usage = json.loads(document).get("usage")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(usage, dict):
+            self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         transport = self.transports[request.url.scheme]

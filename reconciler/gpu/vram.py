@@ -17,12 +17,10 @@ import json
 import logging
 import math
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.config.schema import BackendSpec, ModelSpec
-from reconciler.gpu.inventory import GpuInfo
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +78,9 @@ class VramEstimate:
         return share if need <= share else None
 
 
-def estimate_vram(
-    backend: BackendSpec,
-    model: ModelSpec,
-    path: str | Path | None,
-    gpus: Sequence[GpuInfo] = (),
-) -> VramEstimate:
-    """The memory `backend` needs to serve `model` from `path`. `gpus` is not needed any more:
-    vLLM's share depends on each GPU's size, which placement tests GPU by GPU (`on_gpu`)."""
+def estimate_vram(backend: BackendSpec, model: ModelSpec, path: str | Path | None) -> VramEstimate:
+    """The memory `backend` needs to serve `model` from `path`. vLLM's share depends on each
+    GPU's size, which placement tests GPU by GPU (`VramEstimate.on_gpu`)."""
     file = Path(path) if path else None
     try:
         if file is None or not file.exists():
