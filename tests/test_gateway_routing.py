@@ -62,6 +62,23 @@ def pair():
         yield {"a": f"http://127.0.0.1:{ports[0]}", "b": f"http://127.0.0.1:{ports[1]}"}
 
 
+@pytest.fixture
+def reporting_pair():
+    """Two upstreams whose /metrics report what the test sets (load, KV-cache use)."""
+    upstreams = {"a": FastOpenAI(name="a"), "b": FastOpenAI(name="b")}
+    ports = free_port(), free_port()
+    with serve(upstreams["a"], ports[0]), serve(upstreams["b"], ports[1]):
+        yield upstreams, {"a": f"http://127.0.0.1:{ports[0]}", "b": f"http://127.0.0.1:{ports[1]}"}
+
+
+def wait_scraped(app, name: str, load: float, kv: float | None) -> None:
+    upstream = app.table.upstreams[name]
+    deadline = time.monotonic() + 30
+    while (upstream.reported_load, upstream.kv_usage) != (load, kv):
+        assert time.monotonic() < deadline, f"{name}'s /metrics never scraped"
+        time.sleep(0.05)
+
+
 def gateway_for(backends: dict[str, str], **gateway):
     port = free_port()
     app = create_app(fleet_state(backends, **gateway))
@@ -89,14 +106,20 @@ def test_round_robin_alternates(pair):
     assert Counter(backends) == {"a": 3, "b": 3}
 
 
-def test_least_load_avoids_the_backend_reporting_load(pair):
-    app, port = gateway_for(pair)
+def test_least_load_avoids_the_backend_reporting_load(reporting_pair):
+    # The load comes through each backend's own /metrics, as in production: setting the
+    # routing state directly raced the scraper, which rewrites it every health interval.
+    upstreams, urls = reporting_pair
+    app, port = gateway_for(urls, health_interval=0.2)
     with serve(app, port):
-        app.table.upstreams["a"].reported_load = 5  # as if scraped from a's /metrics
+        upstreams["a"].extra_load = 5
+        wait_scraped(app, "a", 5.0, None)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"b"}
-        app.table.upstreams["a"].reported_load = 0
-        app.table.upstreams["b"].kv_usage = 0.99  # b's KV cache (VRAM) is full
+        upstreams["a"].extra_load = 0
+        upstreams["b"].kv_usage = 0.99  # b's KV cache (VRAM) is full
+        wait_scraped(app, "a", 0.0, None)
+        wait_scraped(app, "b", 0.0, 0.99)
         assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"a"}
 
 

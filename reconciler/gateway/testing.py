@@ -56,6 +56,8 @@ class FastOpenAI:
         self.name = name
         self.requests = 0
         self.open_streams = 0
+        self.extra_load = 0.0  # requests it reports beyond its own streams (other clients)
+        self.kv_usage: float | None = None  # reported as llamacpp:kv_cache_usage_ratio
         self.peers: set[tuple] = set()  # client addresses: how many connections were used
         self._answer = json.dumps(CHAT_ANSWER).encode()
 
@@ -66,7 +68,10 @@ class FastOpenAI:
         if scope["method"] == "GET":
             body = {"/health": b'{"status":"ok"}', "/v1/models": b'{"object":"list","data":[{"id":"bench"}]}'}.get(path)
             if path == "/metrics":
-                text = f"llamacpp:requests_processing {self.open_streams}\n".encode()
+                text = f"llamacpp:requests_processing {self.open_streams + self.extra_load}\n"
+                if self.kv_usage is not None:
+                    text += f"llamacpp:kv_cache_usage_ratio {self.kv_usage}\n"
+                text = text.encode()
                 await _respond(send, 200, b"text/plain", text)
             else:
                 await _respond(send, 200 if body else 404, b"application/json", body or b"{}")
