@@ -327,8 +327,13 @@ class BackendSpec(Strict):
 
 
 class RoutingSpec(Strict):
-    strategy: Literal["least-load", "round-robin", "session-affinity"] = "least-load"
+    strategy: Literal["cache-aware", "least-load", "round-robin", "session-affinity"] = "cache-aware"
     affinity_header: Text = "x-session-id"
+    load_threshold: Number = Field(
+        2.0, ge=0, le=10_000,
+        description="Requests by which a preferred backend (cached prefix, same session) may "
+        "exceed the least loaded one before the request goes to the least loaded instead.",
+    )
     fallbacks: dict[Text, list[Text]] = Field(
         default_factory=dict, description="Model group -> model groups to try when it fails."
     )

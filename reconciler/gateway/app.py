@@ -89,7 +89,9 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.keys = ApiKeys(self.spec.api_keys_file)
         self.key_limits = ConcurrencyLimiter(self.spec.max_concurrency_per_key)
-        self.router = Router(RoutingTable.from_state(state), self.spec.routing.strategy)
+        self.router = Router(
+            RoutingTable.from_state(state), self.spec.routing.strategy, self.spec.routing.load_threshold
+        )
         self.transports = transports or make_transports(self.spec)
         self.proxy = Proxy(
             self.transports, upstream_timeout(self.spec), self.router, self.metrics, self.spec.first_byte_timeout
@@ -162,6 +164,7 @@ class Gateway:
         """Swap in the routes of a new desired state; streams already open keep going."""
         self.router.table = RoutingTable.from_state(state, previous=self.router.table)
         self.router.strategy = state.gateway.routing.strategy
+        self.router.load_threshold = state.gateway.routing.load_threshold
         self.context_limits = context_limits(state)
         self.state = state
         asyncio.get_running_loop().create_task(self.health.check_all())

@@ -52,8 +52,10 @@ class HealthMonitor:
         upstream.health_detail = health.detail or health.state.value
         if recovered:
             # Down, then up again (a restarted process): the failures that opened its circuit
-            # were the old process's, so route to it now instead of after the cooldown.
+            # were the old process's, so route to it now instead of after the cooldown; the
+            # prompts it cached were the old process's too.
             upstream.record_success()
+            upstream.prefixes.clear()
         elif health.ok and not upstream.circuit_open:
             upstream.consecutive_failures = 0
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.config.schema import BackendSpec, DesiredState
+from reconciler.gateway.prefix_cache import PrefixSet, prompt_blocks
 
 CIRCUIT_FAILURES = 3  # consecutive failures that open a backend's circuit
 CIRCUIT_COOLDOWN_SECONDS = 10.0
@@ -38,6 +39,7 @@ class Upstream:
     kv_usage: float | None = None  # KV-cache (VRAM) fraction in use, where the backend says
     gpu_free: float | None = None  # free fraction of its fullest GPU, from NVML (local backends)
     warm: bool | None = None  # model in the backend's memory (Ollama /api/ps); None: not known
+    prefixes: PrefixSet = field(default_factory=PrefixSet, repr=False)  # prompts sent here lately
     # Sent with every request and probe: the backend's own key (api_key_file). Not in repr,
     # so no log line or traceback that prints an Upstream shows it.
     headers: dict[str, str] = field(default_factory=dict, repr=False)
@@ -142,6 +144,16 @@ def backend_headers(name: str, backend: BackendSpec) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
+def rendezvous(ready: list[Upstream], key: str) -> Upstream:
+    """The session's backend by rendezvous hashing: a session keeps its backend while it
+    stays available, and only the sessions of a backend that leaves move."""
+
+    def weight(u: Upstream) -> bytes:
+        return hashlib.blake2b(f"{key}|{u.name}".encode(), digest_size=8).digest()
+
+    return max(ready, key=weight)
+
+
 def served_name(model: str, source: str, protocol: str) -> str:
     scheme, _, rest = source.partition(":")
     if protocol == "ollama" and scheme == "ollama":
@@ -150,9 +162,13 @@ def served_name(model: str, source: str, protocol: str) -> str:
 
 
 class Router:
-    def __init__(self, table: RoutingTable, strategy: str = "least-load"):
+    def __init__(self, table: RoutingTable, strategy: str = "cache-aware", load_threshold: float = 2.0):
         self.table = table
         self.strategy = strategy
+        # How much busier (in requests) a preferred backend (same session, cached prefix) may
+        # be than the least loaded one before the request goes to the least loaded instead:
+        # a cache hit saves a prefill, not a queue behind a full backend.
+        self.load_threshold = load_threshold
         self._rr = itertools.count()
 
     def resolve(self, requested: str) -> str | None:
@@ -161,29 +177,54 @@ class Router:
     def members(self, model: str) -> list[Upstream]:
         return [u for u in self.table.upstreams.values() if u.model == model]
 
-    def candidates(self, model: str, affinity_key: str | None = None) -> list[Upstream]:
-        """Available backends for `model` in the order to try them, then its fallbacks'."""
+    def candidates(
+        self, model: str, affinity_key: str | None = None, body: dict | None = None
+    ) -> list[Upstream]:
+        """Available backends for `model` in the order to try them, then its fallbacks'.
+        `body` (the request) lets cache-aware routing find where its prompt prefix is."""
         now = time.monotonic()
         ordered: list[Upstream] = []
         for group in [model, *self.table.fallbacks.get(model, [])]:
             ready = [u for u in self.members(group) if u.available(now)]
-            ordered += self._order(ready, affinity_key)
+            ordered += self._order(ready, affinity_key, body)
         return ordered
 
-    def _order(self, ready: list[Upstream], affinity_key: str | None) -> list[Upstream]:
+    def _order(self, ready: list[Upstream], affinity_key: str | None, body: dict | None) -> list[Upstream]:
         if len(ready) < 2:
             return ready
-        if self.strategy == "session-affinity" and affinity_key:
-            # Rendezvous hashing: a session keeps its backend while it stays healthy, and only
-            # the sessions of a backend that leaves move.
-            def score(u: Upstream) -> bytes:
-                return hashlib.blake2b(f"{affinity_key}|{u.name}".encode(), digest_size=8).digest()
-
-            return sorted(ready, key=score, reverse=True)
         if self.strategy == "round-robin":
             start = next(self._rr) % len(ready)
             return ready[start:] + ready[:start]
-        return sorted(ready, key=lambda u: (u.score(), u.name))
+        by_load = sorted(ready, key=lambda u: (u.score(), u.name))
+        chosen = by_load[0]
+        if self.strategy == "cache-aware":
+            blocks = prompt_blocks(body) if body else []
+            chosen = self._by_prefix(by_load, blocks, affinity_key)
+            if blocks:
+                chosen.prefixes.record(blocks)
+        elif self.strategy == "session-affinity" and affinity_key:
+            chosen = self._yielding(rendezvous(ready, affinity_key), by_load[0])
+        return [chosen, *(u for u in by_load if u is not chosen)]
+
+    def _by_prefix(self, by_load: list[Upstream], blocks: list[bytes], affinity_key: str | None) -> Upstream:
+        """The backend holding the longest prefix of this prompt, unless it is too busy; with
+        no prefix anywhere, the session's backend, else the least loaded with the most room
+        in its cache (so new conversations spread instead of piling onto one replica)."""
+        least = by_load[0]
+        if blocks:
+            matched = {u.name: u.prefixes.match(blocks) for u in by_load}
+            best = max(by_load, key=lambda u: matched[u.name])  # by_load order breaks ties
+            if matched[best.name] > 0:
+                return self._yielding(best, least)
+        if affinity_key:
+            return self._yielding(rendezvous(by_load, affinity_key), least)
+        idle = [u for u in by_load if u.score() <= least.score()]
+        return min(idle, key=lambda u: (len(u.prefixes), u.name))
+
+    def _yielding(self, preferred: Upstream, least: Upstream) -> Upstream:
+        if preferred.score() - least.score() > self.load_threshold:
+            return least
+        return preferred
 
     def unavailable_reason(self, model: str) -> str:
         now = time.monotonic()

@@ -1,0 +1,113 @@
+"""Where a prompt's prefix is probably cached: an approximate record, per backend, of the
+prompt prefixes recently sent to it.
+
+A backend that already holds a prompt's prefix in its KV cache (llama.cpp's slots and host
+prompt cache, vLLM's and SGLang's automatic prefix caching) skips that part of the prefill.
+The gateway cannot see those caches directly, so it remembers what it sent where, the way
+vLLM's and SGLang's routers do: prompts are cut into fixed-size character blocks, each
+block's hash chained to the one before it (so a hash stands for the whole prefix up to it),
+and each backend keeps a bounded, age-evicted set of the hashes it has seen."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+BLOCK_CHARS = 128  # about 32 tokens: fine enough to find a shared system prompt
+MAX_PROMPT_BLOCKS = 512  # past 64k characters of shared prefix, longer matches change nothing
+DEFAULT_CAPACITY = 16_384  # blocks per backend (2M characters, ~500k tokens): ~3 MB of memory
+DEFAULT_TTL_SECONDS = 600.0  # a prefix not seen for this long has probably left the cache
+
+_ROLE_END = "\x1e"  # separators no chat text contains, so role and content cannot run together
+_FIELD_END = "\x1f"
+
+
+def prompt_text(body: dict) -> str:
+    """The part of a request that a backend's prefix cache keys on, as one string: the chat
+    messages in order (role, then content), else the completion prompt."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            parts.append(f"{message.get('role', '')}{_FIELD_END}{_content_text(message.get('content'))}{_ROLE_END}")
+        return "".join(parts)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        return prompt[0]  # a batch: its first prompt stands for where it should go
+    return ""
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: only text is a cacheable prefix
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def prompt_blocks(body: dict) -> list[bytes]:
+    """Chained hashes of the prompt's whole blocks: the i-th hash identifies its first
+    (i + 1) * BLOCK_CHARS characters. A trailing partial block is left out."""
+    text = prompt_text(body).encode("utf-8", "surrogatepass")
+    blocks: list[bytes] = []
+    previous = b""
+    for start in range(0, min(len(text), BLOCK_CHARS * MAX_PROMPT_BLOCKS) - BLOCK_CHARS + 1, BLOCK_CHARS):
+        previous = hashlib.blake2b(previous + text[start : start + BLOCK_CHARS], digest_size=8).digest()
+        blocks.append(previous)
+    return blocks
+
+
+class PrefixSet:
+    """The prefixes one backend was sent recently: bounded in count, evicted by age, oldest
+    first. Not thread-safe: the gateway's event loop is its only user."""
+
+    def __init__(
+        self,
+        capacity: int = DEFAULT_CAPACITY,
+        ttl: float = DEFAULT_TTL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.capacity = capacity
+        self.ttl = ttl
+        self.clock = clock
+        self._seen: OrderedDict[bytes, float] = OrderedDict()  # block hash -> last sent
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def match(self, blocks: list[bytes]) -> int:
+        """How many leading blocks of the prompt this backend was sent (and still holds)."""
+        self._expire()
+        matched = 0
+        for block in blocks:
+            if block not in self._seen:
+                break
+            matched += 1
+        return matched
+
+    def record(self, blocks: list[bytes]) -> None:
+        """The prompt was sent here: its prefixes are now the freshest this backend holds."""
+        now = self.clock()
+        for block in blocks:
+            self._seen[block] = now
+            self._seen.move_to_end(block)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def clear(self) -> None:
+        """The backend's cache is gone (it restarted, or went unhealthy and may have)."""
+        self._seen.clear()
+
+    def _expire(self) -> None:
+        horizon = self.clock() - self.ttl
+        while self._seen:
+            block, seen = next(iter(self._seen.items()))
+            if seen >= horizon:
+                return
+            del self._seen[block]
