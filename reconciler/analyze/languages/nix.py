@@ -122,13 +122,15 @@ class NixResolver:
             return Resolution()  # absolute, home or <nixpkgs> paths lie outside the tree
         joined = posixpath.normpath(posixpath.join(posixpath.dirname(module.path), ref.target))
         if joined.startswith("../"):
-            return Resolution()
+            return Resolution()  # outside the analysed tree
         if joined in self.modules:
             return Resolution((joined,))
         # A directory means its default.nix, but only where Nix itself would read it.
         directory_default = "default.nix" if joined == "." else f"{joined}/default.nix"
         if ref.kind != "path" and directory_default in self.modules:
             return Resolution((directory_default,))
+        if ref.kind != "path" or joined.endswith(".nix"):  # other literal paths are data
+            return Resolution(unresolved="no such .nix file (or directory with default.nix)")
         return Resolution()
 
 

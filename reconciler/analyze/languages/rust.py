@@ -248,7 +248,11 @@ class RustResolver:
         label, own = self.place[module.path]
         if ref.kind == "mod":
             child = self.mod_targets.get((module.path, ref.line, ref.target))
-            return Resolution((child,) if child else ())
+            if child:
+                return Resolution((child,))
+            return Resolution(
+                unresolved=f"no file for `mod {ref.target};` ({ref.target}.rs or {ref.target}/mod.rs)"
+            )
         current = [*own, *ref.names]
         path = _segments(ref.target)
         if not path:
