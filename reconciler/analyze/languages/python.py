@@ -217,7 +217,12 @@ class PythonResolver:
             else:
                 from_base = True
         if from_base and base:
-            found = self._longest(base, module.path)
+            found = self._find(base, module.path) or self._longest(base, module.path)
+            if found and found.endswith("__init__.py") and self.names[found] != base:
+                # A package of this tree without that module: naming the package instead
+                # would invent an edge (and hide a file the walk may have left out).
+                missing = f"no module {base} in the tree (package {self.names[found]} has none)"
+                return Resolution(tuple(dict.fromkeys(targets)), unresolved=missing)
             if found:
                 targets.append(found)
         if targets:
