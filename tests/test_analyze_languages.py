@@ -78,7 +78,11 @@ def test_type_only_edges_in_the_json_the_diagram_and_the_cycle_list():
     structure_ = analyze_structure(FIXTURES / "typescript-types")
     report = build_report(structure_, skipped_summaries(structure_.graph, "", "", "off"), {})
     marked = {(e["from"], e["to"]) for e in report["edges"] if e["type_only"]}
-    assert marked == {("src/b.ts", "src/a.ts"), ("src/b.ts", "src/c.ts"), ("src/index.ts", "src/a.ts")}
+    assert marked == {
+        ("src/b.ts", "src/a.ts"),
+        ("src/b.ts", "src/c.ts"),
+        ("src/index.ts", "src/a.ts"),
+    }
     assert report["totals"]["cycles"] == 1 and report["totals"]["type_only_cycles"] == 1
     dashed = [line for line in report["mermaid"].splitlines() if "-.->" in line]
     assert sorted(dashed) == [

@@ -130,6 +130,7 @@ class NixResolver:
         if found:
             return Resolution(tuple(found))
         return Resolution(unresolved="readDir of a directory with no .nix file in the tree")
+
     def name(self, path: str) -> str:
         return path
 
