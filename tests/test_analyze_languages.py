@@ -37,6 +37,7 @@ def test_cargo_lib_name_renamed_and_workspace_dependencies():
     assert set(g.edges) == {
         ("crates/deploy/src/main.rs", "crates/deploy/src/cli.rs"),  # use deploy::cli
         ("crates/deploy/src/bin/activate.rs", "crates/deploy/src/cli.rs"),
+        ("crates/deploy/src/bin/activate.rs", "crates/deploy/src/lib.rs"),  # deploy::deploy()
         ("crates/deploy/src/lib.rs", "crates/deploy/src/cli.rs"),  # mod cli
         ("crates/deploy/src/lib.rs", "crates/util/src/helpers.rs"),  # util = {package=…}
         ("crates/tool/src/main.rs", "crates/util/src/helpers.rs"),  # ws_util = {workspace}
@@ -68,6 +69,7 @@ def test_typescript_type_imports_are_type_only_and_cycles_count_runtime_edges():
         ("src/b.ts", "src/a.ts"),  # import type { A }
         ("src/b.ts", "src/c.ts"),  # import { type C, type D }: every name a type
         ("src/index.ts", "src/a.ts"),  # export type { A } from
+        ("src/index.ts", "src/c.ts"),  # export type * from (TypeScript 5)
     }
     assert not g.type_only(("src/b.ts", "src/e.ts"))  # { type E, f }: f is a value
     assert g.cycles() == [["src/b.ts", "src/e.ts"]]
@@ -82,6 +84,7 @@ def test_type_only_edges_in_the_json_the_diagram_and_the_cycle_list():
         ("src/b.ts", "src/a.ts"),
         ("src/b.ts", "src/c.ts"),
         ("src/index.ts", "src/a.ts"),
+        ("src/index.ts", "src/c.ts"),
     }
     assert report["totals"]["cycles"] == 1 and report["totals"]["type_only_cycles"] == 1
     dashed = [line for line in report["mermaid"].splitlines() if "-.->" in line]
@@ -89,6 +92,7 @@ def test_type_only_edges_in_the_json_the_diagram_and_the_cycle_list():
         "  m_src_b_ts -.-> m_src_a_ts",
         "  m_src_b_ts -.-> m_src_c_ts",
         "  m_src_index_ts -.-> m_src_a_ts",
+        "  m_src_index_ts -.-> m_src_c_ts",
     ]
     markdown = render_markdown(report)
     cycles = markdown.split("## Import cycles")[1].split("##")[0]

@@ -107,12 +107,26 @@ class RustLanguage:
                 text = node_text(child)
                 if text.startswith("crate::"):  # a fully qualified path used without `use`
                     module.imports.append(ImportRef(text, line, "path", names=inline))
+                elif _may_name_a_crate(text):  # `deploy::init_logger(…)`, no `use` needed
+                    module.imports.append(ImportRef(text, line, "qualified", names=inline))
                 self._collect(child, inline, module)
             else:
                 self._collect(child, inline, module)
 
     def resolver(self, modules: list[ParsedModule], files: set[str], root: Path) -> RustResolver:
         return RustResolver(modules, files, root)
+
+
+def _may_name_a_crate(text: str) -> bool:
+    """`name::item` whose first segment could be a crate (snake_case, not a keyword or the
+    standard library); the resolver keeps it only when a library of the tree has that name."""
+    first, separator, _ = text.partition("::")
+    return (
+        bool(separator)
+        and first.isidentifier()
+        and first.islower()
+        and first not in (STANDARD_CRATES | {"self", "super", "crate"})
+    )
 
 
 def _path_attribute(node) -> str:
@@ -271,6 +285,13 @@ class RustResolver:
         first = path[0]
         if ref.kind == "extern crate":
             return self._crate(label, first, [])
+        if ref.kind == "qualified":  # only a library of this tree; anything else is a type path
+            local = (label, (*current, first)) in self.by_place or first in self._inline_mods(
+                module
+            )
+            if local or self._library(label, first) is None:
+                return Resolution()
+            return self._crate(label, first, path[1:])
         if first == "crate":
             absolute = path[1:]
         elif first == "self":
@@ -291,6 +312,13 @@ class RustResolver:
         """`mod x { … }` of this file; a `mod x;` is a file of its own, reached by `use x::`."""
         declared = {r.target for r in module.imports if r.kind == "mod" and not r.names}
         return {d.name for d in module.definitions if d.kind == "mod"} - declared
+
+    def _library(self, label: str, name: str) -> str | None:
+        """The crate label of the tree's library that `name` names from crate `label`."""
+        package = self.package_of.get(label)
+        if package is not None and name in package.dependencies:
+            return self.lib_of.get(package.dependencies[name])
+        return self.libraries.get(name)
 
     def _crate(self, label: str, name: str, rest: list[str]) -> Resolution:
         """`name::rest` used from crate `label`: a dependency its package declares (perhaps

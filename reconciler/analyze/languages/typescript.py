@@ -89,7 +89,11 @@ def _string(node) -> str | None:
 
 
 def _has_type_keyword(node) -> bool:
-    return any(child.type == "type" for child in node.children)
+    # `export type * from` (TypeScript 5) is newer than the grammar: an ERROR node holding `type`
+    return any(
+        child.type == "type" or (child.type == "ERROR" and node_text(child) == "type")
+        for child in node.children
+    )
 
 
 def _type_only(statement) -> bool:
@@ -272,9 +276,13 @@ class TypeScriptResolver:
 
     def resolve(self, module: ParsedModule, ref: ImportRef) -> Resolution:
         if ref.target.startswith((".", "/")):
-            found = self._lookup(posixpath.dirname(module.path), ref.target)
+            directory = posixpath.dirname(module.path)
+            found = self._lookup(directory, ref.target)
             if found:
                 return Resolution((found,))
+            joined = posixpath.normpath(posixpath.join(directory, ref.target))
+            if joined.startswith("../") or joined in self.files:
+                return Resolution()  # outside the analysed tree, or data (JSON, CSS, …)
             return Resolution(
                 unresolved="no such file in the tree (extensions and index files tried)"
             )
