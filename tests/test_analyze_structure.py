@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.analyze.budget import MIN_ROOM_CHARS, Budget, chunk_text, pack, truncate
+from reconciler.analyze.client import clean
 from reconciler.analyze.graph import strongly_connected_components
 from reconciler.analyze.mermaid import mermaid
 from reconciler.analyze.structure import analyze_structure
-from reconciler.analyze.summarize import clean
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "analyze"

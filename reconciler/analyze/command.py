@@ -87,9 +87,10 @@ def _readable_directory(root: Path) -> str | None:
 
 def execute(args: argparse.Namespace, state, gateway_url: str) -> int:
     # Imported here: `tensorforge --help` should not pay for openai and the parsers.
+    from reconciler.analyze.client import GatewayError
     from reconciler.analyze.kinds import parse_kinds
     from reconciler.analyze.run import analyze, check_writable, write_report
-    from reconciler.analyze.summarize import GatewayError, SummaryOptions
+    from reconciler.analyze.summarize import SummaryOptions
 
     for noisy in ("httpx", "httpx2", "openai"):  # one log line per request drowns the progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
