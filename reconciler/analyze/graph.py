@@ -9,6 +9,7 @@ edges, and loops that exist only through type-only edges are listed apart."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def strongly_connected_components(nodes: list[str], successors) -> list[list[str
 
 
 def build_graph(
-    modules: list[ParsedModule], files: set[str], root: Path, skipped: list[LeftOut] = ()
+    modules: list[ParsedModule], files: set[str], root: Path, skipped: Sequence[LeftOut] = ()
 ) -> Graph:
     """`skipped` are the files the walk did not read: they take part in resolution as empty
     stand-ins, so an import of one is reported with the reason instead of being resolved to

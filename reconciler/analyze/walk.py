@@ -241,6 +241,7 @@ def walk_tree(root: Path) -> Tree:
             except OSError as exc:  # a directory we may list but not enter
                 left_out.append(LeftOut(relative, _why_not(exc), detect_language(path)))
                 continue
+            reason: str | None
             if stat.S_ISLNK(info.st_mode):
                 reason = "symbolic link (not followed)"
             elif not stat.S_ISREG(info.st_mode):

@@ -80,9 +80,10 @@ def read_packages(files: set[str], root: Path) -> dict[str, Package]:
         if not isinstance(info, dict) or not isinstance(info.get("name"), str):
             continue  # a virtual workspace manifest
         inherited = _nearest(workspaces, directory)
-        lib = manifest.get("lib") if isinstance(manifest.get("lib"), dict) else {}
-        lib_name = lib.get("name") if isinstance(lib.get("name"), str) else info["name"]
-        lib_path = lib.get("path") if isinstance(lib.get("path"), str) else "src/lib.rs"
+        lib = manifest.get("lib")
+        lib = lib if isinstance(lib, dict) else {}
+        lib_name = _text(lib.get("name"), info["name"])
+        lib_path = _text(lib.get("path"), "src/lib.rs")
         package = Package(
             directory,
             info["name"],
@@ -92,10 +93,14 @@ def read_packages(files: set[str], root: Path) -> dict[str, Package]:
         )
         for binary in manifest.get("bin") or []:
             if isinstance(binary, dict) and isinstance(binary.get("path"), str):
-                name = binary.get("name") if isinstance(binary.get("name"), str) else ""
+                name = _text(binary.get("name"), "")
                 package.bins[_join(directory, binary["path"])] = name
         packages[directory] = package
     return packages
+
+
+def _text(value: object, default: str) -> str:
+    return value if isinstance(value, str) else default
 
 
 def _join(directory: str, path: str) -> str:

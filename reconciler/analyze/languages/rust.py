@@ -286,11 +286,10 @@ class RustResolver:
         if ref.kind == "extern crate":
             return self._crate(label, first, [])
         if ref.kind == "qualified":  # only a library of this tree; anything else is a type path
-            local = (label, (*current, first)) in self.by_place or first in self._inline_mods(
-                module
-            )
-            if local or self._library(label, first) is None:
+            if self._library(label, first) is None:  # checked first: most paths are types
                 return Resolution()
+            if (label, (*current, first)) in self.by_place or first in self._inline_mods(module):
+                return Resolution()  # a module of this crate with the library's name
             return self._crate(label, first, path[1:])
         if first == "crate":
             absolute = path[1:]
