@@ -53,6 +53,9 @@ def test_every_file_left_out_and_every_unresolved_import_is_reported(tmp_path: P
     done = analyze(str(root), "--output", str(out), "--json", str(data))
     assert done.returncode == 0, done.stderr
     assert "cannot write" not in done.stderr
+    assert "not covered: 4 file(s) left out, 6 unresolved import(s), go not parsed (2 files)" in (
+        done.stderr
+    )
     report = json.loads(data.read_text())
     assert {f["path"]: f["reason"] for f in report["left_out"]} == {
         "pkg/big.py": "over 1,000,000 bytes (1,200,000)",

@@ -150,7 +150,17 @@ def execute(args: argparse.Namespace, state, gateway_url: str) -> int:
         f"analyzed {totals['modules']} modules ({totals['edges']} dependencies, {totals['cycles']} cycles) "
         f"in {report['timings']['total_s']:.1f}s; summaries: {counts['summarized']} summarized, "
         f"{counts['skipped']} skipped, {counts['failed']} failed"
+        + _not_covered(report)
         + (f"; wrote {written}" if written else ""),
         file=sys.stderr,
     )
     return 1 if counts["failed"] else 0
+
+
+def _not_covered(report: dict) -> str:
+    """What the graph lacks, said where the run ends too (details in the report)."""
+    parts = [f"{len(report['left_out'])} file(s) left out"] if report["left_out"] else []
+    if report["unresolved"]:
+        parts.append(f"{len(report['unresolved'])} unresolved import(s)")
+    parts += [f"{name} not parsed ({n} files)" for name, n in report["not_parsed"].items()]
+    return f"; not covered: {', '.join(parts)}" if parts else ""
