@@ -63,7 +63,7 @@ def test_a_large_tree_is_drawn_by_directory_within_the_size_limit(tmp_path: Path
     between = sum(1 for s, t in g.edges if s.split("/")[1] != t.split("/")[1] and "tests" not in s)
     assert counted == between
     with_tests = mermaid(g, include_tests=True)
-    assert with_tests.tests_left_out == 0 and "tests/ (1 modules)" in with_tests.text
+    assert with_tests.tests_left_out == 0 and "tests/ (1 module)" in with_tests.text
 
 
 def test_the_module_diagram_is_cut_to_the_size_limit(tmp_path: Path):

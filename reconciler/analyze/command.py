@@ -162,5 +162,8 @@ def _not_covered(report: dict) -> str:
     parts = [f"{len(report['left_out'])} file(s) left out"] if report["left_out"] else []
     if report["unresolved"]:
         parts.append(f"{len(report['unresolved'])} unresolved import(s)")
-    parts += [f"{name} not parsed ({n} files)" for name, n in report["not_parsed"].items()]
+    parts += [
+        f"{name} not parsed ({n} file{'s' if n != 1 else ''})"
+        for name, n in report["not_parsed"].items()
+    ]
     return f"; not covered: {', '.join(parts)}" if parts else ""

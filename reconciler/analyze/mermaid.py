@@ -130,7 +130,8 @@ def _directory_lines(graph: Graph, drawn: list[str], depth: int) -> tuple[list[s
     lines = ["flowchart LR"]
     for directory, n in sorted(members.items()):
         name = "(top level)" if directory == "." else directory + "/"
-        lines.append(f"  {ids[directory]}[{label(f'{name} ({n} modules)')}]")
+        modules = f"{n} module" + ("s" if n != 1 else "")
+        lines.append(f"  {ids[directory]}[{label(f'{name} ({modules})')}]")
     for (source, target), n in sorted(counts.items()):
         lines.append(
             f'  {ids[source]} {_arrow((source, target) not in runtime)}|"{n}"| {ids[target]}'

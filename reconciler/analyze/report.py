@@ -196,7 +196,7 @@ def _coverage(report: dict) -> list[str]:
     if not (not_parsed or left_out or unresolved):
         return [*out, "Every file was read and every import within the tree resolved."]
     if not_parsed:
-        listed = ", ".join(f"{k} ({v} files)" for k, v in not_parsed.items())
+        listed = ", ".join(f"{k} ({v} file{'s' if v != 1 else ''})" for k, v in not_parsed.items())
         out.append(
             f"**Not parsed** (no parser for these languages; their imports are not in the graph): {listed}."
         )
