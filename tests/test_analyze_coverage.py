@@ -80,7 +80,7 @@ def test_every_file_left_out_and_every_unresolved_import_is_reported(tmp_path: P
     covered = markdown.split("## Not covered")[1].split("\n## ")[0]
     assert "**Not parsed** (no parser for these languages" in covered and "go (2 files)" in covered
     assert "- `pkg/private/`: unreadable (Permission denied)" in covered
-    assert "- `pkg/main.py` line 8: `missing`: no module pkg.missing" in covered
+    assert "- `pkg/main.py` line 9: `missing`: no module pkg.missing" in covered
 
 
 def test_an_unreadable_root_says_it_cannot_be_read(tmp_path: Path):

@@ -4,6 +4,7 @@ too), and package-aware resolution of absolute and relative imports."""
 from __future__ import annotations
 
 import ast
+import posixpath
 import sys
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -196,6 +197,13 @@ class PythonResolver:
                 return found
         return None
 
+    def _namespace_directory(self, package: str, dotted: str) -> bool:
+        """`import pkg.sub` of a directory without __init__.py (a namespace package): no
+        module to point at, nothing missing either."""
+        rest = dotted.split(".")[len(self.names[package].split(".")) :]
+        directory = posixpath.join(posixpath.dirname(package), *rest) + "/"
+        return any(f.startswith(directory) for f in self.files)
+
     def resolve(self, module: ParsedModule, ref) -> Resolution:
         base = ref.target
         if ref.level:
@@ -221,6 +229,8 @@ class PythonResolver:
             if found and found.endswith("__init__.py") and self.names[found] != base:
                 # A package of this tree without that module: naming the package instead
                 # would invent an edge (and hide a file the walk may have left out).
+                if self._namespace_directory(found, base):
+                    return Resolution(tuple(dict.fromkeys(targets)))
                 missing = f"no module {base} in the tree (package {self.names[found]} has none)"
                 return Resolution(tuple(dict.fromkeys(targets)), unresolved=missing)
             if found:
