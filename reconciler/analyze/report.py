@@ -240,8 +240,13 @@ def render_markdown(report: dict) -> str:
     out = [f"# Analysis of {_code(report['root'])}", ""]
     out.append(
         f"{totals['files']} files, {totals['modules']} modules parsed ({totals['lines']} lines), "
-        f"{totals['edges']} dependencies, {totals['cycles']} import cycle(s). "
-        f"Generated {report['generated']} by `tensorforge analyze` in {report['timings'].get('total_s', 0):.1f}s."
+        f"{totals['edges']} dependencies, {totals['cycles']} import cycle(s)"
+        + (
+            f" (and {totals['type_only_cycles']} through type-only imports only). "
+            if totals.get("type_only_cycles")
+            else ". "
+        )
+        + f"Generated {report['generated']} by `tensorforge analyze` in {report['timings'].get('total_s', 0):.1f}s."
     )
     out += _coverage(report)
     out += [
@@ -288,6 +293,8 @@ def render_markdown(report: dict) -> str:
     else:
         out.append("_No module imports another._")
     out += ["", "## Entry points", ""]
+    if not report["entry_points"]:
+        out.append("None found: every module is imported by another.")
     for e in report["entry_points"]:
         reasons = "; ".join(_prose(r) for r in e["reasons"])
         out.append(f"- {_code(e['name'])} ({_code(e['path'])}): {reasons}")
