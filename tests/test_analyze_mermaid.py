@@ -66,6 +66,17 @@ def test_a_large_tree_is_drawn_by_directory_within_the_size_limit(tmp_path: Path
     assert with_tests.tests_left_out == 0 and "tests/ (1 module)" in with_tests.text
 
 
+def test_too_many_arrows_between_directories_falls_back_to_a_cut_module_diagram(
+    tmp_path: Path,
+):
+    g = analyze_structure(large_tree(tmp_path)).graph
+    # 30 package directories have more arrows than 20, and one directory ("big/") says nothing
+    drawn = mermaid(g, max_edges=20)
+    arrows = sum(1 for line in drawn.text.splitlines() if "->" in line)
+    assert drawn.level == "modules" and arrows == 20
+    assert drawn.edges_left_out == sum(1 for s, _ in g.edges if not s.startswith("tests/")) - 20
+
+
 def test_the_module_diagram_is_cut_to_the_size_limit(tmp_path: Path):
     """Were a module-level diagram too long (tiny limit here), edges are dropped until it fits."""
     g = analyze_structure(FIXTURES / "python").graph

@@ -159,11 +159,12 @@ def mermaid(
     directories = {_directory_of(p, depth) for p in connected}
     if len(connected) > MAX_MODULE_NODES and len(directories) > 1:
         for level in range(depth, 0, -1):
-            if len({_directory_of(p, level) for p in connected}) > MAX_DIRECTORY_NODES:
+            groups = len({_directory_of(p, level) for p in connected})
+            if not 2 <= groups <= MAX_DIRECTORY_NODES:  # one box says nothing
                 continue
-            lines, _ = _directory_lines(graph, sorted(connected), level)
+            lines, arrows = _directory_lines(graph, sorted(connected), level)
             text = "\n".join(lines)
-            if len(text) <= max_chars:
+            if len(text) <= max_chars and arrows <= limit:  # maxEdges holds here too
                 return Diagram(text, isolated, 0, 0, "directories", tests_left_out, level)
     ordered = sorted(candidates, key=_priority(graph))
     kept = ordered[:limit]
