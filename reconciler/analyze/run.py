@@ -1,6 +1,6 @@
-"""`tensorforge analyze`: the outputs checked writable and the gateway asked first (so a run
-that cannot finish fails before any work), then the structure, the summaries (unless
---no-summaries) and the report files."""
+"""`tensorforge analyze`: the gateway asked first (so a run that cannot get summaries fails
+before any work), then the structure, the summaries (unless --no-summaries) and the report
+files, written atomically. `check_writable` is for the command line to call before all that."""
 
 from __future__ import annotations
 
