@@ -80,6 +80,7 @@ def test_every_file_left_out_and_every_unresolved_import_is_reported(tmp_path: P
     covered = markdown.split("## Not covered")[1].split("\n## ")[0]
     assert "**Not parsed** (no parser for these languages" in covered and "go (2 files)" in covered
     assert "- `pkg/private/`: unreadable (Permission denied)" in covered
+    assert "Imports of modules inside the directories left out above appear here too." in covered
     assert "- `pkg/main.py` line 9: `missing`: no module pkg.missing" in covered
 
 

@@ -207,6 +207,8 @@ def _coverage(report: dict) -> list[str]:
         out.append("")
     if unresolved:
         out += [f"**Unresolved imports** ({len(unresolved)}):", ""]
+        if any(f["path"].endswith("/") for f in left_out):
+            out += ["Imports of modules inside the directories left out above appear here too.", ""]
         out += [
             f"- {_code(u['from'])} line {u['line']}: {_code(u['import'])}: {u['reason']}"
             for u in unresolved
