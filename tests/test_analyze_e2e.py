@@ -5,6 +5,7 @@ map-reduce path runs for real. Checks the report's shape, not the model's prose.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 from conftest import REPO, free_port, smollm2_config
 
 pytestmark = pytest.mark.slow
+NO_SENTENCE = "(the model's answer held no complete sentence)"
 
 
 def write_tree(root: Path) -> None:
@@ -48,14 +50,12 @@ def test_analyze_with_smollm2_through_the_gateway(llama_server, run_gateway, tmp
     tree = tmp_path / "tree"
     write_tree(tree)
     out, data = tmp_path / "r.md", tmp_path / "r.json"
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "reconciler.cli", "analyze", str(tree), "--gateway", gateway,
          "--output", str(out), "--json", str(data), "--context-tokens", "512",
          "--max-tokens", "32", "--overview-tokens", "48"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True, text=True, timeout=900, cwd=REPO,  # a hang guard, not a speed check
     )  # fmt: skip
-    took = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     report = json.loads(data.read_text())
     assert report["summaries"]["status"] == "done"
@@ -64,11 +64,17 @@ def test_analyze_with_smollm2_through_the_gateway(llama_server, run_gateway, tmp
     assert set(summaries) == {"shop/__init__.py", "shop/basket.py", "shop/prices.py"}
     for path, summary in summaries.items():
         assert summary["status"] == "summarized", (path, summary)
-        assert summary["text"].strip()
+        assert summary["model"] == "smollm2"
+        # 32 answer tokens cut the model mid-sentence: only whole sentences are kept.
+        text = summary["text"]
+        assert re.search(r"[.!?][\"')\]]*$", text) or text == NO_SENTENCE, text
     assert summaries["shop/basket.py"]["chunks"] > 1  # map-reduce over chunks of one module
     assert report["summaries"]["overview"].strip()
     assert [(e["from"], e["to"]) for e in report["edges"]] == [("shop/basket.py", "shop/prices.py")]
     markdown = out.read_text()
     assert "```mermaid\nflowchart LR" in markdown and "## Architecture overview" in markdown
+    assert (
+        "> **Caution:** The overview and the module summaries were written by the language "
+        "model smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf, about 135M parameters)"
+    ) in markdown
     assert "[3/3]" in done.stderr  # progress on stderr
-    assert took < 90, f"analyze took {took:.0f}s"

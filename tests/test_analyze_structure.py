@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.analyze.budget import MIN_ROOM_CHARS, Budget, chunk_text, pack, truncate
+from reconciler.analyze.client import clean
 from reconciler.analyze.graph import strongly_connected_components
 from reconciler.analyze.mermaid import mermaid
 from reconciler.analyze.structure import analyze_structure
-from reconciler.analyze.summarize import clean
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "analyze"
@@ -149,9 +149,14 @@ def test_typescript_fixture():
         ("src/cli.ts", "src/plugins/loader.tsx"),  # await import("./plugins/loader")
         ("src/index.ts", "src/app.ts"),  # export { App } from "./app"
         ("src/index.ts", "src/types.ts"),  # export * from "./types"
+        ("src/store/index.ts", "src/app.ts"),  # import type
+    }
+    assert {e for e in g.edges if g.type_only(e)} == {
+        ("src/app.ts", "src/types.ts"),
         ("src/store/index.ts", "src/app.ts"),
     }
-    assert g.cycles() == [["src/app.ts", "src/store/index.ts"]]
+    assert g.cycles() == []  # the loop runs through `import type`: tsc erases it
+    assert g.type_only_cycles() == [["src/app.ts", "src/store/index.ts"]]
     assert g.external == {"src/app.ts": ["@scope/pkg", "lodash"]}  # node:fs is the runtime
     assert g.entry_points == {
         "src/cli.ts": ["package.json of .", "nothing in the tree imports it"],
@@ -186,7 +191,7 @@ MERMAID_LINE = re.compile(
     r"|  subgraph m_\w+\[\"[^\"]*\"\]"
     r"|  end"
     r"|\s+m_\w+\[\"[^\"]*\"\]"
-    r"|  m_\w+ --> m_\w+"
+    r"|  m_\w+ (-->|-\.->) m_\w+"
     r"|  classDef \w+ [\w:#,]+"
     r"|  class m_\w+(,m_\w+)* \w+)$"
 )
@@ -195,12 +200,14 @@ MERMAID_LINE = re.compile(
 @pytest.mark.parametrize("name", ["python", "rust", "nix", "typescript"])
 def test_mermaid_is_valid_and_complete(name: str):
     g = structure(name)
-    drawn = mermaid(g)
+    drawn = mermaid(g, include_tests=True)
     diagram = drawn.text
     lines = diagram.splitlines()
     bad = [line for line in lines if not MERMAID_LINE.match(line)]
     assert not bad, bad
-    assert sum(1 for line in lines if "-->" in line) == len(g.edges)
+    assert sum(1 for line in lines if "->" in line) == len(g.edges)
+    dashed = sum(1 for line in lines if "-.->" in line)
+    assert dashed == sum(1 for e in g.edges if g.type_only(e))
     assert lines.count("  end") == sum(1 for line in lines if "subgraph" in line)
     ids = re.findall(r"\b(m_\w+)\[", diagram)
     assert len(ids) == len(set(ids))
@@ -222,7 +229,14 @@ def test_budget_chunks_fit_and_pack_converges():
 
 def test_clean_cuts_model_loops():
     looped = "It starts the engine, which is then used to start the engine, which is then used to start the engine."
-    assert looped.startswith(clean(looped)) and clean(looped).count("which is then used") == 1
+    assert clean(looped) == ""  # cut at the repeat, no sentence is left whole
+    looped = "It runs jobs. " + looped
+    assert clean(looped) == "It runs jobs."
+    # An answer cut by max_tokens ends mid-sentence: only whole sentences are kept.
+    assert clean("It parses Cargo.toml files. Then it reads the (lib) name and") == (
+        "It parses Cargo.toml files."
+    )
+    assert clean('It says "hello." It also') == 'It says "hello."'
     assert clean("A b. A b. C d.") == "A b. C d."
 
 
@@ -239,25 +253,29 @@ def test_this_repository():
     assert any(p.endswith(".nix") for p in g.modules)
 
 
-def test_cli_without_gateway_writes_structure_and_marks_skipped(tmp_path: Path):
+def test_cli_without_gateway_fails_and_no_summaries_writes_structure(tmp_path: Path):
     out, data = tmp_path / "r.md", tmp_path / "r.json"
+    command = [sys.executable, "-m", "reconciler.cli", "analyze", str(FIXTURES / "typescript"),
+               "--output", str(out), "--json", str(data), "--gateway", "http://127.0.0.1:9"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 1, done.stderr  # asked for summaries, got none: an error
+    assert "gateway http://127.0.0.1:9 unreachable" in done.stderr
+    assert "--no-summaries" in done.stderr  # the way out is named
+    assert not out.exists() and not data.exists()  # refused before any work
     done = subprocess.run(
-        [sys.executable, "-m", "reconciler.cli", "analyze", str(FIXTURES / "typescript"),
-         "--output", str(out), "--json", str(data), "--gateway", "http://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )  # fmt: skip
+        [*command, "--no-summaries"], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(data.read_text())
     assert report["summaries"]["status"] == "skipped"
-    assert "unreachable" in report["summaries"]["reason"]
+    assert "--no-summaries" in report["summaries"]["reason"]
     assert {m["summary"]["status"] for m in report["modules"]} == {"skipped"}
     assert [e["from"] + ">" + e["to"] for e in report["edges"]][:1] == [
         "src/app.ts>src/store/index.ts"
     ]
     markdown = out.read_text()
     assert "```mermaid\nflowchart LR" in markdown
-    assert "_Skipped: gateway http://127.0.0.1:9 unreachable" in markdown
-    assert "summaries skipped" in done.stderr
+    assert "_Skipped: summaries not requested (--no-summaries)._" in markdown
 
 
 def test_byte_order_mark_and_a_non_utf8_file_name(tmp_path: Path):

@@ -139,7 +139,7 @@ def test_overview_rounds_are_bounded(tmp_path: Path, monkeypatch):
 
 
 class TinyContextClient:
-    def __init__(self, gateway: str, model: str, timeout: float) -> None:
+    def __init__(self, gateway: str, model: str, timeout: float, api_key=None) -> None:
         pass
 
     def probe(self) -> ModelInfo:

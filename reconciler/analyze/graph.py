@@ -1,15 +1,32 @@
 """The module dependency graph: imports resolved to modules of the tree, fan-in and fan-out,
 import cycles (Tarjan's strongly connected components) and entry points. Pure and
-deterministic: the same tree gives the same graph, edge for edge."""
+deterministic: the same tree gives the same graph, edge for edge.
+
+An edge whose every import is needed only by the type checker (`if TYPE_CHECKING:`,
+`import type`) is type-only: it is kept and marked, but cycles are counted over run-time
+edges, and loops that exist only through type-only edges are listed apart."""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.analyze.languages import LANGUAGES
 from reconciler.analyze.languages.base import ImportRef, Language, ParsedModule, Resolver
+from reconciler.analyze.walk import LeftOut
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    """An import naming something of the tree that the tree does not provide (or that the
+    walk left out), with the reason."""
+
+    source: str  # the importing module's path
+    target: str  # the import as written
+    line: int
+    reason: str
 
 
 @dataclass
@@ -19,6 +36,10 @@ class Graph:
     edges: dict[tuple[str, str], list[ImportRef]]  # (importer, imported) -> the imports behind it
     external: dict[str, list[str]] = field(default_factory=dict)  # path -> packages outside
     entry_points: dict[str, list[str]] = field(default_factory=dict)  # path -> reasons
+    unresolved: list[Unresolved] = field(default_factory=list)
+
+    def type_only(self, edge: tuple[str, str]) -> bool:
+        return all(ref.type_only for ref in self.edges[edge])
 
     def successors(self, path: str) -> list[str]:
         return self._out.get(path, [])
@@ -35,24 +56,44 @@ class Graph:
     def __post_init__(self) -> None:
         self._out: dict[str, list[str]] = {}
         self._in: dict[str, list[str]] = {}
+        self._runtime: dict[str, list[str]] = {}
         for source, target in sorted(self.edges):
             self._out.setdefault(source, []).append(target)
             self._in.setdefault(target, []).append(source)
+            if not self.type_only((source, target)):
+                self._runtime.setdefault(source, []).append(target)
+        self._cycles: dict[bool, list[list[str]]] = {}
+
+    def runtime_successors(self, path: str) -> list[str]:
+        return self._runtime.get(path, [])
+
+    def _components(self, runtime: bool) -> list[list[str]]:
+        if runtime not in self._cycles:
+            successors = self.runtime_successors if runtime else self.successors
+            components = strongly_connected_components(list(self.modules), successors)
+            self._cycles[runtime] = sorted(sorted(c) for c in components if len(c) > 1)
+        return self._cycles[runtime]
 
     def cycles(self) -> list[list[str]]:
-        """Every strongly connected component with more than one module, each sorted."""
-        components = strongly_connected_components(list(self.modules), self.successors)
-        return sorted(sorted(c) for c in components if len(c) > 1)
+        """Every strongly connected component of run-time edges with more than one module,
+        each sorted."""
+        return self._components(runtime=True)
 
-    def cycle_path(self, component: list[str]) -> list[str]:
+    def type_only_cycles(self) -> list[list[str]]:
+        """Components that exist only once type-only edges are counted (or grow with them)."""
+        runtime = {tuple(c) for c in self.cycles()}
+        return [c for c in self._components(runtime=False) if tuple(c) not in runtime]
+
+    def cycle_path(self, component: list[str], runtime: bool = True) -> list[str]:
         """One concrete loop through a component, starting and ending at its first module."""
+        successors = self.runtime_successors if runtime else self.successors
         members = set(component)
         start = component[0]
         previous: dict[str, str] = {}
         queue = deque([start])
         while queue:
             node = queue.popleft()
-            for nxt in self.successors(node):
+            for nxt in successors(node):
                 if nxt not in members:
                     continue
                 if nxt == start:
@@ -64,6 +105,10 @@ class Graph:
                     previous[nxt] = node
                     queue.append(nxt)
         return [*component, start]
+
+
+def _order(item: Unresolved) -> tuple[str, int, str]:
+    return (item.source, item.line, item.target)
 
 
 def strongly_connected_components(nodes: list[str], successors) -> list[list[str]]:
@@ -114,10 +159,23 @@ def strongly_connected_components(nodes: list[str], successors) -> list[list[str
     return components
 
 
-def build_graph(modules: list[ParsedModule], files: set[str], root: Path) -> Graph:
-    by_path = {m.path: m for m in sorted(modules, key=lambda m: m.path)}
+def build_graph(
+    modules: list[ParsedModule], files: set[str], root: Path, skipped: Sequence[LeftOut] = ()
+) -> Graph:
+    """`skipped` are the files the walk did not read: they take part in resolution as empty
+    stand-ins, so an import of one is reported with the reason instead of being resolved to
+    something else (a package's __init__.py) or dropped."""
+    left_out = {f.path: f.reason for f in skipped}
+    stand_ins = [
+        LANGUAGES[f.language].parse(f.path, "")
+        for f in skipped
+        if f.language in LANGUAGES and f.path not in files
+    ]
+    files = files | {m.path for m in stand_ins}
+    everything = {m.path: m for m in sorted([*modules, *stand_ins], key=lambda m: m.path)}
+    by_path = {p: m for p, m in everything.items() if p not in left_out}
     groups: dict[int, tuple[Language, list[ParsedModule]]] = {}
-    for module in by_path.values():
+    for module in everything.values():
         parser = LANGUAGES[module.language]
         groups.setdefault(id(parser), (parser, []))[1].append(module)
     owner: dict[str, Resolver] = {}
@@ -127,19 +185,26 @@ def build_graph(modules: list[ParsedModule], files: set[str], root: Path) -> Gra
             owner[member.path] = resolver
     edges: dict[tuple[str, str], list[ImportRef]] = {}
     external: dict[str, list[str]] = {}
+    unresolved: list[Unresolved] = []
     for path, module in by_path.items():
         resolver = owner[path]
         outside: set[str] = set()
         for ref in module.imports:
             resolution = resolver.resolve(module, ref)
             for target in resolution.targets:
-                if target != path:
+                if target in left_out:
+                    reason = f"{target} is left out: {left_out[target]}"
+                    unresolved.append(Unresolved(path, ref.target, ref.line, reason))
+                elif target != path:
                     edges.setdefault((path, target), []).append(ref)
             if resolution.external:
                 outside.add(resolution.external)
+            if resolution.unresolved:
+                unresolved.append(Unresolved(path, ref.target, ref.line, resolution.unresolved))
         if outside:
             external[path] = sorted(outside)
-    graph = Graph(by_path, {p: owner[p].name(p) for p in by_path}, edges, external)
+    names = {p: owner[p].name(p) for p in by_path}
+    graph = Graph(by_path, names, edges, external, unresolved=sorted(set(unresolved), key=_order))
     for path, module in by_path.items():
         reasons = list(module.entry_hints)
         declared = owner[path].entries.get(path)

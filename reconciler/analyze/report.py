@@ -7,11 +7,12 @@ import time
 from collections import Counter
 
 from reconciler.analyze.graph import Graph
+from reconciler.analyze.kinds import file_kind
 from reconciler.analyze.mermaid import mermaid
 from reconciler.analyze.structure import Structure
 from reconciler.analyze.summarize import Summaries
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: type-only edges and cycles, left_out, unresolved, not_parsed
 TOP = 10
 
 
@@ -36,9 +37,11 @@ def structural_facts(structure: Structure) -> str:
 def _module_entry(g: Graph, path: str, summaries: Summaries) -> dict:
     module = g.modules[path]
     summary = summaries.modules.get(path)
+    written = summary is not None and summary.status == "summarized"
     return {
         "path": path,
         "name": g.names[path],
+        "kind": file_kind(path),
         "language": module.language,
         "lines": module.lines,
         "definitions": [
@@ -58,13 +61,19 @@ def _module_entry(g: Graph, path: str, summaries: Summaries) -> dict:
             "chunks": summary.chunks if summary else 0,
             "truncated": summary.truncated if summary else False,
             "seconds": summary.seconds if summary else 0.0,
+            "model": summaries.model if written else None,  # who wrote it: not a fact
         },
     }
 
 
-def build_report(structure: Structure, summaries: Summaries, timings: dict[str, float]) -> dict:
+def build_report(
+    structure: Structure,
+    summaries: Summaries,
+    timings: dict[str, float],
+    include_tests: bool = False,
+) -> dict:
     g = structure.graph
-    diagram = mermaid(g)
+    diagram = mermaid(g, include_tests=include_tests)
     statuses = Counter(s.status for s in summaries.modules.values())
     external = Counter(name for names in g.external.values() for name in names)
     return {
@@ -78,12 +87,22 @@ def build_report(structure: Structure, summaries: Summaries, timings: dict[str, 
             "modules": len(g.modules),
             "edges": len(g.edges),
             "cycles": len(g.cycles()),
+            "type_only_edges": sum(1 for e in g.edges if g.type_only(e)),
+            "type_only_cycles": len(g.type_only_cycles()),
             "lines": sum(m.lines for m in g.modules.values()),
+            "left_out": len(structure.left_out),
+            "unresolved": len(g.unresolved),
         },
         "languages": {
             name: {"files": t.files, "lines": t.lines, "parsed": t.parsed}
             for name, t in structure.languages.items()
         },
+        "not_parsed": structure.not_parsed(),  # code languages present but not parsed
+        "left_out": [{"path": f.path, "reason": f.reason} for f in structure.left_out],
+        "unresolved": [
+            {"from": u.source, "import": u.target, "line": u.line, "reason": u.reason}
+            for u in g.unresolved
+        ],
         "modules": [_module_entry(g, path, summaries) for path in g.modules],
         "edges": [
             {
@@ -91,10 +110,15 @@ def build_report(structure: Structure, summaries: Summaries, timings: dict[str, 
                 "to": t,
                 "kinds": sorted({ref.kind for ref in refs}),
                 "lines": sorted({ref.line for ref in refs}),
+                "type_only": g.type_only((s, t)),
             }
             for (s, t), refs in sorted(g.edges.items())
         ],
         "cycles": [{"modules": c, "example": g.cycle_path(c)} for c in g.cycles()],
+        # Loops that exist only through type-only imports: no import order problem at run time.
+        "type_only_cycles": [
+            {"modules": c, "example": g.cycle_path(c, runtime=False)} for c in g.type_only_cycles()
+        ],
         "entry_points": [
             {"path": p, "name": g.names[p], "reasons": r} for p, r in g.entry_points.items()
         ],
@@ -111,11 +135,16 @@ def build_report(structure: Structure, summaries: Summaries, timings: dict[str, 
         "mermaid_left_out": diagram.isolated,  # modules without any dependency
         "mermaid_edges_left_out": diagram.edges_left_out,  # past the diagram's limit
         "mermaid_modules_left_out": diagram.modules_left_out,  # every edge past the limit
+        "mermaid_level": diagram.level,  # modules, or directories for a large tree
+        "mermaid_depth": diagram.depth,
+        "mermaid_tests_left_out": diagram.tests_left_out,
         "summaries": {
             "status": summaries.status,
             "reason": summaries.reason,
             "gateway": summaries.gateway,
             "model": summaries.model,
+            "model_description": summaries.model_description,
+            "caution": caution(summaries) if summaries.status == "done" else None,
             "context_tokens": summaries.context_tokens,
             "context_source": summaries.context_source,
             "counts": {k: statuses.get(k, 0) for k in ("summarized", "skipped", "failed")},
@@ -124,6 +153,17 @@ def build_report(structure: Structure, summaries: Summaries, timings: dict[str, 
             "seconds": summaries.seconds,
         },
     }
+
+
+def caution(summaries: Summaries) -> str:
+    """Said above every model-written text: what wrote it, and how far to trust it."""
+    who = summaries.model_description or summaries.model
+    return (
+        f"The overview and the module summaries were written by the language model {who}, "
+        "not derived from the code: a small model writes fluent text that can be vague, wrong "
+        "or invented. Treat them as a first draft and check them against the source; every "
+        "other section of this report is computed from the code."
+    )
 
 
 def _code(text: str) -> str:
@@ -139,16 +179,47 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(report: dict) -> str:
-    names = {m["path"]: m["name"] for m in report["modules"]}
-    totals, s = report["totals"], report["summaries"]
-    out = [f"# Analysis of {_code(report['root'])}", ""]
-    out.append(
-        f"{totals['files']} files, {totals['modules']} modules parsed ({totals['lines']} lines), "
-        f"{totals['edges']} dependencies, {totals['cycles']} import cycle(s). "
-        f"Generated {report['generated']} by `tensorforge analyze` in {report['timings'].get('total_s', 0):.1f}s."
-    )
-    out += ["", "## Architecture overview", ""]
+def _cycle(c: dict, names: dict[str, str]) -> str:
+    loop = " → ".join(_code(names[p]) for p in c["example"])
+    if len(c["example"]) - 1 < len(c["modules"]):
+        members = ", ".join(_code(names[p]) for p in c["modules"])
+        return f"- {len(c['modules'])} modules ({members}), for example {loop}"
+    return f"- {len(c['modules'])} modules: {loop}"
+
+
+def _coverage(report: dict) -> list[str]:
+    """What the graph does not cover: languages without a parser, files left out, imports
+    that name something of the tree but found nothing."""
+    out = ["", "## Not covered", ""]
+    not_parsed = report.get("not_parsed") or {}
+    left_out, unresolved = report.get("left_out") or [], report.get("unresolved") or []
+    if not (not_parsed or left_out or unresolved):
+        return [*out, "Every file was read and every import within the tree resolved."]
+    if not_parsed:
+        listed = ", ".join(f"{k} ({v} file{'s' if v != 1 else ''})" for k, v in not_parsed.items())
+        out.append(
+            f"**Not parsed** (no parser for these languages; their imports are not in the graph): {listed}."
+        )
+        out.append("")
+    if left_out:
+        out += [f"**Files left out** ({len(left_out)}):", ""]
+        out += [f"- {_code(f['path'])}: {f['reason']}" for f in left_out]
+        out.append("")
+    if unresolved:
+        out += [f"**Unresolved imports** ({len(unresolved)}):", ""]
+        if any(f["path"].endswith("/") for f in left_out):
+            out += ["Imports of modules inside the directories left out above appear here too.", ""]
+        out += [
+            f"- {_code(u['from'])} line {u['line']}: {_code(u['import'])}: {u['reason']}"
+            for u in unresolved
+        ]
+    return out
+
+
+def _overview(s: dict) -> list[str]:
+    out = ["", "## Architecture overview (written by a model)", ""]
+    if s.get("caution"):
+        out += [f"> **Caution:** {s['caution']}", ""]
     if s["overview"]:
         out.append(f"{s['overview']}")
         out += [
@@ -162,6 +233,24 @@ def render_markdown(report: dict) -> str:
     out.append(
         f"Module summaries: {counts['summarized']} summarized, {counts['skipped']} skipped, {counts['failed']} failed."
     )
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    names = {m["path"]: m["name"] for m in report["modules"]}
+    totals, s = report["totals"], report["summaries"]
+    out = [f"# Analysis of {_code(report['root'])}", ""]
+    out.append(
+        f"{totals['files']} files, {totals['modules']} modules parsed ({totals['lines']} lines), "
+        f"{totals['edges']} dependencies, {totals['cycles']} import cycle(s)"
+        + (
+            f" (and {totals['type_only_cycles']} through type-only imports only). "
+            if totals.get("type_only_cycles")
+            else ". "
+        )
+        + f"Generated {report['generated']} by `tensorforge analyze` in {report['timings'].get('total_s', 0):.1f}s."
+    )
+    out += _coverage(report)
     out += [
         "",
         "## Languages",
@@ -173,7 +262,22 @@ def render_markdown(report: dict) -> str:
         out.append(f"| {name} | {t['files']} | {t['lines']} | {'yes' if t['parsed'] else ''} |")
     out += ["", "## Dependency graph", ""]
     if report["edges"]:
+        if report.get("mermaid_level") == "directories":
+            out.append(
+                f"{totals['modules']} modules are too many to draw one by one: one node per "
+                f"directory (first {report['mermaid_depth']} path segment(s)), each arrow "
+                "labelled with the number of module dependencies behind it.\n"
+            )
+        if totals.get("type_only_edges"):
+            out.append(
+                "Dashed arrows are type-only imports (`if TYPE_CHECKING:`, `import type`).\n"
+            )
         out += ["```mermaid", report["mermaid"], "```"]
+        if report.get("mermaid_tests_left_out"):
+            out.append(
+                f"\n{report['mermaid_tests_left_out']} test module(s) are not drawn "
+                "(`--include-tests` draws them)."
+            )
         if report["mermaid_left_out"]:
             out.append(
                 f"\n{report['mermaid_left_out']} module(s) without any dependency are not drawn."
@@ -191,19 +295,22 @@ def render_markdown(report: dict) -> str:
     else:
         out.append("_No module imports another._")
     out += ["", "## Entry points", ""]
+    if not report["entry_points"]:
+        out.append("None found: every module is imported by another.")
     for e in report["entry_points"]:
         reasons = "; ".join(_prose(r) for r in e["reasons"])
         out.append(f"- {_code(e['name'])} ({_code(e['path'])}): {reasons}")
     out += ["", "## Import cycles", ""]
     if not report["cycles"]:
-        out.append("None.")
-    for c in report["cycles"]:
-        loop = " → ".join(_code(names[p]) for p in c["example"])
-        if len(c["example"]) - 1 < len(c["modules"]):
-            members = ", ".join(_code(names[p]) for p in c["modules"])
-            out.append(f"- {len(c['modules'])} modules ({members}), for example {loop}")
-        else:
-            out.append(f"- {len(c['modules'])} modules: {loop}")
+        out.append("None at run time.")
+    out += [_cycle(c, names) for c in report["cycles"]]
+    if report.get("type_only_cycles"):
+        out += [
+            "",
+            "Through type-only imports only (no import-order problem at run time):",
+            "",
+            *(_cycle(c, names) for c in report["type_only_cycles"]),
+        ]
     out += ["", "## Largest modules", "", "| module | path | lines |", "| --- | --- | ---: |"]
     out += [
         f"| {_cell(names[m['path']])} | {_code(m['path'])} | {m['lines']} |"
@@ -229,6 +336,7 @@ def render_markdown(report: dict) -> str:
             "| --- | ---: |",
         ]
         out += [f"| {_cell(k)} | {v} |" for k, v in list(report["external"].items())[:20]]
+    out += _overview(s)
     out += ["", "## Modules", ""]
     for m in report["modules"]:
         out.append(f"### {_code(m['name'])}")
@@ -240,7 +348,8 @@ def render_markdown(report: dict) -> str:
         summary = m["summary"]
         if summary["status"] == "summarized":
             out.append(
-                summary["text"]
+                f"_Summary by {_code(summary.get('model') or s['model'])} (model-written):_ "
+                + summary["text"]
                 + (" _(summary of the first chunks only)_" if summary["truncated"] else "")
             )
         else:

@@ -3,27 +3,33 @@
 Map-reduce keeps every request inside the model's context: a module too long for one prompt
 is summarised chunk by chunk and the partial summaries combined; module summaries are packed
 into batches, each batch condensed, and the condensed texts combined again until one
-overview remains. When the gateway cannot be reached, every module is marked skipped with
-the reason, and the structural report is still written."""
+overview remains. A gateway that cannot be reached, refuses the key or does not serve the
+model is an error before anything is asked (`connect`); one that goes away mid-run turns the
+remaining modules into 'skipped' with the reason."""
 
 from __future__ import annotations
 
 import math
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import openai
 
 from reconciler.analyze import prompts
 from reconciler.analyze.budget import PROMPT_WORDS_CHARS, Budget, chunk_text, pack, truncate
+from reconciler.analyze.client import (
+    Completer,
+    GatewayClient,
+    ModelInfo,
+    check_gateway,
+)
 from reconciler.analyze.graph import Graph
+from reconciler.analyze.kinds import file_kind
 from reconciler.analyze.progress import Progress
 
-CONTEXT_KEYS = ("context_length", "max_model_len", "context_window", "n_ctx", "max_context_length")
 DEFAULT_CONTEXT_TOKENS = 2048  # one slot of the embedded default (4096 tokens over 2 slots)
+DEFAULT_KINDS = frozenset({"source", "example", "bench"})
 
 
 @dataclass
@@ -45,87 +51,10 @@ class Summaries:
     context_tokens: int | None
     context_source: str
     modules: dict[str, ModuleSummary] = field(default_factory=dict)
+    model_description: str | None = None  # e.g. "smollm2 (SmolLM2-135M…, 135M parameters)"
     overview: str | None = None
     overview_reason: str | None = None
     seconds: float = 0.0
-
-
-@dataclass
-class ModelInfo:
-    served: bool
-    known: list[str]
-    context_tokens: int | None
-
-
-class Completer(Protocol):
-    def complete(self, prompt: str, max_tokens: int) -> str: ...
-
-
-class GatewayUnreachable(Exception):
-    pass
-
-
-class GatewayClient:
-    """The OpenAI API of the TensorForge gateway (or any OpenAI-compatible server)."""
-
-    def __init__(
-        self, gateway: str, model: str, timeout: float = 180.0, api_key: str | None = None
-    ) -> None:
-        self.model = model
-        self.client = openai.OpenAI(
-            base_url=gateway.rstrip("/") + "/v1", api_key=api_key or "not-needed",
-            timeout=timeout, max_retries=0,
-        )  # fmt: skip
-
-    def probe(self, timeout: float = 5.0) -> ModelInfo:
-        try:
-            listing = self.client.with_options(timeout=timeout).models.list()
-        except openai.APIConnectionError as exc:
-            raise GatewayUnreachable(str(exc)) from None
-        except openai.APIStatusError as exc:
-            raise GatewayUnreachable(f"GET /v1/models answered {exc.status_code}") from None
-        known: list[str] = []
-        for entry in listing.data:
-            data = entry.model_dump()
-            names = [data.get("id"), *(data.get("aliases") or [])]
-            known.append(str(data.get("id")))
-            if self.model in names:
-                return ModelInfo(True, known, _context_of(data))
-        return ModelInfo(False, known, None)
-
-    def complete(self, prompt: str, max_tokens: int) -> str:
-        response = self.client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "system", "content": prompts.SYSTEM}, {"role": "user", "content": prompt}],
-            max_tokens=max_tokens, temperature=0.0, frequency_penalty=0.5,
-        )  # fmt: skip
-        return clean(response.choices[0].message.content or "")
-
-
-def _context_of(data: dict) -> int | None:
-    for source in (data, data.get("meta") or {}):
-        for key in CONTEXT_KEYS:
-            if isinstance(source.get(key), int) and source[key] > 0:
-                return source[key]
-    return None
-
-
-def clean(text: str, max_sentences: int = 5) -> str:
-    """One paragraph without the loops small models fall into: a sentence, or a run of eight
-    words, said a second time ends the answer there."""
-    words = re.sub(r"\s+", " ", text).strip().split(" ")
-    seen: set[tuple[str, ...]] = set()
-    for i in range(len(words) - 7):
-        run = tuple(w.lower() for w in words[i : i + 8])
-        if run in seen:
-            words = words[:i]
-            break
-        seen.add(run)
-    sentences: list[str] = []
-    for sentence in re.split(r"(?<=[.!?])\s+", " ".join(words)):
-        if sentence and sentence not in sentences:
-            sentences.append(sentence)
-    return truncate(" ".join(sentences[:max_sentences]), 900, " …")
 
 
 def skipped_summaries(graph: Graph, gateway: str, model: str, reason: str) -> Summaries:
@@ -147,6 +76,9 @@ class SummaryOptions:
     parallel: int = 2
     max_chunks: int = 3  # beyond this, the rest of a huge module is described by its outline
     chars_per_token: float = 3.0  # measured 3.4-4.0 on this repository's code with SmolLM2
+    api_key: str | None = None  # --api-key or TF_API_KEY, for a gateway with keys on
+    kinds: frozenset[str] = DEFAULT_KINDS  # which kinds of file get a summary (tests do not)
+    model_description: str | None = None  # what the caution names: the model and its size
 
 
 def budgets(context_tokens: int, options: SummaryOptions) -> tuple[Budget, Budget]:
@@ -183,8 +115,14 @@ class Summarizer:
     def _summarize_one(self, path: str) -> ModuleSummary:
         started = time.monotonic()
         module = self.graph.modules[path]
+        kind = file_kind(path)
         if not module.source.strip():
             result = ModuleSummary("skipped", reason="empty module")
+        elif kind not in self.options.kinds:
+            result = ModuleSummary(
+                "skipped",
+                reason=f"{kind} files are not summarized (--summarize {kind} asks for them)",
+            )
         elif self.down:
             result = ModuleSummary("skipped", reason=f"gateway stopped answering: {self.down}")
         else:
@@ -240,7 +178,11 @@ class Summarizer:
                 budget.max_tokens,
             )
         return ModuleSummary(
-            "summarized", text or "(the model returned nothing)", None, len(chunks), truncated
+            "summarized",
+            text or "(the model's answer held no complete sentence)",
+            None,
+            len(chunks),
+            truncated,
         )
 
     # -- overview --------------------------------------------------------------------------
@@ -291,23 +233,25 @@ def _describe(exc: Exception) -> str:
     return truncate(f"{type(exc).__name__}: {exc}", 300)
 
 
-def summarize(graph: Graph, facts: str, options: SummaryOptions, progress: Progress) -> Summaries:
-    """Summaries for every module and the overview; never raises for an absent gateway."""
+def connect(options: SummaryOptions) -> tuple[GatewayClient, ModelInfo]:
+    """The client and what the gateway says about the model; GatewayError when it cannot give
+    summaries. Called before the walk, so no work is done for a run that cannot succeed."""
+    client = GatewayClient(options.gateway, options.model, options.timeout, api_key=options.api_key)
+    return client, check_gateway(client, options.gateway, options.model)
+
+
+def summarize(
+    graph: Graph,
+    facts: str,
+    options: SummaryOptions,
+    progress: Progress,
+    connection: tuple[GatewayClient, ModelInfo] | None = None,
+) -> Summaries:
+    """Summaries for every module and the overview. Raises GatewayError when the gateway
+    cannot be used at all (see `connect`); a gateway lost mid-run skips the rest."""
     started = time.monotonic()
     gateway, model, context_tokens = options.gateway, options.model, options.context_tokens
-    client = GatewayClient(gateway, model, options.timeout)
-    try:
-        info = client.probe()
-    except GatewayUnreachable as exc:
-        reason = f"gateway {gateway} unreachable ({exc}); start it with `tensorforge server start`"
-        progress.note(f"summaries skipped: {reason}")
-        return skipped_summaries(graph, gateway, model, reason)
-    if not info.served:
-        reason = (
-            f"model {model!r} is not served by {gateway}; served: {', '.join(info.known) or 'none'}"
-        )
-        progress.note(f"summaries skipped: {reason}")
-        return skipped_summaries(graph, gateway, model, reason)
+    client, info = connection or connect(options)
     if context_tokens:
         source = "--context-tokens"
     elif info.context_tokens:
@@ -326,6 +270,7 @@ def summarize(graph: Graph, facts: str, options: SummaryOptions, progress: Progr
         progress.note(f"summaries skipped: {reason}")
         return skipped_summaries(graph, gateway, model, reason)
     result = Summaries("done", None, gateway, model, context_tokens, source)
+    result.model_description = options.model_description
     progress.note(
         f"summarizing {len(graph.modules)} modules with {model} ({context_tokens} tokens of context, {options.parallel} at a time)"
     )

@@ -1,10 +1,12 @@
 """Walking a source tree the way git sees it: .gitignore files (nested ones too) are honoured,
-binary and oversized files are left out, each file gets a language from its name."""
+binary, oversized and unreadable files are left out (each with its reason), each file gets a
+language from its name."""
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ EXTENSIONS: dict[str, str] = {
     ".j2": "jinja", ".jinja": "jinja",
     ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp",
     ".go": "go", ".java": "java", ".html": "html", ".css": "css", ".sql": "sql",
+    ".rb": "ruby", ".kt": "kotlin", ".swift": "swift", ".cs": "csharp", ".php": "php",
+    ".scala": "scala", ".lua": "lua", ".zig": "zig", ".hs": "haskell", ".ex": "elixir",
 }  # fmt: skip
 NAMES: dict[str, str] = {
     "Dockerfile": "dockerfile",
@@ -126,9 +130,10 @@ class IgnoreRules:
 
     def descend(self, root: Path, relative_dir: str) -> IgnoreRules:
         file = root / relative_dir / ".gitignore" if relative_dir else root / ".gitignore"
-        if not file.is_file():
+        try:
+            lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:  # none, or a directory we cannot read: the walk reports the latter
             return self
-        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
         return IgnoreRules((*self.layers, (relative_dir, parse_gitignore(lines))))
 
     def ignored(self, relative: str, is_dir: bool) -> bool:
@@ -162,16 +167,41 @@ def detect_language(path: Path) -> str | None:
     return None
 
 
-def is_binary(path: Path) -> bool:
+@dataclass(frozen=True)
+class LeftOut:
+    """A file or directory the walk could not or would not read, and why: the report lists
+    every one, so nothing vanishes silently."""
+
+    path: str  # relative to the root; a directory ends with '/'
+    reason: str
+    language: str | None = None  # what its name says it would have been
+
+
+@dataclass
+class Tree:
+    files: list[SourceFile]
+    left_out: list[LeftOut]
+
+
+def _why_not(error: OSError) -> str:
+    return f"unreadable ({error.strerror or error})"
+
+
+def _classify(path: Path, size: int) -> str | None:
+    """Why a regular file is left out, or None when it is read."""
+    if size > MAX_BYTES:
+        return f"over {MAX_BYTES:,} bytes ({size:,})"
     try:
         with path.open("rb") as handle:
-            return b"\0" in handle.read(8192)
-    except OSError:
-        return True
+            head = handle.read(8192)
+    except OSError as exc:
+        return _why_not(exc)
+    return "binary (contains NUL bytes)" if b"\0" in head else None
 
 
-def walk(root: Path) -> list[SourceFile]:
-    """Every non-ignored, non-binary file under root, sorted by path."""
+def walk_tree(root: Path) -> Tree:
+    """Every non-ignored file under root that can be read, sorted by path, and every file or
+    directory left out with the reason (unreadable, too large, binary, a symbolic link)."""
     root = root.resolve()
     base_rules = IgnoreRules()
     exclude = root / ".git" / "info" / "exclude"
@@ -180,7 +210,13 @@ def walk(root: Path) -> list[SourceFile]:
         base_rules = IgnoreRules((("", parse_gitignore(lines)),))
     rules_by_dir = {"": base_rules.descend(root, "")}
     found: list[SourceFile] = []
-    for directory, dirnames, filenames in os.walk(root):
+    left_out: list[LeftOut] = []
+
+    def unlisted(error: OSError) -> None:  # os.walk would skip it without a word
+        relative = Path(error.filename).relative_to(root).as_posix()
+        left_out.append(LeftOut(f"{relative}/" if relative != "." else "./", _why_not(error)))
+
+    for directory, dirnames, filenames in os.walk(root, onerror=unlisted):
         relative_dir = Path(directory).relative_to(root).as_posix()
         relative_dir = "" if relative_dir == "." else relative_dir
         rules = rules_by_dir.pop(relative_dir)
@@ -190,17 +226,35 @@ def walk(root: Path) -> list[SourceFile]:
             if name == ".git" or rules.ignored(relative, is_dir=True):
                 continue
             if (Path(directory) / name).is_symlink():  # do not follow links out of the tree
+                left_out.append(LeftOut(relative + "/", "symbolic link (not followed)"))
                 continue
             kept.append(name)
             rules_by_dir[relative] = rules.descend(root, relative)
         dirnames[:] = kept
         for name in sorted(filenames):
             relative = f"{relative_dir}/{name}" if relative_dir else name
+            if rules.ignored(relative, is_dir=False):
+                continue
             path = Path(directory) / name
-            if rules.ignored(relative, is_dir=False) or path.is_symlink() or not path.is_file():
+            try:
+                info = path.lstat()
+            except OSError as exc:  # a directory we may list but not enter
+                left_out.append(LeftOut(relative, _why_not(exc), detect_language(path)))
                 continue
-            size = path.stat().st_size
-            if size > MAX_BYTES or is_binary(path):
-                continue
-            found.append(SourceFile(relative, detect_language(path), size))
-    return sorted(found, key=lambda f: f.path)
+            reason: str | None
+            if stat.S_ISLNK(info.st_mode):
+                reason = "symbolic link (not followed)"
+            elif not stat.S_ISREG(info.st_mode):
+                continue  # sockets, FIFOs, devices: not source
+            else:
+                reason = _classify(path, info.st_size)
+            if reason:
+                left_out.append(LeftOut(relative, reason, detect_language(path)))
+            else:
+                found.append(SourceFile(relative, detect_language(path), info.st_size))
+    return Tree(sorted(found, key=lambda f: f.path), sorted(left_out, key=lambda f: f.path))
+
+
+def walk(root: Path) -> list[SourceFile]:
+    """Every non-ignored, readable text file under root, sorted by path."""
+    return walk_tree(root).files

@@ -25,6 +25,8 @@ class ImportRef:
     # Python: the names of 'from X import names'; Rust: the inline modules around the item.
     names: tuple[str, ...] = ()
     location: str = ""  # Rust: the file a `#[path = "…"]` attribute gives a `mod`
+    # Needed by the type checker only (`if TYPE_CHECKING:`, `import type`): no run-time edge.
+    type_only: bool = False
 
 
 @dataclass
@@ -43,6 +45,9 @@ class ParsedModule:
 class Resolution:
     targets: tuple[str, ...] = ()  # module paths inside the tree
     external: str | None = None  # the package/crate name when it lies outside
+    # Why an import that names something of this tree found nothing there (no targets, not
+    # external): listed in the report instead of vanishing.
+    unresolved: str | None = None
 
 
 class Resolver(Protocol):

@@ -1,6 +1,7 @@
 """Nix, parsed with tree-sitter: a file depends on the files its path literals name, for
 `import ./x.nix`, `callPackage ./x { }`, `imports = [ ./m.nix ]` (and the `modules = [ … ]` of
-nixosSystem) and any literal `./y.nix`."""
+nixosSystem) and any literal `./y.nix`; `builtins.readDir ./dir` (how module trees load a
+whole directory) stands for every `.nix` file and `default.nix` directory in it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from reconciler.analyze.languages.base import (
 from reconciler.analyze.languages.treesitter import parse_module, walk
 
 IMPORTERS = {"import", "callPackage", "callPackages"}
+DIRECTORY_READERS = {"readDir"}  # builtins.readDir ./modules: everything in it is loaded
 ROOT_ENTRIES = {"flake.nix", "default.nix", "shell.nix"}
 MODULE_LISTS = {"imports", "modules"}  # lists of NixOS modules: a directory means default.nix
 
@@ -39,7 +41,7 @@ def _context(node) -> str:
     if parent is not None and parent.type == "apply_expression":
         if parent.child_by_field_name("argument") == node:
             name = _function_name(parent.child_by_field_name("function"))
-            if name in IMPORTERS:
+            if name in IMPORTERS or name in DIRECTORY_READERS:
                 return name
     if parent is not None and parent.type == "list_expression":
         binding = parent.parent
@@ -113,6 +115,21 @@ class NixResolver:
     def __init__(self, modules: set[str]) -> None:
         self.modules = modules
         self.entries: dict[str, str] = {}
+        self.children: dict[str, list[str]] = {}  # directory -> its .nix files, default.nix dirs
+        for path in sorted(modules):
+            pure = PurePosixPath(path)
+            directory = "" if str(pure.parent) == "." else str(pure.parent)
+            self.children.setdefault(directory, []).append(path)
+            if pure.name == "default.nix" and directory:
+                parent = posixpath.dirname(directory)
+                self.children.setdefault(parent, []).append(path)
+
+    def _directory(self, joined: str) -> Resolution:
+        directory = "" if joined == "." else joined
+        found = self.children.get(directory)
+        if found:
+            return Resolution(tuple(found))
+        return Resolution(unresolved="readDir of a directory with no .nix file in the tree")
 
     def name(self, path: str) -> str:
         return path
@@ -122,13 +139,17 @@ class NixResolver:
             return Resolution()  # absolute, home or <nixpkgs> paths lie outside the tree
         joined = posixpath.normpath(posixpath.join(posixpath.dirname(module.path), ref.target))
         if joined.startswith("../"):
-            return Resolution()
+            return Resolution()  # outside the analysed tree
+        if ref.kind in DIRECTORY_READERS:
+            return self._directory(joined)
         if joined in self.modules:
             return Resolution((joined,))
         # A directory means its default.nix, but only where Nix itself would read it.
         directory_default = "default.nix" if joined == "." else f"{joined}/default.nix"
         if ref.kind != "path" and directory_default in self.modules:
             return Resolution((directory_default,))
+        if ref.kind != "path" or joined.endswith(".nix"):  # other literal paths are data
+            return Resolution(unresolved="no such .nix file (or directory with default.nix)")
         return Resolution()
 
 

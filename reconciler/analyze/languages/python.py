@@ -4,6 +4,7 @@ too), and package-aware resolution of absolute and relative imports."""
 from __future__ import annotations
 
 import ast
+import posixpath
 import sys
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,28 @@ def _definitions(tree: ast.Module) -> list[Definition]:
     return found
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    """`TYPE_CHECKING` or `typing.TYPE_CHECKING` (any module's attribute of that name)."""
+    if isinstance(test, ast.Name):
+        return test.id == "TYPE_CHECKING"
+    return isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+
+
+def _import_nodes(tree: ast.Module):
+    """Every import statement anywhere in the file (lazy ones in functions too), and whether
+    it sits in the body of an `if TYPE_CHECKING:` (never executed: no run-time edge)."""
+    stack: list[tuple[ast.AST, bool]] = [(tree, False)]
+    while stack:
+        node, typing = stack.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node, typing
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack += [(child, True) for child in node.body]
+            stack += [(child, typing) for child in node.orelse]
+        else:
+            stack += [(child, typing) for child in ast.iter_child_nodes(node)]
+
+
 def _is_main_guard(node: ast.stmt) -> bool:
     if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
         return False
@@ -50,15 +73,18 @@ class PythonLanguage:
             module.errors.append(f"syntax error: {exc}")
             return module
         module.definitions = _definitions(tree)
-        for node in ast.walk(tree):
+        for node, typing in _import_nodes(tree):
             if isinstance(node, ast.Import):
                 module.imports += [
-                    ImportRef(alias.name, node.lineno, "import") for alias in node.names
+                    ImportRef(alias.name, node.lineno, "import", type_only=typing)
+                    for alias in node.names
                 ]
-            elif isinstance(node, ast.ImportFrom):
+            else:
                 names = tuple(alias.name for alias in node.names if alias.name != "*")
                 module.imports.append(
-                    ImportRef(node.module or "", node.lineno, "from", node.level, names)
+                    ImportRef(
+                        node.module or "", node.lineno, "from", node.level, names, type_only=typing
+                    )
                 )
         module.imports.sort(key=lambda ref: (ref.line, ref.target, ref.names))
         if PurePosixPath(path).name == "__main__.py":
@@ -171,6 +197,13 @@ class PythonResolver:
                 return found
         return None
 
+    def _namespace_directory(self, package: str, dotted: str) -> bool:
+        """`import pkg.sub` of a directory without __init__.py (a namespace package): no
+        module to point at, nothing missing either."""
+        rest = dotted.split(".")[len(self.names[package].split(".")) :]
+        directory = posixpath.join(posixpath.dirname(package), *rest) + "/"
+        return any(f.startswith(directory) for f in self.files)
+
     def resolve(self, module: ParsedModule, ref) -> Resolution:
         base = ref.target
         if ref.level:
@@ -178,7 +211,7 @@ class PythonResolver:
             if PurePosixPath(module.path).stem != "__init__":
                 package = package[:-1]
             if ref.level - 1 > len(package):
-                return Resolution()
+                return Resolution(unresolved="relative import beyond the top-level package")
             package = package[: len(package) - (ref.level - 1)]
             base = ".".join([*package, *([ref.target] if ref.target else [])])
         targets: list[str] = []
@@ -192,13 +225,20 @@ class PythonResolver:
             else:
                 from_base = True
         if from_base and base:
-            found = self._longest(base, module.path)
+            found = self._find(base, module.path) or self._longest(base, module.path)
+            if found and found.endswith("__init__.py") and self.names[found] != base:
+                # A package of this tree without that module: naming the package instead
+                # would invent an edge (and hide a file the walk may have left out).
+                if self._namespace_directory(found, base):
+                    return Resolution(tuple(dict.fromkeys(targets)))
+                missing = f"no module {base} in the tree (package {self.names[found]} has none)"
+                return Resolution(tuple(dict.fromkeys(targets)), unresolved=missing)
             if found:
                 targets.append(found)
         if targets:
             return Resolution(tuple(dict.fromkeys(targets)))
         if ref.level:
-            return Resolution()
+            return Resolution(unresolved=f"no module {base or '.'} in the tree")
         top = base.split(".")[0]
         return Resolution(external=None if top in sys.stdlib_module_names else top)
 

@@ -5,7 +5,6 @@ and `use` paths (crate::, self::, super::, sibling crates of the workspace) reso
 from __future__ import annotations
 
 import posixpath
-import tomllib
 from collections import deque
 from pathlib import Path, PurePosixPath
 
@@ -16,6 +15,7 @@ from reconciler.analyze.languages.base import (
     Resolution,
     node_text,
 )
+from reconciler.analyze.languages.cargo import Package, crate_name, read_packages
 from reconciler.analyze.languages.treesitter import parse_module
 
 ITEMS = {
@@ -107,12 +107,26 @@ class RustLanguage:
                 text = node_text(child)
                 if text.startswith("crate::"):  # a fully qualified path used without `use`
                     module.imports.append(ImportRef(text, line, "path", names=inline))
+                elif _may_name_a_crate(text):  # `deploy::init_logger(…)`, no `use` needed
+                    module.imports.append(ImportRef(text, line, "qualified", names=inline))
                 self._collect(child, inline, module)
             else:
                 self._collect(child, inline, module)
 
     def resolver(self, modules: list[ParsedModule], files: set[str], root: Path) -> RustResolver:
         return RustResolver(modules, files, root)
+
+
+def _may_name_a_crate(text: str) -> bool:
+    """`name::item` whose first segment could be a crate (snake_case, not a keyword or the
+    standard library); the resolver keeps it only when a library of the tree has that name."""
+    first, separator, _ = text.partition("::")
+    return (
+        bool(separator)
+        and first.isidentifier()
+        and first.islower()
+        and first not in (STANDARD_CRATES | {"self", "super", "crate"})
+    )
 
 
 def _path_attribute(node) -> str:
@@ -128,19 +142,6 @@ def _path_attribute(node) -> str:
     return "".join(node_text(c) for c in value.named_children if c.type == "string_content")
 
 
-def _package_name(root: Path, directory: PurePosixPath) -> str | None:
-    try:
-        manifest = tomllib.loads((root / directory / "Cargo.toml").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    name = manifest.get("package", {}).get("name")
-    return name.replace("-", "_") if isinstance(name, str) else None
-
-
-def _package(root: Path, directory: PurePosixPath) -> str:
-    return _package_name(root, directory) or directory.name or "crate"
-
-
 class RustResolver:
     def __init__(self, modules: list[ParsedModule], files: set[str], root: Path) -> None:
         self.files = files
@@ -154,31 +155,55 @@ class RustResolver:
         self.mod_targets: dict[tuple[str, int, str], str] = {}
         self.by_attribute: set[str] = set()  # files a #[path] attribute loads
         self.entries: dict[str, str] = {}
+        self.packages = read_packages(files, root)
+        self.package_of: dict[str, Package] = {}  # crate label -> the package it belongs to
+        self.lib_of: dict[str, str] = {}  # package name -> its library's crate label
         for path in sorted(self.modules):
-            label = self._crate_label(PurePosixPath(path), root)
+            label = self._crate_label(PurePosixPath(path))
             if label:
                 self._add_crate(label, path)
         for path in sorted(self.modules):  # files no `mod` reaches become crates of their own
             if path not in self.place:
                 self._add_crate(f"{PurePosixPath(path).stem}({path})", path)
 
-    def _crate_label(self, path: PurePosixPath, root: Path) -> str | None:
+    def _crate_label(self, path: PurePosixPath) -> str | None:
         """Binaries, tests, examples and benches carry their package's name: two packages of a
-        workspace may both have a tests/integration.rs, and they are different crates."""
+        workspace may both have a tests/integration.rs, and they are different crates. A
+        library is named as code names it: `[lib] name`, which may differ from the package."""
+        for package in self.packages.values():
+            if str(path) == package.lib_path:
+                self.package_of[package.lib_name] = package
+                self.libraries[package.lib_name] = package.lib_name
+                self.lib_of[package.name] = package.lib_name
+                return package.lib_name
+            if str(path) in package.bins:
+                return self._labelled(
+                    path.parent, f"/{package.bins[str(path)] or path.stem}(bin)", package
+                )
         parent = path.parent
-        if parent.name == "src" and path.name in ("lib.rs", "main.rs"):
-            package = _package(root, parent.parent)
-            if path.name == "lib.rs":
-                self.libraries[package] = package
-                return package
-            return f"{package}(bin)"
+        if parent.name == "src" and path.name == "lib.rs":  # no manifest: the directory names it
+            label = self._labelled(parent.parent, "")
+            self.libraries[label] = label
+            return label
+        if parent.name == "src" and path.name == "main.rs":
+            return self._labelled(parent.parent, "(bin)")
         if parent.name == "bin" and parent.parent.name == "src":
-            return f"{_package(root, parent.parent.parent)}/{path.stem}(bin)"
-        if path.name == "build.rs" and path.parent.name != "src":
-            return f"{_package(root, parent)}(build)"
+            return self._labelled(parent.parent.parent, f"/{path.stem}(bin)")
+        if path.name == "build.rs" and parent.name != "src":
+            return self._labelled(parent, "(build)")
         if parent.name in ("tests", "examples", "benches") and path.name != "mod.rs":
-            return f"{_package(root, parent.parent)}/{path.stem}({parent.name})"
+            return self._labelled(parent.parent, f"/{path.stem}({parent.name})")
         return None
+
+    def _labelled(
+        self, directory: PurePosixPath, suffix: str, package: Package | None = None
+    ) -> str:
+        """`package` + suffix; remembers the package, whose dependencies the crate may `use`."""
+        package = package or self.packages.get("" if str(directory) == "." else str(directory))
+        name = crate_name(package.name) if package else directory.name or "crate"
+        if package is not None:
+            self.package_of[name + suffix] = package
+        return name + suffix
 
     def _add_crate(self, label: str, root_path: str) -> None:
         self.crate_roots[label] = root_path
@@ -248,14 +273,24 @@ class RustResolver:
         label, own = self.place[module.path]
         if ref.kind == "mod":
             child = self.mod_targets.get((module.path, ref.line, ref.target))
-            return Resolution((child,) if child else ())
+            if child:
+                return Resolution((child,))
+            return Resolution(
+                unresolved=f"no file for `mod {ref.target};` ({ref.target}.rs or {ref.target}/mod.rs)"
+            )
         current = [*own, *ref.names]
         path = _segments(ref.target)
         if not path:
             return Resolution()
         first = path[0]
         if ref.kind == "extern crate":
-            return self._crate(first, [])
+            return self._crate(label, first, [])
+        if ref.kind == "qualified":  # only a library of this tree; anything else is a type path
+            if self._library(label, first) is None:  # checked first: most paths are types
+                return Resolution()
+            if (label, (*current, first)) in self.by_place or first in self._inline_mods(module):
+                return Resolution()  # a module of this crate with the library's name
+            return self._crate(label, first, path[1:])
         if first == "crate":
             absolute = path[1:]
         elif first == "self":
@@ -268,7 +303,7 @@ class RustResolver:
         elif (label, (*current, first)) in self.by_place:
             absolute = current + path
         else:
-            return self._crate(first, path[1:])
+            return self._crate(label, first, path[1:])
         found = self._longest(label, absolute)
         return Resolution((found,) if found else ())
 
@@ -277,7 +312,24 @@ class RustResolver:
         declared = {r.target for r in module.imports if r.kind == "mod" and not r.names}
         return {d.name for d in module.definitions if d.kind == "mod"} - declared
 
-    def _crate(self, name: str, rest: list[str]) -> Resolution:
+    def _library(self, label: str, name: str) -> str | None:
+        """The crate label of the tree's library that `name` names from crate `label`."""
+        package = self.package_of.get(label)
+        if package is not None and name in package.dependencies:
+            return self.lib_of.get(package.dependencies[name])
+        return self.libraries.get(name)
+
+    def _crate(self, label: str, name: str, rest: list[str]) -> Resolution:
+        """`name::rest` used from crate `label`: a dependency its package declares (perhaps
+        renamed), else a library of the tree by its crate name, else outside."""
+        package = self.package_of.get(label)
+        if package is not None and name in package.dependencies:
+            real = package.dependencies[name]
+            if real in self.lib_of:
+                found = self._longest(self.lib_of[real], rest)
+                return Resolution((found,) if found else ())
+            if real != name and crate_name(real) not in self.libraries:
+                return Resolution(external=real)  # renamed: report the package, not the alias
         if name in self.libraries:
             found = self._longest(self.libraries[name], rest)
             return Resolution((found,) if found else ())

@@ -88,6 +88,34 @@ def _string(node) -> str | None:
     return "".join(node_text(c) for c in node.named_children if c.type == "string_fragment")
 
 
+def _has_type_keyword(node) -> bool:
+    # `export type * from` (TypeScript 5) is newer than the grammar: an ERROR node holding `type`
+    return any(
+        child.type == "type" or (child.type == "ERROR" and node_text(child) == "type")
+        for child in node.children
+    )
+
+
+def _type_only(statement) -> bool:
+    """`import type …`, `export type { … } from`, or braces whose every name is marked `type`:
+    tsc erases these, so they are no run-time dependency."""
+    if _has_type_keyword(statement):
+        return True
+    clause = next(
+        (c for c in statement.named_children if c.type in ("import_clause", "export_clause")), None
+    )
+    if clause is None:
+        return False  # `import './x'` runs x; `export * from` re-exports values
+    if clause.type == "import_clause":
+        named = [c for c in clause.named_children if c.type == "named_imports"]
+        if len(named) != len(clause.named_children):  # a default or namespace import
+            return False
+        specifiers = [s for n in named for s in n.named_children if s.type == "import_specifier"]
+    else:
+        specifiers = [s for s in clause.named_children if s.type == "export_specifier"]
+    return bool(specifiers) and all(_has_type_keyword(s) for s in specifiers)
+
+
 def _declarations(node, line_of) -> list[Definition]:
     found = []
     for child in node.named_children:
@@ -124,7 +152,8 @@ class TypeScriptLanguage:
                     source = clause.child_by_field_name("source") if clause else None
                 spec = _string(source)
                 if spec is not None:
-                    module.imports.append(ImportRef(spec, line, node.type.split("_")[0]))
+                    kind = node.type.split("_")[0]
+                    module.imports.append(ImportRef(spec, line, kind, type_only=_type_only(node)))
             elif node.type == "call_expression":
                 function = node.child_by_field_name("function")
                 arguments = node.child_by_field_name("arguments")
@@ -247,8 +276,16 @@ class TypeScriptResolver:
 
     def resolve(self, module: ParsedModule, ref: ImportRef) -> Resolution:
         if ref.target.startswith((".", "/")):
-            found = self._lookup(posixpath.dirname(module.path), ref.target)
-            return Resolution((found,) if found else ())
+            directory = posixpath.dirname(module.path)
+            found = self._lookup(directory, ref.target)
+            if found:
+                return Resolution((found,))
+            joined = posixpath.normpath(posixpath.join(directory, ref.target))
+            if joined.startswith("../") or joined in self.files:
+                return Resolution()  # outside the analysed tree, or data (JSON, CSS, …)
+            return Resolution(
+                unresolved="no such file in the tree (extensions and index files tried)"
+            )
         if ref.target.startswith("node:"):
             return Resolution()
         config = self._config(posixpath.dirname(module.path))
