@@ -32,30 +32,22 @@ let
   useStateDirectory = lib.hasPrefix "/var/lib/" cfg.stateDir;
   modelsOutside = cfg.modelsDir != null && !(useStateDirectory && lib.hasPrefix "/var/lib/" cfg.modelsDir);
 
-  # The desired state, built from the options that mirror the schema (NixOS-only ones removed).
-  settings = {
-    inherit (cfg) host stateDir modelsDir;
-    models = cfg.models;
+  # The desired state from an explicit list of settings (./lib/fields.nix): the option sets
+  # also hold renamed-option aliases and NixOS-only options, which must not reach the file.
+  options' = tfLib.fromOptions cfg;
+  settings = options' // {
     backends = lib.mapAttrs (
       name: b:
-      removeAttrs b [
-        "package"
-        "openFirewall"
-      ]
+      b
       // {
         # Read by the gateway through systemd's credential store, like its own keys.
         apiKeyFile = if b.apiKeyFile == null then null else "${gatewayCredentials}/${backendKeyCredential name}";
       }
-    ) cfg.backends;
-    gateway = removeAttrs cfg.gateway [ "openFirewall" ] // {
+    ) options'.backends;
+    gateway = options'.gateway // {
       # The gateway reads its keys through systemd's credential store (see LoadCredential).
       apiKeysFile = if cfg.gateway.apiKeysFile == null then null else "${gatewayCredentials}/api-keys";
     };
-    monitoring = removeAttrs cfg.monitoring [
-      "openFirewall"
-      "prometheus"
-      "grafana"
-    ];
   };
   desired = tfLib.toDesired settings;
   # One file for both services: the reconciler runs `up --no-gateway`, because the gateway is
@@ -235,8 +227,7 @@ in
         description = "How often Prometheus scrapes TensorForge's targets.";
       };
       scrapeKeyFile = mkOption {
-        # A string, not a path: a path literal would copy the key into the world-readable store.
-        type = types.nullOr (types.strMatching "/.+");
+        type = import ./tensorforge/secret-file.nix { inherit lib; };
         default = null;
         example = "/run/secrets/tensorforge-prometheus-key";
         description = ''

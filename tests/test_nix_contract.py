@@ -326,7 +326,22 @@ def test_optional_schema_fields_are_nullable_options(section: str):
             continue
         match = re.search(rf"\b{camel(name)} = mkOption \{{[^}}]*?\btype =([^;]+);", text)
         assert match, f"{model.__name__}.{name}: no `{camel(name)} = mkOption` with a type in {path}"
-        assert "nullOr" in match[1], f"{path}: {camel(name)} must be types.nullOr (schema default None)"
+        nullable = "nullOr" in match[1] or "secret-file.nix" in match[1]  # that type is nullOr too
+        assert nullable, f"{path}: {camel(name)} must be types.nullOr (schema default None)"
+
+
+FIELD_LISTS = {"top": "top", "model": "model", "backend": "backend", "gateway": "gateway",
+               "routing": "routing", "monitoring": "monitoring"}  # fmt: skip
+
+
+@pytest.mark.parametrize("section", sorted(FIELD_LISTS))
+def test_the_modules_field_lists_are_the_schemas_fields(section: str):
+    """modules/lib/fields.nix is what the module copies into desired.json: every schema field
+    (else NixOS cannot set it) and nothing else (else an alias or NixOS-only option leaks)."""
+    model = SECTIONS[section][0]
+    listed = nix_eval(f"lib.fields.{FIELD_LISTS[section]}")
+    implicit = {"version"}
+    assert sorted(lib_snake(f) for f in listed) == sorted(set(model.model_fields) - implicit)
 
 
 def test_port_is_required_for_managed_backends_only():

@@ -6,7 +6,7 @@ let
   scrape = import ./scrape.nix;
 in
 {
-  inherit (desired) toDesired toSnake;
+  inherit (desired) toDesired toSnake fromOptions fields;
   inherit (presets) applyPresets b200Flags;
   presets = presets.b200;
   defaults = import ./defaults.nix;

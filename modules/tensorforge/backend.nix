@@ -69,8 +69,7 @@ in
       description = "Wire protocol the gateway speaks to it; null means the kind's own.";
     };
     apiKeyFile = mkOption {
-      # A string, not a path: a path literal would copy the key into the world-readable store.
-      type = types.nullOr (types.strMatching "/.+");
+      type = import ./secret-file.nix { inherit lib; };
       default = null;
       example = "/run/secrets/remote-vllm-key";
       description = ''

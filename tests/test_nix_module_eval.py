@@ -1,0 +1,164 @@
+"""The NixOS module under nixpkgs' real module system.
+
+tests/nix/eval-module.nix runs modules/tensorforge.nix through `lib.evalModules` from
+nix-community/nixpkgs.lib (NIXPKGS_LIB, unpacked outside the repository) with a typed stand-in
+for the NixOS options it writes to and fake packages. This checks what `nixos-rebuild` would
+meet: failed assertions, warnings, "Obsolete option" traces, a desired.json that passes
+`tensorforge validate`, the systemd services, the B200 preset and option type errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.config.loader import validate_data
+from tests.test_nix_contract import nix_env
+
+REPO = Path(__file__).resolve().parent.parent
+NIX = shutil.which("nix-instantiate")
+NIXPKGS_LIB = os.environ.get("NIXPKGS_LIB", "")
+HARNESS = REPO / "tests" / "nix" / "eval-module.nix"
+HOSTS = sorted(p.parent.name for p in (REPO / "hosts").glob("*/default.nix"))
+
+pytestmark = [
+    pytest.mark.skipif(NIX is None, reason="nix-instantiate not found (Debian nix-bin; scripts/test.sh installs it)"),
+    pytest.mark.skipif(
+        not NIXPKGS_LIB or not Path(NIXPKGS_LIB).is_dir(),
+        reason="NIXPKGS_LIB unset: point it at an unpacked nix-community/nixpkgs.lib",
+    ),
+]
+
+# The product page's snippet, exactly as printed there.
+SNIPPET = """
+services.tensorforge.b200Optimized = {
+  enable = true;
+  vllm.enable = true;      # tensor-parallel-size=4
+  llamacpp.enable = true;  # --flash-attn, ctx=32768
+  monitoring.enable = true; # Prometheus + Grafana
+};
+"""
+# CUDA and the NVIDIA driver are unfree: a B200 user allows that in their nixpkgs config.
+UNFREE = "{ allowUnfree = true; }"
+
+
+class EvalError(Exception):
+    pass
+
+
+def evaluate(configuration: str, pkgs_config: str = "{ }") -> tuple[dict[str, Any], str]:
+    """(the harness' JSON report, Nix's stderr) for one NixOS module given as Nix source."""
+    result = subprocess.run(
+        [NIX or "nix-instantiate", "--eval", "--strict", "--json", "--option", "build-users-group", "",
+         str(HARNESS), "--argstr", "nixpkgsLib", NIXPKGS_LIB,
+         "--arg", "configuration", configuration, "--arg", "pkgsConfig", pkgs_config],
+        capture_output=True, text=True, env=nix_env(), timeout=120, cwd=REPO,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise EvalError(result.stderr)
+    return json.loads(result.stdout), result.stderr
+
+
+def module(body: str) -> str:
+    return "{ " + body + " }"
+
+
+def host(name: str) -> str:
+    return str(REPO / "hosts" / name)
+
+
+def quiet(stderr: str) -> None:
+    """No trace and no evaluation warning: what `nixos-rebuild` would print besides the build."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert not lines, "evaluation printed:\n" + "\n".join(lines)
+
+
+def cli_validates(tmp_path: Path, name: str, desired: dict) -> None:
+    """`tensorforge validate` on the produced file, as the module's build step runs it."""
+    cli = REPO / ".venv" / "bin" / "tensorforge"
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(desired))
+    command = [str(cli)] if cli.exists() else ["python", "-m", "reconciler.cli"]
+    result = subprocess.run([*command, "validate", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- every host --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", HOSTS)
+def test_host_evaluates_cleanly_and_its_desired_state_validates(name: str, tmp_path: Path):
+    report, stderr = evaluate(host(name), UNFREE)
+    quiet(stderr)
+    assert report["failedAssertions"] == [] and report["warnings"] == []
+    desired = report["desired"]
+    state = validate_data(desired, f"{name}.json")
+    assert state.host == name
+    cli_validates(tmp_path, name, desired)
+    # Only schema keys: nothing NixOS-only or alias-shaped reaches the file.
+    assert "address" not in desired["gateway"] and "api_key_file" not in desired["gateway"]
+    for backend in desired.get("backends", {}).values():
+        assert not {"package", "open_firewall"} & set(backend)
+    # The build step checks the file with the reconciler's own validation.
+    assert "tensorforge validate --config" in report["desiredBuild"]
+
+
+def test_an_old_option_name_still_works_and_says_so_once():
+    """mkRenamedOptionModule: a user who really sets `gateway.address` gets the trace and the
+    value; the alias is never written to desired.json."""
+    report, stderr = evaluate(
+        module('services.tensorforge = { enable = true; gateway.address = "10.1.2.3"; };')
+    )
+    said = stderr + "\n".join(report["warnings"])
+    assert "services.tensorforge.gateway.address" in said and "renamed" in said
+    assert report["desired"]["gateway"]["host"] == "10.1.2.3"
+    assert "address" not in report["desired"]["gateway"]
+
+
+def test_keys_file_reaches_the_gateway_through_its_credential_store_only():
+    report, stderr = evaluate(
+        module(
+            f'imports = [ {host("cpu-dev")} ]; services.tensorforge.gateway.apiKeysFile = "/run/secrets/keys";'
+        )
+    )
+    quiet(stderr)
+    gateway = report["desired"]["gateway"]
+    assert gateway["api_keys_file"] == "/run/credentials/tensorforge-gateway.service/api-keys"
+    assert "/run/secrets/keys" not in json.dumps(report["desired"]), "the raw secret path leaked"
+    credentials = report["services"]["tensorforge-gateway"]["serviceConfig"]["LoadCredential"]
+    assert credentials == ["api-keys:/run/secrets/keys"]
+
+
+# -- bad input is refused with the option's name ----------------------------------------------
+@pytest.mark.parametrize(
+    ("setting", "option"),
+    [
+        ('services.tensorforge.gateway.port = "eighty";', "services.tensorforge.gateway.port"),
+        ("services.tensorforge.backends.smollm2-cpu.contextSize = -1;", "services.tensorforge.backends.smollm2-cpu.contextSize"),
+        ('services.tensorforge.backends.smollm2-cpu.kind = "llama";', "services.tensorforge.backends.smollm2-cpu.kind"),
+    ],
+)
+def test_wrong_type_is_refused_with_the_option_name(setting: str, option: str):
+    with pytest.raises(EvalError) as caught:
+        evaluate(module(f"imports = [ {host('cpu-dev')} ]; {setting}"))
+    assert f"option `{option}'" in str(caught.value) or f"option '{option}'" in str(caught.value), str(caught.value)[-800:]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "services.tensorforge.gateway.apiKeysFile = ./keys;",  # a path literal: copied to the store
+        'services.tensorforge.gateway.apiKeysFile = "/nix/store/aaaa-keys";',
+        'services.tensorforge.monitoring.scrapeKeyFile = "/nix/store/aaaa-key";',
+        'services.tensorforge.backends.smollm2-cpu.apiKeyFile = "relative/key";',
+    ],
+)
+def test_secrets_in_the_store_are_refused(setting: str):
+    with pytest.raises(EvalError) as caught:
+        evaluate(module(f"imports = [ {host('cpu-dev')} ]; {setting}"))
+    message = str(caught.value)
+    assert "outside the Nix store" in message, message[-800:]
+    assert setting.split(" =")[0] in message, message[-800:]
