@@ -162,3 +162,108 @@ def test_secrets_in_the_store_are_refused(setting: str):
     message = str(caught.value)
     assert "outside the Nix store" in message, message[-800:]
     assert setting.split(" =")[0] in message, message[-800:]
+
+
+# -- the product page's snippet ------------------------------------------------------------------
+def test_product_page_snippet_is_a_working_appliance(tmp_path: Path):
+    report, stderr = evaluate(module(SNIPPET), UNFREE)
+    quiet(stderr)
+    assert report["failedAssertions"] == [] and report["warnings"] == []
+    assert report["enabled"], "b200Optimized.enable alone enables the service"
+    state = validate_data(report["desired"], "snippet.json")
+    cli_validates(tmp_path, "snippet", report["desired"])
+    vllm = [b for b in state.backends.values() if b.kind == "vllm"]
+    llama = [b for b in state.backends.values() if b.kind == "llamacpp"]
+    assert len(vllm) == 1 and len(llama) == 1
+    assert (vllm[0].tensor_parallel_size, vllm[0].quantization, vllm[0].kv_cache_dtype) == (4, "fp8", "fp8")
+    assert (llama[0].flash_attn, llama[0].context_size) == (True, 32768)
+    for backend in (*vllm, *llama):
+        assert backend.model in state.models and backend.binary, backend
+        assert backend.gpus_wanted >= 1
+    # CUDA builds per package, not a system-wide nixpkgs.config.cudaSupport.
+    assert all(p.endswith("-cuda>") for p in report["backendPackages"].values()), report["backendPackages"]
+    assert report["nixpkgsConfig"] == {}, "a service option must not rewrite nixpkgs.config"
+    # Monitoring: Prometheus scraping every TensorForge job, Grafana with our dashboards.
+    assert state.monitoring.enable and report["prometheus"]["enable"] and report["grafana"]["enable"]
+    jobs = {j["job_name"] for j in report["prometheus"]["scrapeConfigs"]}
+    assert {"tensorforge-gateway", "tensorforge-reconciler", "tensorforge-gpu"} <= jobs
+    assert {f"tensorforge-backend-{n}" for n in state.backends} <= jobs
+    (provider,) = report["grafana"]["dashboards"]["providers"]
+    assert provider["options"]["path"].endswith("monitoring/dashboards")
+    assert any(f.endswith(".rules.yml") for f in report["prometheus"]["ruleFiles"])
+    # The B200 host tuning.
+    nvidia = report["nvidia"]
+    assert nvidia["datacenter"]["enable"] and nvidia["nvidiaPersistenced"] and nvidia["open"]
+    assert nvidia["package"].startswith("<drv nvidia-x11-dc_5") and nvidia["graphics"]
+    assert report["tuning"]["governor"] == "performance"
+    assert "transparent_hugepage=madvise" in report["tuning"]["kernelParams"]
+    assert {"tensorforge-reconciler", "tensorforge-gateway", "tensorforge-gpu-exporter", "grafana"} <= set(report["services"])
+
+
+def test_snippet_values_are_defaults_a_host_overrides_one_by_one():
+    report, stderr = evaluate(
+        module(
+            SNIPPET
+            + """
+            services.tensorforge.b200Optimized.vllm = { model = "mine"; extraArgs = [ "--enable-prefix-caching" ]; };
+            services.tensorforge.models.mine = { source = "hf:org/mine"; };
+            services.tensorforge.backends.b200-llamacpp.contextSize = 8192;
+            services.tensorforge.backends.b200-vllm.quantization = null;
+            powerManagement.cpuFreqGovernor = "schedutil";
+            hardware.nvidia.package = config.boot.kernelPackages.nvidiaPackages.dc_580;
+            services.grafana.enable = false;
+            """
+        ).replace("{ ", "{ config, ... }: { ", 1),
+        UNFREE,
+    )
+    quiet(stderr)
+    assert report["failedAssertions"] == []
+    state = validate_data(report["desired"], "override.json")
+    vllm, llama = state.backends["b200-vllm"], state.backends["b200-llamacpp"]
+    assert vllm.model == "mine" and "qwen3-235b" not in state.models
+    assert vllm.extra_args == ["--enable-prefix-caching"] and vllm.quantization is None
+    assert vllm.tensor_parallel_size == 4  # the rest of the preset stays
+    assert llama.context_size == 8192 and llama.flash_attn is True
+    assert report["tuning"]["governor"] == "schedutil"
+    assert report["nvidia"]["package"] == "<drv nvidia-x11-dc_580>"
+    assert not report["grafana"]["enable"] and "grafana" not in report["services"]
+
+
+def test_unfree_is_left_to_the_user_with_a_message_that_says_what_to_set():
+    report, _ = evaluate(module(SNIPPET))
+    (message,) = report["failedAssertions"]
+    assert "nixpkgs.config.allowUnfree = true" in message and "systemTuning.enable = false" in message
+    assert report["nixpkgsConfig"] == {}
+    report, _ = evaluate(module(SNIPPET + "services.tensorforge.b200Optimized.systemTuning.enable = false;"))
+    assert report["failedAssertions"] == [] and report["nvidia"]["package"] is None
+
+
+def test_hosts_that_declare_their_own_backends_get_no_preset_backends():
+    report, _ = evaluate(host("b200-node"), UNFREE)
+    assert sorted(report["desired"]["backends"]) == ["qwen3-a", "qwen3-b"]
+    assert report["nvidia"]["datacenter"]["enable"], "b200-node still gets the host tuning"
+
+
+# -- monitoring --------------------------------------------------------------------------------
+MONITORED = """
+services.tensorforge = {
+  enable = true;
+  models.m = { source = "path:/m"; file = "m.gguf"; };
+  backends.b = { kind = "llamacpp"; model = "m"; port = 8080; };
+  gateway.apiKeysFile = "/run/secrets/keys";
+  monitoring = { enable = true; prometheus.enable = true; scrapeKeyFile = "/run/secrets/scrape"; };
+};
+"""
+
+
+def test_a_scrape_key_makes_prometheus_check_syntax_only_and_grafana_stays_off():
+    report, stderr = evaluate(module(MONITORED))
+    quiet(stderr)
+    assert report["failedAssertions"] == [] and report["warnings"] == []
+    assert report["prometheus"]["checkConfig"] == "syntax-only"
+    gateway = next(j for j in report["prometheus"]["scrapeConfigs"] if j["job_name"] == "tensorforge-gateway")
+    assert gateway["authorization"]["credentials_file"] == "/run/secrets/scrape"
+    assert "grafana" not in report["services"], "Grafana's unit is only touched when Grafana is on"
+    report, _ = evaluate(module(MONITORED.replace('scrapeKeyFile = "/run/secrets/scrape";', "")))
+    assert report["prometheus"]["checkConfig"] is True
+    assert any("scrapeKeyFile" in w for w in report["warnings"])
