@@ -88,7 +88,7 @@ in
       environment = {
         PYTHONUNBUFFERED = "1";
       } // hardening.driverEnvironment cfg.gpu;
-      serviceConfig = hardening.common cfg // hardening.devices cfg.gpu // {
+      serviceConfig = hardening.service cfg cfg.gpu // {
         Type = "exec";
         ExecStart = utils.escapeSystemdExecArgs [
           (lib.getExe cfg.package)
@@ -98,8 +98,6 @@ in
         ];
         Restart = "always";
         RestartSec = "5s";
-        # NVML needs no JIT: keep writable-executable memory off even on GPU hosts.
-        MemoryDenyWriteExecute = true;
       } // lib.optionalAttrs (cfg.user != null) {
         # The reconciler's status.json says which backend runs on which GPU. Only a static
         # user can read it; a DynamicUser exporter labels GPUs from pinned gpuIds alone.

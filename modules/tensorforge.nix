@@ -72,6 +72,8 @@ let
   # takes it out of routing (reconciler/drain.py). Not under stateDir: a DynamicUser's state
   # lives in /var/lib/private, which no other unit can enter.
   drainDir = "/run/tensorforge/drain";
+  # Runtime units: NixOS owns /etc/systemd/system (the store), this directory is the admin's.
+  runtimeUnitDir = "/run/systemd/system";
 in
 {
   imports = [
@@ -357,16 +359,19 @@ in
       ];
       # A changed desired state is re-read on SIGHUP: only backends whose part changed restart.
       reloadTriggers = [ desiredFile ];
-      path = lib.filter (p: p != null) (lib.mapAttrsToList (_: b: b.package) managedBackends);
       environment = {
         HOME = cfg.stateDir; # pip's cache for pypi: sources
         PYTHONUNBUFFERED = "1";
-        # Backends are children of this unit, inside its sandbox: the systemd driver would
-        # need root to write units, which this unit deliberately does not have.
-        TF_DRIVER = "process";
+        # Each backend is its own unit (tensorforge-backend-<name>.service), rendered from
+        # templates/ into /run/systemd/system, which NixOS leaves to the administrator, and run
+        # by systemd: its own cgroup, sandbox, device allow-list, journal and restart policy.
+        TF_DRIVER = "systemd";
+        TF_UNIT_DIR = runtimeUnitDir;
         TF_DRAIN_DIR = drainDir;
       } // hardening.driverEnvironment cfg.gpu;
-      serviceConfig = hardening.common cfg // hardening.devices cfg.gpu // {
+      # Root (templates/hardening.json's `reconciler`): writing units and asking systemd to
+      # start them needs it; the backends themselves run as DynamicUsers.
+      serviceConfig = hardening.reconciler // {
         Type = "exec";
         ExecStart = utils.escapeSystemdExecArgs [
           (lib.getExe cfg.package)
@@ -376,23 +381,23 @@ in
           "/etc/tensorforge/desired.json"
         ];
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-        # The supervisor stops its backends itself (SIGTERM, grace, SIGKILL); systemd only
-        # signals the main process first and cleans up whatever is left afterwards.
-        KillMode = "mixed";
+        # The backends are not its children: they keep serving while it restarts, and it
+        # adopts them again from their unit files.
         TimeoutStopSec = "90s";
         Restart = "on-failure";
         RestartSec = "5s";
         WorkingDirectory = cfg.stateDir;
-        ReadWritePaths = lib.optional (!useStateDirectory) cfg.stateDir
+        ReadWritePaths = [ runtimeUnitDir ]
+          ++ lib.optional (!useStateDirectory) cfg.stateDir
           ++ lib.optional modelsOutside cfg.modelsDir;
         # /run/tensorforge, readable by the gateway for the drain marks (see drainDir).
         RuntimeDirectory = "tensorforge";
         RuntimeDirectoryMode = "0755";
       } // lib.optionalAttrs useStateDirectory {
-        # A models directory under /var/lib is a StateDirectory too: a DynamicUser can own it.
         StateDirectory = [ (lib.removePrefix "/var/lib/" cfg.stateDir) ]
           ++ lib.optional (cfg.modelsDir != null && !modelsOutside) (lib.removePrefix "/var/lib/" cfg.modelsDir);
-        StateDirectoryMode = "0700";
+        # The backend units (other users) read the models pulled here.
+        StateDirectoryMode = "0755";
       };
     };
 
@@ -407,7 +412,7 @@ in
         PYTHONUNBUFFERED = "1";
         TF_DRAIN_DIR = drainDir;
       };
-      serviceConfig = hardening.common cfg // hardening.devices false // {
+      serviceConfig = hardening.service cfg false // {
         Type = "exec";
         ExecStart = utils.escapeSystemdExecArgs [
           (lib.getExe cfg.package)
@@ -417,8 +422,6 @@ in
         ];
         Restart = "always";
         RestartSec = "2s";
-        # No JIT, no GPU: the gateway can give up writable-executable memory.
-        MemoryDenyWriteExecute = true;
         LoadCredential =
           lib.optional (cfg.gateway.apiKeysFile != null) "api-keys:${cfg.gateway.apiKeysFile}"
           ++ lib.mapAttrsToList (name: b: "${backendKeyCredential name}:${b.apiKeyFile}") keyedBackends;

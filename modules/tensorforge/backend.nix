@@ -242,6 +242,11 @@ in
 
   # b200Optimized: defaults only, so a host can override any single value.
   config = lib.mkMerge [
+    # CUDA finds the driver NixOS links under /run/opengl-driver (the unit is rendered by the
+    # reconciler, so it gets no NixOS-made environment otherwise).
+    (lib.mkIf (wantsGpu && config.url == null) {
+      environment.LD_LIBRARY_PATH = lib.mkDefault "/run/opengl-driver/lib";
+    })
     (lib.mkIf (tuned "vllm") (lib.mapAttrs (_: lib.mkDefault) presets.vllm))
     (lib.mkIf (tuned "llamacpp") (lib.mapAttrs (_: lib.mkDefault) presets.llamacpp))
   ];
