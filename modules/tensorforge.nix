@@ -439,5 +439,5 @@ in
       ];
   };
 
-  meta.maintainers = [ ];
+  meta.maintainers = builtins.attrValues (import ./maintainers.nix);
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,12 +52,15 @@ class EvalError(Exception):
     pass
 
 
-def evaluate(configuration: str, pkgs_config: str = "{ }") -> tuple[dict[str, Any], str]:
+def evaluate(
+    configuration: str, pkgs_config: str = "{ }", python_missing: str = "[ ]"
+) -> tuple[dict[str, Any], str]:
     """(the harness' JSON report, Nix's stderr) for one NixOS module given as Nix source."""
     result = subprocess.run(
         [NIX or "nix-instantiate", "--eval", "--strict", "--json", "--option", "build-users-group", "",
          str(HARNESS), "--argstr", "nixpkgsLib", NIXPKGS_LIB,
-         "--arg", "configuration", configuration, "--arg", "pkgsConfig", pkgs_config],
+         "--arg", "configuration", configuration, "--arg", "pkgsConfig", pkgs_config,
+         "--arg", "pythonMissing", python_missing],
         capture_output=True, text=True, env=nix_env(), timeout=120, cwd=REPO,
     )  # fmt: skip
     if result.returncode != 0:
@@ -267,3 +271,28 @@ def test_a_scrape_key_makes_prometheus_check_syntax_only_and_grafana_stays_off()
     report, _ = evaluate(module(MONITORED.replace('scrapeKeyFile = "/run/secrets/scrape";', "")))
     assert report["prometheus"]["checkConfig"] is True
     assert any("scrapeKeyFile" in w for w in report["warnings"])
+
+
+# -- the package ------------------------------------------------------------------------------
+def test_package_takes_every_dependency_and_the_offline_test_selection():
+    import tomllib
+
+    report, stderr = evaluate(host("cpu-dev"))
+    quiet(stderr)
+    package = report["package"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {re.match(r"[A-Za-z0-9._-]+", d)[0].lower().replace("_", "-") for d in project["dependencies"]}
+    assert {d.removeprefix("python3.13-") for d in package["dependencies"]} == wanted | {"pip"}
+    assert package["pythonRemoveDeps"] == [], "no dependency silently dropped"
+    assert package["pythonRelaxDeps"] == ["tree-sitter-language-pack"]  # nixpkgs has 1.x
+    assert package["disabledTestMarks"] == ["slow"]
+    selection = package["enabledTestPaths"]
+    assert selection and all((REPO / p).is_file() for p in selection), selection
+    assert package["maintainers"] and report["moduleMaintainers"]
+
+
+def test_a_dependency_nixpkgs_lacks_fails_evaluation_by_name():
+    with pytest.raises(EvalError) as caught:
+        evaluate(host("cpu-dev"), python_missing='[ "httpx-aiohttp" ]')
+    message = str(caught.value)
+    assert "python3Packages has no httpx-aiohttp" in message, message[-600:]

@@ -12,12 +12,14 @@
   configuration,
   # The user's nixpkgs config (`pkgs.config`): CUDA users allow unfree themselves.
   pkgsConfig ? { },
+  # python3Packages names to leave out, as an older nixpkgs would.
+  pythonMissing ? [ ],
 }:
 let
   # The nix-community/nixpkgs.lib checkout, or its lib/ directory.
   root = /. + nixpkgsLib;
   lib = import (if builtins.pathExists (root + "/lib/default.nix") then root + "/lib" else root);
-  pkgs = import ./fake-pkgs.nix { inherit lib pkgsConfig; };
+  pkgs = import ./fake-pkgs.nix { inherit lib pkgsConfig pythonMissing; };
   utils = import ./fake-utils.nix { inherit lib; };
 
   evaluated = lib.evalModules {
@@ -92,12 +94,12 @@ in
     sysctl = config.boot.kernel.sysctl;
     governor = config.powerManagement.cpuFreqGovernor;
   };
-  package = plain (
-    builtins.removeAttrs tf.package [
-      "override"
-      "overrideAttrs"
-    ]
-  );
+  # What modules/package.nix asked buildPythonApplication for.
+  package = tf.package.fakeBuild // {
+    inherit (tf.package) name;
+    maintainers = tf.package.meta.maintainers or [ ];
+  };
+  moduleMaintainers = config.meta.maintainers or [ ];
   backendPackages = lib.mapAttrs (_: b: plain b.package) tf.backends;
   # Every option's type check runs when its value is forced: force the whole tree.
   optionCount = builtins.length (lib.collect lib.isOption options.services.tensorforge);

@@ -1,15 +1,34 @@
 # Fake packages for tests/nix/eval-module.nix: derivation-shaped attrsets (`type =
 # "derivation"`, a store-looking outPath) that record how they were made, so evaluation needs
 # no nixpkgs and builds nothing. Only what modules/*.nix and modules/package.nix reach for.
-{ lib, pkgsConfig }:
+{
+  lib,
+  pkgsConfig ? { },
+  pythonMissing ? [ ],
+  # Real (never built) derivations for `nix flake check --no-build`, which instantiates them;
+  # plain attrsets for the Nix 2.8 evaluation, which needs no store.
+  realDerivations ? false,
+  system ? "x86_64-linux",
+}:
 let
   fake =
     name: extra:
     let
-      self = {
-        type = "derivation";
-        inherit name;
-        outPath = "${builtins.storeDir}/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
+      drv =
+        if realDerivations then
+          derivation {
+            inherit name system;
+            builder = "/bin/sh";
+            args = [ "-c" "echo 'a stand-in for nixpkgs: nothing here builds' >&2; exit 1" ];
+            inputs = extra.fakeInputDrvs or [ ];
+          }
+        else
+          {
+            type = "derivation";
+            inherit name;
+            outPath = "${builtins.storeDir}/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
+          };
+      self = drv // {
         meta = { };
         # `pkg.override { cudaSupport = true; }`: the same package, built another way.
         override = args: fake "${name}${lib.optionalString (args.cudaSupport or false) "-cuda"}" extra;
@@ -20,7 +39,7 @@ let
 
   # The runtime dependencies nixpkgs packages today (pyproject.toml names, normalised), at
   # the versions nixpkgs has: tree-sitter-language-pack is 1.x there.
-  pythonLibs = lib.genAttrs [
+  pythonLibs = builtins.removeAttrs (lib.genAttrs [
     "pydantic"
     "pyyaml"
     "jinja2"
@@ -42,7 +61,8 @@ let
     "setuptools"
     "pytestCheckHook"
     "pytest-timeout"
-  ] (n: fake "python3.13-${n}" { });
+    "pytest"
+  ] (n: fake "python3.13-${n}" { })) pythonMissing;
 
   python3Packages = pythonLibs // {
     python = {
@@ -67,8 +87,7 @@ let
       };
     vllm = fake "python3.13-vllm" { };
   };
-in
-{
+  pkgs = {
   config = pkgsConfig;
   inherit python3Packages;
   stdenv = {
@@ -83,6 +102,32 @@ in
   writeText = name: text: fake name { fakeText = text; };
   runCommand =
     name: env: script:
-    fake name { fakeScript = script; fakeInputs = map (d: d.name) (env.nativeBuildInputs or [ ]); };
+    fake name (
+      {
+        fakeScript = script;
+        fakeInputs = map (d: d.name) (env.nativeBuildInputs or [ ]);
+        fakeInputDrvs = [ script ] ++ (env.nativeBuildInputs or [ ]);
+      }
+      // (env.passthru or { })
+    );
+  # For the flake's dev shell, VM tests and checks (nix flake check --no-build).
+  callPackage =
+    fn: args:
+    let
+      f = if builtins.isFunction fn then fn else import fn;
+    in
+    f (builtins.intersectAttrs (builtins.functionArgs f) (pkgs // { inherit lib; }) // args);
+  fetchurl = args: fake (baseNameOf args.url) { };
+  mkShell = args: fake "nix-shell" { fakeInputDrvs = args.packages or [ ]; };
+  testers.runNixOSTest = test: fake "vm-test-run-${test.name}" { };
+  unzip = fake "unzip" { };
+  curl = fake "curl" { };
+  jq = fake "jq" { };
+  nix = fake "nix" { };
+  ruff = fake "ruff" { };
+  nixfmt = fake "nixfmt" { };
+  colmena = fake "colmena" { };
   linuxPackages.nvidiaPackages = lib.genAttrs [ "dc_565" "dc_570" "dc_580" "production" ] (n: fake "nvidia-x11-${n}" { });
-}
+};
+in
+pkgs

@@ -3,7 +3,7 @@
 # manual's option types (search.nixos.org, nixos/modules/system/boot/systemd/*): where NixOS
 # has a precise type (systemd's unit options, ports, users), so does this; options the hosts
 # merely set (boot loader, filesystems, openssh) are typed loosely. No nixpkgs code is copied.
-{ lib, pkgs, ... }:
+{ config, lib, pkgs, ... }:
 let
   inherit (lib) mkOption types;
 
@@ -288,5 +288,33 @@ in
 
     nix.settings = loose;
     system.stateVersion = mkOption { type = types.str; };
+    # What VM tests set on their nodes.
+    virtualisation = loose;
+    specialisation = mkOption {
+      type = types.attrsOf types.raw;
+      default = { };
+    };
+
+    # As NixOS: building the system fails on a failed assertion and prints every warning.
+    system.build.toplevel = mkOption {
+      type = types.package;
+      readOnly = true;
+    };
   };
+
+  config.system.build.toplevel =
+    let
+      failed = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+      units = lib.mapAttrs (_: s: s.serviceConfig) config.systemd.services;
+    in
+    if failed != [ ] then
+      throw "Failed assertions:\n${lib.concatMapStringsSep "\n" (m: "- " + m) failed}"
+    else
+      lib.showWarnings config.warnings (
+        pkgs.runCommand "nixos-system-${config.networking.hostName}" {
+          # Instantiating the system instantiates every file and package it holds.
+          nativeBuildInputs = map (e: e.source) (lib.attrValues config.environment.etc)
+            ++ config.environment.systemPackages;
+        } (builtins.toJSON units)
+      );
 }
