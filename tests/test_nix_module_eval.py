@@ -296,3 +296,62 @@ def test_a_dependency_nixpkgs_lacks_fails_evaluation_by_name():
         evaluate(host("cpu-dev"), python_missing='[ "httpx-aiohttp" ]')
     message = str(caught.value)
     assert "python3Packages has no httpx-aiohttp" in message, message[-600:]
+
+
+# -- the option combinations the module supports ------------------------------------------------
+BASE = 'networking.hostName = "combo"; services.tensorforge.enable = true; services.tensorforge.models.m = { source = "path:/m"; file = "m.gguf"; };'
+COMBINATIONS = {
+    "static-user-outside-var-lib": """
+        services.tensorforge = { user = "tf"; stateDir = "/srv/tf"; modelsDir = "/srv/models";
+          backends.b = { kind = "llamacpp"; model = "m"; port = 8080; }; };""",
+    "keyed-remote-backend-and-keys": """
+        services.tensorforge = { gateway.apiKeysFile = "/run/secrets/keys";
+          backends.far = { kind = "vllm"; model = "m"; url = "https://far.example/v1"; apiKeyFile = "/run/secrets/far"; }; };""",
+    "no-gateway-monitoring-on-the-lan": """
+        services.tensorforge = { gateway.enable = false;
+          backends.b = { kind = "tgi"; model = "m"; port = 8080; package = pkgs.coreutils; };
+          monitoring = { enable = true; listenAddress = "0.0.0.0"; openFirewall = true; }; };""",
+    "b200-vllm-only": """
+        services.tensorforge.b200Optimized = { enable = true; vllm.enable = true; systemTuning.enable = false; };""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+def test_supported_combination_evaluates_cleanly(name: str, tmp_path: Path):
+    report, stderr = evaluate("{ pkgs, ... }: { " + BASE + COMBINATIONS[name] + " }")
+    quiet(stderr)
+    assert report["failedAssertions"] == [] and report["warnings"] == []
+    cli_validates(tmp_path, name, report["desired"])
+    services = report["services"]
+    if name == "static-user-outside-var-lib":
+        assert report["users"]["tf"]["isSystemUser"] and report["users"]["tf"]["group"] == "tf"
+        assert {"d /srv/tf 0700 tf tf - -", "d /srv/models 0750 tf tf - -"} <= set(report["tmpfiles"])
+        assert {"/srv/tf", "/srv/models"} <= set(services["tensorforge-reconciler"]["serviceConfig"]["ReadWritePaths"])
+        assert services["tensorforge-gateway"]["serviceConfig"]["User"] == "tf"
+    elif name == "keyed-remote-backend-and-keys":
+        credentials = services["tensorforge-gateway"]["serviceConfig"]["LoadCredential"]
+        assert credentials == ["api-keys:/run/secrets/keys", "backend-key-far:/run/secrets/far"]
+        assert report["desired"]["backends"]["far"]["api_key_file"].startswith("/run/credentials/")
+        assert "tensorforge-reconciler" not in services, "nothing local to reconcile"
+    elif name == "no-gateway-monitoring-on-the-lan":
+        assert "tensorforge-gateway" not in services
+        assert sorted(report["firewall"]) == [9310, 9311]
+        assert services["tensorforge-gpu-exporter"]["serviceConfig"]["PrivateDevices"] is False  # tgi wants a GPU
+    else:
+        assert list(report["desired"]["backends"]) == ["b200-vllm"] and report["nvidia"]["package"] is None
+
+
+def test_a_clash_only_the_schema_sees_fails_the_build_step(tmp_path: Path):
+    """Two backends on one port evaluate (no Nix assertion duplicates the schema), and the
+    build step's `tensorforge validate` refuses the file naming the field."""
+    report, _ = evaluate(
+        module(
+            BASE
+            + """services.tensorforge.backends = { a = { kind = "llamacpp"; model = "m"; port = 8080; };
+                                                  b = { kind = "llamacpp"; model = "m"; port = 8080; }; };"""
+        )
+    )
+    assert report["failedAssertions"] == []
+    with pytest.raises(AssertionError) as caught:
+        cli_validates(tmp_path, "clash", report["desired"])
+    assert "8080" in str(caught.value) and "backends." in str(caught.value)
