@@ -82,6 +82,10 @@ python3Packages.buildPythonApplication {
     "tests/test_pull_cli.py"
     "tests/test_pull_hf.py"
     "tests/test_registry.py"
+    "tests/test_schema.py"
+    "tests/test_security.py"
+    "tests/test_systemd_driver.py"
+    "tests/test_units.py"
   ];
   disabledTestMarks = [ "slow" ];
   preCheck = ''

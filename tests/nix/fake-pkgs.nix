@@ -88,46 +88,46 @@ let
     vllm = fake "python3.13-vllm" { };
   };
   pkgs = {
-  config = pkgsConfig;
-  inherit python3Packages;
-  stdenv = {
-    buildPlatform.canExecute = _: true;
-    hostPlatform.system = "x86_64-linux";
+    config = pkgsConfig;
+    inherit python3Packages;
+    stdenv = {
+      buildPlatform.canExecute = _: true;
+      hostPlatform.system = system;
+    };
+    coreutils = fake "coreutils" { };
+    vllm = fake "vllm" { };
+    llama-cpp = fake "llama-cpp" { };
+    ollama = fake "ollama" { };
+    # nixpkgs has no text-generation-inference: the attribute is missing, as there.
+    writeText = name: text: fake name { fakeText = text; };
+    runCommand =
+      name: env: script:
+      fake name (
+        {
+          fakeScript = script;
+          fakeInputs = map (d: d.name) (env.nativeBuildInputs or [ ]);
+          fakeInputDrvs = [ script ] ++ (env.nativeBuildInputs or [ ]);
+        }
+        // (env.passthru or { })
+      );
+    # For the flake's dev shell, VM tests and checks (nix flake check --no-build).
+    callPackage =
+      fn: args:
+      let
+        f = if builtins.isFunction fn then fn else import fn;
+      in
+      f (builtins.intersectAttrs (builtins.functionArgs f) (pkgs // { inherit lib; }) // args);
+    fetchurl = args: fake (baseNameOf args.url) { };
+    mkShell = args: fake "nix-shell" { fakeInputDrvs = args.packages or [ ]; };
+    testers.runNixOSTest = test: fake "vm-test-run-${test.name}" { };
+    unzip = fake "unzip" { };
+    curl = fake "curl" { };
+    jq = fake "jq" { };
+    nix = fake "nix" { };
+    ruff = fake "ruff" { };
+    nixfmt = fake "nixfmt" { };
+    colmena = fake "colmena" { };
+    linuxPackages.nvidiaPackages = lib.genAttrs [ "dc_565" "dc_570" "dc_580" "production" ] (n: fake "nvidia-x11-${n}" { });
   };
-  coreutils = fake "coreutils" { };
-  vllm = fake "vllm" { };
-  llama-cpp = fake "llama-cpp" { };
-  ollama = fake "ollama" { };
-  # nixpkgs has no text-generation-inference: the attribute is missing, as there.
-  writeText = name: text: fake name { fakeText = text; };
-  runCommand =
-    name: env: script:
-    fake name (
-      {
-        fakeScript = script;
-        fakeInputs = map (d: d.name) (env.nativeBuildInputs or [ ]);
-        fakeInputDrvs = [ script ] ++ (env.nativeBuildInputs or [ ]);
-      }
-      // (env.passthru or { })
-    );
-  # For the flake's dev shell, VM tests and checks (nix flake check --no-build).
-  callPackage =
-    fn: args:
-    let
-      f = if builtins.isFunction fn then fn else import fn;
-    in
-    f (builtins.intersectAttrs (builtins.functionArgs f) (pkgs // { inherit lib; }) // args);
-  fetchurl = args: fake (baseNameOf args.url) { };
-  mkShell = args: fake "nix-shell" { fakeInputDrvs = args.packages or [ ]; };
-  testers.runNixOSTest = test: fake "vm-test-run-${test.name}" { };
-  unzip = fake "unzip" { };
-  curl = fake "curl" { };
-  jq = fake "jq" { };
-  nix = fake "nix" { };
-  ruff = fake "ruff" { };
-  nixfmt = fake "nixfmt" { };
-  colmena = fake "colmena" { };
-  linuxPackages.nvidiaPackages = lib.genAttrs [ "dc_565" "dc_570" "dc_580" "production" ] (n: fake "nvidia-x11-${n}" { });
-};
 in
 pkgs
