@@ -141,3 +141,72 @@ def test_unit_dir_comes_from_tf_unit_dir(monkeypatch, tmp_path: Path):
     assert SystemdDriver(tmp_path / "explicit", state_dir=tmp_path).unit_dir == tmp_path / "explicit"
     monkeypatch.delenv("TF_UNIT_DIR")
     assert SystemdDriver(state_dir=tmp_path).unit_dir == Path("/etc/systemd/system")
+
+
+# -- under a real systemd ------------------------------------------------------------------------
+# What the NixOS reconciler unit does (TF_DRIVER=systemd, TF_UNIT_DIR=/run/systemd/system),
+# run as a probe inside a booted container by tests/test_systemd_nspawn.py's runner.
+NIXOS_PROBE = """\
+#!/bin/sh
+exec >/out/probe.log 2>&1
+set -x
+mkdir -p /etc/tensorforge
+cp /out/host.yaml /etc/tensorforge/desired.json.yaml
+chmod 0644 /etc/tensorforge/desired.json.yaml
+for root in {roots}; do
+  d=$(dirname "$root")
+  while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null; d=$(dirname "$d"); done
+done
+cd /
+TF_DRIVER=systemd TF_UNIT_DIR=/run/systemd/system timeout 55 {python} -m reconciler.cli apply \\
+  --config /etc/tensorforge/desired.json.yaml --timeout 50
+echo $? > /out/apply.rc
+ls /run/systemd/system/ > /out/run-units.txt
+ls /etc/systemd/system/ > /out/etc-units.txt
+systemctl status --no-pager tensorforge-backend-smollm2.service > /out/status.txt 2>&1
+echo $? > /out/status.rc
+systemctl show -p FragmentPath,ActiveState,DynamicUser,ControlGroup tensorforge-backend-smollm2.service > /out/show.txt
+pid=$(systemctl show -p MainPID --value tensorforge-backend-smollm2.service)
+cat /proc/$pid/cgroup > /out/cgroup.txt
+curl -sf http://127.0.0.1:{backend_port}/health > /out/health.txt
+journalctl --no-pager -u tensorforge-backend-smollm2.service > /out/journal.txt 2>&1
+systemd-analyze security --no-pager tensorforge-backend-smollm2.service > /out/security.txt 2>&1
+"""
+
+
+@pytest.mark.slow
+def test_runtime_backend_unit_under_real_systemd(tmp_path: Path, smollm2_path: Path, monkeypatch):
+    import tests.test_systemd_nspawn as nspawn
+
+    reason = nspawn._nspawn_unavailable()
+    if reason:
+        pytest.skip(reason)
+    without_gateway = nspawn._host_yaml(smollm2_path, 18090, 18091) + "  enable: false\n"
+    monkeypatch.setattr(nspawn, "PROBE_SCRIPT", NIXOS_PROBE)
+    monkeypatch.setattr(nspawn, "_host_yaml", lambda *_: without_gateway)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = nspawn.run_in_nspawn(out, smollm2_path)
+    if not (out / "probe.log").exists():
+        if any(words in result.stderr for words in nspawn.ENVIRONMENT_FAILURES):
+            pytest.skip(f"systemd-nspawn cannot boot a container here: {result.stderr.strip()[-300:]}")
+        pytest.fail(f"the probe never ran (nspawn exit {result.returncode}):\n{result.stderr[-2000:]}")
+    context = "\n".join(
+        f"--- {name}\n{(out / name).read_text()[-2000:]}"
+        for name in ("probe.log", "status.txt", "journal.txt")
+        if (out / name).exists()
+    )
+    assert (out / "apply.rc").read_text().strip() == "0", context
+    # A runtime unit: in /run/systemd/system, nothing written to /etc/systemd/system.
+    assert "tensorforge-backend-smollm2.service" in (out / "run-units.txt").read_text(), context
+    assert "tensorforge-backend" not in (out / "etc-units.txt").read_text(), context
+    assert (out / "status.rc").read_text().strip() == "0", context
+    show = (out / "show.txt").read_text()
+    assert "FragmentPath=/run/systemd/system/tensorforge-backend-smollm2.service" in show, show
+    assert "ActiveState=active" in show and "DynamicUser=yes" in show, show
+    # Its own cgroup, its own journal, and it serves.
+    assert "tensorforge-backend-smollm2.service" in (out / "cgroup.txt").read_text(), context
+    assert '"status":"ok"' in (out / "health.txt").read_text().replace(" ", ""), context
+    assert (out / "journal.txt").read_text().count("\n") > 1, context
+    score = re.search(r"Overall exposure level for \S+: (\d+\.\d)", (out / "security.txt").read_text())
+    assert score and float(score.group(1)) <= MAX_EXPOSURE, (out / "security.txt").read_text()
