@@ -355,3 +355,25 @@ def test_a_clash_only_the_schema_sees_fails_the_build_step(tmp_path: Path):
     with pytest.raises(AssertionError) as caught:
         cli_validates(tmp_path, "clash", report["desired"])
     assert "8080" in str(caught.value) and "backends." in str(caught.value)
+
+
+def test_hosts_get_the_units_and_ports_an_admin_expects():
+    cpu_dev, _ = evaluate(host("cpu-dev"))
+    assert set(cpu_dev["services"]) == {"tensorforge-reconciler", "tensorforge-gateway"}
+    reconciler = cpu_dev["services"]["tensorforge-reconciler"]
+    gateway = cpu_dev["services"]["tensorforge-gateway"]
+    assert reconciler["serviceConfig"]["ExecStart"].endswith('"up" "--no-gateway" "--config" "/etc/tensorforge/desired.json"')
+    assert gateway["serviceConfig"]["ExecStart"].endswith('"gateway" "--config" "/etc/tensorforge/desired.json"')
+    assert reconciler["wantedBy"] == gateway["wantedBy"] == ["multi-user.target"]
+    assert "tensorforge-reconciler.service" in gateway["after"]
+    assert gateway["serviceConfig"]["DynamicUser"] is True and gateway["serviceConfig"]["PrivateDevices"] is True
+    assert reconciler["reloadTriggers"] and reconciler["serviceConfig"]["ExecReload"].endswith("kill -HUP $MAINPID")
+    assert sorted(cpu_dev["firewall"]) == [8000, 8080]  # gateway and the backend gateway-only reaches
+    assert cpu_dev["etc"]["tensorforge/desired.json"]["mode"] == "0444"  # a copy: the gateway watches its mtime
+    gateway_only, _ = evaluate(host("gateway-only"))
+    assert set(gateway_only["services"]) == {"tensorforge-gateway"}, "no local backend: no reconciler"
+    assert gateway_only["firewall"] == [8000]
+    b200, _ = evaluate(host("b200-node"), UNFREE)
+    assert {"tensorforge-reconciler", "tensorforge-gateway", "tensorforge-gpu-exporter", "grafana"} <= set(b200["services"])
+    assert "nvidia-fabricmanager.service" in b200["services"]["tensorforge-reconciler"]["after"]
+    assert sorted(b200["firewall"]) == [8000, 8001, 8002]
