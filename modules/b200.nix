@@ -68,8 +68,21 @@ in
       description = ''
         With `b200Optimized.enable`: the NVIDIA datacenter driver (open kernel modules, >= 570
         for Blackwell) with fabric manager and the persistence daemon, the `performance` CPU
-        governor and transparent huge pages on request. The driver is unfree: allow it in your
-        nixpkgs config.
+        governor and {option}`systemTuning.kernelParams`. The driver is unfree: allow it in
+        your nixpkgs config.
+      '';
+    };
+    systemTuning.kernelParams = mkOption {
+      type = types.listOf types.str;
+      default = [
+        # PyTorch's host allocator madvise()s huge pages for pinned buffers; nothing else gets them.
+        "transparent_hugepage=madvise"
+        # IOMMU passthrough: GPU peer-to-peer and NIC DMA without translation overhead.
+        "iommu=pt"
+      ];
+      description = ''
+        Kernel parameters added with `systemTuning` (an option rather than a default on
+        `boot.kernelParams`, which NixOS itself defines, so a default there would be dropped).
       '';
     };
   };
@@ -123,14 +136,11 @@ in
           nvidiaPersistenced = mkDefault true;
         };
         hardware.graphics.enable = mkDefault true; # links the driver's libraries to /run/opengl-driver
-        # Inference hosts are never idle enough for frequency scaling to pay off.
-        powerManagement.cpuFreqGovernor = mkDefault "performance";
-        boot.kernelParams = mkDefault [
-          # PyTorch's host allocator madvise()s huge pages for pinned buffers; nothing else gets them.
-          "transparent_hugepage=madvise"
-          # IOMMU passthrough: GPU peer-to-peer and NIC DMA without translation overhead.
-          "iommu=pt"
-        ];
+        # Inference hosts are never idle enough for frequency scaling to pay off. Above
+        # mkDefault: nixos-generate-config writes `mkDefault "powersave"` into many hardware
+        # configurations, and two mkDefaults would conflict; a plain setting still wins.
+        powerManagement.cpuFreqGovernor = lib.mkOverride 900 "performance";
+        boot.kernelParams = b200.systemTuning.kernelParams;
       })
     ]
   );

@@ -200,7 +200,7 @@ def test_product_page_snippet_is_a_working_appliance(tmp_path: Path):
     assert nvidia["datacenter"]["enable"] and nvidia["nvidiaPersistenced"] and nvidia["open"]
     assert nvidia["package"].startswith("<drv nvidia-x11-dc_5") and nvidia["graphics"]
     assert report["tuning"]["governor"] == "performance"
-    assert "transparent_hugepage=madvise" in report["tuning"]["kernelParams"]
+    assert {"loglevel=4", "transparent_hugepage=madvise", "iommu=pt"} <= set(report["tuning"]["kernelParams"])
     assert {"tensorforge-reconciler", "tensorforge-gateway", "tensorforge-gpu-exporter", "grafana"} <= set(report["services"])
 
 
@@ -214,6 +214,7 @@ def test_snippet_values_are_defaults_a_host_overrides_one_by_one():
             services.tensorforge.backends.b200-llamacpp.contextSize = 8192;
             services.tensorforge.backends.b200-vllm.quantization = null;
             powerManagement.cpuFreqGovernor = "schedutil";
+            services.tensorforge.b200Optimized.systemTuning.kernelParams = [ "iommu=pt" ];
             hardware.nvidia.package = config.boot.kernelPackages.nvidiaPackages.dc_580;
             services.grafana.enable = false;
             """
@@ -229,8 +230,19 @@ def test_snippet_values_are_defaults_a_host_overrides_one_by_one():
     assert vllm.tensor_parallel_size == 4  # the rest of the preset stays
     assert llama.context_size == 8192 and llama.flash_attn is True
     assert report["tuning"]["governor"] == "schedutil"
+    assert sorted(report["tuning"]["kernelParams"]) == ["iommu=pt", "loglevel=4"]
     assert report["nvidia"]["package"] == "<drv nvidia-x11-dc_580>"
     assert not report["grafana"]["enable"] and "grafana" not in report["services"]
+
+
+def test_tuning_wins_over_a_generated_hardware_configuration():
+    """nixos-generate-config writes `powerManagement.cpuFreqGovernor = lib.mkDefault "powersave"`."""
+    report, stderr = evaluate(
+        module(SNIPPET).replace("{ ", '{ lib, ... }: { powerManagement.cpuFreqGovernor = lib.mkDefault "powersave"; ', 1),
+        UNFREE,
+    )
+    quiet(stderr)
+    assert report["tuning"]["governor"] == "performance"
 
 
 def test_unfree_is_left_to_the_user_with_a_message_that_says_what_to_set():

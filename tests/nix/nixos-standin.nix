@@ -302,6 +302,9 @@ in
     };
   };
 
+  # NixOS' kernel module defines kernel parameters itself (so a mkDefault list would be lost).
+  config.boot.kernelParams = [ "loglevel=4" ];
+
   config.system.build.toplevel =
     let
       failed = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
