@@ -253,7 +253,11 @@ in
         b: b.gpus > 0 || b.gpuIds != null || b.tensorParallelSize > 1 || lib.elem b.kind [ "vllm" "tgi" ]
       ) (lib.attrValues managedBackends);
       defaultText = literalMD "`true` with `b200Optimized.enable` or when a local backend wants a GPU";
-      description = "Give the reconciler (and the servers it starts) the NVIDIA devices.";
+      description = ''
+        This host uses NVIDIA GPUs: the reconciler (GPU inventory) and the GPU exporter get the
+        driver's libraries and start after the persistence daemon and fabric manager, and the
+        exporter gets the device nodes. Each GPU backend's own unit gets its devices regardless.
+      '';
     };
 
     desiredState = mkOption {

@@ -5,8 +5,6 @@ let
   shared = builtins.fromJSON (builtins.readFile ../../templates/hardening.json);
 in
 {
-  inherit shared;
-
   # Services (gateway, GPU exporter): a static user or a DynamicUser, `service` and the
   # `gpu` or `cpu` part.
   service =
