@@ -49,13 +49,14 @@
             pkgs.python3Packages.pytest
             pkgs.python3Packages.pytest-timeout
             pkgs.ruff
-            pkgs.nixfmt-rfc-style
+            pkgs.nixfmt
             pkgs.colmena
           ];
         };
       });
 
-      formatter = forAllSystems (pkgs: pkgs.nixfmt-rfc-style);
+      # nixfmt is the RFC 166 formatter now (nixfmt-rfc-style is its deprecated alias).
+      formatter = forAllSystems (pkgs: pkgs.nixfmt);
 
       nixosModules = {
         tensorforge = ./modules/tensorforge.nix; # imports ./modules/b200.nix and ./modules/monitoring.nix

@@ -18,12 +18,13 @@ class BuildPyWithTemplates(build_py):
             raise SystemExit(f"setup.py: {TEMPLATES} is missing; the unit templates live there")
         target = Path(self.build_lib) / PACKAGED
         target.mkdir(parents=True, exist_ok=True)
-        for template in sorted(TEMPLATES.glob("*.j2")):
+        # *.j2: the unit templates; hardening.json: the sandboxing they (and NixOS) share.
+        for template in sorted([*TEMPLATES.glob("*.j2"), *TEMPLATES.glob("*.json")]):
             self.copy_file(str(template), str(target / template.name))
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         # Listed so that wheels, `install --record` and editable installs know about them.
-        names = [str(Path(self.build_lib) / PACKAGED / t.name) for t in TEMPLATES.glob("*.j2")]
+        names = [str(Path(self.build_lib) / PACKAGED / t.name) for t in [*TEMPLATES.glob("*.j2"), *TEMPLATES.glob("*.json")]]
         return [*super().get_outputs(include_bytecode), *names]
 
 

@@ -75,6 +75,8 @@ in
       # GPU exporter, one `tensorforge-backend-<name>` per llama.cpp/vLLM/TGI backend): the
       # dashboards and alerts select on them. tests/test_nix_monitoring.py keeps both equal.
       scrapeConfigs = tfLib.scrapeConfigs cfg.desiredState;
+      # promtool's full check opens credentials_file, which is not in the build sandbox.
+      checkConfig = lib.mkIf (mon.scrapeKeyFile != null) (mkDefault "syntax-only");
     };
 
     # `tensorforge gpu-exporter`: per-GPU memory, utilisation, temperature and power, labelled
@@ -86,7 +88,7 @@ in
       environment = {
         PYTHONUNBUFFERED = "1";
       } // hardening.driverEnvironment cfg.gpu;
-      serviceConfig = hardening.common cfg // hardening.devices cfg.gpu // {
+      serviceConfig = hardening.service cfg cfg.gpu // {
         Type = "exec";
         ExecStart = utils.escapeSystemdExecArgs [
           (lib.getExe cfg.package)
@@ -96,8 +98,6 @@ in
         ];
         Restart = "always";
         RestartSec = "5s";
-        # NVML needs no JIT: keep writable-executable memory off even on GPU hosts.
-        MemoryDenyWriteExecute = true;
       } // lib.optionalAttrs (cfg.user != null) {
         # The reconciler's status.json says which backend runs on which GPU. Only a static
         # user can read it; a DynamicUser exporter labels GPUs from pinned gpuIds alone.
@@ -129,12 +129,14 @@ in
         };
       };
     };
-    systemd.services.grafana.preStart = mkIf mon.grafana.enable (
-      lib.mkBefore ''
+    # mkIf around the unit, not its preStart: `grafana.preStart = mkIf …` would still
+    # declare a grafana unit on hosts without Grafana.
+    systemd.services.grafana = mkIf (mon.grafana.enable && config.services.grafana.enable) {
+      preStart = lib.mkBefore ''
         if [ ! -s /var/lib/grafana/secret-key ]; then
           (umask 077; ${pkgs.coreutils}/bin/head -c 32 /dev/urandom | ${pkgs.coreutils}/bin/base64 > /var/lib/grafana/secret-key)
         fi
-      ''
-    );
+      '';
+    };
   };
 }

@@ -32,30 +32,22 @@ let
   useStateDirectory = lib.hasPrefix "/var/lib/" cfg.stateDir;
   modelsOutside = cfg.modelsDir != null && !(useStateDirectory && lib.hasPrefix "/var/lib/" cfg.modelsDir);
 
-  # The desired state, built from the options that mirror the schema (NixOS-only ones removed).
-  settings = {
-    inherit (cfg) host stateDir modelsDir;
-    models = cfg.models;
+  # The desired state from an explicit list of settings (./lib/fields.nix): the option sets
+  # also hold renamed-option aliases and NixOS-only options, which must not reach the file.
+  options' = tfLib.fromOptions cfg;
+  settings = options' // {
     backends = lib.mapAttrs (
       name: b:
-      removeAttrs b [
-        "package"
-        "openFirewall"
-      ]
+      b
       // {
         # Read by the gateway through systemd's credential store, like its own keys.
         apiKeyFile = if b.apiKeyFile == null then null else "${gatewayCredentials}/${backendKeyCredential name}";
       }
-    ) cfg.backends;
-    gateway = removeAttrs cfg.gateway [ "openFirewall" ] // {
+    ) options'.backends;
+    gateway = options'.gateway // {
       # The gateway reads its keys through systemd's credential store (see LoadCredential).
       apiKeysFile = if cfg.gateway.apiKeysFile == null then null else "${gatewayCredentials}/api-keys";
     };
-    monitoring = removeAttrs cfg.monitoring [
-      "openFirewall"
-      "prometheus"
-      "grafana"
-    ];
   };
   desired = tfLib.toDesired settings;
   # One file for both services: the reconciler runs `up --no-gateway`, because the gateway is
@@ -80,6 +72,8 @@ let
   # takes it out of routing (reconciler/drain.py). Not under stateDir: a DynamicUser's state
   # lives in /var/lib/private, which no other unit can enter.
   drainDir = "/run/tensorforge/drain";
+  # Runtime units: NixOS owns /etc/systemd/system (the store), this directory is the admin's.
+  runtimeUnitDir = "/run/systemd/system";
 in
 {
   imports = [
@@ -235,8 +229,7 @@ in
         description = "How often Prometheus scrapes TensorForge's targets.";
       };
       scrapeKeyFile = mkOption {
-        # A string, not a path: a path literal would copy the key into the world-readable store.
-        type = types.nullOr (types.strMatching "/.+");
+        type = import ./tensorforge/secret-file.nix { inherit lib; };
         default = null;
         example = "/run/secrets/tensorforge-prometheus-key";
         description = ''
@@ -260,7 +253,11 @@ in
         b: b.gpus > 0 || b.gpuIds != null || b.tensorParallelSize > 1 || lib.elem b.kind [ "vllm" "tgi" ]
       ) (lib.attrValues managedBackends);
       defaultText = literalMD "`true` with `b200Optimized.enable` or when a local backend wants a GPU";
-      description = "Give the reconciler (and the servers it starts) the NVIDIA devices.";
+      description = ''
+        This host uses NVIDIA GPUs: the reconciler (GPU inventory) and the GPU exporter get the
+        driver's libraries and start after the persistence daemon and fabric manager, and the
+        exporter gets the device nodes. Each GPU backend's own unit gets its devices regardless.
+      '';
     };
 
     desiredState = mkOption {
@@ -366,16 +363,19 @@ in
       ];
       # A changed desired state is re-read on SIGHUP: only backends whose part changed restart.
       reloadTriggers = [ desiredFile ];
-      path = lib.filter (p: p != null) (lib.mapAttrsToList (_: b: b.package) managedBackends);
       environment = {
         HOME = cfg.stateDir; # pip's cache for pypi: sources
         PYTHONUNBUFFERED = "1";
-        # Backends are children of this unit, inside its sandbox: the systemd driver would
-        # need root to write units, which this unit deliberately does not have.
-        TF_DRIVER = "process";
+        # Each backend is its own unit (tensorforge-backend-<name>.service), rendered from
+        # templates/ into /run/systemd/system, which NixOS leaves to the administrator, and run
+        # by systemd: its own cgroup, sandbox, device allow-list, journal and restart policy.
+        TF_DRIVER = "systemd";
+        TF_UNIT_DIR = runtimeUnitDir;
         TF_DRAIN_DIR = drainDir;
       } // hardening.driverEnvironment cfg.gpu;
-      serviceConfig = hardening.common cfg // hardening.devices cfg.gpu // {
+      # Root (templates/hardening.json's `reconciler`): writing units and asking systemd to
+      # start them needs it; the backends themselves run as DynamicUsers.
+      serviceConfig = hardening.reconciler // {
         Type = "exec";
         ExecStart = utils.escapeSystemdExecArgs [
           (lib.getExe cfg.package)
@@ -385,23 +385,23 @@ in
           "/etc/tensorforge/desired.json"
         ];
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-        # The supervisor stops its backends itself (SIGTERM, grace, SIGKILL); systemd only
-        # signals the main process first and cleans up whatever is left afterwards.
-        KillMode = "mixed";
+        # The backends are not its children: they keep serving while it restarts, and it
+        # adopts them again from their unit files.
         TimeoutStopSec = "90s";
         Restart = "on-failure";
         RestartSec = "5s";
         WorkingDirectory = cfg.stateDir;
-        ReadWritePaths = lib.optional (!useStateDirectory) cfg.stateDir
+        ReadWritePaths = [ runtimeUnitDir ]
+          ++ lib.optional (!useStateDirectory) cfg.stateDir
           ++ lib.optional modelsOutside cfg.modelsDir;
         # /run/tensorforge, readable by the gateway for the drain marks (see drainDir).
         RuntimeDirectory = "tensorforge";
         RuntimeDirectoryMode = "0755";
       } // lib.optionalAttrs useStateDirectory {
-        # A models directory under /var/lib is a StateDirectory too: a DynamicUser can own it.
         StateDirectory = [ (lib.removePrefix "/var/lib/" cfg.stateDir) ]
           ++ lib.optional (cfg.modelsDir != null && !modelsOutside) (lib.removePrefix "/var/lib/" cfg.modelsDir);
-        StateDirectoryMode = "0700";
+        # The backend units (other users) read the models pulled here.
+        StateDirectoryMode = "0755";
       };
     };
 
@@ -416,7 +416,7 @@ in
         PYTHONUNBUFFERED = "1";
         TF_DRAIN_DIR = drainDir;
       };
-      serviceConfig = hardening.common cfg // hardening.devices false // {
+      serviceConfig = hardening.service cfg false // {
         Type = "exec";
         ExecStart = utils.escapeSystemdExecArgs [
           (lib.getExe cfg.package)
@@ -426,8 +426,6 @@ in
         ];
         Restart = "always";
         RestartSec = "2s";
-        # No JIT, no GPU: the gateway can give up writable-executable memory.
-        MemoryDenyWriteExecute = true;
         LoadCredential =
           lib.optional (cfg.gateway.apiKeysFile != null) "api-keys:${cfg.gateway.apiKeysFile}"
           ++ lib.mapAttrsToList (name: b: "${backendKeyCredential name}:${b.apiKeyFile}") keyedBackends;
@@ -445,5 +443,5 @@ in
       ];
   };
 
-  meta.maintainers = [ ];
+  meta.maintainers = builtins.attrValues (import ./maintainers.nix);
 }

@@ -8,5 +8,10 @@ source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symli
 ensure_venv cpu,test
 ensure_debian nix-bin systemd-container prometheus postgresql iproute2 shellcheck
 cd "$TF_ROOT"
+# nixpkgs' lib (nix-community/nixpkgs.lib), unpacked outside the repository: the NixOS module
+# is then evaluated by the real lib.evalModules (tests/test_nix_module_eval.py).
+if [ -z "${NIXPKGS_LIB:-}" ] && [ -d /opt/nixpkgs-lib ]; then
+  export NIXPKGS_LIB=/opt/nixpkgs-lib
+fi
 "$TF_VENV/bin/ruff" check reconciler tests bench
 exec "$TF_PY" -m pytest "$@"

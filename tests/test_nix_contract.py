@@ -204,12 +204,35 @@ def test_b200_preset_tunes_vllm_and_llamacpp():
     assert state.monitoring.enable
 
 
-def test_b200_preset_parts_switch_off_one_by_one():
-    state = preset_state("{ llamacpp.enable = false; monitoring.enable = false; }")
+def test_b200_preset_monitoring_switches_off_and_tuning_stays():
+    state = preset_state("{ monitoring.enable = false; }")
     assert state.backends["v"].tensor_parallel_size == 4
-    assert state.backends["l"].flash_attn is False
-    assert state.backends["l"].context_size == 4096
+    assert state.backends["l"].flash_attn is True
     assert not state.monitoring.enable
+    # Without vllm.enable / llamacpp.enable the preset declares no backend of its own.
+    assert sorted(state.backends) == ["l", "l2", "remote", "v"]
+
+
+def test_b200_preset_declares_its_backends_with_overridable_models():
+    """The product page's snippet in pure form: both preset backends, their default models, and
+    a host's own model name and arguments in their place."""
+    state = validate_data(
+        nix_eval("lib.evalHost { b200Optimized = { enable = true; vllm.enable = true; llamacpp.enable = true; }; }"),
+        "snippet.json",
+    )
+    vllm, llama = state.backends["b200-vllm"], state.backends["b200-llamacpp"]
+    assert (vllm.tensor_parallel_size, vllm.quantization, vllm.gpus_wanted) == (4, "fp8", 4)
+    assert (llama.flash_attn, llama.context_size) == (True, 32768)
+    assert sorted(state.models) == sorted({vllm.model, llama.model})
+    own = validate_data(
+        nix_eval(
+            'lib.evalHost { b200Optimized = { enable = true; vllm = { enable = true; model = "mine"; '
+            'extraArgs = [ "--enable-prefix-caching" ]; }; }; models.mine = { source = "hf:o/mine"; }; }'
+        ),
+        "own.json",
+    )
+    assert own.backends["b200-vllm"].model == "mine" and list(own.models) == ["mine"]
+    assert own.backends["b200-vllm"].extra_args == ["--enable-prefix-caching"]
 
 
 def test_b200_preset_values_match_the_module_docs():
@@ -326,7 +349,22 @@ def test_optional_schema_fields_are_nullable_options(section: str):
             continue
         match = re.search(rf"\b{camel(name)} = mkOption \{{[^}}]*?\btype =([^;]+);", text)
         assert match, f"{model.__name__}.{name}: no `{camel(name)} = mkOption` with a type in {path}"
-        assert "nullOr" in match[1], f"{path}: {camel(name)} must be types.nullOr (schema default None)"
+        nullable = "nullOr" in match[1] or "secret-file.nix" in match[1]  # that type is nullOr too
+        assert nullable, f"{path}: {camel(name)} must be types.nullOr (schema default None)"
+
+
+FIELD_LISTS = {"top": "top", "model": "model", "backend": "backend", "gateway": "gateway",
+               "routing": "routing", "monitoring": "monitoring"}  # fmt: skip
+
+
+@pytest.mark.parametrize("section", sorted(FIELD_LISTS))
+def test_the_modules_field_lists_are_the_schemas_fields(section: str):
+    """modules/lib/fields.nix is what the module copies into desired.json: every schema field
+    (else NixOS cannot set it) and nothing else (else an alias or NixOS-only option leaks)."""
+    model = SECTIONS[section][0]
+    listed = nix_eval(f"lib.fields.{FIELD_LISTS[section]}")
+    implicit = {"version"}
+    assert sorted(lib_snake(f) for f in listed) == sorted(set(model.model_fields) - implicit)
 
 
 def test_port_is_required_for_managed_backends_only():

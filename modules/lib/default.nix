@@ -6,9 +6,11 @@ let
   scrape = import ./scrape.nix;
 in
 {
-  inherit (desired) toDesired toSnake;
+  inherit (desired) toDesired toSnake fromOptions fields;
   inherit (presets) applyPresets b200Flags;
   presets = presets.b200;
+  # The backends and models `b200Optimized.{vllm,llamacpp}.enable` declare.
+  presetCatalogue = { inherit (presets) models backends backendFor; };
   defaults = import ./defaults.nix;
   # desired state -> Prometheus scrape_configs, as reconciler/monitoring/prometheus.py makes them.
   inherit (scrape) scrapeConfigs withoutMetrics;

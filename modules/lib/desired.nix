@@ -42,7 +42,21 @@ let
       gateway = record { routing = record { fallbacks = verbatim; }; };
       monitoring = record { };
     } settings;
+  fields = import ./fields.nix;
+  # Only the named attributes; the others (aliases, NixOS-only options) are never read, so
+  # an alias nobody set stays silent.
+  pick = names: attrs: builtins.intersectAttrs (builtins.listToAttrs (map (n: { name = n; value = null; }) names)) attrs;
+
+  # The module's option values (services.tensorforge) -> the settings toDesired takes.
+  fromOptions = cfg:
+    pick fields.top cfg
+    // {
+      models = builtins.mapAttrs (_: pick fields.model) cfg.models;
+      backends = builtins.mapAttrs (_: pick fields.backend) cfg.backends;
+      gateway = pick fields.gateway cfg.gateway // { routing = pick fields.routing cfg.gateway.routing; };
+      monitoring = pick fields.monitoring cfg.monitoring;
+    };
 in
 {
-  inherit toSnake toDesired;
+  inherit toSnake toDesired fromOptions fields;
 }

@@ -16,14 +16,39 @@ let
   inherit (lib) mkOption types literalExpression literalMD;
   d = defaults.backend;
 
-  # nixpkgs attribute and executable per kind; TGI is not packaged in nixpkgs (null).
+  # Per kind: the nixpkgs package (null where nixpkgs has none: TGI), its CUDA build for a
+  # backend on GPUs (a per-package override, as services.ollama's `acceleration`: never the
+  # system-wide nixpkgs.config.cudaSupport), and the executable.
   serverFor = {
-    llamacpp = { attr = "llama-cpp"; exe = "llama-server"; };
-    vllm = { attr = "vllm"; exe = "vllm"; };
-    tgi = { attr = "text-generation-inference"; exe = "text-generation-launcher"; };
-    ollama = { attr = "ollama"; exe = "ollama"; };
+    llamacpp = {
+      cpu = pkgs.llama-cpp or null;
+      gpu = if pkgs ? llama-cpp then pkgs.llama-cpp.override { cudaSupport = true; } else null;
+      exe = "llama-server";
+    };
+    vllm = {
+      cpu = pkgs.vllm or null;
+      gpu = pkgs.python3Packages.vllm.override { cudaSupport = true; };
+      exe = "vllm";
+    };
+    tgi = {
+      cpu = pkgs.text-generation-inference or null;
+      gpu = pkgs.text-generation-inference or null;
+      exe = "text-generation-launcher";
+    };
+    ollama = {
+      cpu = pkgs.ollama or null;
+      gpu = pkgs.ollama.override { acceleration = "cuda"; };
+      exe = "ollama";
+    };
   };
-  tuned = kind: config.kind == kind && config.url == null && presetFlags.${kind};
+  # As the schema's gpus_wanted: vllm and tgi take a GPU per shard even with gpus = 0.
+  wantsGpu =
+    config.gpus > 0
+    || config.gpuIds != null
+    || config.tensorParallelSize > 1
+    || builtins.elem config.kind [ "vllm" "tgi" ];
+  # b200Optimized tunes every backend of these kinds that this host runs.
+  tuned = kind: config.kind == kind && config.url == null && presetFlags.enable;
 in
 {
   options = {
@@ -69,8 +94,7 @@ in
       description = "Wire protocol the gateway speaks to it; null means the kind's own.";
     };
     apiKeyFile = mkOption {
-      # A string, not a path: a path literal would copy the key into the world-readable store.
-      type = types.nullOr (types.strMatching "/.+");
+      type = import ./secret-file.nix { inherit lib; };
       default = null;
       example = "/run/secrets/remote-vllm-key";
       description = ''
@@ -183,10 +207,17 @@ in
     # NixOS only: not part of the desired state.
     package = mkOption {
       type = types.nullOr types.package;
-      default = if config.url != null then null else pkgs.${serverFor.${config.kind}.attr} or null;
+      default =
+        if config.url != null then
+          null
+        else if wantsGpu then
+          serverFor.${config.kind}.gpu
+        else
+          serverFor.${config.kind}.cpu;
       defaultText = literalMD ''
-        null for a url backend, else pkgs.llama-cpp, pkgs.vllm, pkgs.ollama or
-        pkgs.text-generation-inference (by kind)
+        null for a url backend; else by kind pkgs.llama-cpp, pkgs.vllm or pkgs.ollama, their
+        CUDA build (`override { cudaSupport = true; }`, Ollama's `acceleration = "cuda"`)
+        when the backend wants GPUs, and null for tgi (not in nixpkgs)
       '';
       example = literalExpression "pkgs.llama-cpp.override { cudaSupport = true; }";
       description = "The server package; its executable becomes the backend's `binary`.";
@@ -211,6 +242,11 @@ in
 
   # b200Optimized: defaults only, so a host can override any single value.
   config = lib.mkMerge [
+    # CUDA finds the driver NixOS links under /run/opengl-driver (the unit is rendered by the
+    # reconciler, so it gets no NixOS-made environment otherwise).
+    (lib.mkIf (wantsGpu && config.url == null) {
+      environment.LD_LIBRARY_PATH = lib.mkDefault "/run/opengl-driver/lib";
+    })
     (lib.mkIf (tuned "vllm") (lib.mapAttrs (_: lib.mkDefault) presets.vllm))
     (lib.mkIf (tuned "llamacpp") (lib.mapAttrs (_: lib.mkDefault) presets.llamacpp))
   ];

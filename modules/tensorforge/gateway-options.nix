@@ -26,8 +26,7 @@ in
     description = "Port of the OpenAI-compatible API (`/v1/...`) and `/health`, `/metrics`.";
   };
   apiKeysFile = mkOption {
-    # A string, not a path: a path literal would copy the keys into the world-readable store.
-    type = types.nullOr (types.strMatching "/.+");
+    type = import ./secret-file.nix { inherit lib; };
     default = null;
     example = "/run/secrets/tensorforge-api-keys";
     description = ''

@@ -31,6 +31,10 @@ from reconciler.units.render import MANAGED_MARKER, UNIT_PREFIX, unit_file_name
 log = logging.getLogger(__name__)
 
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+# Where units go instead, e.g. /run/systemd/system on NixOS, whose /etc/systemd/system is the
+# read-only system closure (modules/tensorforge.nix sets it).
+UNIT_DIR_ENV = "TF_UNIT_DIR"
+
 ACTIVE_STATES = ("active", "activating", "reloading")
 # A unit whose change was rolled back is not tried again with the same content before this.
 ROLLBACK_BACKOFF_SECONDS = 300.0
@@ -42,6 +46,10 @@ PENDING_DIR = "systemd-pending"
 PENDING_NOTE = "# tensorforge: written, but not yet (re)started by systemd\n"
 
 Systemctl = Callable[[Sequence[str]], subprocess.CompletedProcess]
+
+
+def default_unit_dir() -> Path:
+    return Path(os.environ.get(UNIT_DIR_ENV) or DEFAULT_UNIT_DIR)
 
 
 def run_systemctl(args: Sequence[str]) -> subprocess.CompletedProcess:
@@ -98,14 +106,14 @@ class SystemdDriver:
 
     def __init__(
         self,
-        unit_dir: Path = DEFAULT_UNIT_DIR,
+        unit_dir: Path | None = None,
         systemctl: Systemctl = run_systemctl,
         poll_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         state_dir: Path | None = None,
     ):
-        self.unit_dir = Path(unit_dir)
+        self.unit_dir = Path(unit_dir) if unit_dir is not None else default_unit_dir()
         self.pending_dir = (state_dir or default_state_dir()) / PENDING_DIR
         self.systemctl = systemctl
         self.poll_interval = poll_interval
@@ -406,5 +414,5 @@ class SystemdDriver:
         self.failures.append(ApplyFailure(unit, reason, rolled_back))
 
 
-def unit_dir_writable(unit_dir: Path = DEFAULT_UNIT_DIR) -> bool:
-    return os.access(unit_dir, os.W_OK)
+def unit_dir_writable(unit_dir: Path | None = None) -> bool:
+    return os.access(unit_dir or default_unit_dir(), os.W_OK)

@@ -8,6 +8,7 @@ newline safe in a line-based format."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -91,6 +92,42 @@ def env_assignment(key: str, value: object) -> _Escaped:
 def quoted_path(value: object) -> _Escaped:
     text = str(value).replace("%", "%%")
     return _Escaped(text) if _PLAIN_PATH_RE.match(text) else _quote(text)
+
+
+def load_hardening() -> dict[str, dict[str, object]]:
+    """templates/hardening.json: the sandboxing every unit gets, shared with the NixOS module."""
+    path = TEMPLATES_DIR / "hardening.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UnitRenderError(f"{path}: cannot read the unit hardening ({exc}); reinstall TensorForge") from None
+    return {section: values for section, values in data.items() if not section.startswith("_")}
+
+
+def _unit_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def hardening_lines(settings: Mapping[str, object]) -> list[tuple[str, str]]:
+    """(key, value) lines for a unit file; a list is one assignment per item, as in NixOS."""
+    lines = []
+    for key, value in settings.items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append((key, _unit_value(item)))
+    return lines
+
+
+def hardening_for(kind: str, gpu: bool, protect_home: str) -> dict[str, object]:
+    sections = load_hardening()
+    if kind == "reconciler":
+        settings = dict(sections["reconciler"])
+    else:
+        settings = {**sections["service"], **sections["gpu" if gpu else "cpu"]}
+    # A model or venv under /home must stay readable (render_unit decides).
+    settings["ProtectHome"] = protect_home
+    return settings
 
 
 def _environment() -> jinja2.Environment:
@@ -203,7 +240,10 @@ def render_unit(spec: UnitSpec) -> str:
     paths = [*spec.read_paths, *spec.write_paths, argv[0], os.path.realpath(argv[0])]
     under_home = any(p.startswith(_HOME_ROOTS) for p in paths)
     tmp_binds = _tmp_binds(spec.read_paths, argv[0])
+    hardening = hardening_for(spec.kind, bool(spec.gpu_ids), "read-only" if under_home else "yes")
     context = {
+        "hardening": hardening_lines(hardening),
+        "hardening_value": lambda key: _unit_value(hardening[key]),
         "unit": spec.name,
         "kind": spec.kind,
         "description": spec.description,

@@ -1,5 +1,6 @@
-# The reconciler brings a killed backend back: SIGKILL llama.cpp, and the same unit is running
-# and healthy again (new pid, restart counted) without the reconciler service restarting.
+# A killed backend comes back: SIGKILL llama.cpp, and its own unit (tensorforge-backend-
+# smollm2-cpu, run by systemd, watched by the reconciler) is running and healthy again (new
+# pid, restart counted) without the reconciler service restarting.
 # Then a changed setting, switched to at run time (a specialisation), rolls the backend: the
 # reconciler is reloaded, marks the backend in /run/tensorforge/drain, the gateway (another
 # DynamicUser) takes it out of routing, and only then is it restarted.
@@ -52,6 +53,7 @@
         )
         after = backend()
         assert after["restarts"] > before["restarts"], (before, after)
+        machine.succeed("systemctl is-active tensorforge-backend-smollm2-cpu.service")
 
     with subtest("requests are answered again, and the reconciler itself never restarted"):
         machine.wait_until_succeeds("curl -sf http://127.0.0.1:8080/health", timeout=120)

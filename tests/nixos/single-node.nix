@@ -27,8 +27,21 @@
         desired = json.loads(machine.succeed("cat /etc/tensorforge/desired.json"))
         assert desired["backends"]["smollm2-cpu"]["binary"].endswith("/bin/llama-server"), desired
 
-    with subtest("llama.cpp comes up under the reconciler"):
+    with subtest("llama.cpp comes up as its own unit, rendered by the reconciler"):
         machine.wait_until_succeeds("curl -sf http://127.0.0.1:8080/health", timeout=300)
+        machine.succeed("systemctl status tensorforge-backend-smollm2-cpu.service")
+        # A runtime unit from templates/: NixOS owns /etc/systemd/system.
+        machine.succeed("test -f /run/systemd/system/tensorforge-backend-smollm2-cpu.service")
+        machine.succeed("systemctl show -p DynamicUser tensorforge-backend-smollm2-cpu | grep -qx DynamicUser=yes")
+        # Its own cgroup and journal: the server's pid is not the reconciler's child.
+        pid = machine.succeed("systemctl show -p MainPID --value tensorforge-backend-smollm2-cpu").strip()
+        machine.succeed(f"grep -q tensorforge-backend-smollm2-cpu.service /proc/{pid}/cgroup")
+        machine.wait_until_succeeds("journalctl -u tensorforge-backend-smollm2-cpu.service | grep -q .")
+        score = machine.succeed(
+            "systemd-analyze security --no-pager tensorforge-backend-smollm2-cpu.service"
+            " | sed -n 's/.*Overall exposure level for [^:]*: \\([0-9.]*\\).*/\\1/p'"
+        ).strip()
+        assert float(score) <= 1.6, f"exposure {score}"
 
     with subtest("the gateway sees it healthy and answers a chat request"):
         machine.wait_until_succeeds(

@@ -30,6 +30,7 @@
     start_all()
     backend.wait_for_unit("tensorforge-reconciler.service")
     backend.wait_until_succeeds("curl -sf http://127.0.0.1:8080/health", timeout=300)
+    backend.succeed("systemctl status tensorforge-backend-smollm2-cpu.service")
     gateway.wait_for_unit("tensorforge-gateway.service")
 
     with subtest("the gateway node runs no reconciler: it has no local backends"):
