@@ -40,7 +40,7 @@ in
   gateway = {
     host = "0.0.0.0";
     port = 8000;
-    routing.strategy = "least-load";
+    routing.strategy = "cache-aware";
     # Long prompts on a 235B model: allow a slow first token.
     firstByteTimeout = 600;
   };

@@ -25,7 +25,7 @@
     host = "0.0.0.0";
     port = 8000;
     routing = {
-      strategy = "least-load";
+      strategy = "cache-aware";
       # When both B200 replicas are down, answer from the small model rather than fail.
       fallbacks.qwen3-235b = [ "smollm2" ];
     };

@@ -26,8 +26,9 @@
     healthInterval = 2.0;
   };
   routing = {
-    strategy = "least-load";
+    strategy = "cache-aware";
     affinityHeader = "x-session-id";
+    loadThreshold = 2.0;
     fallbacks = { };
   };
   monitoring = {

@@ -18,6 +18,6 @@
     "firstByteTimeout" "idleTimeout" "maxConcurrencyPerBackend" "maxConcurrencyPerKey"
     "healthInterval"
   ];
-  routing = [ "strategy" "affinityHeader" "fallbacks" ];
+  routing = [ "strategy" "affinityHeader" "loadThreshold" "fallbacks" ];
   monitoring = [ "enable" "listenAddress" "reconcilerMetricsPort" "gpuExporterPort" "scrapeInterval" "scrapeKeyFile" ];
 }

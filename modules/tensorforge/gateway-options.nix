@@ -44,9 +44,14 @@ in
   };
   routing = {
     strategy = mkOption {
-      type = types.enum [ "least-load" "round-robin" "session-affinity" ];
+      type = types.enum [ "cache-aware" "least-load" "round-robin" "session-affinity" ];
       default = r.strategy;
       description = "How the gateway picks among healthy backends serving the requested model.";
+    };
+    loadThreshold = mkOption {
+      type = types.addCheck types.number (x: x >= 0);
+      default = r.loadThreshold;
+      description = "Requests by which a preferred backend (cached prefix, same session) may exceed the least loaded one before the request goes to the least loaded instead.";
     };
     affinityHeader = mkOption {
       type = types.str;
