@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symlink to the script works too
 ensure_venv cpu,test
-ensure_debian nix-bin systemd-container prometheus postgresql iproute2 shellcheck
+ensure_debian nix-bin systemd-container prometheus postgresql iproute2 shellcheck nats-server chromium
 cd "$TF_ROOT"
 "$TF_VENV/bin/ruff" check reconciler tests bench
 exec "$TF_PY" -m pytest "$@"
