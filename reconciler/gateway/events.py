@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import json
 import logging
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -36,12 +37,9 @@ CLOSE_FLUSH_SECONDS = 2.0
 TEXT_FIELDS = ("messages", "prompt", "input", "system")
 
 
-def _timestamp() -> str:
-    return (
-        datetime.datetime.now(datetime.UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+def _timestamp(epoch: float) -> str:
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class NatsEvents:
@@ -52,7 +50,8 @@ class NatsEvents:
         self.url = spec.nats_url
         self.include_text = spec.include_text
         self.host = host
-        self.queue: collections.deque[tuple[str, str, bytes]] = collections.deque(
+        # (subject, request id, event): serialized by the publishing task, not in the request path.
+        self.queue: collections.deque[tuple[str, str, dict]] = collections.deque(
             maxlen=spec.queue_size
         )
         self.wake = asyncio.Event()
@@ -66,8 +65,8 @@ class NatsEvents:
             "Inference events not published (queue_full: NATS down or slow longer than the queue lasts; "
             "publish_failed: the client refused it).", ["reason"], registry=registry,
         )  # fmt: skip
-        for reason in ("queue_full", "publish_failed"):
-            self.dropped.labels(reason)
+        self._queue_full = self.dropped.labels("queue_full")
+        self._publish_failed = self.dropped.labels("publish_failed")
         self._client: Any = None
         self._warned = False
 
@@ -77,14 +76,14 @@ class NatsEvents:
     # -- the proxy's observer (called in the request path: append only) ---------------------
     def _enqueue(self, subject: str, request_id: str, event: dict) -> None:
         if len(self.queue) == self.queue.maxlen:
-            self.dropped.labels("queue_full").inc()  # deque(maxlen) pushes the oldest out
-        self.queue.append((subject, request_id, json.dumps(event, separators=(",", ":")).encode()))
+            self._queue_full.inc()  # deque(maxlen) pushes the oldest out
+        self.queue.append((subject, request_id, event))
         self.wake.set()
 
     def requested(self, call: ProxyCall) -> None:
         body = call.exchange.body
         event = {
-            "request_id": call.request_id, "timestamp": _timestamp(), "host": self.host, "model": call.model,
+            "request_id": call.request_id, "timestamp": time.time(), "host": self.host, "model": call.model,
             "requested_model": call.exchange.requested_model, "endpoint": call.exchange.endpoint,
             "stream": call.stream, "client": call.client,
         }  # fmt: skip
@@ -97,7 +96,7 @@ class NatsEvents:
     ) -> None:
         usage = usage or {}
         self._enqueue(RESPONSE_SUBJECT, call.request_id, {
-            "request_id": call.request_id, "timestamp": _timestamp(), "host": self.host, "model": call.model,
+            "request_id": call.request_id, "timestamp": time.time(), "host": self.host, "model": call.model,
             "backend": None if backend == "none" else backend, "status": int(status),
             "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
             "total_tokens": usage.get("total_tokens"), "duration_ms": round(seconds * 1000, 2),
@@ -142,13 +141,16 @@ class NatsEvents:
                 subject, request_id, payload = self.queue.popleft()
                 await self._publish(client, subject, request_id, payload)
 
-    async def _publish(self, client: Any, subject: str, request_id: str, payload: bytes) -> None:
+    async def _publish(self, client: Any, subject: str, request_id: str, event: dict) -> None:
         kind = "request" if subject == REQUEST_SUBJECT else "response"
+        payload = json.dumps(
+            {**event, "timestamp": _timestamp(event["timestamp"])}, separators=(",", ":")
+        ).encode()
         try:
             await client.publish(subject, payload, headers={"Nats-Msg-Id": f"{request_id}.{kind}"})
             self.published.labels(subject).inc()
         except Exception as exc:  # nats.errors.*: connection lost mid-way, buffer full
-            self.dropped.labels("publish_failed").inc()
+            self._publish_failed.inc()
             log.debug("event %s for %s not published: %s", subject, request_id, exc)
 
     async def close(self) -> None:
