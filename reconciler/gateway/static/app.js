@@ -76,11 +76,12 @@
       bar.className = "bar";
       let known = 0;
       for (const b of g.backends) {
-        const m = b.measured_mib != null ? b.measured_mib : b.estimated_mib || 0;
-        known += m;
+        const m = b.measured_mib != null ? b.measured_mib : b.estimated_mib;
+        known += m || 0;
         const part = text("span", "", "used");
-        part.style.width = (100 * m / g.memory_total_mib).toFixed(2) + "%";
-        part.title = b.name + ": " + mib(m) + (b.measured_mib != null ? " measured" : " estimated");
+        part.style.width = (100 * (m || 0) / g.memory_total_mib).toFixed(2) + "%";
+        part.title = b.name + ": " + (m == null ? "not estimated yet" :
+          mib(m) + (b.measured_mib != null ? " measured" : " estimated"));
         bar.append(part);
       }
       const rest = Math.max(0, g.memory_used_mib - known);
