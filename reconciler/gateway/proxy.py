@@ -110,9 +110,9 @@ class Proxy:
             observer.completed(call, backend, status, time.perf_counter() - started, usage)
 
     async def forward(self, call: ProxyCall) -> Answer:
-        started = time.perf_counter()
         for observer in self.observers:
             observer.requested(call)
+        started = time.perf_counter()
         candidates = self.router.candidates(call.model, call.affinity_key)
         if not candidates:
             self.metrics.rejected.labels("no_healthy_backend").inc()
