@@ -187,10 +187,10 @@ class Gateway:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.ops.close()
             await self.probe_client.aclose()
             for transport in set(self.transports.values()):
                 await transport.aclose()
+            await self.ops.close()  # publishes what NATS events are still queued
 
     async def _watch_keys(self) -> None:
         """Pick up an edited keys file (added or revoked keys) without a restart."""
