@@ -6,7 +6,9 @@
 set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symlink to the script works too
 ensure_venv cpu,test
-ensure_debian nix-bin systemd-container prometheus postgresql iproute2 shellcheck nats-server chromium
+# The operations plane's tests: a real NATS server and a headless browser (docs/operations.md).
+ensure_debian nats-server chromium
+ensure_debian nix-bin systemd-container prometheus postgresql iproute2 shellcheck
 cd "$TF_ROOT"
 "$TF_VENV/bin/ruff" check reconciler tests bench
 exec "$TF_PY" -m pytest "$@"

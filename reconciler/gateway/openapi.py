@@ -125,6 +125,19 @@ def openapi_document(models: list[str] | None = None) -> dict:
             "/health": get("gateway and backend health", secured=False),
             "/metrics": get("Prometheus metrics"),
             "/openapi.json": get("this document"),
+            # The operations plane (docs/operations.md); the live feed is the WebSocket GET /ws.
+            "/status": get("host, version, reconciler pass, every backend, gateway counters"),
+            "/vram": get("per GPU memory (NVML) with the backends placed on it; no GPU: gpus [] and the reason"),
+            "/backends": get("every backend: health, state, pid/unit, GPUs, in-flight, queue, circuit, last error"),
+            "/backends/{name}/drain": {"post": admin("take a backend out of routing and keep it out"),
+                                       "delete": admin("withdraw a drain request")},  # fmt: skip
+            "/backends/{name}/restart": {"post": admin("restart a backend through the reconciler's drain path")},
+            "/models": get("registry rows: source, file, sha256, size, format, GGUF details, serving backends"),
+            "/models/{name}": {"get": {"summary": "one model, by name or alias", "security": bearer,
+                                       "parameters": [NAME_PARAMETER], "responses": _answers("the model", 401, 404)}},  # fmt: skip
+            "/ui": get("the status page (public: it holds no data and asks for a key)", secured=False),
+            "/ui/app.js": get("the status page's script", secured=False),
+            "/ui/style.css": get("the status page's style", secured=False),
             "/v1/models": get("served models and their aliases"),
             "/v1/models/{model}": {"get": {"summary": "one served model, by name or alias", "security": bearer,
                                            "parameters": [{"name": "model", "in": "path", "required": True,
@@ -144,18 +157,5 @@ def openapi_document(models: list[str] | None = None) -> dict:
             "/api/embed": post("Ollama embeddings", _body(["model", "input"], ollama_embed), ollama=True),
             "/api/embeddings": post("Ollama embeddings (older form)", _body(["model", "prompt"], ollama_embeddings),
                                     ollama=True),  # fmt: skip
-            # The operations plane (docs/operations.md); the live feed is the WebSocket GET /ws.
-            "/status": get("host, version, reconciler pass, every backend, gateway counters"),
-            "/vram": get("per GPU memory (NVML) with the backends placed on it; no GPU: gpus [] and the reason"),
-            "/backends": get("every backend: health, state, pid/unit, GPUs, in-flight, queue, circuit, last error"),
-            "/backends/{name}/drain": {"post": admin("take a backend out of routing and keep it out"),
-                                       "delete": admin("withdraw a drain request")},  # fmt: skip
-            "/backends/{name}/restart": {"post": admin("restart a backend through the reconciler's drain path")},
-            "/models": get("registry rows: source, file, sha256, size, format, GGUF details, serving backends"),
-            "/models/{name}": {"get": {"summary": "one model, by name or alias", "security": bearer,
-                                       "parameters": [NAME_PARAMETER], "responses": _answers("the model", 401, 404)}},  # fmt: skip
-            "/ui": get("the status page (public: it holds no data and asks for a key)", secured=False),
-            "/ui/app.js": get("the status page's script", secured=False),
-            "/ui/style.css": get("the status page's style", secured=False),
         },
     }
