@@ -12,13 +12,13 @@ import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import httpx
 
 from reconciler.gateway.adapters import Exchange, Unsupported, adapter_for
 from reconciler.gateway.errors import error_body, sse_error_event
 from reconciler.gateway.metrics import GatewayMetrics
+from reconciler.gateway.observers import ProxyObserver
 from reconciler.gateway.router import Router, Upstream
 from reconciler.gateway.sse import EventParser
 
@@ -75,14 +75,6 @@ class Answer:
 
 def error_answer(status: int, message: str, code: str, retry_after: str | None = None) -> Answer:
     return Answer(status, body=json.dumps(error_body(message, status, code)).encode(), retry_after=retry_after)
-
-
-class ProxyObserver(Protocol):
-    """Told of every request and its outcome (telemetry, NATS events); must not block."""
-
-    def requested(self, call: ProxyCall) -> None: ...
-
-    def completed(self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict | None) -> None: ...
 
 
 class Proxy:
