@@ -185,6 +185,7 @@ def test_the_page_shows_the_backend_and_turns_it_unhealthy_when_it_is_killed(
                      30, "the models table")  # fmt: skip
             assert browser.evaluate("document.getElementById('total').textContent").startswith("1 requests")
             assert browser.evaluate("getComputedStyle(document.getElementById('key-form')).display") == "none"
+            assert browser.evaluate("document.getElementById('host').textContent") == "page-test"
             # The key lives in this tab only.
             assert browser.evaluate("sessionStorage.getItem('tensorforge-key')") == KEY
             assert browser.evaluate("localStorage.length") == 0

@@ -48,7 +48,8 @@ async def page(request: Request) -> Response:
         if keyed
         else backends_document(gateway, gateway.ops.status, gateway.ops.admin_requests())
     )
-    html = _template().render(host=gateway.state.host, keyed=keyed, backends=rows)
+    # With keys on, not even the host's name: the page is public.
+    html = _template().render(host="" if keyed else gateway.state.host, keyed=keyed, backends=rows)
     return HTMLResponse(html, headers=SECURITY_HEADERS)
 
 

@@ -129,6 +129,8 @@
   async function refresh() {
     try {
       const status = await get("/status");
+      $("host").textContent = status.host;
+      document.title = "TensorForge · " + status.host;
       showBackends(status.backends);
       showTraffic(status.gateway);
       showReconciler(status.reconciler);
