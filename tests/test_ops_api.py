@@ -371,3 +371,29 @@ def test_status_under_the_real_reconciler_names_the_process_it_runs(tmp_path, st
     assert cpu["pid"] == units["backend-cpu"]["pid"] and cpu["pid"] > 0
     assert status["host"] == "up-test" and status["reconciler"]["pending"] == []
     assert our_processes(state) == []
+
+
+def test_a_failing_observer_never_fails_a_request_or_its_cleanup(tmp_path, state):
+    """Telemetry is told of every request from inside the proxy: a bug there must not turn
+    into a failed request or a backend connection left open."""
+    from reconciler.gateway.testing import FastOpenAI, fleet_state
+
+    class Broken:
+        def requested(self, call):
+            raise RuntimeError("observer bug")
+
+        def completed(self, call, backend, status, seconds, usage):
+            raise RuntimeError("observer bug")
+
+    up, port = free_port(), free_port()
+    app = create_app(fleet_state({"up": f"http://127.0.0.1:{up}"}), gpus=StaticInventory([]))
+    app.proxy.observers.insert(0, Broken())
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with serve(FastOpenAI(), up), serve(app, port):
+        base = f"http://127.0.0.1:{port}"
+        whole = httpx.post(f"{base}/v1/chat/completions", json=body)
+        streamed = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": True})
+        assert whole.status_code == 200 and streamed.status_code == 200 and streamed.text.endswith("[DONE]\n\n")
+        assert app.table.upstreams["up"].in_flight == 0
+        # The observers after the broken one were still told.
+        assert app.ops.telemetry.recent.summary()["requests"] == 2

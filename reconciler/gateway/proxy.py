@@ -101,11 +101,17 @@ class Proxy:
         """Count one request's outcome, and tell the observers."""
         self.metrics.count(call.model, backend, status, call.client)
         for observer in self.observers:
-            observer.completed(call, backend, status, time.perf_counter() - started, usage)
+            try:
+                observer.completed(call, backend, status, time.perf_counter() - started, usage)
+            except Exception:  # telemetry must never fail a request, nor skip its cleanup
+                log.exception("observer %s failed", type(observer).__name__)
 
     async def forward(self, call: ProxyCall) -> Answer:
         for observer in self.observers:
-            observer.requested(call)
+            try:
+                observer.requested(call)
+            except Exception:  # as in _count
+                log.exception("observer %s failed", type(observer).__name__)
         started = time.perf_counter()
         candidates = self.router.candidates(call.model, call.affinity_key)
         if not candidates:
