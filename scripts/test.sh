@@ -6,6 +6,8 @@
 set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symlink to the script works too
 ensure_venv cpu,test
+# The operations plane's tests: a real NATS server and a headless browser (docs/operations.md).
+ensure_debian nats-server chromium
 ensure_debian nix-bin systemd-container prometheus postgresql iproute2 shellcheck
 cd "$TF_ROOT"
 # nixpkgs' lib (nix-community/nixpkgs.lib), unpacked outside the repository: the NixOS module

@@ -344,6 +344,10 @@ class GatewaySpec(Strict):
     host: Host = "127.0.0.1"
     port: Port = 8000
     api_keys_file: Text | None = None
+    admin_keys_file: Text | None = Field(
+        None, description="Keys (same format as api_keys_file, kept apart from it) that may drain or "
+        "restart backends through the admin API (None: the admin API is off).",
+    )
     routing: RoutingSpec = RoutingSpec()
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     connect_timeout: Number = Field(5.0, gt=0)
@@ -375,6 +379,28 @@ class MonitoringSpec(Strict):
     )
 
 
+def _check_nats_url(value: str) -> str:
+    value = _check_text(value)
+    if urlsplit(value).scheme not in ("nats", "tls") or not urlsplit(value).hostname:
+        raise ValueError("must be a NATS server URL such as nats://127.0.0.1:4222 (or tls://HOST:PORT)")
+    return value
+
+
+class EventsSpec(Strict):
+    """Inference events on the platform's NATS bus (reconciler/gateway/events.py)."""
+
+    nats_url: Annotated[str, AfterValidator(_check_nats_url)] | None = Field(
+        None, description="NATS server the gateway publishes inference.request.v1 / .response.v1 to "
+        "(None: no events).",
+    )
+    include_text: bool = Field(
+        False, description="Put the request's text (messages, prompt) in inference.request.v1."
+    )
+    queue_size: PositiveInt = Field(
+        10000, description="Events held while NATS is slow or down; beyond it they are dropped (counted)."
+    )
+
+
 class DesiredState(Strict):
     version: Annotated[Literal[1], BeforeValidator(_not_bool)] = SCHEMA_VERSION
     host: Name = "localhost"
@@ -384,6 +410,7 @@ class DesiredState(Strict):
     backends: dict[Name, BackendSpec] = Field(default_factory=dict)
     gateway: GatewaySpec = GatewaySpec()
     monitoring: MonitoringSpec = MonitoringSpec()
+    events: EventsSpec = EventsSpec()
 
     @model_validator(mode="after")
     def _cross_references(self) -> DesiredState:

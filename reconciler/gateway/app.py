@@ -37,6 +37,7 @@ from reconciler.gateway.openai_api import (
     parse_json,
 )
 from reconciler.gateway.openapi import openapi_document
+from reconciler.gateway.ops_api import OpsSurface
 from reconciler.gateway.proxy import Answer, Proxy, error_answer
 from reconciler.gateway.reload import StateWatcher
 from reconciler.gateway.router import Router, RoutingTable
@@ -111,6 +112,7 @@ class Gateway:
         self.watcher = StateWatcher(config_path, self.apply_state) if config_path else None
         self.openai = OpenAIEndpoints(self)
         self.ollama = OllamaSurface(self)
+        self.ops = OpsSurface(self)  # /status, /vram, /backends, /models, /ws, /ui (docs/operations.md)
         self.started = time.time()
         self.app = Starlette(
             routes=[
@@ -122,6 +124,7 @@ class Gateway:
                 Route("/openapi.json", self.openapi_endpoint, methods=["GET"]),
                 WebSocketRoute("/v1/ws", websocket_endpoint(self)),
                 *self.ollama.routes(),
+                *self.ops.routes(),
             ],
             lifespan=self.lifespan,
             exception_handlers={404: route_error, 405: route_error},
@@ -132,7 +135,8 @@ class Gateway:
         if scope["type"] == "http" and scope["path"] in OPENAI_ENDPOINTS and scope["method"] == "POST":
             await self.openai(scope, receive, send)  # admits (and holds) the key itself
             return
-        if self.keys.enabled and scope["type"] in ("http", "websocket") and scope["path"] not in PUBLIC_PATHS:
+        if (self.keys.enabled and scope["type"] in ("http", "websocket") and scope["path"] not in PUBLIC_PATHS
+                and not self.ops.admits(scope)):  # fmt: skip
             # Every other path, known or not, needs a key: a route added later cannot be open
             # by accident, and an unknown path tells a stranger nothing.
             _, refusal = self.admit(dict(scope["headers"]).get(b"authorization"), hold=False)
@@ -177,6 +181,7 @@ class Gateway:
             tasks.append(asyncio.create_task(self.watcher.run()))
         if self.keys.enabled:
             tasks.append(asyncio.create_task(self._watch_keys()))
+        tasks += [asyncio.create_task(work) for work in self.ops.tasks()]
         with contextlib.suppress(TimeoutError):  # route from the first request when we can
             await asyncio.wait_for(self.health.first_round.wait(), STARTUP_HEALTH_WAIT)
         try:
@@ -188,6 +193,7 @@ class Gateway:
             await self.probe_client.aclose()
             for transport in set(self.transports.values()):
                 await transport.aclose()
+            await self.ops.close()  # publishes what NATS events are still queued
 
     async def _watch_keys(self) -> None:
         """Pick up an edited keys file (added or revoked keys) without a restart."""

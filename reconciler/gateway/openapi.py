@@ -72,6 +72,7 @@ def _answers(ok: str, *errors: int, ollama: bool = False) -> dict:
     return out
 
 
+NAME_PARAMETER = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 PROXIED = (400, 401, 404, 408, 413, 429, 502, 503)
 
 
@@ -110,6 +111,12 @@ def openapi_document(models: list[str] | None = None) -> dict:
             operation["security"] = bearer
         return {"get": operation}
 
+    def admin(summary: str) -> dict:
+        return {"summary": summary + " (admin key: gateway.admin_keys_file; the reconciler acts on its next pass)",
+                "security": bearer, "parameters": [NAME_PARAMETER],
+                "responses": {"202": {"description": "request recorded for the reconciler"},
+                              **_answers("ok", 401, 403, 404, 409, 503)}}  # fmt: skip
+
     return {
         "openapi": "3.1.0",
         "info": {"title": "TensorForge gateway", "version": "1"},
@@ -118,6 +125,19 @@ def openapi_document(models: list[str] | None = None) -> dict:
             "/health": get("gateway and backend health", secured=False),
             "/metrics": get("Prometheus metrics"),
             "/openapi.json": get("this document"),
+            # The operations plane (docs/operations.md); the live feed is the WebSocket GET /ws.
+            "/status": get("host, version, reconciler pass, every backend, gateway counters"),
+            "/vram": get("per GPU memory (NVML) with the backends placed on it; no GPU: gpus [] and the reason"),
+            "/backends": get("every backend: health, state, pid/unit, GPUs, in-flight, queue, circuit, last error"),
+            "/backends/{name}/drain": {"post": admin("take a backend out of routing and keep it out"),
+                                       "delete": admin("withdraw a drain request")},  # fmt: skip
+            "/backends/{name}/restart": {"post": admin("restart a backend through the reconciler's drain path")},
+            "/models": get("registry rows: source, file, sha256, size, format, GGUF details, serving backends"),
+            "/models/{name}": {"get": {"summary": "one model, by name or alias", "security": bearer,
+                                       "parameters": [NAME_PARAMETER], "responses": _answers("the model", 401, 404)}},  # fmt: skip
+            "/ui": get("the status page (public: it holds no data and asks for a key)", secured=False),
+            "/ui/app.js": get("the status page's script", secured=False),
+            "/ui/style.css": get("the status page's style", secured=False),
             "/v1/models": get("served models and their aliases"),
             "/v1/models/{model}": {"get": {"summary": "one served model, by name or alias", "security": bearer,
                                            "parameters": [{"name": "model", "in": "path", "required": True,

@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 from reconciler.gateway.adapters import Exchange, Unsupported, adapter_for
 from reconciler.gateway.errors import error_body, sse_error_event
 from reconciler.gateway.metrics import GatewayMetrics
+from reconciler.gateway.observers import ProxyObserver
 from reconciler.gateway.router import Router, Upstream
 from reconciler.gateway.sse import EventParser
 
@@ -47,6 +49,9 @@ class UpstreamFailed(Exception):
 
 @dataclass(frozen=True)
 class ProxyCall:
+    # For telemetry and events (keyword-only: positional calls are unchanged); os.urandom is a
+    # fifth of uuid4's cost in the request path.
+    request_id: str = field(default_factory=lambda: os.urandom(16).hex(), compare=False, kw_only=True)
     exchange: Exchange
     raw: bytes
     model: str  # canonical model name
@@ -90,13 +95,28 @@ class Proxy:
         self.metrics = metrics
         self.first_byte_timeout = first_byte_timeout
         self._urls: dict[str, httpx.URL] = {}
+        self.observers: list[ProxyObserver] = []
+
+    def _count(self, call: ProxyCall, backend: str, status: str, started: float, usage: dict | None = None) -> None:
+        """Count one request's outcome, and tell the observers."""
+        self.metrics.count(call.model, backend, status, call.client)
+        for observer in self.observers:
+            try:
+                observer.completed(call, backend, status, time.perf_counter() - started, usage)
+            except Exception:  # telemetry must never fail a request, nor skip its cleanup
+                log.exception("observer %s failed", type(observer).__name__)
 
     async def forward(self, call: ProxyCall) -> Answer:
+        for observer in self.observers:
+            try:
+                observer.requested(call)
+            except Exception:  # as in _count
+                log.exception("observer %s failed", type(observer).__name__)
         started = time.perf_counter()
         candidates = self.router.candidates(call.model, call.affinity_key, call.exchange.body)
         if not candidates:
             self.metrics.rejected.labels("no_healthy_backend").inc()
-            self.metrics.count(call.model, "none", "503", call.client)
+            self._count(call, "none", "503", started)
             return error_answer(
                 503,
                 f"no healthy backend for model {call.exchange.requested_model!r}: "
@@ -113,10 +133,10 @@ class Proxy:
             try:
                 return await self._attempt(upstream, call, started)
             except Unsupported as exc:
-                self.metrics.count(call.model, upstream.name, "400", call.client)
+                self._count(call, upstream.name, "400", started)
                 return error_answer(400, str(exc), "unsupported_endpoint")
             except Malformed as exc:
-                self.metrics.count(call.model, upstream.name, "400", call.client)
+                self._count(call, upstream.name, "400", started)
                 return error_answer(400, str(exc), "invalid_request")
             except UpstreamFailed as exc:
                 if exc.busy:
@@ -129,12 +149,12 @@ class Proxy:
                     self.metrics.retries.labels(call.model, upstream.name).inc()
         if busy == len(candidates):
             self.metrics.rejected.labels("backend_busy").inc()
-            self.metrics.count(call.model, "none", "429", call.client)
+            self._count(call, "none", "429", started)
             return error_answer(
                 429, "every backend for this model is at its concurrency limit; retry shortly",
                 "backend_busy", retry_after="1",
             )  # fmt: skip
-        self.metrics.count(call.model, "none", "502", call.client)
+        self._count(call, "none", "502", started)
         return error_answer(502, "all backends failed: " + "; ".join(tried), "upstream_error")
 
     async def _attempt(self, upstream: Upstream, call: ProxyCall, started: float) -> Answer:
@@ -198,7 +218,7 @@ class Proxy:
             if response is not None:
                 await response.aclose()
             if isinstance(exc, asyncio.CancelledError):
-                self.metrics.count(call.model, upstream.name, "499", call.client)
+                self._count(call, upstream.name, "499", started)
             raise
         upstream.record_success()
         self.metrics.child(self.metrics.ttft, call.model, upstream.name).observe(time.perf_counter() - started)
@@ -220,16 +240,17 @@ class Proxy:
         # Made on the first chunk that holds "usage" or ends mid-event (before that, every
         # event was whole, so a parser would hold nothing); then fed every chunk.
         usage: EventParser | None = None
+        tokens: dict = {}  # the stream's usage report, for the observers
         try:
             yield b""  # the priming step (see _attempt); never reaches the client
             if first:
                 finished = first.endswith(b"[DONE]\n\n")
                 if b'"usage"' in first or not first.endswith(b"\n\n"):
-                    usage = self._stream_usage(usage, first, call, upstream)
+                    usage = self._stream_usage(usage, first, call, upstream, tokens)
                 yield first
             async for chunk in chunks:
                 if usage is not None or b'"usage"' in chunk or not chunk.endswith(b"\n\n"):
-                    usage = self._stream_usage(usage, chunk, call, upstream)
+                    usage = self._stream_usage(usage, chunk, call, upstream, tokens)
                 finished = chunk.endswith(b"[DONE]\n\n")
                 yield chunk
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
@@ -244,7 +265,7 @@ class Proxy:
         finally:
             upstream.in_flight -= 1
             m = self.metrics
-            m.count(call.model, upstream.name, status, call.client)
+            self._count(call, upstream.name, status, started, tokens or None)
             m.child(m.duration, call.model, upstream.name).observe(time.perf_counter() - started)
             try:
                 if finished and not response.is_closed:
@@ -255,29 +276,30 @@ class Proxy:
     def _record(self, call: ProxyCall, upstream: Upstream, status: int, started: float, content: bytes | None) -> None:
         m = self.metrics
         elapsed = time.perf_counter() - started
-        m.count(call.model, upstream.name, str(status), call.client)
         m.child(m.duration, call.model, upstream.name).observe(elapsed)
         m.child(m.ttft, call.model, upstream.name).observe(elapsed)
-        if content and b'"usage"' in content:
-            self._count_usage(content, call, upstream)
+        usage = self._count_usage(content, call, upstream) if content and b'"usage"' in content else None
+        self._count(call, upstream.name, str(status), started, usage)
 
     def _stream_usage(
-        self, parser: EventParser | None, chunk: bytes, call: ProxyCall, upstream: Upstream
+        self, parser: EventParser | None, chunk: bytes, call: ProxyCall, upstream: Upstream, tokens: dict
     ) -> EventParser:
         parser = parser or EventParser()
         for data in parser.feed(chunk):
             if '"usage"' in data:
-                self._count_usage(data, call, upstream)
+                tokens.update(self._count_usage(data, call, upstream) or {})
         return parser
 
-    def _count_usage(self, document: str | bytes, call: ProxyCall, upstream: Upstream) -> None:
+    def _count_usage(self, document: str | bytes, call: ProxyCall, upstream: Upstream) -> dict | None:
         """Tokens from an answer's (or a stream event's) OpenAI `usage` object, if it has one."""
         try:
             usage = json.loads(document).get("usage")
         except (ValueError, AttributeError):
-            return
-        if isinstance(usage, dict):
-            self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
+            return None
+        if not isinstance(usage, dict):
+            return None
+        self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
+        return usage
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         transport = self.transports[request.url.scheme]
