@@ -26,11 +26,14 @@ from reconciler.gateway.errors import sse_error_event
 from reconciler.gateway.sse import DONE, LineParser, encode_event
 
 PATHS = {"/v1/chat/completions": "/api/chat", "/v1/completions": "/api/generate", "/v1/embeddings": "/api/embed"}
-# OpenAI sampling field -> Ollama option.
+# OpenAI sampling field (and llama.cpp's extra ones, which OpenAI clients send too) -> Ollama option.
 OPTIONS = {
     "temperature": "temperature", "top_p": "top_p", "max_tokens": "num_predict",
     "max_completion_tokens": "num_predict", "seed": "seed", "stop": "stop",
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    "top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p", "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "repeat_last_n", "mirostat": "mirostat", "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta", "n_keep": "num_keep",
 }  # fmt: skip
 
 
@@ -105,9 +108,12 @@ class OllamaAdapter(Adapter):
         )
 
     def passes_through(self, endpoint: str) -> bool:
-        return False
+        return endpoint.startswith("/api/")  # the gateway's own Ollama surface, native both ways
 
     def build_request(self, exchange: Exchange, raw: bytes, served_model: str) -> UpstreamRequest:
+        if exchange.endpoint.startswith("/api/"):
+            content = json.dumps({**exchange.body, "model": served_model}).encode()
+            return UpstreamRequest("POST", exchange.endpoint, content, JSON_HEADERS)
         path = PATHS.get(exchange.endpoint)
         if path is None:
             raise Unsupported(f"Ollama backends do not serve {exchange.endpoint}")
