@@ -128,17 +128,20 @@ def entry(model: str, aliases: list[str], facts: ModelFacts) -> dict:
 
 
 def memory(state: DesiredState, model: str, facts: ModelFacts) -> tuple[int, int, int | None]:
-    """(bytes in memory, of which on GPUs, context per request) over the model's local
-    llama.cpp backends: weights plus the f16 KV cache of their context, as llama.cpp
-    allocates them (the compute buffer, tens of MiB, is not counted)."""
+    """(bytes in memory, of which on GPUs, context per request) over the model's backends:
+    weights plus the f16 KV cache of their context, as llama.cpp allocates them (the compute
+    buffer, tens of MiB, is not counted)."""
     total = vram = 0
     context = None
     for backend in state.backends.values():
         if backend.model != model:
             continue
-        context = max(context or 0, backend.context_size // backend.parallel)
+        # A backend elsewhere has the context it was started with: known only if declared.
+        known = backend.managed or "context_size" in backend.model_fields_set
+        if known:
+            context = max(context or 0, backend.context_size // backend.parallel)
         if facts.tensor_bytes:
-            used = facts.tensor_bytes + facts.kv_bytes_per_token * backend.context_size
+            used = facts.tensor_bytes + (facts.kv_bytes_per_token * backend.context_size if known else 0)
             total += used
             vram += used if backend.gpus_wanted > 0 else 0
     return total, vram, context
