@@ -18,6 +18,7 @@ import pytest
 from conftest import free_port
 from fakes.recording_backend import FIXTURES, RecordingBackend, Route, llamacpp_tools_backend
 
+from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import create_app
 from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 
@@ -262,3 +263,19 @@ def test_embed_refuses_sampling_options(backend_of):
     response = httpx.post(f"{url}/api/embed", json={"model": "m", "input": "x", "options": {"temperature": 1}})
     assert response.status_code == 400 and "temperature" in response.json()["error"]
     assert not backend.requests
+
+
+def test_num_ctx_above_the_backends_context_is_clamped_and_said(backend_of):
+    """The backend's context is fixed at launch: a larger num_ctx gets what there is (as
+    Ollama clamps to the trained context), and the answer says how much."""
+    backend = llamacpp_tools_backend()
+    up, gw = free_port(), free_port()
+    state = fleet_state({"b": f"http://127.0.0.1:{up}"}).model_dump()
+    state["backends"]["b"] |= {"context_size": 2048, "parallel": 2}
+    with serve(backend, up), serve(create_app(DesiredState.model_validate(state)), gw):
+        url = f"http://127.0.0.1:{gw}/api/chat"
+        big = httpx.post(url, json={"model": "m", "messages": ASK, "stream": False, "options": {"num_ctx": 8192}})
+        small = httpx.post(url, json={"model": "m", "messages": ASK, "stream": False, "options": {"num_ctx": 512}})
+    assert big.status_code == 200 and big.headers["x-tensorforge-num-ctx"] == "1024"
+    assert small.status_code == 200 and "x-tensorforge-num-ctx" not in small.headers
+    assert "num_ctx" not in backend.last("/v1/chat/completions")  # nothing a llama.cpp request could change
