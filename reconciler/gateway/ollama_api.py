@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -22,34 +20,22 @@ from starlette.routing import Route
 
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.ollama import management, metadata
-from reconciler.gateway.ollama.options import Refused, clamp_num_ctx, sampling_fields
-from reconciler.gateway.ollama.request import Translated, check_keep_alive, translate
+from reconciler.gateway.ollama.options import Refused, clamp_num_ctx
+from reconciler.gateway.ollama.request import Translated, check_keep_alive, embed_body, translate
 from reconciler.gateway.ollama.response import (
     Stats,
     StreamTranslator,
     infill_answer,
+    ndjson_lines,
     now_iso,
+    relay_lines,
     whole_answer,
 )
 from reconciler.gateway.openai_api import BodyTooLarge, read_body
 from reconciler.gateway.proxy import Answer, ProxyCall
-from reconciler.gateway.sse import iter_events
 
 if TYPE_CHECKING:
     from reconciler.gateway.app import Gateway
-
-FOREVER = "9999-12-31T23:59:59Z"  # /api/ps expires_at: a declared model stays loaded
-
-
-def package_version() -> str:
-    try:
-        return version("tensorforge")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0.0.0"
-
-
-def _line(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
 class OllamaSurface:
@@ -69,7 +55,10 @@ class OllamaSurface:
             Route("/api/show", self.show, methods=["POST"]),
             Route("/api/pull", self.pull, methods=["POST"]),
             Route("/api/delete", self.delete, methods=["DELETE"]),
-            *[Route(f"/api/{verb}", self.not_here, methods=["POST"]) for verb in management.NOT_HERE],
+            *[
+                Route(f"/api/{verb}", self.not_here, methods=["POST"])
+                for verb in management.NOT_HERE
+            ],
         ]
 
     # -- helpers ---------------------------------------------------------------------------
@@ -78,7 +67,9 @@ class OllamaSurface:
         if not isinstance(requested, str) or not requested:
             return None
         router = self.gateway.router
-        return router.resolve(requested) or (router.resolve(requested[:-7]) if requested.endswith(":latest") else None)
+        return router.resolve(requested) or (
+            router.resolve(requested[:-7]) if requested.endswith(":latest") else None
+        )
 
     def protocols(self, model: str) -> set[str]:
         """Wire protocols of every backend a request for `model` may reach (fallbacks too)."""
@@ -89,7 +80,10 @@ class OllamaSurface:
     async def facts(self, model: str) -> metadata.ModelFacts:
         try:
             return await asyncio.to_thread(metadata.model_facts, self.gateway.state, model)
-        except (OSError, ValueError):  # a registry or file we cannot read: say nothing rather than fail
+        except (
+            OSError,
+            ValueError,
+        ):  # a registry or file we cannot read: say nothing rather than fail
             return metadata.ModelFacts()
 
     def _refuse(self, status: int, message: str, code: str) -> Response:
@@ -101,9 +95,13 @@ class OllamaSurface:
         g = self.gateway
         try:
             async with asyncio.timeout(g.spec.idle_timeout):
-                raw = await read_body(request.receive, dict(request.scope["headers"]), g.spec.max_body_bytes)
+                raw = await read_body(
+                    request.receive, dict(request.scope["headers"]), g.spec.max_body_bytes
+                )
         except BodyTooLarge:
-            return self._refuse(413, f"request body exceeds {g.spec.max_body_bytes} bytes", "body_too_large")
+            return self._refuse(
+                413, f"request body exceeds {g.spec.max_body_bytes} bytes", "body_too_large"
+            )
         except TimeoutError:
             return self._refuse(408, "request body not received in time", "body_timeout")
         try:
@@ -114,14 +112,18 @@ class OllamaSurface:
             return self._refuse(400, "request body must be a JSON object", "invalid_request")
         return native
 
-    async def _model(self, request: Request, key: str = "model") -> tuple[dict, str, str] | Response:
+    async def _model(
+        self, request: Request, key: str = "model"
+    ) -> tuple[dict, str, str] | Response:
         """(body, requested name, canonical model) of a request naming a served model."""
         native = await self._read(request)
         if isinstance(native, Response):
             return native
         requested = native.get(key) or native.get("name")  # `name`: older clients
         if not isinstance(requested, str) or not requested:
-            return self._refuse(400, f"'{key}' is required and must be a model name", "missing_model")
+            return self._refuse(
+                400, f"'{key}' is required and must be a model name", "missing_model"
+            )
         model = self.resolve(requested)
         if model is None:
             return ollama_error(self.gateway.unknown_model(requested))
@@ -132,7 +134,7 @@ class OllamaSurface:
         return PlainTextResponse("Ollama is running")
 
     async def version(self, request: Request) -> Response:
-        return JSONResponse({"version": package_version()})
+        return JSONResponse({"version": metadata.package_version()})
 
     async def tags(self, request: Request) -> Response:
         g = self.gateway
@@ -153,7 +155,7 @@ class OllamaSurface:
             size, vram, context = metadata.memory(g.state, model, facts)
             aliases = sorted(a for a, m in g.table.names.items() if m == model and a != model)
             out.append({**metadata.entry(model, aliases, facts), "size": size, "size_vram": vram,
-                        "expires_at": FOREVER, "context_length": context})  # fmt: skip
+                        "expires_at": metadata.FOREVER, "context_length": context})  # fmt: skip
         return JSONResponse({"models": out})
 
     async def show(self, request: Request) -> Response:
@@ -163,11 +165,15 @@ class OllamaSurface:
             return found
         _, requested, model = found
         facts = await self.facts(model)
-        return JSONResponse(metadata.show(model, requested, facts, self.gateway.context_limits.get(model)))
+        return JSONResponse(
+            metadata.show(model, requested, facts, self.gateway.context_limits.get(model))
+        )
 
     async def not_here(self, request: Request) -> Response:
         verb = request.url.path.rsplit("/", 1)[-1]
-        return ollama_error_response(501, f"/api/{verb} is not available on TensorForge: {management.NOT_HERE[verb]}")
+        return ollama_error_response(
+            501, f"/api/{verb} is not available on TensorForge: {management.NOT_HERE[verb]}"
+        )
 
     async def pull(self, request: Request) -> Response:
         native = await self._read(request)
@@ -175,7 +181,9 @@ class OllamaSurface:
             return native
         requested = native.get("model") or native.get("name")
         if not isinstance(requested, str) or not requested:
-            return self._refuse(400, "'model' is required and must be a model name", "missing_model")
+            return self._refuse(
+                400, "'model' is required and must be a model name", "missing_model"
+            )
         try:
             name, spec = management.pull_target(self.gateway.state, requested)
         except management.NotFound as exc:
@@ -198,7 +206,9 @@ class OllamaSurface:
             return native
         requested = native.get("model") or native.get("name")
         if not isinstance(requested, str) or not requested:
-            return self._refuse(400, "'model' is required and must be a model name", "missing_model")
+            return self._refuse(
+                400, "'model' is required and must be a model name", "missing_model"
+            )
         try:
             await asyncio.to_thread(management.delete_model, self.gateway.state, requested)
         except management.NotFound as exc:
@@ -225,25 +235,30 @@ class OllamaSurface:
             field = "prompt" if legacy else "input"
             kind = "a string" if legacy else "a string or a non-empty list of strings"
             return self._refuse(400, f"'{field}' must be {kind}", "invalid_request")
-        try:
-            check_keep_alive(native)
-            fields, _ = sampling_fields(native.get("options"))
-            if fields:
-                raise Refused(f"options {', '.join(sorted(fields))} have no effect on embeddings; remove them")
-            if native.get("truncate") is not None and not isinstance(native["truncate"], bool):
-                raise Refused("'truncate' must be true or false")
-        except Refused as exc:
-            return self._refuse(400, str(exc), "invalid_request")
         name = requested if g.router.resolve(requested) else model
-        body = {"model": name, "input": texts}
-        forwarded = await self._forward(request, Translated("/v1/embeddings", body, None), stream=False)
+        protocols = self.protocols(model)
+        if protocols == {"ollama"}:  # Ollama's own request, options and all
+            translated = Translated(request.url.path, {**native, "model": name}, None)
+        else:
+            try:
+                translated = Translated(
+                    "/v1/embeddings", embed_body(native, name, texts, protocols), None
+                )
+            except Refused as exc:
+                return self._refuse(400, str(exc), "invalid_request")
+        forwarded = await self._forward(request, translated, stream=False)
         if isinstance(forwarded, Response):
             return forwarded
         answer, _ = forwarded
         if answer.status != 200:
             return ollama_error(answer)
         result = json.loads(answer.body)
-        vectors = [d["embedding"] for d in sorted(result.get("data") or [], key=lambda d: d.get("index", 0))]
+        if protocols == {"ollama"}:
+            return JSONResponse({**result, "model": requested} if not legacy else result)
+        vectors = [
+            d["embedding"]
+            for d in sorted(result.get("data") or [], key=lambda d: d.get("index", 0))
+        ]
         if legacy:
             return JSONResponse({"embedding": vectors[0] if vectors else []})
         final = stats.final()
@@ -274,10 +289,20 @@ class OllamaSurface:
                 check_keep_alive(native)
             except Refused as exc:
                 return self._refuse(400, str(exc), "invalid_request")
-        if (chat and not native.get("messages")) or (not chat and not native.get("prompt") and not native.get("suffix")):
+        if (chat and not native.get("messages")) or (
+            not chat and not native.get("prompt") and not native.get("suffix")
+        ):
             # Ollama's way to load a model: a declared model is loaded already, answered at once.
             piece = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-            return JSONResponse({"model": requested, "created_at": now_iso(), **piece, "done_reason": "load", "done": True})
+            return JSONResponse(
+                {
+                    "model": requested,
+                    "created_at": now_iso(),
+                    **piece,
+                    "done_reason": "load",
+                    "done": True,
+                }
+            )
         if native_ollama:  # Ollama backends take Ollama's request as it is
             if "stream" in native and not isinstance(native["stream"], bool):
                 return self._refuse(400, "'stream' must be true or false", "invalid_request")
@@ -290,7 +315,9 @@ class OllamaSurface:
                 return self._refuse(400, str(exc), "invalid_request")
             missing = await self._missing_capability(model, translated, native)
             if missing:
-                return self._refuse(400, f"{requested} does not support {missing}", "unsupported_capability")
+                return self._refuse(
+                    400, f"{requested} does not support {missing}", "unsupported_capability"
+                )
         stream = translated.body.get("stream", True) is not False
         forwarded = await self._forward(request, translated, stream)
         if isinstance(forwarded, Response):
@@ -298,7 +325,9 @@ class OllamaSurface:
         answer, key = forwarded
         headers = {}
         if (clamped := clamp_num_ctx(translated.num_ctx, g.context_limits.get(model))) is not None:
-            headers["x-tensorforge-num-ctx"] = str(clamped)  # the backend's context is fixed at launch
+            headers["x-tensorforge-num-ctx"] = str(
+                clamped
+            )  # the backend's context is fixed at launch
         if answer.stream is None:
             if answer.status != 200:
                 return ollama_error(answer)
@@ -311,25 +340,31 @@ class OllamaSurface:
                 out = whole_answer(result, requested, chat, stats)
             return JSONResponse(out, headers=headers)
         if native_ollama:
-            lines = self._relay(answer, key)
+            lines = relay_lines(answer.stream, lambda: g.release_key(key))
         else:
             translator = StreamTranslator(requested, chat, infill=translated.endpoint == "/infill")
             translator.stats = stats
-            lines = self._lines(answer, translator, key)
+            lines = ndjson_lines(answer.stream, translator, lambda: g.release_key(key))
         await anext(lines)  # started: if the client leaves before streaming, closing cleans up
         return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
 
-    async def _missing_capability(self, model: str, translated: Translated, native: dict) -> str | None:
+    async def _missing_capability(
+        self, model: str, translated: Translated, native: dict
+    ) -> str | None:
         """The first capability the request needs that the model file says it lacks (Ollama
         answers such a request with 400); None when all are there or nothing is known."""
         facts = await self.facts(model)
         if not facts.metadata:
             return None  # no model file here (a backend elsewhere, safetensors): the backend judges
         body = translated.body
-        images = bool(native.get("images")) or any(m.get("images") for m in native.get("messages") or [] if isinstance(m, dict))
+        images = bool(native.get("images")) or any(
+            m.get("images") for m in native.get("messages") or [] if isinstance(m, dict)
+        )
         needs = [("completion", True), ("tools", bool(body.get("tools"))), ("insert", translated.endpoint == "/infill"),
                  ("vision", images), ("thinking", bool(native.get("think")))]  # fmt: skip
-        return next((cap for cap, needed in needs if needed and cap not in facts.capabilities), None)
+        return next(
+            (cap for cap, needed in needs if needed and cap not in facts.capabilities), None
+        )
 
     async def _forward(
         self, request: Request, translated: Translated, stream: bool
@@ -346,7 +381,9 @@ class OllamaSurface:
             return ollama_error(refusal)
         body, model = parsed
         affinity = request.headers.get(g.spec.routing.affinity_header)
-        call = ProxyCall(Exchange(translated.endpoint, body, body["model"]), raw, model, stream, affinity, key)
+        call = ProxyCall(
+            Exchange(translated.endpoint, body, body["model"]), raw, model, stream, affinity, key
+        )
         try:
             answer = await g.proxy.forward(call)
         except BaseException:
@@ -356,37 +393,6 @@ class OllamaSurface:
             g.release_key(key)
             key = None
         return answer, key
-
-    async def _lines(self, answer: Answer, translator: StreamTranslator, key: str | None) -> AsyncIterator[bytes]:
-        assert answer.stream is not None
-        try:
-            yield b""  # the priming step (see _generate)
-            async for event in iter_events(answer.stream):
-                if "error" in event:
-                    error = event["error"]
-                    message = error.get("message", "backend failed") if isinstance(error, dict) else str(error)
-                    yield _line({"error": message})
-                    return
-                for piece in translator.feed(event):
-                    yield _line(piece)
-                if translator.infill and event.get("stop"):
-                    break  # llama.cpp's native stream has no [DONE]
-            for piece in translator.finish():
-                yield _line(piece)
-        finally:
-            await answer.stream.aclose()
-            self.gateway.release_key(key)
-
-    async def _relay(self, answer: Answer, key: str | None) -> AsyncIterator[bytes]:
-        """An Ollama backend's NDJSON, byte for byte."""
-        assert answer.stream is not None
-        try:
-            yield b""
-            async for chunk in answer.stream:
-                yield chunk
-        finally:
-            await answer.stream.aclose()
-            self.gateway.release_key(key)
 
 
 def ollama_error(answer: Answer) -> Response:

@@ -47,7 +47,9 @@ class RecordingBackend:
             answer = Recorded(status=404, body=b'{"error":"not recorded"}')
         else:
             answer = route.stream if body.get("stream") is True and route.stream else route.whole
-        await RecordedUpstream({(scope["method"], scope["path"]): answer})(scope, _replay(raw), send)
+        await RecordedUpstream({(scope["method"], scope["path"]): answer})(
+            scope, _replay(raw), send
+        )
 
     def last(self, path: str) -> dict:
         return next(body for p, body in reversed(self.requests) if p == path)

@@ -47,7 +47,9 @@ def pull_target(state: DesiredState, requested: str) -> tuple[str, ModelSpec]:
             "declare it under models: (or use a catalog name such as smollm2-135m)"
         )
     if spec.source.startswith("ollama:"):
-        raise Conflict(f"model {name!r} is pulled by its Ollama backend itself (source {spec.source}): run `ollama pull` there")
+        raise Conflict(
+            f"model {name!r} is pulled by its Ollama backend itself (source {spec.source}): run `ollama pull` there"
+        )
     return name, spec
 
 
@@ -83,7 +85,14 @@ async def pull_progress(state: DesiredState, name: str, spec: ModelSpec) -> Asyn
             task.add_done_callback(lambda t: t.exception())
     first = record.files[0]
     digest = f"sha256:{first.sha256}"
-    yield _line({"status": f"pulling {digest[7:19]}", "digest": digest, "total": record.size, "completed": record.size})
+    yield _line(
+        {
+            "status": f"pulling {digest[7:19]}",
+            "digest": digest,
+            "total": record.size,
+            "completed": record.size,
+        }
+    )
     yield _line({"status": "verifying sha256 digest"})  # pull_model verified it before registering
     yield _line({"status": "writing manifest"})  # the registry entry
     yield _line({"status": "success"})

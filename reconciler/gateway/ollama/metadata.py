@@ -9,6 +9,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from reconciler.config.schema import DesiredState
@@ -19,6 +20,14 @@ from reconciler.models.pull import local_path, registry_for, sha256_file
 from reconciler.paths import models_dir
 
 EMBEDDING_FLAGS = frozenset(("--embedding", "--embeddings"))  # llama-server serves /v1/embeddings
+FOREVER = "9999-12-31T23:59:59Z"  # /api/ps expires_at: a declared model stays loaded
+
+
+def package_version() -> str:
+    try:
+        return version("tensorforge")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0"
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,9 @@ def _capabilities(metadata: dict | None, kinds: set[str], backends: list) -> lis
     """What every backend of the model can do (a request may reach any of them)."""
     per_kind = [set(model_capabilities(metadata, None, kind)) for kind in sorted(kinds)]
     common = set.intersection(*per_kind)
-    if backends and all(b.kind == "llamacpp" and EMBEDDING_FLAGS & set(b.extra_args) for b in backends):
+    if backends and all(
+        b.kind == "llamacpp" and EMBEDDING_FLAGS & set(b.extra_args) for b in backends
+    ):
         common.add("embedding")
     order = ("completion", "tools", "insert", "vision", "embedding", "thinking")
     return [c for c in order if c in common]
@@ -141,7 +152,9 @@ def memory(state: DesiredState, model: str, facts: ModelFacts) -> tuple[int, int
         if known:
             context = max(context or 0, backend.context_size // backend.parallel)
         if facts.tensor_bytes:
-            used = facts.tensor_bytes + (facts.kv_bytes_per_token * backend.context_size if known else 0)
+            used = facts.tensor_bytes + (
+                facts.kv_bytes_per_token * backend.context_size if known else 0
+            )
             total += used
             vram += used if backend.gpus_wanted > 0 else 0
     return total, vram, context
@@ -149,11 +162,15 @@ def memory(state: DesiredState, model: str, facts: ModelFacts) -> tuple[int, int
 
 def show(model: str, requested: str, facts: ModelFacts, context_limit: int | None) -> dict:
     meta = facts.metadata
-    info = shown(meta) if meta else {"general.architecture": facts.details.get("family") or "unknown"}
+    info = (
+        shown(meta) if meta else {"general.architecture": facts.details.get("family") or "unknown"}
+    )
     if context_limit is not None:  # a request's share of the context, as the gateway enforces it
         info["tensorforge.context_length"] = context_limit
     template = str(meta.get("tokenizer.chat_template") or "")
-    modelfile = f"# Served by TensorForge from {facts.path}\nFROM {facts.path}\n" if facts.path else ""
+    modelfile = (
+        f"# Served by TensorForge from {facts.path}\nFROM {facts.path}\n" if facts.path else ""
+    )
     parameters = f"num_ctx {context_limit}" if context_limit is not None else ""
     return {
         "license": str(meta.get("general.license") or ""), "modelfile": modelfile,

@@ -17,7 +17,9 @@ SAMPLING = {
     "repeat_last_n": "repeat_last_n", "mirostat": "mirostat", "mirostat_tau": "mirostat_tau",
     "mirostat_eta": "mirostat_eta", "num_keep": "n_keep",
 }  # fmt: skip
-INTEGER = frozenset(("num_predict", "seed", "top_k", "repeat_last_n", "mirostat", "num_keep", "num_ctx"))
+INTEGER = frozenset(
+    ("num_predict", "seed", "top_k", "repeat_last_n", "mirostat", "num_keep", "num_ctx")
+)
 # Set when the model is loaded: the desired state's backend declaration holds these.
 LOAD_TIME = {
     "numa": "the backend's extra_args", "num_batch": "the backend's extra_args",
@@ -29,9 +31,14 @@ LOAD_TIME = {
     "rope_frequency_base": "the backend's extra_args", "rope_frequency_scale": "the backend's extra_args",
 }  # fmt: skip
 # Options Ollama documented once and its own runner no longer honours; llama.cpp dropped them too.
-RETIRED = {"penalize_newline": "llama.cpp removed it", "tfs_z": "llama.cpp removed tail-free sampling"}
+RETIRED = {
+    "penalize_newline": "llama.cpp removed it",
+    "tfs_z": "llama.cpp removed tail-free sampling",
+}
 
-OPENAI_FIELDS = frozenset(("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty", "frequency_penalty"))
+OPENAI_FIELDS = frozenset(
+    ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty", "frequency_penalty")
+)
 # Beyond OpenAI's fields: what each protocol's server takes, per endpoint family.
 # vLLM: top_k, min_p and repetition_penalty as extra body (its adapter renames repeat_penalty);
 # TGI's Messages API takes only OpenAI's fields, its /generate takes top_k, typical_p and
@@ -53,7 +60,13 @@ EXTENSIONS = {
 }  # fmt: skip
 for _protocol in ("llamacpp", "vllm", "tgi", "openai"):  # OpenAI's own tools field
     EXTENSIONS[(_protocol, "chat")] |= {"tools"}
-BACKEND_NAMES = {"llamacpp": "llama.cpp", "vllm": "vLLM", "tgi": "TGI", "openai": "OpenAI-compatible", "ollama": "Ollama"}
+BACKEND_NAMES = {
+    "llamacpp": "llama.cpp",
+    "vllm": "vLLM",
+    "tgi": "TGI",
+    "openai": "OpenAI-compatible",
+    "ollama": "Ollama",
+}
 
 
 class Refused(Exception):
@@ -95,7 +108,9 @@ def sampling_fields(options: object) -> tuple[dict, int | None]:
             if name == "num_predict" and value < 0:
                 continue  # -1 (no limit) and -2 (fill the context): the backend's own default
             if name == "num_predict" and value == 0:
-                raise Refused("options.num_predict 0 asks for no tokens; send 1 or more, or -1 for no limit")
+                raise Refused(
+                    "options.num_predict 0 asks for no tokens; send 1 or more, or -1 for no limit"
+                )
             fields[SAMPLING[name]] = int(value) if name in INTEGER else value
         elif name in LOAD_TIME:
             raise Refused(
@@ -103,9 +118,13 @@ def sampling_fields(options: object) -> tuple[dict, int | None]:
                 f"state ({LOAD_TIME[name]}), not per request: remove it from options"
             )
         elif name in RETIRED:
-            raise Refused(f"options.{name} is no longer supported ({RETIRED[name]}): remove it from options")
+            raise Refused(
+                f"options.{name} is no longer supported ({RETIRED[name]}): remove it from options"
+            )
         else:
-            raise Refused(f"options.{name} is not an Ollama model parameter; see Ollama's Modelfile parameters")
+            raise Refused(
+                f"options.{name} is not an Ollama model parameter; see Ollama's Modelfile parameters"
+            )
     return fields, num_ctx
 
 
@@ -121,9 +140,15 @@ def check_protocols(body: dict, protocols: set[str], family: str) -> None:
                     f"options.{option} cannot be sent to this model's {BACKEND_NAMES[protocol]} backend "
                     f"(it has no equivalent for {family} requests); remove it"
                 )
-        for field, what in (("chat_template_kwargs", "think"), ("reasoning_effort", "think"), ("tools", "tools")):
+        for field, what in (
+            ("chat_template_kwargs", "think"),
+            ("reasoning_effort", "think"),
+            ("tools", "tools"),
+        ):
             if field in body and field not in accepted:
-                raise Refused(f"'{what}' cannot be sent to this model's {BACKEND_NAMES[protocol]} backend; remove it")
+                raise Refused(
+                    f"'{what}' cannot be sent to this model's {BACKEND_NAMES[protocol]} backend; remove it"
+                )
 
 
 def clamp_num_ctx(num_ctx: int | None, context_limit: int | None) -> int | None:

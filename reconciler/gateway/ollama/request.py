@@ -13,7 +13,12 @@ from reconciler.gateway.ollama.options import Refused, check_protocols, sampling
 ROLES = frozenset(("system", "user", "assistant", "tool"))
 THINK_LEVELS = frozenset(("low", "medium", "high"))
 # Image types by the first bytes of their base64 text; Ollama accepts any, OpenAI wants a MIME type.
-IMAGE_TYPES = {"iVBOR": "image/png", "/9j/": "image/jpeg", "R0lGOD": "image/gif", "UklGR": "image/webp"}
+IMAGE_TYPES = {
+    "iVBOR": "image/png",
+    "/9j/": "image/jpeg",
+    "R0lGOD": "image/gif",
+    "UklGR": "image/webp",
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,9 @@ def openai_messages(messages: object) -> list[dict]:
     unanswered: list[tuple[str, str]] = []  # (id, function name) of calls without an answer yet
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise Refused(f"messages[{i}] must be an object whose 'role' is system, user, assistant or tool")
+            raise Refused(
+                f"messages[{i}] must be an object whose 'role' is system, user, assistant or tool"
+            )
         content = message.get("content")
         if content is not None and not isinstance(content, str):
             raise Refused(f"messages[{i}].content must be a string")
@@ -84,7 +91,10 @@ def openai_messages(messages: object) -> list[dict]:
         if not isinstance(images, list):
             raise Refused(f"messages[{i}].images must be a list of base64 strings")
         if images:
-            converted["content"] = [{"type": "text", "text": content or ""}, *map(image_url, images)]
+            converted["content"] = [
+                {"type": "text", "text": content or ""},
+                *map(image_url, images),
+            ]
         thinking = message.get("thinking")
         if thinking:
             if not isinstance(thinking, str):
@@ -98,14 +108,18 @@ def openai_messages(messages: object) -> list[dict]:
             for j, call in enumerate(calls):
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                    raise Refused(f"messages[{i}].tool_calls[{j}] must be {{\"function\": {{\"name\", \"arguments\"}}}}")
+                    raise Refused(
+                        f'messages[{i}].tool_calls[{j}] must be {{"function": {{"name", "arguments"}}}}'
+                    )
                 call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{i}_{j}"
                 converted["tool_calls"].append({"id": call_id, "type": "function",
                                                 "function": {"name": function["name"], "arguments": _arguments(function)}})  # fmt: skip
                 unanswered.append((call_id, function["name"]))
         if message["role"] == "tool":
             name = message.get("tool_name") or message.get("name")
-            match = next((c for c in unanswered if c[1] == name), unanswered[0] if unanswered else None)
+            match = next(
+                (c for c in unanswered if c[1] == name), unanswered[0] if unanswered else None
+            )
             if match is not None:
                 unanswered.remove(match)
                 converted["tool_call_id"] = match[0]
@@ -121,7 +135,7 @@ def _tools(tools: object) -> list[dict]:
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise Refused(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}")
+            raise Refused(f'tools[{i}] must be {{"type": "function", "function": {{"name", ...}}}}')
     return [{"type": "function", **{k: v for k, v in t.items() if k != "type"}} for t in tools]
 
 
@@ -142,7 +156,7 @@ def _think(think: object) -> dict:
         return {"chat_template_kwargs": {"enable_thinking": think}}
     if think in THINK_LEVELS:
         return {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": think}
-    raise Refused("'think' must be true, false, \"low\", \"medium\" or \"high\"")
+    raise Refused('\'think\' must be true, false, "low", "medium" or "high"')
 
 
 # Newer Ollama request fields with no mapping here yet: refused, not ignored.
@@ -158,7 +172,11 @@ def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
     _type(native, "stream", bool, "true or false")
     check_keep_alive(native)
     fields, num_ctx = sampling_fields(native.get("options"))
-    body: dict = {"model": native["model"], "stream": native.get("stream", True) is not False, **fields}
+    body: dict = {
+        "model": native["model"],
+        "stream": native.get("stream", True) is not False,
+        **fields,
+    }
     if (fmt := _format(native.get("format"))) is not None:
         body["response_format"] = fmt
     if chat:
@@ -199,13 +217,17 @@ def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
     user: dict = {"role": "user", "content": prompt}
     if images:
         user["content"] = [{"type": "text", "text": prompt}, *map(image_url, images)]
-    body["messages"] = [{"role": "system", "content": native["system"]}] if native.get("system") else []
+    body["messages"] = (
+        [{"role": "system", "content": native["system"]}] if native.get("system") else []
+    )
     body["messages"].append(user)
     body.update(_think(native.get("think")))
     return _finish(body, "/v1/chat/completions", "chat", protocols, num_ctx)
 
 
-def _finish(body: dict, endpoint: str, family: str, protocols: set[str], num_ctx: int | None) -> Translated:
+def _finish(
+    body: dict, endpoint: str, family: str, protocols: set[str], num_ctx: int | None
+) -> Translated:
     if body["stream"] and endpoint != "/infill":
         body["stream_options"] = {"include_usage": True}
     check_protocols(body, protocols, family)
@@ -221,10 +243,36 @@ def _infill(native: dict, body: dict, protocols: set[str], num_ctx: int | None) 
             f"also runs on {', '.join(others)}: drop 'suffix' or route the model to llama.cpp"
         )
     if native.get("images") or native.get("raw") or native.get("system") or native.get("format"):
-        raise Refused("'suffix' (fill-in-the-middle) cannot be combined with images, raw, system or format")
+        raise Refused(
+            "'suffix' (fill-in-the-middle) cannot be combined with images, raw, system or format"
+        )
     infill = {k: v for k, v in body.items() if k not in ("max_tokens", "response_format")}
     infill.update(input_prefix=native.get("prompt") or "", input_suffix=native["suffix"], prompt="")
     if "max_tokens" in body:
         infill["n_predict"] = body["max_tokens"]
     check_protocols(infill, protocols, "text")
     return Translated("/infill", infill, num_ctx)
+
+
+def embed_body(native: dict, name: str, texts: list[str], protocols: set[str]) -> dict:
+    """OpenAI's embeddings request for Ollama's; Refused for what the backends cannot take.
+    `truncate` is accepted: an input longer than the context is the backend's 400 either way."""
+    check_keep_alive(native)
+    fields, _ = sampling_fields(native.get("options"))
+    if fields:
+        raise Refused(
+            f"options {', '.join(sorted(fields))} have no effect on embeddings; remove them"
+        )
+    if native.get("truncate") is not None and not isinstance(native["truncate"], bool):
+        raise Refused("'truncate' must be true or false")
+    body: dict = {"model": name, "input": texts}
+    dimensions = native.get("dimensions")
+    if dimensions is not None:
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
+            raise Refused("'dimensions' must be a positive whole number")
+        if not protocols <= {"vllm", "openai"}:
+            raise Refused(
+                "'dimensions' is served by vLLM and OpenAI-compatible backends only; remove it"
+            )
+        body["dimensions"] = dimensions
+    return body

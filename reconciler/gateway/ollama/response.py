@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
+
+from reconciler.gateway.sse import iter_events
 
 # llama.cpp's /infill says why it stopped in `stop_type`.
 INFILL_DONE = {"limit": "length", "eos": "stop", "word": "stop"}
@@ -25,8 +28,12 @@ def ollama_tool_calls(calls: list | None) -> list[dict]:
         try:
             parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
         except ValueError:
-            parsed = {"_raw": arguments}  # the model wrote something that is not JSON: keep it visible
-        entry = {"function": {"index": index, "name": function.get("name", ""), "arguments": parsed}}
+            parsed = {
+                "_raw": arguments
+            }  # the model wrote something that is not JSON: keep it visible
+        entry = {
+            "function": {"index": index, "name": function.get("name", ""), "arguments": parsed}
+        }
         if call.get("id"):
             entry["id"] = call["id"]
         out.append(entry)
@@ -100,13 +107,21 @@ def whole_answer(result: dict, model: str, chat: bool, stats: Stats) -> dict:
 def infill_answer(result: dict, model: str, stats: Stats) -> dict:
     """llama.cpp's native /infill answer as Ollama's generate object."""
     _infill_stats(result, stats)
-    return {"model": model, "created_at": now_iso(), "response": result.get("content", ""), **stats.final()}
+    return {
+        "model": model,
+        "created_at": now_iso(),
+        "response": result.get("content", ""),
+        **stats.final(),
+    }
 
 
 def _infill_stats(event: dict, stats: Stats) -> None:
     stats.take(event)
     stats.finish = INFILL_DONE.get(event.get("stop_type", ""), "stop")
-    stats.usage = {"prompt_tokens": event.get("tokens_evaluated", 0), "completion_tokens": event.get("tokens_predicted", 0)}
+    stats.usage = {
+        "prompt_tokens": event.get("tokens_evaluated", 0),
+        "completion_tokens": event.get("tokens_predicted", 0),
+    }
 
 
 class StreamTranslator:
@@ -161,7 +176,9 @@ class StreamTranslator:
         return out
 
     def _gather(self, fragment: dict) -> None:
-        call = self.calls.setdefault(fragment.get("index", 0), {"function": {"name": "", "arguments": ""}})
+        call = self.calls.setdefault(
+            fragment.get("index", 0), {"function": {"name": "", "arguments": ""}}
+        )
         if fragment.get("id"):
             call["id"] = fragment["id"]
         function = fragment.get("function") or {}
@@ -178,3 +195,48 @@ class StreamTranslator:
         last.update(self.stats.final())
         out.append(last)
         return out
+
+
+def _line(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+async def ndjson_lines(
+    stream: AsyncGenerator[bytes, None], translator: StreamTranslator, done: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """A backend's stream as Ollama NDJSON lines; `done` runs when it ends or is closed.
+    The first step yields nothing: run it once so that closing always cleans up."""
+    try:
+        yield b""
+        async for event in iter_events(stream):
+            if "error" in event:
+                error = event["error"]
+                message = (
+                    error.get("message", "backend failed")
+                    if isinstance(error, dict)
+                    else str(error)
+                )
+                yield _line({"error": message})
+                return
+            for piece in translator.feed(event):
+                yield _line(piece)
+            if translator.infill and event.get("stop"):
+                break  # llama.cpp's native stream has no [DONE]
+        for piece in translator.finish():
+            yield _line(piece)
+    finally:
+        await stream.aclose()
+        done()
+
+
+async def relay_lines(
+    stream: AsyncGenerator[bytes, None], done: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """An Ollama backend's NDJSON, byte for byte (primed like `ndjson_lines`)."""
+    try:
+        yield b""
+        async for chunk in stream:
+            yield chunk
+    finally:
+        await stream.aclose()
+        done()
