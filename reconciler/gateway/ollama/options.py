@@ -52,10 +52,10 @@ EXTENSIONS = {
     ("tgi", "text"): (OPENAI_FIELDS - {"presence_penalty"}) | {"top_k", "typical_p", "repeat_penalty"},
     ("openai", "chat"): OPENAI_FIELDS | {"reasoning_effort"},
     ("openai", "text"): OPENAI_FIELDS,
-    # A model served by Ollama and other kinds at once: the Ollama adapter carries the sampling
-    # options (as `options`), not tools or think (a model served by Ollama alone gets the
-    # request untranslated).
-    ("ollama", "chat"): frozenset(SAMPLING.values()),
+    # A model served by Ollama and other kinds at once: the Ollama adapter translates back
+    # (sampling fields to `options`, tools, think); served by Ollama alone, the request goes
+    # untranslated.
+    ("ollama", "chat"): frozenset(SAMPLING.values()) | {"tools", "chat_template_kwargs", "reasoning_effort"},
     ("ollama", "text"): frozenset(SAMPLING.values()),
 }  # fmt: skip
 for _protocol in ("llamacpp", "vllm", "tgi", "openai"):  # OpenAI's own tools field
