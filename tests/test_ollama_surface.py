@@ -11,6 +11,7 @@ The same surface against the real llama.cpp server is tests/test_ollama_e2e.py."
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import ollama
@@ -411,3 +412,29 @@ def test_embed_on_ollama_backends_is_native_and_dimensions_needs_a_backend_that_
     _, url = backend_of("llamacpp")
     response = httpx.post(f"{url}/api/embed", json={"model": "m", "input": "x", "dimensions": 8})
     assert response.status_code == 400 and "'dimensions'" in response.json()["error"]
+
+
+def test_a_model_ollama_holds_is_described_by_ollama():
+    """No file here: /api/tags, /api/ps and /api/show take the backend's own answers (its
+    documented "List Local Models", "List Running Models" and "Show Model Information")."""
+    upstream = RecordedUpstream({
+        ("HEAD", "/"): Recorded(content_type="text/plain", body=b"Ollama is running"),
+        ("GET", "/api/tags"): Recorded(body=(FIXTURES / "ollama" / "tags.json").read_bytes()),
+        ("GET", "/api/ps"): Recorded(body=(FIXTURES / "ollama" / "ps.json").read_bytes()),
+        ("POST", "/api/show"): Recorded(body=(FIXTURES / "ollama" / "show.json").read_bytes()),
+    })  # fmt: skip
+    up, gw = free_port(), free_port()
+    state = fleet_state({"box": f"http://127.0.0.1:{up}"}, kind="ollama", source="ollama:deepseek-r1")
+    with serve(upstream, up), serve(create_app(state), gw):
+        client = ollama.Client(host=f"http://127.0.0.1:{gw}")
+        deadline = time.monotonic() + 5
+        while not client.ps().models and time.monotonic() < deadline:  # until the backend is probed healthy
+            time.sleep(0.1)
+        listed = client.list().models
+        shown = client.show("alias")
+        running = httpx.get(f"http://127.0.0.1:{gw}/api/ps").json()["models"]
+    assert [m.model for m in listed] == ["m"] and listed[0].size == 4683075271
+    assert listed[0].digest == "0a8c266910232fd3291e71e5ba1e058cc5af9d411192cf88b6d30e92b6e73163"
+    assert listed[0].details.parameter_size == "7.6B" and listed[0].details.family == "qwen2"
+    assert upstream.last("/api/show") == {"model": "deepseek-r1"} and shown.details.parameter_size == "8.0B"
+    assert running[0]["model"] == "m" and running[0]["size"] == 0  # not in the backend's /api/ps: not loaded

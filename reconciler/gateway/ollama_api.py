@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.ollama import management, metadata
+from reconciler.gateway.ollama.listing import ModelListing
 from reconciler.gateway.ollama.options import Refused, clamp_num_ctx
 from reconciler.gateway.ollama.request import Translated, check_keep_alive, embed_body, translate
 from reconciler.gateway.ollama.response import (
@@ -41,13 +42,14 @@ if TYPE_CHECKING:
 class OllamaSurface:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
+        self.listing = ModelListing(gateway)
 
     def routes(self) -> list[Route]:
         return [
             Route("/", self.root, methods=["GET", "HEAD"]),
             Route("/api/version", self.version, methods=["GET"]),
-            Route("/api/tags", self.tags, methods=["GET"]),
-            Route("/api/ps", self.ps, methods=["GET"]),
+            Route("/api/tags", self.listing.tags, methods=["GET"]),
+            Route("/api/ps", self.listing.ps, methods=["GET"]),
             Route("/api/chat", self.chat, methods=["POST"]),
             Route("/api/generate", self.generate, methods=["POST"]),
             Route("/api/embed", self.embed, methods=["POST"]),
@@ -76,15 +78,6 @@ class OllamaSurface:
         table = self.gateway.table
         models = [model, *table.fallbacks.get(model, [])]
         return {u.protocol for u in table.upstreams.values() if u.model in models}
-
-    async def facts(self, model: str) -> metadata.ModelFacts:
-        try:
-            return await asyncio.to_thread(metadata.model_facts, self.gateway.state, model)
-        except (
-            OSError,
-            ValueError,
-        ):  # a registry or file we cannot read: say nothing rather than fail
-            return metadata.ModelFacts()
 
     def _refuse(self, status: int, message: str, code: str) -> Response:
         return ollama_error(self.gateway.reject(status, message, code))
@@ -136,35 +129,27 @@ class OllamaSurface:
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": metadata.package_version()})
 
-    async def tags(self, request: Request) -> Response:
-        g = self.gateway
-        out = []
-        for model in g.table.served_models():
-            aliases = sorted(a for a, m in g.table.names.items() if m == model and a != model)
-            out.append(metadata.entry(model, aliases, await self.facts(model)))
-        return JSONResponse({"models": out})
-
-    async def ps(self, request: Request) -> Response:
-        """Models with a healthy backend: what the gateway can answer with now."""
-        g = self.gateway
-        out = []
-        for model in g.table.served_models():
-            if not any(u.healthy for u in g.router.members(model)):
-                continue
-            facts = await self.facts(model)
-            size, vram, context = metadata.memory(g.state, model, facts)
-            aliases = sorted(a for a, m in g.table.names.items() if m == model and a != model)
-            out.append({**metadata.entry(model, aliases, facts), "size": size, "size_vram": vram,
-                        "expires_at": metadata.FOREVER, "context_length": context})  # fmt: skip
-        return JSONResponse({"models": out})
-
     async def show(self, request: Request) -> Response:
-        """What editors (Continue, Open WebUI) read: context length, capabilities, template."""
+        """What editors (Continue, Open WebUI) read: context length, capabilities, template.
+        A model Ollama holds is described by Ollama itself."""
         found = await self._model(request)
         if isinstance(found, Response):
             return found
-        _, requested, model = found
-        facts = await self.facts(model)
+        native, requested, model = found
+        if self.protocols(model) == {"ollama"}:
+            name = requested if self.gateway.router.resolve(requested) else model
+            forwarded = await self._forward(
+                request, Translated("/api/show", {**native, "model": name}, None), False
+            )
+            if isinstance(forwarded, Response):
+                return forwarded
+            answer, _ = forwarded
+            return (
+                Response(answer.body, media_type="application/json")
+                if answer.status == 200
+                else ollama_error(answer)
+            )
+        facts = await self.listing.facts(model)
         return JSONResponse(
             metadata.show(model, requested, facts, self.gateway.context_limits.get(model))
         )
@@ -353,7 +338,7 @@ class OllamaSurface:
     ) -> str | None:
         """The first capability the request needs that the model file says it lacks (Ollama
         answers such a request with 400); None when all are there or nothing is known."""
-        facts = await self.facts(model)
+        facts = await self.listing.facts(model)
         if not facts.metadata:
             return None  # no model file here (a backend elsewhere, safetensors): the backend judges
         body = translated.body
