@@ -127,6 +127,7 @@ def test_metadata_is_the_model_files(gateway, smollm2_path):
     ({"think": True}, "thinking"),
 ])  # fmt: skip
 def test_what_the_model_cannot_do_is_a_400_before_the_backend(gateway, request_fields, capability):
+    ollama.Client(host=gateway).show("smollm2")  # the gateway has read the model file (read once, in a thread)
     response = httpx.post(
         f"{gateway}/api/chat", json={"model": "smollm2", "messages": ASK, **request_fields}
     )
@@ -136,6 +137,7 @@ def test_what_the_model_cannot_do_is_a_400_before_the_backend(gateway, request_f
 
 
 def test_suffix_needs_fill_in_the_middle_tokens(gateway):
+    ollama.Client(host=gateway).show("smollm2")
     response = httpx.post(
         f"{gateway}/api/generate",
         json={"model": "smollm2", "prompt": "def f(", "suffix": "return 1"},

@@ -298,7 +298,7 @@ class OllamaSurface:
                 translated = translate({**native, "model": name}, chat, protocols)
             except Refused as exc:
                 return self._refuse(400, str(exc), "invalid_request")
-            missing = await self._missing_capability(model, translated, native)
+            missing = self._missing_capability(model, translated, native)
             if missing:
                 return self._refuse(
                     400, f"{requested} does not support {missing}", "unsupported_capability"
@@ -333,13 +333,12 @@ class OllamaSurface:
         await anext(lines)  # started: if the client leaves before streaming, closing cleans up
         return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
 
-    async def _missing_capability(
-        self, model: str, translated: Translated, native: dict
-    ) -> str | None:
+    def _missing_capability(self, model: str, translated: Translated, native: dict) -> str | None:
         """The first capability the request needs that the model file says it lacks (Ollama
-        answers such a request with 400); None when all are there or nothing is known."""
-        facts = await self.listing.facts(model)
-        if not facts.metadata:
+        answers such a request with 400); None when all are there or nothing is known (yet:
+        until the file is read, in the background, the backend judges)."""
+        facts = self.listing.known_facts(model)
+        if facts is None or not facts.metadata:
             return None  # no model file here (a backend elsewhere, safetensors): the backend judges
         body = translated.body
         images = bool(native.get("images")) or any(

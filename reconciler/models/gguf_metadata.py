@@ -14,12 +14,18 @@ SHORT_ARRAY = 64
 def read_gguf_metadata(path: str | Path) -> dict:
     """Every metadata key of the GGUF at `path` (header checked first: a hostile count fails
     fast with ValueError). Cached while the file's size and mtime stay the same."""
+    return read_gguf_file(path)[0]
+
+
+def read_gguf_file(path: str | Path) -> tuple[dict, int, int]:
+    """(metadata, tensor bytes, parameter count) from one parse of the file: parsing a
+    vocabulary of 50k-150k tokens costs seconds on a busy machine, so it is done once."""
     stat = Path(path).stat()
     return _read(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=16)
-def _read(path: str, size: int, mtime_ns: int) -> dict:
+def _read(path: str, size: int, mtime_ns: int) -> tuple[dict, int, int]:
     from gguf import GGUFReader
 
     from reconciler.models.gguf_info import check_gguf
@@ -32,7 +38,8 @@ def _read(path: str, size: int, mtime_ns: int) -> dict:
             continue
         value = field.contents()
         out[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    return out
+    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    return out, tensor_bytes, sum(int(t.n_elements) for t in reader.tensors)
 
 
 def shown(metadata: dict) -> dict:

@@ -4,6 +4,7 @@ from its file (`metadata.py`) or, for a model Ollama backends hold, by the backe
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import httpx
@@ -17,15 +18,39 @@ if TYPE_CHECKING:
     from reconciler.gateway.app import Gateway
 
 
+FACTS_SECONDS = 30.0  # how long a model's facts are reused before the registry is read again
+
+
 class ModelListing:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
+        self._facts: dict[str, tuple[float, asyncio.Future]] = {}  # model -> (started, result)
+
+    def _lookup(self, model: str) -> asyncio.Future:
+        """The model's facts, read in a thread once and shared by every caller; read again
+        once FACTS_SECONDS old (the file's GGUF parse itself is cached per file version)."""
+        now = time.monotonic()
+        cached = self._facts.get(model)
+        if cached is not None and not (cached[1].done() and now - cached[0] > FACTS_SECONDS):
+            return cached[1]
+        future = asyncio.ensure_future(asyncio.to_thread(self._read, model))
+        self._facts[model] = (now, future)
+        return future
+
+    def _read(self, model: str) -> metadata.ModelFacts:
+        try:
+            return metadata.model_facts(self.gateway.state, model)
+        except (OSError, ValueError, KeyError):  # unreadable, or gone in a reload: say nothing
+            return metadata.ModelFacts()
 
     async def facts(self, model: str) -> metadata.ModelFacts:
-        try:
-            return await asyncio.to_thread(metadata.model_facts, self.gateway.state, model)
-        except (OSError, ValueError):  # an unreadable registry or file: say nothing, not fail
-            return metadata.ModelFacts()
+        return await asyncio.shield(self._lookup(model))
+
+    def known_facts(self, model: str) -> metadata.ModelFacts | None:
+        """The facts if already read, else None (and the reading starts): a request never
+        waits for a model file's first parse, which takes seconds on a busy machine."""
+        future = self._lookup(model)
+        return future.result() if future.done() else None
 
     async def tags(self, request: Request) -> Response:
         g = self.gateway

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from reconciler.config.schema import DesiredState
 from reconciler.models.capabilities import model_capabilities
-from reconciler.models.gguf_info import FILE_TYPES, read_gguf_info
-from reconciler.models.gguf_metadata import read_gguf_metadata, shown
+from reconciler.models.gguf_info import FILE_TYPES, read_attention
+from reconciler.models.gguf_metadata import read_gguf_file, shown
 from reconciler.models.pull import local_path, registry_for, sha256_file
 from reconciler.paths import models_dir
 
@@ -61,12 +61,6 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(Path(path))
 
 
-@functools.lru_cache(maxsize=32)
-def _shape(path: str, size: int, mtime_ns: int) -> tuple[int, int, int]:
-    info = read_gguf_info(Path(path))
-    return info.tensor_bytes, info.kv_elements_per_token * 2, info.parameter_count
-
-
 def _registry_exists(directory: Path) -> bool:
     return bool(os.environ.get("TF_REGISTRY_URL")) or (directory / "registry.sqlite3").exists()
 
@@ -101,8 +95,8 @@ def model_facts(state: DesiredState, model: str) -> ModelFacts:
     tensor_bytes = kv_per_token = params = 0
     if path.endswith(".gguf"):
         try:
-            metadata = read_gguf_metadata(path)
-            tensor_bytes, kv_per_token, params = _shape(path, stat.st_size, stat.st_mtime_ns)
+            metadata, tensor_bytes, params = read_gguf_file(path)
+            kv_per_token = 2 * _kv_elements(metadata)  # f16
         except (OSError, ValueError):
             metadata = {}  # unreadable header: the file facts still hold
     arch = str(metadata.get("general.architecture", ""))
@@ -118,6 +112,13 @@ def model_facts(state: DesiredState, model: str) -> ModelFacts:
         capabilities=_capabilities(metadata or None, kinds, backends), metadata=metadata,
         tensor_bytes=tensor_bytes, kv_bytes_per_token=kv_per_token,
     )  # fmt: skip
+
+
+def _kv_elements(metadata: dict) -> int:
+    arch = str(metadata.get("general.architecture", ""))
+    layers = int(metadata.get(f"{arch}.block_count", 0))
+    width = int(metadata.get(f"{arch}.embedding_length", 0))
+    return read_attention(metadata.get, arch, layers, width).kv_elements_per_token
 
 
 def _capabilities(metadata: dict | None, kinds: set[str], backends: list) -> list[str]:
