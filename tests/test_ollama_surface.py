@@ -438,3 +438,18 @@ def test_a_model_ollama_holds_is_described_by_ollama():
     assert listed[0].details.parameter_size == "7.6B" and listed[0].details.family == "qwen2"
     assert upstream.last("/api/show") == {"model": "deepseek-r1"} and shown.details.parameter_size == "8.0B"
     assert running[0]["model"] == "m" and running[0]["size"] == 0  # not in the backend's /api/ps: not loaded
+
+
+def test_a_failing_pull_ends_with_the_reason(tmp_path, monkeypatch):
+    """A declared file that is not there: the stream's last line is the error, and without
+    streaming the answer is a 500 naming it (Ollama's shape), never a traceback."""
+    monkeypatch.setenv("TF_MODELS", str(tmp_path))
+    up, gw = free_port(), free_port()
+    state = fleet_state({"b": f"http://127.0.0.1:{up}"}, source=f"path:{tmp_path}/missing.gguf")
+    with serve(llamacpp_tools_backend(), up), serve(create_app(state), gw):
+        client = ollama.Client(host=f"http://127.0.0.1:{gw}")
+        with pytest.raises(ollama.ResponseError) as streamed:
+            list(client.pull("alias", stream=True))
+        whole = httpx.post(f"http://127.0.0.1:{gw}/api/pull", json={"model": "m", "stream": False})
+    assert "missing.gguf does not exist" in streamed.value.error
+    assert whole.status_code == 500 and "missing.gguf does not exist" in whole.json()["error"]

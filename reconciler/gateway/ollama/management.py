@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -77,7 +78,7 @@ async def pull_progress(state: DesiredState, name: str, spec: ModelSpec) -> Asyn
             if not task.done():
                 yield _line({"status": status, "completed": _bytes_under(directory / name)})
         record = task.result()
-    except PullError as exc:
+    except (PullError, ValueError, OSError) as exc:  # our own messages: a bad spec, a full disk
         yield _line({"error": f"pull {name}: {exc}"})
         return
     finally:
@@ -109,7 +110,8 @@ def delete_model(state: DesiredState, requested: str) -> str:
             f"model {name!r} is served by backend(s) {', '.join(users)}; remove them from the desired "
             "state (and apply) before deleting the model"
         )
-    registry = registry_for(directory) if (directory / "registry.sqlite3").exists() else None
+    exists = bool(os.environ.get("TF_REGISTRY_URL")) or (directory / "registry.sqlite3").exists()
+    registry = registry_for(directory) if exists else None  # never create one just to find nothing
     record = registry.get(name) if registry is not None else None
     if registry is None or record is None:
         raise NotFound(f"model {requested!r} is not in the model registry ({directory})")
