@@ -389,6 +389,8 @@ def test_num_ctx_above_the_backends_context_is_clamped_and_said(backend_of):
         small = httpx.post(
             url, json={"model": "m", "messages": ASK, "stream": False, "options": {"num_ctx": 512}}
         )
+        long = httpx.post(url, json={"model": "m", "messages": ASK, "stream": False, "options": {"num_predict": 4096}})
+    assert long.status_code == 200 and backend.last("/v1/chat/completions")["max_tokens"] == 1024  # a ceiling, as in Ollama
     assert big.status_code == 200 and big.headers["x-tensorforge-num-ctx"] == "1024"
     assert small.status_code == 200 and "x-tensorforge-num-ctx" not in small.headers
     assert "num_ctx" not in backend.last(

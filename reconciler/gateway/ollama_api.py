@@ -21,7 +21,7 @@ from starlette.routing import Route
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.ollama import management, metadata
 from reconciler.gateway.ollama.listing import ModelListing
-from reconciler.gateway.ollama.options import Refused, clamp_num_ctx
+from reconciler.gateway.ollama.options import Refused, clamp_num_ctx, clamp_num_predict
 from reconciler.gateway.ollama.request import Translated, check_keep_alive, embed_body, translate
 from reconciler.gateway.ollama.response import (
     Stats,
@@ -303,16 +303,16 @@ class OllamaSurface:
                 return self._refuse(
                     400, f"{requested} does not support {missing}", "unsupported_capability"
                 )
+            clamp_num_predict(translated.body, g.context_limits.get(model))
         stream = translated.body.get("stream", True) is not False
         forwarded = await self._forward(request, translated, stream)
         if isinstance(forwarded, Response):
             return forwarded
         answer, key = forwarded
         headers = {}
+        # The backend's context is fixed at launch: say what a larger num_ctx became.
         if (clamped := clamp_num_ctx(translated.num_ctx, g.context_limits.get(model))) is not None:
-            headers["x-tensorforge-num-ctx"] = str(
-                clamped
-            )  # the backend's context is fixed at launch
+            headers["x-tensorforge-num-ctx"] = str(clamped)
         if answer.stream is None:
             if answer.status != 200:
                 return ollama_error(answer)

@@ -159,3 +159,11 @@ def clamp_num_ctx(num_ctx: int | None, context_limit: int | None) -> int | None:
     if num_ctx is None or context_limit is None or num_ctx <= context_limit:
         return None
     return context_limit
+
+
+def clamp_num_predict(body: dict, context_limit: int | None) -> None:
+    """`num_predict` is a ceiling in Ollama, and generation stops where the context ends: one
+    above the backend's context per request becomes that context (not the gateway's 400)."""
+    for field in ("max_tokens", "n_predict"):
+        if context_limit is not None and isinstance(body.get(field), int) and body[field] > context_limit:
+            body[field] = context_limit
