@@ -187,3 +187,12 @@ def test_embed_options_and_keep_alive(gateway):
     kept = httpx.post(f"{gateway}/api/chat", json={"model": "smollm2", "messages": ASK, "keep_alive": "1h",
                                                    "stream": False, "options": {"num_predict": 2}})  # fmt: skip
     assert kept.status_code == 200 and json.loads(kept.text)["done"] is True
+
+
+def test_logprobs_come_back_per_token(gateway):
+    client = ollama.Client(host=gateway)
+    answer = client.chat(model="smollm2", messages=ASK, options={"num_predict": 4}, logprobs=True, top_logprobs=2)
+    assert len(answer.logprobs) == answer.eval_count == 4
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in answer.logprobs)
+    parts = list(client.generate(model="smollm2", prompt="Hi", options={"num_predict": 3}, logprobs=True, stream=True))
+    assert sum(len(p.logprobs or []) for p in parts) == 3

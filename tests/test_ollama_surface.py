@@ -232,7 +232,7 @@ def test_suffix_on_a_backend_without_fill_in_the_middle_is_refused(backend_of):
 @pytest.mark.parametrize("body, named", [
     ({"template": "{{ .Prompt }}"}, "'template'"), ({"context": [1, 2, 3]}, "'context'"),
     ({"keep_alive": 0}, "'keep_alive'"), ({"format": "yaml"}, "'format'"), ({"think": "max"}, "'think'"),
-    ({"images": "abc"}, "'images'"), ({"raw": "yes"}, "'raw'"), ({"logprobs": True}, "'logprobs'"),
+    ({"images": "abc"}, "'images'"), ({"raw": "yes"}, "'raw'"), ({"raw": True, "logprobs": True}, "'logprobs'"), ({"top_logprobs": 3}, "'top_logprobs'"),
 ])  # fmt: skip
 def test_generate_fields_that_cannot_be_mapped_are_refused_by_name(backend_of, body, named):
     backend, url = backend_of("llamacpp")

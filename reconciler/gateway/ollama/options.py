@@ -58,8 +58,8 @@ EXTENSIONS = {
     ("ollama", "chat"): frozenset(SAMPLING.values()) | {"tools", "chat_template_kwargs", "reasoning_effort"},
     ("ollama", "text"): frozenset(SAMPLING.values()),
 }  # fmt: skip
-for _protocol in ("llamacpp", "vllm", "tgi", "openai"):  # OpenAI's own tools field
-    EXTENSIONS[(_protocol, "chat")] |= {"tools"}
+for _protocol in ("llamacpp", "vllm", "tgi", "openai"):  # OpenAI's own chat fields
+    EXTENSIONS[(_protocol, "chat")] |= {"tools", "logprobs", "top_logprobs"}
 BACKEND_NAMES = {
     "llamacpp": "llama.cpp",
     "vllm": "vLLM",
@@ -144,6 +144,7 @@ def check_protocols(body: dict, protocols: set[str], family: str) -> None:
             ("chat_template_kwargs", "think"),
             ("reasoning_effort", "think"),
             ("tools", "tools"),
+            ("logprobs", "logprobs"),
         ):
             if field in body and field not in accepted:
                 raise Refused(
@@ -165,5 +166,9 @@ def clamp_num_predict(body: dict, context_limit: int | None) -> None:
     """`num_predict` is a ceiling in Ollama, and generation stops where the context ends: one
     above the backend's context per request becomes that context (not the gateway's 400)."""
     for field in ("max_tokens", "n_predict"):
-        if context_limit is not None and isinstance(body.get(field), int) and body[field] > context_limit:
+        if (
+            context_limit is not None
+            and isinstance(body.get(field), int)
+            and body[field] > context_limit
+        ):
             body[field] = context_limit

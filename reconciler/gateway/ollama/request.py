@@ -139,6 +139,25 @@ def _tools(tools: object) -> list[dict]:
     return [{"type": "function", **{k: v for k, v in t.items() if k != "type"}} for t in tools]
 
 
+def _logprobs(native: dict, chat_family: bool) -> dict:
+    """Ollama's `logprobs`/`top_logprobs` are OpenAI's chat fields (raw and suffix requests
+    have no chat answer to carry them)."""
+    _type(native, "logprobs", bool, "true or false")
+    _type(native, "top_logprobs", int, "a whole number from 0 to 20")
+    top = native.get("top_logprobs")
+    if top is not None and not 0 <= top <= 20:
+        raise Refused("'top_logprobs' must be a whole number from 0 to 20")
+    if not native.get("logprobs"):
+        if top:
+            raise Refused("'top_logprobs' needs 'logprobs': true")
+        return {}
+    if not chat_family:
+        raise Refused(
+            "'logprobs' is not available with raw or suffix requests; send it without them"
+        )
+    return {"logprobs": True, **({"top_logprobs": top} if top else {})}
+
+
 def _format(fmt: object) -> dict | None:
     if fmt in (None, ""):
         return None
@@ -160,7 +179,7 @@ def _think(think: object) -> dict:
 
 
 # Newer Ollama request fields with no mapping here yet: refused, not ignored.
-NOT_MAPPED = ("logprobs", "top_logprobs", "width", "height", "steps")
+NOT_MAPPED = ("width", "height", "steps")  # image generation: no backend here makes images
 
 
 def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
@@ -172,6 +191,9 @@ def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
     _type(native, "stream", bool, "true or false")
     check_keep_alive(native)
     fields, num_ctx = sampling_fields(native.get("options"))
+    fields.update(
+        _logprobs(native, chat_family=chat or not (native.get("raw") or native.get("suffix")))
+    )
     body: dict = {
         "model": native["model"],
         "stream": native.get("stream", True) is not False,

@@ -40,6 +40,19 @@ def ollama_tool_calls(calls: list | None) -> list[dict]:
     return out
 
 
+def ollama_logprobs(choice: dict) -> list[dict] | None:
+    """OpenAI's `logprobs.content` -> Ollama's `logprobs` (token, logprob, top_logprobs)."""
+    content = (choice.get("logprobs") or {}).get("content")
+    if not content:
+        return None
+    return [
+        {"token": t.get("token", ""), "logprob": t.get("logprob", 0.0),
+         **({"top_logprobs": [{"token": x.get("token", ""), "logprob": x.get("logprob", 0.0)}
+                              for x in t["top_logprobs"]]} if t.get("top_logprobs") else {})}
+        for t in content
+    ]  # fmt: skip
+
+
 def ollama_message(message: dict) -> dict:
     out = {"role": "assistant", "content": message.get("content") or ""}
     if message.get("reasoning_content"):
@@ -101,6 +114,8 @@ def whole_answer(result: dict, model: str, chat: bool, stats: Stats) -> dict:
         out["response"] = (message or {}).get("content") or choice.get("text") or ""
         if message and message.get("reasoning_content"):
             out["thinking"] = message["reasoning_content"]
+    if (logprobs := ollama_logprobs(choice)) is not None:
+        out["logprobs"] = logprobs
     return {**out, **stats.final()}
 
 
@@ -163,7 +178,10 @@ class StreamTranslator:
                 self._gather(fragment)
             if text or thinking:
                 self.stats.seen_token()
-                out.append(self._piece(text, thinking))
+                piece = self._piece(text, thinking)
+                if (logprobs := ollama_logprobs(choice)) is not None:
+                    piece["logprobs"] = logprobs
+                out.append(piece)
         return out
 
     def _feed_infill(self, event: dict) -> list[dict]:
