@@ -196,3 +196,14 @@ def test_logprobs_come_back_per_token(gateway):
     assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in answer.logprobs)
     parts = list(client.generate(model="smollm2", prompt="Hi", options={"num_predict": 3}, logprobs=True, stream=True))
     assert sum(len(p.logprobs or []) for p in parts) == 3
+
+
+def test_context_continues_a_generate_conversation(gateway):
+    client = ollama.Client(host=gateway)
+    first = client.generate(model="smollm2", prompt="My name is Zed.", options={"num_predict": 8, "temperature": 0})
+    streamed = list(client.generate(model="smollm2", prompt="My name is Zed.", options={"num_predict": 8, "temperature": 0}, stream=True))
+    assert first.context and streamed[-1].context == first.context  # the same conversation, whole or streamed
+    second = client.generate(model="smollm2", prompt="What is my name?", context=first.context, options={"num_predict": 8})
+    alone = client.generate(model="smollm2", prompt="What is my name?", options={"num_predict": 8})
+    assert second.prompt_eval_count > alone.prompt_eval_count + 5  # the earlier turns reached the model
+    assert len(second.context) > len(first.context)

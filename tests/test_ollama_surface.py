@@ -455,3 +455,18 @@ def test_a_failing_pull_ends_with_the_reason(tmp_path, monkeypatch):
         whole = httpx.post(f"http://127.0.0.1:{gw}/api/pull", json={"model": "m", "stream": False})
     assert "missing.gguf does not exist" in streamed.value.error
     assert whole.status_code == 500 and "missing.gguf does not exist" in whole.json()["error"]
+
+
+def test_generate_context_carries_the_conversation(backend_of):
+    """`context` from one answer, handed back, becomes the chat history of the next request."""
+    backend, url = backend_of("llamacpp", backend=RecordingBackend({"/v1/chat/completions": Route(
+        Recorded(body=(FIXTURES / "vllm" / "chat_completion.json").read_bytes()))}))  # fmt: skip
+    client = ollama.Client(host=url)
+    first = client.generate(model="m", prompt="My name is Zed.", system="Be brief")
+    reply = json.loads((FIXTURES / "vllm" / "chat_completion.json").read_text())["choices"][0]["message"]["content"]
+    assert first.response == reply and first.context
+    client.generate(model="m", prompt="What is my name?", context=first.context, system="Be brief")
+    assert backend.last("/v1/chat/completions")["messages"] == [
+        {"role": "system", "content": "Be brief"}, {"role": "user", "content": "My name is Zed."},
+        {"role": "assistant", "content": reply}, {"role": "user", "content": "What is my name?"},
+    ]  # fmt: skip

@@ -322,12 +322,14 @@ class OllamaSurface:
             elif translated.endpoint == "/infill":
                 out = infill_answer(result, requested, stats)
             else:
-                out = whole_answer(result, requested, chat, stats)
+                out = whole_answer(result, requested, chat, stats, translated.conversation)
             return JSONResponse(out, headers=headers)
         if native_ollama:
             lines = relay_lines(answer.stream, lambda: g.release_key(key))
         else:
-            translator = StreamTranslator(requested, chat, infill=translated.endpoint == "/infill")
+            translator = StreamTranslator(
+                requested, chat, translated.endpoint == "/infill", translated.conversation
+            )
             translator.stats = stats
             lines = ndjson_lines(answer.stream, translator, lambda: g.release_key(key))
         await anext(lines)  # started: if the client leaves before streaming, closing cleans up

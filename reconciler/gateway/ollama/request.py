@@ -6,8 +6,9 @@ mapped or refused with `Refused` naming it; none is dropped."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from reconciler.gateway.ollama.context import decode_context
 from reconciler.gateway.ollama.options import Refused, check_protocols, sampling_fields
 
 ROLES = frozenset(("system", "user", "assistant", "tool"))
@@ -26,6 +27,7 @@ class Translated:
     endpoint: str  # the gateway endpoint the backend request goes through
     body: dict
     num_ctx: int | None  # what the client asked for, if anything
+    conversation: list[dict] | None = None  # generate's turns so far, for the `context` it returns
 
 
 def _type(native: dict, field: str, kind: type, what: str) -> None:
@@ -215,11 +217,8 @@ def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
             "'template' (an Ollama Go template) cannot be applied here: the backend uses the model's "
             "own chat template; send raw: true with a prompt you templated yourself instead"
         )
-    if native.get("context"):
-        raise Refused(
-            "'context' (deprecated by Ollama) cannot be mapped to this backend; keep a conversation "
-            "as /api/chat messages instead"
-        )
+    if native.get("context") and (native.get("raw") or native.get("suffix")):
+        raise Refused("'context' continues a templated conversation: send it without raw or suffix")
     if native.get("tools"):
         raise Refused("'tools' is an /api/chat field; send tools with /api/chat")
     images = native.get("images") or []
@@ -235,16 +234,19 @@ def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
             raise Refused("'think' needs the chat template: send it without raw: true")
         body["prompt"] = prompt
         return _finish(body, "/v1/completions", "text", protocols, num_ctx)
-    # Ollama applies the model's template unless raw: a chat turn does the same here.
+    # Ollama applies the model's template unless raw: a chat turn does the same here, after
+    # the turns an earlier answer's `context` holds.
+    history = decode_context(native["context"]) if native.get("context") else []
     user: dict = {"role": "user", "content": prompt}
     if images:
         user["content"] = [{"type": "text", "text": prompt}, *map(image_url, images)]
     body["messages"] = (
         [{"role": "system", "content": native["system"]}] if native.get("system") else []
     )
-    body["messages"].append(user)
+    body["messages"] += [*history, user]
     body.update(_think(native.get("think")))
-    return _finish(body, "/v1/chat/completions", "chat", protocols, num_ctx)
+    translated = _finish(body, "/v1/chat/completions", "chat", protocols, num_ctx)
+    return replace(translated, conversation=[*history, {"role": "user", "content": prompt}])
 
 
 def _finish(

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 
+from reconciler.gateway.ollama.context import encode_context
 from reconciler.gateway.sse import iter_events
 
 # llama.cpp's /infill says why it stopped in `stop_type`.
@@ -101,7 +102,9 @@ class Stats:
         }  # fmt: skip
 
 
-def whole_answer(result: dict, model: str, chat: bool, stats: Stats) -> dict:
+def whole_answer(
+    result: dict, model: str, chat: bool, stats: Stats, conversation: list[dict] | None = None
+) -> dict:
     """A non-streamed OpenAI answer (chat or text) as Ollama's single object."""
     stats.take(result)
     choice = (result.get("choices") or [{}])[0]
@@ -116,6 +119,10 @@ def whole_answer(result: dict, model: str, chat: bool, stats: Stats) -> dict:
             out["thinking"] = message["reasoning_content"]
     if (logprobs := ollama_logprobs(choice)) is not None:
         out["logprobs"] = logprobs
+    if conversation is not None:
+        out["context"] = encode_context(
+            [*conversation, {"role": "assistant", "content": out["response"]}]
+        )
     return {**out, **stats.final()}
 
 
@@ -144,10 +151,14 @@ class StreamTranslator:
     calls arrive in fragments; Ollama sends each call whole, so they are gathered and sent
     together when the backend finishes."""
 
-    def __init__(self, model: str, chat: bool, infill: bool = False):
+    def __init__(
+        self, model: str, chat: bool, infill: bool = False, conversation: list[dict] | None = None
+    ):
         self.model = model
         self.chat = chat
         self.infill = infill
+        self.conversation = conversation  # generate: the turns its final `context` continues
+        self.text: list[str] = []
         self.stats = Stats()
         self.calls: dict[int, dict] = {}
 
@@ -178,6 +189,7 @@ class StreamTranslator:
                 self._gather(fragment)
             if text or thinking:
                 self.stats.seen_token()
+                self.text.append(text)
                 piece = self._piece(text, thinking)
                 if (logprobs := ollama_logprobs(choice)) is not None:
                     piece["logprobs"] = logprobs
@@ -211,6 +223,9 @@ class StreamTranslator:
             out.append(self._piece(calls=ollama_tool_calls(calls)))
         last = self._piece()
         last.update(self.stats.final())
+        if self.conversation is not None:
+            reply = {"role": "assistant", "content": "".join(self.text)}
+            last["context"] = encode_context([*self.conversation, reply])
         out.append(last)
         return out
 
