@@ -39,27 +39,28 @@ RETIRED = {
 OPENAI_FIELDS = frozenset(
     ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty", "frequency_penalty")
 )
-# Beyond OpenAI's fields: what each protocol's server takes, per endpoint family.
+# Beyond OpenAI's sampling fields: what each protocol's server takes, per endpoint family.
 # vLLM: top_k, min_p and repetition_penalty as extra body (its adapter renames repeat_penalty);
 # TGI's Messages API takes only OpenAI's fields, its /generate takes top_k, typical_p and
 # repetition_penalty (but no presence_penalty); a generic OpenAI server only OpenAI's.
+CHAT = frozenset(("tools", "logprobs", "top_logprobs"))  # OpenAI's own chat fields
+LLAMACPP = frozenset(SAMPLING.values())
+THINK = frozenset(("chat_template_kwargs", "reasoning_effort"))
 EXTENSIONS = {
-    ("llamacpp", "chat"): frozenset(SAMPLING.values()) | {"chat_template_kwargs", "reasoning_effort"},
-    ("llamacpp", "text"): frozenset(SAMPLING.values()),
-    ("vllm", "chat"): OPENAI_FIELDS | {"top_k", "min_p", "repeat_penalty", "chat_template_kwargs", "reasoning_effort"},
+    ("llamacpp", "chat"): LLAMACPP | CHAT | THINK,
+    ("llamacpp", "text"): LLAMACPP,
+    ("vllm", "chat"): OPENAI_FIELDS | CHAT | THINK | {"top_k", "min_p", "repeat_penalty"},
     ("vllm", "text"): OPENAI_FIELDS | {"top_k", "min_p", "repeat_penalty"},
-    ("tgi", "chat"): OPENAI_FIELDS,
+    ("tgi", "chat"): OPENAI_FIELDS | CHAT,
     ("tgi", "text"): (OPENAI_FIELDS - {"presence_penalty"}) | {"top_k", "typical_p", "repeat_penalty"},
-    ("openai", "chat"): OPENAI_FIELDS | {"reasoning_effort"},
+    ("openai", "chat"): OPENAI_FIELDS | CHAT | {"reasoning_effort"},
     ("openai", "text"): OPENAI_FIELDS,
     # A model served by Ollama and other kinds at once: the Ollama adapter translates back
     # (sampling fields to `options`, tools, think); served by Ollama alone, the request goes
     # untranslated.
-    ("ollama", "chat"): frozenset(SAMPLING.values()) | {"tools", "chat_template_kwargs", "reasoning_effort"},
-    ("ollama", "text"): frozenset(SAMPLING.values()),
+    ("ollama", "chat"): LLAMACPP | THINK | {"tools"},
+    ("ollama", "text"): LLAMACPP,
 }  # fmt: skip
-for _protocol in ("llamacpp", "vllm", "tgi", "openai"):  # OpenAI's own chat fields
-    EXTENSIONS[(_protocol, "chat")] |= {"tools", "logprobs", "top_logprobs"}
 BACKEND_NAMES = {
     "llamacpp": "llama.cpp",
     "vllm": "vLLM",
