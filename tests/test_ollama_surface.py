@@ -302,6 +302,9 @@ def test_ollama_backends_get_the_request_as_it_is():
         client.generate(model="m", prompt="def f(", suffix="return 1", context=[1, 2], keep_alive=0)
         sent = upstream.last("/api/generate")
         assert (sent["suffix"], sent["context"], sent["keep_alive"]) == ("return 1", [1, 2], 0)
+        client.generate(model="m", keep_alive=0)  # Ollama's "unload a model": Ollama's to do
+        sent = upstream.last("/api/generate")
+        assert sent["keep_alive"] == 0 and "prompt" not in sent
 
 
 def test_unknown_model_is_404_whatever_the_body(backend_of):

@@ -274,9 +274,12 @@ class OllamaSurface:
                 check_keep_alive(native)
             except Refused as exc:
                 return self._refuse(400, str(exc), "invalid_request")
-        if (chat and not native.get("messages")) or (
-            not chat and not native.get("prompt") and not native.get("suffix")
-        ):
+        empty = (
+            not native.get("messages")
+            if chat
+            else not (native.get("prompt") or native.get("suffix"))
+        )
+        if empty and not native_ollama:  # an Ollama backend loads (or unloads) on its own
             # Ollama's way to load a model: a declared model is loaded already, answered at once.
             piece = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
             return JSONResponse(
