@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from reconciler.config.schema import DesiredState, ModelSpec
+from reconciler.gateway.ollama.metadata import registry_exists
 from reconciler.models.catalog import catalog_spec
 from reconciler.models.pull import PullError, contained_path, pull_model, registry_for
 from reconciler.paths import models_dir
@@ -110,8 +110,8 @@ def delete_model(state: DesiredState, requested: str) -> str:
             f"model {name!r} is served by backend(s) {', '.join(users)}; remove them from the desired "
             "state (and apply) before deleting the model"
         )
-    exists = bool(os.environ.get("TF_REGISTRY_URL")) or (directory / "registry.sqlite3").exists()
-    registry = registry_for(directory) if exists else None  # never create one just to find nothing
+    # Never create a registry just to find nothing in it.
+    registry = registry_for(directory) if registry_exists(directory) else None
     record = registry.get(name) if registry is not None else None
     if registry is None or record is None:
         raise NotFound(f"model {requested!r} is not in the model registry ({directory})")

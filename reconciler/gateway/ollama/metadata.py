@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from reconciler.config.schema import DesiredState
-from reconciler.models.capabilities import model_capabilities
+from reconciler.models.capabilities import CAPABILITIES, model_capabilities
 from reconciler.models.gguf_info import FILE_TYPES, read_attention
 from reconciler.models.gguf_metadata import read_gguf_file, shown
 from reconciler.models.pull import local_path, registry_for, sha256_file
@@ -61,7 +61,7 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(Path(path))
 
 
-def _registry_exists(directory: Path) -> bool:
+def registry_exists(directory: Path) -> bool:
     return bool(os.environ.get("TF_REGISTRY_URL")) or (directory / "registry.sqlite3").exists()
 
 
@@ -71,7 +71,7 @@ def model_file(state: DesiredState, model: str) -> tuple[str, str] | None:
     or one not pulled yet."""
     spec = state.models[model]
     directory = models_dir(state.models_dir)
-    if _registry_exists(directory):
+    if registry_exists(directory):
         record = registry_for(directory).get(model)
         if record is not None and record.source == spec.source and record.files:
             if Path(record.files[0].path).is_file():
@@ -129,8 +129,7 @@ def _capabilities(metadata: dict | None, kinds: set[str], backends: list) -> lis
         b.kind == "llamacpp" and EMBEDDING_FLAGS & set(b.extra_args) for b in backends
     ):
         common.add("embedding")
-    order = ("completion", "tools", "insert", "vision", "embedding", "thinking")
-    return [c for c in order if c in common]
+    return [c for c in CAPABILITIES if c in common]
 
 
 def entry(model: str, aliases: list[str], facts: ModelFacts) -> dict:
