@@ -172,3 +172,36 @@ def test_a_last_line_without_its_newline_still_finishes_the_stream():
     assert chunks == _convert(adapter, exchange, data)
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["usage"] == {"prompt_tokens": 26, "completion_tokens": 282, "total_tokens": 308}
+
+
+def test_openai_tools_reach_ollama_and_its_call_comes_back(ollama):
+    """OpenAI clients' tools and tool-call history to an Ollama backend, and its recorded
+    "Chat request (with tools)" answer back as OpenAI tool calls, whole and streamed."""
+    upstream, gateway = ollama
+    tools = [{"type": "function", "function": {"name": "get_current_weather", "parameters": {"type": "object"}}}]
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_current_weather", "arguments": "{\"location\": \"Paris\"}"}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "22 C"}]  # fmt: skip
+    body = {"model": "m", "messages": history, "tools": tools, "chat_template_kwargs": {"enable_thinking": False}}
+    upstream.routes[("POST", "/api/chat")] = whole("chat_tools.json")
+    try:
+        answer = httpx.post(f"{gateway}/v1/chat/completions", json=body).json()
+        sent = upstream.last("/api/chat")
+        upstream.routes[("POST", "/api/chat")] = lines("chat_tools_stream.ndjson")
+        with httpx.stream("POST", f"{gateway}/v1/chat/completions", json={**body, "stream": True}) as r:
+            chunks = sse(r)
+    finally:
+        upstream.routes[("POST", "/api/chat")] = lines("chat_stream.ndjson")
+    assert sent["tools"] == tools and sent["think"] is False
+    assert sent["messages"][1]["tool_calls"] == [{"function": {"name": "get_current_weather", "arguments": {"location": "Paris"}}}]
+    assert sent["messages"][2] == {"role": "tool", "content": "22 C", "tool_name": "get_current_weather"}
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_current_weather" and call["type"] == "function"
+    assert json.loads(call["function"]["arguments"]) == {"format": "celsius", "location": "Paris, FR"}
+    streamed = [c for ch in chunks for c in ch["choices"][0]["delta"].get("tool_calls", []) if ch["choices"]]
+    assert len(streamed) == 1 and streamed[0]["index"] == 0
+    assert json.loads(streamed[0]["function"]["arguments"]) == {"format": "celsius", "location": "Paris, FR"}
+    assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1] == "tool_calls"

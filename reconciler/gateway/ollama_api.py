@@ -1,16 +1,17 @@
 """An Ollama-compatible surface (`/api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings`,
-`/api/show`, `/api/tags`, `/api/ps`, `/api/version`, `HEAD /`), so Ollama clients can use the
-gateway.
-Requests become OpenAI calls routed like any other; answers and NDJSON streams are built from
-the OpenAI ones."""
+`/api/show`, `/api/tags`, `/api/ps`, `/api/version`, `/api/pull`, `/api/delete`, and 501 for
+copy/create/push), so Ollama clients can use the gateway.
+
+A model served by Ollama backends gets the request as it is. Any other model gets it
+translated (`ollama/request.py`) to OpenAI's API (with llama.cpp's sampling fields) or to
+llama.cpp's `/infill`, routed like any other request; answers and streams come back in
+Ollama's shapes (`ollama/response.py`). Metadata comes from the registry and the model file
+(`ollama/metadata.py`), model management from TensorForge's pull (`ollama/management.py`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -18,122 +19,68 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from reconciler.gateway.adapters import Exchange
+from reconciler.gateway.ollama import management, metadata
+from reconciler.gateway.ollama.listing import ModelListing
+from reconciler.gateway.ollama.options import Refused, clamp_num_ctx, clamp_num_predict
+from reconciler.gateway.ollama.request import Translated, check_keep_alive, embed_body, translate
+from reconciler.gateway.ollama.response import (
+    Stats,
+    StreamTranslator,
+    infill_answer,
+    ndjson_lines,
+    now_iso,
+    relay_lines,
+    whole_answer,
+)
 from reconciler.gateway.openai_api import BodyTooLarge, read_body
 from reconciler.gateway.proxy import Answer, ProxyCall
-from reconciler.gateway.sse import iter_events
 
 if TYPE_CHECKING:
     from reconciler.gateway.app import Gateway
-
-OLLAMA_VERSION = "0.6.0"  # what /api/version claims: clients only check it is there
-# Ollama option -> OpenAI field.
-OPTIONS = {"temperature": "temperature", "top_p": "top_p", "num_predict": "max_tokens", "seed": "seed",
-           "stop": "stop", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}  # fmt: skip
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def openai_body(native: dict, chat: bool) -> dict:
-    body: dict = {"model": native.get("model", ""), "stream": native.get("stream", True) is not False}
-    for option, field in OPTIONS.items():
-        value = (native.get("options") or {}).get(option)
-        if value is not None and not (option == "num_predict" and value < 0):
-            body[field] = value
-    fmt = native.get("format")
-    if fmt == "json":
-        body["response_format"] = {"type": "json_object"}
-    elif isinstance(fmt, dict):
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt}}
-    if body["stream"]:
-        body["stream_options"] = {"include_usage": True}
-    if chat:
-        body["messages"] = [openai_message(m) for m in native.get("messages") or []]
-    elif native.get("raw"):
-        body["prompt"] = native.get("prompt", "")
-    else:  # Ollama applies the chat template unless raw: the chat endpoint does the same
-        messages = [{"role": "system", "content": native["system"]}] if native.get("system") else []
-        body["messages"] = [*messages, {"role": "user", "content": native.get("prompt", "")}]
-    return body
-
-
-def openai_message(message: dict) -> dict:
-    images = message.get("images") or []
-    if not images:
-        return {"role": message.get("role", "user"), "content": message.get("content", "")}
-    parts: list[dict] = [{"type": "text", "text": message.get("content", "")}]
-    parts += [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{i}"}} for i in images]
-    return {"role": message.get("role", "user"), "content": parts}
-
-
-def final_fields(usage: dict | None, finish: str | None, started: float) -> dict:
-    usage = usage or {}
-    total = int((time.perf_counter() - started) * 1e9)
-    return {
-        "done": True, "done_reason": "length" if finish == "length" else "stop",
-        "total_duration": total, "load_duration": 0,
-        "prompt_eval_count": usage.get("prompt_tokens", 0), "prompt_eval_duration": 0,
-        "eval_count": usage.get("completion_tokens", 0), "eval_duration": total,
-    }  # fmt: skip
 
 
 class OllamaSurface:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
+        self.listing = ModelListing(gateway)
 
     def routes(self) -> list[Route]:
         return [
             Route("/", self.root, methods=["GET", "HEAD"]),
             Route("/api/version", self.version, methods=["GET"]),
-            Route("/api/tags", self.tags, methods=["GET"]),
-            Route("/api/ps", self.ps, methods=["GET"]),
+            Route("/api/tags", self.listing.tags, methods=["GET"]),
+            Route("/api/ps", self.listing.ps, methods=["GET"]),
             Route("/api/chat", self.chat, methods=["POST"]),
             Route("/api/generate", self.generate, methods=["POST"]),
             Route("/api/embed", self.embed, methods=["POST"]),
             Route("/api/embeddings", self.embed, methods=["POST"]),  # the older single-prompt form
             Route("/api/show", self.show, methods=["POST"]),
+            Route("/api/pull", self.pull, methods=["POST"]),
+            Route("/api/delete", self.delete, methods=["DELETE"]),
+            *[
+                Route(f"/api/{verb}", self.not_here, methods=["POST"])
+                for verb in management.NOT_HERE
+            ],
         ]
 
-    async def root(self, request: Request) -> Response:
-        return PlainTextResponse("Ollama is running")
+    # -- helpers ---------------------------------------------------------------------------
+    def resolve(self, requested: object) -> str | None:
+        """The canonical model for a name; `name:latest` is `name`, as in Ollama."""
+        if not isinstance(requested, str) or not requested:
+            return None
+        router = self.gateway.router
+        return router.resolve(requested) or (
+            router.resolve(requested[:-7]) if requested.endswith(":latest") else None
+        )
 
-    async def version(self, request: Request) -> Response:
-        return JSONResponse({"version": OLLAMA_VERSION})
+    def protocols(self, model: str) -> set[str]:
+        """Wire protocols of every backend a request for `model` may reach (fallbacks too)."""
+        table = self.gateway.table
+        models = [model, *table.fallbacks.get(model, [])]
+        return {u.protocol for u in table.upstreams.values() if u.model in models}
 
-    def _models(self, running: bool) -> list[dict]:
-        g = self.gateway
-        out = []
-        for model in g.table.served_models():
-            if running and not any(u.healthy for u in g.router.members(model)):
-                continue
-            names = [model] + sorted(a for a, m in g.table.names.items() if m == model and a != model)
-            for name in names:
-                entry = {"name": name, "model": name, "modified_at": now_iso(), "size": 0, "digest": "",
-                         "details": {"format": "", "family": "", "families": None,
-                                     "parameter_size": "", "quantization_level": ""}}  # fmt: skip
-                if running:
-                    entry.update({"expires_at": now_iso(), "size_vram": 0})
-                out.append(entry)
-        return out
-
-    async def tags(self, request: Request) -> Response:
-        _, refusal = self.gateway.admit(request.headers.get("authorization"), hold=False)
-        if refusal is not None:
-            return ollama_error(refusal)
-        return JSONResponse({"models": self._models(running=False)})
-
-    async def ps(self, request: Request) -> Response:
-        _, refusal = self.gateway.admit(request.headers.get("authorization"), hold=False)
-        if refusal is not None:
-            return ollama_error(refusal)
-        return JSONResponse({"models": self._models(running=True)})
-
-    async def chat(self, request: Request) -> Response:
-        return await self._generate(request, chat=True)
-
-    async def generate(self, request: Request) -> Response:
-        return await self._generate(request, chat=False)
+    def _refuse(self, status: int, message: str, code: str) -> Response:
+        return ollama_error(self.gateway.reject(status, message, code))
 
     async def _read(self, request: Request) -> dict | Response:
         """The request's JSON object, read under the same size and time limits as the OpenAI
@@ -141,51 +88,130 @@ class OllamaSurface:
         g = self.gateway
         try:
             async with asyncio.timeout(g.spec.idle_timeout):
-                raw = await read_body(request.receive, dict(request.scope["headers"]), g.spec.max_body_bytes)
+                raw = await read_body(
+                    request.receive, dict(request.scope["headers"]), g.spec.max_body_bytes
+                )
         except BodyTooLarge:
-            return ollama_error(g.reject(413, f"request body exceeds {g.spec.max_body_bytes} bytes", "body_too_large"))
+            return self._refuse(
+                413, f"request body exceeds {g.spec.max_body_bytes} bytes", "body_too_large"
+            )
         except TimeoutError:
-            return ollama_error(g.reject(408, "request body not received in time", "body_timeout"))
+            return self._refuse(408, "request body not received in time", "body_timeout")
         try:
-            native = json.loads(raw)
+            native = json.loads(raw) if raw.strip() else {}
         except (ValueError, RecursionError):  # UnicodeDecodeError included; too deep a nesting
-            return ollama_error(g.reject(400, "request body is not valid JSON (UTF-8)", "invalid_json"))
+            return self._refuse(400, "request body is not valid JSON (UTF-8)", "invalid_json")
         if not isinstance(native, dict):
-            return ollama_error(g.reject(400, "request body must be a JSON object", "invalid_request"))
+            return self._refuse(400, "request body must be a JSON object", "invalid_request")
         return native
 
-    async def show(self, request: Request) -> Response:
-        """What the gateway knows of a model: editors (Continue, Open WebUI) ask for the
-        context length here. Weights and templates live on the backends: left empty."""
-        g = self.gateway
-        _, refusal = g.admit(request.headers.get("authorization"), hold=False)
-        if refusal is not None:
-            return ollama_error(refusal)
+    async def _model(
+        self, request: Request, key: str = "model"
+    ) -> tuple[dict, str, str] | Response:
+        """(body, requested name, canonical model) of a request naming a served model."""
         native = await self._read(request)
         if isinstance(native, Response):
             return native
-        requested = native.get("model") or native.get("name")  # `name`: older clients
-        model = g.router.resolve(requested) if isinstance(requested, str) else None
+        requested = native.get(key) or native.get("name")  # `name`: older clients
+        if not isinstance(requested, str) or not requested:
+            return self._refuse(
+                400, f"'{key}' is required and must be a model name", "missing_model"
+            )
+        model = self.resolve(requested)
         if model is None:
-            return ollama_error(g.unknown_model(requested))
-        info = {"general.architecture": "tensorforge"}
-        if model in g.context_limits:  # a request's share of the context, as the gateway enforces it
-            info["tensorforge.context_length"] = g.context_limits[model]
-        return JSONResponse({
-            "modelfile": "", "parameters": "", "template": "", "modified_at": now_iso(),
-            "details": {"parent_model": model if model != requested else "", "format": "", "family": "",
-                        "families": None, "parameter_size": "", "quantization_level": ""},
-            "model_info": info, "capabilities": ["completion"],
-        })  # fmt: skip
+            return ollama_error(self.gateway.unknown_model(requested))
+        return native, requested, model
 
+    # -- small endpoints -------------------------------------------------------------------
+    async def root(self, request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": metadata.package_version()})
+
+    async def show(self, request: Request) -> Response:
+        """What editors (Continue, Open WebUI) read: context length, capabilities, template.
+        A model Ollama holds is described by Ollama itself."""
+        found = await self._model(request)
+        if isinstance(found, Response):
+            return found
+        native, requested, model = found
+        if self.protocols(model) == {"ollama"}:
+            name = requested if self.gateway.router.resolve(requested) else model
+            forwarded = await self._forward(
+                request, Translated("/api/show", {**native, "model": name}, None), False
+            )
+            if isinstance(forwarded, Response):
+                return forwarded
+            answer, _ = forwarded
+            return (
+                Response(answer.body, media_type="application/json")
+                if answer.status == 200
+                else ollama_error(answer)
+            )
+        facts = await self.listing.facts(model)
+        return JSONResponse(
+            metadata.show(model, requested, facts, self.gateway.context_limits.get(model))
+        )
+
+    async def not_here(self, request: Request) -> Response:
+        verb = request.url.path.rsplit("/", 1)[-1]
+        return ollama_error_response(
+            501, f"/api/{verb} is not available on TensorForge: {management.NOT_HERE[verb]}"
+        )
+
+    async def pull(self, request: Request) -> Response:
+        native = await self._read(request)
+        if isinstance(native, Response):
+            return native
+        requested = native.get("model") or native.get("name")
+        if not isinstance(requested, str) or not requested:
+            return self._refuse(
+                400, "'model' is required and must be a model name", "missing_model"
+            )
+        try:
+            name, spec = management.pull_target(self.gateway.state, requested)
+        except management.NotFound as exc:
+            return self._refuse(404, str(exc), "model_not_found")
+        except management.Conflict as exc:
+            return self._refuse(400, str(exc), "invalid_request")
+        lines = management.pull_progress(self.gateway.state, name, spec)
+        if native.get("stream", True) is not False:
+            return StreamingResponse(lines, media_type="application/x-ndjson")
+        last: dict = {}
+        async for line in lines:
+            last = json.loads(line)
+        if "error" in last:
+            return ollama_error_response(500, last["error"])
+        return JSONResponse(last)
+
+    async def delete(self, request: Request) -> Response:
+        native = await self._read(request)
+        if isinstance(native, Response):
+            return native
+        requested = native.get("model") or native.get("name")
+        if not isinstance(requested, str) or not requested:
+            return self._refuse(
+                400, "'model' is required and must be a model name", "missing_model"
+            )
+        try:
+            await asyncio.to_thread(management.delete_model, self.gateway.state, requested)
+        except management.NotFound as exc:
+            return self._refuse(404, str(exc), "model_not_found")
+        except management.Conflict as exc:
+            return self._refuse(409, str(exc), "model_in_use")
+        return Response(status_code=200)
+
+    # -- embeddings ------------------------------------------------------------------------
     async def embed(self, request: Request) -> Response:
         """`/api/embed` {model, input: text or texts} -> {model, embeddings: [[...]]}, and the
         older `/api/embeddings` {model, prompt} -> {embedding: [...]}, through /v1/embeddings."""
         g = self.gateway
-        started = time.perf_counter()
-        native = await self._read(request)
-        if isinstance(native, Response):
-            return native
+        stats = Stats()
+        found = await self._model(request)
+        if isinstance(found, Response):
+            return found
+        native, requested, model = found
         legacy = request.url.path == "/api/embeddings"
         texts = native.get("prompt") if legacy else native.get("input")
         if isinstance(texts, str):
@@ -193,53 +219,150 @@ class OllamaSurface:
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             field = "prompt" if legacy else "input"
             kind = "a string" if legacy else "a string or a non-empty list of strings"
-            return ollama_error(g.reject(400, f"'{field}' must be {kind}", "invalid_request"))
-        body = {"model": native.get("model", ""), "input": texts}
-        raw = json.dumps(body).encode()  # serialized once: checked, then sent as it is
-        parsed = g.parse_request(raw, "/v1/embeddings")
-        if isinstance(parsed, Answer):
-            return ollama_error(parsed)
-        key, refusal = g.admit(request.headers.get("authorization"))
-        if refusal is not None:
-            return ollama_error(refusal)
-        try:
-            body, model = parsed
-            call = ProxyCall(Exchange("/v1/embeddings", body, body["model"]), raw, model, False,
-                             request.headers.get(g.spec.routing.affinity_header), key)  # fmt: skip
-            answer = await g.proxy.forward(call)
-        finally:
-            g.release_key(key)
+            return self._refuse(400, f"'{field}' must be {kind}", "invalid_request")
+        name = requested if g.router.resolve(requested) else model
+        protocols = self.protocols(model)
+        if protocols == {"ollama"}:  # Ollama's own request, options and all
+            translated = Translated(request.url.path, {**native, "model": name}, None)
+        else:
+            try:
+                translated = Translated(
+                    "/v1/embeddings", embed_body(native, name, texts, protocols), None
+                )
+            except Refused as exc:
+                return self._refuse(400, str(exc), "invalid_request")
+        forwarded = await self._forward(request, translated, stream=False)
+        if isinstance(forwarded, Response):
+            return forwarded
+        answer, _ = forwarded
         if answer.status != 200:
             return ollama_error(answer)
         result = json.loads(answer.body)
-        vectors = [d["embedding"] for d in sorted(result.get("data") or [], key=lambda d: d.get("index", 0))]
+        if protocols == {"ollama"}:
+            return JSONResponse({**result, "model": requested} if not legacy else result)
+        vectors = [
+            d["embedding"]
+            for d in sorted(result.get("data") or [], key=lambda d: d.get("index", 0))
+        ]
         if legacy:
             return JSONResponse({"embedding": vectors[0] if vectors else []})
+        final = stats.final()
         return JSONResponse({
-            "model": native.get("model"), "embeddings": vectors,
-            "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
-            "prompt_eval_count": (result.get("usage") or {}).get("prompt_tokens", 0),
+            "model": requested, "embeddings": vectors, "total_duration": final["total_duration"],
+            "load_duration": 0, "prompt_eval_count": (result.get("usage") or {}).get("prompt_tokens", 0),
         })  # fmt: skip
+
+    # -- chat and generate -----------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def generate(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         g = self.gateway
-        started = time.perf_counter()
-        native = await self._read(request)
-        if isinstance(native, Response):
-            return native
-        try:
-            body = openai_body(native, chat)
-        except (AttributeError, TypeError, KeyError) as exc:  # a field of the wrong shape
-            return ollama_error(g.reject(400, f"malformed request: {exc}", "invalid_request"))
-        endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-        if chat and not body["messages"]:  # as with generate: loading the model, answered at once
-            return JSONResponse({"model": body["model"], "created_at": now_iso(),
-                                 "message": {"role": "assistant", "content": ""}, "done": True})  # fmt: skip
-        if not chat and not native.get("prompt") and not native.get("raw"):
-            # An empty generate request is Ollama's way to load a model: answer done at once.
-            return JSONResponse({"model": body["model"], "created_at": now_iso(), "response": "", "done": True})
-        raw = json.dumps(body).encode()  # serialized once: checked, then sent as it is
-        parsed = g.parse_request(raw, endpoint)
+        stats = Stats()
+        found = await self._model(request)
+        if isinstance(found, Response):
+            return found
+        native, requested, model = found
+        name = requested if g.router.resolve(requested) else model  # what the router knows
+        protocols = self.protocols(model)
+        native_ollama = protocols == {"ollama"}
+        if not native_ollama and native.get("keep_alive") is not None:
+            try:
+                check_keep_alive(native)
+            except Refused as exc:
+                return self._refuse(400, str(exc), "invalid_request")
+        empty = (
+            not native.get("messages")
+            if chat
+            else not (native.get("prompt") or native.get("suffix"))
+        )
+        if empty and not native_ollama:  # an Ollama backend loads (or unloads) on its own
+            # Ollama's way to load a model: a declared model is loaded already, answered at once.
+            piece = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+            return JSONResponse(
+                {
+                    "model": requested,
+                    "created_at": now_iso(),
+                    **piece,
+                    "done_reason": "load",
+                    "done": True,
+                }
+            )
+        if native_ollama:  # Ollama backends take Ollama's request as it is
+            if "stream" in native and not isinstance(native["stream"], bool):
+                return self._refuse(400, "'stream' must be true or false", "invalid_request")
+            path = "/api/chat" if chat else "/api/generate"
+            translated = Translated(path, {**native, "model": name}, None)
+        else:
+            try:
+                translated = translate({**native, "model": name}, chat, protocols)
+            except Refused as exc:
+                return self._refuse(400, str(exc), "invalid_request")
+            missing = self._missing_capability(model, translated, native)
+            if missing:
+                return self._refuse(
+                    400, f"{requested} does not support {missing}", "unsupported_capability"
+                )
+            clamp_num_predict(translated.body, g.context_limits.get(model))
+        stream = translated.body.get("stream", True) is not False
+        forwarded = await self._forward(request, translated, stream)
+        if isinstance(forwarded, Response):
+            return forwarded
+        answer, key = forwarded
+        headers = {}
+        # The backend's context is fixed at launch: say what a larger num_ctx became.
+        if (clamped := clamp_num_ctx(translated.num_ctx, g.context_limits.get(model))) is not None:
+            headers["x-tensorforge-num-ctx"] = str(clamped)
+        if answer.stream is None:
+            if answer.status != 200:
+                return ollama_error(answer)
+            result = json.loads(answer.body)
+            if native_ollama:
+                out = {**result, "model": requested}
+            elif translated.endpoint == "/infill":
+                out = infill_answer(result, requested, stats)
+            else:
+                out = whole_answer(result, requested, chat, stats, translated.conversation)
+            return JSONResponse(out, headers=headers)
+        if native_ollama:
+            lines = relay_lines(answer.stream, lambda: g.release_key(key))
+        else:
+            translator = StreamTranslator(
+                requested, chat, translated.endpoint == "/infill", translated.conversation
+            )
+            translator.stats = stats
+            lines = ndjson_lines(answer.stream, translator, lambda: g.release_key(key))
+        await anext(lines)  # started: if the client leaves before streaming, closing cleans up
+        return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
+
+    def _missing_capability(self, model: str, translated: Translated, native: dict) -> str | None:
+        """The first capability the request needs that the model file says it lacks (Ollama
+        answers such a request with 400); None when all are there or nothing is known (yet:
+        until the file is read, in the background, the backend judges)."""
+        facts = self.listing.known_facts(model)
+        if facts is None or not facts.metadata:
+            return None  # no model file here (a backend elsewhere, safetensors): the backend judges
+        body = translated.body
+        images = bool(native.get("images")) or any(
+            m.get("images") for m in native.get("messages") or [] if isinstance(m, dict)
+        )
+        needs = [("completion", True), ("tools", bool(body.get("tools"))), ("insert", translated.endpoint == "/infill"),
+                 ("vision", images), ("thinking", bool(native.get("think")))]  # fmt: skip
+        return next(
+            (cap for cap, needed in needs if needed and cap not in facts.capabilities), None
+        )
+
+    async def _forward(
+        self, request: Request, translated: Translated, stream: bool
+    ) -> tuple[Answer, str | None] | Response:
+        """Check, admit (API key) and send the backend request; the key is held while a
+        stream is open (released by `_lines`/`_relay`), else released here."""
+        g = self.gateway
+        raw = json.dumps(translated.body).encode()  # serialized once: checked, then sent as it is
+        parsed = g.parse_request(raw, translated.endpoint)
         if isinstance(parsed, Answer):
             return ollama_error(parsed)
         key, refusal = g.admit(request.headers.get("authorization"))
@@ -247,7 +370,9 @@ class OllamaSurface:
             return ollama_error(refusal)
         body, model = parsed
         affinity = request.headers.get(g.spec.routing.affinity_header)
-        call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity, key)
+        call = ProxyCall(
+            Exchange(translated.endpoint, body, body["model"]), raw, model, stream, affinity, key
+        )
         try:
             answer = await g.proxy.forward(call)
         except BaseException:
@@ -255,58 +380,17 @@ class OllamaSurface:
             raise
         if answer.stream is None:
             g.release_key(key)
-            if answer.status != 200:
-                return ollama_error(answer)
-            return JSONResponse(self._whole(json.loads(answer.body), native, chat, started))
-        lines = self._lines(answer, native, chat, started, key)
-        await anext(lines)  # started: if the client leaves before streaming, closing cleans up
-        return StreamingResponse(lines, media_type="application/x-ndjson")
-
-    def _whole(self, result: dict, native: dict, chat: bool, started: float) -> dict:
-        choice = (result.get("choices") or [{}])[0]
-        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
-        out = {"model": native.get("model"), "created_at": now_iso()}
-        if chat:
-            out["message"] = {"role": "assistant", "content": text}
-        else:
-            out["response"] = text
-        return {**out, **final_fields(result.get("usage"), choice.get("finish_reason"), started)}
-
-    async def _lines(
-        self, answer: Answer, native: dict, chat: bool, started: float, key: str | None
-    ) -> AsyncIterator[bytes]:
-        assert answer.stream is not None
-        model = native.get("model")
-        finish, usage = None, None
-        try:
-            yield b""  # the priming step (see _generate)
-            async for event in iter_events(answer.stream):
-                if "error" in event:
-                    yield _line({"error": (event["error"] or {}).get("message", "backend failed")})
-                    return
-                if event.get("usage"):
-                    usage = event["usage"]
-                for choice in event.get("choices") or []:
-                    finish = choice.get("finish_reason") or finish
-                    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                    if not text:
-                        continue
-                    piece = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
-                    yield _line({"model": model, "created_at": now_iso(), **piece, "done": False})
-            last = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-            yield _line({"model": model, "created_at": now_iso(), **last, **final_fields(usage, finish, started)})
-        finally:
-            await answer.stream.aclose()
-            self.gateway.release_key(key)
-
-
-def _line(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+            key = None
+        return answer, key
 
 
 def ollama_error(answer: Answer) -> Response:
     """An OpenAI-shaped error answer in Ollama's shape, with the same status."""
-    message = json.loads(answer.body).get("error", {}).get("message", "request failed")
+    try:
+        error = json.loads(answer.body).get("error", {})
+        message = error.get("message", "request failed") if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        message = "request failed"
     headers = {"retry-after": answer.retry_after} if answer.retry_after else None
     return ollama_error_response(status=answer.status, message=message, headers=headers)
 

@@ -92,14 +92,20 @@ def openapi_document(models: list[str] | None = None) -> dict:
         "model": model, "stream": {"type": "boolean"}, "options": OLLAMA_OPTIONS,
         "format": {"oneOf": [{"type": "string", "enum": ["json"]}, {"type": "object"}]},
         "messages": {"type": "array", "items": MESSAGE},
+        "tools": {"type": "array", "items": {"type": "object"}}, "think": {"type": "boolean"},
+        "keep_alive": {"oneOf": [{"type": "string"}, {"type": "number"}]},
     }  # fmt: skip
     ollama_generate = {
         "model": model, "stream": {"type": "boolean"}, "options": OLLAMA_OPTIONS,
         "prompt": {"type": "string"}, "system": {"type": "string"}, "raw": {"type": "boolean"},
+        "suffix": {"type": "string"}, "template": {"type": "string"}, "think": {"type": "boolean"},
+        "images": {"type": "array", "items": {"type": "string"}}, "context": {"type": "array", "items": {"type": "integer"}},
+        "keep_alive": {"oneOf": [{"type": "string"}, {"type": "number"}]},
     }  # fmt: skip
 
     ollama_embed = {"model": model, "input": embedding["input"], "truncate": {"type": "boolean"}}
     ollama_embeddings = {"model": model, "prompt": {"type": "string"}}
+    pull = {"model": {"type": "string"}, "stream": {"type": "boolean"}}  # any name: declared or catalog
 
     def post(summary: str, body: dict, ollama: bool = False) -> dict:
         return {"post": {"summary": summary, "security": bearer, "requestBody": body,
@@ -157,5 +163,11 @@ def openapi_document(models: list[str] | None = None) -> dict:
             "/api/embed": post("Ollama embeddings", _body(["model", "input"], ollama_embed), ollama=True),
             "/api/embeddings": post("Ollama embeddings (older form)", _body(["model", "prompt"], ollama_embeddings),
                                     ollama=True),  # fmt: skip
+            "/api/pull": post("Ollama pull: TensorForge's pull of a declared or catalog model", _body(["model"], pull),
+                              ollama=True),  # fmt: skip
+            "/api/delete": {"delete": {**post("Ollama delete: unregister a model no backend serves",
+                                              _body(["model"], pull), ollama=True)["post"]}},  # fmt: skip
+            **{f"/api/{verb}": post(f"Ollama {verb}: 501, with what to do instead", _body([], {}), ollama=True)
+               for verb in ("copy", "create", "push")},  # fmt: skip
         },
     }

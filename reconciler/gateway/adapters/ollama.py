@@ -26,17 +26,35 @@ from reconciler.gateway.errors import sse_error_event
 from reconciler.gateway.sse import DONE, LineParser, encode_event
 
 PATHS = {"/v1/chat/completions": "/api/chat", "/v1/completions": "/api/generate", "/v1/embeddings": "/api/embed"}
-# OpenAI sampling field -> Ollama option.
+# OpenAI sampling field (and llama.cpp's extra ones, which OpenAI clients send too) -> Ollama option.
 OPTIONS = {
     "temperature": "temperature", "top_p": "top_p", "max_tokens": "num_predict",
     "max_completion_tokens": "num_predict", "seed": "seed", "stop": "stop",
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    "top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p", "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "repeat_last_n", "mirostat": "mirostat", "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta", "n_keep": "num_keep",
 }  # fmt: skip
 
 
+def _arguments(text: object) -> dict:
+    """OpenAI's arguments (JSON text) -> Ollama's (an object)."""
+    if isinstance(text, dict):
+        return text
+    try:
+        parsed = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
+        raise Unsupported("a tool call's 'function.arguments' must be JSON text of an object") from None
+    if not isinstance(parsed, dict):
+        raise Unsupported("a tool call's 'function.arguments' must be JSON text of an object")
+    return parsed
+
+
 def ollama_messages(messages: list) -> list[dict]:
-    """OpenAI content parts (text, data-URL images) -> Ollama's content + images."""
+    """OpenAI content parts (text, data-URL images) -> Ollama's content + images; tool calls
+    with their arguments as objects, and each tool answer named by the call it answers."""
     out = []
+    names: dict[str, str] = {}  # tool call id -> function name
     for message in messages:
         content = message.get("content")
         converted = {"role": message.get("role", "user"), "content": content or ""}
@@ -49,7 +67,34 @@ def ollama_messages(messages: list) -> list[dict]:
             ]
             if images:
                 converted["images"] = images
+        if message.get("reasoning_content"):
+            converted["thinking"] = message["reasoning_content"]
+        calls = message.get("tool_calls") or []
+        if calls:
+            converted["tool_calls"] = []
+            for call in calls:
+                function = call.get("function") or {}
+                converted["tool_calls"].append(
+                    {"function": {"name": function.get("name", ""), "arguments": _arguments(function.get("arguments"))}}
+                )
+                names[str(call.get("id"))] = function.get("name", "")
+        if message.get("role") == "tool" and str(message.get("tool_call_id")) in names:
+            converted["tool_name"] = names[str(message["tool_call_id"])]
         out.append(converted)
+    return out
+
+
+def openai_tool_calls(calls: list) -> list[dict]:
+    """Ollama's tool calls -> OpenAI's (ids made up: Ollama's may have none)."""
+    out = []
+    for index, call in enumerate(calls):
+        function = call.get("function") or {}
+        arguments = function.get("arguments", {})
+        out.append({
+            "id": call.get("id") or f"call_{index}", "type": "function",
+            "function": {"name": function.get("name", ""),
+                         "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)},
+        })  # fmt: skip
     return out
 
 
@@ -70,6 +115,13 @@ def native_body(exchange: Exchange, served_model: str) -> dict:
         native["format"] = (fmt.get("json_schema") or {}).get("schema", "json")
     if exchange.endpoint == "/v1/chat/completions":
         native["messages"] = ollama_messages(body.get("messages") or [])
+        if body.get("tools"):
+            native["tools"] = body["tools"]  # OpenAI's tool format is Ollama's
+        thinking = (body.get("chat_template_kwargs") or {}).get("enable_thinking")
+        if isinstance(thinking, bool):
+            native["think"] = thinking
+        if body.get("reasoning_effort") in ("low", "medium", "high"):
+            native["think"] = body["reasoning_effort"]
     else:
         prompt = body.get("prompt", "")
         if isinstance(prompt, list):
@@ -105,9 +157,12 @@ class OllamaAdapter(Adapter):
         )
 
     def passes_through(self, endpoint: str) -> bool:
-        return False
+        return endpoint.startswith("/api/")  # the gateway's own Ollama surface, native both ways
 
     def build_request(self, exchange: Exchange, raw: bytes, served_model: str) -> UpstreamRequest:
+        if exchange.endpoint.startswith("/api/"):
+            content = json.dumps({**exchange.body, "model": served_model}).encode()
+            return UpstreamRequest("POST", exchange.endpoint, content, JSON_HEADERS)
         path = PATHS.get(exchange.endpoint)
         if path is None:
             raise Unsupported(f"Ollama backends do not serve {exchange.endpoint}")
@@ -124,8 +179,14 @@ class OllamaAdapter(Adapter):
             result = {"object": "list", "data": data, "model": model, "usage": usage(prompt, 0)}
             result["usage"].pop("completion_tokens")
         elif exchange.endpoint == "/v1/chat/completions":
-            text = (answer.get("message") or {}).get("content", "")
-            result = chat_completion(model, text, finish_reason(answer), prompt, completion)
+            message = answer.get("message") or {}
+            calls = message.get("tool_calls")
+            finish = "tool_calls" if calls else finish_reason(answer)
+            result = chat_completion(model, message.get("content", ""), finish, prompt, completion)
+            if calls:
+                result["choices"][0]["message"]["tool_calls"] = openai_tool_calls(calls)
+            if message.get("thinking"):
+                result["choices"][0]["message"]["reasoning_content"] = message["thinking"]
         else:
             result = text_completion(model, answer.get("response", ""), finish_reason(answer), prompt, completion)
         return json.dumps(result).encode()
@@ -136,25 +197,39 @@ class OllamaAdapter(Adapter):
         chat = exchange.endpoint == "/v1/chat/completions"
         writer = ChunkWriter(exchange.requested_model, chat=chat)
         parser = LineParser()
+        calls: list = []  # tool calls sent so far: they number the next ones and set the finish
         async for chunk in chunks:
-            out = [event for line in parser.feed(chunk) for event in self._events(exchange, writer, line)]
+            out = [event for line in parser.feed(chunk) for event in self._events(exchange, writer, line, calls)]
             if out:
                 yield b"".join(out)
         # A last line without its newline still carries the finish, the usage and [DONE].
-        out = [event for line in parser.flush() for event in self._events(exchange, writer, line)]
+        out = [event for line in parser.flush() for event in self._events(exchange, writer, line, calls)]
         if out:
             yield b"".join(out)
 
     @staticmethod
-    def _events(exchange: Exchange, writer: ChunkWriter, line: dict) -> list[bytes]:
+    def _events(exchange: Exchange, writer: ChunkWriter, line: dict, calls: list) -> list[bytes]:
         """The SSE events of one NDJSON line."""
         if "error" in line:
             return [sse_error_event(f"Ollama: {line['error']}")]
-        text = (line.get("message") or {}).get("content", "") if writer.chat else line.get("response", "")
+        message = line.get("message") or {}
+        text = message.get("content", "") if writer.chat else line.get("response", "")
+        out = []
+        if writer.chat and (message.get("tool_calls") or message.get("thinking")):
+            chunk = writer.delta("")
+            delta = chunk["choices"][0]["delta"]
+            delta.pop("content", None)
+            if message.get("thinking"):
+                delta["reasoning_content"] = message["thinking"]
+            if message.get("tool_calls"):
+                new = openai_tool_calls(message["tool_calls"])
+                delta["tool_calls"] = [{"index": len(calls) + i, **call} for i, call in enumerate(new)]
+                calls.extend(new)
+            out.append(encode_event(chunk))
         if line.get("done"):
-            out = [encode_event(writer.delta(text, finish_reason(line)))]
+            out.append(encode_event(writer.delta(text, "tool_calls" if calls else finish_reason(line))))
             if wants_usage(exchange.body):
                 out.append(encode_event(writer.usage(line.get("prompt_eval_count", 0), line.get("eval_count", 0))))
             out.append(DONE)
             return out
-        return [encode_event(writer.delta(text))] if text else []
+        return [*out, encode_event(writer.delta(text))] if text else out

@@ -36,6 +36,11 @@ def generate_parameters(body: dict) -> dict:
         params["stop"] = [stop] if isinstance(stop, str) else list(stop)
     if body.get("seed") is not None:
         params["seed"] = body["seed"]
+    # TGI's own names for llama.cpp's extra sampling fields (the Ollama surface sends these).
+    for field, name in (("top_k", "top_k"), ("typical_p", "typical_p"), ("repeat_penalty", "repetition_penalty"),
+                        ("frequency_penalty", "frequency_penalty")):  # fmt: skip
+        if body.get(field) is not None:
+            params[name] = body[field]
     return params
 
 
