@@ -1,11 +1,12 @@
 """Draining a backend before the reconciler stops it, so that a rolling change loses no request.
 
-The reconciler writes `<drain dir>/<backend>`; the gateway's health monitor reads that
-directory every round and takes a backend named there out of routing (reported in /health as
-unhealthy, detail "draining"). The reconciler holds the stop, pass after pass, until the
-gateway says so and has no request open on it (streams included), and, for a replica, until
-the gateway routes to another replica of the model; then it stops it. The marker goes when the
-new process has been started.
+The reconciler writes `<drain dir>/<backend>` (a DRAIN action; the mark holds when); the
+gateway's health monitor reads that directory every round and takes a backend named there out
+of routing (reported in /health as unhealthy, detail "draining"). Each pass observes every
+mark (`drain_states`: one question to the gateway) and the plan holds the stop until the
+gateway has no request open on it (streams included) and, for a replica, routes to another
+replica of the model; then it stops it. The marker goes when the new process has been started.
+Marks are the state: a restarted reconciler, and `tensorforge plan`, see the same drains.
 
 Needed because a stopped backend cannot be relied on to finish what it has: llama.cpp through
 xllamacpp stops listening at SIGTERM but stalls its open streams until it is killed, and any
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from reconciler.plan import DrainState
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,67 @@ def gateway_ready_to_stop(health: dict, backend: str, replicas: list[str]) -> bo
     return not others or any(o["healthy"] and not o.get("circuit_open") for o in others)
 
 
+def read_marks(directory: Path | None) -> dict[str, float]:
+    """Backend -> when its drain began (unix time), from the marks on disk."""
+    marks: dict[str, float] = {}
+    for backend in draining(directory):
+        path = directory / backend  # type: ignore[operator]
+        try:
+            marks[backend] = float(path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            try:
+                marks[backend] = path.stat().st_mtime
+            except OSError:
+                continue  # removed meanwhile
+    return marks
+
+
+@dataclass(frozen=True)
+class DrainRule:
+    """What a backend's drain waits for: its replicas, its drain_timeout."""
+
+    replicas: list[str]
+    timeout: float = DRAIN_TIMEOUT_SECONDS
+
+
+def drain_states(
+    marks: dict[str, float],
+    gateway_url: str | None,
+    rules: dict[str, DrainRule],
+    now: float,
+    ack_timeout: float = 5.0,
+) -> dict[str, DrainState]:
+    """Where each marked backend's drain stands: one /health question to the gateway for all
+    of them. A backend may be stopped once drained, or without draining when there is no
+    gateway to ask, it does not answer, or it never took the backend out of routing within
+    `ack_timeout` (it reads another drain directory), or past the backend's drain_timeout."""
+    if not marks:
+        return {}
+    if not gateway_url:
+        return {b: DrainState(True, "no gateway to drain from") for b in marks}
+    try:
+        health = httpx.get(f"{gateway_url}/health", timeout=1.0).json()
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        return {b: DrainState(True, f"gateway not reachable ({exc}); not draining") for b in marks}
+    states = {}
+    for backend, started in marks.items():
+        rule = rules.get(backend, DrainRule([]))
+        waited = now - started
+        seen = health.get("backends") if isinstance(health, dict) else None
+        mine = seen.get(backend, {}) if isinstance(seen, dict) else {}
+        if gateway_ready_to_stop(health, backend, rule.replicas):
+            states[backend] = DrainState(True, f"drained in {waited:.1f}s")
+        elif not str(mine.get("detail", "")).startswith("draining") and waited > ack_timeout:
+            states[backend] = DrainState(True, f"the gateway at {gateway_url} did not take it out of routing "
+                                               f"within {ack_timeout:.0f}s (same TF_DRAIN_DIR?)")  # fmt: skip
+        elif waited > rule.timeout:
+            states[backend] = DrainState(True, f"not drained within {rule.timeout:g}s; stopping it anyway")
+        else:
+            detail = f"{mine.get('in_flight', '?')} request(s) open, detail {mine.get('detail')!r}"
+            states[backend] = DrainState(False, f"{detail} ({waited:.0f}s of {rule.timeout:g}s)")
+    return states
+
+
 @dataclass
 class _Drain:
     started: float  # monotonic
@@ -95,6 +159,13 @@ class Drainer:
         self.directory = directory
         self.clock = clock
         self.active: dict[str, _Drain] = {}
+
+    def mark(self, backend: str) -> None:
+        """Take `backend` out of the gateway's routing (a DRAIN action)."""
+        if backend not in self.active:
+            self._mark(backend)
+            self.active[backend] = _Drain(self.clock())
+            log.info("draining %s before it stops", backend)
 
     def _mark(self, backend: str) -> None:
         _make_readable_dir(self.directory)

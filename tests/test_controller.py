@@ -129,8 +129,8 @@ def test_a_backend_that_cannot_be_launched_does_not_stop_the_others(tmp_path):
         assert {a.unit: a.kind for a in first} == {"backend-a": ActionKind.START, "backend-b": ActionKind.START}
         b = c.driver.load("backend-b")
         assert process_alive(b.pid, b.start_ticks)
-        a = c.driver.load("backend-a")
-        assert a.pid is None and a.failures == 1 and a.retry_at > 0
+        a, history = c.driver.load("backend-a"), c.driver.history.load("backend-a")
+        assert a.pid is None and history.failures == 1 and history.retry_at > 0
         status = json.loads((c.state_dir / "status.json").read_text())
         [view] = [u for u in status["units"] if u["unit"] == "backend-a"]
         assert "cannot run /nonexistent/x" in view["detail"] and view["health"] == "down"

@@ -11,13 +11,12 @@ import signal
 import subprocess
 import time
 
+from reconciler.drivers.history import MAX_BACKOFF_SECONDS, UnitHistory, backoff
 from reconciler.drivers.process import (
-    MAX_BACKOFF_SECONDS,
     UNIT_ENV,
     ProcessDriver,
     UnitRecord,
     _start_ticks,
-    backoff,
     group_alive,
     process_alive,
 )
@@ -122,7 +121,9 @@ def test_backoff_survives_thousands_of_failures(tmp_path):
     """2**1024 does not fit a float: without a cap on the exponent, observe raised
     OverflowError for a unit that had failed about a thousand times, every pass."""
     driver = ProcessDriver(tmp_path)
-    driver._save(UnitRecord(name="backend-x", content="{}", failures=5000, pid=999999999, start_ticks=1))
+    driver.units_dir.mkdir()
+    driver.history.save("backend-x", UnitHistory(failures=5000))
+    driver._save(UnitRecord(name="backend-x", content="{}", pid=999999999, start_ticks=1))
     seen = driver.observe()["backend-x"]
     assert seen.failures == 5001 and seen.retry_at - time.time() <= MAX_BACKOFF_SECONDS
     assert backoff(5000) == MAX_BACKOFF_SECONDS

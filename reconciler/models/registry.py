@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -215,6 +216,11 @@ def open_database(models_dir: Path) -> SQLiteDatabase | PostgresDatabase:
     return SQLiteDatabase(models_dir / "registry.sqlite3")
 
 
+# Databases whose schema this process has brought up to date (see Registry._migrate).
+_MIGRATED: set[tuple] = set()
+_MIGRATED_LOCK = threading.Lock()
+
+
 class Registry:
     """Models by name or alias. `Registry(path)` is SQLite at path; pass `database=` otherwise."""
 
@@ -228,6 +234,28 @@ class Registry:
         self._migrate()
 
     def _migrate(self) -> None:
+        """Once per database per process: the check takes the write lock (and, on PostgreSQL,
+        a connection of its own), which every open used to pay."""
+        with _MIGRATED_LOCK:
+            if (key := self._identity()) is not None and key in _MIGRATED:
+                return
+            self._apply_migrations()
+            if (key := self._identity()) is not None:
+                _MIGRATED.add(key)
+
+    def _identity(self) -> tuple | None:
+        """Which database this is; None for one that must be checked anyway. A SQLite file
+        deleted and created again is empty until a Registry migrates it (every creator is one)."""
+        if isinstance(self.db, SQLiteDatabase):
+            try:
+                empty = os.stat(self.db.path).st_size == 0
+            except OSError:
+                return None
+            return None if empty else ("sqlite", str(self.db.path))
+        describe = getattr(self.db, "describe", None)
+        return (self.db.dialect, describe()) if describe else None
+
+    def _apply_migrations(self) -> None:
         with self.db.writing() as cur:
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
