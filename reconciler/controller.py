@@ -86,7 +86,7 @@ class Controller:
         self.drainer = Drainer(drain_dir(self.state_dir))
         self._registry: Registry | None = None  # opened once, when the first model needs it
         self._registry_lock = threading.Lock()
-        self.puller = ModelPuller(self._pull, self._present)
+        self.puller = ModelPuller(self.state_dir, self._pull, self._present)
 
     # -- models --------------------------------------------------------------------------
     def registry(self, create: bool = False) -> Registry | None:
@@ -157,7 +157,7 @@ class Controller:
                 continue  # runs elsewhere: the gateway routes to it, we leave it alone
             unit = backend_unit(name)
             timing = {"drain": drain, "health_timeout": backend.health_timeout,
-                      "liveness_timeout": backend.liveness_timeout}  # fmt: skip
+                      "liveness_timeout": backend.liveness_timeout or None}  # fmt: skip
             if name in held:
                 # Whether it (or a change to it) fits cannot be judged without its GPUs' state:
                 # keep it exactly as it runs, no stop and no restart, until NVML answers again.

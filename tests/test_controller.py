@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -160,3 +162,158 @@ def test_an_ipv6_backend_is_probed_and_a_malformed_url_is_a_failed_probe(tmp_pat
 async def _aprobe(url: str):
     async with httpx.AsyncClient() as client:
         return await aprobe(client, url, "llamacpp")
+
+
+# -- one loop, one planner -------------------------------------------------------------------
+def normalized(actions) -> list[tuple]:
+    """Actions as printed, with durations rounded away (the two runs are moments apart)."""
+    def clean(text: str) -> str:
+        return re.sub(r"\d+(\.\d+)?s\b", "Ns", text)
+
+    return [(a.kind, a.unit, clean(a.reason), a.diff) for a in actions]
+
+
+class FakeGatewayHealth:
+    """The gateway's /health as drains read it: backend `a` still has requests open."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+        self.in_flight = 2
+
+    def get(self, url, timeout):
+        self.asked += 1
+        detail = {"healthy": False, "circuit_open": False, "in_flight": self.in_flight,
+                  "detail": "draining: the reconciler is about to stop it"}  # fmt: skip
+        return SimpleNamespace(json=lambda: {"backends": {"a": detail}})
+
+
+def test_plan_shows_exactly_what_apply_does_with_drains_and_a_model_not_ready(tmp_path, monkeypatch):
+    """`tensorforge plan` (a fresh controller, read-only) against the pass `apply` runs next,
+    on the same inputs, pass after pass: a changed backend is drained first, then held while
+    the gateway has requests open on it; a backend whose model is missing waits for its pull
+    (started off the pass, failed, backed off); a new one starts; a drain no longer needed
+    ends. Nothing decides after the plan."""
+    gateway = FakeGatewayHealth()
+    monkeypatch.setattr("reconciler.drain.httpx.get", gateway.get)
+    server = fake_server(tmp_path)
+    path = tmp_path / "host.json"
+
+    def declare(context: int, more: bool) -> None:
+        backends = {"a": {"kind": "ollama", "model": "m", "port": 18101, "binary": server,
+                          "context_size": context, "drain_timeout": 600}}  # fmt: skip
+        if more:
+            backends["b"] = {"kind": "llamacpp", "model": "gone", "port": 18102, "binary": server}
+            backends["c"] = {"kind": "ollama", "model": "m", "port": 18103, "binary": server}
+        path.write_text(json.dumps({
+            "gateway": {"port": 18100},
+            "models": {"m": {"source": "ollama:m"}, "gone": {"source": f"path:{tmp_path / 'nope.gguf'}"}},
+            "backends": backends,
+        }))  # fmt: skip
+
+    def fresh() -> Controller:  # what `tensorforge plan` builds
+        return Controller(str(path), driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
+                          run_gateway=False)  # fmt: skip
+
+    declare(1024, more=False)
+    apply = fresh()
+    try:
+        assert [a.kind for a in apply.reconcile_once()] == [ActionKind.START]
+        declare(2048, more=True)
+        seen_kinds = []
+        for _ in range(3):
+            planned = fresh().plan()
+            done = apply.reconcile_once()
+            assert normalized(planned) == normalized(done)
+            seen_kinds.append({a.unit: a.kind for a in done})
+            apply.puller.wait(10)
+        assert seen_kinds[0] == {"backend-a": ActionKind.DRAIN, "backend-b": ActionKind.PULL,
+                                 "backend-c": ActionKind.START}  # fmt: skip
+        assert seen_kinds[1] == {"backend-a": ActionKind.WAIT, "backend-b": ActionKind.WAIT}
+        held = {a.unit: a.reason for a in apply.last_actions}
+        assert "draining: 2 request(s) open" in held["backend-a"]
+        assert "nope.gguf" in held["backend-b"] and "retrying in" in held["backend-b"]
+        declare(1024, more=True)  # reverted: the drain is dropped, as plan says first
+        planned, done = fresh().plan(), apply.reconcile_once()
+        assert normalized(planned) == normalized(done)
+        assert {a.unit: a.kind for a in done}["backend-a"] is ActionKind.UNDRAIN
+        assert not (tmp_path / "state" / "drain" / "a").exists()
+    finally:
+        apply.shutdown()
+
+
+def test_plan_writes_nothing(tmp_path):
+    """`plan` used to create the state directory's units/ and logs/ folders."""
+    c = controller(tmp_path, {"a": {"port": 18104, "binary": fake_server(tmp_path)}})
+    assert [a.kind for a in c.plan()] == [ActionKind.START]
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_pull_that_fails_in_any_way_is_that_models_error_only(tmp_path, monkeypatch):
+    """A corrupt download (zipfile.BadZipFile, not a PullError) or a full disk used to escape
+    the pass: nothing else started, status showed nothing, the pull ran again every second.
+    Now it is the model's error, named in status; other backends start; retries back off."""
+    import zipfile
+
+    calls = []
+
+    def broken_pull(name, spec, models_dir, registry=None):
+        calls.append(name)
+        raise zipfile.BadZipFile("Bad CRC-32 for file 'x.gguf'")
+
+    monkeypatch.setattr("reconciler.controller.pull_model", broken_pull)
+    server = fake_server(tmp_path)
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps({
+        "gateway": {"enable": False},
+        "models": {"m": {"source": "ollama:m"}, "bad": {"source": "pypi:some-model", "file": "x.gguf"}},
+        "backends": {"good": {"kind": "ollama", "model": "m", "port": 18105, "binary": server},
+                     "broken": {"kind": "llamacpp", "model": "bad", "port": 18106, "binary": server}},
+    }))  # fmt: skip
+    c = Controller(str(path), driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
+                   run_gateway=False)  # fmt: skip
+    try:
+        first = {a.unit: a.kind for a in c.reconcile_once()}
+        assert first == {"backend-good": ActionKind.START, "backend-broken": ActionKind.PULL}
+        c.puller.wait(10)
+        second = {a.unit: a for a in c.reconcile_once()}
+        assert second["backend-broken"].kind is ActionKind.WAIT
+        assert "models.bad: Bad CRC-32" in second["backend-broken"].reason
+        assert "retrying in" in second["backend-broken"].reason
+        for _ in range(3):  # backed off: not pulled again pass after pass
+            c.reconcile_once()
+        assert calls == ["bad"]
+        good = c.driver.load("backend-good")
+        assert process_alive(good.pid, good.start_ticks)
+        status = json.loads((c.state_dir / "status.json").read_text())
+        [view] = [u for u in status["units"] if u["unit"] == "backend-broken"]
+        assert "Bad CRC-32" in view["detail"] and view["health"] == "waiting"
+    finally:
+        c.shutdown()
+
+
+@pytest.mark.parametrize("broken", ["", "# emptied\n", '{"backends": {"a": {"kind": "ollama", "mod'])
+def test_a_desired_state_refused_while_running_changes_nothing(tmp_path, broken):
+    """Truncating the file used to stop every backend (an empty file is a valid, empty
+    declaration). While running, the last good state stays in force; status and the metric
+    say the file was refused, until it is fixed."""
+    from reconciler.monitoring.reconciler_metrics import ReconcilerMetrics
+
+    c = controller(tmp_path, {"a": {"port": 18107, "binary": fake_server(tmp_path)}})
+    metrics = ReconcilerMetrics()
+    try:
+        assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]
+        pid = c.driver.load("backend-a").pid
+        good = Path(c.config).read_text()  # type: ignore[arg-type]
+        Path(c.config).write_text(broken)  # type: ignore[arg-type]
+        assert c.reconcile_once() == []
+        metrics.observe_pass(c, ok=True)
+        assert c.driver.load("backend-a").pid == pid
+        status = json.loads((c.state_dir / "status.json").read_text())
+        assert str(c.config) in status["config_error"]
+        assert metrics._snapshot.config_refused and not metrics._snapshot.converged
+        Path(c.config).write_text(good)  # type: ignore[arg-type]
+        assert c.reconcile_once() == []
+        metrics.observe_pass(c, ok=True)
+        assert not metrics._snapshot.config_refused and c.config_error is None
+    finally:
+        c.shutdown()

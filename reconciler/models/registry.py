@@ -234,26 +234,35 @@ class Registry:
         self._migrate()
 
     def _migrate(self) -> None:
-        """Once per database per process: the check takes the write lock (and, on PostgreSQL,
-        a connection of its own), which every open used to pay."""
+        """The write-locked check once per SQLite file per process, and on PostgreSQL (where
+        a database can be dropped and created again under the same URL) only after a plain
+        read found the schema behind: every open used to take the lock."""
         with _MIGRATED_LOCK:
             if (key := self._identity()) is not None and key in _MIGRATED:
+                return
+            if key is None and self.db.dialect != "sqlite" and self._up_to_date():
                 return
             self._apply_migrations()
             if (key := self._identity()) is not None:
                 _MIGRATED.add(key)
 
+    def _up_to_date(self) -> bool:
+        try:
+            with self.db.transaction() as cur:
+                return cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+        except Exception:  # no table yet, or any reason to take the locked path
+            return False
+
     def _identity(self) -> tuple | None:
-        """Which database this is; None for one that must be checked anyway. A SQLite file
+        """A SQLite file this process migrated; None where that cannot be known. A file
         deleted and created again is empty until a Registry migrates it (every creator is one)."""
-        if isinstance(self.db, SQLiteDatabase):
-            try:
-                empty = os.stat(self.db.path).st_size == 0
-            except OSError:
-                return None
-            return None if empty else ("sqlite", str(self.db.path))
-        describe = getattr(self.db, "describe", None)
-        return (self.db.dialect, describe()) if describe else None
+        if not isinstance(self.db, SQLiteDatabase):
+            return None
+        try:
+            empty = os.stat(self.db.path).st_size == 0
+        except OSError:
+            return None
+        return None if empty else ("sqlite", str(self.db.path))
 
     def _apply_migrations(self) -> None:
         with self.db.writing() as cur:
