@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,74 +141,34 @@ def drain_states(
     return states
 
 
-@dataclass
-class _Drain:
-    started: float  # monotonic
-    last: str = "no answer yet"
-
-
 class Drainer:
-    """Drains as the reconcile loop needs them: never blocking a pass. `ready` marks a backend
-    the first time it is asked, then asks the gateway once per call whether the backend may
-    be stopped now; the caller stops it when the answer is yes, and calls `end`. Meanwhile the
-    loop goes on supervising everything else (a long `drain_timeout` holds up only this
-    backend's change)."""
+    """Writes and removes the marks (the DRAIN and UNDRAIN actions, and the end of a drain
+    once its backend was stopped or restarted). Where a drain stands is observed each pass
+    with `drain_states`, from the marks on disk, never remembered here."""
 
-    def __init__(self, directory: Path, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, directory: Path):
         self.directory = directory
-        self.clock = clock
-        self.active: dict[str, _Drain] = {}
+        self.active: dict[str, float] = {}  # marks this drainer wrote and has not ended -> when
 
     def mark(self, backend: str) -> None:
         """Take `backend` out of the gateway's routing (a DRAIN action)."""
-        if backend not in self.active:
-            self._mark(backend)
-            self.active[backend] = _Drain(self.clock())
-            log.info("draining %s before it stops", backend)
-
-    def _mark(self, backend: str) -> None:
         _make_readable_dir(self.directory)
         marker = self.directory / backend
         marker.write_text(f"{time.time()}\n")
         os.chmod(marker, 0o644)
+        self.active[backend] = time.time()
+        log.info("draining %s before it stops", backend)
 
     def ready(self, backend: str, gateway_url: str | None, replicas: list[str],
               timeout: float = DRAIN_TIMEOUT_SECONDS, ack_timeout: float = 5.0) -> bool:  # fmt: skip
-        """True when `backend` may be stopped now. `ack_timeout`: how long the gateway gets to
-        take it out of routing at all (a gateway reading another drain directory never does;
-        then the stop goes ahead, with a warning)."""
-        drain = self.active.get(backend)
-        if drain is None:
-            self._mark(backend)
-            drain = self.active[backend] = _Drain(self.clock())
-            log.info("draining %s before it stops", backend)
-        if not gateway_url:
-            return True
-        waited = self.clock() - drain.started
-        try:
-            health = httpx.get(f"{gateway_url}/health", timeout=1.0).json()
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-            log.info("gateway not reachable (%s); stopping %s without draining", exc, backend)
-            return True
-        if gateway_ready_to_stop(health, backend, replicas):
-            log.info("drained %s in %.1fs", backend, waited)
-            return True
-        mine = health.get("backends", {}).get(backend, {})
-        if not str(mine.get("detail", "")).startswith("draining") and waited > ack_timeout:
-            log.warning("the gateway at %s did not take %s out of routing within %.0fs "
-                        "(does it read the same drain directory, TF_DRAIN_DIR?); stopping it anyway",
-                        gateway_url, backend, ack_timeout)  # fmt: skip
-            return True
-        drain.last = f"{mine.get('in_flight', '?')} request(s) open, detail {mine.get('detail')!r}"
-        if waited > timeout:
-            log.warning("%s not drained within %.0fs (%s); stopping it anyway", backend, timeout, drain.last)
-            return True
-        return False
-
-    def waiting(self, backend: str) -> str:
-        """Why a backend being drained is not stopped yet (for the plan's WAIT reason)."""
-        drain = self.active.get(backend)
-        return f"draining: {drain.last}" if drain else "draining"
+        """Mark `backend` if it is not yet, then True when it may be stopped now (one pass of
+        the loop's drain, for callers outside it)."""
+        marks = read_marks(self.directory)
+        if backend not in marks:
+            self.mark(backend)
+            marks[backend] = time.time()
+        rules = {backend: DrainRule(replicas, timeout)}
+        return drain_states({backend: marks[backend]}, gateway_url, rules, time.time(), ack_timeout)[backend].drained
 
     def end(self, backend: str) -> None:
         """The backend was stopped and started again (or the change was dropped): route to it."""
@@ -217,14 +176,12 @@ class Drainer:
         (self.directory / backend).unlink(missing_ok=True)
 
     def clear_stale(self) -> None:
-        """Remove marks this drainer did not write: a reconciler killed mid-drain left them,
-        and the gateway would keep those backends out of routing for good."""
+        """Remove marks this drainer did not write (left by a reconciler killed mid-drain)."""
         for backend in draining(self.directory) - set(self.active):
             log.info("removing a stale drain mark for %s", backend)
             (self.directory / backend).unlink(missing_ok=True)
 
     def end_all_but(self, backends: set[str]) -> None:
-        """Drop drains the plan no longer asks for (the change was reverted, say)."""
+        """Drop the drains of this drainer not in `backends`."""
         for backend in set(self.active) - backends:
-            log.info("drain of %s dropped: no stop planned any more", backend)
             self.end(backend)

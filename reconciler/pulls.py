@@ -56,11 +56,11 @@ class ModelPuller:
     """`readiness` is what the plan reads; `request` (an executed PULL) starts a pull."""
 
     def __init__(self, state_dir: Path, pull: Pull, present: Callable[[str, ModelSpec], Path | None],
-                 clock: Callable[[], float] = time.time):  # fmt: skip
+                 clock: Callable[[], float] | None = None):  # fmt: skip
         self.directory = state_dir / PULLS_DIR  # written by the first pull, not by `plan`
         self._pull = pull
         self._present = present  # the model's local file if it is there (no network)
-        self._clock = clock
+        self._clock = clock or (lambda: time.time())  # looked up at each call: tests may freeze it
         self._lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -195,6 +196,9 @@ def test_plan_shows_exactly_what_apply_does_with_drains_and_a_model_not_ready(tm
     ends. Nothing decides after the plan."""
     gateway = FakeGatewayHealth()
     monkeypatch.setattr("reconciler.drain.httpx.get", gateway.get)
+    # One clock for both: a backoff must not run out between the plan and the pass.
+    now = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: now[0])
     server = fake_server(tmp_path)
     path = tmp_path / "host.json"
 
@@ -226,6 +230,7 @@ def test_plan_shows_exactly_what_apply_does_with_drains_and_a_model_not_ready(tm
             assert normalized(planned) == normalized(done)
             seen_kinds.append({a.unit: a.kind for a in done})
             apply.puller.wait(10)
+            now[0] += 0.5
         assert seen_kinds[0] == {"backend-a": ActionKind.DRAIN, "backend-b": ActionKind.PULL,
                                  "backend-c": ActionKind.START}  # fmt: skip
         assert seen_kinds[1] == {"backend-a": ActionKind.WAIT, "backend-b": ActionKind.WAIT}
