@@ -156,12 +156,12 @@ class Controller:
             if not backend.managed:
                 continue  # runs elsewhere: the gateway routes to it, we leave it alone
             unit = backend_unit(name)
-            timing = {"drain": drain, "health_timeout": backend.health_timeout,
-                      "liveness_timeout": backend.liveness_timeout or None}  # fmt: skip
+            timing = DesiredUnit(unit, "", backend.model, drain=drain, health_timeout=backend.health_timeout,
+                                 liveness_timeout=backend.liveness_timeout or None)  # fmt: skip
             if name in held:
                 # Whether it (or a change to it) fits cannot be judged without its GPUs' state:
                 # keep it exactly as it runs, no stop and no restart, until NVML answers again.
-                units[unit] = DesiredUnit(unit, observed[unit].content or "", backend.model, **timing)
+                units[unit] = replace(timing, content=observed[unit].content or "")
                 continue
             if name in self.placement.refused:
                 units[unit] = DesiredUnit(unit, "", backend.model, self.placement.refused[name])
@@ -173,7 +173,7 @@ class Controller:
             gpu_ids = self.placement.assignments.get(name, [])
             launch = launch_for(name, backend, backend.model, ref, gpu_ids)
             content = self.driver.backend_content(unit, backend, ref, launch, gpu_ids)
-            units[unit] = DesiredUnit(unit, content, backend.model, None, wait, pull, **timing)
+            units[unit] = replace(timing, content=content, model_wait=wait, model_pull=pull)
         if state.gateway.enable and self.run_gateway:
             argv = [sys.executable, "-m", "reconciler.cli", "gateway"]
             if self.config:

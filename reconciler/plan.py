@@ -120,13 +120,13 @@ def plan(
     restarts: list[Action] = []
 
     for name in sorted(set(observed) - set(desired)):
-        seen = observed[name]
+        gone = observed[name]
         stops.append(
             Action(
                 ActionKind.STOP,
                 name,
-                "no longer declared" + ("" if seen.active else " (already stopped; remove it)"),
-                unit_diff(name, seen.content, None),
+                "no longer declared" + ("" if gone.active else " (already stopped; remove it)"),
+                unit_diff(name, gone.content, None),
             )
         )
 

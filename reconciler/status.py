@@ -80,6 +80,6 @@ def unit_views(state: DesiredState, records: Iterable[UnitRecordLike], result: P
         if backend is None:
             continue
         seen.add(action.unit)
-        health = "refused" if action.kind is ActionKind.REFUSE else "waiting"
-        views.append(UnitView(action.unit, backend.kind, backend.model, health=health, detail=action.reason))
+        shown = "refused" if action.kind is ActionKind.REFUSE else "waiting"
+        views.append(UnitView(action.unit, backend.kind, backend.model, health=shown, detail=action.reason))
     return views
