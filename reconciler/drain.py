@@ -129,7 +129,7 @@ def drain_states(
         seen = health.get("backends") if isinstance(health, dict) else None
         mine = seen.get(backend, {}) if isinstance(seen, dict) else {}
         if gateway_ready_to_stop(health, backend, rule.replicas):
-            states[backend] = DrainState(True, f"drained in {waited:.1f}s")
+            states[backend] = DrainState(True, f"drained {backend} in {waited:.1f}s")
         elif not str(mine.get("detail", "")).startswith("draining") and waited > ack_timeout:
             states[backend] = DrainState(True, f"the gateway at {gateway_url} did not take it out of routing "
                                                f"within {ack_timeout:.0f}s (same TF_DRAIN_DIR?)")  # fmt: skip

@@ -141,10 +141,10 @@ def plan(
             continue
         if seen is None or seen.content is None:
             starts.append(_start(unit, None, "declared but not installed"))
+        elif (overdue := _overdue_trial(unit, seen, now)) is not None:
+            starts.append(overdue)  # running or not: a crash loop of new settings is rolled back too
         elif not seen.active:
             starts.append(_restart_stopped(unit, seen, now))
-        elif (overdue := _overdue_trial(unit, seen, now)) is not None:
-            starts.append(overdue)
         elif (silent := _silent(unit, seen)) is not None:
             restarts.append(Action(ActionKind.RESTART, name, silent))
         elif seen.pending or seen.content != unit.content:
@@ -285,5 +285,5 @@ def _through_drain(
     if not seen.drain.drained:
         reason = f"{action.reason}; draining: {seen.drain.detail}"
         return Action(ActionKind.WAIT, action.unit, reason, action.diff)
-    return action
+    return Action(action.kind, action.unit, f"{action.reason}; {seen.drain.detail}", action.diff)
 

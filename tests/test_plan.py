@@ -107,3 +107,12 @@ def test_a_systemd_change_written_but_not_applied_is_restarted():
     seen = ObservedUnit("backend-a", "v1", True, Health.HEALTHY, pending=True)
     [(kind, reason)] = one(DesiredUnit("backend-a", "v1"), seen)
     assert kind is ActionKind.RESTART and "not applied" in reason
+
+
+def test_new_settings_that_crash_in_a_loop_are_rolled_back_too():
+    """Down between crashes when a pass looks: its trial still runs out, and the old
+    settings come back instead of a restart every backoff, for good."""
+    unit = DesiredUnit("backend-a", "new", health_timeout=30)
+    crashed = ObservedUnit("backend-a", "new", False, failures=3, retry_at=200.0, trial=Trial(50.0, "old"))
+    assert [k for k, _ in one(unit, crashed, now=79)] == [ActionKind.WAIT]  # backing off, in time
+    assert [k for k, _ in one(unit, crashed, now=81)] == [ActionKind.ROLLBACK]

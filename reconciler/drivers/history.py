@@ -89,12 +89,15 @@ class HistoryStore:
             h.failures, h.retry_at, h.trial_since, h.trial_previous = 0, 0.0, None, None
             self.save(name, h)
 
-    def failed(self, name: str, now: float) -> UnitHistory:
-        """A failed start (an exit, a launch error, no health in time): backed off."""
+    def failed(self, name: str, now: float, end_trial: bool = False) -> UnitHistory:
+        """A failed start (an exit, a launch error): backed off. A trial stays open (a crash
+        loop of new settings is rolled back once its time is up) unless `end_trial` (the
+        plan's FAIL: no health in time and nothing to roll back to)."""
         h = self.load(name)
         h.failures += 1
         h.retry_at = now + backoff(h.failures)
-        h.trial_since, h.trial_previous = None, None
+        if end_trial:
+            h.trial_since, h.trial_previous = None, None
         self.save(name, h)
         return h
 

@@ -201,7 +201,7 @@ class ProcessDriver:
             elif action.kind is ActionKind.ROLLBACK:
                 self.rollback(desired[name], action.reason)
             elif action.kind is ActionKind.FAIL:
-                self.history.failed(name, time.time())
+                self.history.failed(name, time.time(), end_trial=True)
             else:
                 continue
             record = self.load(name)
@@ -215,6 +215,7 @@ class ProcessDriver:
         self.history.rolled_back(unit.name, unit.content, reason, time.time())
         self.stop(unit.name)
         self._launch(DesiredUnit(unit.name, previous))
+        log.warning("%s: restored the previous launch description and started it", unit.name)
 
     def start(self, unit: DesiredUnit) -> None:
         record = self.load(unit.name)

@@ -274,7 +274,7 @@ class SystemdDriver:
                     changed_files = True
                 todo.append(action)
             elif action.kind is ActionKind.FAIL:
-                self.history.failed(name, time.time())
+                self.history.failed(name, time.time(), end_trial=True)
                 done(action, None)
         if changed_files:
             self._call("daemon-reload")
@@ -299,6 +299,7 @@ class SystemdDriver:
         self._done(name)  # systemd runs what the file says now
         if action.kind is ActionKind.ROLLBACK:
             self.history.rolled_back(name, desired[name].content, action.reason, now)
+            log.warning("%s: restored the previous unit file and restarted it", name)
         else:
             self.history.started(name, running.get(name), now)
         return None
