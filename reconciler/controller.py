@@ -181,7 +181,7 @@ class Controller:
             # Under its own user the gateway still finds the reconciler's drain marks.
             env = {DRAIN_DIR_ENV: str(drain_dir(self.state_dir))}
             content = self.driver.gateway_content(argv, state.gateway, self.config, env)
-            units[GATEWAY_UNIT] = DesiredUnit(GATEWAY_UNIT, content, health_timeout=60.0)
+            units[GATEWAY_UNIT] = DesiredUnit(GATEWAY_UNIT, content, health_timeout=60.0, drains_others=True)
         return units
 
     # -- observe -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class DesiredUnit:
     model_wait: str | None = None  # its model is not ready: why (None: ready)
     model_pull: bool = False  # with model_wait: a pull should be started for it
     drain: bool = False  # a gateway routes to it: take it out of routing before stopping it
+    drains_others: bool = False  # the gateway: not restarted while it drains a backend
     health_timeout: float = 180.0  # a (re)start not healthy by then is rolled back or failed
     liveness_timeout: float | None = None  # running but silent this long: restart it
 
@@ -72,6 +73,9 @@ class ObservedUnit:
     silent_for: float | None = None  # seconds without an answer to its probe, having answered
     drain: DrainState | None = None  # a drain mark exists for it
     detail: str = ""  # its probe's last word
+
+
+_DRAINING = "; draining: "  # how a WAIT held for a drain says so
 
 
 class ActionKind(enum.StrEnum):
@@ -157,7 +161,8 @@ def plan(
         for name, seen in sorted(observed.items())
         if seen.drain is not None and name not in stopping
     ]
-    return [_through_drain(a, desired, observed) for a in ordered] + undrains
+    gated = [_through_drain(a, desired, observed) for a in ordered]
+    return _gateway_after_drains(gated, desired) + undrains
 
 
 def _start(unit: DesiredUnit, seen: ObservedUnit | None, reason: str) -> Action:
@@ -283,7 +288,22 @@ def _through_drain(
         reason = f"{action.reason}; taking it out of the gateway's routing first"
         return Action(ActionKind.DRAIN, action.unit, reason, action.diff)
     if not seen.drain.drained:
-        reason = f"{action.reason}; draining: {seen.drain.detail}"
+        reason = f"{action.reason}{_DRAINING}{seen.drain.detail}"
         return Action(ActionKind.WAIT, action.unit, reason, action.diff)
     return Action(action.kind, action.unit, f"{action.reason}; {seen.drain.detail}", action.diff)
 
+
+def _gateway_after_drains(actions: list[Action], desired: Mapping[str, DesiredUnit]) -> list[Action]:
+    """The gateway does the draining: restarting it meanwhile would leave a drain without
+    anyone to ask (and the backend stopped undrained). Its change waits for the drains."""
+    draining = [a.unit for a in actions if a.kind is ActionKind.DRAIN or _DRAINING in a.reason]
+    if not draining:
+        return actions
+    held = []
+    for action in actions:
+        unit = desired.get(action.unit)
+        if unit is not None and unit.drains_others and action.kind in (ActionKind.RESTART, ActionKind.STOP):
+            reason = f"{action.reason}; waiting until the drain of {', '.join(draining)} ends"
+            action = Action(ActionKind.WAIT, action.unit, reason, action.diff)
+        held.append(action)
+    return held

@@ -116,3 +116,20 @@ def test_new_settings_that_crash_in_a_loop_are_rolled_back_too():
     crashed = ObservedUnit("backend-a", "new", False, failures=3, retry_at=200.0, trial=Trial(50.0, "old"))
     assert [k for k, _ in one(unit, crashed, now=79)] == [ActionKind.WAIT]  # backing off, in time
     assert [k for k, _ in one(unit, crashed, now=81)] == [ActionKind.ROLLBACK]
+
+
+def test_the_gateway_is_not_restarted_while_it_drains_a_backend():
+    """A config change for both (say, another --config path) restarted the gateway in the
+    pass the drain began: the drain then had no gateway to ask and stopped the backend
+    undrained. The gateway's change waits for the drain."""
+    desired = {
+        "backend-a": DesiredUnit("backend-a", "v2", drain=True),
+        "gateway": DesiredUnit("gateway", "g2", drains_others=True),
+    }
+    observed = {
+        "backend-a": ObservedUnit("backend-a", "v1", True, Health.HEALTHY),
+        "gateway": ObservedUnit("gateway", "g1", True, Health.HEALTHY),
+    }
+    assert kinds(plan(desired, observed, 0)) == {"backend-a": ActionKind.DRAIN, "gateway": ActionKind.WAIT}
+    observed["backend-a"] = ObservedUnit("backend-a", "v1", True, Health.HEALTHY, drain=DrainState(True, "drained"))
+    assert kinds(plan(desired, observed, 0)) == {"backend-a": ActionKind.RESTART, "gateway": ActionKind.RESTART}
