@@ -127,3 +127,25 @@ def test_backoff_survives_thousands_of_failures(tmp_path):
     seen = driver.observe()["backend-x"]
     assert seen.failures == 5001 and seen.retry_at - time.time() <= MAX_BACKOFF_SECONDS
     assert backoff(5000) == MAX_BACKOFF_SECONDS
+
+
+def test_a_rollback_runs_what_ran_before_and_holds_the_new_settings(tmp_path):
+    """The same trial and rollback as under systemd, recorded in the same unit history."""
+    from reconciler.plan import Action, ActionKind
+
+    driver = ProcessDriver(tmp_path)
+    old, new = sleeper(60), sleeper(61)
+    try:
+        driver.execute([Action(ActionKind.START, "backend-x", "declared")], {"backend-x": old})
+        driver.mark_healthy("backend-x")  # v1 proved itself: no trial left
+        driver.execute([Action(ActionKind.RESTART, "backend-x", "settings changed")], {"backend-x": new})
+        seen = driver.observe()["backend-x"]
+        assert seen.content == new.content and seen.trial is not None and seen.trial.previous == old.content
+        driver.execute([Action(ActionKind.ROLLBACK, "backend-x", "not healthy within 1s")], {"backend-x": new})
+        seen = driver.observe()["backend-x"]
+        assert seen.active and seen.content == old.content and seen.trial is None
+        assert seen.rejected is not None and seen.rejected.content == new.content
+        assert seen.rejected.reason == "not healthy within 1s" and seen.rejected.until > time.time() + 200
+    finally:
+        driver.stop("backend-x", forget=True)
+    assert not (tmp_path / "history" / "backend-x.json").exists()
