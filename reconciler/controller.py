@@ -79,7 +79,6 @@ class Controller:
         self.gpus = gpus or NvmlInventory()
         self.placement = Placement()
         self.health: dict[str, BackendHealth] = {}
-        self.answered: dict[str, float] = {}  # unit -> last time it answered its probe
         self.apply_failures: dict[str, str] = {}
         self.last_actions: list[Action] = []
         self.last_desired: dict[str, DesiredUnit] = {}
@@ -212,16 +211,20 @@ class Controller:
             target = self._probe_target(name)
             if not seen.active or target is None:
                 self.health[name] = BackendHealth(Health.DOWN, "not running")
-                self.answered.pop(name, None)
                 observed[name] = replace(seen, drain=drain)
                 continue
             health = probe(*target, timeout=1.0)
             self.health[name] = health
-            if health.state is not Health.DOWN:
-                self.answered[name] = now
-            if health.ok and record:
-                self.driver.mark_healthy(name)
-            silent = now - self.answered[name] if health.state is Health.DOWN and name in self.answered else None
+            answered = health.state is not Health.DOWN
+            if record:
+                history = self.driver.history.probed(name, answered, now)
+                if health.ok:
+                    self.driver.mark_healthy(name)
+            else:
+                history = self.driver.history.load(name)
+            silent = None
+            if not answered and (history.answered or history.silent_since is not None):
+                silent = now - (history.silent_since or now)
             observed[name] = replace(seen, health=health.state, detail=health.detail, silent_for=silent, drain=drain)
         return observed
 
@@ -277,7 +280,6 @@ class Controller:
         def done(action: Action, error: str | None) -> None:
             if action.kind in (ActionKind.STOP, ActionKind.RESTART, ActionKind.ROLLBACK):
                 self.drainer.end(action.unit.removeprefix("backend-"))  # routed to again
-            self.answered.pop(action.unit, None)  # a new process answers afresh
             if error:
                 self.apply_failures[action.unit] = error
 

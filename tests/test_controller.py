@@ -6,7 +6,9 @@ does not hold up the others, and an IPv6 host does not crash a pass."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -374,3 +376,37 @@ def test_metrics_do_not_import_the_controller():
     assert "reconciler.controller" not in imports(root / "monitoring" / "reconciler_metrics.py")
     assert "reconciler.controller" not in imports(root / "status.py")
     assert "reconciler.monitoring.reconciler_metrics" in imports(root / "controller.py")  # one way
+
+
+def test_plan_sees_a_hung_backend_as_the_supervisor_does(tmp_path):
+    """Liveness is on disk (answered since start, silent since when): `tensorforge plan` in
+    another process plans the same restart of a hung backend as the supervisor's next pass."""
+    import signal
+    import sys
+
+    script = tmp_path / "answering.sh"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m http.server 18121 --bind 127.0.0.1\n")
+    script.chmod(0o755)
+    c = controller(tmp_path, {"a": {"port": 18121, "binary": str(script), "liveness_timeout": 1}})
+    try:
+        assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]
+        deadline = time.monotonic() + 15
+        while c.health.get("backend-a") is None or c.health["backend-a"].state is Health.DOWN:
+            assert time.monotonic() < deadline, c.health
+            c.reconcile_once()
+            time.sleep(0.2)
+        record = c.driver.load("backend-a")
+        os.kill(record.pid, signal.SIGSTOP)
+        assert c.reconcile_once() == []  # silent from now on, not yet past 1 s
+        time.sleep(1.2)
+        fresh = Controller(c.config, driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
+                           run_gateway=False)  # fmt: skip
+        planned, done = fresh.plan(), c.reconcile_once()
+        assert [a.kind for a in done] == [ActionKind.RESTART] and "hung" in done[0].reason
+        assert normalized(planned) == normalized(done)
+    finally:
+        record = c.driver.load("backend-a")
+        if record and record.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGCONT)
+        c.shutdown()

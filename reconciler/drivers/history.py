@@ -38,6 +38,8 @@ class UnitHistory:
     rejected: str | None = None
     rejected_until: float = 0.0
     rejected_reason: str = ""
+    answered: bool = False  # its probe got an answer since it was (re)started
+    silent_since: float | None = None  # no answer since then, having answered (liveness)
 
     @property
     def trial(self) -> Trial | None:
@@ -81,7 +83,8 @@ class HistoryStore:
         h = self.load(name)
         if h.trial_since is None:
             h.trial_since, h.trial_previous = now, previous
-            self.save(name, h)
+        h.answered, h.silent_since = False, None  # a new process answers afresh
+        self.save(name, h)
 
     def healthy(self, name: str) -> None:
         h = self.load(name)
@@ -105,4 +108,16 @@ class HistoryStore:
         h = self.load(name)
         h.rejected, h.rejected_until, h.rejected_reason = content, now + ROLLBACK_BACKOFF_SECONDS, reason
         h.trial_since, h.trial_previous = None, None
+        h.answered, h.silent_since = False, None
         self.save(name, h)
+
+    # -- liveness: written only when it changes, so `plan` in another process sees it too ---
+    def probed(self, name: str, answered: bool, now: float) -> UnitHistory:
+        h = self.load(name)
+        if answered and (not h.answered or h.silent_since is not None):
+            h.answered, h.silent_since = True, None
+            self.save(name, h)
+        elif not answered and h.answered and h.silent_since is None:
+            h.silent_since = now
+            self.save(name, h)
+        return h
