@@ -50,7 +50,9 @@ def make_driver(choice: str | None, state: Path, unit_dir: Path | None = None) -
         use_systemd = unit_dir is not None or (systemd_booted() and unit_dir_writable())
         choice = "systemd" if use_systemd else "process"
     if choice == "systemd":
-        return SystemdDriver(unit_dir, state_dir=state) if unit_dir else SystemdDriver(state_dir=state)
+        return (
+            SystemdDriver(unit_dir, state_dir=state) if unit_dir else SystemdDriver(state_dir=state)
+        )
     if choice == "process":
         return ProcessDriver(state)
     raise ValueError(f"--driver: {choice!r} is not one of systemd, process, auto")
@@ -75,7 +77,9 @@ class Controller:
         self.state_dir = state or state_dir(self.desired.state_dir)
         sweep_orphans(self.state_dir)  # status.json written by a reconciler killed mid-write
         self.models_dir = models_dir(self.desired.models_dir)
-        self.driver: Driver = make_driver(driver, self.state_dir, unit_dir) if driver is None or isinstance(driver, str) else driver
+        if driver is None or isinstance(driver, str):
+            driver = make_driver(driver, self.state_dir, unit_dir)
+        self.driver: Driver = driver
         self.gpus = gpus or NvmlInventory()
         self.placement = Placement()
         self.health: dict[str, BackendHealth] = {}
@@ -127,22 +131,32 @@ class Controller:
         gpus = self.gpus.gpus()
         failed = self.gpus.failed
         seen = {g.index for g in gpus}
-        unread = {i for held in running.values() for i in held if i not in seen} if failed else set()
+        unread = (
+            {i for held in running.values() for i in held if i not in seen} if failed else set()
+        )
         placement = place(self.desired.backends, gpus, self.vram_estimates(), running, unread)
         held: set[str] = set()
         if failed:
             for name in self.desired.backends:
                 now = observed.get(backend_unit(name))
-                blind = name in placement.refused or unread & set(placement.assignments.get(name, []))
+                blind = name in placement.refused or unread & set(
+                    placement.assignments.get(name, [])
+                )
                 if blind and now is not None and now.active and now.content:
                     held.add(name)
             placement = Placement(
                 {**placement.assignments, **{n: running[n] for n in held if n in running}},
-                {n: f"{r} (GPU inventory: {self.gpus.reason})" for n, r in placement.refused.items() if n not in held},
+                {
+                    n: f"{r} (GPU inventory: {self.gpus.reason})"
+                    for n, r in placement.refused.items()
+                    if n not in held
+                },
             )
         return placement, held
 
-    def desired_units(self, observed: dict[str, ObservedUnit] | None = None) -> dict[str, DesiredUnit]:
+    def desired_units(
+        self, observed: dict[str, ObservedUnit] | None = None
+    ) -> dict[str, DesiredUnit]:
         """`observed`: what runs now. Without it, placement ignores that running backends
         already hold GPU memory (fine for rendering; a pass must pass it, or a backend that
         fits no more beside itself is moved or stopped)."""
@@ -166,7 +180,11 @@ class Controller:
                 units[unit] = DesiredUnit(unit, "", backend.model, self.placement.refused[name])
                 continue
             spec = state.models[backend.model]
-            wait, pull = (None, False) if spec.source.startswith("ollama:") else self.puller.readiness(backend.model, spec)
+            wait, pull = (
+                (None, False)
+                if spec.source.startswith("ollama:")
+                else self.puller.readiness(backend.model, spec)
+            )
             path = self._model_path(backend.model)
             ref = model_reference(backend.model, spec, path)
             gpu_ids = self.placement.assignments.get(name, [])
@@ -180,7 +198,9 @@ class Controller:
             # Under its own user the gateway still finds the reconciler's drain marks.
             env = {DRAIN_DIR_ENV: str(drain_dir(self.state_dir))}
             content = self.driver.gateway_content(argv, state.gateway, self.config, env)
-            units[GATEWAY_UNIT] = DesiredUnit(GATEWAY_UNIT, content, health_timeout=60.0, drains_others=True)
+            units[GATEWAY_UNIT] = DesiredUnit(
+                GATEWAY_UNIT, content, health_timeout=60.0, drains_others=True
+            )
         return units
 
     # -- observe -------------------------------------------------------------------------
@@ -201,11 +221,15 @@ class Controller:
         now = time.time()
         backends = self.desired.backends
         rules = {
-            n: DrainRule([r for r, o in backends.items() if o.model == b.model and r != n], b.drain_timeout)
+            n: DrainRule(
+                [r for r, o in backends.items() if o.model == b.model and r != n], b.drain_timeout
+            )
             for n, b in backends.items()
         }
         ack = 3 * self.desired.gateway.health_interval + 2.0  # the gateway reads marks each round
-        drains = drain_states(read_marks(self.drainer.directory), self._gateway_url(), rules, now, ack)
+        drains = drain_states(
+            read_marks(self.drainer.directory), self._gateway_url(), rules, now, ack
+        )
         for name, seen in list(observed.items()):
             drain = drains.get(name.removeprefix("backend-"))
             target = self._probe_target(name)
@@ -225,7 +249,9 @@ class Controller:
             silent = None
             if not answered and (history.answered or history.silent_since is not None):
                 silent = now - (history.silent_since or now)
-            observed[name] = replace(seen, health=health.state, detail=health.detail, silent_for=silent, drain=drain)
+            observed[name] = replace(
+                seen, health=health.state, detail=health.detail, silent_for=silent, drain=drain
+            )
         return observed
 
     # -- act -----------------------------------------------------------------------------
@@ -239,7 +265,9 @@ class Controller:
         the last good one stays in force, and status and a metric say it was refused."""
         try:
             if self.config and not _declares_anything(Path(self.config)):
-                raise ConfigError(self.config, ["the file is empty (truncated?); declare at least one section"])
+                raise ConfigError(
+                    self.config, ["the file is empty (truncated?); declare at least one section"]
+                )
             self.desired = load_desired_state(self.config)[0]
         except ConfigError as exc:
             if self.config_error != str(exc):
@@ -256,7 +284,9 @@ class Controller:
         self.execute(actions, desired)
         for action in actions:
             # Waiting and refusing repeat every pass: say them once, when they change.
-            if action.kind in (ActionKind.WAIT, ActionKind.REFUSE) and action == self._previous(action.unit):
+            if action.kind in (ActionKind.WAIT, ActionKind.REFUSE) and action == self._previous(
+                action.unit
+            ):
                 continue
             log.info("%s", action)
         self.last_actions = actions
@@ -300,7 +330,9 @@ class Controller:
             wanted = units or list(self.last_desired)
             if any(a.kind in (ActionKind.ROLLBACK, ActionKind.FAIL) for a in self.last_actions):
                 return False  # a change was rolled back: the declared state is not running
-            converged = not any(a.kind in UNSETTLED and (not units or a.unit in units) for a in self.last_actions)
+            converged = not any(
+                a.kind in UNSETTLED and (not units or a.unit in units) for a in self.last_actions
+            )
             if converged and all(self.health.get(u, BackendHealth(Health.DOWN)).ok for u in wanted):
                 return True
             refused = [a for a in self.last_actions if a.kind is ActionKind.REFUSE]
@@ -351,7 +383,9 @@ class Controller:
     def views(self) -> list[UnitView]:
         urls = {u: t[0] for u in [GATEWAY_UNIT, *map(backend_unit, self.desired.backends)]
                 if (t := self._probe_target(u))}  # fmt: skip
-        result = PassResult(self.last_actions, self.health, self.apply_failures, urls, self.placement.assignments)
+        result = PassResult(
+            self.last_actions, self.health, self.apply_failures, urls, self.placement.assignments
+        )
         return unit_views(self.desired, self.driver.records(), result)
 
     def write_status(self) -> None:

@@ -146,7 +146,9 @@ def plan(
         if seen is None or seen.content is None:
             starts.append(_start(unit, None, "declared but not installed"))
         elif (overdue := _overdue_trial(unit, seen, now)) is not None:
-            starts.append(overdue)  # running or not: a crash loop of new settings is rolled back too
+            starts.append(
+                overdue
+            )  # running or not: a crash loop of new settings is rolled back too
         elif not seen.active:
             starts.append(_restart_stopped(unit, seen, now))
         elif (silent := _silent(unit, seen)) is not None:
@@ -229,8 +231,17 @@ def _change(unit: DesiredUnit, seen: ObservedUnit, now: float) -> Action:
     if unit.model_wait:
         # The new version cannot start: keep the old one running and routed.
         kind = ActionKind.PULL if unit.model_pull else ActionKind.WAIT
-        return Action(kind, unit.name, f"settings changed, but the model is not ready: {unit.model_wait}", diff)
-    reason = "settings installed but not applied (a pass was cut short)" if seen.pending else "settings changed"
+        return Action(
+            kind,
+            unit.name,
+            f"settings changed, but the model is not ready: {unit.model_wait}",
+            diff,
+        )
+    reason = (
+        "settings installed but not applied (a pass was cut short)"
+        if seen.pending
+        else "settings changed"
+    )
     return Action(ActionKind.RESTART, unit.name, reason, diff)
 
 
@@ -255,7 +266,11 @@ def _rolling(
         others_healthy = [n for n in healthy if n != action.unit]
         if group in busy_groups:
             result.append(
-                Action(ActionKind.WAIT, action.unit, f"waiting: another replica of {group} restarts first")
+                Action(
+                    ActionKind.WAIT,
+                    action.unit,
+                    f"waiting: another replica of {group} restarts first",
+                )
             )
             continue
         if len(members) > 1 and not others_healthy and action.unit in healthy:
@@ -293,7 +308,9 @@ def _through_drain(
     return Action(action.kind, action.unit, f"{action.reason}; {seen.drain.detail}", action.diff)
 
 
-def _gateway_after_drains(actions: list[Action], desired: Mapping[str, DesiredUnit]) -> list[Action]:
+def _gateway_after_drains(
+    actions: list[Action], desired: Mapping[str, DesiredUnit]
+) -> list[Action]:
     """The gateway does the draining: restarting it meanwhile would leave a drain without
     anyone to ask (and the backend stopped undrained). Its change waits for the drains."""
     draining = [a.unit for a in actions if a.kind is ActionKind.DRAIN or _DRAINING in a.reason]
@@ -302,7 +319,11 @@ def _gateway_after_drains(actions: list[Action], desired: Mapping[str, DesiredUn
     held = []
     for action in actions:
         unit = desired.get(action.unit)
-        if unit is not None and unit.drains_others and action.kind in (ActionKind.RESTART, ActionKind.STOP):
+        if (
+            unit is not None
+            and unit.drains_others
+            and action.kind in (ActionKind.RESTART, ActionKind.STOP)
+        ):
             reason = f"{action.reason}; waiting until the drain of {', '.join(draining)} ends"
             action = Action(ActionKind.WAIT, action.unit, reason, action.diff)
         held.append(action)

@@ -111,7 +111,9 @@ class ModelPuller:
             state = self._load(name, spec)
             state.pid = os.getpid()
             self._save_quietly(name, state)
-            thread = threading.Thread(target=self._run, args=(name, spec), daemon=True, name=f"pull-{name}")
+            thread = threading.Thread(
+                target=self._run, args=(name, spec), daemon=True, name=f"pull-{name}"
+            )
             self._threads[name] = thread
         thread.start()
 

@@ -46,7 +46,9 @@ class PassResult:
     gpus: Mapping[str, list[int]]  # backend -> the GPUs placement gave it
 
 
-def unit_views(state: DesiredState, records: Iterable[UnitRecordLike], result: PassResult) -> list[UnitView]:
+def unit_views(
+    state: DesiredState, records: Iterable[UnitRecordLike], result: PassResult
+) -> list[UnitView]:
     views = []
     refusals = {a.unit: a.reason for a in result.actions if a.kind is ActionKind.REFUSE}
     # What a unit waits for (a drain, a replica, a retry, its model): why a change is pending.
@@ -74,12 +76,18 @@ def unit_views(state: DesiredState, records: Iterable[UnitRecordLike], result: P
         )
     seen = {v.unit for v in views}
     for action in result.actions:  # declared but nothing installed yet: refused, or its model
-        if action.unit in seen or action.kind not in (ActionKind.REFUSE, ActionKind.PULL, ActionKind.WAIT):
+        if action.unit in seen or action.kind not in (
+            ActionKind.REFUSE,
+            ActionKind.PULL,
+            ActionKind.WAIT,
+        ):
             continue
         backend = state.backends.get(action.unit.removeprefix("backend-"))
         if backend is None:
             continue
         seen.add(action.unit)
         shown = "refused" if action.kind is ActionKind.REFUSE else "waiting"
-        views.append(UnitView(action.unit, backend.kind, backend.model, health=shown, detail=action.reason))
+        views.append(
+            UnitView(action.unit, backend.kind, backend.model, health=shown, detail=action.reason)
+        )
     return views

@@ -106,7 +106,11 @@ class HistoryStore:
 
     def rolled_back(self, name: str, content: str, reason: str, now: float) -> None:
         h = self.load(name)
-        h.rejected, h.rejected_until, h.rejected_reason = content, now + ROLLBACK_BACKOFF_SECONDS, reason
+        h.rejected, h.rejected_until, h.rejected_reason = (
+            content,
+            now + ROLLBACK_BACKOFF_SECONDS,
+            reason,
+        )
         h.trial_since, h.trial_previous = None, None
         h.answered, h.silent_since = False, None
         self.save(name, h)
