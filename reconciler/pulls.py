@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from reconciler.config.schema import ModelSpec
-from reconciler.drivers.atomic import write_atomic
+from reconciler.drivers.atomic import sweep_orphans, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class ModelPuller:
     def __init__(self, state_dir: Path, pull: Pull, present: Callable[[str, ModelSpec], Path | None],
                  clock: Callable[[], float] | None = None):  # fmt: skip
         self.directory = state_dir / PULLS_DIR  # written by the first pull, not by `plan`
+        sweep_orphans(self.directory)  # left by a reconciler killed mid-write
         self._pull = pull
         self._present = present  # the model's local file if it is there (no network)
         self._clock = clock or (lambda: time.time())  # looked up at each call: tests may freeze it

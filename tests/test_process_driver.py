@@ -149,3 +149,16 @@ def test_a_rollback_runs_what_ran_before_and_holds_the_new_settings(tmp_path):
     finally:
         driver.stop("backend-x", forget=True)
     assert not (tmp_path / "history" / "backend-x.json").exists()
+
+
+def test_unit_history_sweeps_what_a_killed_writer_left(tmp_path):
+    """A reconciler SIGKILLed mid-write of a unit's history left `.NAME.json.PID.*.tmp`."""
+    from reconciler.drivers.history import HistoryStore
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid whose writer is gone
+    left = tmp_path / "history" / f".backend-x.json.{dead.pid}.abc.tmp"
+    left.parent.mkdir()
+    left.write_text("{")
+    HistoryStore(tmp_path)
+    assert not left.exists()

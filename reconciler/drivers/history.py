@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from reconciler.drivers.atomic import write_atomic
+from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.plan import Rejected, Trial
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class UnitHistory:
 class HistoryStore:
     def __init__(self, state_dir: Path):
         self.directory = state_dir / HISTORY_DIR  # created by the first write, not before
+        sweep_orphans(self.directory)  # left by a reconciler killed mid-write
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.json"
