@@ -1,72 +1,58 @@
 """The reconcile loop: read the whole desired state, observe the whole running state, plan the
-difference, let the driver act. Level-triggered: nothing is remembered between passes except
-what the driver records on disk, so a restarted controller picks up where things are."""
+difference, let the driver act. Level-triggered: nothing decides from memory of earlier passes
+except what is recorded on disk (unit history, drain marks, pending systemd changes) and what
+this process is doing off the pass (model pulls), all of it observed and handed to the pure
+plan. So `plan` shows exactly what `apply` does; nothing in a pass waits on a backend."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 from reconciler.backends.commands import launch_for, model_reference
 from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
-from reconciler.config.schema import DesiredState, reach
-from reconciler.drain import DRAIN_DIR_ENV, Drainer, drain_dir
+from reconciler.config.schema import reach
+from reconciler.drain import DRAIN_DIR_ENV, Drainer, DrainRule, drain_dir, drain_states, read_marks
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.process import ProcessDriver
+from reconciler.drivers.protocol import Driver
 from reconciler.drivers.systemd import SystemdDriver, systemd_booted, unit_dir_writable
 from reconciler.gpu.inventory import GpuInventory, NvmlInventory
 from reconciler.gpu.placement import Placement, place
 from reconciler.gpu.vram import VramEstimate, estimate_vram
-from reconciler.models.pull import PullError, local_path, pull_model
+from reconciler.models.pull import local_path, open_registry, pull_model
+from reconciler.models.registry import Registry
+from reconciler.monitoring.reconciler_metrics import ReconcilerMetricsExporter
 from reconciler.paths import models_dir, state_dir
 from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, plan
-from reconciler.units.render import backend_unit_spec, gateway_unit_spec, render_unit
+from reconciler.pulls import ModelPuller
+from reconciler.status import GATEWAY_UNIT, PassResult, UnitView, backend_unit, unit_views
 
 log = logging.getLogger(__name__)
 
-GATEWAY_UNIT = "gateway"
-# The GPUs a unit runs on, in a process launch description ("KEY": "0,1") or a unit file
-# (Environment="KEY=0,1").
-_VISIBLE_RE = re.compile(r'CUDA_VISIBLE_DEVICES(?:=|": ")([0-9]+(?:,[0-9]+)*)"')
+__all__ = ["GATEWAY_UNIT", "Controller", "UnitView", "backend_unit", "make_driver"]
+
+# Actions after which the desired state is not (yet) running.
+UNSETTLED = frozenset(ActionKind) - {ActionKind.REFUSE}
 
 
-def backend_unit(name: str) -> str:
-    return f"backend-{name}"
-
-
-@dataclass
-class UnitView:
-    """What `status` shows for one unit."""
-
-    unit: str
-    kind: str
-    model: str = ""
-    url: str = ""
-    pid: int | None = None
-    health: str = "unknown"
-    detail: str = ""
-    restarts: int = 0
-    gpus: list[int] = field(default_factory=list)
-
-
-def make_driver(choice: str | None, state: Path, unit_dir: Path | None = None):
+def make_driver(choice: str | None, state: Path, unit_dir: Path | None = None) -> Driver:
     """`systemd`, `process`, or None/`auto`: systemd when it is PID 1 and we may write units."""
     choice = choice or os.environ.get("TF_DRIVER") or "auto"
     if choice == "auto":
         use_systemd = unit_dir is not None or (systemd_booted() and unit_dir_writable())
         choice = "systemd" if use_systemd else "process"
     if choice == "systemd":
-        return SystemdDriver(unit_dir, state_dir=state) if unit_dir else SystemdDriver(state_dir=state)
+        return (
+            SystemdDriver(unit_dir, state_dir=state) if unit_dir else SystemdDriver(state_dir=state)
+        )
     if choice == "process":
         return ProcessDriver(state)
     raise ValueError(f"--driver: {choice!r} is not one of systemd, process, auto")
@@ -76,7 +62,7 @@ class Controller:
     def __init__(
         self,
         config: str | None,
-        driver: ProcessDriver | SystemdDriver | str | None = None,
+        driver: Driver | str | None = None,
         gpus: GpuInventory | None = None,
         state: Path | None = None,
         unit_dir: Path | None = None,
@@ -85,46 +71,43 @@ class Controller:
         self.config = config
         # False: the gateway runs as its own service (the NixOS module); reconcile backends only.
         self.run_gateway = run_gateway
-        self.desired = self._load()
+        self.desired = load_desired_state(config)[0]
+        self.config_error: str | None = None  # a desired state refused while running: why
+        self.writer = "supervisor"  # who runs the passes: `up`, or `apply` (which then exits)
         self.state_dir = state or state_dir(self.desired.state_dir)
         sweep_orphans(self.state_dir)  # status.json written by a reconciler killed mid-write
         self.models_dir = models_dir(self.desired.models_dir)
         if driver is None or isinstance(driver, str):
             driver = make_driver(driver, self.state_dir, unit_dir)
-        self.driver = driver
-        self.apply_failures: dict[str, str] = {}
+        self.driver: Driver = driver
         self.gpus = gpus or NvmlInventory()
         self.placement = Placement()
         self.health: dict[str, BackendHealth] = {}
+        self.apply_failures: dict[str, str] = {}
         self.last_actions: list[Action] = []
         self.last_desired: dict[str, DesiredUnit] = {}
-        self.model_errors: dict[str, str] = {}
         self.drainer = Drainer(drain_dir(self.state_dir))
+        self._registry: Registry | None = None  # opened once, when the first model needs it
+        self._registry_lock = threading.Lock()
+        self.puller = ModelPuller(self.state_dir, self._pull, self._present)
 
-    def _load(self) -> DesiredState:
-        return load_desired_state(self.config)[0]
+    # -- models --------------------------------------------------------------------------
+    def registry(self, create: bool = False) -> Registry | None:
+        with self._registry_lock:
+            if self._registry is None:
+                self._registry = open_registry(self.models_dir, create)
+            return self._registry
 
-    # -- desired -------------------------------------------------------------------------
     def _model_path(self, model_name: str) -> str | None:
-        path = local_path(model_name, self.desired.models[model_name], self.models_dir)
+        spec = self.desired.models[model_name]
+        path = local_path(model_name, spec, self.models_dir, registry=self.registry())
         return str(path) if path else None
 
-    def ensure_model(self, unit: str) -> bool:
-        """Pull a backend's model before starting it; False (and a reason) if it failed."""
-        backend = self.desired.backends.get(unit.removeprefix("backend-"))
-        if backend is None or not backend.managed:
-            return True
-        spec = self.desired.models[backend.model]
-        if spec.source.startswith("ollama:"):
-            return True
-        try:
-            pull_model(backend.model, spec, self.models_dir)
-        except PullError as exc:
-            self.model_errors[unit] = str(exc)
-            log.error("cannot start %s: %s", unit, exc)
-            return False
-        self.model_errors.pop(unit, None)
-        return True
+    def _present(self, name: str, spec) -> Path | None:
+        return local_path(name, spec, self.models_dir, registry=self.registry())
+
+    def _pull(self, name: str, spec) -> None:
+        pull_model(name, spec, self.models_dir, registry=self.registry(create=True))
 
     def vram_estimates(self) -> dict[str, int | VramEstimate]:
         """What each GPU backend needs, for placement (0 when unknown): a whole estimate, since
@@ -136,35 +119,29 @@ class Controller:
                 estimates[name] = estimate_vram(backend, self.desired.models[backend.model], path)
         return estimates
 
-    def running_gpus(self, observed: dict[str, ObservedUnit]) -> dict[str, list[int]]:
-        """The GPUs each running backend was started on, read from what runs (so a restarted
-        reconciler knows it too)."""
-        running = {}
-        for unit, seen in observed.items():
-            match = _VISIBLE_RE.search(seen.content or "") if seen.active else None
-            if match and unit.startswith("backend-"):
-                running[unit.removeprefix("backend-")] = [int(i) for i in match.group(1).split(",")]
-        return running
-
-    def desired_units(self, observed: dict[str, ObservedUnit] | None = None) -> dict[str, DesiredUnit]:
-        """`observed`: what runs now. Without it, placement ignores that running backends
-        already hold GPU memory (fine for rendering; a pass must pass it, or a backend that
-        fits no more beside itself is moved or stopped)."""
-        state = self.desired
-        observed = observed or {}
-        running = self.running_gpus(observed)
+    # -- desired -------------------------------------------------------------------------
+    def _placement(self, observed: dict[str, ObservedUnit]) -> tuple[Placement, set[str]]:
+        """Where each GPU backend goes, and the running ones held exactly as they run because
+        NVML erred this pass (a monitoring failure must not move or stop them)."""
+        running = {
+            u.removeprefix("backend-"): list(s.gpus)
+            for u, s in observed.items()
+            if s.active and s.gpus and u.startswith("backend-")
+        }
         gpus = self.gpus.gpus()
-        # NVML erred this pass: the GPUs running backends hold but the inventory lacks exist, only
-        # unread. A monitoring failure must not move or stop what runs on them.
         failed = self.gpus.failed
         seen = {g.index for g in gpus}
-        unread = {i for held in running.values() for i in held if i not in seen} if failed else set()
-        placement = place(state.backends, gpus, self.vram_estimates(), running, unread)
-        held: set[str] = set()  # running backends kept exactly as they run this pass
+        unread = (
+            {i for held in running.values() for i in held if i not in seen} if failed else set()
+        )
+        placement = place(self.desired.backends, gpus, self.vram_estimates(), running, unread)
+        held: set[str] = set()
         if failed:
-            for name in state.backends:
+            for name in self.desired.backends:
                 now = observed.get(backend_unit(name))
-                blind = name in placement.refused or unread & set(placement.assignments.get(name, []))
+                blind = name in placement.refused or unread & set(
+                    placement.assignments.get(name, [])
+                )
                 if blind and now is not None and now.active and now.content:
                     held.add(name)
             placement = Placement(
@@ -175,48 +152,55 @@ class Controller:
                     if n not in held
                 },
             )
-        self.placement = placement
-        systemd = isinstance(self.driver, SystemdDriver)
+        return placement, held
+
+    def desired_units(
+        self, observed: dict[str, ObservedUnit] | None = None
+    ) -> dict[str, DesiredUnit]:
+        """`observed`: what runs now. Without it, placement ignores that running backends
+        already hold GPU memory (fine for rendering; a pass must pass it, or a backend that
+        fits no more beside itself is moved or stopped)."""
+        state = self.desired
+        observed = observed or {}
+        self.placement, held = self._placement(observed)
+        drain = state.gateway.enable  # a gateway (here or its own service) routes to backends
         units: dict[str, DesiredUnit] = {}
         for name, backend in state.backends.items():
             if not backend.managed:
                 continue  # runs elsewhere: the gateway routes to it, we leave it alone
             unit = backend_unit(name)
+            timing = DesiredUnit(unit, "", backend.model, drain=drain, health_timeout=backend.health_timeout,
+                                 liveness_timeout=backend.liveness_timeout or None)  # fmt: skip
             if name in held:
                 # Whether it (or a change to it) fits cannot be judged without its GPUs' state:
                 # keep it exactly as it runs, no stop and no restart, until NVML answers again.
-                units[unit] = DesiredUnit(unit, observed[unit].content or "", group=backend.model)
+                units[unit] = replace(timing, content=observed[unit].content or "")
                 continue
             if name in self.placement.refused:
                 units[unit] = DesiredUnit(unit, "", backend.model, self.placement.refused[name])
                 continue
+            spec = state.models[backend.model]
+            wait, pull = (
+                (None, False)
+                if spec.source.startswith("ollama:")
+                else self.puller.readiness(backend.model, spec)
+            )
             path = self._model_path(backend.model)
-            ref = model_reference(backend.model, state.models[backend.model], path)
+            ref = model_reference(backend.model, spec, path)
             gpu_ids = self.placement.assignments.get(name, [])
             launch = launch_for(name, backend, backend.model, ref, gpu_ids)
-            if systemd:
-                spec = backend_unit_spec(unit, backend, backend.model, ref, launch, gpu_ids)
-                units[unit] = DesiredUnit(unit, render_unit(spec), group=backend.model)
-                continue
-            env = dict(launch.env)
-            if backend.kind == "ollama":
-                env.setdefault("OLLAMA_MODELS", str(self.state_dir / "ollama"))
-            content = json.dumps({"argv": launch.argv, "env": env}, indent=1, sort_keys=True)
-            units[unit] = DesiredUnit(unit, content + "\n", group=backend.model)
+            content = self.driver.backend_content(unit, backend, ref, launch, gpu_ids)
+            units[unit] = replace(timing, content=content, model_wait=wait, model_pull=pull)
         if state.gateway.enable and self.run_gateway:
             argv = [sys.executable, "-m", "reconciler.cli", "gateway"]
             if self.config:
                 argv += ["--config", str(Path(self.config).resolve())]
-            if systemd:  # the unit text holds argv; a config edit reaches it through `up`
-                # Under its own user the gateway still finds the reconciler's drain marks.
-                env = {DRAIN_DIR_ENV: str(drain_dir(self.state_dir))}
-                spec = gateway_unit_spec(GATEWAY_UNIT, argv, state.gateway, self.config, env)
-                units[GATEWAY_UNIT] = DesiredUnit(GATEWAY_UNIT, render_unit(spec))
-                return units
-            # The gateway restarts when its part of the desired state changes.
-            spec = state.gateway.model_dump(mode="json")
-            content = json.dumps({"argv": argv, "env": {}, "gateway": spec}, indent=1, sort_keys=True)
-            units[GATEWAY_UNIT] = DesiredUnit(GATEWAY_UNIT, content + "\n")
+            # Under its own user the gateway still finds the reconciler's drain marks.
+            env = {DRAIN_DIR_ENV: str(drain_dir(self.state_dir))}
+            content = self.driver.gateway_content(argv, state.gateway, self.config, env)
+            units[GATEWAY_UNIT] = DesiredUnit(
+                GATEWAY_UNIT, content, health_timeout=60.0, drains_others=True
+            )
         return units
 
     # -- observe -------------------------------------------------------------------------
@@ -224,60 +208,81 @@ class Controller:
         if unit == GATEWAY_UNIT:
             g = self.desired.gateway
             return f"http://{reach(g.host, g.port)}", "gateway"
-        name = unit.removeprefix("backend-")
-        backend = self.desired.backends.get(name)
-        if backend is None:
-            return None
-        return backend.base_url, backend.wire_protocol
+        backend = self.desired.backends.get(unit.removeprefix("backend-"))
+        return (backend.base_url, backend.wire_protocol) if backend else None
 
-    def observe(self) -> dict[str, ObservedUnit]:
+    def _gateway_url(self) -> str | None:
+        return self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None  # type: ignore[index]
+
+    def observe(self, record: bool = True) -> dict[str, ObservedUnit]:
+        """What runs, how it answers, and where its drain stands. `record`: write what was
+        learnt (a healthy unit's trial ends); `tensorforge plan` only reads."""
         observed = self.driver.observe()
+        now = time.time()
+        backends = self.desired.backends
+        rules = {
+            n: DrainRule(
+                [r for r, o in backends.items() if o.model == b.model and r != n], b.drain_timeout
+            )
+            for n, b in backends.items()
+        }
+        ack = 3 * self.desired.gateway.health_interval + 2.0  # the gateway reads marks each round
+        drains = drain_states(
+            read_marks(self.drainer.directory), self._gateway_url(), rules, now, ack
+        )
         for name, seen in list(observed.items()):
+            drain = drains.get(name.removeprefix("backend-"))
             target = self._probe_target(name)
             if not seen.active or target is None:
                 self.health[name] = BackendHealth(Health.DOWN, "not running")
+                observed[name] = replace(seen, drain=drain)
                 continue
             health = probe(*target, timeout=1.0)
             self.health[name] = health
-            if health.ok:
-                self.driver.mark_healthy(name)
-            observed[name] = ObservedUnit(
-                name, seen.content, seen.active, health.state, seen.failures, seen.retry_at
+            answered = health.state is not Health.DOWN
+            if record:
+                history = self.driver.history.probed(name, answered, now)
+                if health.ok:
+                    self.driver.mark_healthy(name)
+            else:
+                history = self.driver.history.load(name)
+            silent = None
+            if not answered and (history.answered or history.silent_since is not None):
+                silent = now - (history.silent_since or now)
+            observed[name] = replace(
+                seen, health=health.state, detail=health.detail, silent_for=silent, drain=drain
             )
         return observed
 
     # -- act -----------------------------------------------------------------------------
     def plan(self) -> list[Action]:
-        observed = self.observe()
+        """What the next pass will do: the same inputs, nothing written."""
+        observed = self.observe(record=False)
         return plan(self.desired_units(observed), observed, time.time())
 
-    def reconcile_once(self) -> list[Action]:
+    def _reload(self) -> None:
+        """A desired state that is empty, truncated or invalid while running changes nothing:
+        the last good one stays in force, and status and a metric say it was refused."""
         try:
-            self.desired = self._load()
+            if self.config and not _declares_anything(Path(self.config)):
+                raise ConfigError(
+                    self.config, ["the file is empty (truncated?); declare at least one section"]
+                )
+            self.desired = load_desired_state(self.config)[0]
         except ConfigError as exc:
-            # Keep running what was declared last; a typo must not take the host down.
-            log.error("desired state invalid, keeping the previous one:\n%s", exc)
+            if self.config_error != str(exc):
+                log.error("desired state refused, keeping the last good one:\n%s", exc)
+            self.config_error = str(exc)
+            return
+        self.config_error = None
+
+    def reconcile_once(self) -> list[Action]:
+        self._reload()
         observed = self.observe()
         desired = self.last_desired = self.desired_units(observed)
-        actions = self._hold_for_drains(plan(desired, observed, time.time()), desired, observed)
-        if isinstance(self.driver, SystemdDriver):
-            self._apply_systemd(actions, desired)
+        actions = plan(desired, observed, time.time())
+        self.execute(actions, desired)
         for action in actions:
-            if isinstance(self.driver, SystemdDriver):
-                pass  # carried out above, as one pass
-            elif action.kind is ActionKind.START:
-                if self.ensure_model(action.unit):
-                    self.driver.start(desired[action.unit])
-            elif action.kind is ActionKind.RESTART:
-                try:  # its model was checked and its drain finished in _hold_for_drains
-                    self.driver.restart(desired[action.unit])
-                finally:
-                    self.drainer.end(action.unit.removeprefix("backend-"))
-            elif action.kind is ActionKind.STOP:
-                try:
-                    self.driver.stop(action.unit, forget=action.unit not in desired)
-                finally:
-                    self.drainer.end(action.unit.removeprefix("backend-"))
             # Waiting and refusing repeat every pass: say them once, when they change.
             if action.kind in (ActionKind.WAIT, ActionKind.REFUSE) and action == self._previous(
                 action.unit
@@ -288,83 +293,30 @@ class Controller:
         self.write_status()
         return actions
 
-    def _hold_for_drains(
-        self, actions: list[Action], desired: dict[str, DesiredUnit], observed: dict[str, ObservedUnit]
-    ) -> list[Action]:
-        """Let a stop or restart of a declared backend through only once the gateway has
-        drained it (reconciler/drain.py); until then it is a WAIT, and this pass, like every
-        pass, goes on with everything else. A drain no longer planned is dropped."""
-        held: list[Action] = []
-        stopping: set[str] = set()
+    def execute(self, actions: list[Action], desired: dict[str, DesiredUnit]) -> None:
+        """The controller's own actions (drains, pulls), then the driver's (units)."""
         for action in actions:
-            name = action.unit.removeprefix("backend-")
-            backend = self.desired.backends.get(name)
-            if action.kind not in (ActionKind.RESTART, ActionKind.STOP) or action.unit == GATEWAY_UNIT or backend is None:
-                held.append(action)
-                continue
-            seen = observed.get(action.unit)
-            if self._deferred(action, desired) or seen is None or not seen.active:
-                held.append(action)  # not acted on this pass, or nothing running: nothing to drain
-                continue
-            if action.kind is ActionKind.RESTART and not self.ensure_model(action.unit):
-                # The new version cannot start: keep the old one running and routed.
-                reason = f"settings changed, but the model is not ready: {self.model_errors.get(action.unit)}"
-                held.append(Action(ActionKind.WAIT, action.unit, reason, action.diff))
-                continue
-            stopping.add(name)
-            replicas = [n for n, b in self.desired.backends.items() if b.model == backend.model and n != name]
-            url = self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None  # type: ignore[index]
-            ack = 3 * self.desired.gateway.health_interval + 2.0  # the gateway reads marks each round
-            if self.drainer.ready(name, url, replicas, timeout=backend.drain_timeout, ack_timeout=ack):
-                held.append(action)
-            else:
-                held.append(Action(ActionKind.WAIT, action.unit, self.drainer.waiting(name), action.diff))
-        self.drainer.end_all_but(stopping)
-        return held
+            backend = action.unit.removeprefix("backend-")
+            if action.kind is ActionKind.DRAIN:
+                self.drainer.mark(backend)
+            elif action.kind is ActionKind.UNDRAIN:
+                self.drainer.end(backend)
+            elif action.kind is ActionKind.PULL and backend in self.desired.backends:
+                model = self.desired.backends[backend].model
+                self.puller.request(model, self.desired.models[model])
+            elif action.kind in (ActionKind.ROLLBACK, ActionKind.FAIL):
+                self.apply_failures[action.unit] = action.reason
 
-    def _deferred(self, action: Action, desired: dict[str, DesiredUnit]) -> bool:
-        """True when the driver is backing off this change (a rolled-back unit)."""
-        unit = desired.get(action.unit)
-        return (
-            isinstance(self.driver, SystemdDriver)
-            and unit is not None
-            and self.driver.backing_off(action.unit, unit.content)
-        )
+        def done(action: Action, error: str | None) -> None:
+            if action.kind in (ActionKind.STOP, ActionKind.RESTART, ActionKind.ROLLBACK):
+                self.drainer.end(action.unit.removeprefix("backend-"))  # routed to again
+            if error:
+                self.apply_failures[action.unit] = error
 
-    def _apply_systemd(self, actions: list[Action], desired: dict[str, DesiredUnit]) -> None:
-        def health(unit: str) -> BackendHealth:
-            target = self._probe_target(unit)
-            state = probe(*target, timeout=1.0) if target else BackendHealth(Health.HEALTHY)
-            self.health[unit] = state
-            return state
-
-        timeouts = {
-            backend_unit(n): b.health_timeout for n, b in self.desired.backends.items()
-        }
-        timeouts[GATEWAY_UNIT] = 60.0
-
-        @contextlib.contextmanager
-        def drained(unit: str) -> Iterator[None]:
-            """Back into routing as soon as systemctl has restarted (or stopped) it, not after
-            the health waits of the whole pass."""
-            try:
-                yield
-            finally:
-                self.drainer.end(unit.removeprefix("backend-"))
-
-        try:
-            failures = self.driver.apply(actions, desired, health, timeouts, self.ensure_model, drained)
-        finally:
-            for action in actions:  # whatever the driver did or skipped, no mark outlives a pass
-                if action.kind in (ActionKind.RESTART, ActionKind.STOP):
-                    self.drainer.end(action.unit.removeprefix("backend-"))
-        for failure in failures:
-            self.apply_failures[failure.unit] = failure.reason
-        for action in actions:
-            if action.kind in (ActionKind.START, ActionKind.RESTART) and self.health.get(
-                action.unit, BackendHealth(Health.DOWN)
-            ).ok:
-                self.apply_failures.pop(action.unit, None)
+        self.driver.execute(actions, desired, done)
+        for unit, health in self.health.items():
+            if health.ok:
+                self.apply_failures.pop(unit, None)
 
     def _previous(self, unit: str) -> Action | None:
         return next((a for a in self.last_actions if a.unit == unit), None)
@@ -373,14 +325,14 @@ class Controller:
         """Reconcile until every unit (or the named ones) is healthy and nothing is left to
         do (a rolling change goes replica by replica, over several passes), or time runs out."""
         deadline = time.monotonic() + timeout
-        pending = (ActionKind.START, ActionKind.RESTART, ActionKind.STOP, ActionKind.WAIT)
-        self.drainer.clear_stale()
         while time.monotonic() < deadline:
             self.reconcile_once()
             wanted = units or list(self.last_desired)
-            if self.apply_failures:
+            if any(a.kind in (ActionKind.ROLLBACK, ActionKind.FAIL) for a in self.last_actions):
                 return False  # a change was rolled back: the declared state is not running
-            converged = not any(a.kind in pending and (not units or a.unit in units) for a in self.last_actions)
+            converged = not any(
+                a.kind in UNSETTLED and (not units or a.unit in units) for a in self.last_actions
+            )
             if converged and all(self.health.get(u, BackendHealth(Health.DOWN)).ok for u in wanted):
                 return True
             refused = [a for a in self.last_actions if a.kind is ActionKind.REFUSE]
@@ -391,7 +343,6 @@ class Controller:
 
     def run(self, stop: threading.Event, interval: float = 1.0) -> None:
         metrics = self._metrics_exporter()
-        self.drainer.clear_stale()
         try:
             while not stop.is_set():
                 ok = True
@@ -407,12 +358,10 @@ class Controller:
             if metrics is not None:
                 metrics.close()
 
-    def _metrics_exporter(self):
+    def _metrics_exporter(self) -> ReconcilerMetricsExporter | None:
         """The reconciler's /metrics when monitoring is enabled; a busy port is logged, not fatal."""
         if not self.desired.monitoring.enable:
             return None
-        from reconciler.monitoring.reconciler_metrics import ReconcilerMetricsExporter
-
         try:
             m = self.desired.monitoring
             return ReconcilerMetricsExporter(m.reconciler_metrics_port, m.listen_address)
@@ -422,57 +371,41 @@ class Controller:
 
     def shutdown(self) -> None:
         """Stop the gateway first (no new requests), then the backends."""
-        if isinstance(self.driver, SystemdDriver):
-            self.drainer.end_all_but(set())  # a change not made: route to the old unit again
-            self.write_status()  # systemd units outlive the reconciler: leave them running
-            return
-        names = [r.name for r in self.driver.records()]
-        for name in sorted(names, key=lambda n: n != GATEWAY_UNIT):
-            self.driver.stop(name)
-        self.drainer.end_all_but(set())
-        self.write_status()
+        if not self.driver.outlives_supervisor:
+            names = [r.name for r in self.driver.records()]
+            for name in sorted(names, key=lambda n: n != GATEWAY_UNIT):
+                self.driver.stop(name)
+        for backend in read_marks(self.drainer.directory):  # a change not made: route to it again
+            self.drainer.end(backend)
+        self.write_status()  # systemd units outlive the reconciler: left running
 
     # -- status --------------------------------------------------------------------------
     def views(self) -> list[UnitView]:
-        views = []
-        refusals = {a.unit: a.reason for a in self.last_actions if a.kind is ActionKind.REFUSE}
-        # What a unit waits for (a drain, a replica, a retry): status says why a change is pending.
-        waits = {a.unit: a.reason for a in self.last_actions if a.kind is ActionKind.WAIT}
-        for record in self.driver.records():
-            name = record.name
-            backend = self.desired.backends.get(name.removeprefix("backend-"))
-            target = self._probe_target(name)
-            health = self.health.get(name, BackendHealth(Health.DOWN, "not observed yet"))
-            views.append(
-                UnitView(
-                    unit=name,
-                    kind=backend.kind if backend else "gateway",
-                    model=backend.model if backend else "",
-                    url=target[0] if target else "",
-                    pid=record.pid,
-                    health=health.state.value,
-                    detail=refusals.get(name)
-                    or self.apply_failures.get(name)
-                    or self.model_errors.get(name)
-                    or getattr(record, "extra", {}).get("error")  # process driver: launch failed
-                    or waits.get(name)
-                    or health.detail,
-                    restarts=record.restarts,
-                    gpus=self.placement.assignments.get(name.removeprefix("backend-"), []),
-                )
-            )
-        for unit, reason in refusals.items():
-            if not any(v.unit == unit for v in views):
-                backend = self.desired.backends[unit.removeprefix("backend-")]
-                views.append(UnitView(unit, backend.kind, backend.model, health="refused", detail=reason))
-        return views
+        urls = {u: t[0] for u in [GATEWAY_UNIT, *map(backend_unit, self.desired.backends)]
+                if (t := self._probe_target(u))}  # fmt: skip
+        result = PassResult(
+            self.last_actions, self.health, self.apply_failures, urls, self.placement.assignments
+        )
+        return unit_views(self.desired, self.driver.records(), result)
 
     def write_status(self) -> None:
         status = {
             "config": self.config or "embedded:default",
+            "config_error": self.config_error,
             "updated_at": time.time(),
-            "gateway": self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None,
+            "driver": self.driver.name,
+            "writer": self.writer,
+            "gateway": self._gateway_url(),
             "gpus": self.gpus.reason or "ok",
             "units": [v.__dict__ for v in self.views()],
         }
         write_atomic(self.state_dir / "status.json", json.dumps(status, indent=1))
+
+
+def _declares_anything(path: Path) -> bool:
+    """False for a file with nothing but blanks and comments (emptied or cut short)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True  # the loader names the problem
+    return any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines())

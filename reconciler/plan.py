@@ -1,8 +1,11 @@
 """The reconciler's diff: a pure function from (desired, observed) to ordered actions.
 
-No process, file or network is touched here; drivers carry the actions out. Each action says
-why, which is what `tensorforge plan` prints and what an operator reads when something does
-not start."""
+No process, file or network is touched here; drivers carry the actions out. Everything that
+decides is an input: a unit's start backoff, a change on trial and the settings rolled back,
+a systemd change written but not applied, the gateway's drain of a backend, its model's
+readiness and whether it still answers its probe. So `tensorforge plan` is exactly what a
+pass of `apply` does on the same inputs. Each action says why, which is what `plan` prints
+and what an operator reads when something does not start."""
 
 from __future__ import annotations
 
@@ -22,22 +25,68 @@ class DesiredUnit:
     content: str  # the rendered unit file (systemd) or launch description (process)
     group: str = ""  # replicas of one model share a group: they restart one at a time
     refused: str | None = None  # placement said no: do not start, say why
+    model_wait: str | None = None  # its model is not ready: why (None: ready)
+    model_pull: bool = False  # with model_wait: a pull should be started for it
+    drain: bool = False  # a gateway routes to it: take it out of routing before stopping it
+    drains_others: bool = False  # the gateway: not restarted while it drains a backend
+    health_timeout: float = 180.0  # a (re)start not healthy by then is rolled back or failed
+    liveness_timeout: float | None = None  # running but silent this long: restart it
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A (re)start not yet seen healthy."""
+
+    since: float
+    previous: str | None  # what ran before the change (None: nothing)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Settings rolled back recently: not tried again before `until`."""
+
+    content: str
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class DrainState:
+    """The gateway's drain of a backend, as observed this pass."""
+
+    drained: bool  # it may be stopped now
+    detail: str
 
 
 @dataclass(frozen=True)
 class ObservedUnit:
     name: str
-    content: str | None  # what is installed now; None if nothing is
+    content: str | None  # what runs now (the settings it was started with); None if nothing
     active: bool
     health: Health | None = None
     failures: int = 0  # consecutive failed starts, for backoff
     retry_at: float = 0.0  # do not start again before this time (backoff)
+    pending: bool = False  # new settings were installed but the unit not restarted with them
+    gpus: tuple[int, ...] = ()  # the GPUs it was started on
+    trial: Trial | None = None
+    rejected: Rejected | None = None
+    silent_for: float | None = None  # seconds without an answer to its probe, having answered
+    drain: DrainState | None = None  # a drain mark exists for it
+    detail: str = ""  # its probe's last word
+
+
+_DRAINING = "; draining: "  # how a WAIT held for a drain says so
 
 
 class ActionKind(enum.StrEnum):
     STOP = "stop"
     START = "start"
     RESTART = "restart"
+    ROLLBACK = "rollback"  # a change not healthy in time: the previous settings again
+    FAIL = "fail"  # a start not healthy in time, nothing to roll back to: counted, backed off
+    DRAIN = "drain"  # mark it for the gateway to route away; the stop follows once drained
+    UNDRAIN = "undrain"  # a drain no longer needed: route to it again
+    PULL = "pull"  # fetch its model off the pass; the start follows once it is there
     WAIT = "wait"
     REFUSE = "refuse"
 
@@ -68,19 +117,20 @@ def plan(
     observed: Mapping[str, ObservedUnit],
     now: float,
 ) -> list[Action]:
-    """Stops first (they free ports and GPU memory), then starts, then rolling restarts."""
+    """Stops first (they free ports and GPU memory), then starts, then rolling restarts; a
+    stop or restart of a unit the gateway routes to is held until it is drained."""
     stops: list[Action] = []
     starts: list[Action] = []
     restarts: list[Action] = []
 
     for name in sorted(set(observed) - set(desired)):
-        seen = observed[name]
+        gone = observed[name]
         stops.append(
             Action(
                 ActionKind.STOP,
                 name,
-                "no longer declared" + ("" if seen.active else " (already stopped; remove it)"),
-                unit_diff(name, seen.content, None),
+                "no longer declared" + ("" if gone.active else " (already stopped; remove it)"),
+                unit_diff(name, gone.content, None),
             )
         )
 
@@ -94,38 +144,105 @@ def plan(
                 starts.append(Action(ActionKind.REFUSE, name, unit.refused))
             continue
         if seen is None or seen.content is None:
+            starts.append(_start(unit, None, "declared but not installed"))
+        elif (overdue := _overdue_trial(unit, seen, now)) is not None:
             starts.append(
-                Action(ActionKind.START, name, "declared but not installed", unit_diff(name, None, unit.content))
-            )
+                overdue
+            )  # running or not: a crash loop of new settings is rolled back too
         elif not seen.active:
-            if seen.retry_at > now:
-                starts.append(
-                    Action(
-                        ActionKind.WAIT,
-                        name,
-                        f"down after {seen.failures} failed start(s); "
-                        f"retrying in {seen.retry_at - now:.1f}s",
-                    )
-                )
-                continue
-            changed = seen.content != unit.content
-            reason = "settings changed and not running" if changed else "not running"
-            if seen.failures:
-                reason += f" (attempt {seen.failures + 1})"
-            starts.append(
-                Action(ActionKind.START, name, reason, unit_diff(name, seen.content, unit.content))
-            )
-        elif seen.content != unit.content:
-            restarts.append(
-                Action(
-                    ActionKind.RESTART,
-                    name,
-                    "settings changed",
-                    unit_diff(name, seen.content, unit.content),
-                )
-            )
+            starts.append(_restart_stopped(unit, seen, now))
+        elif (silent := _silent(unit, seen)) is not None:
+            restarts.append(Action(ActionKind.RESTART, name, silent))
+        elif seen.pending or seen.content != unit.content:
+            restarts.append(_change(unit, seen, now))
 
-    return stops + starts + _rolling(restarts, desired, observed)
+    ordered = stops + starts + _rolling(restarts, desired, observed)
+    stopping = {a.unit for a in ordered if a.kind in (ActionKind.STOP, ActionKind.RESTART)}
+    undrains = [
+        Action(ActionKind.UNDRAIN, name, "no stop planned any more: routed to again")
+        for name, seen in sorted(observed.items())
+        if seen.drain is not None and name not in stopping
+    ]
+    gated = [_through_drain(a, desired, observed) for a in ordered]
+    return _gateway_after_drains(gated, desired) + undrains
+
+
+def _start(unit: DesiredUnit, seen: ObservedUnit | None, reason: str) -> Action:
+    if unit.model_wait:
+        kind = ActionKind.PULL if unit.model_pull else ActionKind.WAIT
+        return Action(kind, unit.name, f"{reason}, but its model is not ready: {unit.model_wait}")
+    old = seen.content if seen else None
+    return Action(ActionKind.START, unit.name, reason, unit_diff(unit.name, old, unit.content))
+
+
+def _restart_stopped(unit: DesiredUnit, seen: ObservedUnit, now: float) -> Action:
+    if seen.retry_at > now:
+        return Action(
+            ActionKind.WAIT,
+            unit.name,
+            f"down after {seen.failures} failed start(s); retrying in {seen.retry_at - now:.1f}s",
+        )
+    changed = seen.content != unit.content
+    reason = "settings changed and not running" if changed else "not running"
+    if seen.failures:
+        reason += f" (attempt {seen.failures + 1})"
+    return _start(unit, seen, reason)
+
+
+def _overdue_trial(unit: DesiredUnit, seen: ObservedUnit, now: float) -> Action | None:
+    """A (re)start not healthy within its health_timeout: back to the settings that ran
+    before, or (nothing to go back to) a failed start, counted for backoff."""
+    trial = seen.trial
+    if trial is None or seen.health is Health.HEALTHY or now - trial.since < unit.health_timeout:
+        return None
+    why = f"not healthy within {unit.health_timeout:g}s ({seen.health or 'unknown'}: {seen.detail})"
+    if trial.previous is not None and trial.previous != seen.content:
+        return Action(
+            ActionKind.ROLLBACK,
+            unit.name,
+            f"{why}; restoring the previous settings",
+            unit_diff(unit.name, seen.content, trial.previous),
+        )
+    return Action(ActionKind.FAIL, unit.name, why)
+
+
+def _silent(unit: DesiredUnit, seen: ObservedUnit) -> str | None:
+    """Liveness by responsiveness: a process that exists but has stopped answering."""
+    limit = unit.liveness_timeout
+    if limit is None or seen.silent_for is None or seen.silent_for <= limit:
+        return None
+    return (
+        f"hung: no answer to its probe for {seen.silent_for:.0f}s "
+        f"(liveness_timeout {limit:g}s; {seen.detail or 'no answer'}); restarting it"
+    )
+
+
+def _change(unit: DesiredUnit, seen: ObservedUnit, now: float) -> Action:
+    diff = unit_diff(unit.name, seen.content, unit.content)
+    rejected = seen.rejected
+    if rejected and rejected.content == unit.content and rejected.until > now:
+        return Action(
+            ActionKind.WAIT,
+            unit.name,
+            f"settings changed, but they were rolled back ({rejected.reason}); "
+            f"retrying in {rejected.until - now:.0f}s",
+            diff,
+        )
+    if unit.model_wait:
+        # The new version cannot start: keep the old one running and routed.
+        kind = ActionKind.PULL if unit.model_pull else ActionKind.WAIT
+        return Action(
+            kind,
+            unit.name,
+            f"settings changed, but the model is not ready: {unit.model_wait}",
+            diff,
+        )
+    reason = (
+        "settings installed but not applied (a pass was cut short)"
+        if seen.pending
+        else "settings changed"
+    )
+    return Action(ActionKind.RESTART, unit.name, reason, diff)
 
 
 def _rolling(
@@ -139,16 +256,21 @@ def _rolling(
     result: list[Action] = []
     busy_groups: set[str] = set()
     for action in restarts:
+        if action.kind is not ActionKind.RESTART:
+            result.append(action)  # held for its model or a rollback: it restarts nothing
+            continue
         group = desired[action.unit].group or action.unit
         # A replica placement refused never comes up: it is no member to wait for.
         members = [n for n, u in desired.items() if (u.group or n) == group and not u.refused]
-        healthy = [
-            n for n in members if n in observed and observed[n].health is Health.HEALTHY
-        ]
+        healthy = [n for n in members if n in observed and observed[n].health is Health.HEALTHY]
         others_healthy = [n for n in healthy if n != action.unit]
         if group in busy_groups:
             result.append(
-                Action(ActionKind.WAIT, action.unit, f"waiting: another replica of {group} restarts first")
+                Action(
+                    ActionKind.WAIT,
+                    action.unit,
+                    f"waiting: another replica of {group} restarts first",
+                )
             )
             continue
         if len(members) > 1 and not others_healthy and action.unit in healthy:
@@ -156,7 +278,7 @@ def _rolling(
                 Action(
                     ActionKind.WAIT,
                     action.unit,
-                    f"settings changed; waiting until another replica of {group} is healthy",
+                    f"{action.reason}; waiting until another replica of {group} is healthy",
                     action.diff,
                 )
             )
@@ -165,3 +287,44 @@ def _rolling(
         busy_groups.add(group)
         result.append(action)
     return result
+
+
+def _through_drain(
+    action: Action, desired: Mapping[str, DesiredUnit], observed: Mapping[str, ObservedUnit]
+) -> Action:
+    """A stop or restart of a running unit the gateway routes to waits for its drain: marked
+    first (DRAIN), held (WAIT, saying what is open) until the gateway has routed away."""
+    unit, seen = desired.get(action.unit), observed.get(action.unit)
+    if action.kind not in (ActionKind.STOP, ActionKind.RESTART) or unit is None or not unit.drain:
+        return action
+    if seen is None or not seen.active:
+        return action  # nothing runs: nothing to drain
+    if seen.drain is None:
+        reason = f"{action.reason}; taking it out of the gateway's routing first"
+        return Action(ActionKind.DRAIN, action.unit, reason, action.diff)
+    if not seen.drain.drained:
+        reason = f"{action.reason}{_DRAINING}{seen.drain.detail}"
+        return Action(ActionKind.WAIT, action.unit, reason, action.diff)
+    return Action(action.kind, action.unit, f"{action.reason}; {seen.drain.detail}", action.diff)
+
+
+def _gateway_after_drains(
+    actions: list[Action], desired: Mapping[str, DesiredUnit]
+) -> list[Action]:
+    """The gateway does the draining: restarting it meanwhile would leave a drain without
+    anyone to ask (and the backend stopped undrained). Its change waits for the drains."""
+    draining = [a.unit for a in actions if a.kind is ActionKind.DRAIN or _DRAINING in a.reason]
+    if not draining:
+        return actions
+    held = []
+    for action in actions:
+        unit = desired.get(action.unit)
+        if (
+            unit is not None
+            and unit.drains_others
+            and action.kind in (ActionKind.RESTART, ActionKind.STOP)
+        ):
+            reason = f"{action.reason}; waiting until the drain of {', '.join(draining)} ends"
+            action = Action(ActionKind.WAIT, action.unit, reason, action.diff)
+        held.append(action)
+    return held

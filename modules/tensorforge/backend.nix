@@ -203,6 +203,15 @@ in
         generations; a stream still open then is cut with an error event.
       '';
     };
+    livenessTimeout = mkOption {
+      type = types.addCheck types.number (x: x >= 0);
+      default = d.livenessTimeout;
+      example = 120;
+      description = ''
+        Seconds a running backend that has answered its health probe may go without answering
+        before the reconciler drains and restarts it (a hung process, a wedged server). 0: never.
+      '';
+    };
 
     # NixOS only: not part of the desired state.
     package = mkOption {

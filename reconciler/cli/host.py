@@ -73,27 +73,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         status = {"units": []}
     status["supervisor"] = {"running": info is not None, "pid": info.pid if info else None}
-    if info is None:  # nothing supervises: whatever still runs is an orphan, not "stopped"
-        orphans = _orphans(directory)
+    # Without a supervisor: systemd units run on under systemd, and what `apply` started runs
+    # on by design; only what a supervisor that died left behind is orphaned.
+    supervised = info is not None or status.get("driver") == "systemd"
+    left_by = status.get("writer", "supervisor")
+    if not supervised:
+        running = _orphans(directory)
         for unit in status["units"]:
-            unit["orphan_pid"] = orphans.get(unit["unit"])
+            unit["orphan_pid"] = running.get(unit["unit"])
     status["state_dir"] = str(directory)
     if args.json:
         print(json.dumps(status, indent=1))
-        return 0 if info else 3
+        return 0 if supervised else 3
     sup = f"running (pid {info.pid})" if info else "not running"
+    if info is None and status.get("driver") == "systemd":
+        sup += " (systemd runs the units)"
     print(f"supervisor: {sup}   state: {directory}   gpus: {status.get('gpus', '?')}")
+    if status.get("config_error"):
+        print(f"desired state refused, the last good one stays in force:\n{status['config_error']}")
     rows = [("UNIT", "KIND", "MODEL", "PID", "HEALTH", "RESTARTS", "URL / DETAIL")]
+    unsupervised = "running (started by apply; unsupervised)" if left_by == "apply" else "orphaned: still running"
     for unit in status["units"]:
         detail = unit["url"] + (f"  {unit['detail']}" if unit["detail"] else "")
         orphan = unit.get("orphan_pid")
-        pid = str(unit["pid"]) if unit["pid"] and info else str(orphan) if orphan else "-"
-        health = unit["health"] if info else "orphaned: still running" if orphan else "stopped"
+        pid = str(unit["pid"]) if unit["pid"] and supervised else str(orphan) if orphan else "-"
+        health = unit["health"] if supervised else unsupervised if orphan else "stopped"
         rows.append((unit["unit"], unit["kind"], unit["model"] or "-", pid, health, str(unit["restarts"]), detail))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[6])
-    return 0 if info else 3
+    return 0 if supervised else 3
 
 
 def _orphans(directory: Path) -> dict[str, int]:
@@ -151,6 +160,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     unit_dir = Path(args.unit_dir) if args.unit_dir else None
     controller = Controller(args.config, driver=args.driver, unit_dir=unit_dir, gpus=gpu_inventory(args))
+    controller.writer = "apply"  # what it starts runs on after it exits, supervised by nobody
     started = time.monotonic()
     ok = controller.wait_healthy(args.timeout)
     state = controller.desired

@@ -247,6 +247,12 @@ class BackendSpec(Strict):
     extra_args: list[Text] = Field(default_factory=list)
     environment: dict[Text, Text] = Field(default_factory=dict)
     health_timeout: Number = Field(180.0, gt=0, description="Seconds to wait for health.")
+    liveness_timeout: Number = Field(
+        60.0,
+        ge=0,
+        description="Seconds a running backend that has answered its probe may go without "
+        "answering before the reconciler drains and restarts it (hung); 0: never.",
+    )
     drain_timeout: Number = Field(
         30.0,
         gt=0,

@@ -68,7 +68,7 @@ def sweep_orphans(directory: Path, prefix: str = "") -> list[Path]:
 
     `prefix` narrows the sweep in shared directories (/etc/systemd/system) to our own names.
     """
-    removed = []
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for tmp in directory.glob(f".{prefix}*.tmp"):

@@ -13,11 +13,13 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
-from reconciler.plan import DesiredUnit, ObservedUnit
+from reconciler.drivers.history import HistoryStore
+from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,6 @@ STOP_GRACE_SECONDS = 15.0
 # Every unit's process carries this variable (units dir, name, content hash), so a process
 # whose pid was never recorded can still be recognised as ours.
 UNIT_ENV = "TENSORFORGE_UNIT"
-MAX_BACKOFF_SECONDS = 30.0
 
 
 @dataclass
@@ -35,8 +36,6 @@ class UnitRecord:
     pid: int | None = None
     start_ticks: int | None = None  # /proc/PID/stat field 22: tells a reused pid apart
     started_at: float = 0.0
-    failures: int = 0
-    retry_at: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
     log_file: str = ""
@@ -58,31 +57,51 @@ def process_alive(pid: int | None, start_ticks: int | None) -> bool:
     return pid is not None and start_ticks is not None and _start_ticks(pid) == start_ticks
 
 
-def backoff(failures: int) -> float:
-    """Seconds before the next start after `failures` failed ones: 1, 2, 4, … at most
-    MAX_BACKOFF_SECONDS (the exponent is capped: 2.0**1024 does not fit a float)."""
-    return min(0.5 * 2.0 ** min(failures, 32), MAX_BACKOFF_SECONDS)
+def launch_gpus(content: str | None) -> tuple[int, ...]:
+    """The GPUs a launch description gives its process (CUDA_VISIBLE_DEVICES)."""
+    try:
+        visible = json.loads(content or "{}").get("env", {}).get("CUDA_VISIBLE_DEVICES", "")
+    except (ValueError, AttributeError):
+        return ()
+    return tuple(int(i) for i in visible.split(",") if i.strip().isdigit())
 
 
 class ProcessDriver:
     name = "process"
+    outlives_supervisor = False  # its units are the supervisor's children: stopped with it
 
     def __init__(self, state_dir: Path):
+        # Directories appear with the first unit started: `plan` creates nothing.
+        self.state_dir = state_dir
         self.units_dir = state_dir / "units"
         self.logs_dir = state_dir / "logs"
-        self.units_dir.mkdir(parents=True, exist_ok=True)
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.history = HistoryStore(state_dir)
         self._children: dict[str, subprocess.Popen] = {}
         for orphan in sweep_orphans(self.units_dir):
             log.info("removed %s, left by a writer that died mid-write", orphan)
+
+    # -- what a unit's content is ----------------------------------------------------------
+    def backend_content(self, unit: str, backend, ref: str, launch, gpu_ids: list[int]) -> str:
+        env = dict(launch.env)
+        if backend.kind == "ollama":
+            env.setdefault("OLLAMA_MODELS", str(self.state_dir / "ollama"))
+        return json.dumps({"argv": launch.argv, "env": env}, indent=1, sort_keys=True) + "\n"
+
+    def gateway_content(self, argv: list[str], gateway, config: str | None, env: dict[str, str]) -> str:
+        # The gateway restarts when its part of the desired state changes.
+        spec = gateway.model_dump(mode="json")
+        return json.dumps({"argv": argv, "env": {}, "gateway": spec}, indent=1, sort_keys=True) + "\n"
 
     # -- records -------------------------------------------------------------------------
     def _path(self, name: str) -> Path:
         return self.units_dir / f"{name}.json"
 
     def load(self, name: str) -> UnitRecord | None:
+        known = {f.name for f in fields(UnitRecord)}
         try:
-            return UnitRecord(**json.loads(self._path(name).read_text()))
+            data = json.loads(self._path(name).read_text())
+            # Records of older releases held backoff too (now in the unit's history).
+            return UnitRecord(**{k: v for k, v in data.items() if k in known})
         except FileNotFoundError:
             return None
         except (ValueError, TypeError) as exc:
@@ -93,6 +112,8 @@ class ProcessDriver:
         write_atomic(self._path(record.name), json.dumps(asdict(record), indent=1))
 
     def records(self) -> list[UnitRecord]:
+        if not self.units_dir.is_dir():
+            return []
         found = (self.load(p.stem) for p in sorted(self.units_dir.glob("*.json")))
         return [r for r in found if r is not None]
 
@@ -113,9 +134,8 @@ class ProcessDriver:
         if record.extra.get("stopping"):
             record.extra.pop("stopping")
         else:
-            record.failures += 1
-            record.retry_at = time.time() + backoff(record.failures)
-            log.warning("unit %s exited with %s (failure %d)", record.name, code, record.failures)
+            failures = self.history.failed(record.name, time.time()).failures
+            log.warning("unit %s exited with %s (failure %d)", record.name, code, failures)
         self._save(record)
 
     def observe(self) -> dict[str, ObservedUnit]:
@@ -125,12 +145,16 @@ class ProcessDriver:
             active = process_alive(record.pid, record.start_ticks)
             if not active and record.pid is not None:
                 self._record_exit(record, None)  # died while nobody was watching
+            history = self.history.load(record.name)
             observed[record.name] = ObservedUnit(
                 name=record.name,
                 content=record.content,
                 active=active,
-                failures=record.failures,
-                retry_at=record.retry_at,
+                failures=history.failures,
+                retry_at=history.retry_at,
+                gpus=launch_gpus(record.content) if active else (),
+                trial=history.trial,
+                rejected=history.rejection,
             )
         return observed
 
@@ -157,8 +181,51 @@ class ProcessDriver:
                         return pid, ticks, entry[len(needle) :].decode()
         return None
 
+    # -- act -----------------------------------------------------------------------------
+    def execute(
+        self,
+        actions: Sequence[Action],
+        desired: Mapping[str, DesiredUnit],
+        done: Callable[[Action, str | None], None] = lambda _a, _e: None,
+    ) -> None:
+        """Carry out the plan's actions on units, in order; `done(action, error)` after each
+        (the controller ends drains there). Drains, pulls and waits are not the driver's."""
+        for action in actions:
+            name = action.unit
+            if action.kind is ActionKind.START:
+                self.start(desired[name])
+            elif action.kind is ActionKind.RESTART:
+                self.restart(desired[name])
+            elif action.kind is ActionKind.STOP:
+                self.stop(name, forget=name not in desired)
+            elif action.kind is ActionKind.ROLLBACK:
+                self.rollback(desired[name], action.reason)
+            elif action.kind is ActionKind.FAIL:
+                self.history.failed(name, time.time(), end_trial=True)
+            else:
+                continue
+            record = self.load(name)
+            done(action, record.extra.get("error") if record else None)
+
+    def rollback(self, unit: DesiredUnit, reason: str) -> None:
+        """Run what ran before the change on trial; its settings wait out a backoff."""
+        previous = self.history.load(unit.name).trial_previous
+        if previous is None:
+            return
+        self.history.rolled_back(unit.name, unit.content, reason, time.time())
+        self.stop(unit.name)
+        self._launch(DesiredUnit(unit.name, previous))
+        log.warning("%s: restored the previous launch description and started it", unit.name)
+
     def start(self, unit: DesiredUnit) -> None:
+        record = self.load(unit.name)
+        self.history.started(unit.name, record.content if record else None, time.time())
+        self._launch(unit)
+
+    def _launch(self, unit: DesiredUnit) -> None:
         launch = json.loads(unit.content)
+        self.units_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
         record = self.load(unit.name) or UnitRecord(name=unit.name, content=unit.content)
         digest = hashlib.sha256(unit.content.encode()).hexdigest()[:16]
         orphan = self.find_orphan(unit.name)
@@ -198,7 +265,7 @@ class ProcessDriver:
         record.start_ticks = _start_ticks(child.pid)
         record.started_at = time.time()
         record.log_file = str(log_path)
-        if record.last_exit is not None or record.failures:
+        if record.last_exit is not None or self.history.load(unit.name).failures:
             record.restarts += 1
         self._save(record)
         log.info("started %s (pid %d)", unit.name, child.pid)
@@ -206,18 +273,13 @@ class ProcessDriver:
     def _launch_failed(self, record: UnitRecord, content: str, binary: str, exc: OSError) -> None:
         record.content = content
         record.pid = record.start_ticks = None
-        record.failures += 1
-        record.retry_at = time.time() + backoff(record.failures)
+        failures = self.history.failed(record.name, time.time()).failures
         record.extra["error"] = f"cannot run {binary}: {exc.strerror or exc}"
         self._save(record)
-        log.error("unit %s: %s (failure %d)", record.name, record.extra["error"], record.failures)
+        log.error("unit %s: %s (failure %d)", record.name, record.extra["error"], failures)
 
     def mark_healthy(self, name: str) -> None:
-        record = self.load(name)
-        if record and record.failures:
-            record.failures = 0
-            record.retry_at = 0.0
-            self._save(record)
+        self.history.healthy(name)
 
     def stop(self, name: str, forget: bool = False, grace: float = STOP_GRACE_SECONDS) -> None:
         record = self.load(name)
@@ -236,10 +298,13 @@ class ProcessDriver:
             self._save(record)
         if forget:
             self._path(name).unlink(missing_ok=True)
+            self.history.forget(name)
 
     def restart(self, unit: DesiredUnit) -> None:
+        record = self.load(unit.name)
+        self.history.started(unit.name, record.content if record else None, time.time())
         self.stop(unit.name)
-        self.start(unit)
+        self._launch(unit)
 
     def remove(self, name: str) -> None:
         self.stop(name, forget=True)
@@ -250,6 +315,7 @@ def terminate(pid: int, start_ticks: int | None, grace: float) -> None:
     workers too, not just the leader: they may hold the port or GPU memory), then SIGKILL it."""
     try:
         os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGCONT)  # a stopped (SIGSTOP, hung) process acts on it only once continued
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace

@@ -2,31 +2,39 @@
 
 Observe reads the unit files (their text is the installed "content" the plan compares) and asks
 systemd for their state. A pass writes every changed file atomically, reloads systemd once,
-starts/restarts/stops in plan order and waits for health; a changed unit that does not become
-healthy in time gets its previous file back and is restarted with it.
+and starts/restarts/stops/rolls back in plan order. It never waits for health: the plan sees
+a unit on trial next pass, and rolls it back (an action like any other) once its
+health_timeout has passed. Backoff and trials are the unit's history, as for processes.
 
 A file written is not yet a change made: if the reload or restart fails, or the reconciler is
 killed in between, the old process runs on while the file says the new settings. So a pending
 mark (in the state directory) is written before a unit's file and removed once its start or
-restart succeeded; observe reports a marked unit as changed, and the next pass finishes it."""
+restart succeeded; observe reports a marked unit as `pending`, and the next pass finishes it."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.backends.health import BackendHealth, Health
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
+from reconciler.drivers.history import HistoryStore
 from reconciler.paths import state_dir as default_state_dir
 from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit
-from reconciler.units.render import MANAGED_MARKER, UNIT_PREFIX, unit_file_name
+from reconciler.units.render import (
+    MANAGED_MARKER,
+    UNIT_PREFIX,
+    backend_unit_spec,
+    gateway_unit_spec,
+    render_unit,
+    unit_file_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +44,8 @@ DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 UNIT_DIR_ENV = "TF_UNIT_DIR"
 
 ACTIVE_STATES = ("active", "activating", "reloading")
-# A unit whose change was rolled back is not tried again with the same content before this.
-ROLLBACK_BACKOFF_SECONDS = 300.0
-# A unit that did not become healthy is started again after 10 s, 20 s, … at most this.
-MAX_START_BACKOFF_SECONDS = 300.0
 PENDING_DIR = "systemd-pending"
-# Appended to the content observe reports for a unit with a pending mark: it then differs from
-# any desired content, so the plan restarts the unit whatever the file holds.
-PENDING_NOTE = "# tensorforge: written, but not yet (re)started by systemd\n"
+_VISIBLE_RE = re.compile(r'^Environment="CUDA_VISIBLE_DEVICES=([0-9]+(?:,[0-9]+)*)"$', re.M)
 
 Systemctl = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
@@ -78,13 +80,6 @@ class SystemdRecord:
     result: str = ""
 
 
-@dataclass(frozen=True)
-class ApplyFailure:
-    unit: str
-    reason: str
-    rolled_back: bool
-
-
 def _managed(path: Path) -> tuple[str, str] | None:
     """(unit name, file text) of a unit file this reconciler wrote, else None."""
     try:
@@ -103,31 +98,28 @@ def _managed(path: Path) -> tuple[str, str] | None:
 
 class SystemdDriver:
     name = "systemd"
+    outlives_supervisor = True  # systemd supervises the units: they run on without us
 
     def __init__(
         self,
         unit_dir: Path | None = None,
         systemctl: Systemctl = run_systemctl,
-        poll_interval: float = 0.5,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
         state_dir: Path | None = None,
     ):
         self.unit_dir = Path(unit_dir) if unit_dir is not None else default_unit_dir()
-        self.pending_dir = (state_dir or default_state_dir()) / PENDING_DIR
+        state = state_dir or default_state_dir()
+        self.pending_dir = state / PENDING_DIR
+        self.history = HistoryStore(state)
         self.systemctl = systemctl
-        self.poll_interval = poll_interval
-        self.clock = clock
-        self.sleep = sleep
-        self.failures: list[ApplyFailure] = []
-        self._rejected: dict[str, tuple[str, float]] = {}  # unit -> (content, retry after)
-        self._start_failures: dict[str, tuple[int, float]] = {}  # unit -> (count, retry after)
         self._reachable = True
 
-    def backing_off(self, unit: str, content: str, now: float | None = None) -> bool:
-        """True while this exact unit content, rolled back recently, waits before a retry."""
-        rejected = self._rejected.get(unit)
-        return bool(rejected and rejected[0] == content and rejected[1] > (time.time() if now is None else now))
+    # -- what a unit's content is ----------------------------------------------------------
+    def backend_content(self, unit: str, backend, ref: str, launch, gpu_ids: list[int]) -> str:
+        return render_unit(backend_unit_spec(unit, backend, backend.model, ref, launch, gpu_ids))
+
+    def gateway_content(self, argv: list[str], gateway, config: str | None, env: dict[str, str]) -> str:
+        # The unit text holds argv; a config edit reaches the gateway through `up`.
+        return render_unit(gateway_unit_spec("gateway", argv, gateway, config, env))
 
     # -- files ---------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -236,182 +228,112 @@ class SystemdDriver:
         for record in self.records():
             # Without systemd (plan against a unit directory) the files are all there is.
             active = record.active_state in ACTIVE_STATES or not self._reachable
-            rejected = self._rejected.get(record.name)
-            failed, retry_at = self._start_failures.get(record.name, (0, 0.0))
-            if rejected:
-                retry_at = max(retry_at, rejected[1])
-            content = record.content
-            if record.name in pending:
-                content = (pending[record.name] or "") + PENDING_NOTE
+            history = self.history.load(record.name)
+            # A pending unit runs what its file held before the change (or nothing).
+            content = pending.get(record.name, record.content) if record.name in pending else record.content
+            match = _VISIBLE_RE.search(content or "") if active else None
             observed[record.name] = ObservedUnit(
                 name=record.name,
                 content=content,
                 active=active,
-                failures=failed,
-                retry_at=retry_at if not active else 0.0,
+                failures=history.failures,
+                retry_at=history.retry_at,
+                pending=record.name in pending,
+                gpus=tuple(int(i) for i in match.group(1).split(",")) if match else (),
+                trial=history.trial,
+                rejected=history.rejection,
             )
         return observed
 
     def mark_healthy(self, name: str) -> None:
-        self._start_failures.pop(name, None)
+        self.history.healthy(name)
 
-    # -- act, one unit at a time (the ProcessDriver interface) ---------------------------
-    def start(self, unit: DesiredUnit, verb: str = "start") -> None:
-        before = _managed(self.path(unit.name)) if self.path(unit.name).exists() else None
-        self._begin(unit.name, before[1] if before else None)
-        self._write(unit.name, unit.content)
-        self._call("daemon-reload")
-        self._call(verb, unit_file_name(unit.name))
-        self._done(unit.name)
+    # -- act: one pass of the plan -------------------------------------------------------
+    def execute(
+        self,
+        actions: Sequence[Action],
+        desired: Mapping[str, DesiredUnit],
+        done: Callable[[Action, str | None], None] = lambda _a, _e: None,
+    ) -> None:
+        """Write every file the plan changes, reload systemd once, then act in plan order.
+        `done(action, error)` after each action on a unit (the controller ends drains there)."""
+        installed = self.installed()
+        pending = self.pending()
+        running = {**installed, **pending}  # what each unit runs now (None: nothing)
+        todo: list[Action] = []
+        changed_files = False
+        for action in actions:
+            name = action.unit
+            if action.kind in (ActionKind.START, ActionKind.RESTART, ActionKind.ROLLBACK):
+                content = desired[name].content
+                if action.kind is ActionKind.ROLLBACK:
+                    content = self.history.load(name).trial_previous or content
+                if installed.get(name) != content or name in pending:
+                    self._begin(name, running.get(name))
+                    self._write(name, content)
+                    changed_files = True
+                todo.append(action)
+            elif action.kind is ActionKind.STOP:
+                if name not in desired:  # forgotten: its file goes before the one reload
+                    self._call("stop", unit_file_name(name), check=False)
+                    self.path(name).unlink(missing_ok=True)
+                    self._done(name)
+                    self.history.forget(name)
+                    changed_files = True
+                todo.append(action)
+            elif action.kind is ActionKind.FAIL:
+                self.history.failed(name, time.time(), end_trial=True)
+                done(action, None)
+        if changed_files:
+            self._call("daemon-reload")
+        for action in todo:
+            done(action, self._act(action, desired, running))
 
-    def restart(self, unit: DesiredUnit) -> None:
-        self.start(unit, "restart")
+    def _act(self, action: Action, desired: Mapping[str, DesiredUnit], running: Mapping) -> str | None:
+        name, unit_name = action.unit, unit_file_name(action.unit)
+        if action.kind is ActionKind.STOP:
+            verb = "stop" if name in desired else "reset-failed"
+            self._call(verb, unit_name, check=False)
+            return None
+        verb = "start" if action.kind is ActionKind.START else "restart"
+        # A unit that hit its start limit refuses to start until its counter is reset.
+        self._call("reset-failed", unit_name, check=False)
+        result = self._call(verb, unit_name, check=False)
+        now = time.time()
+        if result.returncode != 0:
+            reason = f"systemctl {verb} failed: {(result.stderr or '').strip()[:200]}"
+            self._restore(name, running.get(name), desired[name].content, reason)
+            return reason
+        self._done(name)  # systemd runs what the file says now
+        if action.kind is ActionKind.ROLLBACK:
+            self.history.rolled_back(name, desired[name].content, action.reason, now)
+            log.warning("%s: restored the previous unit file and restarted it", name)
+        else:
+            self.history.started(name, running.get(name), now)
+        return None
 
-    def stop(self, name: str, forget: bool = False, grace: float = 0.0) -> None:
+    def _restore(self, name: str, old: str | None, new: str, reason: str) -> None:
+        """systemctl refused the new file: put back what runs, and back off these settings."""
+        if old is not None and old != new:
+            self.history.rolled_back(name, new, reason, time.time())
+            try:
+                self._write(name, old)
+                self._call("daemon-reload")
+                self._done(name)
+            except (SystemdError, OSError) as exc:
+                log.error("%s: restoring the previous unit file failed: %s", name, exc)
+        else:
+            self.history.failed(name, time.time())
+        log.error("%s: %s", name, reason)
+
+    def stop(self, name: str, forget: bool = False) -> None:
         self._call("stop", unit_file_name(name), check=False)
         if forget:
             self.path(name).unlink(missing_ok=True)
             self._done(name)
+            self.history.forget(name)
             self._call("reset-failed", unit_file_name(name), check=False)
             self._call("daemon-reload")
-
-    def remove(self, name: str) -> None:
-        self.stop(name, forget=True)
-
-    # -- act, a whole pass ---------------------------------------------------------------
-    def apply(
-        self,
-        actions: Sequence[Action],
-        desired: Mapping[str, DesiredUnit],
-        health: Callable[[str], BackendHealth],
-        timeouts: Mapping[str, float],
-        ready: Callable[[str], bool] = lambda _unit: True,
-        drain: Callable[[str], AbstractContextManager] = lambda _unit: nullcontext(),
-    ) -> list[ApplyFailure]:
-        """Carry out one plan: write, one daemon-reload, act in plan order, wait, roll back.
-
-        `ready(unit)` is asked before a unit is written (the controller pulls its model there);
-        `health(unit)` probes a running unit; `timeouts` bounds the wait per unit; `drain(unit)`
-        holds a running unit out of the gateway's routing while it is stopped or restarted."""
-        self.failures = []
-        previous = self.installed()
-        pending = self.pending()
-        for name, before in pending.items():  # a change cut short: roll back to what ran before it
-            if before is None:
-                previous.pop(name, None)
-            else:
-                previous[name] = before
-        todo: list[Action] = []
-        changed_files = False
-        now = time.time()
-        for action in actions:
-            if action.kind not in (ActionKind.START, ActionKind.RESTART, ActionKind.STOP):
-                continue
-            if action.kind is ActionKind.STOP:
-                todo.append(action)
-                continue
-            unit = desired[action.unit]
-            if self.backing_off(action.unit, unit.content, now):
-                continue  # rolled back recently; `failures` said why, backoff before retrying
-            if not ready(action.unit):
-                continue
-            if previous.get(action.unit) != unit.content or action.unit in pending:
-                self._begin(action.unit, previous.get(action.unit))
-                self._write(action.unit, unit.content)
-                changed_files = True
-            todo.append(action)
-        for action in todo:  # files of forgotten units go before the one reload
-            if action.kind is ActionKind.STOP and action.unit not in desired:
-                with drain(action.unit):
-                    self._call("stop", unit_file_name(action.unit), check=False)
-                self.path(action.unit).unlink(missing_ok=True)
-                self._done(action.unit)
-                changed_files = True
-        if changed_files:
-            self._call("daemon-reload")
-
-        started: list[str] = []
-        for action in todo:
-            unit_name = unit_file_name(action.unit)
-            if action.kind is ActionKind.STOP:
-                if action.unit in desired:
-                    with drain(action.unit):
-                        self._call("stop", unit_name, check=False)
-                else:
-                    self._call("reset-failed", unit_name, check=False)
-                continue
-            verb = "restart" if action.kind is ActionKind.RESTART else "start"
-            # A unit that hit its start limit refuses to start until its counter is reset.
-            self._call("reset-failed", unit_name, check=False)
-            with drain(action.unit) if verb == "restart" else nullcontext():
-                result = self._call(verb, unit_name, check=False)
-            if result.returncode != 0:
-                reason = f"systemctl {verb} failed: {(result.stderr or '').strip()[:200]}"
-                self._fail(action.unit, reason, previous, desired)
-                continue
-            self._done(action.unit)  # systemd runs what the file says now
-            started.append(action.unit)
-        self._wait(started, health, timeouts, previous, desired)
-        return self.failures
-
-    def _wait(
-        self,
-        units: list[str],
-        health: Callable[[str], BackendHealth],
-        timeouts: Mapping[str, float],
-        previous: Mapping[str, str],
-        desired: Mapping[str, DesiredUnit],
-    ) -> None:
-        start = self.clock()
-        pending = {u: BackendHealth(Health.DOWN, "not probed yet") for u in units}
-        while pending:
-            for unit in list(pending):
-                state = health(unit)
-                pending[unit] = state
-                if state.ok:
-                    del pending[unit]
-                elif self.clock() - start >= timeouts.get(unit, 180.0):
-                    del pending[unit]
-                    self._fail(
-                        unit,
-                        f"not healthy within {timeouts.get(unit, 180.0):.0f}s "
-                        f"({state.state.value}: {state.detail})",
-                        previous,
-                        desired,
-                    )
-            if pending:
-                self.sleep(self.poll_interval)
-
-    def _fail(
-        self,
-        unit: str,
-        reason: str,
-        previous: Mapping[str, str],
-        desired: Mapping[str, DesiredUnit],
-    ) -> None:
-        old = previous.get(unit)
-        new = desired[unit].content if unit in desired else None
-        rolled_back = False
-        if old is not None and new is not None and old != new:
-            self._rejected[unit] = (new, time.time() + ROLLBACK_BACKOFF_SECONDS)
-            try:
-                self._begin(unit, old)
-                self._write(unit, old)
-                self._call("daemon-reload")
-                self._call("reset-failed", unit_file_name(unit), check=False)
-                self._call("restart", unit_file_name(unit))
-                self._done(unit)
-                rolled_back = True
-                reason += "; restored the previous unit file and restarted it"
-            except (SystemdError, OSError) as exc:
-                reason += f"; restoring the previous unit file failed: {exc}"
-        else:
-            count = self._start_failures.get(unit, (0, 0.0))[0] + 1
-            # The exponent is capped: 2.0**1024 does not fit a float.
-            delay = min(10.0 * 2.0 ** min(count - 1, 32), MAX_START_BACKOFF_SECONDS)
-            self._start_failures[unit] = (count, time.time() + delay)
-        log.error("%s: %s", unit, reason)
-        self.failures.append(ApplyFailure(unit, reason, rolled_back))
 
 
 def unit_dir_writable(unit_dir: Path | None = None) -> bool:

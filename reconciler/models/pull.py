@@ -66,6 +66,12 @@ def _registry_exists(models_dir: Path) -> bool:
     return bool(os.environ.get("TF_REGISTRY_URL")) or (models_dir / "registry.sqlite3").exists()
 
 
+def open_registry(models_dir: Path, create: bool = False) -> Registry | None:
+    """The registry, for a caller that keeps it open (the reconciler); None while there is
+    none and `create` is False (reading must not create one)."""
+    return registry_for(models_dir) if create or _registry_exists(models_dir) else None
+
+
 def _still_valid(record: ModelRecord | None, spec: ModelSpec) -> bool:
     """The registered files are the ones the spec asks for, all present with their size."""
     if record is None or record.source != spec.source or not record.files:
@@ -91,14 +97,18 @@ def _is_commit(revision: str) -> bool:
     return 7 <= len(revision) <= 40 and all(c in "0123456789abcdef" for c in revision)
 
 
-def local_path(name: str, spec: ModelSpec, models_dir: Path) -> Path | None:
-    """Where the model's file is (or will be once pulled), without touching the network."""
+def local_path(
+    name: str, spec: ModelSpec, models_dir: Path, registry: Registry | None = None
+) -> Path | None:
+    """Where the model's file is (or will be once pulled), without touching the network.
+    `registry`: an open one to read (else one is opened if it exists)."""
     scheme, _, rest = spec.source.partition(":")
     if scheme == "path":
         return Path(rest) / spec.file if spec.file else Path(rest)
     if scheme == "ollama":
         return None
-    record = registry_for(models_dir).get(name) if _registry_exists(models_dir) else None
+    registry = registry or open_registry(models_dir)
+    record = registry.get(name) if registry is not None else None
     if record is not None and record.source == spec.source and record.files:
         return record.primary_path
     if spec.file:
@@ -106,10 +116,13 @@ def local_path(name: str, spec: ModelSpec, models_dir: Path) -> Path | None:
     return contained_path(models_dir, name)
 
 
-def pull_model(name: str, spec: ModelSpec, models_dir: Path) -> ModelRecord:
-    """Make `name` present and registered; returns its registry record."""
+def pull_model(
+    name: str, spec: ModelSpec, models_dir: Path, registry: Registry | None = None
+) -> ModelRecord:
+    """Make `name` present and registered; returns its registry record. `registry`: an open
+    one to use (else one is opened)."""
     models_dir.mkdir(parents=True, exist_ok=True)
-    registry = registry_for(models_dir)
+    registry = registry or registry_for(models_dir)
     record = registry.get(name)
     if _still_valid(record, spec):
         return _backfilled(registry, record)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -215,6 +216,11 @@ def open_database(models_dir: Path) -> SQLiteDatabase | PostgresDatabase:
     return SQLiteDatabase(models_dir / "registry.sqlite3")
 
 
+# Databases whose schema this process has brought up to date (see Registry._migrate).
+_MIGRATED: set[tuple] = set()
+_MIGRATED_LOCK = threading.Lock()
+
+
 class Registry:
     """Models by name or alias. `Registry(path)` is SQLite at path; pass `database=` otherwise."""
 
@@ -228,6 +234,37 @@ class Registry:
         self._migrate()
 
     def _migrate(self) -> None:
+        """The write-locked check once per SQLite file per process, and on PostgreSQL (where
+        a database can be dropped and created again under the same URL) only after a plain
+        read found the schema behind: every open used to take the lock."""
+        with _MIGRATED_LOCK:
+            if (key := self._identity()) is not None and key in _MIGRATED:
+                return
+            if key is None and self.db.dialect != "sqlite" and self._up_to_date():
+                return
+            self._apply_migrations()
+            if (key := self._identity()) is not None:
+                _MIGRATED.add(key)
+
+    def _up_to_date(self) -> bool:
+        try:
+            with self.db.transaction() as cur:
+                return cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+        except Exception:  # no table yet, or any reason to take the locked path
+            return False
+
+    def _identity(self) -> tuple | None:
+        """A SQLite file this process migrated; None where that cannot be known. A file
+        deleted and created again is empty until a Registry migrates it (every creator is one)."""
+        if not isinstance(self.db, SQLiteDatabase):
+            return None
+        try:
+            empty = os.stat(self.db.path).st_size == 0
+        except OSError:
+            return None
+        return None if empty else ("sqlite", str(self.db.path))
+
+    def _apply_migrations(self) -> None:
         with self.db.writing() as cur:
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0

@@ -11,21 +11,28 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from reconciler.monitoring.exposition import MetricsServer
-
-if TYPE_CHECKING:
-    from reconciler.controller import Controller, UnitView
+from reconciler.plan import Action
+from reconciler.status import UnitView
 
 log = logging.getLogger(__name__)
 
 # Actions that mean "the host is not yet what was declared".
-_UNSETTLED = {"start", "restart", "stop", "wait", "refuse"}
+_UNSETTLED = {"start", "restart", "stop", "wait", "refuse", "drain", "undrain", "pull", "rollback", "fail"}
+
+
+class PassSource(Protocol):
+    """What a pass leaves for metrics to read (the controller; metrics never import it)."""
+
+    last_actions: list[Action]
+
+    def views(self) -> list[UnitView]: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class _Snapshot:
     passes: int = 0
     failures: int = 0
     converged: bool = False
+    config_refused: bool = False
     last_converged: float = 0.0
     units: list[UnitSample] = field(default_factory=list)
 
@@ -67,11 +75,13 @@ class ReconcilerMetrics(Collector):
         self._snapshot = _Snapshot()
 
     def record_pass(
-        self, ok: bool, converged: bool, units: list[UnitSample], now: float | None = None
-    ) -> None:
+        self, ok: bool, converged: bool, units: list[UnitSample], now: float | None = None,
+        config_refused: bool = False,
+    ) -> None:  # fmt: skip
         with self._lock:
             s = self._snapshot
             s.passes += 1
+            s.config_refused = config_refused
             if not ok:
                 s.failures += 1
             s.converged = ok and converged
@@ -80,18 +90,20 @@ class ReconcilerMetrics(Collector):
             if ok:  # a failed pass observed nothing new: keep the last good unit view
                 s.units = list(units)
 
-    def observe_pass(self, controller: Controller, ok: bool) -> None:
+    def observe_pass(self, controller: PassSource, ok: bool) -> None:
         """Record one pass of `controller` (after `reconcile_once`, successful or not)."""
         units = unit_samples(controller.views()) if ok else []
         settled = not any(a.kind.value in _UNSETTLED for a in controller.last_actions)
-        converged = settled and all(u.healthy for u in units)
-        self.record_pass(ok, converged, units)
+        refused = bool(getattr(controller, "config_error", None))
+        converged = settled and all(u.healthy for u in units) and not refused
+        self.record_pass(ok, converged, units, config_refused=refused)
 
     def collect(self) -> Iterator:
         with self._lock:
             s = self._snapshot
             units = list(s.units)
             passes, failures, converged, last = s.passes, s.failures, s.converged, s.last_converged
+            refused = s.config_refused
         yield CounterMetricFamily(
             "tensorforge_reconciler_passes",
             "Reconcile passes run, failed ones included.",
@@ -111,6 +123,12 @@ class ReconcilerMetrics(Collector):
             "tensorforge_reconciler_last_converged_timestamp_seconds",
             "Unix time of the last pass that found the host converged (0: never).",
             value=last,
+        )
+        yield GaugeMetricFamily(
+            "tensorforge_reconciler_config_refused",
+            "1 while the desired-state file is refused (empty, truncated or invalid) and the "
+            "last good state stays in force, else 0.",
+            value=1 if refused else 0,
         )
         up = GaugeMetricFamily(
             "tensorforge_unit_up", "1 if the unit's process runs.", labels=["unit"]
@@ -139,7 +157,7 @@ class ReconcilerMetricsExporter:
         self.registry.register(self.metrics)
         self.server = MetricsServer(self.registry, host, port)
 
-    def observe_pass(self, controller: Controller, ok: bool) -> None:
+    def observe_pass(self, controller: PassSource, ok: bool) -> None:
         try:
             self.metrics.observe_pass(controller, ok)
         except Exception:  # metrics must never stop supervision

@@ -1,0 +1,47 @@
+"""What every driver is: the one shape the reconcile loop talks to (process and systemd).
+
+A driver renders a unit's content in its own form, reports what runs (with the unit's history:
+backoff, trial, rollback), and carries out the plan's actions on units. It decides nothing:
+the plan did. Drains, pulls and waits are the controller's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from reconciler.drivers.history import HistoryStore
+from reconciler.plan import Action, DesiredUnit, ObservedUnit
+
+
+class UnitRecordLike(Protocol):
+    name: str
+    content: str
+    pid: int | None
+    restarts: int
+
+
+class Driver(Protocol):
+    name: str
+    outlives_supervisor: bool  # its units run on when the reconciler stops (systemd)
+    history: HistoryStore
+
+    def backend_content(self, unit: str, backend, ref: str, launch, gpu_ids: list[int]) -> str: ...
+
+    def gateway_content(
+        self, argv: list[str], gateway, config: str | None, env: dict[str, str]
+    ) -> str: ...
+
+    def observe(self) -> dict[str, ObservedUnit]: ...
+
+    def records(self) -> Sequence[UnitRecordLike]: ...
+
+    def mark_healthy(self, name: str) -> None: ...
+
+    def execute(
+        self,
+        actions: Sequence[Action],
+        desired: Mapping[str, DesiredUnit],
+        done: Callable[[Action, str | None], None] = ...,
+    ) -> None: ...
+
+    def stop(self, name: str, forget: bool = False) -> None: ...
