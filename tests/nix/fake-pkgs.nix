@@ -55,6 +55,7 @@ let
     "httptools"
     "uvloop"
     "websockets"
+    "nats-py"
     "tree-sitter-language-pack"
     "openai"
     "pip"
