@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from reconciler.drivers.atomic import write_atomic
-from reconciler.plan import Action, ActionKind, ObservedUnit
+from reconciler.plan import Action, ActionKind
 
 log = logging.getLogger(__name__)
 
@@ -147,29 +147,6 @@ def read_requests(
     return found, problems
 
 
-def backend_unit_name(backend: str) -> str:
-    return f"backend-{backend}"  # the controller's naming (controller.backend_unit)
-
-
-def with_admin_requests(
-    actions: list[Action],
-    requests: Mapping[str, AdminRequest],
-    observed: Mapping[str, ObservedUnit],
-) -> list[Action]:
-    """The plan plus a RESTART (with its reason) for each restart request whose backend runs
-    and has nothing planned this pass. A backend being started, stopped or restarted anyway
-    gets no second action: its request is satisfied by that (see `satisfied`). Pure."""
-    busy = {a.unit for a in actions if a.kind is not ActionKind.WAIT}
-    added = []
-    for backend, request in sorted(requests.items()):
-        unit = backend_unit_name(backend)
-        seen = observed.get(unit)
-        if request.action != "restart" or unit in busy or seen is None or not seen.active:
-            continue
-        added.append(Action(ActionKind.RESTART, unit, request.describe()))
-    return [*actions, *added]
-
-
 def satisfied(
     actions: Iterable[Action], requests: Mapping[str, AdminRequest]
 ) -> list[AdminRequest]:
@@ -185,6 +162,10 @@ def satisfied(
     return done
 
 
-def drained(requests: Mapping[str, AdminRequest]) -> set[str]:
-    """Backends an operator asked to keep out of routing."""
-    return {b for b, r in requests.items() if r.action == "drain"}
+def request_fields(request: AdminRequest | None) -> dict[str, str]:
+    """What a request adds to its backend's DesiredUnit: the plan's own inputs, so `plan`
+    shows what `apply` does with it (a restart drains first, like any restart)."""
+    if request is None:
+        return {}
+    field = "restart_requested" if request.action == "restart" else "drain_requested"
+    return {field: request.describe()}

@@ -15,6 +15,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from reconciler.admin_requests import (
+    AdminRequest,
+    admin_requests_dir,
+    finish,
+    read_requests,
+    request_fields,
+    satisfied,
+)
 from reconciler.backends.commands import launch_for, model_reference
 from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
@@ -84,6 +92,8 @@ class Controller:
         self.placement = Placement()
         self.health: dict[str, BackendHealth] = {}
         self.apply_failures: dict[str, str] = {}
+        self.admin_requests: dict[str, AdminRequest] = {}
+        self.admin_problems: list[str] = []  # request files that could not be used, and why
         self.last_actions: list[Action] = []
         self.last_desired: dict[str, DesiredUnit] = {}
         self.drainer = Drainer(drain_dir(self.state_dir))
@@ -164,13 +174,22 @@ class Controller:
         observed = observed or {}
         self.placement, held = self._placement(observed)
         drain = state.gateway.enable  # a gateway (here or its own service) routes to backends
+        # Operators' drain/restart requests (the gateway's admin API) are inputs like the rest.
+        known_problems = set(self.admin_problems)
+        self.admin_requests, self.admin_problems = read_requests(
+            admin_requests_dir(self.state_dir), state.backends
+        )
+        for problem in self.admin_problems:
+            if problem not in known_problems:  # said once, not every pass
+                log.warning("admin request ignored: %s", problem)
         units: dict[str, DesiredUnit] = {}
         for name, backend in state.backends.items():
             if not backend.managed:
                 continue  # runs elsewhere: the gateway routes to it, we leave it alone
             unit = backend_unit(name)
             timing = DesiredUnit(unit, "", backend.model, drain=drain, health_timeout=backend.health_timeout,
-                                 liveness_timeout=backend.liveness_timeout or None)  # fmt: skip
+                                 liveness_timeout=backend.liveness_timeout or None,
+                                 **request_fields(self.admin_requests.get(name)))  # fmt: skip
             if name in held:
                 # Whether it (or a change to it) fits cannot be judged without its GPUs' state:
                 # keep it exactly as it runs, no stop and no restart, until NVML answers again.
@@ -282,6 +301,8 @@ class Controller:
         desired = self.last_desired = self.desired_units(observed)
         actions = plan(desired, observed, time.time())
         self.execute(actions, desired)
+        for request in satisfied(actions, self.admin_requests):
+            finish(admin_requests_dir(self.state_dir), request)
         for action in actions:
             # Waiting and refusing repeat every pass: say them once, when they change.
             if action.kind in (ActionKind.WAIT, ActionKind.REFUSE) and action == self._previous(
@@ -398,6 +419,8 @@ class Controller:
             "gateway": self._gateway_url(),
             "gpus": self.gpus.reason or "ok",
             "units": [v.__dict__ for v in self.views()],
+            "admin_requests": [r.describe() for r in self.admin_requests.values()],
+            "admin_request_problems": self.admin_problems,
         }
         write_atomic(self.state_dir / "status.json", json.dumps(status, indent=1))
 

@@ -31,6 +31,8 @@ class DesiredUnit:
     drains_others: bool = False  # the gateway: not restarted while it drains a backend
     health_timeout: float = 180.0  # a (re)start not healthy by then is rolled back or failed
     liveness_timeout: float | None = None  # running but silent this long: restart it
+    restart_requested: str | None = None  # an operator asked for a fresh process: why, by whom
+    drain_requested: str | None = None  # an operator asked to keep it out of routing: why
 
 
 @dataclass(frozen=True)
@@ -155,16 +157,34 @@ def plan(
             restarts.append(Action(ActionKind.RESTART, name, silent))
         elif seen.pending or seen.content != unit.content:
             restarts.append(_change(unit, seen, now))
+        elif unit.restart_requested:
+            restarts.append(Action(ActionKind.RESTART, name, unit.restart_requested))
 
     ordered = stops + starts + _rolling(restarts, desired, observed)
     stopping = {a.unit for a in ordered if a.kind in (ActionKind.STOP, ActionKind.RESTART)}
+    held_out = {n for n, u in desired.items() if u.drain and u.drain_requested}
     undrains = [
         Action(ActionKind.UNDRAIN, name, "no stop planned any more: routed to again")
         for name, seen in sorted(observed.items())
-        if seen.drain is not None and name not in stopping
+        if seen.drain is not None and name not in stopping and name not in held_out
     ]
     gated = [_through_drain(a, desired, observed) for a in ordered]
-    return _gateway_after_drains(gated, desired) + undrains
+    return _gateway_after_drains(gated + _operator_drains(desired, observed, stopping), desired) + undrains
+
+
+def _operator_drains(
+    desired: Mapping[str, DesiredUnit], observed: Mapping[str, ObservedUnit], stopping: set[str]
+) -> list[Action]:
+    """Running units an operator asked to take out of routing, not yet marked: mark them.
+    They keep running (nothing is stopped) until the request is withdrawn."""
+    drains = []
+    for name, unit in sorted(desired.items()):
+        seen = observed.get(name)
+        if not (unit.drain and unit.drain_requested) or name in stopping:
+            continue
+        if seen is not None and seen.active and seen.drain is None:
+            drains.append(Action(ActionKind.DRAIN, name, unit.drain_requested))
+    return drains
 
 
 def _start(unit: DesiredUnit, seen: ObservedUnit | None, reason: str) -> Action:

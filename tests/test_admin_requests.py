@@ -5,21 +5,20 @@ with the real `plan()`, the drain path with the real `Drainer`."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from reconciler.admin_requests import (
     admin_requests_dir,
-    drained,
     finish,
     read_requests,
+    request_fields,
     satisfied,
-    with_admin_requests,
     withdraw,
     write_request,
 )
-from reconciler.drain import Drainer, draining
-from reconciler.plan import ActionKind, DesiredUnit, ObservedUnit, plan
+from reconciler.plan import ActionKind, DesiredUnit, DrainState, Health, ObservedUnit, plan
 
 
 def running(*names: str) -> tuple[dict, dict]:
@@ -80,16 +79,27 @@ def test_the_directory_follows_the_state_dir_unless_set(tmp_path, monkeypatch):
     assert admin_requests_dir(tmp_path) == tmp_path / "elsewhere"
 
 
-def test_a_restart_request_becomes_a_planned_restart_with_its_reason(tmp_path):
+def requested(desired: dict, backend: str, requests_dir) -> dict:
+    """The desired units with the backend's request folded in, as the controller does."""
+    requests, _ = read_requests(requests_dir, [k.removeprefix("backend-") for k in desired])
+    unit = f"backend-{backend}"
+    return {**desired, unit: replace(desired[unit], **request_fields(requests.get(backend)))}, requests
+
+
+def test_a_restart_request_drains_first_then_restarts_with_its_reason(tmp_path):
     desired, observed = running("a", "b")
+    desired = {n: replace(u, drain=True) for n, u in desired.items()}
+    observed = {n: replace(o, health=Health.HEALTHY) for n, o in observed.items()}
     write_request(tmp_path, "a", "restart", "alice")
-    requests, _ = read_requests(tmp_path, ["a", "b"])
-    actions = with_admin_requests(plan(desired, observed, 0.0), requests, observed)
-    (restart,) = actions
-    assert restart.kind is ActionKind.RESTART and restart.unit == "backend-a"
-    assert "restart requested through the admin API by alice" in restart.reason
-    # Once the controller carried it out, the request is done and its file goes.
-    (done,) = satisfied(actions, requests)
+    desired, requests = requested(desired, "a", tmp_path)
+    (drain,) = plan(desired, observed, 0.0)  # like any restart of a routed backend
+    assert drain.kind is ActionKind.DRAIN and drain.unit == "backend-a"
+    assert "restart requested through the admin API by alice" in drain.reason
+    assert satisfied([drain], requests) == []  # not done yet: the file stays
+    observed["backend-a"] = replace(observed["backend-a"], drain=DrainState(True, "drained"))
+    (restart,) = plan(desired, observed, 0.0)
+    assert restart.kind is ActionKind.RESTART and "alice" in restart.reason
+    (done,) = satisfied([restart], requests)
     finish(tmp_path, done)
     assert read_requests(tmp_path, ["a", "b"])[0] == {}
 
@@ -100,27 +110,24 @@ def test_a_restart_request_adds_nothing_to_a_unit_already_changing_or_not_runnin
     observed["backend-b"] = ObservedUnit("backend-b", "argv b\n", active=False)  # not running
     for name in ("a", "b"):
         write_request(tmp_path, name, "restart", "alice")
-    requests, _ = read_requests(tmp_path, ["a", "b"])
-    planned = plan(desired, observed, 0.0)
-    actions = with_admin_requests(planned, requests, observed)
-    assert actions == planned  # a's own restart and b's start serve the requests
+    plain = plan(desired, observed, 0.0)
+    desired, requests = requested(desired, "a", tmp_path)
+    desired, requests = requested(desired, "b", tmp_path)
+    actions = plan(desired, observed, 0.0)
+    assert actions == plain  # a's own restart and b's start serve the requests
     assert sorted(r.backend for r in satisfied(actions, requests)) == ["a", "b"]
 
 
-def test_a_drain_request_goes_through_the_reconcilers_drain_marks(tmp_path):
-    """What the controller does with a drain request: hold the backend drained with its own
-    Drainer (the gateway reads the same marks and stops routing to it), and end that when
-    the request is withdrawn."""
-    requests_dir, marks = tmp_path / "requests", tmp_path / "drain"
+def test_a_drain_request_keeps_a_running_backend_out_of_routing_until_withdrawn(tmp_path):
     desired, observed = running("a")
-    write_request(requests_dir, "a", "drain", "alice")
-    requests, _ = read_requests(requests_dir, ["a"])
-    assert with_admin_requests(plan(desired, observed, 0.0), requests, observed) == []  # nothing stops
-    drainer = Drainer(marks)
-    for name in drained(requests):
-        drainer.ready(name, None, [])
-    drainer.end_all_but(drained(requests))
-    assert draining(marks) == {"a"}
-    withdraw(requests_dir, "a", "drain")
-    drainer.end_all_but(drained(read_requests(requests_dir, ["a"])[0]))
-    assert draining(marks) == set()
+    desired = {n: replace(u, drain=True) for n, u in desired.items()}
+    write_request(tmp_path, "a", "drain", "alice")
+    held, _ = requested(desired, "a", tmp_path)
+    (mark,) = plan(held, observed, 0.0)
+    assert mark.kind is ActionKind.DRAIN and "drain requested through the admin API by alice" in mark.reason
+    marked = {"backend-a": replace(observed["backend-a"], drain=DrainState(True, "drained"))}
+    assert plan(held, marked, 0.0) == []  # held out, still running: nothing to stop, no undrain
+    withdraw(tmp_path, "a", "drain")
+    released, _ = requested(desired, "a", tmp_path)
+    (undrain,) = plan(released, marked, 0.0)
+    assert undrain.kind is ActionKind.UNDRAIN
