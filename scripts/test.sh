@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Everything CI checks: lint, then the test suite (unit, integration against the real
-# llama.cpp server, real systemd, Prometheus, PostgreSQL and Nix evaluation where present).
+# llama.cpp server and the real vLLM on CPU, real systemd, Prometheus, PostgreSQL and Nix
+# evaluation where present).
 #   ./scripts/test.sh            all tests
 #   ./scripts/test.sh -k gateway pytest arguments pass through
 set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symlink to the script works too
 ensure_venv cpu,test
 ensure_debian nix-bin systemd-container prometheus postgresql iproute2 shellcheck
+# The real vLLM for tests marked `vllm`: built once, outside the clone (about 3.5 GB, minutes
+# the first time, nothing after). TF_VLLM=0 skips building it; those tests then skip.
+if [ "${TF_VLLM:-1}" != 0 ]; then
+  source "$TF_ROOT/scripts/lib/vllm-venv.sh"
+  ensure_vllm_venv
+  ensure_vllm_model "$(tf_smollm2_gguf)"
+fi
 cd "$TF_ROOT"
 "$TF_VENV/bin/ruff" check reconciler tests bench
 exec "$TF_PY" -m pytest "$@"

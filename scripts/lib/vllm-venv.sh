@@ -50,22 +50,14 @@ ensure_vllm_model() {
   [ "$(cat "$stamp" 2>/dev/null)" = "$(basename "$gguf")" ] && return 0
   _vllm_log "converting $gguf into $TF_VLLM_MODEL"
   rm -rf "$TF_VLLM_MODEL"
-  "$TF_VLLM_VENV/bin/python" - "$gguf" "$TF_VLLM_MODEL" <<'EOF' || { rm -rf "$TF_VLLM_MODEL"; return 1; }
-import sys
-from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-gguf, out = Path(sys.argv[1]), sys.argv[2]
-AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
-model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-# Loading dequantizes the GGUF; the GGUF quantizer left on the model refuses to save it.
-model.hf_quantizer = None
-if hasattr(model.config, "quantization_config"):
-    del model.config.quantization_config
-model.to(torch.bfloat16).save_pretrained(out)
-EOF
+  local log
+  log="$(dirname "$TF_VLLM_MODEL")/vllm-model-convert.log"
+  if ! "$TF_VLLM_VENV/bin/python" "$(dirname "${BASH_SOURCE[0]}")/gguf_to_hf.py" "$gguf" "$TF_VLLM_MODEL" >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    _vllm_log "converting the model failed; full log in $log"
+    rm -rf "$TF_VLLM_MODEL"
+    return 1
+  fi
   basename "$gguf" > "$stamp"
 }
 
@@ -73,7 +65,7 @@ EOF
 tf_smollm2_gguf() {
   local models="${TF_MODELS:-$TF_ROOT/.cache/models}"
   local gguf="$models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-  [ -f "$gguf" ] || TF_MODELS="$models" "$TF_PY" - <<'EOF' >&2
+  [ -f "$gguf" ] || TF_ROOT="$TF_ROOT" TF_MODELS="$models" "$TF_PY" - <<'EOF' >&2
 import os
 from pathlib import Path
 
