@@ -7,6 +7,7 @@ by a small local fake upstream; tests/test_vllm_real.py runs the real server its
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from reconciler.config.schema import BackendSpec, ModelSpec
 from reconciler.gateway.adapters import adapter_for
 from reconciler.gateway.app import create_app
 from reconciler.gateway.proxy import openai_error
+from reconciler.gateway.stream_usage import strip_usage
 from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 from reconciler.models.pull import pull_model
 
@@ -234,3 +236,19 @@ def test_a_path_source_may_be_a_model_directory(tmp_path):
     empty.mkdir()
     with pytest.raises(Exception, match="empty directory"):
         pull_model("e", ModelSpec(source=f"path:{empty}"), tmp_path / "models")
+
+
+def test_usage_inside_generated_text_is_not_taken_for_the_usage_event():
+    text = b'data: {"choices":[{"index":0,"delta":{"content":"say \\"usage\\": 1"}}]}\n\n'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+    counted: list[dict] = []
+
+    async def run() -> bytes:
+        async def chunks():
+            for piece in (text, usage, b"data: [DONE]\n\n"):
+                yield piece
+
+        return b"".join([c async for c in strip_usage(chunks(), counted.append)])
+
+    assert asyncio.run(run()) == text + b"data: [DONE]\n\n"
+    assert counted == [{"prompt_tokens": 3, "completion_tokens": 1}]
