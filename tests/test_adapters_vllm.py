@@ -159,8 +159,8 @@ def test_running_and_waiting_are_load_and_cache_usage_is_headroom():
 def test_health_checks_the_served_model_name():
     """Defect 3: a vLLM serving another name answers 404 to everything; health says so."""
     models = json.loads(recorded("models.json"))
-    assert serves_model("vllm", models, "smollm2").state is Health.HEALTHY
-    wrong = serves_model("vllm", models, "llama3")
+    assert serves_model(models, "smollm2").state is Health.HEALTHY
+    wrong = serves_model(models, "llama3")
     assert wrong.state is Health.UNHEALTHY
     assert "serves smollm2" in wrong.detail and "--served-model-name llama3" in wrong.detail
 

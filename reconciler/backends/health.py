@@ -58,7 +58,7 @@ def _failure(exc: Exception) -> BackendHealth:
     return BackendHealth(Health.DOWN, f"{type(exc).__name__}: {exc}"[:200])
 
 
-def serves_model(protocol: str, document: object, model: str) -> BackendHealth:
+def serves_model(document: object, model: str) -> BackendHealth:
     """Healthy if the model list (OpenAI's {"data": [{"id": …}]}) names `model`."""
     data = document.get("data") if isinstance(document, dict) else None
     ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
@@ -78,7 +78,7 @@ def _model_list(response: httpx.Response, protocol: str, model: str) -> BackendH
         document = response.json()
     except ValueError:
         return BackendHealth(Health.UNHEALTHY, f"{MODEL_LISTS[protocol]} is not JSON")
-    return serves_model(protocol, document, model)
+    return serves_model(document, model)
 
 
 def probe(

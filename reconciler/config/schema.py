@@ -343,10 +343,6 @@ class BackendSpec(Strict):
             )
 
     @property
-    def on_cpu(self) -> bool:
-        return self.gpus_wanted == 0
-
-    @property
     def gpus_wanted(self) -> int:
         if self.gpu_ids is not None:
             return len(self.gpu_ids)
