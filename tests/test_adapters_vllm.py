@@ -252,3 +252,18 @@ def test_usage_inside_generated_text_is_not_taken_for_the_usage_event():
 
     assert asyncio.run(run()) == text + b"data: [DONE]\n\n"
     assert counted == [{"prompt_tokens": 3, "completion_tokens": 1}]
+
+
+def test_usage_on_a_content_event_is_counted_and_left_in_place():
+    """llama.cpp's /v1/completions stream carries usage on its last content event, asked or not."""
+    last = b'data: {"choices":[{"text":"","index":0,"finish_reason":"length"}],"usage":{"prompt_tokens":1,"completion_tokens":3}}\n\n'
+    counted: list[dict] = []
+
+    async def run() -> bytes:
+        async def chunks():
+            yield last + b"data: [DONE]\n\n"
+
+        return b"".join([c async for c in strip_usage(chunks(), counted.append)])
+
+    assert asyncio.run(run()) == last + b"data: [DONE]\n\n"
+    assert counted == [{"prompt_tokens": 1, "completion_tokens": 3}]

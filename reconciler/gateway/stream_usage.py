@@ -30,9 +30,9 @@ def request_usage(exchange: Exchange) -> tuple[Exchange, bytes]:
 async def strip_usage(
     chunks: AsyncIterator[bytes], on_usage: Callable[[dict], None]
 ) -> AsyncIterator[bytes]:
-    """Pass the stream on without its usage: `on_usage` gets each usage object; the usage-only
-    event is dropped, and a `"usage": null` on content events is removed. Chunks without
-    "usage" that end on an event boundary pass untouched (the common case, no parsing)."""
+    """Pass the stream on without its usage event: `on_usage` gets each usage object, the
+    usage-only event (no choices) is dropped, every other event passes byte for byte. Chunks
+    without "usage" that end on an event boundary are not parsed at all (the common case)."""
     parser: EventParser | None = None
     async for chunk in chunks:
         if parser is None and b'"usage"' not in chunk and chunk.endswith(b"\n\n"):
@@ -56,11 +56,10 @@ def _without_usage(data: str, on_usage: Callable[[dict], None]) -> bytes:
         event = json.loads(data)
     except ValueError:
         return original
-    if not isinstance(event, dict) or "usage" not in event:
-        return original  # "usage" was inside the generated text
-    usage = event.pop("usage")
-    if isinstance(usage, dict):
-        on_usage(usage)
-        if not event.get("choices"):
-            return b""  # the usage-only event the client did not ask for
-    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    usage = event.get("usage") if isinstance(event, dict) else None
+    if not isinstance(usage, dict):
+        return original  # "usage" inside the generated text, or OpenAI's "usage": null
+    on_usage(usage)
+    # The usage-only event the client did not ask for goes; usage on a content event stays
+    # (llama.cpp's /v1/completions stream sends it there whether asked or not).
+    return b"" if not event.get("choices") else original
