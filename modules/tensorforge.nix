@@ -248,9 +248,9 @@ in
 
     gpu = mkOption {
       type = types.bool;
-      # As the schema's gpus_wanted: vllm and tgi take a GPU per shard even with gpus = 0.
+      # As the schema's gpus_wanted: vllm and tgi take a GPU per shard unless gpus = 0.
       default = cfg.b200Optimized.enable || lib.any (
-        b: b.gpus > 0 || b.gpuIds != null || b.tensorParallelSize > 1 || lib.elem b.kind [ "vllm" "tgi" ]
+        b: (if b.gpus == null then lib.elem b.kind [ "vllm" "tgi" ] else b.gpus > 0) || b.gpuIds != null
       ) (lib.attrValues managedBackends);
       defaultText = literalMD "`true` with `b200Optimized.enable` or when a local backend wants a GPU";
       description = ''

@@ -392,7 +392,8 @@ def test_a_usage_event_split_across_chunks_is_counted(cut):
     with serve(upstream, up_port):
         app, port = gateway_for({"up": f"http://127.0.0.1:{up_port}"})
         with serve(app, port):
-            response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": True})
+            body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}  # passed as is
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
             assert response.status_code == 200 and response.content == events
     metrics = app.metrics.render(app.upstreams()).decode()
     assert 'tensorforge_gateway_tokens_total{backend="up",model="m",type="prompt"} 9.0' in metrics

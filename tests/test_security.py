@@ -220,9 +220,10 @@ def test_a_backend_behind_a_key_gets_it_and_nobody_sees_it(tmp_path, caplog):
     key_file = tmp_path / "backend-key"
     key_file.write_text(key + "\n")
     up, port = free_port(), free_port()
+    # "bench": the name FastOpenAI lists on /v1/models, which a vLLM's health checks.
     state = DesiredState.model_validate({
-        "models": {"m": {"source": "pypi:x"}},
-        "backends": {"remote": {"kind": "vllm", "model": "m", "url": f"http://127.0.0.1:{up}",
+        "models": {"bench": {"source": "pypi:x"}},
+        "backends": {"remote": {"kind": "vllm", "model": "bench", "url": f"http://127.0.0.1:{up}",
                                 "api_key_file": str(key_file)}},
         "gateway": {"port": port, "health_interval": 0.3},
     })  # fmt: skip
@@ -234,7 +235,7 @@ def test_a_backend_behind_a_key_gets_it_and_nobody_sees_it(tmp_path, caplog):
         deadline = time.monotonic() + 5  # the health probe carries the key too
         while not httpx.get(base + "/health").json()["backends"]["remote"]["healthy"] and time.monotonic() < deadline:
             time.sleep(0.1)
-        answer = httpx.post(base + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        answer = httpx.post(base + "/v1/chat/completions", json={"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
         health = httpx.get(base + "/health").text
         metrics = httpx.get(base + "/metrics").text
     assert answer.status_code == 200 and upstream.refused == 0
@@ -364,8 +365,8 @@ def test_tensorforge_health_probes_a_keyed_backend_with_its_key(tmp_path):
     (tmp_path / "k").write_text(key)
     up = free_port()
     state = DesiredState.model_validate({
-        "models": {"m": {"source": "pypi:x"}},
-        "backends": {"remote": {"kind": "vllm", "model": "m", "url": f"http://127.0.0.1:{up}",
+        "models": {"bench": {"source": "pypi:x"}},  # the name FastOpenAI lists on /v1/models
+        "backends": {"remote": {"kind": "vllm", "model": "bench", "url": f"http://127.0.0.1:{up}",
                                 "api_key_file": str(tmp_path / "k")}},
     })  # fmt: skip
     with serve(KeyedUpstream(key), up):

@@ -3,7 +3,7 @@
 {
   backend = {
     host = "127.0.0.1";
-    gpus = 0;
+    gpus = null;
     contextSize = 4096;
     parallel = 1;
     tensorParallelSize = 1;

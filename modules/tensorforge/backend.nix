@@ -104,10 +104,10 @@ in
       '';
     };
     gpus = mkOption {
-      type = types.ints.unsigned;
+      type = types.nullOr types.ints.unsigned;
       default = d.gpus;
       example = 4;
-      description = "Number of GPUs wanted; 0 runs on CPU (vllm/tgi take one per shard anyway).";
+      description = "Number of GPUs wanted; 0 runs on CPU (vLLM too). null: one per shard for vllm/tgi, none for the others.";
     };
     gpuIds = mkOption {
       type = types.nullOr (types.listOf types.ints.unsigned);
@@ -156,6 +156,12 @@ in
       default = d.gpuMemoryUtilization;
       example = 0.92;
       description = "Fraction of each GPU's memory vLLM may use.";
+    };
+    cpuKvCacheGib = mkOption {
+      type = types.nullOr types.ints.positive;
+      default = null;
+      example = 2;
+      description = "vLLM on CPU (`gpus = 0`): GiB for the KV cache (`VLLM_CPU_KVCACHE_SPACE`).";
     };
     parallel = mkOption {
       type = types.ints.positive;

@@ -72,17 +72,31 @@ def llamacpp_launch(
     return Launch(argv + list(backend.extra_args), {**gpu_env(gpu_ids), **backend.environment})
 
 
+def find_vllm_python() -> str:
+    """The interpreter of the vLLM CPU venv: TF_VLLM_VENV's (scripts/lib/vllm-venv.sh builds
+    it outside the clone), else this one."""
+    venv = os.environ.get("TF_VLLM_VENV")
+    candidate = Path(venv) / "bin" / "python" if venv else None
+    if candidate and candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    return sys.executable
+
+
 def vllm_launch(
     name: str, backend: BackendSpec, model_name: str, model_ref: str, gpu_ids: list[int]
 ) -> Launch:
-    argv = [
-        backend.binary or "vllm", "serve", model_ref,
+    common = [
         "--host", backend.host,
         "--port", str(backend.port),
         "--served-model-name", model_name,
-        "--tensor-parallel-size", str(backend.tensor_parallel_size),
         "--max-model-len", str(backend.context_size),
         "--max-num-seqs", str(backend.parallel),
+    ]  # fmt: skip
+    if not gpu_ids:
+        return _vllm_cpu_launch(backend, model_ref, common)
+    argv = [
+        backend.binary or "vllm", "serve", model_ref, *common,
+        "--tensor-parallel-size", str(backend.tensor_parallel_size),
         "--gpu-memory-utilization", str(backend.gpu_memory_utilization),
     ]  # fmt: skip
     if backend.quantization:
@@ -90,6 +104,26 @@ def vllm_launch(
     if backend.kv_cache_dtype:
         argv += ["--kv-cache-dtype", backend.kv_cache_dtype]
     return Launch(argv + list(backend.extra_args), {**gpu_env(gpu_ids), **backend.environment})
+
+
+def _vllm_cpu_launch(backend: BackendSpec, model_ref: str, common: list[str]) -> Launch:
+    """vLLM's CPU build: its `vllm` script fails under the `vllm-cpu` distribution name, so
+    `binary` is the Python that has it; the API server module takes the model by --model only.
+    Eager mode: compiling took 140-260 s at every start (its cache is not reused), eager 30-70 s."""
+    python = backend.binary or find_vllm_python()
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_ref, *common]
+    argv.append("--enforce-eager")
+    if backend.quantization:
+        argv += ["--quantization", backend.quantization]
+    env = gpu_env([])
+    if backend.cpu_kv_cache_gib:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(backend.cpu_kv_cache_gib)
+    if backend.threads:
+        # vLLM pins its OpenMP threads to a NUMA node's cores by default: on a shared host,
+        # `threads` bounds them and leaves the kernel to place them.
+        env["OMP_NUM_THREADS"] = str(backend.threads)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return Launch(argv + list(backend.extra_args), {**env, **backend.environment})
 
 
 def tgi_launch(

@@ -230,7 +230,12 @@ class BackendSpec(Strict):
         description="File holding the key the gateway sends this backend as "
         "'Authorization: Bearer' (vLLM --api-key, a hosted OpenAI-compatible API); never logged.",
     )
-    gpus: Int = Field(0, ge=0, description="Number of GPUs wanted (0: CPU).")
+    gpus: Int | None = Field(
+        None,
+        ge=0,
+        description="Number of GPUs wanted; 0 runs on CPU. Unset: one per shard for vllm and "
+        "tgi, none for the others.",
+    )
     gpu_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         None, description="Pin to these GPU indices instead of automatic placement."
     )
@@ -242,6 +247,11 @@ class BackendSpec(Strict):
     quantization: Text | None = None
     kv_cache_dtype: Text | None = None
     gpu_memory_utilization: Number = Field(0.9, gt=0, le=1)
+    cpu_kv_cache_gib: PositiveInt | None = Field(
+        None,
+        description="vLLM on CPU (gpus: 0): GiB of memory for the KV cache "
+        "(VLLM_CPU_KVCACHE_SPACE); unset, vLLM's own default.",
+    )
     max_loaded_models: PositiveInt | None = None
     binary: Binary | None = Field(None, description="Server executable; default found on PATH.")
     extra_args: list[Text] = Field(default_factory=list)
@@ -281,10 +291,11 @@ class BackendSpec(Strict):
                 f"tensor_parallel_size: only vllm and tgi shard a model across GPUs; "
                 f"remove it for kind {self.kind!r}"
             )
-        # One GPU per shard: GPUs given (pinned, or counted; 0 takes one per shard) must match.
+        # One GPU per shard: GPUs given (pinned, or counted; unset takes one per shard) must match.
         shards = self.tensor_parallel_size
         pinned = self.gpu_ids is not None
-        wanted = len(self.gpu_ids) if self.gpu_ids is not None else self.gpus
+        wanted = len(self.gpu_ids) if self.gpu_ids is not None else self.gpus or 0
+        self._check_cpu_vllm()
         if shards > 1 and (pinned or wanted) and wanted < shards:
             if pinned:
                 raise ValueError(
@@ -293,7 +304,7 @@ class BackendSpec(Strict):
                 )
             raise ValueError(
                 f"gpus ({wanted}) is smaller than tensor_parallel_size ({shards}); raise gpus or "
-                "leave it 0 to take one per shard"
+                "leave it unset to take one per shard"
             )
         if self.kind in ("vllm", "tgi") and wanted > shards:
             # The rest would sit idle, and the model would not fit where placement thought it
@@ -325,11 +336,25 @@ class BackendSpec(Strict):
                 raise ValueError(f"environment key {key!r} is not a valid variable name")
         return self
 
+    def _check_cpu_vllm(self) -> None:
+        on_cpu = self.gpus == 0 and self.gpu_ids is None
+        if self.cpu_kv_cache_gib is not None and not (self.kind == "vllm" and on_cpu):
+            raise ValueError(
+                "cpu_kv_cache_gib: only for kind vllm on CPU (gpus: 0); remove it, or set gpus: 0"
+            )
+        if on_cpu and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"tensor_parallel_size: {self.tensor_parallel_size} shards need GPUs, but gpus: 0 "
+                f"runs on CPU; remove gpus (one GPU per shard) or tensor_parallel_size"
+            )
+
     @property
     def gpus_wanted(self) -> int:
         if self.gpu_ids is not None:
             return len(self.gpu_ids)
-        return max(self.gpus, self.tensor_parallel_size if self.kind in ("vllm", "tgi") else 0)
+        if self.gpus is not None:
+            return max(self.gpus, self.tensor_parallel_size if self.gpus else 0)
+        return self.tensor_parallel_size if self.kind in ("vllm", "tgi") else 0
 
 
 class RoutingSpec(Strict):

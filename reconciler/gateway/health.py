@@ -42,7 +42,10 @@ class HealthMonitor:
             upstream.healthy = False
             upstream.health_detail = DRAINING_DETAIL
             return
-        health = await aprobe(self.client, upstream.base_url, upstream.protocol, self.timeout, upstream.headers)
+        health = await aprobe(
+            self.client, upstream.base_url, upstream.protocol, self.timeout, upstream.headers,
+            model=upstream.served_name,
+        )
         if upstream.name in self.draining:  # marked while the probe ran
             return
         if health.ok != upstream.healthy:

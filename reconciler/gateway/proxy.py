@@ -21,6 +21,7 @@ from reconciler.gateway.metrics import GatewayMetrics
 from reconciler.gateway.observers import ProxyObserver
 from reconciler.gateway.router import Router, Upstream
 from reconciler.gateway.sse import EventParser
+from reconciler.gateway.stream_usage import needs_usage_request, request_usage, strip_usage
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,12 @@ class Proxy:
 
     async def _attempt(self, upstream: Upstream, call: ProxyCall, started: float) -> Answer:
         adapter = adapter_for(upstream.protocol)
+        exchange, raw = call.exchange, call.raw
+        hidden_usage = adapter.stream_usage_option and needs_usage_request(exchange, call.stream)
+        if hidden_usage:  # counted, then stripped from what the client gets
+            exchange, raw = request_usage(exchange)
         try:
-            spec = adapter.build_request(call.exchange, call.raw, upstream.served_name)
+            spec = adapter.build_request(exchange, raw, upstream.served_name)
         except Unsupported:
             raise
         except Exception as exc:  # check_fields missed a shape: still the client's 400, not a 500
@@ -203,8 +208,11 @@ class Proxy:
                     upstream.in_flight -= 1
                     self._record(call, upstream, status, started, content if status == 200 else None)
                     return Answer(status, ctype, upstream.name, body=content)
-                raw = response.aiter_raw()
-                chunks = raw if passthrough else adapter.convert_stream(call.exchange, raw)
+                body = response.aiter_raw()
+                chunks = body if passthrough else adapter.convert_stream(exchange, body)
+                if hidden_usage:
+                    chunks = strip_usage(chunks, lambda usage: self.metrics.record_tokens(
+                        call.model, upstream.name, usage, call.client))
                 first = await anext(chunks, b"")
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
             upstream.in_flight -= 1
@@ -315,9 +323,10 @@ class Proxy:
 
 
 def openai_error(content: bytes, status: int) -> bytes:
-    """A backend's error answer (the client's fault: 4xx, or 501) with OpenAI's `error`
-    object, keeping its message and extra fields (llama.cpp's n_prompt_tokens, n_ctx) and any
-    top-level fields of its own shape (vLLM's flat {"object": "error", "message", "type"})."""
+    """A backend's error answer (the client's fault: 4xx, or 501) as OpenAI's one `error`
+    object, keeping its message, its code (vLLM's is the integer status) and extra fields
+    (llama.cpp's n_prompt_tokens, n_ctx). Other shapes are folded in, never mixed with it:
+    older vLLM's flat {"object": "error", "message", "type", "code"}, FastAPI's {"detail"}."""
     try:
         body = json.loads(content)
     except ValueError:
@@ -325,8 +334,10 @@ def openai_error(content: bytes, status: int) -> bytes:
     if not isinstance(body, dict):
         body = {}
     error = body.get("error")
-    if error is None and "message" in body:  # vLLM's flat shape
-        error = body
+    if error is None and "message" in body:  # older vLLM's flat shape
+        error = {k: v for k, v in body.items() if k != "object"}
+    elif error is None and isinstance(body.get("detail"), str):  # FastAPI's own 404 and 405
+        error = {"message": body["detail"]}
     if isinstance(error, str):
         error = {"message": error}
     if not isinstance(error, dict):
@@ -336,10 +347,13 @@ def openai_error(content: bytes, status: int) -> bytes:
     kind = error.get("type")
     code = error.get("code")
     shaped["type"] = kind if isinstance(kind, str) else shaped["type"]
-    shaped["code"] = code if isinstance(code, str) else kind if isinstance(kind, str) else None
+    if isinstance(code, str) or (isinstance(code, int) and not isinstance(code, bool)):
+        shaped["code"] = code
+    else:
+        shaped["code"] = kind if isinstance(kind, str) else None
     shaped["param"] = error.get("param") if isinstance(error.get("param"), str) else None
-    extra = {k: v for k, v in error.items() if k not in shaped and error is not body}
-    return json.dumps({**body, "error": {**shaped, **extra}}).encode()
+    extra = {k: v for k, v in error.items() if k not in shaped}
+    return json.dumps({"error": {**shaped, **extra}}).encode()
 
 
 async def _drain(chunks: AsyncIterator[bytes]) -> None:

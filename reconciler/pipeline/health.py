@@ -16,7 +16,7 @@ import httpx
 
 from reconciler.backends.health import probe
 from reconciler.config.schema import DesiredState
-from reconciler.gateway.router import backend_headers
+from reconciler.gateway.router import backend_headers, served_name
 from reconciler.gpu.inventory import GpuInventory
 from reconciler.pipeline.run import ask
 
@@ -151,7 +151,10 @@ def backend_states(state: DesiredState, gateway: dict, extra: dict[str, str]) ->
         except ValueError as exc:
             found.append(BackendState(name, kind, model, url, "unhealthy", str(exc), None))
             continue
-        health = probe(url, protocol, headers=headers)
+        served = (
+            served_name(model, state.models[model].source, protocol) if backend is not None else None
+        )
+        health = probe(url, protocol, headers=headers, model=served)
         view = (
             None if routed is None or name in extra else bool(routed.get(name, {}).get("healthy"))
         )

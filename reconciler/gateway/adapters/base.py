@@ -51,6 +51,9 @@ class Adapter:
     # Where a backend that loads models on demand lists the ones it holds in memory: a
     # replica that must load the model first answers seconds later than one that has it.
     loaded_path: str | None = None
+    # Its streams carry a usage event when asked with stream_options.include_usage: the gateway
+    # then asks for every stream, to count the tokens of clients that did not.
+    stream_usage_option = False
 
     def parse_info(self, info: dict) -> int | None:
         """The most concurrent requests the backend accepts, from its info document."""

@@ -145,6 +145,7 @@ def tagged(name: str) -> str:
 class OllamaAdapter(Adapter):
     protocol = "ollama"
     loaded_path = "/api/ps"
+    stream_usage_option = True  # its converted stream ends with usage when asked
 
     def holds_model(self, document: dict, served_model: str) -> bool | None:
         models = document.get("models") if isinstance(document, dict) else None

@@ -10,6 +10,7 @@ from reconciler.gateway.adapters.base import JSON_HEADERS, Adapter, Exchange, Up
 class OpenAIAdapter(Adapter):
     protocol = "openai"
     rewrite_model = True  # servers that check the name only know their served one
+    stream_usage_option = True
 
     def build_request(self, exchange: Exchange, raw: bytes, served_model: str) -> UpstreamRequest:
         if self.rewrite_model and exchange.body.get("model") != served_model:
