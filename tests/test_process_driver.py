@@ -117,6 +117,37 @@ def test_stop_ends_the_whole_process_group(tmp_path):
             os.killpg(pgid, signal.SIGKILL)
 
 
+def test_a_killed_leaders_leftover_workers_are_ended_before_anything_else(tmp_path):
+    """vLLM's engine processes outlive a SIGKILLed API server, holding GBs of memory: once
+    the driver sees the leader gone, the rest of its process group goes too."""
+    script = tmp_path / "server.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        "sh -c 'echo $$ > worker.pid; while :; do sleep 0.1; done' &\n"
+        "while :; do sleep 0.1; done\n"
+    )
+    script.chmod(0o755)
+    driver = ProcessDriver(tmp_path)
+    content = json.dumps({"argv": ["sh", "-c", f"cd {tmp_path} && exec {script}"], "env": {}})
+    driver.start(DesiredUnit("backend-x", content))
+    pgid = driver.load("backend-x").pid
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "worker.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = int((tmp_path / "worker.pid").read_text())
+    try:
+        os.kill(pgid, signal.SIGKILL)  # the leader only
+        deadline = time.monotonic() + 10
+        while driver.observe()["backend-x"].active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not driver.observe()["backend-x"].active
+        assert not process_alive(worker, _start_ticks(worker))
+        assert not group_alive(pgid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
 def test_backoff_survives_thousands_of_failures(tmp_path):
     """2**1024 does not fit a float: without a cap on the exponent, observe raised
     OverflowError for a unit that had failed about a thousand times, every pass."""

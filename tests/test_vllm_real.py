@@ -334,15 +334,13 @@ def test_sigkill_is_recovered_by_the_reconciler(vllm_host):
     response = httpx.post(vllm_host.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 4}, timeout=120)
     assert response.status_code == 200, response.text
     print(f"\nSIGKILL: vLLM restarted by the reconciler and serving again after {recovered:.0f}s")
-    # vLLM's engine and worker processes outlive a SIGKILLed API server (3 GB here); the
-    # process driver starts the new one without stopping the rest of the old process group.
+    # vLLM's engine and worker processes outlive a SIGKILLed API server (3 GB here): the
+    # process driver ends the rest of the old process group when it sees the leader gone.
     left = group_members(before["pid"])
     for pid in left:  # the machine is shared: not left running either way
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    if left:
-        pytest.xfail(f"the process driver left {len(left)} process(es) of the killed vLLM's group "
-                     f"running ({', '.join(left.values())}); reported for reconciler/drivers/process.py")  # fmt: skip
+    assert not left, f"left running from the killed vLLM's group: {', '.join(left.values())}"
 
 
 def group_members(pgid: int) -> dict[int, str]:

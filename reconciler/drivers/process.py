@@ -24,6 +24,8 @@ from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 15.0
+# Leftovers of a leader that died: already orphaned, so a short grace before SIGKILL.
+LEFTOVER_GRACE_SECONDS = 3.0
 # Every unit's process carries this variable (units dir, name, content hash), so a process
 # whose pid was never recorded can still be recognised as ours.
 UNIT_ENV = "TENSORFORGE_UNIT"
@@ -128,6 +130,11 @@ class ProcessDriver:
                     self._record_exit(record, code)
 
     def _record_exit(self, record: UnitRecord, code: int | None) -> None:
+        if record.pid is not None and group_alive(record.pid):
+            # The leader died (SIGKILL, a crash) but its workers did not (vLLM's engine
+            # processes): they hold memory, GPUs and ports the next start needs.
+            log.warning("unit %s: leader %d is gone, ending its leftover processes", record.name, record.pid)
+            terminate(record.pid, None, grace=LEFTOVER_GRACE_SECONDS)
         record.last_exit = code
         record.pid = None
         record.start_ticks = None
