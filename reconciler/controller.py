@@ -32,6 +32,7 @@ from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.process import ProcessDriver
 from reconciler.drivers.protocol import Driver
 from reconciler.drivers.systemd import SystemdDriver, systemd_booted, unit_dir_writable
+from reconciler.gateway.router import backend_headers, served_name
 from reconciler.gpu.inventory import GpuInventory, NvmlInventory
 from reconciler.gpu.placement import Placement, place
 from reconciler.gpu.vram import VramEstimate, estimate_vram
@@ -230,6 +231,21 @@ class Controller:
         backend = self.desired.backends.get(unit.removeprefix("backend-"))
         return (backend.base_url, backend.wire_protocol) if backend else None
 
+    def _probe_identity(self, unit: str) -> dict:
+        """The backend's key (api_key_file) and the model name it must answer to: a vLLM
+        serving another name is up but useless (every request 404), so not healthy."""
+        name = unit.removeprefix("backend-")
+        backend = self.desired.backends.get(name)
+        if unit == GATEWAY_UNIT or backend is None:
+            return {}
+        try:
+            headers = backend_headers(name, backend)
+        except ValueError as exc:
+            log.warning("%s", exc)
+            headers = {}
+        source = self.desired.models[backend.model].source
+        return {"headers": headers, "model": served_name(backend.model, source, backend.wire_protocol)}
+
     def _gateway_url(self) -> str | None:
         return self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None  # type: ignore[index]
 
@@ -256,7 +272,7 @@ class Controller:
                 self.health[name] = BackendHealth(Health.DOWN, "not running")
                 observed[name] = replace(seen, drain=drain)
                 continue
-            health = probe(*target, timeout=1.0)
+            health = probe(*target, timeout=1.0, **self._probe_identity(name))
             self.health[name] = health
             answered = health.state is not Health.DOWN
             if record:
