@@ -19,7 +19,6 @@ let
   tfLib = import ./lib;
   presets = tfLib.presets;
 
-
   # b200Optimized.vllm / .llamacpp: declare the preset's backend of that kind.
   backendPart = kind: what: {
     enable = mkOption {
