@@ -14,8 +14,8 @@
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
       # Every directory under hosts/ with a default.nix is a host: hosts/<name>/default.nix
-      # (NixOS) and hosts/<name>/settings.nix (the same settings as plain data, for
-      # eval-desired.sh). Other directories (hosts/inventories: GPU inventories) are data.
+      # (NixOS) and hosts/<name>/settings.nix (its services.tensorforge.settings as plain
+      # data, also read by eval-desired.sh). Other directories (hosts/inventories: GPU inventories) are data.
       hostNames = lib.attrNames (
         lib.filterAttrs (
           name: type: type == "directory" && builtins.pathExists ./hosts/${name}/default.nix

@@ -1,4 +1,4 @@
-# Models shared by the fleet's hosts, in the shape of services.tensorforge.models
+# Models shared by the fleet's hosts, in the shape of services.tensorforge.settings.models
 # (plain data, no nixpkgs: scripts/eval-desired.sh evaluates it with bare nix-instantiate).
 {
   smollm2 = {

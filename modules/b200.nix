@@ -2,8 +2,10 @@
 # NVSwitch) as the product page promises it. On its own, `b200Optimized.enable` with
 # `vllm.enable` and `llamacpp.enable` is a working appliance: the service, a vLLM backend
 # (tensor parallel 4, fp8), a llama.cpp backend (flash attention, 32768 tokens), monitoring and
-# the host tuning. Every value is a lib.mkDefault, so a host can override any single one; the
-# backend values live in ./lib/presets.nix (shared with pure evaluation).
+# the host tuning. Every value is a lib.mkDefault in services.tensorforge.settings (or the NixOS
+# option it concerns), so a host can override any single one; the values live in
+# ./lib/presets.nix. The tuning of every local vLLM and llama.cpp backend, declared here or by
+# the host, is applied by the settings type (./tensorforge/settings.nix).
 {
   config,
   lib,
@@ -16,7 +18,6 @@ let
   b200 = cfg.b200Optimized;
   tfLib = import ./lib;
   presets = tfLib.presets;
-  catalogue = tfLib.presetCatalogue;
 
   # b200Optimized.vllm / .llamacpp: declare the preset's backend of that kind.
   backendPart = kind: what: {
@@ -25,17 +26,17 @@ let
       default = false;
       example = true;
       description = ''
-        With `b200Optimized.enable`: declare the backend `${catalogue.backendFor.${kind}}`, ${what}.
+        With `b200Optimized.enable`: declare the backend `${presets.backendFor.${kind}}`, ${what}.
         Every ${kind} backend this host runs gets the same tuning, declared here or not.
       '';
     };
     model = mkOption {
       type = types.str;
-      default = catalogue.backends.${catalogue.backendFor.${kind}}.model;
+      default = presets.backends.${presets.backendFor.${kind}}.model;
       example = "my-model";
       description = ''
-        The model it serves: a name in {option}`services.tensorforge.models`. The default is
-        declared by the preset (as defaults); another name must be declared by the host.
+        The model it serves: a name in {option}`services.tensorforge.settings.models`. The
+        default is declared by the preset (as defaults); another name must be declared by the host.
       '';
     };
     extraArgs = mkOption {
@@ -52,11 +53,11 @@ in
   options.services.tensorforge.b200Optimized = {
     enable = lib.mkEnableOption ''
       TensorForge tuned for NVIDIA B200 nodes: enables the service, tunes every local vLLM
-      (tensor parallel ${toString presets.vllm.tensorParallelSize}, ${presets.vllm.quantization}, ${presets.vllm.kvCacheDtype} KV cache) and
-      llama.cpp backend (flash attention, ${toString presets.llamacpp.contextSize}-token context), and by default
+      (tensor parallel ${toString presets.tuning.vllm.tensor_parallel_size}, ${presets.tuning.vllm.quantization}, ${presets.tuning.vllm.kv_cache_dtype} KV cache) and
+      llama.cpp backend (flash attention, ${toString presets.tuning.llamacpp.context_size}-token context), and by default
       the host (see `systemTuning`) and monitoring'';
-    vllm = backendPart "vllm" "vLLM with tensor parallelism ${toString presets.vllm.tensorParallelSize} and ${presets.vllm.quantization} weights";
-    llamacpp = backendPart "llamacpp" "llama.cpp with flash attention and a ${toString presets.llamacpp.contextSize}-token context on one GPU";
+    vllm = backendPart "vllm" "vLLM with tensor parallelism ${toString presets.tuning.vllm.tensor_parallel_size} and ${presets.tuning.vllm.quantization} weights";
+    llamacpp = backendPart "llamacpp" "llama.cpp with flash attention and a ${toString presets.tuning.llamacpp.context_size}-token context on one GPU";
     monitoring.enable = mkOption {
       type = types.bool;
       default = true;
@@ -92,27 +93,28 @@ in
       {
         services.tensorforge.enable = mkDefault true;
 
-        services.tensorforge.backends = lib.listToAttrs (
+        services.tensorforge.settings.backends = lib.listToAttrs (
           map (kind: {
-            name = catalogue.backendFor.${kind};
+            name = presets.backendFor.${kind};
             value = lib.mapAttrs (_: mkDefault) (
-              catalogue.backends.${catalogue.backendFor.${kind}}
+              presets.backends.${presets.backendFor.${kind}}
               // {
-                inherit (b200.${kind}) model extraArgs;
+                inherit (b200.${kind}) model;
+                extra_args = b200.${kind}.extraArgs;
               }
             );
           }) declared
         );
         # The preset's default models; a host that names another model declares it itself.
-        services.tensorforge.models = lib.listToAttrs (
+        services.tensorforge.settings.models = lib.listToAttrs (
           map (model: {
             name = model;
-            value = lib.mapAttrs (_: mkDefault) catalogue.models.${model};
-          }) (lib.filter (m: catalogue.models ? ${m}) (map (kind: b200.${kind}.model) declared))
+            value = lib.mapAttrs (_: mkDefault) presets.models.${model};
+          }) (lib.filter (m: presets.models ? ${m}) (map (kind: b200.${kind}.model) declared))
         );
 
+        services.tensorforge.settings.monitoring.enable = mkIf b200.monitoring.enable (mkDefault true);
         services.tensorforge.monitoring = mkIf b200.monitoring.enable {
-          enable = mkDefault true;
           prometheus.enable = mkDefault true;
           grafana.enable = mkDefault true;
         };

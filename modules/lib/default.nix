@@ -2,19 +2,35 @@
 # and what the module itself uses to write /etc/tensorforge/desired.json.
 let
   desired = import ./desired.nix;
-  presets = import ./presets.nix;
+  defaults = import ./defaults.nix;
   scrape = import ./scrape.nix;
+  num = v: fallback: if builtins.isInt v || builtins.isFloat v then v else fallback;
 in
 {
-  inherit (desired) toDesired toSnake fromOptions fields;
-  inherit (presets) applyPresets b200Flags;
-  presets = presets.b200;
-  # The backends and models `b200Optimized.{vllm,llamacpp}.enable` declare.
-  presetCatalogue = { inherit (presets) models backends backendFor; };
-  defaults = import ./defaults.nix;
+  inherit (desired) toDesired toSnake;
+  inherit defaults;
+  # The b200Optimized values, models and backends.
+  presets = import ./presets.nix;
   # desired state -> Prometheus scrape_configs, as reconciler/monitoring/prometheus.py makes them.
   inherit (scrape) scrapeConfigs withoutMetrics;
 
-  # hosts/<name>/settings.nix -> the desired-state attrset (JSON-ready).
-  evalHost = settings: desired.toDesired (presets.applyPresets settings);
+  # As the schema's gpus_wanted > 0: pinned GPUs; else gpus (and the shards with it), and
+  # with gpus unset, vllm and tgi take a GPU per shard (gpus = 0 runs them on CPU).
+  # A value of the wrong type counts as unset here; `tensorforge validate` refuses it.
+  wantsGpu =
+    b:
+    let
+      gpus = b.gpus or null;
+    in
+    (b.gpu_ids or null) != null
+    || (
+      if builtins.isInt gpus then
+        gpus > 0
+      else
+        builtins.elem (b.kind or null) [ "vllm" "tgi" ]
+        && num (b.tensor_parallel_size or null) defaults.backend.tensor_parallel_size > 0
+    );
+
+  # hosts/<name>/settings.nix (services.tensorforge.settings as plain data) -> desired state.
+  evalHost = desired.toDesired;
 }

@@ -1,42 +1,23 @@
-# The schema's defaults, once, for the module's option defaults (builtins only).
-# tests/test_nix_contract.py checks every value here against reconciler/config/schema.py.
+# The few schema defaults NixOS itself reads to wire the host (builtins only): which units run,
+# which ports the firewall opens, where Prometheus scrapes, which backends get a GPU. Nothing
+# here is written to desired.json: a setting left out is left to reconciler/config/schema.py.
+# tests/test_nix_contract.py checks every value against the schema.
 {
   backend = {
     host = "127.0.0.1";
     gpus = null;
-    contextSize = 4096;
-    parallel = 1;
-    tensorParallelSize = 1;
-    flashAttn = false;
-    gpuMemoryUtilization = 0.9;
-    extraArgs = [ ];
-    environment = { };
-    healthTimeout = 180.0;
-    drainTimeout = 30.0;
-    livenessTimeout = 60.0;
+    tensor_parallel_size = 1;
   };
   gateway = {
     enable = true;
     host = "127.0.0.1";
     port = 8000;
-    maxBodyBytes = 4194304;
-    connectTimeout = 5.0;
-    firstByteTimeout = 300.0;
-    idleTimeout = 120.0;
-    maxConcurrencyPerBackend = 64;
-    healthInterval = 2.0;
-  };
-  routing = {
-    strategy = "cache-aware";
-    affinityHeader = "x-session-id";
-    loadThreshold = 2.0;
-    fallbacks = { };
   };
   monitoring = {
     enable = false;
-    listenAddress = "127.0.0.1";
-    reconcilerMetricsPort = 9310;
-    gpuExporterPort = 9311;
-    scrapeInterval = "15s";
+    listen_address = "127.0.0.1";
+    reconciler_metrics_port = 9310;
+    gpu_exporter_port = 9311;
+    scrape_interval = "15s";
   };
 }

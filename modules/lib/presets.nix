@@ -1,17 +1,18 @@
-# The b200Optimized preset as plain values (builtins only). The NixOS module applies them with
-# lib.mkDefault; `applyPresets` applies them the same way for pure evaluation: a value the host
-# sets itself always wins.
-let
-  values = {
-    # Four B200s per replica: fp8 weights and fp8 KV cache leave room for long contexts.
+# The b200Optimized preset as plain values in the schema's own keys (builtins only). The NixOS
+# module (../b200.nix) sets them in services.tensorforge.settings with lib.mkDefault, so any
+# value a host sets itself wins.
+{
+  # Every local backend of the kind gets these. Four B200s per replica: fp8 weights and fp8
+  # KV cache leave room for long contexts.
+  tuning = {
     vllm = {
-      tensorParallelSize = 4;
+      tensor_parallel_size = 4;
       quantization = "fp8";
-      kvCacheDtype = "fp8";
+      kv_cache_dtype = "fp8";
     };
     llamacpp = {
-      flashAttn = true;
-      contextSize = 32768;
+      flash_attn = true;
+      context_size = 32768;
     };
   };
 
@@ -32,8 +33,8 @@ let
     };
   };
 
-  # The backends `b200Optimized.{vllm,llamacpp}.enable` declare; the tuning values above
-  # apply to them as to any other local backend of their kind.
+  # The backends `b200Optimized.{vllm,llamacpp}.enable` declare; the tuning above applies to
+  # them as to any other local backend of their kind.
   backends = {
     b200-vllm = {
       kind = "vllm";
@@ -47,67 +48,8 @@ let
       gpus = 1;
     };
   };
-  backendFor = { vllm = "b200-vllm"; llamacpp = "b200-llamacpp"; };
-
-  # Same defaults as the module's `b200Optimized` options.
-  b200Flags = settings:
-    let
-      given = settings.b200Optimized or { };
-      enable = given.enable or false;
-      part = name: default: enable && ((given.${name} or { }).enable or default);
-    in
-    {
-      inherit enable;
-      vllm = part "vllm" false;
-      llamacpp = part "llamacpp" false;
-      monitoring = part "monitoring" true;
-    };
-
-  # A backend declared by url runs elsewhere: presets only tune backends this host starts.
-  tuneBackend = flags: backend:
-    if !flags.enable || (backend.url or null) != null then
-      backend
-    else if backend.kind == "vllm" then
-      values.vllm // backend
-    else if backend.kind == "llamacpp" then
-      values.llamacpp // backend
-    else
-      backend;
-
-  # The preset backend for `kind` with the host's model and extra arguments.
-  presetBackend = given: kind:
-    let part = given.${kind} or { }; in
-    backends.${backendFor.${kind}}
-    // (if part ? model then { inherit (part) model; } else { })
-    // (if part ? extraArgs then { inherit (part) extraArgs; } else { });
-
-  applyPresets = settings:
-    let
-      flags = b200Flags settings;
-      given = settings.b200Optimized or { };
-      rest = builtins.removeAttrs settings [ "b200Optimized" ];
-      kinds = builtins.filter (k: flags.${k}) [ "vllm" "llamacpp" ];
-      declared = builtins.listToAttrs (map (k: { name = backendFor.${k}; value = presetBackend given k; }) kinds);
-      # A preset model the host did not declare itself.
-      wanted = builtins.filter (m: models ? ${m}) (map (k: declared.${backendFor.${k}}.model) kinds);
-      presetModels = builtins.listToAttrs (map (m: { name = m; value = models.${m}; }) wanted);
-    in
-    rest
-    // {
-      models = presetModels // (rest.models or { });
-      backends = builtins.mapAttrs (_: tuneBackend flags) (
-        builtins.mapAttrs (name: b: b // ((rest.backends or { }).${name} or { })) declared
-        // builtins.removeAttrs (rest.backends or { }) (builtins.attrNames declared)
-      );
-    }
-    // (
-      if flags.monitoring then
-        { monitoring = { enable = true; } // (rest.monitoring or { }); }
-      else
-        { }
-    );
-in
-{
-  b200 = values;
-  inherit b200Flags applyPresets models backends backendFor;
+  backendFor = {
+    vllm = "b200-vllm";
+    llamacpp = "b200-llamacpp";
+  };
 }

@@ -67,12 +67,7 @@ let
       hostName = desired.host or "localhost";
       hostLabel = { host = hostName; };
       gateway = defaults.gateway // (desired.gateway or { });
-      monitoring = {
-        enable = defaults.monitoring.enable;
-        listen_address = defaults.monitoring.listenAddress;
-        reconciler_metrics_port = defaults.monitoring.reconcilerMetricsPort;
-        gpu_exporter_port = defaults.monitoring.gpuExporterPort;
-      } // (desired.monitoring or { });
+      monitoring = defaults.monitoring // (desired.monitoring or { });
       backends = desired.backends or { };
     in
     (if gateway.enable then

@@ -1,268 +1,81 @@
-# services.tensorforge.backends.<name>: one entry of the schema's `backends`, plus the
-# NixOS-only `package` and `openFirewall`.
+# services.tensorforge.backends.<name>: what NixOS needs for one backend of
+# `settings.backends.<name>`: its server package, its firewall port and its key file.
+#
+# The module's old camelCase options (`kind`, `contextSize`, …) are still accepted here: each
+# one used is translated to `settings.backends.<name>.<snake_case key>` (with its priority)
+# and warns once, saying what to write instead.
 {
-  pkgs,
-  defaults,
-  presets,
-  presetFlags,
-}:
-{
-  name,
-  config,
   lib,
-  ...
+  json,
+  toSnake,
+  secretFile,
 }:
+{ name, options, ... }:
 let
   inherit (lib) mkOption types literalExpression literalMD;
-  d = defaults.backend;
-
-  # Per kind: the nixpkgs package (null where nixpkgs has none: TGI), its CUDA build for a
-  # backend on GPUs (a per-package override, as services.ollama's `acceleration`: never the
-  # system-wide nixpkgs.config.cudaSupport), and the executable.
-  serverFor = {
-    llamacpp = {
-      cpu = pkgs.llama-cpp or null;
-      gpu = if pkgs ? llama-cpp then pkgs.llama-cpp.override { cudaSupport = true; } else null;
-      exe = "llama-server";
-    };
-    vllm = {
-      cpu = pkgs.vllm or null;
-      gpu = pkgs.python3Packages.vllm.override { cudaSupport = true; };
-      exe = "vllm";
-    };
-    tgi = {
-      cpu = pkgs.text-generation-inference or null;
-      gpu = pkgs.text-generation-inference or null;
-      exe = "text-generation-launcher";
-    };
-    ollama = {
-      cpu = pkgs.ollama or null;
-      gpu = pkgs.ollama.override { acceleration = "cuda"; };
-      exe = "ollama";
-    };
-  };
-  # As the schema's gpus_wanted: vllm and tgi take a GPU per shard even with gpus = 0.
-  wantsGpu =
-    config.gpus > 0
-    || config.gpuIds != null
-    || config.tensorParallelSize > 1
-    || builtins.elem config.kind [ "vllm" "tgi" ];
-  # b200Optimized tunes every backend of these kinds that this host runs.
-  tuned = kind: config.kind == kind && config.url == null && presetFlags.enable;
+  legacy = [
+    "kind" "model" "host" "port" "url" "protocol" "gpus" "gpuIds" "contextSize" "parallel"
+    "threads" "tensorParallelSize" "flashAttn" "quantization" "kvCacheDtype"
+    "gpuMemoryUtilization" "maxLoadedModels" "extraArgs" "environment" "healthTimeout"
+    "drainTimeout"
+  ];
+  used = lib.filter (o: options.${o}.isDefined) legacy;
 in
 {
-  options = {
-    kind = mkOption {
-      type = types.enum [ "llamacpp" "vllm" "tgi" "ollama" ];
-      example = "vllm";
-      description = "Which inference server runs this backend.";
-    };
-    model = mkOption {
-      type = types.str;
-      example = "smollm2";
-      description = "Name of an entry in {option}`services.tensorforge.models`.";
-    };
-    host = mkOption {
-      type = types.str;
-      default = d.host;
-      example = "0.0.0.0";
-      description = "Address the backend listens on; `0.0.0.0` to serve a gateway on another host.";
-    };
-    port = mkOption {
-      type = types.nullOr types.port;
-      default = null;
-      defaultText = literalMD "`null`: required for a backend this host runs; a `url` backend takes the URL's port";
-      example = 8080;
-      description = ''
-        Port the backend listens on. Required unless {option}`url` is set; a `url` backend
-        without it uses the port in the URL (80/443 by scheme when the URL names none).
-      '';
-    };
-    url = mkOption {
-      type = types.nullOr (types.strMatching "https?://[^/[:space:]]+.*");
-      default = null;
-      example = "http://b200-node:8001";
-      description = ''
-        A backend that runs elsewhere: the gateway routes to this URL and the local reconciler
-        leaves it alone (no package, no GPUs, no unit on this host).
-      '';
-    };
-    protocol = mkOption {
-      type = types.nullOr (types.enum [ "llamacpp" "vllm" "tgi" "ollama" "openai" ]);
-      default = null;
-      example = "openai";
-      description = "Wire protocol the gateway speaks to it; null means the kind's own.";
-    };
-    apiKeyFile = mkOption {
-      type = import ./secret-file.nix { inherit lib; };
-      default = null;
-      example = "/run/secrets/remote-vllm-key";
-      description = ''
-        File holding the key the gateway sends this backend as `Authorization: Bearer` (a vLLM
-        started with `--api-key`, a hosted OpenAI-compatible API). Read by the gateway through
-        systemd's `LoadCredential`, so it may be owned by root and mode 0400.
-      '';
-    };
-    gpus = mkOption {
-      type = types.nullOr types.ints.unsigned;
-      default = d.gpus;
-      example = 4;
-      description = "Number of GPUs wanted; 0 runs on CPU (vLLM too). null: one per shard for vllm/tgi, none for the others.";
-    };
-    gpuIds = mkOption {
-      type = types.nullOr (types.listOf types.ints.unsigned);
-      default = null;
-      example = [ 0 1 2 3 ];
-      description = "Pin to these GPU indices instead of placement by free VRAM.";
-    };
-    tensorParallelSize = mkOption {
-      type = types.ints.positive;
-      default = d.tensorParallelSize;
-      defaultText = literalMD "`4` for vllm backends with `b200Optimized.vllm`, else `1`";
-      example = 4;
-      description = "GPUs one model is sharded across (vllm and tgi only).";
-    };
-    contextSize = mkOption {
-      type = types.ints.positive;
-      default = d.contextSize;
-      defaultText = literalMD "`32768` for llamacpp backends with `b200Optimized.llamacpp`, else `4096`";
-      example = 32768;
-      description = "Context length in tokens (llama.cpp splits it across `parallel` slots).";
-    };
-    flashAttn = mkOption {
-      type = types.bool;
-      default = d.flashAttn;
-      defaultText = literalMD "`true` for llamacpp backends with `b200Optimized.llamacpp`, else `false`";
-      description = "Use flash attention (llama.cpp `--flash-attn on`, Ollama `OLLAMA_FLASH_ATTENTION`).";
-    };
-    quantization = mkOption {
-      type = types.nullOr types.str;
-      default = null;
-      defaultText = literalMD ''`"fp8"` for vllm backends with `b200Optimized.vllm`, else `null`'';
-      example = "fp8";
-      description = "Weight quantization passed to vLLM (`--quantization`) or TGI (`--quantize`).";
-    };
-    kvCacheDtype = mkOption {
-      type = types.nullOr types.str;
-      default = null;
-      defaultText = literalMD ''`"fp8"` for vllm backends with `b200Optimized.vllm`, else `null`'';
-      example = "fp8";
-      description = "KV cache data type (vLLM `--kv-cache-dtype`).";
-    };
-    gpuMemoryUtilization = mkOption {
-      type = types.addCheck types.number (x: x > 0 && x <= 1) // {
-        description = "number in (0, 1]";
+  options =
+    {
+      package = mkOption {
+        type = types.nullOr types.package;
+        default = null;
+        defaultText = literalMD ''
+          null: by kind pkgs.llama-cpp, pkgs.vllm or pkgs.ollama, their CUDA build
+          (`override { cudaSupport = true; }`, Ollama's `acceleration = "cuda"`) when the
+          backend wants GPUs; nixpkgs has no tgi, so a tgi backend must set one
+        '';
+        example = literalExpression "pkgs.llama-cpp.override { cudaSupport = true; }";
+        description = "The server package; its executable becomes the backend's `binary`.";
       };
-      default = d.gpuMemoryUtilization;
-      example = 0.92;
-      description = "Fraction of each GPU's memory vLLM may use.";
-    };
-    cpuKvCacheGib = mkOption {
-      type = types.nullOr types.ints.positive;
-      default = null;
-      example = 2;
-      description = "vLLM on CPU (`gpus = 0`): GiB for the KV cache (`VLLM_CPU_KVCACHE_SPACE`).";
-    };
-    parallel = mkOption {
-      type = types.ints.positive;
-      default = d.parallel;
-      example = 8;
-      description = "Parallel request slots (llama.cpp `--parallel`, vLLM `--max-num-seqs`).";
-    };
-    threads = mkOption {
-      type = types.nullOr types.ints.positive;
-      default = null;
-      example = 4;
-      description = "CPU threads for llama.cpp; null lets the server choose.";
-    };
-    maxLoadedModels = mkOption {
-      type = types.nullOr types.ints.positive;
-      default = null;
-      example = 2;
-      description = "Models Ollama keeps loaded at once.";
-    };
-    extraArgs = mkOption {
-      type = types.listOf types.str;
-      default = d.extraArgs;
-      example = [ "--enable-prefix-caching" ];
-      description = "Extra command-line arguments, appended verbatim.";
-    };
-    environment = mkOption {
-      type = types.attrsOf types.str;
-      default = d.environment;
-      example = { NCCL_DEBUG = "WARN"; };
-      description = "Extra environment variables for the server process.";
-    };
-    healthTimeout = mkOption {
-      type = types.addCheck types.number (x: x > 0);
-      default = d.healthTimeout;
-      example = 900;
-      description = "Seconds to wait for the backend to become healthy (large models load slowly).";
-    };
-    drainTimeout = mkOption {
-      type = types.addCheck types.number (x: x > 0);
-      default = d.drainTimeout;
-      example = 600;
-      description = ''
-        Seconds open requests (streams too) get to finish, once the gateway has stopped sending
-        new ones, before a rolling change stops or restarts this backend. Raise it for long
-        generations; a stream still open then is cut with an error event.
-      '';
-    };
-    livenessTimeout = mkOption {
-      type = types.addCheck types.number (x: x >= 0);
-      default = d.livenessTimeout;
-      example = 120;
-      description = ''
-        Seconds a running backend that has answered its health probe may go without answering
-        before the reconciler drains and restarts it (a hung process, a wedged server). 0: never.
-      '';
-    };
-
-    # NixOS only: not part of the desired state.
-    package = mkOption {
-      type = types.nullOr types.package;
-      default =
-        if config.url != null then
-          null
-        else if wantsGpu then
-          serverFor.${config.kind}.gpu
-        else
-          serverFor.${config.kind}.cpu;
-      defaultText = literalMD ''
-        null for a url backend; else by kind pkgs.llama-cpp, pkgs.vllm or pkgs.ollama, their
-        CUDA build (`override { cudaSupport = true; }`, Ollama's `acceleration = "cuda"`)
-        when the backend wants GPUs, and null for tgi (not in nixpkgs)
-      '';
-      example = literalExpression "pkgs.llama-cpp.override { cudaSupport = true; }";
-      description = "The server package; its executable becomes the backend's `binary`.";
-    };
-    openFirewall = mkOption {
-      type = types.bool;
-      default = false;
-      description = "Open {option}`port` in the firewall, for a gateway on another host.";
-    };
-    binary = mkOption {
-      type = types.nullOr types.str;
-      readOnly = true;
-      default =
-        if config.package == null then
-          null
-        else
-          "${config.package}/bin/${serverFor.${config.kind}.exe}";
-      defaultText = literalMD "`<package>/bin/<server>`, or null without a package";
-      description = "The executable the reconciler starts (derived from {option}`package`).";
-    };
-  };
-
-  # b200Optimized: defaults only, so a host can override any single value.
-  config = lib.mkMerge [
-    # CUDA finds the driver NixOS links under /run/opengl-driver (the unit is rendered by the
-    # reconciler, so it gets no NixOS-made environment otherwise).
-    (lib.mkIf (wantsGpu && config.url == null) {
-      environment.LD_LIBRARY_PATH = lib.mkDefault "/run/opengl-driver/lib";
-    })
-    (lib.mkIf (tuned "vllm") (lib.mapAttrs (_: lib.mkDefault) presets.vllm))
-    (lib.mkIf (tuned "llamacpp") (lib.mapAttrs (_: lib.mkDefault) presets.llamacpp))
-  ];
+      openFirewall = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Open the backend's `port` in the firewall, for a gateway on another host.";
+      };
+      apiKeyFile = mkOption {
+        type = secretFile;
+        default = null;
+        example = "/run/secrets/remote-vllm-key";
+        description = ''
+          File holding the key the gateway sends this backend as `Authorization: Bearer` (a vLLM
+          started with `--api-key`, a hosted OpenAI-compatible API). Read by the gateway through
+          systemd's `LoadCredential`, so it may be owned by root and mode 0400.
+        '';
+      };
+      legacySettings = mkOption {
+        type = types.raw;
+        internal = true;
+        readOnly = true;
+        default = lib.listToAttrs (
+          map (o: lib.nameValuePair (toSnake o) (lib.mkOverride options.${o}.highestPrio options.${o}.value)) used
+        );
+        description = "The old options used, as settings.backends.<name> definitions.";
+      };
+      legacyWarnings = mkOption {
+        type = types.raw;
+        internal = true;
+        readOnly = true;
+        default = map (
+          o:
+          "services.tensorforge.backends.${name}.${o} is obsolete (used in ${lib.concatStringsSep ", " (map toString options.${o}.files)}): write services.tensorforge.settings.backends.${name}.${toSnake o} instead, the desired-state key. It is translated for now."
+        ) used;
+        description = "One warning per old option used.";
+      };
+    }
+    // lib.genAttrs legacy (
+      o:
+      mkOption {
+        type = json;
+        visible = false;
+        description = "Obsolete: services.tensorforge.settings.backends.<name>.${toSnake o}.";
+      }
+    );
 }

@@ -100,7 +100,8 @@ in
     maintainers = tf.package.meta.maintainers or [ ];
   };
   moduleMaintainers = config.meta.maintainers or [ ];
-  backendPackages = lib.mapAttrs (_: b: plain b.package) tf.backends;
+  # Each backend's server executable, from the package NixOS chose for it.
+  backendBinaries = lib.mapAttrs (_: b: b.binary or null) (tf.desiredState.backends or { });
   # Every option's type check runs when its value is forced: force the whole tree.
   optionCount = builtins.length (lib.collect lib.isOption options.services.tensorforge);
 }

@@ -101,6 +101,32 @@ let
     ollama = fake "ollama" { };
     # nixpkgs has no text-generation-inference: the attribute is missing, as there.
     writeText = name: text: fake name { fakeText = text; };
+    # RFC 42's JSON format, with the type as nixpkgs' pkgs/pkgs-lib/formats.nix builds it from
+    # lib.types (null, bool, int, float, string, path, and attribute sets and lists of those).
+    formats.json =
+      { }:
+      {
+        type =
+          let
+            valueType =
+              lib.types.nullOr (
+                lib.types.oneOf [
+                  lib.types.bool
+                  lib.types.int
+                  lib.types.float
+                  lib.types.str
+                  lib.types.path
+                  (lib.types.attrsOf valueType)
+                  (lib.types.listOf valueType)
+                ]
+              )
+              // {
+                description = "JSON value";
+              };
+          in
+          valueType;
+        generate = name: value: pkgs.writeText name (builtins.toJSON value);
+      };
     runCommand =
       name: env: script:
       fake name (

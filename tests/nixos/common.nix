@@ -23,38 +23,40 @@ in
 
   services.tensorforge = {
     enable = true;
-    models.smollm2 = {
-      source = "path:${smollm2}";
-      inherit (smollm2) file sha256;
-      format = "gguf";
-      aliases = [ "smollm2-135m" ];
+    settings = {
+      models.smollm2 = {
+        source = "path:${smollm2}";
+        inherit (smollm2) file sha256;
+        format = "gguf";
+        aliases = [ "smollm2-135m" ];
+      };
+      backends.smollm2-cpu =
+        {
+          kind = "llamacpp";
+          model = "smollm2";
+          port = 8080;
+        }
+        // (
+          if localBackend then
+            {
+              host = backendHost;
+              context_size = 2048;
+              parallel = 2;
+              threads = 1;
+            }
+          else
+            { url = remoteBackendUrl; }
+        );
+      gateway = {
+        enable = gateway;
+        host = "0.0.0.0";
+        port = 8000;
+        # Notice a dead backend quickly.
+        health_interval = 1;
+        connect_timeout = 2;
+      };
     };
-    backends.smollm2-cpu =
-      {
-        kind = "llamacpp";
-        model = "smollm2";
-        port = 8080;
-      }
-      // (
-        if localBackend then
-          {
-            host = backendHost;
-            contextSize = 2048;
-            parallel = 2;
-            threads = 1;
-            openFirewall = backendHost != "127.0.0.1";
-          }
-        else
-          { url = remoteBackendUrl; }
-      );
-    gateway = {
-      enable = gateway;
-      host = "0.0.0.0";
-      port = 8000;
-      openFirewall = true;
-      # Notice a dead backend quickly.
-      healthInterval = 1;
-      connectTimeout = 2;
-    };
+    backends.smollm2-cpu.openFirewall = localBackend && backendHost != "127.0.0.1";
+    gateway.openFirewall = true;
   };
 }

@@ -13,7 +13,7 @@
     {
       imports = [ (import ./common.nix { inherit self; }) ];
       specialisation.smaller-context.configuration = {
-        services.tensorforge.backends.smollm2-cpu.contextSize = lib.mkForce 1024;
+        services.tensorforge.settings.backends.smollm2-cpu.context_size = lib.mkForce 1024;
       };
     };
 
