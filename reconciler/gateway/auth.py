@@ -115,3 +115,19 @@ class ApiKeys:
             if hmac.compare_digest(digest, presented):
                 match = client
         return match
+
+
+def with_api_key_header(scope: dict) -> dict:
+    """`scope` with `X-API-Key: K` presented as `Authorization: Bearer K` when the client sent
+    no Authorization header (the earlier ML Offload API's clients use it): same checks, same
+    per-key limits, one code path."""
+    headers = scope["headers"]
+    key = None
+    for name, value in headers:
+        if name == b"authorization":
+            return scope
+        if name == b"x-api-key":
+            key = value
+    if key is None:
+        return scope
+    return {**scope, "headers": [*headers, (b"authorization", b"Bearer " + key)]}

@@ -17,9 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.openai_api import BodyTooLarge, read_body
-from reconciler.gateway.proxy import Answer, ProxyCall
+from reconciler.gateway.proxy import Answer
 from reconciler.gateway.sse import iter_events
 
 if TYPE_CHECKING:
@@ -196,16 +195,14 @@ class OllamaSurface:
             return ollama_error(g.reject(400, f"'{field}' must be {kind}", "invalid_request"))
         body = {"model": native.get("model", ""), "input": texts}
         raw = json.dumps(body).encode()  # serialized once: checked, then sent as it is
-        parsed = g.parse_request(raw, "/v1/embeddings")
-        if isinstance(parsed, Answer):
-            return ollama_error(parsed)
+        routed = await g.route(raw, "/v1/embeddings", dict(request.scope["headers"]))
+        if isinstance(routed, Answer):
+            return ollama_error(routed)
         key, refusal = g.admit(request.headers.get("authorization"))
         if refusal is not None:
             return ollama_error(refusal)
         try:
-            body, model = parsed
-            call = ProxyCall(Exchange("/v1/embeddings", body, body["model"]), raw, model, False,
-                             request.headers.get(g.spec.routing.affinity_header), key)  # fmt: skip
+            call = routed.call(False, request.headers.get(g.spec.routing.affinity_header), key)
             answer = await g.proxy.forward(call)
         finally:
             g.release_key(key)
@@ -239,15 +236,16 @@ class OllamaSurface:
             # An empty generate request is Ollama's way to load a model: answer done at once.
             return JSONResponse({"model": body["model"], "created_at": now_iso(), "response": "", "done": True})
         raw = json.dumps(body).encode()  # serialized once: checked, then sent as it is
-        parsed = g.parse_request(raw, endpoint)
-        if isinstance(parsed, Answer):
-            return ollama_error(parsed)
+        # Routed as the OpenAI surface routes: `auto` and placeholders, num_predict clamped.
+        routed = await g.route(raw, endpoint, dict(request.scope["headers"]))
+        if isinstance(routed, Answer):
+            return ollama_error(routed)
+        native["model"] = routed.requested  # for `auto`, the answer names the model chosen
         key, refusal = g.admit(request.headers.get("authorization"))
         if refusal is not None:
             return ollama_error(refusal)
-        body, model = parsed
         affinity = request.headers.get(g.spec.routing.affinity_header)
-        call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity, key)
+        call = routed.call(routed.body["stream"], affinity, key)
         try:
             answer = await g.proxy.forward(call)
         except BaseException:

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -53,6 +53,8 @@ class ProxyCall:
     stream: bool
     affinity_key: str | None = None
     client: str | None = None  # the API key's client name, when keys are on
+    eligible: frozenset[str] | None = None  # backends that fit the request (selection.py); None: all
+    trace: tuple[tuple[str, str], ...] = ()  # x-request-id and traceparent, sent to the backend
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Answer:
     body: bytes = b""
     stream: AsyncGenerator[bytes, None] | None = None
     retry_after: str | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
 
 
 def error_answer(status: int, message: str, code: str, retry_after: str | None = None) -> Answer:
@@ -93,7 +96,7 @@ class Proxy:
 
     async def forward(self, call: ProxyCall) -> Answer:
         started = time.perf_counter()
-        candidates = self.router.candidates(call.model, call.affinity_key)
+        candidates = self.router.candidates(call.model, call.affinity_key, call.eligible)
         if not candidates:
             self.metrics.rejected.labels("no_healthy_backend").inc()
             self.metrics.count(call.model, "none", "503", call.client)
@@ -152,6 +155,8 @@ class Proxy:
         if url is None:
             url = self._urls[target] = httpx.URL(target)
         headers = {**spec.headers, **upstream.headers} if upstream.headers else spec.headers
+        if call.trace:
+            headers = {**headers, **dict(call.trace)}
         request = httpx.Request(
             spec.method, url, content=spec.content, headers=headers, extensions={"timeout": self.timeout}
         )
@@ -161,6 +166,7 @@ class Proxy:
             async with asyncio.timeout(self.first_byte_timeout):
                 response = await self._send(request)
                 status = response.status_code
+                backend_id = response.headers.get("x-request-id")
                 # 502/503/504 and 429 say the backend (or what fronts it) cannot serve now: try
                 # another. A 500 is this request's answer: llama.cpp gives one for input it
                 # cannot handle (a malformed tool, an image to a text model), so treating it as
@@ -182,7 +188,7 @@ class Proxy:
                     upstream.record_success()
                     upstream.in_flight -= 1
                     self._record(call, upstream, status, started, content if status == 200 else None)
-                    return Answer(status, ctype, upstream.name, body=content)
+                    return Answer(status, ctype, upstream.name, body=content, headers=_backend_id(backend_id, call))
                 raw = response.aiter_raw()
                 chunks = raw if passthrough else adapter.convert_stream(call.exchange, raw)
                 first = await anext(chunks, b"")
@@ -204,7 +210,8 @@ class Proxy:
         self.metrics.child(self.metrics.ttft, call.model, upstream.name).observe(time.perf_counter() - started)
         stream = self._relay(first, chunks, response, upstream, call, started)
         await anext(stream)  # run it to its first yield: from here on, closing it cleans up
-        return Answer(200, EVENT_STREAM, upstream.name, stream=stream)
+        return Answer(200, EVENT_STREAM, upstream.name, stream=stream, headers=_backend_id(backend_id, call))
+
 
     async def _relay(
         self,
@@ -314,7 +321,9 @@ def openai_error(content: bytes, status: int) -> bytes:
     kind = error.get("type")
     code = error.get("code")
     shaped["type"] = kind if isinstance(kind, str) else shaped["type"]
-    shaped["code"] = code if isinstance(code, str) else kind if isinstance(kind, str) else None
+    # An integer code (llama.cpp's 400, vLLM's 404) stays one: clients compare it as sent.
+    keep = isinstance(code, str | int) and not isinstance(code, bool)
+    shaped["code"] = code if keep else kind if isinstance(kind, str) else None
     shaped["param"] = error.get("param") if isinstance(error.get("param"), str) else None
     extra = {k: v for k, v in error.items() if k not in shaped and error is not body}
     return json.dumps({**body, "error": {**shaped, **extra}}).encode()
@@ -338,3 +347,10 @@ def _describe(exc: BaseException) -> str:
     cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
     text = str(cause) or type(cause).__name__
     return f"{type(cause).__name__}: {text}"[:300]
+
+
+def _backend_id(backend_id: str | None, call: ProxyCall) -> list[tuple[bytes, bytes]]:
+    """The backend's own request id, when it is not the one we sent: kept for tracing."""
+    if backend_id is None or (("x-request-id", backend_id) in call.trace):
+        return []
+    return [(b"x-backend-request-id", backend_id.encode("latin-1", "replace"))]
