@@ -118,16 +118,12 @@ class ApiKeys:
 
 
 def with_api_key_header(scope: dict) -> dict:
-    """`scope` with `X-API-Key: K` presented as `Authorization: Bearer K` when the client sent
-    no Authorization header (the earlier ML Offload API's clients use it): same checks, same
-    per-key limits, one code path."""
+    """`scope` with `X-API-Key: K` presented as `Authorization: Bearer K` (the earlier ML
+    Offload API's clients send it): same checks, same per-key limits, one code path. It wins
+    over an Authorization header: SDKs send a placeholder bearer when given a custom header."""
     headers = scope["headers"]
-    key = None
-    for name, value in headers:
-        if name == b"authorization":
-            return scope
-        if name == b"x-api-key":
-            key = value
+    key = next((value for name, value in headers if name == b"x-api-key"), None)
     if key is None:
         return scope
-    return {**scope, "headers": [*headers, (b"authorization", b"Bearer " + key)]}
+    kept = [(n, v) for n, v in headers if n != b"authorization"]
+    return {**scope, "headers": [*kept, (b"authorization", b"Bearer " + key)]}

@@ -21,7 +21,6 @@ from reconciler.gateway.router import Upstream
 from reconciler.gateway.selection import (
     ENDPOINT_CAPABILITY,
     MAX_FIELDS,
-    TEMPLATE_TOKENS,
     Needs,
     Refusal,
     choose,
@@ -129,5 +128,5 @@ async def count_tokens(client: httpx.AsyncClient, needs: Needs, pool: list[Upstr
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.debug("counting tokens on %s failed: %s", upstream.name, exc)
             continue
-        return int(tokens) + TEMPLATE_TOKENS * needs.messages
+        return int(tokens) + needs.template_tokens
     return None

@@ -28,6 +28,7 @@ PROMPT_FIELDS = ("messages", "prompt", "input", "system", "instructions", "tools
 # the backend judges them, as it did before automatic selection existed.
 HARD_NEEDS = frozenset(("embedding", "vision", *ENDPOINT_CAPABILITY.values()))
 TEMPLATE_TOKENS = 8  # what a chat template adds per message (role markers), at most, in common templates
+PREAMBLE_TOKENS = 32  # and once per chat: a default system prompt some templates add (SmolLM2's: 20)
 BYTES_PER_TOKEN = 3  # an estimate on the high side: English runs about 4 bytes per token
 
 
@@ -38,6 +39,11 @@ class Needs:
     messages: int
     max_tokens: int | None
     capabilities: frozenset[str]
+
+    @property
+    def template_tokens(self) -> int:
+        """What a chat template adds to the text's own tokens, at most."""
+        return TEMPLATE_TOKENS * self.messages + (PREAMBLE_TOKENS if self.endpoint == "/v1/chat/completions" else 0)
 
     def describe(self, prompt_tokens: int, counted: bool) -> str:
         total = prompt_tokens + (self.max_tokens or 0)
@@ -90,7 +96,7 @@ def _is_count(value) -> bool:
 def estimate_tokens(needs: Needs) -> int:
     """A fast count on the high side, for backends without a tokenizer endpoint and for
     deciding whether an exact count is needed at all."""
-    return len(needs.text.encode()) // BYTES_PER_TOKEN + 1 + TEMPLATE_TOKENS * needs.messages
+    return len(needs.text.encode()) // BYTES_PER_TOKEN + 1 + needs.template_tokens
 
 
 @dataclass(frozen=True)
