@@ -29,6 +29,7 @@
     strategy = "least-load";
     affinityHeader = "x-session-id";
     fallbacks = { };
+    modelAliases = { };
   };
   monitoring = {
     enable = false;

@@ -39,7 +39,7 @@ let
     // record {
       models = named { };
       backends = named { environment = verbatim; };
-      gateway = record { routing = record { fallbacks = verbatim; }; };
+      gateway = record { routing = record { fallbacks = verbatim; modelAliases = verbatim; }; cors = record { }; };
       monitoring = record { };
     } settings;
 in

@@ -151,6 +151,13 @@ in
       example = 2;
       description = "Models Ollama keeps loaded at once.";
     };
+    capabilities = mkOption {
+      type = types.nullOr (types.listOf (types.enum [ "completion" "tools" "json_schema" "vision" "embedding"
+        "thinking" "rerank" "insert" "responses" "messages" "tokenize" ]));
+      default = null;
+      example = [ "completion" "tools" "vision" ];
+      description = "What this backend can do, overriding what its kind and model file say (automatic routing).";
+    };
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = d.extraArgs;

@@ -60,6 +60,34 @@ in
       example = literalExpression ''{ qwen3-235b = [ "smollm2" ]; }'';
       description = "Model -> models to try, in order, when no backend for it is healthy.";
     };
+    defaultModel = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "smollm2";
+      description = "Model (or alias) for requests without `model`; null chooses automatically, as `auto` does.";
+    };
+    modelAliases = mkOption {
+      type = types.attrsOf types.str;
+      default = r.modelAliases;
+      example = literalExpression ''{ "local-*" = "auto"; current-model = "qwen-32b"; }'';
+      description = ''
+        Names clients send (shell patterns allowed) -> a model, an alias or `auto`. The
+        placeholders auto, default, current-model, local-model, local-llamacpp and local mean
+        `auto` (chosen by context need, capabilities, then load) unless mapped here.
+      '';
+    };
+  };
+  cors = mkOption {
+    type = types.submodule {
+      options.allowOrigins = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "https://chat.example.org" ];
+        description = "Browser origins allowed to call the API (`*`: any); empty refuses preflights.";
+      };
+    };
+    default = { };
+    description = "CORS for browser clients; never applied to `/metrics`.";
   };
   maxBodyBytes = mkOption {
     type = types.ints.positive;
