@@ -183,3 +183,18 @@ def test_a_backends_integer_error_code_stays_an_integer(captured):
     base, _ = captured
     response = httpx.post(base + "/v1/chat/completions", json={"model": "big", "user": "fail", "messages": []})
     assert response.status_code == 400 and response.json()["error"]["code"] == 400
+
+
+def test_status_shows_the_routing_table(tmp_path, state_dir, capsys):
+    import yaml
+
+    from reconciler.cli import main
+
+    config = tmp_path / "host.yaml"
+    config.write_text(yaml.safe_dump(state(TWO, model_aliases={"local-*": "big"}).model_dump(mode="json", exclude_none=True)))
+    main(["status", "--json", "--config", str(config)])
+    routing = json.loads(capsys.readouterr().out)["routing"]
+    assert routing["model_aliases"]["local-*"] == "big" and routing["model_aliases"]["current-model"] == "auto"
+    assert routing["backends"]["s"]["context_per_request"] == 1024 and routing["backends"]["b"]["context_per_request"] == 8192
+    main(["status", "--config", str(config)])
+    assert "local-* -> big" in capsys.readouterr().out
