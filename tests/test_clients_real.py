@@ -6,6 +6,7 @@ x-request-id; and the pass-through endpoints (/v1/responses, /tokenize, /v1/mess
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -216,3 +217,15 @@ def test_v1_models_shows_the_routing_table(gateway):
     assert table["model_aliases"]["local-llamacpp"] == "auto"
     assert table["backends"]["small"]["context_per_request"] == 1024
     assert table["backends"]["big"]["context_per_request"] == 4096
+
+
+def test_the_websocket_endpoint_takes_auto_too(gateway):
+    from websockets.sync.client import connect
+
+    body = {"model": "local", "messages": HELLO, "max_tokens": 4}
+    with connect(gateway.replace("http", "ws") + "/v1/ws", additional_headers={"X-API-Key": KEY}) as ws:
+        ws.send(json.dumps({"id": "a", "body": body}))
+        kinds = []
+        while (message := json.loads(ws.recv(timeout=60)))["type"] != "done":
+            kinds.append(message["type"])
+        assert kinds and set(kinds) == {"chunk"}

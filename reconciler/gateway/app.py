@@ -42,7 +42,7 @@ from reconciler.gateway.openapi import openapi_document
 from reconciler.gateway.proxy import Answer, Proxy, error_answer
 from reconciler.gateway.reload import StateWatcher
 from reconciler.gateway.request_id import with_request_id
-from reconciler.gateway.routed import Routed, route_request
+from reconciler.gateway.routed import Routed, auto_model, route_request
 from reconciler.gateway.router import Router, RoutingTable
 from reconciler.gateway.transport import LeanTransport
 from reconciler.gateway.websocket import websocket_endpoint
@@ -251,16 +251,20 @@ class Gateway:
     def parse_request(self, raw: bytes, endpoint: str | None = None) -> tuple[dict, str] | Answer:
         """(body, canonical model) or the error answer for a bad request. With `endpoint`,
         the fields the gateway and its adapters read are checked too: a malformed request is
-        the client's 400, never a backend failure."""
+        the client's 400, never a backend failure. `auto` and placeholders choose by the
+        estimate only (no tokenizer call, no clamping): `route` is the full path."""
         body = parse_json(raw)
         if isinstance(body, tuple):
             return self.reject(400, *body)
         requested = body.get("model")
         if not isinstance(requested, str) or not requested:
             return self.reject(400, "'model' is required and must be a string", "missing_model")
-        model = self.router.resolve(requested)
-        if model is None:
+        resolution = self.table.resolve_request(requested)
+        if resolution is None:
             return self.unknown_model(requested)
+        model = resolution.model or auto_model(self.table, endpoint or "/v1/chat/completions", body)
+        if model is None:
+            return self.reject(503, f"auto ({requested!r}): no backend can answer this request", "no_healthy_backend")
         if endpoint is not None:
             problem = check_fields(endpoint, body)
             if problem is not None:

@@ -17,10 +17,11 @@ from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.openai_api import check_fields, parse_json
 from reconciler.gateway.proxy import Answer, ProxyCall
 from reconciler.gateway.request_id import trace_headers
-from reconciler.gateway.router import Upstream
+from reconciler.gateway.router import RoutingTable, Upstream
 from reconciler.gateway.selection import (
     ENDPOINT_CAPABILITY,
     MAX_FIELDS,
+    Choice,
     Needs,
     Refusal,
     choose,
@@ -107,6 +108,14 @@ async def route_request(gateway: Gateway, raw: bytes, endpoint: str, headers: di
         raw = json.dumps(body).encode()
     name = choice.model if resolution.chosen_by_gateway else requested or choice.model
     return Routed(endpoint, body, raw, choice.model, name, choice.eligible, out, trace)
+
+
+def auto_model(table: RoutingTable, endpoint: str, body: dict) -> str | None:
+    """For callers that cannot wait for a tokenizer (the WebSocket's parse_request): the model
+    `auto` picks by the estimate alone; None when no backend can answer."""
+    needs = request_needs(endpoint, body)
+    choice = choose(needs, list(table.upstreams.values()), estimate_tokens(needs), False, "auto")
+    return choice.model if isinstance(choice, Choice) else None
 
 
 async def count_tokens(client: httpx.AsyncClient, needs: Needs, pool: list[Upstream]) -> int | None:
