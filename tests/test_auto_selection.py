@@ -105,6 +105,22 @@ def test_capabilities_steer_auto_and_hard_needs_refuse_a_named_model():
     assert isinstance(embed, Refusal) and "backends.s.extra_args" in embed.message and "--embeddings" in embed.message
 
 
+def test_a_remote_servers_unseen_flags_are_its_to_judge_but_images_are_not():
+    remote = table_upstreams(state({"r": backend("llamacpp", "small", 2048)}))  # url: flags unseen
+    embed = request_needs("/v1/embeddings", {"input": "x"})
+    assert isinstance(choose(embed, remote, 1, True, "model small", auto=False), Choice)
+    image = request_needs("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})  # fmt: skip
+    refused = choose(image, remote, 1, True, "model small", auto=False)
+    assert isinstance(refused, Refusal) and refused.code == "model_not_vision"
+
+
+def test_a_corrupt_model_file_is_a_warning_not_a_hang(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (2**62).to_bytes(8, "little"))
+    assert read_metadata(bad) is None
+
+
 def test_capabilities_from_the_model_file_and_the_desired_state(smollm2_path: Path):
     template = "{% if tools %}{{ tools | tojson }}{% endif %}<think>"
     assert model_capabilities({"tokenizer.chat_template": template}, None, "llamacpp") == [

@@ -5,6 +5,8 @@ else from its kind, model file and flags)."""
 from __future__ import annotations
 
 import logging
+import mmap
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,21 +75,65 @@ def gguf_metadata(model: str, state: DesiredState) -> dict | None:
 
 
 def read_metadata(path: Path) -> dict | None:
+    """The capability keys of a GGUF file's header, read without the tensor table (gguf's
+    GGUFReader parses all of it: 10 s for SmolLM2 on a busy host; this takes milliseconds).
+    Every length is checked against the file, so a corrupt file is a warning, not a hang."""
     try:
-        from gguf import GGUFReader
-
-        from reconciler.models.gguf_info import check_gguf
-
-        check_gguf(path)
-        reader = GGUFReader(str(path))
-    except (ImportError, OSError, ValueError) as exc:
+        with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _header_values(data)
+    except (OSError, ValueError, struct.error) as exc:
         log.warning("cannot read capabilities from %s: %s", path, exc)
         return None
-    wanted = {}
-    for key, field in reader.fields.items():
-        if key in _GGUF_KEYS or key.endswith(".pooling_type"):
-            wanted[key] = field.contents()
-    return wanted
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _header_values(data: mmap.mmap) -> dict:
+    if data[:4] != b"GGUF":
+        raise ValueError("not a GGUF file")
+    _, _, count = struct.unpack_from("<IQQ", data, 4)
+    at, found = 24, {}
+
+    def string(at: int) -> tuple[bytes, int]:
+        (n,) = struct.unpack_from("<Q", data, at)
+        if at + 8 + n > len(data):
+            raise ValueError("a string runs past the end of the file")
+        return data[at + 8 : at + 8 + n], at + 8 + n
+
+    def skip(kind: int, at: int) -> int:
+        if kind in _SCALARS:
+            return at + struct.calcsize(_SCALARS[kind])
+        if kind == _STRING:
+            return string(at)[1]
+        raise ValueError(f"unknown value type {kind}")
+
+    for _ in range(count):
+        key, at = string(at)
+        (kind,) = struct.unpack_from("<I", data, at)
+        at += 4
+        name = key.decode("utf-8", "replace")
+        wanted = name in _GGUF_KEYS or name.endswith(".pooling_type")
+        if kind == _ARRAY:
+            item, n = struct.unpack_from("<IQ", data, at)
+            at += 12
+            if item in _SCALARS:  # fixed size: one jump
+                at += n * struct.calcsize(_SCALARS[item])
+            else:
+                for _ in range(n):
+                    at = skip(item, at)
+            if at > len(data):
+                raise ValueError("an array runs past the end of the file")
+        elif wanted and kind == _STRING:
+            value, at = string(at)
+            found[name] = value.decode("utf-8", "replace")
+        elif wanted and kind in _SCALARS:
+            (found[name],) = struct.unpack_from(_SCALARS[kind], data, at)
+            at = skip(kind, at)
+        else:
+            at = skip(kind, at)
+    return found
 
 
 @dataclass(frozen=True)
@@ -95,10 +141,21 @@ class BackendInfo:
     kind: str
     context: int | None  # tokens per request (request_context)
     capabilities: frozenset[str]
+    # Declared, or read from a server this host starts. A server declared by URL was started
+    # with flags (and a model file) this host cannot see: what it lacks here, it may have.
+    certain: bool = True
 
 
 def backend_infos(state: DesiredState) -> dict[str, BackendInfo]:
     return {
-        name: BackendInfo(b.kind, request_context(b), backend_capabilities(name, state))
+        name: BackendInfo(b.kind, request_context(b), backend_capabilities(name, state),
+                          certain=b.managed or b.capabilities is not None)  # fmt: skip
         for name, b in state.backends.items()
     }
+
+
+def lacks_hint(name: str, backend: BackendInfo, managed: bool = True) -> str:
+    """How to give backend `name` embeddings, for the 400 a request without them gets."""
+    if backend.kind == "llamacpp" and not managed:
+        return "start that llama-server with '--embeddings' (and '--pooling mean' for a chat model)"
+    return EMBEDDING_SETTING.get(backend.kind, EMBEDDING_SETTING["openai"]).format(name=name)

@@ -128,6 +128,8 @@ class OpenAIEndpoints:
         watcher = asyncio.ensure_future(_watch_disconnect(receive, task, gone))
         try:
             answer = await self.gateway.proxy.forward(call)
+            if answer.status == 501:  # clients retry a 5xx: this one is the request's 400
+                answer = not_implemented(answer, call, self.gateway)
             answer.headers += extra
             if answer.status >= 400:
                 log.info("request %s: %s %s", dict(call.trace).get("x-request-id"), answer.status, answer.body[:300])
@@ -140,6 +142,22 @@ class OpenAIEndpoints:
             pass  # the client's socket broke while we wrote to it
         finally:
             watcher.cancel()  # not awaited: that would cost the request a loop turn
+
+
+def not_implemented(answer: Answer, call: ProxyCall, gateway: Gateway) -> Answer:
+    """A backend's 501 (llama.cpp's "start it with --embeddings") as a 400 that names the
+    backend and what enables the endpoint there."""
+    from reconciler.gateway.backend_info import lacks_hint
+
+    upstream = gateway.table.upstreams.get(answer.backend)
+    said = json.loads(answer.body).get("error", {}).get("message", "not implemented")
+    hint = ""
+    if upstream is not None and call.exchange.endpoint == "/v1/embeddings":
+        hint = "; " + lacks_hint(upstream.name, upstream.info, managed=upstream.info.certain)
+    fixed = error_answer(400, f"backend {answer.backend} does not serve {call.exchange.endpoint}: {said}{hint}",
+                         "unsupported_by_backend")  # fmt: skip
+    fixed.backend, fixed.headers = answer.backend, answer.headers
+    return fixed
 
 
 def _log_refusal(headers: dict[bytes, bytes], answer: Answer) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from reconciler.gateway.backend_info import EMBEDDING_SETTING
+from reconciler.gateway.backend_info import lacks_hint
 from reconciler.gateway.router import Upstream
 
 # What each endpoint needs a backend to offer (see reconciler/models/capabilities.py).
@@ -130,6 +130,10 @@ def choose(
     'model smollm2')."""
     wanted_caps = needs.capabilities if auto else needs.capabilities & HARD_NEEDS
     capable = [u for u in pool if wanted_caps <= u.capabilities]
+    # A server declared by URL may have what its flags (unseen here) give it: it judges, and
+    # says 501 for embeddings (made a 400 on the way back). Not images: llama.cpp answers
+    # those with a 500, so a remote vision server declares capabilities: [vision].
+    capable = capable or [u for u in pool if not u.info.certain and "vision" not in wanted_caps - u.capabilities]
     if not capable:
         return _incapable(wanted_caps, pool, label)
     now = time.monotonic()
@@ -175,7 +179,7 @@ def _incapable(wanted: frozenset[str], pool: list[Upstream], label: str) -> Refu
     names = ", ".join(f"{u.name} ({u.kind})" for u in pool) or "none"
     if "embedding" in missing and pool:
         first = pool[0]
-        setting = EMBEDDING_SETTING.get(first.kind, EMBEDDING_SETTING["openai"]).format(name=first.name)
+        setting = lacks_hint(first.name, first.info)
         return Refusal(400, f"{label}: backend {first.name} ({first.kind}) does not serve embeddings; {setting}",
                        "embeddings_not_enabled")  # fmt: skip
     if "vision" in missing:
