@@ -28,6 +28,7 @@ from reconciler.gateway.selection import (
     context_decides,
     endpoint_unsupported,
     estimate_tokens,
+    plainly_fits,
     request_needs,
 )
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 TOKENIZE_TIMEOUT = 2.0  # an exact count is worth this much; past it, the estimate decides
 CORE_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings"))
+TEXT_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions"))
 NO_CONTEXT = frozenset(("/tokenize", "/detokenize"))  # they generate nothing
 
 
@@ -74,10 +76,12 @@ async def route_request(gateway: Gateway, raw: bytes, endpoint: str, headers: di
     if resolution.model is None:
         pool, label = everyone, f"auto ({requested!r})" if requested else "auto (no model)"
     else:
-        pool, label = gateway.router.members(resolution.model), f"model {resolution.model}"
+        pool, label = [u for u in everyone if u.model == resolution.model], f"model {resolution.model}"
     if not pool:  # declared without a backend: the proxy answers 503 naming why
         model = resolution.model or ""
         return Routed(endpoint, body, raw, model, requested or model, None, [], trace)
+    if resolution.via == "name" and endpoint in TEXT_ENDPOINTS and b"image" not in raw and plainly_fits(len(raw), body, pool):
+        return Routed(endpoint, body, raw, resolution.model, requested, None, [], trace)  # type: ignore[arg-type]
     if endpoint not in CORE_ENDPOINTS and not any(ENDPOINT_CAPABILITY[endpoint] in u.capabilities for u in pool):
         refusal = endpoint_unsupported(endpoint, requested or "auto", pool, everyone)
         return gateway.reject(refusal.status, refusal.message, refusal.code)

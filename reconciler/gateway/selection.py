@@ -115,6 +115,15 @@ class Refusal:
     code: str
 
 
+def plainly_fits(raw_size: int, body: dict, pool: list[Upstream]) -> bool:
+    """For a named model's text request, whether every backend surely takes it: the whole
+    body's bytes bound its prompt, so nothing needs counting and no choice is left to make.
+    The hot path: most requests end here."""
+    asked = [v for f in MAX_FIELDS if _is_count(v := body.get(f))]
+    need = raw_size // BYTES_PER_TOKEN + PREAMBLE_TOKENS + (max(asked) if asked else 1)
+    return all("completion" in u.capabilities and (u.context is None or u.context >= need) for u in pool)
+
+
 def context_decides(needs: Needs, pool: list[Upstream], prompt_tokens: int) -> bool:
     """Whether an estimate of `prompt_tokens` leaves any backend short: only then is an exact
     count worth a call to a backend's tokenizer."""
