@@ -124,12 +124,18 @@ def test_a_corrupt_model_file_is_a_warning_not_a_hang(tmp_path):
 def test_capabilities_from_the_model_file_and_the_desired_state(smollm2_path: Path):
     template = "{% if tools %}{{ tools | tojson }}{% endif %}<think>"
     assert model_capabilities({"tokenizer.chat_template": template}, None, "llamacpp") == [
-        "completion", "json_schema", "messages", "responses", "thinking", "tokenize", "tools"]  # fmt: skip
-    assert "embedding" in model_capabilities({"bert.pooling_type": 1}, None, "llamacpp")
-    assert "rerank" in model_capabilities({"bert.pooling_type": 4}, None, "llamacpp")
+        "completion", "tools", "thinking"]  # fmt: skip
+    assert model_capabilities({"general.architecture": "bert", "bert.pooling_type": 1}, None, "llamacpp") == ["embedding"]
     assert model_capabilities({"tokenizer.chat_template": template}, ["completion"], "llamacpp") == ["completion"]
-    smollm2 = read_metadata(smollm2_path)  # its template has no tools and no thinking
-    assert "tools" not in model_capabilities(smollm2, None, "llamacpp")
+    smollm2 = read_metadata(smollm2_path)  # its template has no tools nor thinking, its vocabulary no FIM
+    assert len(smollm2["tokenizer.ggml.tokens"]) == 49152
+    assert model_capabilities(smollm2, None, "llamacpp") == ["completion"]
+    managed = DesiredState.model_validate({
+        "models": {"smollm2": {"source": f"path:{smollm2_path}"}},
+        "backends": {"cpu": {"kind": "llamacpp", "model": "smollm2", "port": 1, "extra_args": ["--embeddings"]}},
+    })  # fmt: skip
+    caps = RoutingTable.from_state(managed).upstreams["cpu"].capabilities
+    assert {"completion", "embedding", "tokenize", "responses", "messages"} <= caps and "tools" not in caps
 
 
 class Capturing:

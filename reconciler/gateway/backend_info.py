@@ -14,8 +14,17 @@ from reconciler.config.schema import BackendSpec, DesiredState
 from reconciler.models.capabilities import model_capabilities
 
 log = logging.getLogger(__name__)
-# GGUF keys that say what a model can do (see model_capabilities).
-_GGUF_KEYS = ("tokenizer.chat_template", "tokenizer.ggml.fim_pre_token_id", "clip.has_vision_encoder")
+# GGUF keys that say what a model can do (see model_capabilities); also every `*.pooling_type`,
+# `clip.*` and `*.vision.*` key and the fill-in-the-middle token ids.
+_GGUF_KEYS = ("general.architecture", "tokenizer.chat_template", "tokenizer.ggml.tokens")
+# What each kind's server offers whatever the model (model_capabilities says what the model adds).
+SERVER_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "llamacpp": ("json_schema", "tokenize", "messages", "responses"),
+    "vllm": ("completion", "tools", "json_schema", "tokenize", "messages", "responses"),
+    "tgi": ("completion", "tools", "json_schema"),
+    "ollama": ("completion", "tools", "json_schema", "embedding"),  # /api/embed works with any model
+    "openai": ("completion", "tools", "json_schema", "responses", "embedding"),
+}
 # llama-server flags that switch on endpoints whatever the model (its --embeddings, --reranking).
 _LLAMACPP_FLAGS = {"--embeddings": "embedding", "--embedding": "embedding", "--reranking": "rerank",
                    "--rerank": "rerank", "--mmproj": "vision"}  # fmt: skip
@@ -48,7 +57,7 @@ def backend_capabilities(name: str, state: DesiredState) -> frozenset[str]:
         return frozenset(backend.capabilities)
     metadata = gguf_metadata(backend.model, state) if backend.kind == "llamacpp" else None
     kind = backend.kind if backend.wire_protocol != "openai" else "openai"
-    found = set(model_capabilities(metadata, None, kind))
+    found = set(model_capabilities(metadata, None, backend.kind)) | set(SERVER_CAPABILITIES[kind])
     if backend.kind == "llamacpp":
         # llama-server serves embeddings and reranking only when started for them.
         found -= {"embedding", "rerank"}
@@ -114,17 +123,25 @@ def _header_values(data: mmap.mmap) -> dict:
         (kind,) = struct.unpack_from("<I", data, at)
         at += 4
         name = key.decode("utf-8", "replace")
-        wanted = name in _GGUF_KEYS or name.endswith(".pooling_type")
+        wanted = name in _GGUF_KEYS or name.endswith(".pooling_type") or name.startswith(
+            ("clip.", "tokenizer.ggml.fim_")) or ".vision." in name  # fmt: skip
         if kind == _ARRAY:
             item, n = struct.unpack_from("<IQ", data, at)
             at += 12
+            strings: list[str] = []
             if item in _SCALARS:  # fixed size: one jump
                 at += n * struct.calcsize(_SCALARS[item])
             else:
                 for _ in range(n):
-                    at = skip(item, at)
+                    if wanted and item == _STRING:
+                        value, at = string(at)
+                        strings.append(value.decode("utf-8", "replace"))
+                    else:
+                        at = skip(item, at)
             if at > len(data):
                 raise ValueError("an array runs past the end of the file")
+            if wanted:
+                found[name] = strings
         elif wanted and kind == _STRING:
             value, at = string(at)
             found[name] = value.decode("utf-8", "replace")

@@ -96,7 +96,7 @@ class Proxy:
 
     async def forward(self, call: ProxyCall) -> Answer:
         started = time.perf_counter()
-        candidates = self.router.candidates(call.model, call.affinity_key, call.eligible)
+        candidates = self.router.candidates(call.model, call.affinity_key, eligible=call.eligible)
         if not candidates:
             self.metrics.rejected.labels("no_healthy_backend").inc()
             self.metrics.count(call.model, "none", "503", call.client)

@@ -229,7 +229,7 @@ class Router:
         return [u for u in self.table.upstreams.values() if u.model == model]
 
     def candidates(
-        self, model: str, affinity_key: str | None = None, eligible: frozenset[str] | None = None
+        self, model: str, affinity_key: str | None = None, *, eligible: frozenset[str] | None = None
     ) -> list[Upstream]:
         """Available backends for `model` in the order to try them, then its fallbacks'.
         `eligible` (from selection) keeps only the backends that fit the request."""

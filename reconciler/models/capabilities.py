@@ -1,41 +1,82 @@
-"""What a model served by a backend kind can do, from what the operator declared, else from
-the kind's server and the model file's own metadata (GGUF key/values). Pure: no file or
-network access here; callers read the metadata."""
+"""What a model can do, in Ollama's vocabulary (completion, tools, insert, vision, embedding,
+thinking), derived from its GGUF metadata the way Ollama derives it from its model files,
+unless the desired state declares the list. Pure: no file, process or network here (read
+the metadata with `reconciler.models.gguf_metadata.read_gguf_metadata`)."""
 
 from __future__ import annotations
 
-# What each kind's server offers for any model it loads (the model may add more, below).
-KIND_CAPABILITIES: dict[str, tuple[str, ...]] = {
-    "llamacpp": ("completion", "json_schema", "tokenize", "messages", "responses"),
-    "vllm": ("completion", "tools", "json_schema", "tokenize", "messages", "responses"),
-    "tgi": ("completion", "tools", "json_schema"),
-    "ollama": ("completion", "tools", "json_schema", "embedding"),  # /api/embed works with any model
-    "openai": ("completion", "tools", "json_schema", "responses", "embedding"),
-}
-POOLING_RANK = 4  # llama_pooling_type LLAMA_POOLING_TYPE_RANK: a reranker
+CAPABILITIES = ("completion", "tools", "insert", "vision", "embedding", "thinking")
+
+# Encoder-only architectures: they embed, they do not generate.
+ENCODERS = frozenset(
+    ("bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "t5encoder", "modern-bert")
+)
+# Fill-in-the-middle token spellings (StarCoder/SmolLM, Qwen, CodeLlama, DeepSeek-Coder), as
+# llama.cpp looks for them when the GGUF has no explicit fim_*_token_id keys.
+FIM_TOKENS = (
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("▁<PRE>", "▁<SUF>", "▁<MID>"),
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+)
+FIM_KEYS = (
+    "tokenizer.ggml.fim_pre_token_id",
+    "tokenizer.ggml.fim_suf_token_id",
+    "tokenizer.ggml.fim_mid_token_id",
+)
+THINKING_MARKERS = ("<think>", "enable_thinking", "reasoning_content", "<|channel|>analysis")
+# Kinds whose server answers a fill-in-the-middle request (llama.cpp's /infill, Ollama's suffix).
+FIM_KINDS = frozenset(("llamacpp", "ollama"))
 
 
-def model_capabilities(gguf_metadata: dict | None, declared: list[str] | None, kind: str) -> list[str]:
-    """Sorted capability names. `declared` (the desired state's list) wins outright; otherwise
-    the kind's own, plus what the GGUF metadata shows: a chat template that takes `tools` or
-    emits thinking, fill-in-the-middle tokens, a vision encoder, a pooling type."""
+def model_capabilities(
+    gguf_metadata: dict | None, declared: list[str] | None, kind: str
+) -> list[str]:
+    """The model's capabilities in CAPABILITIES order. `declared` (the desired state's list)
+    wins; without metadata (safetensors on vLLM/TGI, a model Ollama holds) only completion is
+    assumed. `kind` is the backend kind: only llama.cpp and Ollama serve fill-in-the-middle."""
     if declared is not None:
-        return sorted(set(declared))
-    found = set(KIND_CAPABILITIES.get(kind, ("completion",)))
-    meta = gguf_metadata or {}
-    template = meta.get("tokenizer.chat_template")
-    if isinstance(template, str):
+        unknown = sorted(set(declared) - set(CAPABILITIES))
+        if unknown:
+            raise ValueError(
+                f"unknown capabilities {unknown}; choose from {', '.join(CAPABILITIES)}"
+            )
+        return [c for c in CAPABILITIES if c in declared]
+    if not gguf_metadata:
+        return ["completion"]
+    meta = gguf_metadata
+    arch = str(meta.get("general.architecture", ""))
+    template = str(meta.get("tokenizer.chat_template") or "")
+    found: set[str] = set()
+    # Ollama's rule: a pooling type means an embedding model, otherwise a generating one.
+    if f"{arch}.pooling_type" in meta or arch in ENCODERS:
+        found.add("embedding")
+    else:
+        found.add("completion")
         if "tools" in template:
             found.add("tools")
-        if "<think>" in template or "enable_thinking" in template or "reasoning_content" in template:
+        if any(marker in template for marker in THINKING_MARKERS):
             found.add("thinking")
-    if kind == "llamacpp" and meta.get("tokenizer.ggml.fim_pre_token_id") is not None:
-        found.add("insert")
-    if meta.get("clip.has_vision_encoder"):
+        if kind in FIM_KINDS and _has_fim(meta):
+            found.add("insert")
+    if _has_vision(meta, arch):
         found.add("vision")
-    pooling = next((v for k, v in meta.items() if k.endswith(".pooling_type")), None)
-    if pooling == POOLING_RANK:
-        found.add("rerank")
-    elif pooling:
-        found.add("embedding")
-    return sorted(found)
+    return [c for c in CAPABILITIES if c in found]
+
+
+def _has_fim(meta: dict) -> bool:
+    if all(key in meta for key in FIM_KEYS):
+        return True
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list | tuple):
+        return False
+    vocab = set(tokens)
+    return any(all(t in vocab for t in triple) for triple in FIM_TOKENS)
+
+
+def _has_vision(meta: dict, arch: str) -> bool:
+    """A vision projector: llama.cpp's mmproj file (`clip.*` keys) merged into the metadata,
+    or a model with its vision tower inside (Ollama's newer engine: `<arch>.vision.*`)."""
+    if meta.get("clip.has_vision_encoder") is True:
+        return True
+    return any(key.startswith((f"{arch}.vision.", "clip.vision.")) for key in meta)
