@@ -28,6 +28,8 @@ SERVER_CAPABILITIES: dict[str, tuple[str, ...]] = {
 # llama-server flags that switch on endpoints whatever the model (its --embeddings, --reranking).
 _LLAMACPP_FLAGS = {"--embeddings": "embedding", "--embedding": "embedding", "--reranking": "rerank",
                    "--rerank": "rerank", "--mmproj": "vision"}  # fmt: skip
+# Kinds whose endpoints depend on the server's flags (--embeddings, --runner pooling).
+FLAG_KINDS = frozenset(("llamacpp", "vllm"))
 # Where each kind's embeddings are switched on: named in the 400 a request gets without them.
 EMBEDDING_SETTING = {
     "llamacpp": "add '--embeddings' (and '--pooling mean' for a chat model) to backends.{name}.extra_args",
@@ -166,7 +168,7 @@ class BackendInfo:
 def backend_infos(state: DesiredState) -> dict[str, BackendInfo]:
     return {
         name: BackendInfo(b.kind, request_context(b), backend_capabilities(name, state),
-                          certain=b.managed or b.capabilities is not None)  # fmt: skip
+                          certain=b.managed or b.capabilities is not None or b.kind not in FLAG_KINDS)  # fmt: skip
         for name, b in state.backends.items()
     }
 
