@@ -83,7 +83,8 @@ def test_embeddings_are_refused_with_the_reason(tgi):
     _, gateway = tgi
     response = httpx.post(f"{gateway}/v1/embeddings", json={"model": "m", "input": "x"})
     assert response.status_code == 400
-    assert "TGI backends do not serve /v1/embeddings" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert "backend tgi (tgi) does not serve embeddings" in message and "text-embeddings-inference" in message
 
 
 async def _pieces(*pieces: bytes):

@@ -161,3 +161,33 @@ def test_byte_order_mark_and_non_utf8_input(tmp_path):
     latin.write_bytes(b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=rf"{latin}: not UTF-8 text .*save it as UTF-8"):
         list(iter_results(latin))
+
+
+CHAT_COMPLETION = {  # what llama-server (and the earlier run.sh) wrote: a raw chat completion
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "smollm2",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+}  # fmt: skip
+
+
+def test_a_raw_chat_completion_is_read_as_a_result_and_old_format_names_work(tmp_path, capsys):
+    source = tmp_path / "llama.json"
+    source.write_text(json.dumps(CHAT_COMPLETION, indent=2))
+    for fmt, expect in (("text", "Paris."), ("markdown", "> Paris."), ("csv", "Paris.,smollm2")):
+        target = tmp_path / f"out.{fmt}"
+        assert main(["export", "-i", str(source), "-f", fmt, "-o", str(target)]) == 0
+        assert expect in target.read_text()
+    native = tmp_path / "completion.json"  # llama.cpp's native /completion answer
+    native.write_text(json.dumps({"content": "Lyon.", "model": "m", "tokens_predicted": 2, "stop": True}))
+    assert list(iter_results(native))[0]["answer"] == "Lyon."
+
+
+def test_what_export_cannot_read_is_an_error_naming_the_file(tmp_path, capsys):
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"hello": "world"}))
+    assert main(["export", "-i", str(odd), "-f", "md", "-o", str(tmp_path / "out.md")]) == 1
+    assert f"{odd}:1: not a run result" in capsys.readouterr().err and not (tmp_path / "out.md").exists()
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"results": []}))
+    assert main(["export", "-i", str(empty), "-f", "txt"]) == 1
+    assert f"{empty}: no results in it" in capsys.readouterr().err

@@ -220,3 +220,93 @@ def test_health_is_not_ok_when_the_gateway_is_down(fleet, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "\nNOT healthy: gateway http://127.0.0.1:" in out and "unreachable" in out
     assert out.count(" healthy ") >= 2  # both backends themselves answer
+
+
+class Recording(FastOpenAI):
+    """Keeps the body of every chat request it answers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bodies: list[dict] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await super().__call__(scope, receive, send)
+        message = await receive()
+        body = message.get("body", b"")
+        while message.get("more_body"):
+            message = await receive()
+            body += message.get("body", b"")
+        self.bodies.append(json.loads(body))
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await super().__call__(scope, replay, send)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    upstream, up, port = Recording(name="r"), free_port(), free_port()
+    state = fleet_state({"r": f"http://127.0.0.1:{up}"}, port=port)
+    config = tmp_path_factory.mktemp("recorded") / "one.yaml"
+    config.write_text(yaml.safe_dump(state.model_dump(mode="json", exclude_none=True)))
+    with serve(upstream, up), serve(create_app(state), port):
+        wait_http(f"http://127.0.0.1:{port}/health")
+        for _ in range(50):
+            if httpx.get(f"http://127.0.0.1:{port}/health").json()["backends_healthy"] == 1:
+                break
+            time.sleep(0.1)
+        yield upstream, config
+
+
+def test_cli_run_positional_prompt_system_and_a_reproducible_temperature(recorded, tmp_path):
+    upstream, config = recorded
+    out = tmp_path / "r.json"
+    argv = ["run", "What is the capital of France?", "--config", str(config), "--output", str(out),
+            "--system", "Answer in one word.", "--seed", "7", "--top-p", "0.9", "--n-predict", "5"]  # fmt: skip
+    assert main(argv) == 0
+    sent = upstream.bodies[-1]
+    assert sent["temperature"] == 0.1 and sent["seed"] == 7 and sent["top_p"] == 0.9 and sent["max_tokens"] == 5
+    assert sent["messages"] == [{"role": "system", "content": "Answer in one word."},
+                                {"role": "user", "content": "What is the capital of France?"}]  # fmt: skip
+    assert json.loads(out.read_text())["results"][0]["answer"].startswith("tok0")
+    prompt = tmp_path / "question.txt"
+    prompt.write_text("Line one of a prompt.\nLine two of the same prompt.\n")
+    assert main(["run", "--file", str(prompt), "--temperature", "0.7", "--config", str(config), "-o", str(out)]) == 0
+    assert upstream.bodies[-1]["messages"][-1]["content"] == prompt.read_text().strip()
+    assert upstream.bodies[-1]["temperature"] == 0.7
+
+
+def test_cli_run_batch_writes_one_result_per_prompt_file_with_a_progress_bar(recorded, tmp_path, capsys):
+    _, config = recorded
+    batch = tmp_path / "prompts"
+    batch.mkdir()
+    for name in ("alpha", "beta", "gamma"):
+        (batch / f"{name}.txt").write_text(f"Tell me about {name}.")
+    (batch / "notes.md").write_text("not a prompt")
+    results = tmp_path / "results"
+    assert main(["run", "--batch", str(batch), "--output-dir", str(results), "--config", str(config)]) == 0
+    assert sorted(p.name for p in results.iterdir()) == ["alpha.json", "beta.json", "gamma.json"]
+    beta = json.loads((results / "beta.json").read_text())["results"]
+    assert [r["prompt"] for r in beta] == ["Tell me about beta."] and beta[0]["answer"]
+    captured = capsys.readouterr()
+    assert "3/3" in captured.err and "wrote 3 result(s)" in captured.out  # tqdm's bar, on stderr
+    assert main(["run", "--batch", str(batch), "--config", str(config)]) == 1
+    assert "--output-dir" in capsys.readouterr().err
+    assert main(["run", "hello", "--config", str(config)]) == 1  # where would the answer go?
+    assert "--output FILE" in capsys.readouterr().err
+
+
+def test_health_watch_repeats_until_interrupted(recorded, monkeypatch, capsys):
+    _, config = recorded
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("reconciler.cli.pipeline.time.sleep", nap)
+    assert main(["health", "--config", str(config), "--requests", "0", "--watch", "3", "--json"]) == 130
+    assert naps == [3.0, 3.0] and capsys.readouterr().out.count('"gpu_reason"') == 2

@@ -82,6 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for unit in status["units"]:
             unit["orphan_pid"] = running.get(unit["unit"])
     status["state_dir"] = str(directory)
+    status["routing"] = _routing(state)
     if args.json:
         print(json.dumps(status, indent=1))
         return 0 if supervised else 3
@@ -102,7 +103,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[6])
+    _print_routing(status["routing"])
     return 0 if supervised else 3
+
+
+def _routing(state) -> dict:
+    """The gateway's routing table: what `auto` and the mapped names choose among."""
+    from reconciler.gateway.router import RoutingTable
+
+    try:
+        return RoutingTable.from_state(state).describe()
+    except ValueError as exc:  # an unreadable backend key file: status still answers
+        return {"error": str(exc)}
+
+
+def _print_routing(table: dict) -> None:
+    if "error" in table:
+        print(f"routing: {table['error']}")
+        return
+    aliases = ", ".join(f"{name} -> {target}" for name, target in table["model_aliases"].items())
+    print(f"routing: no model -> {table['default_model']}; {aliases}")
+    for name, b in table["backends"].items():
+        context = f"{b['context_per_request']} tokens/request" if b["context_per_request"] else "context unknown"
+        print(f"  {name}: {b['model']} ({b['kind']}), {context}; {', '.join(b['capabilities'])}")
 
 
 def _orphans(directory: Path) -> dict[str, int]:

@@ -24,6 +24,11 @@ SCHEMA_VERSION = 1
 BackendKind = Literal["llamacpp", "vllm", "tgi", "ollama"]
 # Wire protocols a backend (or a remote server declared by URL) speaks.
 Protocol = Literal["llamacpp", "vllm", "tgi", "ollama", "openai"]
+# What a backend can do; automatic routing matches these against a request's needs.
+Capability = Literal[
+    "completion", "tools", "json_schema", "vision", "embedding", "thinking", "rerank", "insert",
+    "responses", "messages", "tokenize",
+]  # fmt: skip
 DEFAULT_PROTOCOL: dict[str, str] = {k: k for k in ("llamacpp", "vllm", "tgi", "ollama")}
 
 # Names end up in unit names, file paths and command lines: keep them boring.
@@ -263,6 +268,12 @@ class BackendSpec(Strict):
         description="Seconds a running backend that has answered its probe may go without "
         "answering before the reconciler drains and restarts it (hung); 0: never.",
     )
+    capabilities: list[Capability] | None = Field(
+        None,
+        description="What this backend can do, overriding what its kind and model file say "
+        "(completion, tools, json_schema, vision, embedding, thinking, rerank, insert, responses, "
+        "messages, tokenize); automatic routing sends a request only where its needs are met.",
+    )
     drain_timeout: Number = Field(
         30.0,
         gt=0,
@@ -368,6 +379,25 @@ class RoutingSpec(Strict):
     fallbacks: dict[Text, list[Text]] = Field(
         default_factory=dict, description="Model group -> model groups to try when it fails."
     )
+    default_model: Text | None = Field(
+        None,
+        description="Model (or alias) for requests without a 'model' field; None: choose "
+        "automatically, as for 'auto'.",
+    )
+    model_aliases: dict[Text, Text] = Field(
+        default_factory=dict,
+        description="Client-side names (shell patterns allowed, e.g. 'local-*') -> a model, an "
+        "alias or 'auto'. The placeholders auto, default, current-model, local-model, "
+        "local-llamacpp and local mean 'auto' unless mapped here.",
+    )
+
+
+class CorsSpec(Strict):
+    allow_origins: list[Text] = Field(
+        default_factory=list,
+        description="Browser origins (https://app.example) allowed to call the API; '*' for any. "
+        "Empty: no CORS headers, preflights refused.",
+    )
 
 
 class GatewaySpec(Strict):
@@ -380,6 +410,7 @@ class GatewaySpec(Strict):
         "restart backends through the admin API (None: the admin API is off).",
     )
     routing: RoutingSpec = RoutingSpec()
+    cors: CorsSpec = CorsSpec()
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     connect_timeout: Number = Field(5.0, gt=0)
     first_byte_timeout: Number = Field(300.0, gt=0)
@@ -463,6 +494,13 @@ class DesiredState(Strict):
                         "an alias must be unique"
                     )
                 names[alias] = name
+        routing = self.gateway.routing
+        mapped = {"gateway.routing.default_model": routing.default_model} if routing.default_model else {}
+        mapped |= {f"gateway.routing.model_aliases.{k}": v for k, v in routing.model_aliases.items()}
+        for field, target in mapped.items():
+            if target != "auto" and target not in names:
+                known = ", ".join(sorted(names)) or "none declared"
+                problems.append(f"{field}: {target!r} is not a model or alias (known: {known}); use one of them or 'auto'")
         for group, targets in self.gateway.routing.fallbacks.items():
             for target in [group, *targets]:
                 if target not in names:

@@ -22,7 +22,9 @@ from starlette.routing import Route, WebSocketRoute
 
 from reconciler.config.schema import DesiredState, GatewaySpec
 from reconciler.drain import drain_dir
-from reconciler.gateway.auth import ApiKeys
+from reconciler.gateway.auth import ApiKeys, with_api_key_header
+from reconciler.gateway.backend_info import request_context
+from reconciler.gateway.cors import with_cors
 from reconciler.gateway.errors import error_response
 from reconciler.gateway.gpu_headroom import GpuHeadroom
 from reconciler.gateway.health import HealthMonitor
@@ -40,6 +42,8 @@ from reconciler.gateway.openapi import openapi_document
 from reconciler.gateway.ops_api import OpsSurface
 from reconciler.gateway.proxy import Answer, Proxy, error_answer
 from reconciler.gateway.reload import StateWatcher
+from reconciler.gateway.request_id import with_request_id
+from reconciler.gateway.routed import Routed, auto_model, route_request
 from reconciler.gateway.router import Router, RoutingTable
 from reconciler.gateway.transport import LeanTransport
 from reconciler.gateway.websocket import websocket_endpoint
@@ -130,8 +134,14 @@ class Gateway:
             exception_handlers={404: route_error, 405: route_error},
         )
         self.app.state.gateway = self
+        self._entry = with_cors(with_request_id(self._dispatch), self.spec.cors)
 
     async def __call__(self, scope, receive, send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _dispatch(self, scope, receive, send) -> None:
+        if self.keys.enabled and scope["type"] in ("http", "websocket"):
+            scope = with_api_key_header(scope)  # X-API-Key counts as 'Authorization: Bearer'
         if scope["type"] == "http" and scope["path"] in OPENAI_ENDPOINTS and scope["method"] == "POST":
             await self.openai(scope, receive, send)  # admits (and holds) the key itself
             return
@@ -171,6 +181,8 @@ class Gateway:
         self.router.load_threshold = state.gateway.routing.load_threshold
         self.context_limits = context_limits(state)
         self.state = state
+        self.spec = state.gateway
+        self._entry = with_cors(with_request_id(self._dispatch), self.spec.cors)
         asyncio.get_running_loop().create_task(self.health.check_all())
 
     @contextlib.asynccontextmanager
@@ -226,7 +238,8 @@ class Gateway:
         key = self.keys.identify(authorization)
         if key is None:
             return None, self.reject(
-                401, "missing or invalid API key: send 'Authorization: Bearer <key>'", "invalid_api_key"
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                "invalid_api_key",
             )
         if hold and not self.key_limits.try_acquire(key):
             return None, self.reject(
@@ -239,21 +252,30 @@ class Gateway:
         if key is not None:
             self.key_limits.release(key)
 
+    async def route(self, raw: bytes, endpoint: str, headers: dict[bytes, bytes]) -> Routed | Answer:
+        """The request checked, its backends chosen (by name, or by its needs for `auto` and
+        the names mapped to it) and its max_tokens clamped to what fits; or the error answer."""
+        return await route_request(self, raw, endpoint, headers)
+
     def parse_request(self, raw: bytes, endpoint: str | None = None) -> tuple[dict, str] | Answer:
         """(body, canonical model) or the error answer for a bad request. With `endpoint`,
         the fields the gateway and its adapters read are checked too: a malformed request is
-        the client's 400, never a backend failure."""
+        the client's 400, never a backend failure. `auto` and placeholders choose by the
+        estimate only (no tokenizer call, no clamping): `route` is the full path."""
         body = parse_json(raw)
         if isinstance(body, tuple):
             return self.reject(400, *body)
         requested = body.get("model")
         if not isinstance(requested, str) or not requested:
             return self.reject(400, "'model' is required and must be a string", "missing_model")
-        model = self.router.resolve(requested)
-        if model is None:
+        resolution = self.table.resolve_request(requested)
+        if resolution is None:
             return self.unknown_model(requested)
+        model = resolution.model or auto_model(self.table, endpoint or "/v1/chat/completions", body)
+        if model is None:
+            return self.reject(503, f"auto ({requested!r}): no backend can answer this request", "no_healthy_backend")
         if endpoint is not None:
-            problem = check_fields(endpoint, body, self.context_limits.get(model))
+            problem = check_fields(endpoint, body)
             if problem is not None:
                 return self.reject(400, *problem)
         return body, model
@@ -285,7 +307,8 @@ class Gateway:
         _, refusal = self.admit(request.headers.get("authorization"), hold=False)
         if refusal is not None:
             return as_response(refusal)
-        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.table.served_models()]})
+        cards = [self._model_card(n) for n in self.table.served_models()]
+        return JSONResponse({"object": "list", "data": cards, "routing": self.table.describe()})
 
     async def model_endpoint(self, request: Request) -> Response:
         """OpenAI's "retrieve model" (`client.models.retrieve`): a served name or an alias."""
@@ -344,18 +367,17 @@ def as_response(answer: Answer) -> Response:
 
 
 def context_limits(state: DesiredState) -> dict[str, int]:
-    """Per model, the most tokens one request can have: a slot's share of the context
-    (context_size / parallel), the largest among the model's backends. A backend running
-    elsewhere (`url`) counts only if its context_size is declared; otherwise its real
-    context is unknown and the model gets no limit here (the backend judges)."""
+    """Per model, the most tokens one request can have (backend_info.request_context: each
+    kind's own rule), the largest among the model's backends. A backend running elsewhere
+    (`url`) without a declared context_size makes the model's limit unknown (the backend judges)."""
     limits: dict[str, int] = {}
     unknown: set[str] = set()
     for backend in state.backends.values():
-        if backend.url and "context_size" not in backend.model_fields_set:
+        per_request = request_context(backend)
+        if per_request is None:
             unknown.add(backend.model)
             continue
-        per_slot = backend.context_size // backend.parallel
-        limits[backend.model] = max(limits.get(backend.model, 0), per_slot)
+        limits[backend.model] = max(limits.get(backend.model, 0), per_request)
     return {model: limit for model, limit in limits.items() if model not in unknown}
 
 

@@ -115,3 +115,15 @@ class ApiKeys:
             if hmac.compare_digest(digest, presented):
                 match = client
         return match
+
+
+def with_api_key_header(scope: dict) -> dict:
+    """`scope` with `X-API-Key: K` presented as `Authorization: Bearer K` (the earlier ML
+    Offload API's clients send it): same checks, same per-key limits, one code path. It wins
+    over an Authorization header: SDKs send a placeholder bearer when given a custom header."""
+    headers = scope["headers"]
+    key = next((value for name, value in headers if name == b"x-api-key"), None)
+    if key is None:
+        return scope
+    kept = [(n, v) for n, v in headers if n != b"authorization"]
+    return {**scope, "headers": [*kept, (b"authorization", b"Bearer " + key)]}

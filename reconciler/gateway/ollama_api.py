@@ -18,7 +18,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.ollama import management, metadata
 from reconciler.gateway.ollama.listing import ModelListing
 from reconciler.gateway.ollama.options import Refused, clamp_num_ctx, clamp_num_predict
@@ -33,7 +32,8 @@ from reconciler.gateway.ollama.response import (
     whole_answer,
 )
 from reconciler.gateway.openai_api import BodyTooLarge, read_body
-from reconciler.gateway.proxy import Answer, ProxyCall
+from reconciler.gateway.proxy import Answer
+from reconciler.gateway.routed import auto_model
 
 if TYPE_CHECKING:
     from reconciler.gateway.app import Gateway
@@ -119,8 +119,29 @@ class OllamaSurface:
             )
         model = self.resolve(requested)
         if model is None:
-            return ollama_error(self.gateway.unknown_model(requested))
+            chosen = self.choose(requested, native)
+            if chosen is None:
+                return ollama_error(self.gateway.unknown_model(requested))
+            if isinstance(chosen, Answer):
+                return ollama_error(chosen)
+            # `auto`, a placeholder or an operator's alias: the answer names the model chosen.
+            requested = model = chosen
         return native, requested, model
+
+    def choose(self, requested: str, native: dict) -> str | Answer | None:
+        """The model for a name only the routing table maps (`auto`, the placeholders,
+        model_aliases), chosen by the request's estimated needs; None: an unknown name."""
+        g = self.gateway
+        resolution = g.table.resolve_request(requested)
+        if resolution is None:
+            return None
+        if resolution.model is not None:
+            return resolution.model
+        endpoint = "/v1/chat/completions" if "messages" in native else "/v1/completions"
+        model = auto_model(g.table, endpoint, native)
+        if model is None:
+            return g.reject(503, f"auto ({requested!r}): no backend can answer this request", "no_healthy_backend")
+        return model
 
     # -- small endpoints -------------------------------------------------------------------
     async def root(self, request: Request) -> Response:
@@ -312,7 +333,7 @@ class OllamaSurface:
         if isinstance(forwarded, Response):
             return forwarded
         answer, key = forwarded
-        headers = {}
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in answer.headers}
         # The backend's context is fixed at launch: say what a larger num_ctx became.
         if (clamped := clamp_num_ctx(translated.num_ctx, g.context_limits.get(model))) is not None:
             headers["x-tensorforge-num-ctx"] = str(clamped)
@@ -362,22 +383,21 @@ class OllamaSurface:
         stream is open (released by `_lines`/`_relay`), else released here."""
         g = self.gateway
         raw = json.dumps(translated.body).encode()  # serialized once: checked, then sent as it is
-        parsed = g.parse_request(raw, translated.endpoint)
-        if isinstance(parsed, Answer):
-            return ollama_error(parsed)
+        # Routed as the OpenAI surface routes: fields checked, num_predict clamped to what
+        # fits, trace headers passed on; what was chosen comes back in the answer's headers.
+        routed = await g.route(raw, translated.endpoint, dict(request.scope["headers"]))
+        if isinstance(routed, Answer):
+            return ollama_error(routed)
         key, refusal = g.admit(request.headers.get("authorization"))
         if refusal is not None:
             return ollama_error(refusal)
-        body, model = parsed
         affinity = request.headers.get(g.spec.routing.affinity_header)
-        call = ProxyCall(
-            Exchange(translated.endpoint, body, body["model"]), raw, model, stream, affinity, key
-        )
         try:
-            answer = await g.proxy.forward(call)
+            answer = await g.proxy.forward(routed.call(stream, affinity, key))
         except BaseException:
             g.release_key(key)
             raise
+        answer.headers = [*routed.headers, *answer.headers]
         if answer.stream is None:
             g.release_key(key)
             key = None

@@ -1,20 +1,26 @@
-"""The OpenAI endpoints (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`) as a
-lean ASGI handler: this is the hot path, so it skips the framework's request and response
-objects, and it watches for the client going away so the backend's work stops at once."""
+"""The OpenAI endpoints (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`), and
+what backends serve beyond them (OpenAI Responses, Anthropic Messages, reranking, llama.cpp's
+tokenizer and fill-in-the-middle), as a lean ASGI handler: this is the hot path, so it skips
+the framework's request and response objects, and it watches for the client going away so
+the backend's work stops at once."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import TYPE_CHECKING
 
-from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.proxy import Answer, ProxyCall, error_answer
 
 if TYPE_CHECKING:
     from reconciler.gateway.app import Gateway
 
-OPENAI_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings"))
+log = logging.getLogger(__name__)
+
+# Routed by `model` like chat; each goes only to a backend kind that serves it.
+PASS_THROUGH = ("/v1/responses", "/v1/messages", "/v1/rerank", "/rerank", "/tokenize", "/detokenize", "/infill")
+OPENAI_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *PASS_THROUGH))
 
 
 class BodyTooLarge(Exception):
@@ -46,6 +52,7 @@ async def send_answer(send, answer: Answer) -> None:
         headers.append((b"x-tensorforge-backend", answer.backend.encode()))
     if answer.retry_after:
         headers.append((b"retry-after", answer.retry_after.encode()))
+    headers += answer.headers
     if answer.stream is None:
         headers.append((b"content-length", str(len(answer.body)).encode()))
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
@@ -81,7 +88,7 @@ class OpenAIEndpoints:
     async def __call__(self, scope, receive, send) -> None:
         gateway = self.gateway
         headers = dict(scope["headers"])
-        key, refusal = gateway.admit(headers.get(b"authorization"))
+        key, refusal = gateway.admit(headers.get(b"authorization"))  # X-API-Key is folded in already
         if refusal is not None:
             await send_answer(send, refusal)
             return
@@ -99,31 +106,33 @@ class OpenAIEndpoints:
                 return
             except asyncio.CancelledError:
                 return
-            parsed = gateway.parse_request(raw, scope["path"])
-            if isinstance(parsed, Answer):
-                await send_answer(send, parsed)
+            routed = await gateway.route(raw, scope["path"], headers)
+            if isinstance(routed, Answer):
+                _log_refusal(headers, routed)
+                await send_answer(send, routed)
                 return
-            body, model = parsed
-            stream = body.get("stream") is True
+            stream = routed.body.get("stream") is True
             if stream and scope["path"] == "/v1/embeddings":
                 await send_answer(send, error_answer(400, "embeddings cannot stream", "invalid_request"))
                 return
             affinity = headers.get(gateway.affinity_header)
-            call = ProxyCall(
-                Exchange(scope["path"], body, body["model"]), raw, model, stream,
-                affinity.decode("latin-1") if affinity else None, key,
-            )  # fmt: skip
-            await self._serve(call, receive, send)
+            call = routed.call(stream, affinity.decode("latin-1") if affinity else None, key)
+            await self._serve(call, routed.headers, receive, send)
         finally:
             gateway.release_key(key)
 
-    async def _serve(self, call: ProxyCall, receive, send) -> None:
+    async def _serve(self, call: ProxyCall, extra: list[tuple[bytes, bytes]], receive, send) -> None:
         task = asyncio.current_task()
         assert task is not None
         gone: list[bool] = []
         watcher = asyncio.ensure_future(_watch_disconnect(receive, task, gone))
         try:
             answer = await self.gateway.proxy.forward(call)
+            if answer.status == 501:  # clients retry a 5xx: this one is the request's 400
+                answer = not_implemented(answer, call, self.gateway)
+            answer.headers += extra
+            if answer.status >= 400:
+                log.info("request %s: %s %s", dict(call.trace).get("x-request-id"), answer.status, answer.body[:300])
             await send_answer(send, answer)
         except asyncio.CancelledError:
             if not gone:
@@ -133,6 +142,27 @@ class OpenAIEndpoints:
             pass  # the client's socket broke while we wrote to it
         finally:
             watcher.cancel()  # not awaited: that would cost the request a loop turn
+
+
+def not_implemented(answer: Answer, call: ProxyCall, gateway: Gateway) -> Answer:
+    """A backend's 501 (llama.cpp's "start it with --embeddings") as a 400 that names the
+    backend and what enables the endpoint there."""
+    from reconciler.gateway.backend_info import lacks_hint
+
+    upstream = gateway.table.upstreams.get(answer.backend)
+    said = json.loads(answer.body).get("error", {}).get("message", "not implemented")
+    hint = ""
+    if upstream is not None and call.exchange.endpoint == "/v1/embeddings":
+        hint = "; " + lacks_hint(upstream.name, upstream.info, managed=upstream.info.certain)
+    fixed = error_answer(400, f"backend {answer.backend} does not serve {call.exchange.endpoint}: {said}{hint}",
+                         "unsupported_by_backend")  # fmt: skip
+    fixed.backend, fixed.headers = answer.backend, answer.headers
+    return fixed
+
+
+def _log_refusal(headers: dict[bytes, bytes], answer: Answer) -> None:
+    request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+    log.info("request %s refused: %s %s", request_id, answer.status, answer.body[:300])
 
 
 def parse_json(raw: bytes) -> dict | tuple[str, str]:
@@ -175,22 +205,16 @@ def _image_ok(part: dict) -> bool:
     return isinstance(image, dict) and isinstance(image.get("url"), str)
 
 
-def check_fields(endpoint: str, body: dict, context: int | None) -> tuple[str, str] | None:
+def check_fields(endpoint: str, body: dict) -> tuple[str, str] | None:
     """(what is wrong, error code) for the fields the gateway or an adapter reads, else None.
-    Everything else is the backend's to judge."""
+    Everything else is the backend's to judge. A max_tokens larger than the context is not
+    wrong: routing clamps it to what fits (selection.py)."""
     if "stream" in body and not isinstance(body["stream"], bool):
         return "'stream' must be true or false", "invalid_request"
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(field)
-        if value is None:
-            continue
-        if not _is_count(value):
+        if value is not None and not _is_count(value):
             return f"'{field}' must be a positive integer", "invalid_max_tokens"
-        if context is not None and value > context:
-            return (
-                f"'{field}' is {value}, more than this model's context per request ({context} tokens: "
-                "the backend's context_size / parallel); ask for fewer", "max_tokens_too_large",
-            )  # fmt: skip
     if "n" in body and body["n"] is not None and not _is_count(body["n"]):
         return "'n' must be a positive integer", "invalid_request"
     # Read by the Ollama and TGI adapters, which translate them.

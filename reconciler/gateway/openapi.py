@@ -26,7 +26,8 @@ ERROR = {
 OLLAMA_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 COUNT = {"type": "integer", "minimum": 1}
 COMMON = {
-    "model": {"type": "string", "minLength": 1, "description": "A served model name or alias."},
+    "model": {"type": "string", "minLength": 1,
+              "description": "A served model name or alias; 'auto' (or none) lets the gateway choose."},
     "stream": {"type": "boolean"},
     "max_tokens": {**COUNT, "description": "At most the backend's per-request context."},
     "max_completion_tokens": COUNT,
@@ -74,6 +75,11 @@ def _answers(ok: str, *errors: int, ollama: bool = False) -> dict:
 
 NAME_PARAMETER = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 PROXIED = (400, 401, 404, 408, 413, 429, 502, 503)
+PASS_THROUGH = {
+    "/v1/responses": "OpenAI Responses", "/v1/messages": "Anthropic Messages", "/v1/rerank": "reranking",
+    "/rerank": "reranking", "/tokenize": "tokenize text", "/detokenize": "tokens to text",
+    "/infill": "fill-in-the-middle",
+}  # fmt: skip
 
 
 def openapi_document(models: list[str] | None = None) -> dict:
@@ -152,6 +158,9 @@ def openapi_document(models: list[str] | None = None) -> dict:
             "/v1/chat/completions": post("chat completion", _body(["model", "messages"], chat)),
             "/v1/completions": post("text completion", _body(["model", "prompt"], completion)),
             "/v1/embeddings": post("embeddings", _body(["model", "input"], embedding)),
+            **{path: post(f"{summary}, passed to a backend that serves it (routed by model)",
+                          _body([], {"model": model}))
+               for path, summary in PASS_THROUGH.items()},
             "/": {**get("Ollama liveness"), "head": {"summary": "Ollama liveness", "security": bearer,
                                                       "responses": {"200": {"description": "ok"}}}},  # fmt: skip
             "/api/version": get("Ollama version"),

@@ -59,6 +59,8 @@ class ProxyCall:
     stream: bool
     affinity_key: str | None = None
     client: str | None = None  # the API key's client name, when keys are on
+    eligible: frozenset[str] | None = None  # backends that fit the request (selection.py); None: all
+    trace: tuple[tuple[str, str], ...] = ()  # x-request-id and traceparent, sent to the backend
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Answer:
     body: bytes = b""
     stream: AsyncGenerator[bytes, None] | None = None
     retry_after: str | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
 
 
 def error_answer(status: int, message: str, code: str, retry_after: str | None = None) -> Answer:
@@ -114,7 +117,9 @@ class Proxy:
             except Exception:  # as in _count
                 log.exception("observer %s failed", type(observer).__name__)
         started = time.perf_counter()
-        candidates = self.router.candidates(call.model, call.affinity_key, call.exchange.body)
+        candidates = self.router.candidates(
+            call.model, call.affinity_key, call.exchange.body, eligible=call.eligible
+        )
         if not candidates:
             self.metrics.rejected.labels("no_healthy_backend").inc()
             self._count(call, "none", "503", started)
@@ -177,6 +182,8 @@ class Proxy:
         if url is None:
             url = self._urls[target] = httpx.URL(target)
         headers = {**spec.headers, **upstream.headers} if upstream.headers else spec.headers
+        if call.trace:
+            headers = {**headers, **dict(call.trace)}
         request = httpx.Request(
             spec.method, url, content=spec.content, headers=headers, extensions={"timeout": self.timeout}
         )
@@ -186,6 +193,7 @@ class Proxy:
             async with asyncio.timeout(self.first_byte_timeout):
                 response = await self._send(request)
                 status = response.status_code
+                backend_id = response.headers.get("x-request-id")
                 # 502/503/504 and 429 say the backend (or what fronts it) cannot serve now: try
                 # another. A 500 is this request's answer: llama.cpp gives one for input it
                 # cannot handle (a malformed tool, an image to a text model), so treating it as
@@ -207,9 +215,9 @@ class Proxy:
                     upstream.record_success()
                     upstream.in_flight -= 1
                     self._record(call, upstream, status, started, content if status == 200 else None)
-                    return Answer(status, ctype, upstream.name, body=content)
-                body = response.aiter_raw()
-                chunks = body if passthrough else adapter.convert_stream(exchange, body)
+                    return Answer(status, ctype, upstream.name, body=content, headers=_backend_id(backend_id, call))
+                upstream_chunks = response.aiter_raw()
+                chunks = upstream_chunks if passthrough else adapter.convert_stream(exchange, upstream_chunks)
                 if hidden_usage:
                     chunks = strip_usage(chunks, lambda usage: self.metrics.record_tokens(
                         call.model, upstream.name, usage, call.client))
@@ -232,7 +240,8 @@ class Proxy:
         self.metrics.child(self.metrics.ttft, call.model, upstream.name).observe(time.perf_counter() - started)
         stream = self._relay(first, chunks, response, upstream, call, started)
         await anext(stream)  # run it to its first yield: from here on, closing it cleans up
-        return Answer(200, EVENT_STREAM, upstream.name, stream=stream)
+        return Answer(200, EVENT_STREAM, upstream.name, stream=stream, headers=_backend_id(backend_id, call))
+
 
     async def _relay(
         self,
@@ -347,10 +356,9 @@ def openai_error(content: bytes, status: int) -> bytes:
     kind = error.get("type")
     code = error.get("code")
     shaped["type"] = kind if isinstance(kind, str) else shaped["type"]
-    if isinstance(code, str) or (isinstance(code, int) and not isinstance(code, bool)):
-        shaped["code"] = code
-    else:
-        shaped["code"] = kind if isinstance(kind, str) else None
+    # An integer code (llama.cpp's 400, vLLM's 404) stays one: clients compare it as sent.
+    keep = isinstance(code, str | int) and not isinstance(code, bool)
+    shaped["code"] = code if keep else kind if isinstance(kind, str) else None
     shaped["param"] = error.get("param") if isinstance(error.get("param"), str) else None
     extra = {k: v for k, v in error.items() if k not in shaped}
     return json.dumps({"error": {**shaped, **extra}}).encode()
@@ -374,3 +382,10 @@ def _describe(exc: BaseException) -> str:
     cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
     text = str(cause) or type(cause).__name__
     return f"{type(cause).__name__}: {text}"[:300]
+
+
+def _backend_id(backend_id: str | None, call: ProxyCall) -> list[tuple[bytes, bytes]]:
+    """The backend's own request id, when it is not the one we sent: kept for tracing."""
+    if backend_id is None or (("x-request-id", backend_id) in call.trace):
+        return []
+    return [(b"x-backend-request-id", backend_id.encode("latin-1", "replace"))]

@@ -3,6 +3,7 @@ circuits, ordered by the routing strategy. Moving bytes is `proxy.py`'s job, not
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import itertools
 import time
@@ -10,8 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.config.schema import BackendSpec, DesiredState
+from reconciler.gateway.backend_info import BackendInfo, backend_infos
 from reconciler.gateway.prefix_cache import PrefixSet, prompt_blocks
 
+# Names clients written for the earlier ML Offload API send, meaning "whatever is served":
+# they choose automatically unless gateway.routing.model_aliases maps them elsewhere.
+AUTO = "auto"
+PLACEHOLDERS = (AUTO, "default", "current-model", "local-model", "local-llamacpp", "local")
 CIRCUIT_FAILURES = 3  # consecutive failures that open a backend's circuit
 CIRCUIT_COOLDOWN_SECONDS = 10.0
 # What a cold model costs in the least-load score, in requests: loading a model takes seconds
@@ -43,6 +49,20 @@ class Upstream:
     # Sent with every request and probe: the backend's own key (api_key_file). Not in repr,
     # so no log line or traceback that prints an Upstream shows it.
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    info: BackendInfo = field(default_factory=lambda: BackendInfo("openai", None, frozenset({"completion"})))
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def context(self) -> int | None:
+        """Tokens one request may hold here (backend_info.request_context)."""
+        return self.info.context
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self.info.capabilities
 
     @property
     def limit(self) -> int:
@@ -90,17 +110,32 @@ class Upstream:
         return f"{self.name}: circuit open after {self.consecutive_failures} failures"
 
 
+@dataclass(frozen=True)
+class Resolution:
+    """What a requested name means: a canonical model, or None to choose automatically."""
+
+    model: str | None
+    via: str  # 'name' (declared name or alias), 'default_model', 'model_aliases', 'auto'
+
+    @property
+    def chosen_by_gateway(self) -> bool:
+        return self.via != "name"
+
+
 @dataclass
 class RoutingTable:
     names: dict[str, str]  # name or alias -> canonical model
     upstreams: dict[str, Upstream]
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    client_aliases: dict[str, str] = field(default_factory=dict)  # name or pattern -> model, alias or auto
+    default_model: str | None = None
 
     @classmethod
     def from_state(cls, state: DesiredState, previous: RoutingTable | None = None) -> RoutingTable:
         """The table for `state`; backends unchanged since `previous` keep their live state
         (health, circuit, in-flight count), so a reload neither drops nor double-counts."""
         upstreams = {}
+        infos = backend_infos(state)
         for name, b in state.backends.items():
             upstream = Upstream(
                 name=name,
@@ -110,16 +145,48 @@ class RoutingTable:
                 max_concurrency=state.gateway.max_concurrency_per_backend,
                 served_name=served_name(b.model, state.models[b.model].source, b.wire_protocol),
                 headers=backend_headers(name, b),
+                info=infos[name],
             )
             old = previous.upstreams.get(name) if previous else None
             if old is not None and old.same_target(upstream):
                 old.max_concurrency = upstream.max_concurrency
                 old.headers = upstream.headers  # a rotated key takes effect on reload
+                old.info = upstream.info
                 upstream = old
             upstreams[name] = upstream
         names = state.model_names()
         fallbacks = {names[g]: [names[t] for t in ts] for g, ts in state.gateway.routing.fallbacks.items()}
-        return cls(names=names, upstreams=upstreams, fallbacks=fallbacks)
+        routing = state.gateway.routing
+        return cls(names=names, upstreams=upstreams, fallbacks=fallbacks,
+                   client_aliases=dict(routing.model_aliases), default_model=routing.default_model)  # fmt: skip
+
+    def resolve_request(self, requested: str | None) -> Resolution | None:
+        """A declared name or alias first; then the operator's model_aliases (exact names,
+        then patterns in order); then the placeholders. None: unknown (the client's 404)."""
+        if not requested:
+            if self.default_model is None:
+                return Resolution(None, AUTO)
+            return Resolution(self.names[self.default_model], "default_model")
+        if requested in self.names:
+            return Resolution(self.names[requested], "name")
+        target = self.client_aliases.get(requested)
+        if target is None:
+            target = next((t for p, t in self.client_aliases.items() if fnmatch.fnmatchcase(requested, p)), None)
+        if target is not None:
+            return Resolution(None if target == AUTO else self.names[target], "model_aliases")
+        if requested in PLACEHOLDERS:
+            return Resolution(None, AUTO)
+        return None
+
+    def describe(self) -> dict:
+        """The routing table as `/v1/models` and `tensorforge status` show it."""
+        mapped = {p: self.client_aliases.get(p, AUTO) for p in PLACEHOLDERS}
+        return {
+            "default_model": self.default_model or AUTO,
+            "model_aliases": {**mapped, **self.client_aliases},
+            "backends": {u.name: {"model": u.model, "kind": u.kind, "context_per_request": u.context,
+                                  "capabilities": sorted(u.capabilities)} for u in self.upstreams.values()},
+        }  # fmt: skip
 
     def served_models(self) -> list[str]:
         """Canonical models with at least one backend, in declaration order."""
@@ -178,14 +245,22 @@ class Router:
         return [u for u in self.table.upstreams.values() if u.model == model]
 
     def candidates(
-        self, model: str, affinity_key: str | None = None, body: dict | None = None
+        self,
+        model: str,
+        affinity_key: str | None = None,
+        body: dict | None = None,
+        *,
+        eligible: frozenset[str] | None = None,
     ) -> list[Upstream]:
         """Available backends for `model` in the order to try them, then its fallbacks'.
-        `body` (the request) lets cache-aware routing find where its prompt prefix is."""
+        `body` (the request) lets cache-aware routing find where its prompt prefix is;
+        `eligible` (from selection) keeps only the backends that fit the request."""
         now = time.monotonic()
         ordered: list[Upstream] = []
         for group in [model, *self.table.fallbacks.get(model, [])]:
             ready = [u for u in self.members(group) if u.available(now)]
+            if eligible is not None and group == model:
+                ready = [u for u in ready if u.name in eligible]
             ordered += self._order(ready, affinity_key, body)
         return ordered
 

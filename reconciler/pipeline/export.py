@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TextIO
 
 FORMATS = ("md", "txt", "jsonl", "csv")
+FORMAT_NAMES = {"markdown": "md", "text": "txt"}  # also accepted, as the earlier export script named them
+RESULT_FIELDS = ("prompt", "answer", "error")
 CSV_FIELDS = ["prompt", "answer", "model", "backend", "finish_reason", "prompt_tokens",
               "completion_tokens", "total_s", "time_to_first_token_s", "tokens_per_s", "error"]  # fmt: skip
 
@@ -62,10 +64,32 @@ def _results(data, where: str) -> list[dict]:
         items = data["results"]
     else:
         items = [data]
-    for item in items:
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected a result object, found {json.dumps(item)[:40]}")
-    return items
+    return [_result(item, where) for item in items]
+
+
+def _result(item, where: str) -> dict:
+    """A `run` result as it is; a raw chat or text completion (what llama-server and the
+    earlier run.sh wrote) or llama.cpp's native /completion answer turned into one; anything
+    else is an error, never an empty answer."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a result object, found {json.dumps(item)[:40]}")
+    if any(k in item for k in RESULT_FIELDS):
+        return item
+    choices = item.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        choice = choices[0]
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        answer = message.get("content") or choice.get("text") or ""
+        return {"prompt": None, "answer": answer, "model": item.get("model"), "backend": None,
+                "finish_reason": choice.get("finish_reason"), "usage": item.get("usage") or {}, "error": None}  # fmt: skip
+    if isinstance(item.get("content"), str) and ("tokens_predicted" in item or "stop" in item):
+        usage = {"prompt_tokens": item.get("tokens_evaluated"), "completion_tokens": item.get("tokens_predicted")}
+        return {"prompt": item.get("prompt"), "answer": item["content"], "model": item.get("model"),
+                "backend": None, "finish_reason": item.get("stop_type"), "usage": usage, "error": None}  # fmt: skip
+    keys = ", ".join(sorted(item)[:6]) or "none"
+    raise ValueError(
+        f"{where}: not a run result (prompt, answer) nor a chat completion (choices); its keys: {keys}"
+    )
 
 
 def _flat(result: dict) -> dict:
@@ -80,6 +104,7 @@ def _flat(result: dict) -> dict:
 
 
 def export(results: Iterator[dict], fmt: str, out: TextIO) -> int:
+    fmt = FORMAT_NAMES.get(fmt, fmt)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     count = 0

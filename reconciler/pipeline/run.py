@@ -5,12 +5,39 @@ Streams each answer so that time to first token is measured where the user feels
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How `run` asks: a low temperature by default (0.1, as the earlier scripts had), so a
+    batch job's answers are reproducible; the backend's own default (0.8 in llama.cpp) made
+    the README's example answer nonsense."""
+
+    temperature: float = 0.1
+    top_p: float | None = None
+    seed: int | None = None
+    system: str | None = None
+
+    def fields(self) -> dict:
+        out: dict = {"temperature": self.temperature}
+        if self.top_p is not None:
+            out["top_p"] = self.top_p
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
+
+    def messages(self, prompt: str) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": prompt}]
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -38,12 +65,27 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def read_prompt_file(path: Path) -> str:
+    """A whole file as one prompt (`--file`, and each `*.txt` of `--batch`)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the prompt file: {exc.strerror}") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the prompt file is empty")
+    return text.strip()
+
+
 def ask(
-    client: httpx.Client, gateway: str, model: str, prompt: str, max_tokens: int, headers: dict
-) -> dict:
+    client: httpx.Client, gateway: str, model: str, prompt: str, max_tokens: int, headers: dict,
+    sampling: Sampling | None = None,
+) -> dict:  # fmt: skip
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": sampling.messages(prompt) if sampling else [{"role": "user", "content": prompt}],
+        **(sampling.fields() if sampling else {}),
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -113,8 +155,19 @@ def run_prompts(
     parallel: int = 8,
     api_key: str | None = None,
     timeout: float = 600.0,
+    sampling: Sampling | None = None,
 ) -> list[dict]:
+    """Answers in the prompts' order; with more than one prompt, a progress bar on stderr."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     prompts = list(prompts)
-    with httpx.Client(timeout=timeout) as client, ThreadPoolExecutor(max(1, parallel)) as pool:
-        return list(pool.map(lambda p: ask(client, gateway, model, p, max_tokens, headers), prompts))
+    results: list[dict | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), unit="prompt", file=sys.stderr, disable=len(prompts) < 2, dynamic_ncols=True)
+    with httpx.Client(timeout=timeout) as client, ThreadPoolExecutor(max(1, parallel)) as pool, bar:
+        futures = {
+            pool.submit(ask, client, gateway, model, prompt, max_tokens, headers, sampling): index
+            for index, prompt in enumerate(prompts)
+        }
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update(1)
+    return [r for r in results if r is not None]

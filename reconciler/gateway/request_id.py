@@ -1,0 +1,44 @@
+"""Request ids and trace context: the client's `x-request-id` (or a new one) and its W3C
+`traceparent` go to the backend with the request and come back on the response, so one id
+follows a request through client, gateway logs and backend."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+# Printable ASCII, bounded: the id goes into logs and the backend's headers as it is.
+_VALID = re.compile(rb"[\x21-\x7e]{1,128}")
+TRACED = (b"x-request-id", b"traceparent", b"tracestate")
+
+
+def with_request_id(app):
+    """`app` wrapped so every HTTP request has an `x-request-id` header (the client's, if it
+    sent a sane one) and every response carries it back, with the client's traceparent."""
+
+    async def entry(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        echo = [(k, v) for k, v in headers if k in TRACED and _VALID.fullmatch(v)]
+        if not any(k == b"x-request-id" for k, _ in echo):
+            new = (b"x-request-id", uuid.uuid4().hex.encode())
+            echo.append(new)
+            scope = {**scope, "headers": [*(h for h in headers if h[0] != b"x-request-id"), new]}
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in echo if k not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await app(scope, receive, send_with_id)
+
+    return entry
+
+
+def trace_headers(headers: dict[bytes, bytes]) -> tuple[tuple[str, str], ...]:
+    """What of the request's trace context to send the backend."""
+    return tuple((k.decode(), v.decode()) for k in TRACED if (v := headers.get(k)) is not None and _VALID.fullmatch(v))

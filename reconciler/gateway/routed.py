@@ -1,0 +1,145 @@
+"""From a request body to the backends that will answer it: the name resolved (declared
+names, then the operator's model_aliases and the placeholders, then `auto`), the request's
+needs met (selection.py), its prompt counted with the backend's own tokenizer when the
+choice depends on it, and max_tokens clamped to what fits. Shared by the OpenAI and Ollama
+surfaces, so both behave alike."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+
+from reconciler.gateway.adapters import Exchange
+from reconciler.gateway.openai_api import check_fields, parse_json
+from reconciler.gateway.proxy import Answer, ProxyCall
+from reconciler.gateway.request_id import trace_headers
+from reconciler.gateway.router import RoutingTable, Upstream
+from reconciler.gateway.selection import (
+    ENDPOINT_CAPABILITY,
+    MAX_FIELDS,
+    Choice,
+    Needs,
+    Refusal,
+    choose,
+    context_decides,
+    endpoint_unsupported,
+    estimate_tokens,
+    plainly_fits,
+    request_needs,
+)
+
+if TYPE_CHECKING:
+    from reconciler.gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+TOKENIZE_TIMEOUT = 2.0  # an exact count is worth this much; past it, the estimate decides
+CORE_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings"))
+TEXT_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions"))
+NO_CONTEXT = frozenset(("/tokenize", "/detokenize"))  # they generate nothing
+
+
+@dataclass(frozen=True)
+class Routed:
+    endpoint: str
+    body: dict
+    raw: bytes  # the body to send: re-serialized only when the gateway changed it
+    model: str  # canonical model
+    requested: str  # what names the answer: the client's name, or the chosen model for `auto`
+    eligible: frozenset[str] | None
+    headers: list[tuple[bytes, bytes]]  # response headers saying what was chosen and clamped
+    trace: tuple[tuple[str, str], ...]
+
+    def call(self, stream: bool, affinity: str | None, client: str | None) -> ProxyCall:
+        exchange = Exchange(self.endpoint, self.body, self.requested)
+        return ProxyCall(exchange, self.raw, self.model, stream, affinity, client, self.eligible, self.trace)
+
+
+async def route_request(gateway: Gateway, raw: bytes, endpoint: str, headers: dict[bytes, bytes]) -> Routed | Answer:
+    body = parse_json(raw)
+    if isinstance(body, tuple):
+        return gateway.reject(400, *body)
+    requested = body.get("model")
+    if requested is not None and not isinstance(requested, str):
+        return gateway.reject(400, "'model' must be a string", "missing_model")
+    resolution = gateway.table.resolve_request(requested)
+    if resolution is None:
+        return gateway.unknown_model(requested)
+    problem = check_fields(endpoint, body)
+    if problem is not None:
+        return gateway.reject(400, *problem)
+    trace = trace_headers(headers)
+    everyone = list(gateway.table.upstreams.values())
+    if resolution.model is None:
+        pool, label = everyone, f"auto ({requested!r})" if requested else "auto (no model)"
+    else:
+        pool, label = [u for u in everyone if u.model == resolution.model], f"model {resolution.model}"
+    if not pool:  # declared without a backend: the proxy answers 503 naming why
+        model = resolution.model or ""
+        return Routed(endpoint, body, raw, model, requested or model, None, [], trace)
+    if resolution.via == "name" and endpoint in TEXT_ENDPOINTS and b"image" not in raw and plainly_fits(len(raw), body, pool):
+        return Routed(endpoint, body, raw, resolution.model, requested, None, [], trace)  # type: ignore[arg-type]
+    if endpoint not in CORE_ENDPOINTS and not any(ENDPOINT_CAPABILITY[endpoint] in u.capabilities for u in pool):
+        refusal = endpoint_unsupported(endpoint, requested or "auto", pool, everyone)
+        return gateway.reject(refusal.status, refusal.message, refusal.code)
+    needs = request_needs(endpoint, body)
+    prompt, counted = (0, True) if endpoint in NO_CONTEXT else (estimate_tokens(needs), False)
+    if not counted and context_decides(needs, pool, prompt):
+        exact = await count_tokens(gateway.probe_client, needs, pool)
+        if exact is not None:
+            prompt, counted = exact, True
+    choice = choose(needs, pool, prompt, counted, label, auto=resolution.model is None)
+    if isinstance(choice, Refusal):
+        return gateway.reject(choice.status, choice.message, choice.code)
+    out = [(b"x-tensorforge-route", choice.reason.encode("ascii", "replace"))]
+    changed = False
+    if resolution.chosen_by_gateway and body.get("model") != choice.model:
+        body["model"] = choice.model  # the answer names the served model, not the placeholder
+        changed = True
+    if choice.max_tokens is not None:
+        for field in MAX_FIELDS:
+            asked = body.get(field)
+            if isinstance(asked, int) and asked > choice.max_tokens:
+                body[field] = choice.max_tokens
+                changed = True
+                note = (f"{choice.max_tokens} (clamped from {asked}: {choice.context} tokens per request, "
+                        f"prompt {'' if counted else '~'}{prompt})")  # fmt: skip
+                out.append((b"x-tensorforge-max-tokens", note.encode()))
+    if changed:
+        raw = json.dumps(body).encode()
+    name = choice.model if resolution.chosen_by_gateway else requested or choice.model
+    return Routed(endpoint, body, raw, choice.model, name, choice.eligible, out, trace)
+
+
+def auto_model(table: RoutingTable, endpoint: str, body: dict) -> str | None:
+    """For callers that cannot wait for a tokenizer (the WebSocket's parse_request): the model
+    `auto` picks by the estimate alone; None when no backend can answer."""
+    needs = request_needs(endpoint, body)
+    choice = choose(needs, list(table.upstreams.values()), estimate_tokens(needs), False, "auto")
+    return choice.model if isinstance(choice, Choice) else None
+
+
+async def count_tokens(client: httpx.AsyncClient, needs: Needs, pool: list[Upstream]) -> int | None:
+    """The prompt's tokens by the tokenizer of a backend that has one (llama.cpp and vLLM's
+    `/tokenize`), plus the chat template's allowance; None if none answers in time."""
+    for upstream in pool:
+        if "tokenize" not in upstream.capabilities or not upstream.healthy:
+            continue
+        if upstream.kind == "vllm":
+            request: dict = {"model": upstream.served_name, "prompt": needs.text}
+        else:
+            request = {"content": needs.text, "add_special": True}
+        try:
+            response = await client.post(
+                upstream.base_url + "/tokenize", json=request, headers=upstream.headers, timeout=TOKENIZE_TIMEOUT
+            )
+            answer = response.json()
+            tokens = answer.get("count") or len(answer["tokens"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.debug("counting tokens on %s failed: %s", upstream.name, exc)
+            continue
+        return int(tokens) + needs.template_tokens
+    return None
