@@ -32,6 +32,7 @@ class RecordingBackend:
 
     routes: dict[str, Route]
     requests: list[tuple[str, dict]] = field(default_factory=list)
+    served: tuple[str, ...] = ("m",)  # what /v1/models lists: vLLM's health probe checks the name
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -42,7 +43,8 @@ class RecordingBackend:
             self.requests.append((scope["path"], body))
         route = self.routes.get(scope["path"])
         if scope["method"] == "GET":  # health probes (/health, /v1/models)
-            answer = Recorded(body=b'{"status":"ok","data":[]}')
+            listed = [{"id": name, "object": "model"} for name in self.served]
+            answer = Recorded(body=json.dumps({"status": "ok", "object": "list", "data": listed}).encode())
         elif route is None:
             answer = Recorded(status=404, body=b'{"error":"not recorded"}')
         else:
