@@ -13,6 +13,8 @@
     environment = { };
     healthTimeout = 180.0;
     drainTimeout = 30.0;
+    requestTimeout = 600.0;
+    minTokensPerSecond = 1.0;
   };
   gateway = {
     enable = true;
@@ -24,6 +26,9 @@
     idleTimeout = 120.0;
     maxConcurrencyPerBackend = 64;
     healthInterval = 2.0;
+    maxWebsocketsPerKey = 16;
+    maxWebsockets = 256;
+    maxWebsocketQueuedBytes = 67108864;
   };
   routing = {
     strategy = "least-load";

@@ -179,6 +179,32 @@ in
         generations; a stream still open then is cut with an error event.
       '';
     };
+    requestTimeout = mkOption {
+      type = types.addCheck types.number (x: x >= 0.1 && x <= 604800);
+      default = d.requestTimeout;
+      example = 1800;
+      description = ''
+        Most seconds one request may take, first byte sent to last received; past it the
+        gateway cancels it at the backend and answers 504 (a stream ends with an error event).
+      '';
+    };
+    minTokensPerSecond = mkOption {
+      type = types.addCheck types.number (x: x > 0);
+      default = d.minTokensPerSecond;
+      description = ''
+        Slowest generation that still counts as working: a request with max_tokens gets at most
+        firstByteTimeout + n * max_tokens / this seconds, when shorter than requestTimeout.
+      '';
+    };
+    cacheRamMib = mkOption {
+      type = types.nullOr types.ints.unsigned;
+      default = null;
+      example = 0;
+      description = ''
+        llama.cpp's host-memory prompt cache (--cache-ram), MiB; 0 turns it off. null: the
+        size of the KV cache, so the server's memory stays bounded (counted in the estimate).
+      '';
+    };
 
     # NixOS only: not part of the desired state.
     package = mkOption {

@@ -95,6 +95,21 @@ in
   healthInterval = mkOption {
     type = positive;
     default = g.healthInterval;
-    description = "Seconds between health probes of each backend.";
+    description = "Seconds between health probes of each backend (at least 0.1).";
+  };
+  maxWebsocketsPerKey = mkOption {
+    type = types.ints.positive;
+    default = g.maxWebsocketsPerKey;
+    description = "Open WebSocket connections per API key (per client address without keys).";
+  };
+  maxWebsockets = mkOption {
+    type = types.ints.positive;
+    default = g.maxWebsockets;
+    description = "Open WebSocket connections in total.";
+  };
+  maxWebsocketQueuedBytes = mkOption {
+    type = types.ints.positive;
+    default = g.maxWebsocketQueuedBytes;
+    description = "Bytes of queued WebSocket messages all connections together may hold.";
   };
 }
