@@ -129,34 +129,40 @@ class Proxy:
         if all(u.in_flight >= u.limit for u in candidates):
             await self._wait_for_room(candidates)
         tried: list[str] = []
-        busy = 0
-        for index, upstream in enumerate(candidates):
-            if upstream.in_flight >= upstream.limit:
-                busy += 1
-                tried.append(f"{upstream.name}: at its concurrency limit ({upstream.limit})")
-                continue
-            try:
-                return await self._attempt(upstream, call, started)
-            except Unsupported as exc:
-                self.metrics.count(call.model, upstream.name, "400", call.client)
-                return error_answer(400, str(exc), exc.code, param=getattr(exc, "param", None))
-            except Malformed as exc:
-                self.metrics.count(call.model, upstream.name, "400", call.client)
-                return error_answer(400, str(exc), "invalid_request")
-            except TimedOut as exc:
-                self.metrics.count(call.model, upstream.name, "504", call.client)
-                log.warning("request to %s cancelled: %s", upstream.name, exc)
-                return error_answer(504, f"backend {upstream.name}: {exc}", "upstream_timeout")
-            except UpstreamFailed as exc:
-                if exc.busy:
-                    busy += 1
-                else:
-                    upstream.record_failure(time.monotonic())
-                tried.append(f"{upstream.name}: {exc}")
-                log.warning("backend %s failed before the first byte: %s", upstream.name, exc)
-                if index + 1 < len(candidates):
+        failed = False  # a backend failed (not merely full): 502 rather than 429
+        pending = candidates
+        for round_ in range(2):  # the second: full backends, after waiting for room at one
+            full: list[Upstream] = []
+            for upstream in pending:
+                if upstream.in_flight >= upstream.limit:
+                    full.append(upstream)
+                    continue
+                try:
+                    return await self._attempt(upstream, call, started)
+                except Unsupported as exc:
+                    self.metrics.count(call.model, upstream.name, "400", call.client)
+                    return error_answer(400, str(exc), exc.code, param=getattr(exc, "param", None))
+                except Malformed as exc:
+                    self.metrics.count(call.model, upstream.name, "400", call.client)
+                    return error_answer(400, str(exc), "invalid_request")
+                except TimedOut as exc:
+                    self.metrics.count(call.model, upstream.name, "504", call.client)
+                    log.warning("request to %s cancelled: %s", upstream.name, exc)
+                    return error_answer(504, f"backend {upstream.name}: {exc}", "upstream_timeout")
+                except UpstreamFailed as exc:
+                    if not exc.busy:
+                        failed = True
+                        upstream.record_failure(time.monotonic())
+                    tried.append(f"{upstream.name}: {exc}")
+                    log.warning("backend %s failed before the first byte: %s", upstream.name, exc)
                     self.metrics.retries.labels(call.model, upstream.name).inc()
-        if busy == len(candidates):
+            if not full or round_ == 1 or not failed:
+                tried += [f"{u.name}: at its concurrency limit ({u.limit})" for u in full]
+                break
+            # Those with room failed (one was killed, say): queue for one that is only full.
+            await self._wait_for_room(full)
+            pending = full
+        if not failed:
             self.metrics.rejected.labels("backend_busy").inc()
             self.metrics.count(call.model, "none", "429", call.client)
             return error_answer(
@@ -263,6 +269,9 @@ class Proxy:
             upstream.release()
             if response is not None:
                 await response.aclose()
+            if _timed_out(exc) and not upstream.healthy:
+                # Its probe fails too: unreachable (a partition), not this request's doing.
+                raise UpstreamFailed(f"no answer, and its health probe fails: {upstream.health_detail}") from exc
             if _timed_out(exc):
                 self._cancelled(upstream)
                 limit = "request_timeout or max_tokens budget" if first_wait < self.first_byte_timeout else "first_byte_timeout"
