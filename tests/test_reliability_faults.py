@@ -259,7 +259,9 @@ def test_gateway_drains_a_marked_backend_and_reopens_a_recovered_circuit(tmp_pat
 
 def test_killed_replica_loses_no_request_and_comes_back(fleet):
     load = Load(fleet.url).start()
-    time.sleep(2)
+    # Both replicas have answered before the kill, however slowly the machine runs.
+    fleet.wait(lambda: {r["backend"] for r in list(load.records) if r["status"] == 200} >= {"a", "b"},
+               60, "the load never reached both replicas")  # fmt: skip
     # Kill it in the middle of a stream on it: some events out already, most still to come.
     fleet.wait(lambda: any(r["backend"] == "a" and 3 <= len(r["lines"]) <= 20 for r in list(load.open)),
                20, "no stream was ever under way on backend-a")  # fmt: skip
