@@ -343,11 +343,13 @@ def test_drops_under_load_open_no_circuit_but_refusals_do():
         wait_until(
             lambda: httpx.get(url + "/health").json()["backends_healthy"] == 1, 10, "never healthy"
         )
-        for _ in range(4):  # one answered, one dropped while the backend is busy
-            with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):  # one answered; the others dropped while the backend is busy
+            with ThreadPoolExecutor(4) as pool:
                 answers = list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30),
-                                        range(2)))  # fmt: skip
-            assert 200 in [a.status_code for a in answers], [a.text for a in answers]
+                                        range(4)))  # fmt: skip
+            statuses = [a.status_code for a in answers]
+            # Overload, not failure: 429 (before: 502 "all backends failed", then the circuit).
+            assert 200 in statuses and set(statuses) <= {200, 429}, [a.text for a in answers]
             assert not upstream.circuit_open, "drops under load opened the circuit"
         assert fake.completions > 4  # some were dropped and tried again, or answered 429
         # A drop with nothing else open is the backend's failure ("reset before any byte").
