@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import httpx
 
 from reconciler.gateway.adapters import Exchange, Unsupported, adapter_for
-from reconciler.gateway.errors import error_body, sse_error_event
+from reconciler.gateway.errors import error_body, openai_error, sse_error_event
 from reconciler.gateway.metrics import GatewayMetrics
 from reconciler.gateway.router import Router, Upstream
 from reconciler.gateway.slots import SlotWatch
@@ -383,34 +383,6 @@ class Proxy:
             return await transport.handle_async_request(request)
         except _STALE:  # one more try on a fresh connection; what that raises, _attempt sorts
             return await transport.handle_async_request(request)
-
-
-def openai_error(content: bytes, status: int) -> bytes:
-    """A backend's error answer (the client's fault: 4xx, or 501) with OpenAI's `error`
-    object, keeping its message and extra fields (llama.cpp's n_prompt_tokens, n_ctx) and any
-    top-level fields of its own shape (vLLM's flat {"object": "error", "message", "type"})."""
-    try:
-        body = json.loads(content)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        body = {}
-    error = body.get("error")
-    if error is None and "message" in body:  # vLLM's flat shape
-        error = body
-    if isinstance(error, str):
-        error = {"message": error}
-    if not isinstance(error, dict):
-        text = content.decode("utf-8", "replace").strip()[:500] or f"the backend answered {status}"
-        error = {"message": text}
-    shaped = error_body(str(error.get("message") or f"the backend answered {status}"), status)["error"]
-    kind = error.get("type")
-    code = error.get("code")
-    shaped["type"] = kind if isinstance(kind, str) else shaped["type"]
-    shaped["code"] = code if isinstance(code, str) else kind if isinstance(kind, str) else None
-    shaped["param"] = error.get("param") if isinstance(error.get("param"), str) else None
-    extra = {k: v for k, v in error.items() if k not in shaped and error is not body}
-    return json.dumps({**body, "error": {**shaped, **extra}}).encode()
 
 
 async def _drain(chunks: AsyncIterator[bytes]) -> None:
