@@ -57,7 +57,7 @@ let
   desiredFile =
     if cfg.checkDesiredState then
       pkgs.runCommand "tensorforge-desired.json" { nativeBuildInputs = [ cfg.package ]; } ''
-        tensorforge validate --config ${uncheckedDesired}
+        tensorforge validate --no-file-checks --config ${uncheckedDesired}
         cp ${uncheckedDesired} $out
       ''
     else

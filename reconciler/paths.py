@@ -23,10 +23,12 @@ def state_dir(declared: str | None = None) -> Path:
     return SYSTEM_STATE_DIR if os.geteuid() == 0 else _user_data_dir()
 
 
-def models_dir(declared: str | None = None) -> Path:
-    """TF_MODELS, else the desired state's models_dir, else <state>/models/gguf."""
+def models_dir(declared: str | None = None, declared_state: str | None = None) -> Path:
+    """TF_MODELS, else the desired state's models_dir, else <state dir>/models/gguf, where the
+    state dir is TF_STATE_DIR, the desired state's state_dir, or the default: two instances
+    with separate state dirs never share (and delete) each other's model files."""
     if env := os.environ.get("TF_MODELS"):
         return Path(env)
     if declared:
         return Path(declared)
-    return (SYSTEM_STATE_DIR if os.geteuid() == 0 else _user_data_dir()) / "models" / "gguf"
+    return state_dir(declared_state) / "models" / "gguf"

@@ -212,15 +212,20 @@ def test_metrics_have_exactly_the_contracted_names_and_labels(keyed):
     assert 'tensorforge_gateway_backend_healthy{backend="up",model="m"} 1.0' in text
 
 
-def test_first_byte_timeout_is_a_clean_502(upstream):
+def test_first_byte_timeout_is_a_clean_504_and_no_circuit(upstream):
+    """A timeout is this request's (issue 14: three timeouts used to open the circuit)."""
     port = free_port()
     slow_port = free_port()
     with serve(FastOpenAI(chunk_delay=2.0), slow_port):
         state = fleet_state({"slow": f"http://127.0.0.1:{slow_port}"}, first_byte_timeout=0.3)
-        with serve(create_app(state), port):
-            response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": True})
-    assert response.status_code == 502
-    assert "no first byte within 0.3s" in response.json()["error"]["message"]
+        app = create_app(state)
+        with serve(app, port):
+            for _ in range(4):
+                response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": True})
+                assert response.status_code == 504
+            assert not app.table.upstreams["slow"].circuit_open
+    message = response.json()["error"]["message"]
+    assert "no answer within 0.3s (first_byte_timeout); the request was cancelled at the backend" in message
 
 
 def test_becomes_healthy_fast(upstream):

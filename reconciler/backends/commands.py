@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.config.schema import BackendSpec, ModelSpec, host_port
+from reconciler.gpu.vram import prompt_cache_mib
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ def llamacpp_launch(
         common += ["--threads", str(backend.threads)]
     if backend.flash_attn:
         common += ["--flash-attn", "on"]
+    # Bounded host-memory prompt cache (llama.cpp's default, 8 GiB, grew without a ceiling).
+    common += ["--cache-ram", str(prompt_cache_mib(backend, model_ref))]
     ngl = ["--n-gpu-layers", "999" if gpu_ids else "0"]
     if binary:
         argv = [binary, "--model", model_ref, *common, *ngl, "--metrics", "--slots"]

@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flash-attn", default="auto", choices=["on", "off", "auto"])
     parser.add_argument("--n-gpu-layers", "-ngl", type=int, default=0)
     parser.add_argument("--verbosity", type=int, default=2)
+    # As llama-server: the host-memory prompt cache, MiB (its default, 8192, let the server
+    # grow from 200 MiB to 3.8 GiB); -1 leaves llama.cpp's default, 0 turns it off.
+    parser.add_argument("--cache-ram", "-cram", type=int, default=-1, help="prompt cache in host memory, MiB")
     # As llama-server: /v1/embeddings needs --embeddings and a pooling other than none.
     parser.add_argument("--embeddings", "--embedding", action="store_true", help="serve /v1/embeddings")
     parser.add_argument("--pooling", choices=["none", "mean", "cls", "last", "rank"],
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     params.verbosity = args.verbosity
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
+    if args.cache_ram >= 0:
+        params.cache_ram_mib = args.cache_ram
     if args.alias:
         params.model_alias = set(args.alias)
     if args.embeddings:

@@ -17,7 +17,8 @@ from reconciler.cli.common import (
     gpus_arg,
     load_state,
 )
-from reconciler.config.loader import load_desired_state
+from reconciler.config.loader import ConfigError, load_desired_state
+from reconciler.config.references import file_problems
 from reconciler.paths import state_dir
 from reconciler.plan import ActionKind
 
@@ -26,6 +27,8 @@ log = logging.getLogger("tensorforge")
 
 def cmd_validate(args: argparse.Namespace) -> int:
     state, source = load_desired_state(args.config)
+    if not args.no_file_checks and (problems := file_problems(state)):
+        raise ConfigError(source, problems)
     managed = sum(1 for b in state.backends.values() if b.managed)
     print(
         f"{source}: ok ({len(state.models)} model(s), {len(state.backends)} backend(s), "
@@ -235,6 +238,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a desired-state file; print every problem")
     config_arg(p, required=True)
+    p.add_argument(
+        "--no-file-checks", action="store_true",
+        help="skip checking that the files it names (keys files, path: models) exist, as at build time",
+    )  # fmt: skip
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("up", help="reconcile and serve the gateway in the foreground")

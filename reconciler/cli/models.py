@@ -30,7 +30,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return 1
     log.info("pulling %s (%s: %s)", name, origin, spec.source)
     started = time.monotonic()
-    record = pull_model(name, spec, models_dir(state.models_dir))
+    record = pull_model(name, spec, models_dir(state.models_dir, state.state_dir))
     took = time.monotonic() - started
     revision = f" @ {record.revision[:12]}" if record.revision else ""
     for f in record.files:

@@ -15,6 +15,11 @@ from pydantic import ValidationError
 from reconciler.config.schema import DesiredState
 
 EMBEDDED_DEFAULT = "embedded:default"
+# A desired state is a few KiB; a 50 MB one took 198 s and about 1 GB to validate.
+MAX_FILE_BYTES = 1024 * 1024
+# The schema's deepest path is five levels (gateway.routing.fallbacks.GROUP.[i]); PyYAML's
+# composer and json.loads recurse per level and died with a bare RecursionError past ~1000.
+MAX_DEPTH = 32
 
 
 class ConfigError(Exception):
@@ -146,7 +151,7 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
 
 
 def _load_yaml(text: str) -> tuple[Any, list[str]]:
-    loader = yaml.SafeLoader(text)  # reads (and checks) the characters here already
+    loader = _BoundedLoader(text)  # reads (and checks) the characters here already
     try:
         node = loader.get_single_node()  # one document: a second '---' is an error
         if node is None:
@@ -187,8 +192,61 @@ def _json_repeats(data: Any, path: str) -> list[str]:
     return problems
 
 
+class _DepthError(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than MAX_DEPTH as it composes (its
+    composer recurses once per level: no separate scan, no RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _DepthError(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _json_nesting(text: str) -> str | None:
+    depth, in_string, escaped, line = 0, False, False, 1
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return f":{line}: {_too_deep()}"
+        elif char in "]}":
+            depth -= 1
+        if char == "\n":
+            line += 1
+    return None
+
+
+def _too_deep() -> str:
+    return (
+        f"nested deeper than {MAX_DEPTH} levels; a desired state needs at most five "
+        "(gateway.routing.fallbacks.GROUP.[i]): check the indentation or brackets here"
+    )
+
+
 def parse_text(text: str, source: str) -> Any:
     """Parse YAML or JSON (JSON is YAML, but parse it strictly when the file says .json)."""
+    if source.endswith(".json") and (problem := _json_nesting(text)) is not None:
+        raise ConfigError(source, [problem])
     if source.endswith(".json"):
         try:
             data = json.loads(text, object_pairs_hook=_json_object)
@@ -201,6 +259,8 @@ def parse_text(text: str, source: str) -> Any:
             data, problems = _load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(source, [_yaml_problem(exc, text)]) from None
+        except _DepthError as exc:
+            raise ConfigError(source, [f":{exc.line}: {_too_deep()}"]) from None
     if problems:
         raise ConfigError(source, problems)
     return data
@@ -224,9 +284,20 @@ def load_desired_state(path: str | Path | None) -> tuple[DesiredState, str]:
         return validate_data(parse_text(text, "default.yaml"), EMBEDDED_DEFAULT), EMBEDDED_DEFAULT
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)  # never more than the limit in memory
     except FileNotFoundError:
         raise ConfigError(source, ["file not found; pass an existing YAML or JSON file"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc}"]) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(
+            source,
+            [f"larger than {MAX_FILE_BYTES // 1024} KiB; refused before parsing (a desired state "
+             "is a few KiB: is this the right file?)"],
+        )  # fmt: skip
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError(source, [f"cannot read: {exc}"]) from None
     return validate_data(parse_text(text, source), source), source

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -144,20 +145,33 @@ Binary = Annotated[str, AfterValidator(_check_binary)]
 # Numbers are the lax int/float (a quoted "8080" or Nix's 1 for a float still load), never a bool.
 Int = Annotated[int, BeforeValidator(_not_bool)]
 PositiveInt = Annotated[int, BeforeValidator(_not_bool), Field(gt=0)]
-Number = Annotated[float, BeforeValidator(_not_bool)]
+# Finite: `.inf` or `.nan` from YAML would pass gt=0 and mean "never" or "always" at run time.
+Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+# Seconds something waits or repeats: at least 0.1 (1e-9 made health checks spin and flap),
+# at most a week (asyncio cannot schedule much past that, and nothing should wait longer).
+Seconds = Annotated[
+    float, BeforeValidator(_not_bool), Field(ge=0.1, le=604800, allow_inf_nan=False)
+]
 Port = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_check_port)]
 Duration = Annotated[str, AfterValidator(check_duration)]
 Sha256 = Annotated[str, AfterValidator(_check_sha256)]
 
 
 def _bind_address(host: str) -> str | None:
-    """The address a listener binds, None for every address (0.0.0.0, ::)."""
+    """The address a listener binds, None for every address (0.0.0.0, ::), compared as an
+    address: LOCALHOST, 127.1 and 127.0.0.1 are one address (the resolver and inet_aton say so)."""
+    host = host.strip("[]").lower().rstrip(".")
     if host == "localhost":
         return "127.0.0.1"
     try:
-        address = ipaddress.ip_address(host.strip("[]"))
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return host  # a name: only the same name is known to be the same address
+        try:  # the shorthand forms every resolver accepts: 127.1, 0x7f.1, 2130706433
+            address = ipaddress.ip_address(socket.inet_aton(host))
+        except OSError:
+            return host  # a name: only the same name is known to be the same address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     return None if address.is_unspecified else str(address)
 
 
@@ -261,10 +275,12 @@ class BackendSpec(Strict):
     binary: Binary | None = Field(None, description="Server executable; default found on PATH.")
     extra_args: list[Text] = Field(default_factory=list)
     environment: dict[Text, Text] = Field(default_factory=dict)
-    health_timeout: Number = Field(180.0, gt=0, description="Seconds to wait for health.")
+    health_timeout: Seconds = Field(180.0, description="Seconds to wait for health.")
     liveness_timeout: Number = Field(
         60.0,
         ge=0,
+        le=7 * 24 * 3600,
+        allow_inf_nan=False,
         description="Seconds a running backend that has answered its probe may go without "
         "answering before the reconciler drains and restarts it (hung); 0: never.",
     )
@@ -274,9 +290,28 @@ class BackendSpec(Strict):
         "(completion, tools, json_schema, vision, embedding, thinking, rerank, insert, responses, "
         "messages, tokenize); automatic routing sends a request only where its needs are met.",
     )
-    drain_timeout: Number = Field(
-        30.0,
+    request_timeout: Seconds = Field(
+        600.0,
+        description="Most seconds one request may take, from its first byte sent to its last "
+        "received; past it the gateway cancels it at the backend (closes the connection; a "
+        "llama.cpp slot left busy is erased or the backend reported for restart) and answers 504 "
+        "or ends the stream with an error event.",
+    )
+    min_tokens_per_second: Number = Field(
+        1.0,
         gt=0,
+        description="The slowest generation that still counts as working: a request with "
+        "max_tokens gets at most gateway.first_byte_timeout + n * max_tokens / this, if shorter "
+        "than request_timeout.",
+    )
+    cache_ram_mib: Annotated[Int, Field(ge=0)] | None = Field(
+        None,
+        description="llama.cpp: host memory for its prompt cache (--cache-ram, MiB; 0 turns it "
+        "off). Default: the KV cache's own size, so the server's memory stays bounded; counted "
+        "in the memory estimate.",
+    )
+    drain_timeout: Seconds = Field(
+        30.0,
         description="Seconds open requests (streams too) get to finish, once the gateway stops "
         "sending new ones, before the reconciler stops or restarts this backend.",
     )
@@ -412,14 +447,27 @@ class GatewaySpec(Strict):
     routing: RoutingSpec = RoutingSpec()
     cors: CorsSpec = CorsSpec()
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
-    connect_timeout: Number = Field(5.0, gt=0)
-    first_byte_timeout: Number = Field(300.0, gt=0)
-    idle_timeout: Number = Field(120.0, gt=0)
+    connect_timeout: Seconds = 5.0
+    first_byte_timeout: Seconds = 300.0
+    idle_timeout: Seconds = 120.0
     max_concurrency_per_backend: PositiveInt = 64
     max_concurrency_per_key: PositiveInt | None = Field(
         None, description="Open requests one API key may have; more get 429 (None: no limit)."
     )
-    health_interval: Number = Field(2.0, gt=0)
+    health_interval: Seconds = Field(
+        2.0, description="Seconds between health probes (at least 0.1)."
+    )
+    max_websockets_per_key: PositiveInt = Field(
+        16,
+        description="Open WebSocket connections one API key (without keys: one client address) "
+        "may hold.",
+    )
+    max_websockets: PositiveInt = Field(256, description="Open WebSocket connections in total.")
+    max_websocket_queued_bytes: PositiveInt = Field(
+        64 * 1024 * 1024,
+        description="Bytes of queued WebSocket messages all connections together may hold; "
+        "past it a message is refused with 429.",
+    )
 
 
 class MonitoringSpec(Strict):

@@ -45,6 +45,7 @@ from reconciler.gateway.reload import StateWatcher
 from reconciler.gateway.request_id import with_request_id
 from reconciler.gateway.routed import Routed, auto_model, route_request
 from reconciler.gateway.router import Router, RoutingTable
+from reconciler.gateway.slots import SlotWatch
 from reconciler.gateway.transport import LeanTransport
 from reconciler.gateway.websocket import websocket_endpoint
 from reconciler.gpu.inventory import GpuInventory, NvmlInventory
@@ -98,12 +99,14 @@ class Gateway:
             RoutingTable.from_state(state), self.spec.routing.strategy, self.spec.routing.load_threshold
         )
         self.transports = transports or make_transports(self.spec)
-        self.proxy = Proxy(
-            self.transports, upstream_timeout(self.spec), self.router, self.metrics, self.spec.first_byte_timeout
-        )
         # Probes get a plain httpx client of their own: exact error types ("connection
         # refused"), and no competition with requests for the proxy's connections.
         self.probe_client = httpx.AsyncClient(timeout=upstream_timeout(self.spec))
+        self.slot_watch = SlotWatch(self.probe_client)  # slots left busy by cancelled requests
+        self.proxy = Proxy(
+            self.transports, upstream_timeout(self.spec), self.router, self.metrics, self.spec.first_byte_timeout,
+            self.slot_watch,
+        )  # fmt: skip
         self.health = HealthMonitor(
             self.probe_client, self.spec.health_interval, self.upstreams,
             drain_dir=drain_dir(state_dir(state.state_dir)),  # see reconciler/drain.py
@@ -202,6 +205,7 @@ class Gateway:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.slot_watch.close()
             await self.probe_client.aclose()
             for transport in set(self.transports.values()):
                 await transport.aclose()
@@ -292,7 +296,7 @@ class Gateway:
         backends = {
             u.name: {"model": u.model, "healthy": u.healthy, "detail": u.health_detail,
                      "circuit_open": u.circuit_open, "in_flight": u.in_flight, "limit": u.limit,
-                     "gpu_free": u.gpu_free, "warm": u.warm}
+                     "gpu_free": u.gpu_free, "warm": u.warm, "wedged": u.wedged}
             for u in upstreams
         }  # fmt: skip
         return JSONResponse({**summary, "backends": backends})

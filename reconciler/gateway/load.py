@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 import httpx
@@ -82,7 +83,9 @@ class LoadScraper:
         upstream.kv_usage = load.kv_usage
 
     async def scrape_all(self) -> None:
-        await asyncio.gather(*(self.scrape(u) for u in self.upstreams()), return_exceptions=True)
+        now = time.monotonic()  # a backend settling a cancelled request is left alone (slots.py)
+        await asyncio.gather(*(self.scrape(u) for u in self.upstreams() if u.quiet_until <= now),
+                             return_exceptions=True)  # fmt: skip
 
     async def run(self) -> None:
         while True:

@@ -1,7 +1,14 @@
 """Moving bytes between the client and a backend.
 
 Retries and fallback happen only before the first byte reaches the client; after that, a
-failing stream ends with an error event instead of a silent cut. Every outcome is counted."""
+failing stream ends with an error event instead of a silent cut. Every outcome is counted.
+
+Every request has a deadline, first byte sent to last received (the backend's
+request_timeout, shorter for a small max_tokens); past it, it is cancelled at the backend by
+closing the connection, answered 504 (or its stream ends with an error event), and not
+retried elsewhere (a request that wedges one backend would wedge the next). Only
+unavailability (refused, reset before any byte while not loaded, a 502-504 answer) counts
+toward a backend's circuit; a timeout or a drop under load does not."""
 
 from __future__ import annotations
 
@@ -16,10 +23,11 @@ from dataclasses import dataclass, field
 import httpx
 
 from reconciler.gateway.adapters import Exchange, Unsupported, adapter_for
-from reconciler.gateway.errors import error_body, sse_error_event
+from reconciler.gateway.errors import error_body, openai_error, sse_error_event
 from reconciler.gateway.metrics import GatewayMetrics
 from reconciler.gateway.observers import ProxyObserver
 from reconciler.gateway.router import Router, Upstream
+from reconciler.gateway.slots import SlotWatch
 from reconciler.gateway.sse import EventParser
 from reconciler.gateway.stream_usage import needs_usage_request, request_usage, strip_usage
 
@@ -34,6 +42,10 @@ _STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectTimeout, http
 # end: a finished answer leaves its connection in the pool instead of closing it.
 DRAIN_SECONDS = 0.5
 DRAIN_CHUNKS = 8
+# A connection dropped while the backend has this many other requests open (its slots'
+# worth where known) is overload, not unavailability: tried elsewhere, not held against it.
+LOADED_IN_FLIGHT = 8
+QUEUE_SECONDS = 30.0  # longest a request waits in the gateway for room at a full backend
 
 
 class Malformed(Exception):
@@ -45,7 +57,12 @@ class UpstreamFailed(Exception):
 
     def __init__(self, message: str, busy: bool = False):
         super().__init__(message)
-        self.busy = busy  # it said 429: full, not broken
+        self.busy = busy  # it said 429, or dropped us under load: full, not broken
+
+
+class TimedOut(Exception):
+    """This request's deadline passed at the backend: it was cancelled there (the connection
+    closed). The request's fault or the backend's, it is not retried and opens no circuit."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +94,12 @@ class Answer:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
 
 
-def error_answer(status: int, message: str, code: str, retry_after: str | None = None) -> Answer:
-    return Answer(status, body=json.dumps(error_body(message, status, code)).encode(), retry_after=retry_after)
+def error_answer(
+    status: int, message: str, code: str, retry_after: str | None = None, param: str | None = None
+) -> Answer:
+    body = error_body(message, status, code)
+    body["error"]["param"] = param  # the request field at fault, as OpenAI names it
+    return Answer(status, body=json.dumps(body).encode(), retry_after=retry_after)
 
 
 class Proxy:
@@ -89,6 +110,7 @@ class Proxy:
         router: Router,
         metrics: GatewayMetrics,
         first_byte_timeout: float,
+        slot_watch: SlotWatch | None = None,
     ):
         # Requests go straight to the transport, with httpx's Request and Response: a proxy
         # wants none of the client's cookie jar (it would carry one user's cookies to the
@@ -98,6 +120,7 @@ class Proxy:
         self.router = router
         self.metrics = metrics
         self.first_byte_timeout = first_byte_timeout
+        self.slot_watch = slot_watch
         self._urls: dict[str, httpx.URL] = {}
         self.observers: list[ProxyObserver] = []
 
@@ -129,39 +152,92 @@ class Proxy:
                 f"{self.router.unavailable_reason(call.model)}",
                 "no_healthy_backend", retry_after="1",
             )  # fmt: skip
+        if all(u.in_flight >= u.limit for u in candidates):
+            await self._wait_for_room(candidates)
         tried: list[str] = []
-        busy = 0
-        for index, upstream in enumerate(candidates):
-            if upstream.in_flight >= upstream.limit:
-                busy += 1
-                tried.append(f"{upstream.name}: at its concurrency limit ({upstream.limit})")
-                continue
-            try:
-                return await self._attempt(upstream, call, started)
-            except Unsupported as exc:
-                self._count(call, upstream.name, "400", started)
-                return error_answer(400, str(exc), "unsupported_endpoint")
-            except Malformed as exc:
-                self._count(call, upstream.name, "400", started)
-                return error_answer(400, str(exc), "invalid_request")
-            except UpstreamFailed as exc:
-                if exc.busy:
-                    busy += 1
-                else:
-                    upstream.record_failure(time.monotonic())
-                tried.append(f"{upstream.name}: {exc}")
-                log.warning("backend %s failed before the first byte: %s", upstream.name, exc)
-                if index + 1 < len(candidates):
+        failed = False  # a backend failed (not merely full): 502 rather than 429
+        pending = candidates
+        for round_ in range(2):  # the second: full backends, after waiting for room at one
+            full: list[Upstream] = []
+            for upstream in pending:
+                if upstream.in_flight >= upstream.limit:
+                    full.append(upstream)
+                    continue
+                try:
+                    return await self._attempt(upstream, call, started)
+                except Unsupported as exc:
+                    self._count(call, upstream.name, "400", started)
+                    return error_answer(400, str(exc), exc.code, param=getattr(exc, "param", None))
+                except Malformed as exc:
+                    self._count(call, upstream.name, "400", started)
+                    return error_answer(400, str(exc), "invalid_request")
+                except TimedOut as exc:
+                    self._count(call, upstream.name, "504", started)
+                    log.warning("request to %s cancelled: %s", upstream.name, exc)
+                    return error_answer(504, f"backend {upstream.name}: {exc}", "upstream_timeout")
+                except UpstreamFailed as exc:
+                    if not exc.busy:
+                        failed = True
+                        upstream.record_failure(time.monotonic())
+                    tried.append(f"{upstream.name}: {exc}")
+                    log.warning("backend %s failed before the first byte: %s", upstream.name, exc)
                     self.metrics.retries.labels(call.model, upstream.name).inc()
-        if busy == len(candidates):
+            if not full or round_ == 1 or not failed:
+                tried += [f"{u.name}: at its concurrency limit ({u.limit})" for u in full]
+                break
+            # Those with room failed (one was killed, say): queue for one that is only full.
+            await self._wait_for_room(full)
+            pending = full
+        if not failed:
             self.metrics.rejected.labels("backend_busy").inc()
             self._count(call, "none", "429", started)
             return error_answer(
-                429, "every backend for this model is at its concurrency limit; retry shortly",
-                "backend_busy", retry_after="1",
+                429, "every backend for this model is at its concurrency limit and its queue is full; "
+                "retry shortly", "backend_busy", retry_after="1",
             )  # fmt: skip
         self._count(call, "none", "502", started)
         return error_answer(502, "all backends failed: " + "; ".join(tried), "upstream_error")
+
+    async def _wait_for_room(self, candidates: list[Upstream]) -> None:
+        """Every candidate is at its limit: wait, in the queue of the one with the shortest,
+        until one has room (at most QUEUE_SECONDS); with every queue full, return at once."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + min(QUEUE_SECONDS, self.first_byte_timeout)
+        while all(u.in_flight >= u.limit for u in candidates):
+            open_queues = [u for u in candidates if len(u.waiters) < u.queue_limit]
+            if not open_queues:
+                return
+            upstream = min(open_queues, key=lambda u: len(u.waiters))
+            waiter = loop.create_future()
+            upstream.waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(give_up):
+                    await waiter
+            except TimeoutError:
+                return
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                    upstream.waiters.remove(waiter)
+
+    def deadline(self, call: ProxyCall, upstream: Upstream) -> float:
+        """Seconds this request may take at `upstream`, first byte to last: its
+        request_timeout, or less when max_tokens (times n) at the slowest working generation
+        speed, after the longest prefill, ends sooner."""
+        seconds = upstream.request_timeout
+        body = call.exchange.body
+        tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        choices = body.get("n", 1)
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+            choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
+            budget = self.first_byte_timeout + tokens * choices / upstream.min_tokens_per_second
+            seconds = min(seconds, budget)
+        return seconds
+
+    def _cancelled(self, upstream: Upstream) -> None:
+        """A request was cut at `upstream` by its deadline: see that no slot stays busy."""
+        if self.slot_watch is not None:
+            self.slot_watch.after_cancel(upstream)
 
     async def _attempt(self, upstream: Upstream, call: ProxyCall, started: float) -> Answer:
         adapter = adapter_for(upstream.protocol)
@@ -184,13 +260,16 @@ class Proxy:
         headers = {**spec.headers, **upstream.headers} if upstream.headers else spec.headers
         if call.trace:
             headers = {**headers, **dict(call.trace)}
-        request = httpx.Request(
-            spec.method, url, content=spec.content, headers=headers, extensions={"timeout": self.timeout}
-        )
+        allowed = self.deadline(call, upstream)
+        deadline = asyncio.get_running_loop().time() + allowed
+        first_wait = min(self.first_byte_timeout, allowed)
+        timeout = self.timeout if first_wait == self.first_byte_timeout else {**self.timeout, "first_byte": first_wait}
+        request = httpx.Request(spec.method, url, content=spec.content, headers=headers, extensions={"timeout": timeout})
+        others = upstream.in_flight
         upstream.in_flight += 1
         response: httpx.Response | None = None
         try:
-            async with asyncio.timeout(self.first_byte_timeout):
+            async with asyncio.timeout(first_wait):
                 response = await self._send(request)
                 status = response.status_code
                 backend_id = response.headers.get("x-request-id")
@@ -213,7 +292,7 @@ class Proxy:
                     else:
                         ctype = response.headers.get("content-type", "application/json").encode()
                     upstream.record_success()
-                    upstream.in_flight -= 1
+                    upstream.release()
                     self._record(call, upstream, status, started, content if status == 200 else None)
                     return Answer(status, ctype, upstream.name, body=content, headers=_backend_id(backend_id, call))
                 upstream_chunks = response.aiter_raw()
@@ -223,14 +302,21 @@ class Proxy:
                         call.model, upstream.name, usage, call.client))
                 first = await anext(chunks, b"")
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
-            upstream.in_flight -= 1
+            upstream.release()
             if response is not None:
                 await response.aclose()
-            if isinstance(exc, TimeoutError):
-                raise UpstreamFailed(f"no first byte within {self.first_byte_timeout:g}s") from exc
-            raise UpstreamFailed(_describe(exc)) from exc
+            if _timed_out(exc) and not upstream.healthy:
+                # Its probe fails too: unreachable (a partition), not this request's doing.
+                raise UpstreamFailed(f"no answer, and its health probe fails: {upstream.health_detail}") from exc
+            if _timed_out(exc):
+                self._cancelled(upstream)
+                limit = "request_timeout or max_tokens budget" if first_wait < self.first_byte_timeout else "first_byte_timeout"
+                raise TimedOut(f"no answer within {first_wait:g}s ({limit}); the request was cancelled at the backend") from exc
+            loaded = others >= (upstream.slots or LOADED_IN_FLIGHT)
+            dropped = isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
+            raise UpstreamFailed(_describe(exc), busy=loaded and dropped) from exc
         except BaseException as exc:
-            upstream.in_flight -= 1
+            upstream.release()
             if response is not None:
                 await response.aclose()
             if isinstance(exc, asyncio.CancelledError):
@@ -238,7 +324,7 @@ class Proxy:
             raise
         upstream.record_success()
         self.metrics.child(self.metrics.ttft, call.model, upstream.name).observe(time.perf_counter() - started)
-        stream = self._relay(first, chunks, response, upstream, call, started)
+        stream = self._relay(first, chunks, response, upstream, call, (started, deadline))
         await anext(stream)  # run it to its first yield: from here on, closing it cleans up
         return Answer(200, EVENT_STREAM, upstream.name, stream=stream, headers=_backend_id(backend_id, call))
 
@@ -250,8 +336,9 @@ class Proxy:
         response: httpx.Response,
         upstream: Upstream,
         call: ProxyCall,
-        started: float,
+        times: tuple[float, float],  # perf_counter at the start, loop time of the deadline
     ) -> AsyncGenerator[bytes, None]:
+        started, deadline = times
         status = "200"
         finished = False  # [DONE] went out: a consumer stopping now is not a disconnect
         # Made on the first chunk that holds "usage" or ends mid-event (before that, every
@@ -265,22 +352,33 @@ class Proxy:
                 if b'"usage"' in first or not first.endswith(b"\n\n"):
                     usage = self._stream_usage(usage, first, call, upstream, tokens)
                 yield first
-            async for chunk in chunks:
+            while True:
+                async with asyncio.timeout_at(deadline):  # a timer, not a task: cheap per chunk
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
                 if usage is not None or b'"usage"' in chunk or not chunk.endswith(b"\n\n"):
                     usage = self._stream_usage(usage, chunk, call, upstream, tokens)
                 finished = chunk.endswith(b"[DONE]\n\n")
                 yield chunk
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
-            status = "502"
-            upstream.record_failure(time.monotonic())
-            log.warning("stream from %s broke: %s", upstream.name, _describe(exc))
-            yield sse_error_event(f"backend {upstream.name} failed mid-stream: {_describe(exc)}")
+            if _timed_out(exc):  # this request's deadline or silence: not the backend's health
+                status = "504"
+                self._cancelled(upstream)
+                why = "its deadline passed" if isinstance(exc, TimeoutError) else _describe(exc)
+                message = f"backend {upstream.name}: stream cancelled at the backend: {why}"
+            else:
+                status = "502"
+                upstream.record_failure(time.monotonic())
+                message = f"backend {upstream.name} failed mid-stream: {_describe(exc)}"
+            log.warning("%s", message)
+            yield sse_error_event(message)
         except (asyncio.CancelledError, GeneratorExit):
             if not finished:
                 status = "499"  # the client went away; closing the response stops the backend
             raise
         finally:
-            upstream.in_flight -= 1
+            upstream.release()
             m = self.metrics
             self._count(call, upstream.name, status, started, tokens or None)
             m.child(m.duration, call.model, upstream.name).observe(time.perf_counter() - started)
@@ -322,46 +420,8 @@ class Proxy:
         transport = self.transports[request.url.scheme]
         try:
             return await transport.handle_async_request(request)
-        except _STALE:
-            try:
-                return await transport.handle_async_request(request)
-            except httpx.HTTPError as exc:
-                raise UpstreamFailed(_describe(exc)) from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamFailed(_describe(exc)) from exc
-
-
-def openai_error(content: bytes, status: int) -> bytes:
-    """A backend's error answer (the client's fault: 4xx, or 501) as OpenAI's one `error`
-    object, keeping its message, its code (vLLM's is the integer status) and extra fields
-    (llama.cpp's n_prompt_tokens, n_ctx). Other shapes are folded in, never mixed with it:
-    older vLLM's flat {"object": "error", "message", "type", "code"}, FastAPI's {"detail"}."""
-    try:
-        body = json.loads(content)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        body = {}
-    error = body.get("error")
-    if error is None and "message" in body:  # older vLLM's flat shape
-        error = {k: v for k, v in body.items() if k != "object"}
-    elif error is None and isinstance(body.get("detail"), str):  # FastAPI's own 404 and 405
-        error = {"message": body["detail"]}
-    if isinstance(error, str):
-        error = {"message": error}
-    if not isinstance(error, dict):
-        text = content.decode("utf-8", "replace").strip()[:500] or f"the backend answered {status}"
-        error = {"message": text}
-    shaped = error_body(str(error.get("message") or f"the backend answered {status}"), status)["error"]
-    kind = error.get("type")
-    code = error.get("code")
-    shaped["type"] = kind if isinstance(kind, str) else shaped["type"]
-    # An integer code (llama.cpp's 400, vLLM's 404) stays one: clients compare it as sent.
-    keep = isinstance(code, str | int) and not isinstance(code, bool)
-    shaped["code"] = code if keep else kind if isinstance(kind, str) else None
-    shaped["param"] = error.get("param") if isinstance(error.get("param"), str) else None
-    extra = {k: v for k, v in error.items() if k not in shaped}
-    return json.dumps({"error": {**shaped, **extra}}).encode()
+        except _STALE:  # one more try on a fresh connection; what that raises, _attempt sorts
+            return await transport.handle_async_request(request)
 
 
 async def _drain(chunks: AsyncIterator[bytes]) -> None:
@@ -374,6 +434,14 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
                     return
     except (httpx.HTTPError, TimeoutError, ValueError):
         pass
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A deadline or a silence, as opposed to a refused or broken connection. httpx-aiohttp
+    reports a refused connection as ConnectTimeout: that one is unavailability."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return False
+    return isinstance(exc, (TimeoutError, httpx.TimeoutException))
 
 
 def _describe(exc: BaseException) -> str:

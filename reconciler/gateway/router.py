@@ -3,10 +3,12 @@ circuits, ordered by the routing strategy. Moving bytes is `proxy.py`'s job, not
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hashlib
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,13 +65,39 @@ class Upstream:
     @property
     def capabilities(self) -> frozenset[str]:
         return self.info.capabilities
+    request_timeout: float = 600.0  # seconds from a request's first byte to its last
+    min_tokens_per_second: float = 1.0  # slower than this, a generation counts as stuck
+    # llama.cpp's slots (--parallel), where known: the backend takes slots + 1 requests (one
+    # waiting for the next free slot) and the gateway queues 2 x slots more; past that, 429.
+    # More made llama-server drop connections, which used to open every circuit.
+    slots: int | None = None
+    wedged: str | None = None  # a slot left busy by a cancelled request: out of routing
+    quiet_until: float = 0.0  # no /metrics scrapes before this (monotonic): see slots.py
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque, repr=False)
 
     @property
     def limit(self) -> int:
-        """Requests the gateway keeps open here: ours, or the backend's own if lower."""
-        if self.backend_limit is None:
-            return self.max_concurrency
-        return min(self.max_concurrency, self.backend_limit)
+        """Requests the gateway keeps open here: ours, the backend's own or its slots' if lower."""
+        limits = [self.max_concurrency]
+        if self.backend_limit is not None:
+            limits.append(self.backend_limit)
+        if self.slots is not None:
+            limits.append(self.slots + 1)
+        return min(limits)
+
+    @property
+    def queue_limit(self) -> int:
+        """Requests that may wait in the gateway for room here (0: refuse at once)."""
+        return 2 * self.slots if self.slots is not None else 0
+
+    def release(self) -> None:
+        """One request here ended: the longest waiter, if any, may go."""
+        self.in_flight -= 1
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
 
     def score(self) -> float:
         """Lower is better: our in-flight requests, the backend's own queue, and penalties
@@ -89,7 +117,7 @@ class Upstream:
         )  # fmt: skip
 
     def available(self, now: float) -> bool:
-        return self.healthy and now >= self.open_until
+        return self.healthy and self.wedged is None and now >= self.open_until
 
     def record_success(self) -> None:
         self.consecutive_failures = 0
@@ -107,6 +135,8 @@ class Upstream:
     def why_unavailable(self, now: float) -> str:
         if not self.healthy:
             return f"{self.name}: {self.health_detail}"
+        if self.wedged is not None:
+            return f"{self.name}: {self.wedged}"
         return f"{self.name}: circuit open after {self.consecutive_failures} failures"
 
 
@@ -146,12 +176,17 @@ class RoutingTable:
                 served_name=served_name(b.model, state.models[b.model].source, b.wire_protocol),
                 headers=backend_headers(name, b),
                 info=infos[name],
+                request_timeout=b.request_timeout,
+                min_tokens_per_second=b.min_tokens_per_second,
+                slots=llamacpp_slots(b),
             )
             old = previous.upstreams.get(name) if previous else None
             if old is not None and old.same_target(upstream):
                 old.max_concurrency = upstream.max_concurrency
                 old.headers = upstream.headers  # a rotated key takes effect on reload
                 old.info = upstream.info
+                old.request_timeout, old.slots = upstream.request_timeout, upstream.slots
+                old.min_tokens_per_second = upstream.min_tokens_per_second
                 upstream = old
             upstreams[name] = upstream
         names = state.model_names()
@@ -191,6 +226,15 @@ class RoutingTable:
     def served_models(self) -> list[str]:
         """Canonical models with at least one backend, in declaration order."""
         return list(dict.fromkeys(u.model for u in self.upstreams.values()))
+
+
+def llamacpp_slots(backend: BackendSpec) -> int | None:
+    """A llama.cpp backend's slots: `parallel`, when it runs here or its parallel is declared."""
+    if backend.wire_protocol != "llamacpp":
+        return None
+    if backend.managed or "parallel" in backend.model_fields_set:
+        return backend.parallel
+    return None
 
 
 def backend_headers(name: str, backend: BackendSpec) -> dict[str, str]:

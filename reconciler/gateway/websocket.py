@@ -31,24 +31,74 @@ MAX_PENDING = 8  # requests a client may queue on one connection before being re
 # Bytes of queued messages one connection may hold, in request bodies (gateway.max_body_bytes):
 # eight full-size messages per connection were 32 MiB of gateway memory a client could pin.
 PENDING_BODIES = 2
+TRY_AGAIN_LATER = 1013  # RFC 6455 close code: the server is overloaded
+
+
+class Ceilings:
+    """Gateway-wide WebSocket limits (issue 14: 40 connections of one key pinned +490 MiB):
+    open connections per key (per client address without keys) and in total, and the bytes
+    of messages queued on all connections together."""
+
+    def __init__(self, per_key: int, total: int, queued_bytes: int):
+        self.per_key, self.total, self.queued_limit = per_key, total, queued_bytes
+        self.open: dict[str, int] = {}
+        self.queued = 0
+
+    def enter(self, who: str) -> str | None:
+        """Count a new connection of `who`; else the reason it is refused."""
+        if sum(self.open.values()) >= self.total:
+            return f"the gateway holds its most WebSocket connections ({self.total}); retry later"
+        if self.open.get(who, 0) >= self.per_key:
+            return f"this key already has {self.per_key} WebSocket connections open; close one"
+        self.open[who] = self.open.get(who, 0) + 1
+        return None
+
+    def leave(self, who: str) -> None:
+        if self.open.get(who, 0) > 1:
+            self.open[who] -= 1
+        else:
+            self.open.pop(who, None)
+
+    def reserve(self, size: int) -> bool:
+        if self.queued + size > self.queued_limit:
+            return False
+        self.queued += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.queued -= size
 
 
 def websocket_endpoint(gateway: Gateway):
+    spec = gateway.spec
+    ceilings = Ceilings(spec.max_websockets_per_key, spec.max_websockets, spec.max_websocket_queued_bytes)
+
     async def endpoint(websocket: WebSocket) -> None:
-        _, refusal = gateway.admit(websocket.headers.get("authorization"), hold=False)
+        authorization = websocket.headers.get("authorization")
+        _, refusal = gateway.admit(authorization, hold=False)
         if refusal is not None:
             await websocket.close(code=4401, reason="missing or invalid API key")
             return
-        await websocket.accept()
-        await Session(gateway, websocket).run()
+        key = gateway.keys.identify(authorization) if gateway.keys.enabled else None
+        who = f"key:{key}" if key else f"address:{websocket.client.host if websocket.client else ''}"
+        if (reason := ceilings.enter(who)) is not None:
+            gateway.metrics.rejected.labels("websocket_limit").inc()
+            await websocket.close(code=TRY_AGAIN_LATER, reason=reason)
+            return
+        try:
+            await websocket.accept()
+            await Session(gateway, websocket, ceilings).run()
+        finally:
+            ceilings.leave(who)
 
     return endpoint
 
 
 class Session:
-    def __init__(self, gateway: Gateway, websocket: WebSocket):
+    def __init__(self, gateway: Gateway, websocket: WebSocket, ceilings: Ceilings):
         self.gateway = gateway
         self.ws = websocket
+        self.ceilings = ceilings
         self.pending: asyncio.Queue[Any] = asyncio.Queue(MAX_PENDING)
         self.limit = gateway.spec.max_body_bytes
         self.queued_bytes = 0
@@ -62,6 +112,7 @@ class Session:
                     return
                 message, size = message
                 self.queued_bytes -= size
+                self.ceilings.release(size)
                 work = asyncio.ensure_future(self._handle(message))
                 done, _ = await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if work not in done:  # disconnected mid-request: closing the stream stops the backend
@@ -73,6 +124,8 @@ class Session:
                     work.result()
         finally:
             reader.cancel()
+            self.ceilings.release(self.queued_bytes)  # queued, never answered: no longer held
+            self.queued_bytes = 0
 
     async def _read(self) -> None:
         try:
@@ -93,11 +146,15 @@ class Session:
                     await self._send_error(None, 429, "too much queued on this connection; wait for answers",
                                            "too_many_pending")  # fmt: skip
                     continue
-                try:
-                    self.pending.put_nowait((item, size))
-                    self.queued_bytes += size
-                except asyncio.QueueFull:
+                if self.pending.full():
                     await self._send_error(None, 429, f"more than {MAX_PENDING} requests queued", "too_many_pending")
+                    continue
+                if not self.ceilings.reserve(size):
+                    await self._send_error(None, 429, "the gateway's WebSocket queues are full; wait for answers",
+                                           "too_many_pending")  # fmt: skip
+                    continue
+                self.pending.put_nowait((item, size))
+                self.queued_bytes += size
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:  # whatever ended the reading, the session must not wait for more

