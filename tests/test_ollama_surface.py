@@ -43,15 +43,18 @@ def backend_of():
     """Start a fake backend of a kind behind a gateway; returns (backend, gateway URL)."""
     started = []
 
-    def start(kind: str, backend: RecordingBackend | None = None, protocol: str | None = None):
+    def start(kind: str, backend: RecordingBackend | None = None, protocol: str | None = None,
+              capabilities: list[str] | None = None):  # fmt: skip
         backend = backend or llamacpp_tools_backend()
         up, gw = free_port(), free_port()
         state = fleet_state({"b": f"http://127.0.0.1:{up}"}, kind=kind)
-        if protocol:
+        # A backend elsewhere has no model file here to read capabilities from: declared.
+        update = {"protocol": protocol} if protocol else {}
+        if capabilities is not None:
+            update["capabilities"] = capabilities
+        if update:
             state = state.model_copy(
-                update={
-                    "backends": {"b": state.backends["b"].model_copy(update={"protocol": protocol})}
-                }
+                update={"backends": {"b": state.backends["b"].model_copy(update=update)}}
             )
         cms = [serve(backend, up), serve(create_app(state), gw)]
         for cm in cms:
@@ -196,7 +199,7 @@ def test_a_generic_openai_server_refuses_llamacpp_only_options(backend_of):
 
 
 def test_suffix_is_llamacpp_infill(backend_of):
-    backend, url = backend_of("llamacpp")
+    backend, url = backend_of("llamacpp", capabilities=["completion", "insert"])
     client = ollama.Client(host=url)
     answer = client.generate(
         model="m",
@@ -242,7 +245,7 @@ def test_generate_fields_that_cannot_be_mapped_are_refused_by_name(backend_of, b
 
 
 def test_format_think_images_and_system_are_mapped(backend_of):
-    backend, url = backend_of("llamacpp")
+    backend, url = backend_of("llamacpp", capabilities=["completion", "vision", "json_schema", "thinking"])
     client = ollama.Client(host=url)
     png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
@@ -393,7 +396,9 @@ def test_num_ctx_above_the_backends_context_is_clamped_and_said(backend_of):
             url, json={"model": "m", "messages": ASK, "stream": False, "options": {"num_ctx": 512}}
         )
         long = httpx.post(url, json={"model": "m", "messages": ASK, "stream": False, "options": {"num_predict": 4096}})
-    assert long.status_code == 200 and backend.last("/v1/chat/completions")["max_tokens"] == 1024  # a ceiling, as in Ollama
+    # A ceiling, as in Ollama: what fits in one slot's 1024 tokens beside the (short) prompt.
+    assert long.status_code == 200 and 900 < backend.last("/v1/chat/completions")["max_tokens"] <= 1024
+    assert long.headers["x-tensorforge-max-tokens"].startswith(str(backend.last("/v1/chat/completions")["max_tokens"]))
     assert big.status_code == 200 and big.headers["x-tensorforge-num-ctx"] == "1024"
     assert small.status_code == 200 and "x-tensorforge-num-ctx" not in small.headers
     assert "num_ctx" not in backend.last(

@@ -77,6 +77,9 @@ async def route_request(gateway: Gateway, raw: bytes, endpoint: str, headers: di
         pool, label = everyone, f"auto ({requested!r})" if requested else "auto (no model)"
     else:
         pool, label = [u for u in everyone if u.model == resolution.model], f"model {resolution.model}"
+    if endpoint.startswith("/api/") and resolution.model is not None:
+        # Ollama's own request, to Ollama backends: the model is named, Ollama clamps itself.
+        return Routed(endpoint, body, raw, resolution.model, requested or resolution.model, None, [], trace)
     if not pool:  # declared without a backend: the proxy answers 503 naming why
         model = resolution.model or ""
         return Routed(endpoint, body, raw, model, requested or model, None, [], trace)
