@@ -20,6 +20,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from reconciler.config.schema import BackendSpec, DesiredState, GatewaySpec, ModelSpec
 from reconciler.gateway.app import PUBLIC_PATHS, create_app
+from reconciler.gateway.ui import UI_PATHS
 from reconciler.gateway.auth import ApiKeyError, ApiKeys
 from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
 from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
@@ -63,6 +64,10 @@ def test_every_route_but_the_public_ones_needs_a_key(keyed):
                 if path in PUBLIC_PATHS:
                     assert response.status_code == 200
                     public.add(path)
+                    continue
+                if path in UI_PATHS:  # the status page's static files: it asks for a key itself
+                    assert response.status_code == 200
+                    assert not any(u.base_url in response.text for u in app.table.upstreams.values())
                     continue
                 assert response.status_code == 401, (method, path, headers, response.status_code)
                 if method != "HEAD":
