@@ -65,6 +65,18 @@ def test_without_a_binary_the_in_process_server_runs(empty_path, monkeypatch, tm
     assert commands.find_llama_server() is None and os.environ["PATH"].endswith("nothing-here")
 
 
+def test_llamacpp_reuses_a_conversations_cache_and_the_wrapper_takes_the_flag(empty_path, tmp_path):
+    """Prefix reuse across turns: --cache-reuse on every llama.cpp launch, the binary's and the
+    in-process server's, which sets xllamacpp's n_cache_reuse from it."""
+    from reconciler.backends.llamacpp_server import parse_args
+
+    backend = BackendSpec(kind="llamacpp", model="m", port=8080)
+    for binary in (None, str(tmp_path / "llama-server")):
+        argv = launch_for("b", backend.model_copy(update={"binary": binary}), "m", "/m.gguf", []).argv
+        assert int(argv[argv.index("--cache-reuse") + 1]) == commands.CACHE_REUSE_TOKENS > 0
+    assert parse_args(["--model", "x.gguf", "--cache-reuse", "256"]).cache_reuse == 256
+
+
 # -- `tensorforge up --no-gateway` ------------------------------------------------------------------
 HOST = """
 models:

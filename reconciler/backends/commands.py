@@ -49,6 +49,9 @@ def find_llama_server() -> str | None:
     return None
 
 
+CACHE_REUSE_TOKENS = 256
+
+
 def llamacpp_launch(
     name: str, backend: BackendSpec, model_name: str, model_ref: str, gpu_ids: list[int]
 ) -> Launch:
@@ -66,6 +69,10 @@ def llamacpp_launch(
         common += ["--flash-attn", "on"]
     # Bounded host-memory prompt cache (llama.cpp's default, 8 GiB, grew without a ceiling).
     common += ["--cache-ram", str(prompt_cache_mib(backend, model_ref))]
+    # A conversation's next turn reuses its slot's cache beyond the common prefix too (a
+    # shifted chunk of at least this many tokens); the gateway's cache-aware routing sends it
+    # back to that replica. cache_prompt (per request) is on by default.
+    common += ["--cache-reuse", str(CACHE_REUSE_TOKENS)]
     ngl = ["--n-gpu-layers", "999" if gpu_ids else "0"]
     if binary:
         argv = [binary, "--model", model_ref, *common, *ngl, "--metrics", "--slots"]

@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # As llama-server: the host-memory prompt cache, MiB (its default, 8192, let the server
     # grow from 200 MiB to 3.8 GiB); -1 leaves llama.cpp's default, 0 turns it off.
     parser.add_argument("--cache-ram", "-cram", type=int, default=-1, help="prompt cache in host memory, MiB")
+    parser.add_argument("--cache-reuse", type=int, default=0,
+                        help="min chunk (tokens) reused from the slot's cache by shifting (0: off)")  # fmt: skip
     # As llama-server: /v1/embeddings needs --embeddings and a pooling other than none.
     parser.add_argument("--embeddings", "--embedding", action="store_true", help="serve /v1/embeddings")
     parser.add_argument("--pooling", choices=["none", "mean", "cls", "last", "rank"],
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     params.cpuparams_batch.n_threads = args.threads
     if args.cache_ram >= 0:
         params.cache_ram_mib = args.cache_ram
+    params.n_cache_reuse = args.cache_reuse
     if args.alias:
         params.model_alias = set(args.alias)
     if args.embeddings:
