@@ -20,10 +20,10 @@ from starlette.routing import Route, WebSocketRoute
 
 from reconciler.config.schema import BackendSpec, DesiredState, GatewaySpec, ModelSpec
 from reconciler.gateway.app import PUBLIC_PATHS, create_app
-from reconciler.gateway.ui import UI_PATHS
 from reconciler.gateway.auth import ApiKeyError, ApiKeys
 from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
 from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
+from reconciler.gateway.ui import UI_PATHS
 
 KEY = "sk-tf-very-secret-4242"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
