@@ -56,6 +56,7 @@ let
     "uvloop"
     "websockets"
     "nats-py"
+    "tqdm"
     "tree-sitter-language-pack"
     "openai"
     "pip"
