@@ -69,6 +69,9 @@ let
   # takes it out of routing (reconciler/drain.py). Not under stateDir: a DynamicUser's state
   # lives in /var/lib/private, which no other unit can enter.
   drainDir = "/run/tensorforge/drain";
+  # Operators' drain/restart requests (the admin API): the gateway writes them, the reconciler
+  # (root) reads and removes them. The gateway's own runtime directory, kept across its restarts.
+  adminRequestsDir = "/run/tensorforge-admin";
   # Runtime units: NixOS owns /etc/systemd/system (the store), this directory is the admin's.
   runtimeUnitDir = "/run/systemd/system";
 in
@@ -299,6 +302,7 @@ in
           TF_DRIVER = "systemd";
           TF_UNIT_DIR = runtimeUnitDir;
           TF_DRAIN_DIR = drainDir;
+          TF_ADMIN_REQUESTS_DIR = adminRequestsDir;
         } // hardening.driverEnvironment cfg.gpu;
         # Root (templates/hardening.json's `reconciler`): writing units and asking systemd to
         # start them needs it; the backends themselves run as DynamicUsers.
@@ -342,6 +346,7 @@ in
         environment = {
           PYTHONUNBUFFERED = "1";
           TF_DRAIN_DIR = drainDir;
+          TF_ADMIN_REQUESTS_DIR = adminRequestsDir;
         };
         serviceConfig = hardening.service cfg false // {
           Type = "exec";
@@ -353,8 +358,12 @@ in
           ];
           Restart = "always";
           RestartSec = "2s";
+          RuntimeDirectory = lib.removePrefix "/run/" adminRequestsDir;
+          RuntimeDirectoryMode = "0755";
+          RuntimeDirectoryPreserve = "yes"; # pending requests outlive a gateway restart
           LoadCredential =
             lib.optional (cfg.gateway.apiKeysFile != null) "api-keys:${cfg.gateway.apiKeysFile}"
+            ++ lib.optional (cfg.gateway.adminKeysFile != null) "admin-keys:${cfg.gateway.adminKeysFile}"
             ++ lib.mapAttrsToList (name: b: "${backendKeyCredential name}:${b.apiKeyFile}") keyedBackends;
         };
       };

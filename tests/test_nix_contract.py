@@ -271,7 +271,7 @@ def test_the_module_declares_no_schema_key_as_an_option():
     text = "\n".join(p.read_text() for p in (REPO / "modules").rglob("*.nix") if p.name != "backend.nix")
     declared = set(re.findall(r"\b([a-zA-Z]+) = mkOption\b", text))
     nixos_own = {"enable", "package", "settings", "checkDesiredState", "user", "group", "stateDir",
-                 "modelsDir", "backends", "apiKeysFile", "openFirewall", "scrapeKeyFile", "gpu",
+                 "modelsDir", "backends", "apiKeysFile", "adminKeysFile", "openFirewall", "scrapeKeyFile", "gpu",
                  "desiredState", "desiredStateFile", "ruleFiles", "dashboardsDir", "model",
                  "extraArgs", "kernelParams", "kind", "url"}  # fmt: skip
     assert declared <= nixos_own, sorted(declared - nixos_own)

@@ -139,6 +139,27 @@ def test_keys_file_reaches_the_gateway_through_its_credential_store_only():
     assert credentials == ["api-keys:/run/secrets/keys"]
 
 
+def test_admin_keys_and_requests_reach_the_gateway_and_the_reconciler():
+    """The admin API (issue 19): its keys through the gateway's credential store only, and one
+    requests directory the gateway writes (its own runtime directory, kept across restarts)
+    and the reconciler reads."""
+    report, stderr = evaluate(
+        module(
+            f'imports = [ {host("cpu-dev")} ]; services.tensorforge.gateway.adminKeysFile = "/run/secrets/admin";'
+        )
+    )
+    quiet(stderr)
+    assert report["failedAssertions"] == []
+    assert report["desired"]["gateway"]["admin_keys_file"] == "/run/credentials/tensorforge-gateway.service/admin-keys"
+    assert "/run/secrets/admin" not in json.dumps(report["desired"]), "the raw secret path leaked"
+    gateway = report["services"]["tensorforge-gateway"]
+    assert gateway["serviceConfig"]["LoadCredential"] == ["admin-keys:/run/secrets/admin"]
+    requests = gateway["environment"]["TF_ADMIN_REQUESTS_DIR"]
+    assert requests == "/run/" + gateway["serviceConfig"]["RuntimeDirectory"]
+    assert gateway["serviceConfig"]["RuntimeDirectoryPreserve"] == "yes"
+    assert report["services"]["tensorforge-reconciler"]["environment"]["TF_ADMIN_REQUESTS_DIR"] == requests
+
+
 # -- bad input is refused with the option's name ----------------------------------------------
 @pytest.mark.parametrize(
     ("setting", "option"),
@@ -162,6 +183,7 @@ def test_wrong_type_of_a_nixos_option_is_refused_with_its_name(setting: str, opt
         "services.tensorforge.gateway.apiKeysFile = ./keys;",  # a path literal: copied to the store
         'services.tensorforge.gateway.apiKeysFile = "/nix/store/aaaa-keys";',
         'services.tensorforge.monitoring.scrapeKeyFile = "/nix/store/aaaa-key";',
+        'services.tensorforge.gateway.adminKeysFile = "/nix/store/aaaa-admin";',
         'services.tensorforge.backends.smollm2-cpu.apiKeyFile = "relative/key";',
     ],
 )

@@ -159,6 +159,7 @@ def test_a_kind_nixos_has_no_server_for_is_named():
     ("key", "option"),
     [
         ('gateway.api_keys_file = "/run/secrets/keys"', "gateway.apiKeysFile"),
+        ('gateway.admin_keys_file = "/run/secrets/admin"', "gateway.adminKeysFile"),
         ('monitoring.scrape_key_file = "/run/secrets/k"', "monitoring.scrapeKeyFile"),
         ('backends.smollm2-cpu.api_key_file = "/run/secrets/k"', "backends.smollm2-cpu.apiKeyFile"),
         ('state_dir = "/srv/x"', "stateDir"),

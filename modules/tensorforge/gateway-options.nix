@@ -17,6 +17,17 @@ in
       Keep it out of the Nix store (use a string path, or agenix/sops-nix).
     '';
   };
+  adminKeysFile = mkOption {
+    type = secretFile;
+    default = null;
+    example = "/run/secrets/tensorforge-admin-keys";
+    description = ''
+      File with the admin keys (same format as {option}`apiKeysFile`, kept apart from it) that
+      may drain or restart backends through `POST /backends/{name}/drain` and `/restart`.
+      null: the admin API is off. Read through systemd's `LoadCredential`; keep it out of the
+      Nix store.
+    '';
+  };
   openFirewall = mkOption {
     type = types.bool;
     default = false;

@@ -79,9 +79,12 @@ let
       models_dir = cfg.modelsDir;
       backends = lib.mapAttrs resolveBackend s.backends;
     }
-    // lib.optionalAttrs (cfg.gateway.apiKeysFile != null) {
+    // lib.optionalAttrs (cfg.gateway.apiKeysFile != null || cfg.gateway.adminKeysFile != null) {
       # The gateway reads its keys through systemd's credential store (see LoadCredential).
-      gateway = (s.gateway or { }) // { api_keys_file = "${gatewayCredentials}/api-keys"; };
+      gateway =
+        (s.gateway or { })
+        // lib.optionalAttrs (cfg.gateway.apiKeysFile != null) { api_keys_file = "${gatewayCredentials}/api-keys"; }
+        // lib.optionalAttrs (cfg.gateway.adminKeysFile != null) { admin_keys_file = "${gatewayCredentials}/admin-keys"; };
     }
     // lib.optionalAttrs (cfg.monitoring.scrapeKeyFile != null) {
       monitoring = (s.monitoring or { }) // { scrape_key_file = cfg.monitoring.scrapeKeyFile; };
@@ -94,6 +97,7 @@ let
     { path = [ "state_dir" ]; option = "stateDir"; }
     { path = [ "models_dir" ]; option = "modelsDir"; }
     { path = [ "gateway" "api_keys_file" ]; option = "gateway.apiKeysFile"; }
+    { path = [ "gateway" "admin_keys_file" ]; option = "gateway.adminKeysFile"; }
     { path = [ "monitoring" "scrape_key_file" ]; option = "monitoring.scrapeKeyFile"; }
   ]
   ++ map (name: {
