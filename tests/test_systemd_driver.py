@@ -241,7 +241,7 @@ def systemd_host(tmp_path: Path, host_yaml: Path, monkeypatch: pytest.MonkeyPatc
     fake = FakeSystemctl()
     controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
     monkeypatch.setattr(
-        "reconciler.controller.probe", lambda url, proto, timeout=1.0: BackendHealth(Health.HEALTHY)
+        "reconciler.controller.probe", lambda url, proto, timeout=1.0, **_: BackendHealth(Health.HEALTHY)
     )
     return controller, fake
 
