@@ -122,6 +122,9 @@ def fleet(tmp_path, smollm2_path) -> Fleet:
     assert our_processes(state) == [], "the supervisor left processes behind"
 
 
+RETRIES_ON_429 = 5  # the openai SDK's default is 2; a test on two busy cores allows more
+
+
 @dataclass
 class Load:
     """JSON requests and streams through the gateway from a thread of its own, each one
@@ -173,7 +176,14 @@ class Load:
                     record["error_event"] = any(e.startswith('data: {"error"') for e in events)
                     record["events"] = len(events)
             else:
-                r = await client.post(self.url + "/v1/chat/completions", json=body)
+                # As the official SDKs do: a 429 (the one replica left is full and its queue
+                # too) is retried after its Retry-After. Overload is answered, not lost.
+                for _ in range(RETRIES_ON_429):
+                    r = await client.post(self.url + "/v1/chat/completions", json=body)
+                    if r.status_code != 429:
+                        break
+                    record["retried_429"] = record.get("retried_429", 0) + 1
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
                 record["status"], record["backend"] = r.status_code, r.headers.get("x-tensorforge-backend")
                 if r.status_code != 200:
                     record["body"] = r.text[:300]
