@@ -27,7 +27,16 @@ from reconciler.backends.commands import launch_for, model_reference
 from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
 from reconciler.config.schema import reach
-from reconciler.drain import DRAIN_DIR_ENV, Drainer, DrainRule, drain_dir, drain_states, read_marks
+from reconciler.drain import (
+    DRAIN_DIR_ENV,
+    Drainer,
+    DrainRule,
+    drain_dir,
+    drain_states,
+    gateway_health,
+    read_marks,
+    wedged_backends,
+)
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.process import ProcessDriver
 from reconciler.drivers.protocol import Driver
@@ -85,7 +94,7 @@ class Controller:
         self.writer = "supervisor"  # who runs the passes: `up`, or `apply` (which then exits)
         self.state_dir = state or state_dir(self.desired.state_dir)
         sweep_orphans(self.state_dir)  # status.json written by a reconciler killed mid-write
-        self.models_dir = models_dir(self.desired.models_dir)
+        self.models_dir = models_dir(self.desired.models_dir, self.desired.state_dir)
         if driver is None or isinstance(driver, str):
             driver = make_driver(driver, self.state_dir, unit_dir)
         self.driver: Driver = driver
@@ -262,9 +271,12 @@ class Controller:
             for n, b in backends.items()
         }
         ack = 3 * self.desired.gateway.health_interval + 2.0  # the gateway reads marks each round
-        drains = drain_states(
-            read_marks(self.drainer.directory), self._gateway_url(), rules, now, ack
-        )
+        marks = read_marks(self.drainer.directory)
+        gateway = self._gateway_url()
+        # One /health question a pass, and only with a local backend to ask about.
+        health = gateway_health(gateway) if gateway and (marks or any(o.active for o in observed.values())) else "no gateway"
+        drains = drain_states(marks, health, rules, now, ack)
+        wedged = wedged_backends(health)
         for name, seen in list(observed.items()):
             drain = drains.get(name.removeprefix("backend-"))
             target = self._probe_target(name)
@@ -285,7 +297,8 @@ class Controller:
             if not answered and (history.answered or history.silent_since is not None):
                 silent = now - (history.silent_since or now)
             observed[name] = replace(
-                seen, health=health.state, detail=health.detail, silent_for=silent, drain=drain
+                seen, health=health.state, detail=health.detail, silent_for=silent, drain=drain,
+                wedged=wedged.get(name.removeprefix("backend-")),
             )
         return observed
 

@@ -103,25 +103,43 @@ class DrainRule:
     timeout: float = DRAIN_TIMEOUT_SECONDS
 
 
+def gateway_health(gateway_url: str | None) -> dict | str:
+    """The gateway's /health as this host sees it (with per-backend detail), or why not."""
+    if not gateway_url:
+        return "no gateway"
+    try:
+        health = httpx.get(f"{gateway_url}/health", timeout=1.0).json()
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        return f"gateway not reachable ({exc})"
+    return health if isinstance(health, dict) else "gateway answered no JSON object"
+
+
+def wedged_backends(health: dict | str) -> dict[str, str]:
+    """Backends the gateway reports wedged (a llama.cpp slot left busy by a cancelled request,
+    reconciler/gateway/slots.py): backend -> why. The reconciler restarts them."""
+    seen = health.get("backends") if isinstance(health, dict) else None
+    if not isinstance(seen, dict):
+        return {}
+    return {b: str(d["wedged"]) for b, d in seen.items() if isinstance(d, dict) and d.get("wedged")}
+
+
 def drain_states(
     marks: dict[str, float],
-    gateway_url: str | None,
+    health: dict | str,
     rules: dict[str, DrainRule],
     now: float,
     ack_timeout: float = 5.0,
 ) -> dict[str, DrainState]:
-    """Where each marked backend's drain stands: one /health question to the gateway for all
-    of them. A backend may be stopped once drained, or without draining when there is no
-    gateway to ask, it does not answer, or it never took the backend out of routing within
-    `ack_timeout` (it reads another drain directory), or past the backend's drain_timeout."""
+    """Where each marked backend's drain stands, from the gateway's one /health answer
+    (`gateway_health`). A backend may be stopped once drained, or without draining when there
+    is no gateway to ask, it does not answer, or it never took the backend out of routing
+    within `ack_timeout` (it reads another drain directory), or past its drain_timeout."""
     if not marks:
         return {}
-    if not gateway_url:
+    if health == "no gateway":
         return {b: DrainState(True, "no gateway to drain from") for b in marks}
-    try:
-        health = httpx.get(f"{gateway_url}/health", timeout=1.0).json()
-    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-        return {b: DrainState(True, f"gateway not reachable ({exc}); not draining") for b in marks}
+    if isinstance(health, str):
+        return {b: DrainState(True, f"{health}; not draining") for b in marks}
     states = {}
     for backend, started in marks.items():
         rule = rules.get(backend, DrainRule([]))
@@ -131,7 +149,7 @@ def drain_states(
         if gateway_ready_to_stop(health, backend, rule.replicas):
             states[backend] = DrainState(True, f"drained {backend} in {waited:.1f}s")
         elif not str(mine.get("detail", "")).startswith("draining") and waited > ack_timeout:
-            states[backend] = DrainState(True, f"the gateway at {gateway_url} did not take it out of routing "
+            states[backend] = DrainState(True, "the gateway did not take it out of routing "
                                                f"within {ack_timeout:.0f}s (same TF_DRAIN_DIR?)")  # fmt: skip
         elif waited > rule.timeout:
             states[backend] = DrainState(True, f"not drained within {rule.timeout:g}s; stopping it anyway")
@@ -168,7 +186,8 @@ class Drainer:
             self.mark(backend)
             marks[backend] = time.time()
         rules = {backend: DrainRule(replicas, timeout)}
-        return drain_states({backend: marks[backend]}, gateway_url, rules, time.time(), ack_timeout)[backend].drained
+        health = gateway_health(gateway_url)
+        return drain_states({backend: marks[backend]}, health, rules, time.time(), ack_timeout)[backend].drained
 
     def end(self, backend: str) -> None:
         """The backend was stopped and started again (or the change was dropped): route to it."""

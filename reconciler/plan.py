@@ -74,6 +74,7 @@ class ObservedUnit:
     rejected: Rejected | None = None
     silent_for: float | None = None  # seconds without an answer to its probe, having answered
     drain: DrainState | None = None  # a drain mark exists for it
+    wedged: str | None = None  # the gateway reports a slot it cannot free: why
     detail: str = ""  # its probe's last word
 
 
@@ -155,6 +156,8 @@ def plan(
             starts.append(_restart_stopped(unit, seen, now))
         elif (silent := _silent(unit, seen)) is not None:
             restarts.append(Action(ActionKind.RESTART, name, silent))
+        elif seen.wedged:
+            restarts.append(Action(ActionKind.RESTART, name, f"{seen.wedged}; restarting it"))
         elif seen.pending or seen.content != unit.content:
             restarts.append(_change(unit, seen, now))
         elif unit.restart_requested:

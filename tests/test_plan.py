@@ -5,6 +5,7 @@ from its inputs: trials and rollbacks, liveness, drains, model readiness, pendin
 from __future__ import annotations
 
 from reconciler.backends.health import Health
+from reconciler.drain import wedged_backends
 from reconciler.plan import ActionKind, DesiredUnit, DrainState, ObservedUnit, Rejected, Trial, plan
 
 
@@ -86,6 +87,24 @@ def test_a_backend_silent_past_its_liveness_timeout_is_drained_then_restarted():
     assert [k for k, _ in one(unit, drained)] == [ActionKind.RESTART]
     # Never answered since it started: starting up is health_timeout's business, not liveness's.
     assert one(unit, ObservedUnit("backend-a", "v1", True, Health.DOWN, silent_for=None)) == []
+
+
+def test_a_backend_the_gateway_reports_wedged_is_drained_then_restarted():
+    """Issue 14: a llama.cpp slot a cancelled request left busy cannot be erased: the gateway
+    reports the backend wedged and the reconciler restarts it, drained first, saying why."""
+    unit = DesiredUnit("backend-a", "v1", drain=True, liveness_timeout=10)
+    why = "wedged: llama.cpp slot(s) 1 stay busy with no request open"
+    [(kind, reason)] = one(unit, ObservedUnit("backend-a", "v1", True, Health.HEALTHY, wedged=why))
+    assert kind is ActionKind.DRAIN and reason.startswith(why)
+    drained = ObservedUnit("backend-a", "v1", True, Health.HEALTHY, wedged=why, drain=DrainState(True, "done"))
+    [(kind, reason)] = one(unit, drained)
+    assert kind is ActionKind.RESTART and "restarting it" in reason
+
+
+def test_the_gateways_wedged_report_is_read_per_backend():
+    health = {"backends": {"a": {"healthy": False, "wedged": "wedged: slot 1"}, "b": {"healthy": True, "wedged": None}}}
+    assert wedged_backends(health) == {"a": "wedged: slot 1"}
+    assert wedged_backends("gateway not reachable") == {} and wedged_backends({"backends": []}) == {}
 
 
 def test_a_drain_no_longer_needed_is_ended():

@@ -186,3 +186,16 @@ def test_pull_and_huggingface_do_not_import_each_other():
     pull, hf = imports("pull.py"), imports("huggingface.py")
     assert not ("reconciler.models.huggingface" in pull and "reconciler.models.pull" in hf)
     assert "reconciler.models.pull" not in hf
+
+
+def test_the_reconcilers_models_folder_follows_the_files_state_dir(tmp_path, monkeypatch):
+    """Issue 14 (6): not only TF_STATE_DIR, the desired state's own state_dir moves it too."""
+    from reconciler.controller import Controller
+
+    monkeypatch.delenv("TF_MODELS", raising=False)
+    monkeypatch.delenv("TF_STATE_DIR", raising=False)
+    host = tmp_path / "host.yaml"
+    host.write_text(f"state_dir: {tmp_path / 'mine'}\nmodels:\n  m: {{source: 'path:/nowhere/m.gguf'}}\n"
+                    "gateway: {enable: false}\n")  # fmt: skip
+    controller = Controller(str(host), driver="process")
+    assert controller.models_dir == tmp_path / "mine" / "models" / "gguf"

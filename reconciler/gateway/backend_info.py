@@ -76,7 +76,7 @@ def gguf_metadata(model: str, state: DesiredState) -> dict | None:
     from reconciler.paths import models_dir
 
     try:
-        path = local_path(model, state.models[model], models_dir(state.models_dir))
+        path = local_path(model, state.models[model], models_dir(state.models_dir, state.state_dir))
     except (OSError, ValueError) as exc:
         log.debug("no model file for %s: %s", model, exc)
         return None

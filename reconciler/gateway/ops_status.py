@@ -243,7 +243,7 @@ class VramEstimates:
         }
 
     def _compute(self, gateway: Gateway, names: set[str], specs: dict[str, str]) -> None:
-        directory = models_dir(gateway.state.models_dir)
+        directory = models_dir(gateway.state.models_dir, gateway.state.state_dir)
         for name in names:
             backend = gateway.state.backends[name]
             spec = gateway.state.models[backend.model]
@@ -285,7 +285,7 @@ class ModelCatalog:
         self.gateway = gateway
 
     def _registry(self) -> tuple[Registry | None, str]:
-        directory = models_dir(self.gateway.state.models_dir)
+        directory = models_dir(self.gateway.state.models_dir, self.gateway.state.state_dir)
         if not os.environ.get("TF_REGISTRY_URL") and not (directory / "registry.sqlite3").exists():
             return None, f"no model registry at {directory} (no model pulled yet)"
         try:

@@ -68,7 +68,7 @@ def _bytes_under(directory: Path) -> int:
 async def pull_progress(state: DesiredState, name: str, spec: ModelSpec) -> AsyncIterator[bytes]:
     """Ollama's pull statuses: manifest, the file growing (bytes in the model's directory),
     then digest, verification and success; an {"error"} line if the pull fails."""
-    directory = models_dir(state.models_dir)
+    directory = models_dir(state.models_dir, state.state_dir)
     yield _line({"status": "pulling manifest"})
     task = asyncio.ensure_future(asyncio.to_thread(pull_model, name, spec, directory))
     status = f"pulling {name}"
@@ -102,7 +102,7 @@ async def pull_progress(state: DesiredState, name: str, spec: ModelSpec) -> Asyn
 def delete_model(state: DesiredState, requested: str) -> str:
     """Unregister `requested` (name or alias) and remove the files TensorForge downloaded for
     it; a `path:` model's file is the user's and stays. Conflict if a backend serves it."""
-    directory = models_dir(state.models_dir)
+    directory = models_dir(state.models_dir, state.state_dir)
     name = state.model_names().get(requested, requested)
     users = sorted(n for n, b in state.backends.items() if b.model == name)
     if users:

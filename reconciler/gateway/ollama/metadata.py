@@ -70,7 +70,7 @@ def model_file(state: DesiredState, model: str) -> tuple[str, str] | None:
     `path:` file (hashed here once per file version); None for a model Ollama holds itself
     or one not pulled yet."""
     spec = state.models[model]
-    directory = models_dir(state.models_dir)
+    directory = models_dir(state.models_dir, state.state_dir)
     if registry_exists(directory):
         record = registry_for(directory).get(model)
         if record is not None and record.source == spec.source and record.files:
