@@ -5,7 +5,8 @@
          vllm-router:cache_aware vllm-router:round_robin]
 
 Two llama.cpp replicas of SmolLM2 (xllamacpp, one thread each, pinned to cores 0 and 1, 2
-slots each, no host prompt cache) serve multi-turn conversations that share a few long
+slots each, `--cache-reuse` as the reconciler launches them, no host prompt cache unless
+`--cache-ram`) serve multi-turn conversations that share a few long
 system prompts (about 1-2k tokens each): conversations arrive open-loop (Poisson, `--rate`
 per second, seeded), each sends its next turn when the previous answer is complete, and
 every turn streams. In front of the same replicas, one after the other (fresh replicas for
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
+from reconciler.backends.commands import CACHE_REUSE_TOKENS  # as the reconciler launches them
 
 REPO = Path(__file__).resolve().parent.parent
 REPLICA_CORES = (0, 1)
@@ -184,7 +187,8 @@ def start_replicas(model: Path, args, logs: Path) -> tuple[list[subprocess.Popen
         port = free_port()
         argv = [sys.executable, "-m", "reconciler.backends.llamacpp_server", "--model", str(model),
                 "--port", str(port), "--ctx-size", str(args.ctx_size), "--parallel", str(args.parallel),
-                "--threads", "1", "--alias", "smollm2"]  # fmt: skip
+                "--threads", "1", "--alias", "smollm2", "--cache-ram", str(args.cache_ram),
+                "--cache-reuse", str(CACHE_REUSE_TOKENS)]  # fmt: skip
         procs.append(start(argv, logs / f"replica-{core}.log", core))
         urls.append(f"http://127.0.0.1:{port}")
     for url in urls:
@@ -264,6 +268,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--ctx-size", type=int, default=8192, help="per replica, split over --parallel")
     parser.add_argument("--parallel", type=int, default=2, help="slots per replica")
+    parser.add_argument("--cache-ram", type=int, default=0,
+                        help="llama.cpp's host prompt cache, MiB (0: off, so only the slots' caches count)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per strategy, order rotated")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--strategies", nargs="+", default=[
