@@ -86,26 +86,29 @@ def test_a_process_from_another_state_dir_is_not_ours(tmp_path):
         other.wait()
 
 
+def start_server_with_worker(driver: ProcessDriver, directory, worker_prefix: str = "", leader_trap: str = ""):
+    """A unit whose leader starts a worker in its process group: (group id, worker pid)."""
+    script = directory / "server.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"sh -c '{worker_prefix}echo $$ > worker.pid; while :; do sleep 0.1; done' &\n"
+        f"{leader_trap}while :; do sleep 0.1; done\n"
+    )
+    script.chmod(0o755)
+    content = json.dumps({"argv": ["sh", "-c", f"cd {directory} && exec {script}"], "env": {}})
+    driver.start(DesiredUnit("backend-x", content))
+    deadline = time.monotonic() + 10
+    while not (directory / "worker.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return driver.load("backend-x").pid, int((directory / "worker.pid").read_text())
+
+
 def test_stop_ends_the_whole_process_group(tmp_path):
     """A server whose worker ignores SIGTERM: stopping the unit does not end when the leader
     exits, it waits out the grace and SIGKILLs the group, so no worker keeps the port or the
     GPU memory."""
-    script = tmp_path / "server.sh"
-    script.write_text(
-        "#!/bin/sh\n"
-        "sh -c 'trap \"\" TERM; echo $$ > worker.pid; while :; do sleep 0.1; done' &\n"
-        "trap 'exit 0' TERM\n"
-        "while :; do sleep 0.1; done\n"
-    )
-    script.chmod(0o755)
     driver = ProcessDriver(tmp_path)
-    content = json.dumps({"argv": ["sh", "-c", f"cd {tmp_path} && exec {script}"], "env": {}})
-    driver.start(DesiredUnit("backend-x", content))
-    pgid = driver.load("backend-x").pid
-    deadline = time.monotonic() + 5
-    while not (tmp_path / "worker.pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    worker = int((tmp_path / "worker.pid").read_text())
+    pgid, worker = start_server_with_worker(driver, tmp_path, "trap \"\" TERM; ", "trap 'exit 0' TERM\n")
     started = time.monotonic()
     try:
         driver.stop("backend-x", grace=1.0)
@@ -120,21 +123,8 @@ def test_stop_ends_the_whole_process_group(tmp_path):
 def test_a_killed_leaders_leftover_workers_are_ended_before_anything_else(tmp_path):
     """vLLM's engine processes outlive a SIGKILLed API server, holding GBs of memory: once
     the driver sees the leader gone, the rest of its process group goes too."""
-    script = tmp_path / "server.sh"
-    script.write_text(
-        "#!/bin/sh\n"
-        "sh -c 'echo $$ > worker.pid; while :; do sleep 0.1; done' &\n"
-        "while :; do sleep 0.1; done\n"
-    )
-    script.chmod(0o755)
     driver = ProcessDriver(tmp_path)
-    content = json.dumps({"argv": ["sh", "-c", f"cd {tmp_path} && exec {script}"], "env": {}})
-    driver.start(DesiredUnit("backend-x", content))
-    pgid = driver.load("backend-x").pid
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "worker.pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    worker = int((tmp_path / "worker.pid").read_text())
+    pgid, worker = start_server_with_worker(driver, tmp_path)
     try:
         os.kill(pgid, signal.SIGKILL)  # the leader only
         deadline = time.monotonic() + 10

@@ -181,7 +181,8 @@ class OllamaSurface:
             501, f"/api/{verb} is not available on TensorForge: {management.NOT_HERE[verb]}"
         )
 
-    async def pull(self, request: Request) -> Response:
+    async def _named(self, request: Request) -> tuple[dict, str] | Response:
+        """(body, model name) of a request that names a model, registered or not (pull, delete)."""
         native = await self._read(request)
         if isinstance(native, Response):
             return native
@@ -190,6 +191,13 @@ class OllamaSurface:
             return self._refuse(
                 400, "'model' is required and must be a model name", "missing_model"
             )
+        return native, requested
+
+    async def pull(self, request: Request) -> Response:
+        named = await self._named(request)
+        if isinstance(named, Response):
+            return named
+        native, requested = named
         try:
             name, spec = management.pull_target(self.gateway.state, requested)
         except management.NotFound as exc:
@@ -207,14 +215,10 @@ class OllamaSurface:
         return JSONResponse(last)
 
     async def delete(self, request: Request) -> Response:
-        native = await self._read(request)
-        if isinstance(native, Response):
-            return native
-        requested = native.get("model") or native.get("name")
-        if not isinstance(requested, str) or not requested:
-            return self._refuse(
-                400, "'model' is required and must be a model name", "missing_model"
-            )
+        named = await self._named(request)
+        if isinstance(named, Response):
+            return named
+        _, requested = named
         try:
             await asyncio.to_thread(management.delete_model, self.gateway.state, requested)
         except management.NotFound as exc:
