@@ -373,12 +373,13 @@ def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
     fake.calls.clear()
     first = controller.reconcile_once()
     assert [(a.kind, a.unit) for a in first] == [(ActionKind.DRAIN, "backend-m-cpu")]
-    assert mark.exists() and asked == [] and fake.verbs() == []
+    # The gateway's /health is asked once a pass (drains, and wedged backends), never polled.
+    assert mark.exists() and asked == ["http://127.0.0.1:18502/health"] and fake.verbs() == []
     held = controller.reconcile_once()
     assert [(a.kind, a.unit) for a in held] == [(ActionKind.WAIT, "backend-m-cpu")]
     assert "draining: 2 request(s) open" in held[0].reason
     assert "restart" not in " ".join(fake.verbs())
-    assert asked == ["http://127.0.0.1:18502/health"]  # one question per pass, no polling loop
+    assert asked == ["http://127.0.0.1:18502/health"] * 2  # one question per pass, no polling loop
     status = json.loads((state_dir / "status.json").read_text())
     assert "draining: 2 request(s) open" in status["units"][0]["detail"]  # `tensorforge status`
 
