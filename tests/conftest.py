@@ -42,6 +42,21 @@ def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
     raise TimeoutError(f"{url} not ready: {last}")
 
 
+def wait_for(what, timeout: float, message: str, log: Path, interval: float = 0.1):
+    """Poll `what()` until it returns something truthy (errors count as not yet); on timeout,
+    fail with `message` and the tail of the supervisor's `log`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = what()
+        except (httpx.HTTPError, OSError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"{message} within {timeout:.0f}s\n{log.read_text()[-4000:]}")
+
+
 def our_processes(marker: Path | str) -> list[str]:
     """Live processes whose command line or environment mentions `marker` (a state dir)."""
     found = []

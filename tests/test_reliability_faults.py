@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, our_processes, wait_http
+from conftest import free_port, our_processes, wait_for, wait_http
 
 from reconciler.drain import Drainer, drain_dir, draining, gateway_ready_to_stop
 from reconciler.drivers.process import process_alive
@@ -73,17 +73,7 @@ class Fleet:
         return httpx.get(self.url + "/health", timeout=2).json()
 
     def wait(self, what, timeout: float, message: str):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                value = what()
-            except (httpx.HTTPError, OSError, ValueError, KeyError):
-                value = None
-            if value:
-                return value
-            time.sleep(0.1)
-        log = (self.state / "logs" / "supervisor.log").read_text()[-3000:]
-        pytest.fail(f"{message} within {timeout:.0f}s\n{log}")
+        return wait_for(what, timeout, message, self.state / "logs" / "supervisor.log", interval=0.1)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, our_processes, wait_http
+from conftest import free_port, our_processes, wait_for, wait_http
 
 from reconciler.backends.health import Health, probe
 from reconciler.drivers.process import process_alive
@@ -70,17 +70,7 @@ class Host:
         self.config.write_text(yaml.safe_dump(config))
 
     def wait(self, what, timeout: float, message: str):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                value = what()
-            except (httpx.HTTPError, OSError, ValueError, KeyError):
-                value = None
-            if value:
-                return value
-            time.sleep(0.25)
-        log = (self.state / "logs" / "supervisor.log").read_text()[-4000:]
-        pytest.fail(f"{message} within {timeout:.0f}s\n{log}")
+        return wait_for(what, timeout, message, self.state / "logs" / "supervisor.log", interval=0.25)
 
 
 @pytest.fixture(scope="session")
