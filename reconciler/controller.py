@@ -280,8 +280,9 @@ class Controller:
         for name, seen in list(observed.items()):
             drain = drains.get(name.removeprefix("backend-"))
             target = self._probe_target(name)
-            if not seen.active or target is None:
-                self.health[name] = BackendHealth(Health.DOWN, "not running")
+            if not seen.active or seen.stopping is not None or target is None:
+                why = "stopping" if seen.stopping is not None else "not running"
+                self.health[name] = BackendHealth(Health.DOWN, why)
                 observed[name] = replace(seen, drain=drain)
                 continue
             health = probe(*target, timeout=1.0, **self._probe_identity(name))
@@ -357,9 +358,8 @@ class Controller:
             elif action.kind in (ActionKind.ROLLBACK, ActionKind.FAIL):
                 self.apply_failures[action.unit] = action.reason
 
+        # A drain ends by the plan's UNDRAIN, once the unit is no longer observed stopping.
         def done(action: Action, error: str | None) -> None:
-            if action.kind in (ActionKind.STOP, ActionKind.RESTART, ActionKind.ROLLBACK):
-                self.drainer.end(action.unit.removeprefix("backend-"))  # routed to again
             if error:
                 self.apply_failures[action.unit] = error
 
@@ -424,7 +424,7 @@ class Controller:
         if not self.driver.outlives_supervisor:
             names = [r.name for r in self.driver.records()]
             for name in sorted(names, key=lambda n: n != GATEWAY_UNIT):
-                self.driver.stop(name)
+                self.driver.halt(name)
         for backend in read_marks(self.drainer.directory):  # a change not made: route to it again
             self.drainer.end(backend)
         self.write_status()  # systemd units outlive the reconciler: left running

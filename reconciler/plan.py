@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reconciler.backends.health import Health
 
@@ -61,6 +61,14 @@ class DrainState:
 
 
 @dataclass(frozen=True)
+class Stopping:
+    """A stop under way (asked for, the process not yet gone): observed, never waited for."""
+
+    since: float  # when it was asked to stop (0: not known, e.g. stopped by someone else)
+    kill_at: float | None  # when the plan escalates to SIGKILL; None: its supervisor does
+
+
+@dataclass(frozen=True)
 class ObservedUnit:
     name: str
     content: str | None  # what runs now (the settings it was started with); None if nothing
@@ -75,6 +83,7 @@ class ObservedUnit:
     silent_for: float | None = None  # seconds without an answer to its probe, having answered
     drain: DrainState | None = None  # a drain mark exists for it
     wedged: str | None = None  # the gateway reports a slot it cannot free: why
+    stopping: Stopping | None = None  # a stop (or restart) under way: wait for it, or kill
     detail: str = ""  # its probe's last word
 
 
@@ -82,7 +91,8 @@ _DRAINING = "; draining: "  # how a WAIT held for a drain says so
 
 
 class ActionKind(enum.StrEnum):
-    STOP = "stop"
+    STOP = "stop"  # ask it to stop (SIGTERM, `systemctl stop --no-block`); observed next pass
+    KILL = "kill"  # a stop not done within its grace: SIGKILL
     START = "start"
     RESTART = "restart"
     ROLLBACK = "rollback"  # a change not healthy in time: the previous settings again
@@ -100,6 +110,7 @@ class Action:
     unit: str
     reason: str
     diff: str = ""
+    content: str | None = None  # the settings a START, RESTART or ROLLBACK runs
 
     def __str__(self) -> str:
         return f"{self.kind.value:8} {self.unit}: {self.reason}"
@@ -126,7 +137,12 @@ def plan(
     starts: list[Action] = []
     restarts: list[Action] = []
 
-    for name in sorted(set(observed) - set(desired)):
+    # A unit still stopping is left to finish (or killed past its grace) before anything else.
+    in_flux = {n for n, seen in observed.items() if seen.stopping is not None}
+    for name in sorted(in_flux):
+        stops.append(_still_stopping(name, observed[name].stopping, now))  # type: ignore[arg-type]
+
+    for name in sorted(set(observed) - set(desired) - in_flux):
         gone = observed[name]
         stops.append(
             Action(
@@ -137,7 +153,7 @@ def plan(
             )
         )
 
-    for name in sorted(desired):
+    for name in sorted(set(desired) - in_flux):
         unit = desired[name]
         seen = observed.get(name)
         if unit.refused:
@@ -155,16 +171,22 @@ def plan(
         elif not seen.active:
             starts.append(_restart_stopped(unit, seen, now))
         elif (silent := _silent(unit, seen)) is not None:
-            restarts.append(Action(ActionKind.RESTART, name, silent))
+            restarts.append(Action(ActionKind.RESTART, name, silent, content=unit.content))
         elif seen.wedged:
-            restarts.append(Action(ActionKind.RESTART, name, f"{seen.wedged}; restarting it"))
+            reason = f"{seen.wedged}; restarting it"
+            restarts.append(Action(ActionKind.RESTART, name, reason, content=unit.content))
         elif seen.pending or seen.content != unit.content:
             restarts.append(_change(unit, seen, now))
         elif unit.restart_requested:
-            restarts.append(Action(ActionKind.RESTART, name, unit.restart_requested))
+            reason = unit.restart_requested
+            restarts.append(Action(ActionKind.RESTART, name, reason, content=unit.content))
 
     ordered = stops + starts + _rolling(restarts, desired, observed)
-    stopping = {a.unit for a in ordered if a.kind in (ActionKind.STOP, ActionKind.RESTART)}
+    stopping = in_flux | {
+        a.unit
+        for a in ordered
+        if a.kind in (ActionKind.STOP, ActionKind.RESTART) and _runs(observed.get(a.unit))
+    }
     held_out = {n for n, u in desired.items() if u.drain and u.drain_requested}
     undrains = [
         Action(ActionKind.UNDRAIN, name, "no stop planned any more: routed to again")
@@ -173,6 +195,22 @@ def plan(
     ]
     gated = [_through_drain(a, desired, observed) for a in ordered]
     return _gateway_after_drains(gated + _operator_drains(desired, observed, stopping), desired) + undrains
+
+
+def _runs(seen: ObservedUnit | None) -> bool:
+    return seen is not None and seen.active
+
+
+def _still_stopping(name: str, stopping: Stopping, now: float) -> Action:
+    asked = f" {now - stopping.since:.0f}s ago" if stopping.since else ""
+    if stopping.kill_at is None:
+        reason = f"stopping (asked{asked}; its supervisor kills it past its stop timeout)"
+        return Action(ActionKind.WAIT, name, reason)
+    if now >= stopping.kill_at:
+        reason = f"did not stop within its grace (asked{asked}); killing it"
+        return Action(ActionKind.KILL, name, reason)
+    reason = f"stopping (asked{asked}; killed in {stopping.kill_at - now:.0f}s)"
+    return Action(ActionKind.WAIT, name, reason)
 
 
 def _operator_drains(
@@ -195,7 +233,8 @@ def _start(unit: DesiredUnit, seen: ObservedUnit | None, reason: str) -> Action:
         kind = ActionKind.PULL if unit.model_pull else ActionKind.WAIT
         return Action(kind, unit.name, f"{reason}, but its model is not ready: {unit.model_wait}")
     old = seen.content if seen else None
-    return Action(ActionKind.START, unit.name, reason, unit_diff(unit.name, old, unit.content))
+    diff = unit_diff(unit.name, old, unit.content)
+    return Action(ActionKind.START, unit.name, reason, diff, unit.content)
 
 
 def _restart_stopped(unit: DesiredUnit, seen: ObservedUnit, now: float) -> Action:
@@ -205,7 +244,16 @@ def _restart_stopped(unit: DesiredUnit, seen: ObservedUnit, now: float) -> Actio
             unit.name,
             f"down after {seen.failures} failed start(s); retrying in {seen.retry_at - now:.1f}s",
         )
+    rejected = seen.rejected
     changed = seen.content != unit.content
+    if changed and rejected and rejected.content == unit.content and rejected.until > now:
+        # Stopped for a rollback (or crashed after it): what it was rolled back to, not the
+        # settings waiting out their backoff.
+        reason = (
+            f"not running; starting the settings it was rolled back to ({rejected.reason}; "
+            f"the declared ones are retried in {rejected.until - now:.0f}s)"
+        )
+        return Action(ActionKind.START, unit.name, reason, "", seen.content)
     reason = "settings changed and not running" if changed else "not running"
     if seen.failures:
         reason += f" (attempt {seen.failures + 1})"
@@ -225,6 +273,7 @@ def _overdue_trial(unit: DesiredUnit, seen: ObservedUnit, now: float) -> Action 
             unit.name,
             f"{why}; restoring the previous settings",
             unit_diff(unit.name, seen.content, trial.previous),
+            trial.previous,
         )
     return Action(ActionKind.FAIL, unit.name, why)
 
@@ -265,7 +314,7 @@ def _change(unit: DesiredUnit, seen: ObservedUnit, now: float) -> Action:
         if seen.pending
         else "settings changed"
     )
-    return Action(ActionKind.RESTART, unit.name, reason, diff)
+    return Action(ActionKind.RESTART, unit.name, reason, diff, unit.content)
 
 
 def _rolling(
@@ -328,7 +377,7 @@ def _through_drain(
     if not seen.drain.drained:
         reason = f"{action.reason}{_DRAINING}{seen.drain.detail}"
         return Action(ActionKind.WAIT, action.unit, reason, action.diff)
-    return Action(action.kind, action.unit, f"{action.reason}; {seen.drain.detail}", action.diff)
+    return replace(action, reason=f"{action.reason}; {seen.drain.detail}")
 
 
 def _gateway_after_drains(

@@ -172,7 +172,7 @@ def _stop_orphans(state_dir: Path) -> None:
         return
     driver = ProcessDriver(state_dir)
     for record in driver.records():
-        driver.stop(record.name)
+        driver.halt(record.name)
 
 
 def wait_for_gateway(

@@ -49,6 +49,20 @@ def controller(tmp_path: Path, backends: dict, gpus=None) -> Controller:
     )  # fmt: skip
 
 
+def stops_done(c: Controller, timeout: float = 10.0) -> None:
+    """Until no unit is observed stopping (a pass asks, never waits; the stand-ins exit on
+    SIGTERM at once): the next pass then starts what a restart stopped."""
+    deadline = time.monotonic() + timeout
+    while any(o.stopping for o in c.driver.observe().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 class NvmlLike:
     """Free memory as NVML reports it: less what the running backends hold (16 GiB each)."""
 
@@ -117,6 +131,8 @@ def test_an_nvml_failure_keeps_running_backends_where_they_are(tmp_path, monkeyp
         board.count_error = False  # NVML is back: the change goes through, on the same GPU
         assert [a.kind for a in c.reconcile_once()] == [ActionKind.RESTART]
         assert c.placement.assignments["a"] == [held]
+        stops_done(c)
+        assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]  # the restart's second half
         assert c.reconcile_once() == []
     finally:
         c.shutdown()
@@ -245,6 +261,72 @@ def test_plan_shows_exactly_what_apply_does_with_drains_and_a_model_not_ready(tm
         assert {a.unit: a.kind for a in done}["backend-a"] is ActionKind.UNDRAIN
         assert not (tmp_path / "state" / "drain" / "a").exists()
     finally:
+        apply.shutdown()
+
+
+def test_a_stop_stuck_for_its_whole_grace_delays_no_other_unit_and_plan_shows_it(tmp_path, monkeypatch):
+    """Stopping used to be SIGTERM, then a loop of sleeps for up to 15 s inside the pass:
+    a backend that ignores SIGTERM held up supervision of every other unit. Now the pass asks
+    and goes on: in the same pass another backend, crashed and past its backoff, is started
+    again; later passes observe the first one stopping, the plan kills it once its grace is
+    over, and the next pass starts its new settings. A fresh controller's `plan` prints each
+    pass exactly as `apply` then does it (backoff and stopping included)."""
+    now = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    stubborn = tmp_path / "stubborn.sh"
+    stubborn.write_text("#!/bin/sh\ntrap '' TERM\nexec sleep 300\n")  # sleep inherits SIG_IGN
+    stubborn.chmod(0o755)
+    path = tmp_path / "host.json"
+
+    def declare(context: int) -> None:
+        path.write_text(json.dumps({
+            "gateway": {"enable": False},
+            "models": {"m": {"source": "ollama:m"}},
+            "backends": {"a": {"kind": "ollama", "model": "m", "port": 18120, "binary": str(stubborn),
+                               "context_size": context},
+                         "b": {"kind": "ollama", "model": "m", "port": 18121, "binary": fake_server(tmp_path)}},
+        }))  # fmt: skip
+
+    def fresh() -> Controller:  # what `tensorforge plan` builds
+        return Controller(str(path), driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
+                          run_gateway=False)  # fmt: skip
+
+    def one_pass() -> dict[str, tuple[ActionKind, str]]:
+        planned, done = fresh().plan(), apply.reconcile_once()
+        assert normalized(planned) == normalized(done)
+        return {x.unit: (x.kind, x.reason) for x in done}
+
+    declare(1024)
+    apply = fresh()
+    try:
+        assert {k for k, _ in one_pass().values()} == {ActionKind.START}
+        a, b = apply.driver.load("backend-a"), apply.driver.load("backend-b")
+        os.kill(b.pid, 9)  # b crashes
+        until(lambda: not process_alive(b.pid, b.start_ticks))
+        held = one_pass()
+        assert held["backend-b"][0] is ActionKind.WAIT and "down after 1 failed start(s); retrying in" in held["backend-b"][1]
+        now[0] += 2  # past b's backoff
+        declare(2048)  # a's settings change: a restart, whose stop a ignores
+        same = one_pass()
+        assert same == {"backend-a": (ActionKind.RESTART, "settings changed"), "backend-b": (ActionKind.START, "not running (attempt 2)")}
+        b2 = apply.driver.load("backend-b")
+        assert process_alive(b2.pid, b2.start_ticks) and b2.pid != b.pid  # b runs again ...
+        assert process_alive(a.pid, a.start_ticks)  # ... while a, asked to stop, still runs
+        now[0] += 5
+        assert one_pass() == {"backend-a": (ActionKind.WAIT, "stopping (asked 5s ago; killed in 10s)")}
+        now[0] += 10  # the grace is over
+        kind, reason = one_pass()["backend-a"]
+        assert kind is ActionKind.KILL and "did not stop within its grace (asked 15s ago)" in reason
+        until(lambda: not process_alive(a.pid, a.start_ticks))
+        assert one_pass() == {"backend-a": (ActionKind.START, "settings changed and not running")}
+        a2 = apply.driver.load("backend-a")
+        assert process_alive(a2.pid, a2.start_ticks) and '"2048"' in a2.content
+        assert apply.driver.history.load("backend-a").failures == 0  # a stop asked for, no crash
+    finally:
+        for record in apply.driver.records():  # a ignores SIGTERM: no 15 s shutdown
+            if record.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(record.pid, 9)
         apply.shutdown()
 
 

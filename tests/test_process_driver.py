@@ -20,7 +20,7 @@ from reconciler.drivers.process import (
     group_alive,
     process_alive,
 )
-from reconciler.plan import DesiredUnit
+from reconciler.plan import ActionKind, DesiredUnit, ObservedUnit, plan
 
 
 def sleeper(seconds: int = 60) -> DesiredUnit:
@@ -28,42 +28,56 @@ def sleeper(seconds: int = 60) -> DesiredUnit:
     return DesiredUnit("backend-x", content)
 
 
+def stopped(driver: ProcessDriver, name: str = "backend-x") -> ObservedUnit:
+    """Observe until its stop is done (a sleep exits on SIGTERM at once): passes, polled."""
+    deadline = time.monotonic() + 10
+    while (seen := driver.observe()[name]).stopping is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seen
+
+
 def test_start_stop_and_records(tmp_path):
     driver = ProcessDriver(tmp_path)
-    driver.start(sleeper())
+    driver.start("backend-x", sleeper().content)
     record = driver.load("backend-x")
     assert process_alive(record.pid, record.start_ticks)
     assert driver.observe()["backend-x"].active
-    driver.stop("backend-x")
-    assert not driver.observe()["backend-x"].active
-    driver.remove("backend-x")
+    driver.stop("backend-x", forget=True)  # asked (SIGTERM), not waited for: kept until gone
+    assert driver.load("backend-x").stop_since is not None
+    assert not stopped(driver).active
+    assert driver.history.load("backend-x").failures == 0  # an exit asked for is no failure
+    driver.stop("backend-x", forget=True)  # stopped: now it is forgotten
     assert driver.observe() == {}
 
 
 def test_an_unrecorded_process_of_the_unit_is_adopted_not_duplicated(tmp_path):
     driver = ProcessDriver(tmp_path)
     unit = sleeper()
-    driver.start(unit)
+    driver.start(unit.name, unit.content)
     first = driver.load("backend-x")
     # The supervisor died after starting the process but before recording it.
     (tmp_path / "units" / "backend-x.json").unlink()
     fresh = ProcessDriver(tmp_path)
-    fresh.start(unit)
+    fresh.start(unit.name, unit.content)
     adopted = fresh.load("backend-x")
     try:
         assert adopted.pid == first.pid
     finally:
-        fresh.stop("backend-x")
+        fresh.halt("backend-x")
     assert not process_alive(first.pid, first.start_ticks)
 
 
-def test_an_unrecorded_process_with_other_settings_is_replaced(tmp_path):
+def test_an_unrecorded_process_with_other_settings_is_stopped_then_replaced(tmp_path):
     driver = ProcessDriver(tmp_path)
-    driver.start(sleeper(60))
+    driver.start("backend-x", sleeper(60).content)
     old = driver.load("backend-x")
     (tmp_path / "units" / "backend-x.json").unlink()
     fresh = ProcessDriver(tmp_path)
-    fresh.start(sleeper(61))
+    fresh.start("backend-x", sleeper(61).content)  # asks the stranger to stop, starts nothing
+    asked = fresh.load("backend-x")
+    assert asked.pid == old.pid and asked.stop_since is not None  # observed stopping until gone
+    assert not stopped(fresh).active
+    fresh.start("backend-x", sleeper(61).content)
     new = fresh.load("backend-x")
     try:
         assert new.pid != old.pid
@@ -71,7 +85,7 @@ def test_an_unrecorded_process_with_other_settings_is_replaced(tmp_path):
         environ = open(f"/proc/{new.pid}/environ", "rb").read().decode()
         assert f"{UNIT_ENV}=" in environ
     finally:
-        fresh.stop("backend-x")
+        fresh.halt("backend-x")
 
 
 def test_a_process_from_another_state_dir_is_not_ours(tmp_path):
@@ -96,25 +110,45 @@ def start_server_with_worker(driver: ProcessDriver, directory, worker_prefix: st
     )
     script.chmod(0o755)
     content = json.dumps({"argv": ["sh", "-c", f"cd {directory} && exec {script}"], "env": {}})
-    driver.start(DesiredUnit("backend-x", content))
+    driver.start("backend-x", content)
     deadline = time.monotonic() + 10
     while not (directory / "worker.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return driver.load("backend-x").pid, int((directory / "worker.pid").read_text())
 
 
-def test_stop_ends_the_whole_process_group(tmp_path):
-    """A server whose worker ignores SIGTERM: stopping the unit does not end when the leader
-    exits, it waits out the grace and SIGKILLs the group, so no worker keeps the port or the
-    GPU memory."""
+def test_a_stop_past_its_grace_is_killed_by_the_plan_with_the_whole_group(tmp_path):
+    """A server whose worker ignores SIGTERM: the stop returns at once and is observed
+    stopping, pass after pass, until its grace is over; then the plan says KILL, and the
+    SIGKILL takes the whole group, so no worker keeps the port or the GPU memory."""
     driver = ProcessDriver(tmp_path)
     pgid, worker = start_server_with_worker(driver, tmp_path, "trap \"\" TERM; ", "trap 'exit 0' TERM\n")
-    started = time.monotonic()
     try:
-        driver.stop("backend-x", grace=1.0)
-        assert time.monotonic() - started < 5
+        driver.stop("backend-x")
+        seen = driver.observe()["backend-x"]
+        assert seen.active and seen.stopping is not None and group_alive(pgid)
+        [wait] = plan({}, {"backend-x": seen}, seen.stopping.kill_at - 1)
+        assert wait.kind is ActionKind.WAIT and "killed in 1s" in wait.reason
+        [kill] = plan({}, {"backend-x": seen}, seen.stopping.kill_at)
+        assert kill.kind is ActionKind.KILL and "did not stop within its grace" in kill.reason
+        driver.execute([kill], {})
+        assert not stopped(driver).active
         assert not group_alive(pgid)
         assert not process_alive(worker, _start_ticks(worker))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def test_halt_waits_and_ends_the_whole_process_group(tmp_path):
+    """Shutting down (not a pass) waits: past the grace the group is SIGKILLed."""
+    driver = ProcessDriver(tmp_path)
+    pgid, worker = start_server_with_worker(driver, tmp_path, "trap \"\" TERM; ", "trap 'exit 0' TERM\n")
+    try:
+        driver.halt("backend-x", grace=1.0)
+        assert not group_alive(pgid)
+        assert not process_alive(worker, _start_ticks(worker))
+        assert not driver.observe()["backend-x"].active
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
@@ -151,24 +185,35 @@ def test_backoff_survives_thousands_of_failures(tmp_path):
 
 
 def test_a_rollback_runs_what_ran_before_and_holds_the_new_settings(tmp_path):
-    """The same trial and rollback as under systemd, recorded in the same unit history."""
-    from reconciler.plan import Action, ActionKind
-
+    """The same trial and rollback as under systemd, recorded in the same unit history, pass
+    by pass through the plan: a restart stops, the next pass starts; a rollback stops the new
+    settings and the next pass starts the previous ones, not the declared ones."""
     driver = ProcessDriver(tmp_path)
-    old, new = sleeper(60), sleeper(61)
+    old, new = sleeper(60), DesiredUnit("backend-x", sleeper(61).content, health_timeout=5)
+
+    def one_pass(desired, now=None):
+        actions = plan({"backend-x": desired}, driver.observe(), now or time.time())
+        driver.execute(actions, {"backend-x": desired})
+        return [a.kind for a in actions]
+
     try:
-        driver.execute([Action(ActionKind.START, "backend-x", "declared")], {"backend-x": old})
+        assert one_pass(old) == [ActionKind.START]
         driver.mark_healthy("backend-x")  # v1 proved itself: no trial left
-        driver.execute([Action(ActionKind.RESTART, "backend-x", "settings changed")], {"backend-x": new})
+        assert one_pass(new) == [ActionKind.RESTART]
+        assert not stopped(driver).active
+        assert one_pass(new) == [ActionKind.START]
         seen = driver.observe()["backend-x"]
         assert seen.content == new.content and seen.trial is not None and seen.trial.previous == old.content
-        driver.execute([Action(ActionKind.ROLLBACK, "backend-x", "not healthy within 1s")], {"backend-x": new})
+        assert one_pass(new, seen.trial.since + 6) == [ActionKind.ROLLBACK]  # never healthy
+        assert not stopped(driver).active
+        assert one_pass(new) == [ActionKind.START]  # what it was rolled back to
         seen = driver.observe()["backend-x"]
-        assert seen.active and seen.content == old.content and seen.trial is None
+        assert seen.active and seen.content == old.content
         assert seen.rejected is not None and seen.rejected.content == new.content
-        assert seen.rejected.reason == "not healthy within 1s" and seen.rejected.until > time.time() + 200
+        assert "not healthy within 5s" in seen.rejected.reason and seen.rejected.until > time.time() + 200
+        assert one_pass(new) == [ActionKind.WAIT]  # the new settings wait out their backoff
     finally:
-        driver.stop("backend-x", forget=True)
+        driver.halt("backend-x", forget=True)
     assert not (tmp_path / "history" / "backend-x.json").exists()
 
 

@@ -24,12 +24,17 @@ from reconciler.units.render import MANAGED_MARKER
 
 
 class FakeSystemctl:
-    """Records every call; `active` is what `show` reports; `fail` makes verbs fail."""
+    """Records every call; `active` is what `show` reports; `fail` makes verbs fail; a unit
+    in `slow` stays `deactivating` (its stop job running) after a stop until `finish`."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.active: dict[str, str] = {}
         self.fail: set[tuple[str, str]] = set()
+        self.slow: set[str] = set()
+
+    def finish(self, unit: str) -> None:
+        self.active[unit] = "inactive"
 
     def __call__(self, args):
         args = list(args)
@@ -39,7 +44,8 @@ class FakeSystemctl:
             units = [a for a in args[1:] if a.endswith(".service")]
             blocks = [
                 f"Id={u}\nActiveState={self.active.get(u, 'inactive')}\nSubState=running\n"
-                f"Result=success\nMainPID={100 if self.active.get(u) == 'active' else 0}\nNRestarts=0"
+                f"Result=success\nMainPID={100 if self.active.get(u) == 'active' else 0}\nNRestarts=0\n"
+                f"Job={7 if self.active.get(u) == 'deactivating' else ''}"
                 for u in units
             ]
             return subprocess.CompletedProcess(args, 0, "\n\n".join(blocks) + "\n", "")
@@ -48,7 +54,7 @@ class FakeSystemctl:
         if verb in ("start", "restart"):
             self.active[args[-1]] = "active"
         elif verb == "stop":
-            self.active[args[-1]] = "inactive"
+            self.active[args[-1]] = "deactivating" if args[-1] in self.slow else "inactive"
         return subprocess.CompletedProcess(args, 0, "", "")
 
     def verbs(self) -> list[str]:
@@ -87,19 +93,26 @@ def test_apply_writes_reloads_once_and_acts_in_plan_order(tmp_path: Path) -> Non
     d.execute(actions, desired, lambda a, error: done.append((a.unit, error)))
     assert done == [("backend-old", None), ("backend-a", None), ("gateway", None)]
     assert fake.verbs() == [
-        "stop tensorforge-backend-old.service",
         "daemon-reload",
-        "start tensorforge-backend-a.service",
-        "start tensorforge-gateway.service",
+        "stop --no-block tensorforge-backend-old.service",
+        "start --no-block tensorforge-backend-a.service",
+        "start --no-block tensorforge-gateway.service",
     ]
-    assert not (tmp_path / "units" / "tensorforge-backend-old.service").exists()
     assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == desired["backend-a"].content
+    # Asked to stop, not waited for: its file goes once it has stopped, by the next pass's plan.
+    assert (tmp_path / "units" / "tensorforge-backend-old.service").exists()
+    [remove] = plan(desired, d.observe(), time.time())
+    assert (remove.kind, remove.unit) == (ActionKind.STOP, "backend-old") and "already stopped" in remove.reason
+    fake.calls.clear()
+    d.execute([remove], desired)
+    assert fake.verbs() == ["daemon-reload"]
+    assert not (tmp_path / "units" / "tensorforge-backend-old.service").exists()
     assert set(d.observe()) == {"backend-a", "gateway"}
 
 
 def test_the_driver_reports_each_action_done_right_after_its_systemctl_call(tmp_path: Path) -> None:
-    """The controller ends a backend's drain in `done`: right after systemctl restarted (or
-    stopped) it, not after the whole pass; a unit being started had nothing to drain."""
+    """`done` follows each action's own systemctl call (errors are the action's), not the
+    whole pass."""
     fake = FakeSystemctl()
     d = driver(tmp_path, fake)
     (tmp_path / "units").mkdir()
@@ -117,9 +130,9 @@ def test_the_driver_reports_each_action_done_right_after_its_systemctl_call(tmp_
     ]
     d.execute(actions, desired, lambda a, _e: events.append(f"{a.kind} {a.unit} after {fake.verbs()[-1]}"))
     assert events == [
-        "restart backend-a after restart tensorforge-backend-a.service",
-        "stop backend-b after stop tensorforge-backend-b.service",
-        "start backend-new after start tensorforge-backend-new.service",
+        "restart backend-a after restart --no-block tensorforge-backend-a.service",
+        "stop backend-b after stop --no-block tensorforge-backend-b.service",
+        "start backend-new after start --no-block tensorforge-backend-new.service",
     ]
     assert fake.verbs()[0] == "daemon-reload"  # one reload, before any verb
 
@@ -136,7 +149,7 @@ def test_changed_unit_that_stays_unhealthy_is_rolled_back_by_the_plan(tmp_path: 
     after = DesiredUnit("backend-a", unit("backend-a", "v2").content, health_timeout=20)
     desired = {"backend-a": after}
     d.execute(plan(desired, d.observe(), time.time()), desired)
-    assert fake.verbs() == ["daemon-reload", "restart tensorforge-backend-a.service"]
+    assert fake.verbs() == ["daemon-reload", "restart --no-block tensorforge-backend-a.service"]
     started = d.observe()["backend-a"].trial.since
     assert plan(desired, probed(d.observe(), Health.LOADING), started + 10) == []  # within its time
     actions = plan(desired, probed(d.observe(), Health.DOWN, "connection refused"), started + 21)
@@ -145,7 +158,7 @@ def test_changed_unit_that_stays_unhealthy_is_rolled_back_by_the_plan(tmp_path: 
     fake.calls.clear()
     d.execute(actions, desired)
     assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == before.content
-    assert fake.verbs() == ["daemon-reload", "restart tensorforge-backend-a.service"]
+    assert fake.verbs() == ["daemon-reload", "restart --no-block tensorforge-backend-a.service"]
     # The same rejected content is not tried again right away, by this driver or a new one.
     [held] = plan(desired, driver(tmp_path, fake).observe(), time.time())
     assert held.kind is ActionKind.WAIT and "rolled back (not healthy within 20s" in held.reason
@@ -174,7 +187,7 @@ def test_a_change_cut_short_after_its_file_is_written_is_restarted_next_pass(tmp
     assert "-v1" in actions[0].diff and "+v2" in actions[0].diff  # from what probably still runs
     assert d.observe()["backend-a"].pending and "not applied" in actions[0].reason
     d.execute(actions, desired)
-    assert fake.verbs() == ["daemon-reload", "restart tensorforge-backend-a.service"]
+    assert fake.verbs() == ["daemon-reload", "restart --no-block tensorforge-backend-a.service"]
     assert plan(desired, d.observe(), 0) == []
 
 
@@ -397,7 +410,9 @@ def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
     gateway["in_flight"] = 0
     done = controller.reconcile_once()
     assert [(a.kind, a.unit) for a in done] == [(ActionKind.RESTART, "backend-m-cpu")]
-    assert "restart tensorforge-backend-m-cpu.service" in fake.verbs() and not mark.exists()
+    assert "restart --no-block tensorforge-backend-m-cpu.service" in fake.verbs() and mark.exists()
+    # Restarted (the fake's job is done at once): the next pass routes to it again.
+    assert [a.kind for a in controller.reconcile_once()] == [ActionKind.UNDRAIN] and not mark.exists()
 
 
 def test_a_change_whose_model_is_missing_keeps_the_old_backend_routed(

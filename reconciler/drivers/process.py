@@ -14,12 +14,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.history import HistoryStore
-from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit
+from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, Stopping
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,15 @@ UNIT_ENV = "TENSORFORGE_UNIT"
 class UnitRecord:
     name: str
     content: str
-    pid: int | None = None
+    pid: int | None = None  # the leader; it leads the unit's own process group
     start_ticks: int | None = None  # /proc/PID/stat field 22: tells a reused pid apart
     started_at: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
     log_file: str = ""
-    extra: dict = field(default_factory=dict)
+    error: str | None = None  # why the last start could not run at all
+    stop_since: float | None = None  # a stop asked for (SIGTERM sent) and not yet done
+    kill_at: float | None = None  # when the plan escalates that stop to SIGKILL
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -127,31 +129,45 @@ class ProcessDriver:
                 del self._children[name]
                 record = self.load(name)
                 if record and record.pid == child.pid:
-                    self._record_exit(record, code)
+                    self._settle(record, code)
 
-    def _record_exit(self, record: UnitRecord, code: int | None) -> None:
-        if record.pid is not None and group_alive(record.pid):
-            # The leader died (SIGKILL, a crash) but its workers did not (vLLM's engine
-            # processes): they hold memory, GPUs and ports the next start needs.
-            log.warning("unit %s: leader %d is gone, ending its leftover processes", record.name, record.pid)
-            terminate(record.pid, None, grace=LEFTOVER_GRACE_SECONDS)
+    def _settle(self, record: UnitRecord, code: int | None = None) -> UnitRecord:
+        """Bring a record up to date with its processes, without waiting: a stop under way is
+        done once the whole process group has exited; a leader that exited unasked is a failed
+        start, and what it left running (vLLM's engine processes hold memory, GPUs and ports
+        the next start needs) is asked to stop like any unit."""
+        if record.pid is None:
+            return record
+        if record.stop_since is not None:
+            _reap_pid(record.pid)
+            if group_alive(record.pid):
+                return record  # still stopping: the plan waits for it, or kills it
+            record.pid = record.start_ticks = record.stop_since = record.kill_at = None
+            record.last_exit = code if code is not None else record.last_exit
+            self._save(record)
+            return record
+        if process_alive(record.pid, record.start_ticks):
+            return record
         record.last_exit = code
-        record.pid = None
-        record.start_ticks = None
-        if record.extra.get("stopping"):
-            record.extra.pop("stopping")
+        failures = self.history.failed(record.name, time.time()).failures
+        log.warning("unit %s exited with %s (failure %d)", record.name, code, failures)
+        if group_alive(record.pid):
+            log.warning("unit %s: leader %d is gone, stopping the rest", record.name, record.pid)
+            self._ask_to_stop(record, LEFTOVER_GRACE_SECONDS)
         else:
-            failures = self.history.failed(record.name, time.time()).failures
-            log.warning("unit %s exited with %s (failure %d)", record.name, code, failures)
-        self._save(record)
+            record.pid = record.start_ticks = None
+            self._save(record)
+        return record
 
     def observe(self) -> dict[str, ObservedUnit]:
         self._reap()
         observed = {}
         for record in self.records():
-            active = process_alive(record.pid, record.start_ticks)
-            if not active and record.pid is not None:
-                self._record_exit(record, None)  # died while nobody was watching
+            record = self._settle(record)
+            stopping = None
+            if record.stop_since is not None:
+                stopping = Stopping(record.stop_since, record.kill_at)
+            active = stopping is not None or process_alive(record.pid, record.start_ticks)
             history = self.history.load(record.name)
             observed[record.name] = ObservedUnit(
                 name=record.name,
@@ -162,6 +178,7 @@ class ProcessDriver:
                 gpus=launch_gpus(record.content) if active else (),
                 trial=history.trial,
                 rejected=history.rejection,
+                stopping=stopping,
             )
         return observed
 
@@ -195,59 +212,67 @@ class ProcessDriver:
         desired: Mapping[str, DesiredUnit],
         done: Callable[[Action, str | None], None] = lambda _a, _e: None,
     ) -> None:
-        """Carry out the plan's actions on units, in order; `done(action, error)` after each
-        (the controller ends drains there). Drains, pulls and waits are not the driver's."""
+        """Carry out the plan's actions on units, in order, without waiting for any: a stop
+        (or the stop of a restart) sends SIGTERM and returns; the next pass observes it
+        stopping, then stopped (and the plan starts it again, or kills it past its grace).
+        `done(action, error)` after each. Drains, pulls and waits are not the driver's."""
         for action in actions:
             name = action.unit
             if action.kind is ActionKind.START:
-                self.start(desired[name])
-            elif action.kind is ActionKind.RESTART:
-                self.restart(desired[name])
-            elif action.kind is ActionKind.STOP:
+                self.start(name, _content(action, desired))
+            elif action.kind in (ActionKind.RESTART, ActionKind.STOP):
                 self.stop(name, forget=name not in desired)
+            elif action.kind is ActionKind.KILL:
+                self.kill(name)
             elif action.kind is ActionKind.ROLLBACK:
-                self.rollback(desired[name], action.reason)
+                self.rollback(name, action, desired[name].content)
             elif action.kind is ActionKind.FAIL:
                 self.history.failed(name, time.time(), end_trial=True)
             else:
                 continue
             record = self.load(name)
-            done(action, record.extra.get("error") if record else None)
+            done(action, record.error if record else None)
 
-    def rollback(self, unit: DesiredUnit, reason: str) -> None:
-        """Run what ran before the change on trial; its settings wait out a backoff."""
-        previous = self.history.load(unit.name).trial_previous
-        if previous is None:
+    def rollback(self, name: str, action: Action, rejected: str) -> None:
+        """Back to what ran before the change on trial: recorded as what the unit runs, the
+        new settings held off for a while; the running process is asked to stop, and the plan
+        starts the previous settings once it has."""
+        previous = action.content or self.history.load(name).trial_previous
+        record = self.load(name)
+        if previous is None or record is None:
             return
-        self.history.rolled_back(unit.name, unit.content, reason, time.time())
-        self.stop(unit.name)
-        self._launch(DesiredUnit(unit.name, previous))
-        log.warning("%s: restored the previous launch description and started it", unit.name)
+        self.history.rolled_back(name, rejected, action.reason, time.time())
+        record.content = previous
+        self._save(record)
+        self.stop(name)
+        log.warning("%s: rolling back to the previous launch description", name)
 
-    def start(self, unit: DesiredUnit) -> None:
-        record = self.load(unit.name)
-        self.history.started(unit.name, record.content if record else None, time.time())
-        self._launch(unit)
+    def start(self, name: str, content: str) -> None:
+        record = self.load(name)
+        self.history.started(name, record.content if record else None, time.time())
+        self._launch(name, content)
 
-    def _launch(self, unit: DesiredUnit) -> None:
-        launch = json.loads(unit.content)
+    def _launch(self, name: str, content: str) -> None:
+        launch = json.loads(content)
         self.units_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        record = self.load(unit.name) or UnitRecord(name=unit.name, content=unit.content)
-        digest = hashlib.sha256(unit.content.encode()).hexdigest()[:16]
-        orphan = self.find_orphan(unit.name)
+        record = self.load(name) or UnitRecord(name=name, content=content)
+        digest = hashlib.sha256(content.encode()).hexdigest()[:16]
+        orphan = self.find_orphan(name)
         if orphan is not None:
             pid, ticks, orphan_digest = orphan
+            record.pid, record.start_ticks, record.started_at = pid, ticks, time.time()
             if orphan_digest == digest:
-                record.content, record.pid, record.start_ticks = unit.content, pid, ticks
-                record.started_at = time.time()
+                record.content = content
                 self._save(record)
-                log.info("adopted %s (pid %d), started by an earlier supervisor", unit.name, pid)
-                return
-            terminate(pid, ticks, STOP_GRACE_SECONDS)
-        log_path = self.logs_dir / f"{unit.name}.log"
+                log.info("adopted %s (pid %d), started by an earlier supervisor", name, pid)
+            else:  # other settings: stopped first, observed like any stop; started after
+                self._ask_to_stop(record, STOP_GRACE_SECONDS)
+                log.info("%s: stopping pid %d, started with other settings", name, pid)
+            return
+        log_path = self.logs_dir / f"{name}.log"
         env = {**os.environ, **launch.get("env", {})}
-        env[UNIT_ENV] = f"{self._marker(unit.name)}@{digest}"
+        env[UNIT_ENV] = f"{self._marker(name)}@{digest}"
         with log_path.open("ab") as log_file:
             try:
                 # A session of its own: a Ctrl-C at the terminal reaches the supervisor, which
@@ -263,58 +288,95 @@ class ProcessDriver:
             except OSError as exc:
                 # A missing or non-executable binary: a failed start of this unit, backed off
                 # like a crash, not an error that ends the pass for every other unit.
-                self._launch_failed(record, unit.content, launch["argv"][0], exc)
+                self._launch_failed(record, content, launch["argv"][0], exc)
                 return
-        self._children[unit.name] = child
-        record.extra.pop("error", None)
-        record.content = unit.content
+        self._children[name] = child
+        record.error = None
+        record.content = content
         record.pid = child.pid
         record.start_ticks = _start_ticks(child.pid)
         record.started_at = time.time()
         record.log_file = str(log_path)
-        if record.last_exit is not None or self.history.load(unit.name).failures:
+        if record.last_exit is not None or self.history.load(name).failures:
             record.restarts += 1
         self._save(record)
-        log.info("started %s (pid %d)", unit.name, child.pid)
+        log.info("started %s (pid %d)", name, child.pid)
 
     def _launch_failed(self, record: UnitRecord, content: str, binary: str, exc: OSError) -> None:
         record.content = content
         record.pid = record.start_ticks = None
         failures = self.history.failed(record.name, time.time()).failures
-        record.extra["error"] = f"cannot run {binary}: {exc.strerror or exc}"
+        record.error = f"cannot run {binary}: {exc.strerror or exc}"
         self._save(record)
-        log.error("unit %s: %s (failure %d)", record.name, record.extra["error"], failures)
+        log.error("unit %s: %s (failure %d)", record.name, record.error, failures)
 
     def mark_healthy(self, name: str) -> None:
         self.history.healthy(name)
 
-    def stop(self, name: str, forget: bool = False, grace: float = STOP_GRACE_SECONDS) -> None:
+    def _ask_to_stop(self, record: UnitRecord, grace: float) -> None:
+        """SIGTERM the unit's process group and record when the plan may SIGKILL it. Recorded
+        first: the exit that follows was asked for, not a failure."""
+        assert record.pid is not None
+        now = time.time()
+        record.stop_since, record.kill_at = now, now + grace
+        self._save(record)
+        try:
+            os.killpg(record.pid, signal.SIGTERM)
+            os.killpg(record.pid, signal.SIGCONT)  # a stopped (SIGSTOP) one acts once continued
+        except ProcessLookupError:
+            pass
+
+    def stop(self, name: str, forget: bool = False) -> None:
+        """Ask a running unit to stop and return (its exit is observed next pass). A unit
+        that runs nothing and is `forget`: its record and history go."""
         record = self.load(name)
         if record is None:
             return
-        if process_alive(record.pid, record.start_ticks):
-            record.extra["stopping"] = True
-            self._save(record)
-            terminate(record.pid, record.start_ticks, grace)  # type: ignore[arg-type]
+        record = self._settle(record)
+        if record.pid is not None:
+            if record.stop_since is None:
+                self._ask_to_stop(record, STOP_GRACE_SECONDS)
+                log.info("stopping %s (pid %d)", name, record.pid)
+        elif forget:
+            self._path(name).unlink(missing_ok=True)
+            self.history.forget(name)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a stop that outlived its grace (the plan's KILL)."""
+        record = self.load(name)
+        if record is None or record.pid is None or record.stop_since is None:
+            return
+        log.warning("unit %s: group %d did not stop within its grace; killing it", name, record.pid)
+        try:
+            os.killpg(record.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _reap_pid(record.pid)
+
+    def halt(self, name: str, forget: bool = False, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop a unit and wait for it (SIGKILL past `grace`): for shutting down, never in a
+        pass."""
+        record = self.load(name)
+        if record is None:
+            return
+        record = self._settle(record)
+        if record.pid is not None:
+            if record.stop_since is None:
+                self._ask_to_stop(record, grace)
+            terminate(record.pid, None, max(0.0, (record.kill_at or 0.0) - time.time()))
             child = self._children.pop(name, None)
             if child is not None:
                 child.wait()
-            record = self.load(name) or record
-            record.pid = record.start_ticks = None
-            record.extra.pop("stopping", None)
-            self._save(record)
+            self._settle(self.load(name) or record)
         if forget:
             self._path(name).unlink(missing_ok=True)
             self.history.forget(name)
 
-    def restart(self, unit: DesiredUnit) -> None:
-        record = self.load(unit.name)
-        self.history.started(unit.name, record.content if record else None, time.time())
-        self.stop(unit.name)
-        self._launch(unit)
 
-    def remove(self, name: str) -> None:
-        self.stop(name, forget=True)
+def _content(action: Action, desired: Mapping[str, DesiredUnit]) -> str:
+    """What a START runs: the plan's choice (the declared settings, or those a rollback
+    restored); actions built by hand name none, and run the declared ones."""
+    return action.content if action.content is not None else desired[action.unit].content
 
 
 def terminate(pid: int, start_ticks: int | None, grace: float) -> None:

@@ -1,8 +1,9 @@
 """What every driver is: the one shape the reconcile loop talks to (process and systemd).
 
 A driver renders a unit's content in its own form, reports what runs (with the unit's history:
-backoff, trial, rollback), and carries out the plan's actions on units. It decides nothing:
-the plan did. Drains, pulls and waits are the controller's."""
+backoff, trial, rollback; and a stop under way), and carries out the plan's actions on units
+without waiting for any: a stop is asked for and observed next pass. It decides nothing: the
+plan did. Drains, pulls and waits are the controller's."""
 
 from __future__ import annotations
 
@@ -44,4 +45,5 @@ class Driver(Protocol):
         done: Callable[[Action, str | None], None] = ...,
     ) -> None: ...
 
-    def stop(self, name: str, forget: bool = False) -> None: ...
+    def halt(self, name: str, forget: bool = False) -> None:
+        """Stop a unit and wait until it has: for shutting down, never in a pass."""

@@ -2,9 +2,12 @@
 
 Observe reads the unit files (their text is the installed "content" the plan compares) and asks
 systemd for their state. A pass writes every changed file atomically, reloads systemd once,
-and starts/restarts/stops/rolls back in plan order. It never waits for health: the plan sees
-a unit on trial next pass, and rolls it back (an action like any other) once its
-health_timeout has passed. Backoff and trials are the unit's history, as for processes.
+and starts/restarts/stops/rolls back in plan order, each with `--no-block`: systemd queues the
+job and the pass goes on. It never waits: the plan sees a unit stopping (a queued stop or
+restart job, or `deactivating`) and waits for it next pass (systemd itself SIGKILLs past the
+unit's TimeoutStopSec), a unit on trial until healthy, and rolls it back (an action like any
+other) once its health_timeout has passed. Backoff and trials are the unit's history, as for
+processes.
 
 A file written is not yet a change made: if the reload or restart fails, or the reconciler is
 killed in between, the old process runs on while the file says the new settings. So a pending
@@ -26,7 +29,7 @@ from pathlib import Path
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.history import HistoryStore
 from reconciler.paths import state_dir as default_state_dir
-from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit
+from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, Stopping
 from reconciler.units.render import (
     MANAGED_MARKER,
     UNIT_PREFIX,
@@ -78,6 +81,7 @@ class SystemdRecord:
     active_state: str = "unknown"
     sub_state: str = ""
     result: str = ""
+    job: bool = False  # systemd has a job queued or running for it (a start, stop, restart)
 
 
 def _managed(path: Path) -> tuple[str, str] | None:
@@ -182,7 +186,7 @@ class SystemdDriver:
         """`systemctl show` properties per unit name; empty if systemd cannot be asked."""
         if not names:
             return {}
-        props = "Id,ActiveState,SubState,Result,MainPID,NRestarts"
+        props = "Id,ActiveState,SubState,Result,MainPID,NRestarts,Job"
         try:
             result = self._call("show", "-p", props, *(unit_file_name(n) for n in names), check=False)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -218,6 +222,7 @@ class SystemdDriver:
                     active_state=state.get("ActiveState", "unknown"),
                     sub_state=state.get("SubState", ""),
                     result=state.get("Result", ""),
+                    job=state.get("Job", "0") not in ("", "0"),
                 )
             )
         return records
@@ -228,6 +233,9 @@ class SystemdDriver:
         for record in self.records():
             # Without systemd (plan against a unit directory) the files are all there is.
             active = record.active_state in ACTIVE_STATES or not self._reachable
+            # A job on a running unit is a stop or a restart (a start would be done already).
+            stops = record.active_state == "deactivating" or (active and record.job)
+            starting = record.job and not active  # queued: not to be started again
             history = self.history.load(record.name)
             # A pending unit runs what its file held before the change (or nothing).
             content = pending.get(record.name, record.content) if record.name in pending else record.content
@@ -235,7 +243,8 @@ class SystemdDriver:
             observed[record.name] = ObservedUnit(
                 name=record.name,
                 content=content,
-                active=active,
+                active=active or starting,
+                stopping=Stopping(0.0, None) if stops else None,  # systemd kills it in time
                 failures=history.failures,
                 retry_at=history.retry_at,
                 pending=record.name in pending,
@@ -260,22 +269,23 @@ class SystemdDriver:
         installed = self.installed()
         pending = self.pending()
         running = {**installed, **pending}  # what each unit runs now (None: nothing)
+        states = self.show([a.unit for a in actions if a.kind is ActionKind.STOP])
         todo: list[Action] = []
         changed_files = False
         for action in actions:
             name = action.unit
             if action.kind in (ActionKind.START, ActionKind.RESTART, ActionKind.ROLLBACK):
-                content = desired[name].content
-                if action.kind is ActionKind.ROLLBACK:
-                    content = self.history.load(name).trial_previous or content
+                content = self._content(action, desired)
                 if installed.get(name) != content or name in pending:
                     self._begin(name, running.get(name))
                     self._write(name, content)
                     changed_files = True
                 todo.append(action)
             elif action.kind is ActionKind.STOP:
-                if name not in desired:  # forgotten: its file goes before the one reload
-                    self._call("stop", unit_file_name(name), check=False)
+                state = states.get(name, {}).get("ActiveState", "inactive")
+                if name not in desired and state in ("inactive", "failed"):
+                    # Stopped and no longer declared: its file goes before the one reload.
+                    # (A running one is asked to stop first; its file goes once it has.)
                     self.path(name).unlink(missing_ok=True)
                     self._done(name)
                     self.history.forget(name)
@@ -289,20 +299,33 @@ class SystemdDriver:
         for action in todo:
             done(action, self._act(action, desired, running))
 
+    def _content(self, action: Action, desired: Mapping[str, DesiredUnit]) -> str:
+        """The file a START, RESTART or ROLLBACK installs: the plan's choice (actions built by
+        hand name none: the declared settings, or for a rollback what ran before)."""
+        if action.content is not None:
+            return action.content
+        if action.kind is ActionKind.ROLLBACK:
+            previous = self.history.load(action.unit).trial_previous
+            if previous is not None:
+                return previous
+        return desired[action.unit].content
+
     def _act(self, action: Action, desired: Mapping[str, DesiredUnit], running: Mapping) -> str | None:
         name, unit_name = action.unit, unit_file_name(action.unit)
         if action.kind is ActionKind.STOP:
-            verb = "stop" if name in desired else "reset-failed"
-            self._call(verb, unit_name, check=False)
+            if self.path(name).exists():
+                self._call("stop", "--no-block", unit_name, check=False)
+            else:
+                self._call("reset-failed", unit_name, check=False)  # removed: forget its failures
             return None
         verb = "start" if action.kind is ActionKind.START else "restart"
         # A unit that hit its start limit refuses to start until its counter is reset.
         self._call("reset-failed", unit_name, check=False)
-        result = self._call(verb, unit_name, check=False)
+        result = self._call(verb, "--no-block", unit_name, check=False)
         now = time.time()
         if result.returncode != 0:
             reason = f"systemctl {verb} failed: {(result.stderr or '').strip()[:200]}"
-            self._restore(name, running.get(name), desired[name].content, reason)
+            self._restore(name, running.get(name), self._content(action, desired), reason)
             return reason
         self._done(name)  # systemd runs what the file says now
         if action.kind is ActionKind.ROLLBACK:
@@ -326,7 +349,8 @@ class SystemdDriver:
             self.history.failed(name, time.time())
         log.error("%s: %s", name, reason)
 
-    def stop(self, name: str, forget: bool = False) -> None:
+    def halt(self, name: str, forget: bool = False) -> None:
+        """`systemctl stop`, waiting for it: for shutting down, never in a pass."""
         self._call("stop", unit_file_name(name), check=False)
         if forget:
             self.path(name).unlink(missing_ok=True)
