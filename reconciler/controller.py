@@ -26,7 +26,7 @@ from reconciler.admin_requests import (
 from reconciler.backends.commands import launch_for, model_reference
 from reconciler.backends.health import BackendHealth, Health, probe
 from reconciler.config.loader import ConfigError, load_desired_state
-from reconciler.config.schema import reach
+from reconciler.config.schema import ModelSpec, reach
 from reconciler.drain import (
     DRAIN_DIR_ENV,
     Drainer,
@@ -109,6 +109,7 @@ class Controller:
         self.drainer = Drainer(drain_dir(self.state_dir))
         self._registry: Registry | None = None  # opened once, when the first model needs it
         self._registry_lock = threading.Lock()
+        self._paths: dict[str, Path | None] = {}  # models' files, looked up this pass
         self.puller = ModelPuller(self.state_dir, self._pull, self._present)
 
     # -- models --------------------------------------------------------------------------
@@ -119,14 +120,17 @@ class Controller:
             return self._registry
 
     def _model_path(self, model_name: str) -> str | None:
-        spec = self.desired.models[model_name]
-        path = local_path(model_name, spec, self.models_dir, registry=self.registry())
+        path = self._present(model_name, self.desired.models[model_name])
         return str(path) if path else None
 
-    def _present(self, name: str, spec) -> Path | None:
-        return local_path(name, spec, self.models_dir, registry=self.registry())
+    def _present(self, name: str, spec: ModelSpec) -> Path | None:
+        """Where a model's file is: the registry is asked once a pass per model (placement,
+        readiness and the launch line all need it)."""
+        if name not in self._paths:
+            self._paths[name] = local_path(name, spec, self.models_dir, registry=self.registry())
+        return self._paths[name]
 
-    def _pull(self, name: str, spec) -> None:
+    def _pull(self, name: str, spec: ModelSpec) -> None:
         pull_model(name, spec, self.models_dir, registry=self.registry(create=True))
 
     def vram_estimates(self) -> dict[str, int | VramEstimate]:
@@ -182,6 +186,7 @@ class Controller:
         fits no more beside itself is moved or stopped)."""
         state = self.desired
         observed = observed or {}
+        self._paths = {}  # a pull may have finished since the last pass
         self.placement, held = self._placement(observed)
         drain = state.gateway.enable  # a gateway (here or its own service) routes to backends
         # Operators' drain/restart requests (the gateway's admin API) are inputs like the rest.

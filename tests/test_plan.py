@@ -4,9 +4,20 @@ from its inputs: trials and rollbacks, liveness, drains, model readiness, pendin
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from reconciler.backends.health import Health
 from reconciler.drain import wedged_backends
-from reconciler.plan import ActionKind, DesiredUnit, DrainState, ObservedUnit, Rejected, Trial, plan
+from reconciler.plan import (
+    ActionKind,
+    DesiredUnit,
+    DrainState,
+    ObservedUnit,
+    Rejected,
+    Stopping,
+    Trial,
+    plan,
+)
 
 
 def replicas(*names: str) -> dict[str, DesiredUnit]:
@@ -152,3 +163,32 @@ def test_the_gateway_is_not_restarted_while_it_drains_a_backend():
     assert kinds(plan(desired, observed, 0)) == {"backend-a": ActionKind.DRAIN, "gateway": ActionKind.WAIT}
     observed["backend-a"] = ObservedUnit("backend-a", "v1", True, Health.HEALTHY, drain=DrainState(True, "drained"))
     assert kinds(plan(desired, observed, 0)) == {"backend-a": ActionKind.RESTART, "gateway": ActionKind.RESTART}
+
+
+def test_a_unit_still_stopping_is_waited_for_then_killed_and_stays_drained():
+    """A stop is asked for and observed, never waited for in a pass: until its grace is over
+    the plan waits (the drain stays: it still runs), then says KILL; its own supervisor's
+    escalation (systemd's TimeoutStopSec) is waited for."""
+    unit = DesiredUnit("backend-a", "v2", drain=True)
+    seen = ObservedUnit("backend-a", "v1", True, drain=DrainState(True, "drained"),
+                        stopping=Stopping(since=100.0, kill_at=115.0))  # fmt: skip
+    [(kind, reason)] = one(unit, seen, now=105.0)
+    assert kind is ActionKind.WAIT and reason == "stopping (asked 5s ago; killed in 10s)"
+    [(kind, reason)] = one(unit, seen, now=115.0)
+    assert kind is ActionKind.KILL and "did not stop within its grace (asked 15s ago)" in reason
+    systemd = replace(seen, stopping=Stopping(0.0, None))
+    [(kind, reason)] = one(unit, systemd, now=500.0)
+    assert kind is ActionKind.WAIT and "its supervisor kills it" in reason
+    # An undeclared unit stopping: the same, no second STOP.
+    assert [a.kind for a in plan({}, {"backend-a": seen}, 105.0)] == [ActionKind.WAIT]
+
+
+def test_a_unit_stopped_for_a_rollback_starts_the_settings_it_was_rolled_back_to():
+    """Not the declared ones, which wait out their backoff."""
+    unit = DesiredUnit("backend-a", "new")
+    seen = ObservedUnit("backend-a", "old", False, rejected=Rejected("new", 400.0, "not healthy within 5s"))
+    [action] = plan({"backend-a": unit}, {"backend-a": seen}, 100.0)
+    assert action.kind is ActionKind.START and action.content == "old"
+    assert "rolled back to (not healthy within 5s; the declared ones are retried in 300s)" in action.reason
+    [later] = plan({"backend-a": unit}, {"backend-a": seen}, 401.0)  # the backoff is over
+    assert later.kind is ActionKind.START and later.content == "new"

@@ -10,6 +10,9 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
+
+import pytest
 
 from reconciler.drivers.history import MAX_BACKOFF_SECONDS, UnitHistory, backoff
 from reconciler.drivers.process import (
@@ -20,7 +23,7 @@ from reconciler.drivers.process import (
     group_alive,
     process_alive,
 )
-from reconciler.plan import ActionKind, DesiredUnit, ObservedUnit, plan
+from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, plan
 
 
 def sleeper(seconds: int = 60) -> DesiredUnit:
@@ -228,3 +231,70 @@ def test_unit_history_sweeps_what_a_killed_writer_left(tmp_path):
     left.write_text("{")
     HistoryStore(tmp_path)
     assert not left.exists()
+
+
+def _process(tmp_path):
+    return lambda: ProcessDriver(tmp_path / "state")
+
+
+def _systemd(tmp_path):
+    from reconciler.drivers.systemd import SystemdDriver
+    from tests.test_systemd_driver import FakeSystemctl
+
+    fake = FakeSystemctl()  # systemd's own state outlives the reconciler, as it does
+    return lambda: SystemdDriver(tmp_path / "units", systemctl=fake, state_dir=tmp_path / "state")
+
+
+@pytest.mark.parametrize("make", [_process, _systemd], ids=["process", "systemd"])
+def test_backoff_and_the_last_good_settings_outlive_the_controller_for_both_drivers(tmp_path, make):
+    """Both drivers keep a unit's failed starts and its rolled-back settings in the same unit
+    history on disk: a controller started again (a new driver, as `up` or `plan` builds)
+    holds the bad settings off and keeps the backoff, instead of trying again at once."""
+    from reconciler.backends.health import Health
+    from reconciler.units.render import MANAGED_MARKER
+
+    new_driver = make(tmp_path)
+    systemd = new_driver().name == "systemd"
+
+    def settings(seconds: int) -> str:
+        if systemd:
+            return f"{MANAGED_MARKER} backend-x\nExecStart=sleep {seconds}\n"
+        return sleeper(seconds).content
+
+    good = DesiredUnit("backend-x", settings(60))
+    bad = DesiredUnit("backend-x", settings(61), health_timeout=5)
+
+    def one_pass(desired, now=None, health=None):
+        driver = new_driver()  # every pass a restarted controller: nothing kept in memory
+        seen = driver.observe()
+        if health is not None:
+            seen = {n: replace(o, health=health) for n, o in seen.items()}
+        actions = plan({"backend-x": desired}, seen, now or time.time())
+        driver.execute(actions, {"backend-x": desired})
+        if not systemd and actions and actions[0].kind in (ActionKind.RESTART, ActionKind.ROLLBACK):
+            stopped(driver)  # a sleep stops at once: the next pass starts what follows
+        return actions
+
+    try:
+        assert [a.kind for a in one_pass(good)] == [ActionKind.START]
+        new_driver().mark_healthy("backend-x")  # the last good settings
+        kinds = [a.kind for a in one_pass(bad)]
+        if not systemd:
+            assert kinds == [ActionKind.RESTART]
+            kinds = [a.kind for a in one_pass(bad)]
+        assert kinds[-1] in (ActionKind.START, ActionKind.RESTART)
+        since = new_driver().observe()["backend-x"].trial.since
+        assert [a.kind for a in one_pass(bad, since + 6, Health.DOWN)] == [ActionKind.ROLLBACK]
+        if not systemd:
+            assert [a.kind for a in one_pass(bad)] == [ActionKind.START]  # the restored ones
+        seen = new_driver().observe()["backend-x"]
+        assert seen.content == good.content and seen.rejected.content == bad.content
+        [held] = one_pass(bad)
+        assert held.kind is ActionKind.WAIT and "they were rolled back" in held.reason
+        # A failed start: counted and backed off, the same on disk for both.
+        new_driver().execute([Action(ActionKind.FAIL, "backend-x", "not healthy within 5s")], {})
+        history = new_driver().history.load("backend-x")
+        assert history.failures == 1 and history.retry_at > time.time()
+    finally:
+        if not systemd:
+            new_driver().halt("backend-x", forget=True)
