@@ -350,6 +350,8 @@ def test_a_pull_that_fails_in_any_way_is_that_models_error_only(tmp_path, monkey
         raise zipfile.BadZipFile("Bad CRC-32 for file 'x.gguf'")
 
     monkeypatch.setattr("reconciler.controller.pull_model", broken_pull)
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now)  # a busy machine's passes outlast no backoff
     server = fake_server(tmp_path)
     path = tmp_path / "host.json"
     path.write_text(json.dumps({

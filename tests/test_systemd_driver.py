@@ -32,6 +32,7 @@ class FakeSystemctl:
         self.active: dict[str, str] = {}
         self.fail: set[tuple[str, str]] = set()
         self.slow: set[str] = set()
+        self.environment: dict[str, str] = {}  # a unit's Environment as systemd loaded it
 
     def finish(self, unit: str) -> None:
         self.active[unit] = "inactive"
@@ -45,7 +46,8 @@ class FakeSystemctl:
             blocks = [
                 f"Id={u}\nActiveState={self.active.get(u, 'inactive')}\nSubState=running\n"
                 f"Result=success\nMainPID={100 if self.active.get(u) == 'active' else 0}\nNRestarts=0\n"
-                f"Job={7 if self.active.get(u) == 'deactivating' else ''}"
+                f"Job={7 if self.active.get(u) == 'deactivating' else ''}\n"
+                f"Environment={self.environment.get(u, '')}"
                 for u in units
             ]
             return subprocess.CompletedProcess(args, 0, "\n\n".join(blocks) + "\n", "")
@@ -434,3 +436,43 @@ def test_a_change_whose_model_is_missing_keeps_the_old_backend_routed(
     assert "retrying in" in held[0].reason
     assert fake.verbs() == [] and not (state_dir / "drain" / "m-cpu").exists()  # not drained
     assert not controller.wait_healthy(1)  # `apply` does not call a change it could not make done
+
+
+def test_a_units_gpus_are_what_systemd_loaded_not_what_its_file_says(tmp_path: Path) -> None:
+    """Observed from `systemctl show -p Environment`, not parsed out of the rendered file: a
+    file rewritten for GPU 0 while the unit still runs on GPU 1 holds GPU 1."""
+    fake = FakeSystemctl()
+    d = driver(tmp_path, fake)
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "tensorforge-backend-a.service").write_text(
+        unit("backend-a", 'Environment="CUDA_VISIBLE_DEVICES=0"').content
+    )
+    fake.active["tensorforge-backend-a.service"] = "active"
+    fake.environment["tensorforge-backend-a.service"] = '"HOME=/var/lib/a b" CUDA_VISIBLE_DEVICES=1,2'
+    assert d.observe()["backend-a"].gpus == (1, 2)
+    fake.active["tensorforge-backend-a.service"] = "inactive"  # nothing runs: nothing held
+    assert d.observe()["backend-a"].gpus == ()
+
+
+def test_a_stop_under_way_is_observed_and_waited_for_not_repeated(tmp_path: Path) -> None:
+    """`stop --no-block` returns at once; while systemd's stop job runs (deactivating) the
+    plan waits (systemd SIGKILLs past TimeoutStopSec itself), then removes the file."""
+    fake = FakeSystemctl()
+    d = driver(tmp_path, fake)
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "tensorforge-backend-old.service").write_text(unit("backend-old", "old").content)
+    fake.active["tensorforge-backend-old.service"] = "active"
+    fake.slow.add("tensorforge-backend-old.service")
+    d.execute(plan({}, d.observe(), time.time()), {})
+    assert fake.verbs() == ["stop --no-block tensorforge-backend-old.service"]
+    seen = d.observe()["backend-old"]
+    assert seen.stopping is not None and seen.stopping.kill_at is None
+    fake.calls.clear()
+    [wait] = plan({}, d.observe(), time.time())
+    assert wait.kind is ActionKind.WAIT and "its supervisor kills it" in wait.reason
+    d.execute([wait], {})
+    assert fake.verbs() == []
+    fake.finish("tensorforge-backend-old.service")
+    [remove] = plan({}, d.observe(), time.time())
+    d.execute([remove], {})
+    assert not (tmp_path / "units" / "tensorforge-backend-old.service").exists() and d.observe() == {}

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
@@ -44,6 +44,7 @@ class UnitRecord:
     error: str | None = None  # why the last start could not run at all
     stop_since: float | None = None  # a stop asked for (SIGTERM sent) and not yet done
     kill_at: float | None = None  # when the plan escalates that stop to SIGKILL
+    gpus: list[int] = field(default_factory=list)  # the GPUs it was started on
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -61,13 +62,10 @@ def process_alive(pid: int | None, start_ticks: int | None) -> bool:
     return pid is not None and start_ticks is not None and _start_ticks(pid) == start_ticks
 
 
-def launch_gpus(content: str | None) -> tuple[int, ...]:
-    """The GPUs a launch description gives its process (CUDA_VISIBLE_DEVICES)."""
-    try:
-        visible = json.loads(content or "{}").get("env", {}).get("CUDA_VISIBLE_DEVICES", "")
-    except (ValueError, AttributeError):
-        return ()
-    return tuple(int(i) for i in visible.split(",") if i.strip().isdigit())
+def visible_gpus(env: Mapping[str, str]) -> list[int]:
+    """The GPUs an environment gives a process (CUDA_VISIBLE_DEVICES)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    return [int(i) for i in visible.split(",") if i.strip().isdigit()]
 
 
 class ProcessDriver:
@@ -175,7 +173,7 @@ class ProcessDriver:
                 active=active,
                 failures=history.failures,
                 retry_at=history.retry_at,
-                gpus=launch_gpus(record.content) if active else (),
+                gpus=tuple(record.gpus) if active else (),
                 trial=history.trial,
                 rejected=history.rejection,
                 stopping=stopping,
@@ -297,6 +295,7 @@ class ProcessDriver:
         record.start_ticks = _start_ticks(child.pid)
         record.started_at = time.time()
         record.log_file = str(log_path)
+        record.gpus = visible_gpus(launch.get("env", {}))
         if record.last_exit is not None or self.history.load(name).failures:
             record.restarts += 1
         self._save(record)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
+import shlex
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +48,6 @@ UNIT_DIR_ENV = "TF_UNIT_DIR"
 
 ACTIVE_STATES = ("active", "activating", "reloading")
 PENDING_DIR = "systemd-pending"
-_VISIBLE_RE = re.compile(r'^Environment="CUDA_VISIBLE_DEVICES=([0-9]+(?:,[0-9]+)*)"$', re.M)
 
 Systemctl = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
@@ -82,6 +81,7 @@ class SystemdRecord:
     sub_state: str = ""
     result: str = ""
     job: bool = False  # systemd has a job queued or running for it (a start, stop, restart)
+    gpus: tuple[int, ...] = ()  # CUDA_VISIBLE_DEVICES of the unit systemd has loaded
 
 
 def _managed(path: Path) -> tuple[str, str] | None:
@@ -186,7 +186,7 @@ class SystemdDriver:
         """`systemctl show` properties per unit name; empty if systemd cannot be asked."""
         if not names:
             return {}
-        props = "Id,ActiveState,SubState,Result,MainPID,NRestarts,Job"
+        props = "Id,ActiveState,SubState,Result,MainPID,NRestarts,Job,Environment"
         try:
             result = self._call("show", "-p", props, *(unit_file_name(n) for n in names), check=False)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -223,6 +223,7 @@ class SystemdDriver:
                     sub_state=state.get("SubState", ""),
                     result=state.get("Result", ""),
                     job=state.get("Job", "0") not in ("", "0"),
+                    gpus=_visible_gpus(state.get("Environment", "")),
                 )
             )
         return records
@@ -239,7 +240,6 @@ class SystemdDriver:
             history = self.history.load(record.name)
             # A pending unit runs what its file held before the change (or nothing).
             content = pending.get(record.name, record.content) if record.name in pending else record.content
-            match = _VISIBLE_RE.search(content or "") if active else None
             observed[record.name] = ObservedUnit(
                 name=record.name,
                 content=content,
@@ -248,7 +248,7 @@ class SystemdDriver:
                 failures=history.failures,
                 retry_at=history.retry_at,
                 pending=record.name in pending,
-                gpus=tuple(int(i) for i in match.group(1).split(",")) if match else (),
+                gpus=record.gpus if active else (),
                 trial=history.trial,
                 rejected=history.rejection,
             )
@@ -358,6 +358,20 @@ class SystemdDriver:
             self.history.forget(name)
             self._call("reset-failed", unit_file_name(name), check=False)
             self._call("daemon-reload")
+
+
+def _visible_gpus(environment: str) -> tuple[int, ...]:
+    """CUDA_VISIBLE_DEVICES from `systemctl show -p Environment` (assignments, quoted by
+    systemd where needed): what the loaded unit runs with, not what a file says."""
+    try:
+        words = shlex.split(environment)
+    except ValueError:
+        return ()
+    for word in words:
+        key, _, value = word.partition("=")
+        if key == "CUDA_VISIBLE_DEVICES":
+            return tuple(int(i) for i in value.split(",") if i.strip().isdigit())
+    return ()
 
 
 def unit_dir_writable(unit_dir: Path | None = None) -> bool:
