@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from reconciler.drivers.atomic import write_atomic
 from reconciler.plan import Action, ActionKind
@@ -162,10 +162,16 @@ def satisfied(
     return done
 
 
-def request_fields(request: AdminRequest | None) -> dict[str, str]:
+class RequestFields(TypedDict, total=False):
+    restart_requested: str
+    drain_requested: str
+
+
+def request_fields(request: AdminRequest | None) -> RequestFields:
     """What a request adds to its backend's DesiredUnit: the plan's own inputs, so `plan`
     shows what `apply` does with it (a restart drains first, like any restart)."""
     if request is None:
         return {}
-    field = "restart_requested" if request.action == "restart" else "drain_requested"
-    return {field: request.describe()}
+    if request.action == "restart":
+        return {"restart_requested": request.describe()}
+    return {"drain_requested": request.describe()}

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from reconciler.admin_requests import (
     AdminRequest,
@@ -245,7 +246,7 @@ class Controller:
         backend = self.desired.backends.get(unit.removeprefix("backend-"))
         return (backend.base_url, backend.wire_protocol) if backend else None
 
-    def _probe_identity(self, unit: str) -> dict:
+    def _probe_identity(self, unit: str) -> dict[str, Any]:
         """The backend's key (api_key_file) and the model name it must answer to: a vLLM
         serving another name is up but useless (every request 404), so not healthy."""
         name = unit.removeprefix("backend-")
@@ -279,9 +280,10 @@ class Controller:
         marks = read_marks(self.drainer.directory)
         gateway = self._gateway_url()
         # One /health question a pass, and only with a local backend to ask about.
-        health = gateway_health(gateway) if gateway and (marks or any(o.active for o in observed.values())) else "no gateway"
-        drains = drain_states(marks, health, rules, now, ack)
-        wedged = wedged_backends(health)
+        asked = gateway and (marks or any(o.active for o in observed.values()))
+        report = gateway_health(gateway) if asked else "no gateway"
+        drains = drain_states(marks, report, rules, now, ack)
+        wedged = wedged_backends(report)
         for name, seen in list(observed.items()):
             drain = drains.get(name.removeprefix("backend-"))
             target = self._probe_target(name)

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from reconciler.backends.commands import Launch
+from reconciler.config.schema import BackendSpec, GatewaySpec
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.history import HistoryStore
 from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, Stopping
@@ -78,18 +80,22 @@ class ProcessDriver:
         self.units_dir = state_dir / "units"
         self.logs_dir = state_dir / "logs"
         self.history = HistoryStore(state_dir)
-        self._children: dict[str, subprocess.Popen] = {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
         for orphan in sweep_orphans(self.units_dir):
             log.info("removed %s, left by a writer that died mid-write", orphan)
 
     # -- what a unit's content is ----------------------------------------------------------
-    def backend_content(self, unit: str, backend, ref: str, launch, gpu_ids: list[int]) -> str:
+    def backend_content(
+        self, unit: str, backend: BackendSpec, ref: str, launch: Launch, gpu_ids: list[int]
+    ) -> str:
         env = dict(launch.env)
         if backend.kind == "ollama":
             env.setdefault("OLLAMA_MODELS", str(self.state_dir / "ollama"))
         return json.dumps({"argv": launch.argv, "env": env}, indent=1, sort_keys=True) + "\n"
 
-    def gateway_content(self, argv: list[str], gateway, config: str | None, env: dict[str, str]) -> str:
+    def gateway_content(
+        self, argv: list[str], gateway: GatewaySpec, config: str | None, env: dict[str, str]
+    ) -> str:
         # The gateway restarts when its part of the desired state changes.
         spec = gateway.model_dump(mode="json")
         return json.dumps({"argv": argv, "env": {}, "gateway": spec}, indent=1, sort_keys=True) + "\n"

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from reconciler.backends.commands import Launch
+from reconciler.config.schema import BackendSpec, GatewaySpec
 from reconciler.drivers.history import HistoryStore
 from reconciler.plan import Action, DesiredUnit, ObservedUnit
 
@@ -26,10 +28,12 @@ class Driver(Protocol):
     outlives_supervisor: bool  # its units run on when the reconciler stops (systemd)
     history: HistoryStore
 
-    def backend_content(self, unit: str, backend, ref: str, launch, gpu_ids: list[int]) -> str: ...
+    def backend_content(
+        self, unit: str, backend: BackendSpec, ref: str, launch: Launch, gpu_ids: list[int]
+    ) -> str: ...
 
     def gateway_content(
-        self, argv: list[str], gateway, config: str | None, env: dict[str, str]
+        self, argv: list[str], gateway: GatewaySpec, config: str | None, env: dict[str, str]
     ) -> str: ...
 
     def observe(self) -> dict[str, ObservedUnit]: ...

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.backends.commands import Launch
+from reconciler.config.schema import BackendSpec, GatewaySpec
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.history import HistoryStore
 from reconciler.paths import state_dir as default_state_dir
@@ -49,14 +51,14 @@ UNIT_DIR_ENV = "TF_UNIT_DIR"
 ACTIVE_STATES = ("active", "activating", "reloading")
 PENDING_DIR = "systemd-pending"
 
-Systemctl = Callable[[Sequence[str]], subprocess.CompletedProcess]
+Systemctl = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 
 def default_unit_dir() -> Path:
     return Path(os.environ.get(UNIT_DIR_ENV) or DEFAULT_UNIT_DIR)
 
 
-def run_systemctl(args: Sequence[str]) -> subprocess.CompletedProcess:
+def run_systemctl(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=120)
 
 
@@ -118,10 +120,14 @@ class SystemdDriver:
         self._reachable = True
 
     # -- what a unit's content is ----------------------------------------------------------
-    def backend_content(self, unit: str, backend, ref: str, launch, gpu_ids: list[int]) -> str:
+    def backend_content(
+        self, unit: str, backend: BackendSpec, ref: str, launch: Launch, gpu_ids: list[int]
+    ) -> str:
         return render_unit(backend_unit_spec(unit, backend, backend.model, ref, launch, gpu_ids))
 
-    def gateway_content(self, argv: list[str], gateway, config: str | None, env: dict[str, str]) -> str:
+    def gateway_content(
+        self, argv: list[str], gateway: GatewaySpec, config: str | None, env: dict[str, str]
+    ) -> str:
         # The unit text holds argv; a config edit reaches the gateway through `up`.
         return render_unit(gateway_unit_spec("gateway", argv, gateway, config, env))
 
@@ -173,7 +179,7 @@ class SystemdDriver:
         (self.pending_dir / name).unlink(missing_ok=True)
 
     # -- systemctl -----------------------------------------------------------------------
-    def _call(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def _call(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = self.systemctl(list(args))
         if check and result.returncode != 0:
             raise SystemdError(
@@ -310,7 +316,9 @@ class SystemdDriver:
                 return previous
         return desired[action.unit].content
 
-    def _act(self, action: Action, desired: Mapping[str, DesiredUnit], running: Mapping) -> str | None:
+    def _act(
+        self, action: Action, desired: Mapping[str, DesiredUnit], running: Mapping[str, str | None]
+    ) -> str | None:
         name, unit_name = action.unit, unit_file_name(action.unit)
         if action.kind is ActionKind.STOP:
             if self.path(name).exists():
