@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -284,16 +285,15 @@ class Controller:
         report = gateway_health(gateway) if asked else "no gateway"
         drains = drain_states(marks, report, rules, now, ack)
         wedged = wedged_backends(report)
+        answers = self._probe_all(observed)
         for name, seen in list(observed.items()):
             drain = drains.get(name.removeprefix("backend-"))
-            target = self._probe_target(name)
-            if not seen.active or seen.stopping is not None or target is None:
+            if name not in answers:
                 why = "stopping" if seen.stopping is not None else "not running"
                 self.health[name] = BackendHealth(Health.DOWN, why)
                 observed[name] = replace(seen, drain=drain)
                 continue
-            health = probe(*target, timeout=1.0, **self._probe_identity(name))
-            self.health[name] = health
+            health = self.health[name] = answers[name]
             answered = health.state is not Health.DOWN
             if record:
                 history = self.driver.history.probed(name, answered, now)
@@ -309,6 +309,23 @@ class Controller:
                 wedged=wedged.get(name.removeprefix("backend-")),
             )
         return observed
+
+    def _probe_all(self, observed: dict[str, ObservedUnit]) -> dict[str, BackendHealth]:
+        """Every running unit's probe at once: hung backends cost a pass one probe timeout
+        (1 s), not one each."""
+        targets = {
+            name: target
+            for name, seen in observed.items()
+            if seen.active and seen.stopping is None and (target := self._probe_target(name))
+        }
+        if not targets:
+            return {}
+
+        def ask(name: str) -> BackendHealth:
+            return probe(*targets[name], timeout=1.0, **self._probe_identity(name))
+
+        with ThreadPoolExecutor(max_workers=min(len(targets), 16)) as pool:
+            return dict(zip(targets, pool.map(ask, targets), strict=True))
 
     # -- act -----------------------------------------------------------------------------
     def plan(self) -> list[Action]:

@@ -330,6 +330,34 @@ def test_a_stop_stuck_for_its_whole_grace_delays_no_other_unit_and_plan_shows_it
         apply.shutdown()
 
 
+def test_running_units_are_probed_at_once_so_hung_ones_do_not_add_up(tmp_path, monkeypatch):
+    """Probes ran one after another, each up to its 1 s timeout: ten hung backends made a pass
+    of ten seconds. Now every running unit's probe is in flight together: each probe here
+    waits until all three have been asked (asked one by one, the first would wait alone)."""
+    import threading
+
+    from reconciler.backends.health import BackendHealth
+
+    together = threading.Barrier(3, timeout=10)
+
+    def probe_waiting_for_the_others(url, protocol, timeout=1.0, **_):
+        together.wait()
+        return BackendHealth(Health.HEALTHY, url)
+
+    server = fake_server(tmp_path)
+    c = controller(tmp_path, {n: {"port": 18130 + i, "binary": server} for i, n in enumerate("abc")})
+    try:
+        assert {a.kind for a in c.reconcile_once()} == {ActionKind.START}
+        monkeypatch.setattr("reconciler.controller.probe", probe_waiting_for_the_others)
+        assert c.reconcile_once() == []
+        assert {n: h.state for n, h in c.health.items()} == dict.fromkeys(
+            ["backend-a", "backend-b", "backend-c"], Health.HEALTHY
+        )
+        assert c.health["backend-b"].detail.endswith(":18131")  # each unit its own answer
+    finally:
+        c.shutdown()
+
+
 def test_plan_writes_nothing(tmp_path):
     """`plan` used to create the state directory's units/ and logs/ folders."""
     c = controller(tmp_path, {"a": {"port": 18104, "binary": fake_server(tmp_path)}})

@@ -46,7 +46,7 @@ class FakeSystemctl:
             blocks = [
                 f"Id={u}\nActiveState={self.active.get(u, 'inactive')}\nSubState=running\n"
                 f"Result=success\nMainPID={100 if self.active.get(u) == 'active' else 0}\nNRestarts=0\n"
-                f"Job={7 if self.active.get(u) == 'deactivating' else ''}\n"
+                f"Job={7 if self.active.get(u) in ('deactivating', 'activating') else ''}\n"
                 f"Environment={self.environment.get(u, '')}"
                 for u in units
             ]
@@ -472,6 +472,9 @@ def test_a_stop_under_way_is_observed_and_waited_for_not_repeated(tmp_path: Path
     assert wait.kind is ActionKind.WAIT and "its supervisor kills it" in wait.reason
     d.execute([wait], {})
     assert fake.verbs() == []
+    # Crash-looping under systemd's Restart= (activating, auto-restart job): not stopping.
+    fake.active["tensorforge-backend-old.service"] = "activating"
+    assert d.observe()["backend-old"].stopping is None
     fake.finish("tensorforge-backend-old.service")
     [remove] = plan({}, d.observe(), time.time())
     d.execute([remove], {})

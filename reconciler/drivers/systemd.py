@@ -240,8 +240,11 @@ class SystemdDriver:
         for record in self.records():
             # Without systemd (plan against a unit directory) the files are all there is.
             active = record.active_state in ACTIVE_STATES or not self._reachable
-            # A job on a running unit is a stop or a restart (a start would be done already).
-            stops = record.active_state == "deactivating" or (active and record.job)
+            # A job on an `active` unit is a stop or a restart (a start would be done already);
+            # on an `activating` one it is its start (or systemd's own auto-restart).
+            stops = record.active_state == "deactivating" or (
+                record.active_state == "active" and record.job
+            )
             starting = record.job and not active  # queued: not to be started again
             history = self.history.load(record.name)
             # A pending unit runs what its file held before the change (or nothing).
