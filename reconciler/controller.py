@@ -268,7 +268,7 @@ class Controller:
     def observe(self, record: bool = True) -> dict[str, ObservedUnit]:
         """What runs, how it answers, and where its drain stands. `record`: write what was
         learnt (a healthy unit's trial ends); `tensorforge plan` only reads."""
-        observed = self.driver.observe()
+        observed = self.driver.observe(record)
         now = time.time()
         backends = self.desired.backends
         rules = {

@@ -303,6 +303,9 @@ def test_a_stop_stuck_for_its_whole_grace_delays_no_other_unit_and_plan_shows_it
         a, b = apply.driver.load("backend-a"), apply.driver.load("backend-b")
         os.kill(b.pid, 9)  # b crashes
         until(lambda: not process_alive(b.pid, b.start_ticks))
+        fresh().plan()  # only reads: the crash is recorded by the pass, not by `plan`
+        assert apply.driver.history.load("backend-b").failures == 0
+        assert apply.driver.load("backend-b").pid == b.pid
         held = one_pass()
         assert held["backend-b"][0] is ActionKind.WAIT and "down after 1 failed start(s); retrying in" in held["backend-b"][1]
         now[0] += 2  # past b's backoff

@@ -14,13 +14,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from reconciler.backends.commands import Launch
 from reconciler.config.schema import BackendSpec, GatewaySpec
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
-from reconciler.drivers.history import HistoryStore
+from reconciler.drivers.history import HistoryStore, UnitHistory, backoff
 from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, Stopping
 
 log = logging.getLogger(__name__)
@@ -163,23 +163,49 @@ class ProcessDriver:
             self._save(record)
         return record
 
-    def observe(self) -> dict[str, ObservedUnit]:
-        self._reap()
+    def _foreseen(self, record: UnitRecord) -> tuple[UnitRecord, UnitHistory]:
+        """What `_settle` would record, without writing or signalling anything (for `plan`)."""
+        history = self.history.load(record.name)
+        if record.pid is None:
+            return record, history
+        pid = record.pid
+        if record.stop_since is not None:
+            if not group_alive(pid):
+                record = replace(record, pid=None, start_ticks=None, stop_since=None, kill_at=None)
+            return record, history
+        if process_alive(record.pid, record.start_ticks):
+            return record, history
+        now = time.time()
+        failures = history.failures + 1
+        history = replace(history, failures=failures, retry_at=now + backoff(failures))
+        if group_alive(pid):
+            return replace(record, stop_since=now, kill_at=now + LEFTOVER_GRACE_SECONDS), history
+        return replace(record, pid=None, start_ticks=None), history
+
+    def observe(self, record: bool = True) -> dict[str, ObservedUnit]:
+        """What runs. `record`: write what was found (an exit, a stop done) and act on it (a
+        dead leader's leftovers are asked to stop); False (`plan`): the same answer, nothing
+        written."""
+        if record:
+            self._reap()
         observed = {}
-        for record in self.records():
-            record = self._settle(record)
+        for found in self.records():
+            if record:
+                unit = self._settle(found)
+                history = self.history.load(unit.name)
+            else:
+                unit, history = self._foreseen(found)
             stopping = None
-            if record.stop_since is not None:
-                stopping = Stopping(record.stop_since, record.kill_at)
-            active = stopping is not None or process_alive(record.pid, record.start_ticks)
-            history = self.history.load(record.name)
-            observed[record.name] = ObservedUnit(
-                name=record.name,
-                content=record.content,
+            if unit.stop_since is not None:
+                stopping = Stopping(unit.stop_since, unit.kill_at)
+            active = stopping is not None or process_alive(unit.pid, unit.start_ticks)
+            observed[unit.name] = ObservedUnit(
+                name=unit.name,
+                content=unit.content,
                 active=active,
                 failures=history.failures,
                 retry_at=history.retry_at,
-                gpus=tuple(record.gpus) if active else (),
+                gpus=tuple(unit.gpus) if active else (),
                 trial=history.trial,
                 rejected=history.rejection,
                 stopping=stopping,

@@ -36,7 +36,8 @@ class Driver(Protocol):
         self, argv: list[str], gateway: GatewaySpec, config: str | None, env: dict[str, str]
     ) -> str: ...
 
-    def observe(self) -> dict[str, ObservedUnit]: ...
+    def observe(self, record: bool = True) -> dict[str, ObservedUnit]:
+        """What runs; `record=False` (`tensorforge plan`): the same answer, nothing written."""
 
     def records(self) -> Sequence[UnitRecordLike]: ...
 

@@ -234,30 +234,31 @@ class SystemdDriver:
             )
         return records
 
-    def observe(self) -> dict[str, ObservedUnit]:
+    def observe(self, record: bool = True) -> dict[str, ObservedUnit]:
+        """What runs (`record` is the protocol's: systemd's state is read, never written)."""
         observed = {}
         pending = self.pending()
-        for record in self.records():
+        for unit in self.records():
             # Without systemd (plan against a unit directory) the files are all there is.
-            active = record.active_state in ACTIVE_STATES or not self._reachable
+            active = unit.active_state in ACTIVE_STATES or not self._reachable
             # A job on an `active` unit is a stop or a restart (a start would be done already);
             # on an `activating` one it is its start (or systemd's own auto-restart).
-            stops = record.active_state == "deactivating" or (
-                record.active_state == "active" and record.job
+            stops = unit.active_state == "deactivating" or (
+                unit.active_state == "active" and unit.job
             )
-            starting = record.job and not active  # queued: not to be started again
-            history = self.history.load(record.name)
+            starting = unit.job and not active  # queued: not to be started again
+            history = self.history.load(unit.name)
             # A pending unit runs what its file held before the change (or nothing).
-            content = pending.get(record.name, record.content) if record.name in pending else record.content
-            observed[record.name] = ObservedUnit(
-                name=record.name,
+            content = pending.get(unit.name, unit.content) if unit.name in pending else unit.content
+            observed[unit.name] = ObservedUnit(
+                name=unit.name,
                 content=content,
                 active=active or starting,
                 stopping=Stopping(0.0, None) if stops else None,  # systemd kills it in time
                 failures=history.failures,
                 retry_at=history.retry_at,
-                pending=record.name in pending,
-                gpus=record.gpus if active else (),
+                pending=unit.name in pending,
+                gpus=unit.gpus if active else (),
                 trial=history.trial,
                 rejected=history.rejection,
             )
