@@ -147,7 +147,7 @@ def _end_supervisor(info: SupervisorInfo, grace: float) -> None:
     except ProcessLookupError:
         return
     if leads_group:
-        terminate(info.pid, info.start_ticks, grace)
+        terminate(info.pid, grace)
         return
     try:
         os.kill(info.pid, signal.SIGTERM)

@@ -394,7 +394,7 @@ class ProcessDriver:
         if record.pid is not None:
             if record.stop_since is None:
                 self._ask_to_stop(record, grace)
-            terminate(record.pid, None, max(0.0, (record.kill_at or 0.0) - time.time()))
+            terminate(record.pid, max(0.0, (record.kill_at or 0.0) - time.time()))
             child = self._children.pop(name, None)
             if child is not None:
                 child.wait()
@@ -410,7 +410,7 @@ def _content(action: Action, desired: Mapping[str, DesiredUnit]) -> str:
     return action.content if action.content is not None else desired[action.unit].content
 
 
-def terminate(pid: int, start_ticks: int | None, grace: float) -> None:
+def terminate(pid: int, grace: float) -> None:
     """SIGTERM the process group, wait up to `grace` seconds for all of it to exit (a server's
     workers too, not just the leader: they may hold the port or GPU memory), then SIGKILL it."""
     try:
