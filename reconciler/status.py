@@ -13,7 +13,14 @@ from reconciler.plan import Action, ActionKind
 
 GATEWAY_UNIT = "gateway"
 # Actions that say why a unit is not (yet) as declared, shown as its detail.
-_HOLDS = (ActionKind.WAIT, ActionKind.PULL, ActionKind.DRAIN, ActionKind.ROLLBACK, ActionKind.FAIL)
+_HOLDS = (
+    ActionKind.WAIT,
+    ActionKind.PULL,
+    ActionKind.DRAIN,
+    ActionKind.ROLLBACK,
+    ActionKind.FAIL,
+    ActionKind.KILL,
+)
 
 
 def backend_unit(name: str) -> str:
@@ -67,7 +74,7 @@ def unit_views(
                 health=health.state.value,
                 detail=refusals.get(name)
                 or result.failures.get(name)
-                or getattr(record, "extra", {}).get("error")  # process driver: launch failed
+                or getattr(record, "error", None)  # process driver: launch failed
                 or holds.get(name)
                 or health.detail,
                 restarts=record.restarts,

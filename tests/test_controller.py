@@ -317,6 +317,9 @@ def test_a_stop_stuck_for_its_whole_grace_delays_no_other_unit_and_plan_shows_it
         assert process_alive(a.pid, a.start_ticks)  # ... while a, asked to stop, still runs
         now[0] += 5
         assert one_pass() == {"backend-a": (ActionKind.WAIT, "stopping (asked 5s ago; killed in 10s)")}
+        status = json.loads((apply.state_dir / "status.json").read_text())  # `tensorforge status`
+        [view] = [u for u in status["units"] if u["unit"] == "backend-a"]
+        assert view["detail"] == "stopping (asked 5s ago; killed in 10s)" and view["health"] == "down"
         now[0] += 10  # the grace is over
         kind, reason = one_pass()["backend-a"]
         assert kind is ActionKind.KILL and "did not stop within its grace (asked 15s ago)" in reason
