@@ -279,6 +279,9 @@ class ProcessDriver:
 
     def start(self, name: str, content: str) -> None:
         record = self.load(name)
+        if record is not None and self._settle(record).stop_since is not None:
+            log.warning("%s: still stopping; not started beside it", name)  # the plan waits
+            return
         self.history.started(name, record.content if record else None, time.time())
         self._launch(name, content)
 
