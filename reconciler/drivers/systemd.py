@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
+import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +50,7 @@ UNIT_DIR_ENV = "TF_UNIT_DIR"
 
 ACTIVE_STATES = ("active", "activating", "reloading")
 PENDING_DIR = "systemd-pending"
+_VISIBLE = re.compile(r'(?:^|\s)"?CUDA_VISIBLE_DEVICES=([0-9,]*)')
 
 Systemctl = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
@@ -373,17 +374,11 @@ class SystemdDriver:
 
 
 def _visible_gpus(environment: str) -> tuple[int, ...]:
-    """CUDA_VISIBLE_DEVICES from `systemctl show -p Environment` (assignments, quoted by
-    systemd where needed): what the loaded unit runs with, not what a file says."""
-    try:
-        words = shlex.split(environment)
-    except ValueError:
-        return ()
-    for word in words:
-        key, _, value = word.partition("=")
-        if key == "CUDA_VISIBLE_DEVICES":
-            return tuple(int(i) for i in value.split(",") if i.strip().isdigit())
-    return ()
+    """CUDA_VISIBLE_DEVICES from `systemctl show -p Environment` (its assignments, separated by
+    spaces, quoted where systemd needs to): what the loaded unit runs with, not what a file
+    says."""
+    found = _VISIBLE.search(environment)
+    return tuple(int(i) for i in found.group(1).split(",") if i) if found else ()
 
 
 def unit_dir_writable(unit_dir: Path | None = None) -> bool:
