@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from reconciler.backends.registry import kind_of
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.history import HistoryStore
 from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit
@@ -85,8 +86,9 @@ class ProcessDriver:
     # -- what a unit's content is ----------------------------------------------------------
     def backend_content(self, unit: str, backend, ref: str, launch, gpu_ids: list[int]) -> str:
         env = dict(launch.env)
-        if backend.kind == "ollama":
-            env.setdefault("OLLAMA_MODELS", str(self.state_dir / "ollama"))
+        models_dir = kind_of(backend.kind).models_dir_env
+        if models_dir:  # a server that downloads models itself (Ollama) gets a directory
+            env.setdefault(models_dir, str(self.state_dir / backend.kind))
         return json.dumps({"argv": launch.argv, "env": env}, indent=1, sort_keys=True) + "\n"
 
     def gateway_content(self, argv: list[str], gateway, config: str | None, env: dict[str, str]) -> str:
