@@ -6,16 +6,29 @@ reconciler/backends/kinds/, its templates/<kind>.service.j2 and one line here.""
 
 from __future__ import annotations
 
-from reconciler.backends.kinds import llamacpp, ollama, tgi, vllm
+import importlib
+
 from reconciler.backends.kinds.base import Kind
 
+
+def _load(name: str) -> Kind:
+    """reconciler/backends/kinds/<name>.py's KIND, which must carry its module's name."""
+    kind = getattr(importlib.import_module(f"reconciler.backends.kinds.{name}"), "KIND", None)
+    if not isinstance(kind, Kind) or kind.name != name:
+        raise TypeError(
+            f"reconciler/backends/kinds/{name}.py must define KIND = Kind(name={name!r}, ...)"
+        )
+    return kind
+
+
+# One line per kind: its module in reconciler/backends/kinds/ (and its templates/<name>.service.j2).
 KINDS: dict[str, Kind] = {
-    k.name: k
-    for k in (
-        llamacpp.KIND,
-        vllm.KIND,
-        tgi.KIND,
-        ollama.KIND,
+    name: _load(name)
+    for name in (
+        "llamacpp",
+        "vllm",
+        "tgi",
+        "ollama",
     )
 }
 
