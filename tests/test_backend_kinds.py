@@ -128,6 +128,52 @@ def test_no_module_outside_the_kinds_branches_on_a_kind_name():
     assert not unexpected, f"ask the Kind (registry.KINDS) instead: {unexpected}"
 
 
+def _code_mentions(path: Path, word: str) -> bool:
+    """`word` in the module's code (names, string literals), not in its comments or docstrings."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        text = None
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+        ):
+            text = node.value
+        elif isinstance(node, ast.Name):
+            text = node.id
+        elif isinstance(node, ast.Attribute):
+            text = node.attr
+        elif isinstance(node, ast.alias):
+            text = node.name
+        if text and word in text.lower():
+            return True
+    return False
+
+
+def test_the_new_kind_is_named_only_in_its_own_module_and_the_registry():
+    """The proof that a kind is one module: SGLang, the kind added last, is named in reconciler/'s
+    code only by its own module and the registry's one line."""
+    named = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "reconciler").rglob("*.py")
+        if _code_mentions(p, "sglang")
+    ]
+    assert sorted(named) == [
+        "reconciler/backends/kinds/sglang.py",
+        "reconciler/backends/registry.py",
+    ]
+    registry = (ROOT / "reconciler" / "backends" / "registry.py").read_text().lower()
+    assert len(re.findall(r"sglang", registry)) == 1  # the table's line
+
+
 def test_nix_files_do_not_list_kinds():
     """The module reads modules/lib/kinds.json; a list of kind names in a .nix file would go
     stale when a kind is added. (servers.nix maps kinds to nixpkgs packages: a kind without one

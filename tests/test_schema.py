@@ -91,7 +91,7 @@ CASES = [
      "backends.chat.colour: unknown key"),
     ("unknown top-level key", lambda d: d.update(backend={}), "backend: unknown key"),
     ("bad kind", lambda d: d["backends"]["chat"].update(kind="llamacp"),
-     "backends.chat.kind: must be one of 'llamacpp', 'vllm', 'tgi' or 'ollama'"),
+     "backends.chat.kind: must be one of 'llamacpp', 'vllm', 'tgi', "),
     ("missing port", lambda d: d["backends"]["chat"].pop("port"), "backends.chat.port: required"),
     ("wrong type", lambda d: d["backends"]["chat"].update(context_size="big"),
      "backends.chat.context_size: input should be a valid integer"),

@@ -29,6 +29,7 @@ KINDS: dict[str, Kind] = {
         "vllm",
         "tgi",
         "ollama",
+        "sglang",
     )
 }
 
