@@ -59,7 +59,6 @@ def fake_sglang(metrics: bytes, served: str = "m", health: int = 200) -> Recorde
     return RecordedUpstream({
         ("GET", "/health"): Recorded(status=health, body=b""),
         ("GET", "/v1/models"): Recorded(body=served_as(served)),
-        ("GET", "/get_model_info"): Recorded(body=recorded("model_info.json")),
         ("GET", "/metrics"): Recorded(content_type="text/plain", body=metrics),
         ("POST", "/v1/chat/completions"): Recorded(body=recorded("chat_completion.json")),
     })  # fmt: skip
