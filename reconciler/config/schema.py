@@ -16,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -399,10 +400,9 @@ class BackendSpec(Strict):
         values: dict[str, Any] = {key: getattr(self, key) for key in own}
         try:
             kind.settings.model_validate(values)
-        except ValueError as exc:  # pydantic's ValidationError: one line per field
-            errors = getattr(exc, "errors", lambda: [])()
-            problems = [f"{e['loc'][0]}: {e['msg'].removeprefix('Value error, ')}" for e in errors]
-            raise ValueError("\n".join(problems) or str(exc)) from None
+        except ValidationError as exc:  # one line per field, named as the loader names it
+            problems = [f"{e['loc'][0]}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+            raise ValueError("\n".join(problems)) from None
 
     def _check_cpu_vllm(self) -> None:
         on_cpu = self.gpus == 0 and self.gpu_ids is None
