@@ -238,10 +238,10 @@ in
       ++ lib.mapAttrsToList (name: b: {
         assertion = packageOf name b != null;
         message =
-          if lib.elem b.kind [ "llamacpp" "vllm" "tgi" "ollama" ] then
+          if tfLib.kinds ? ${b.kind} then
             "services.tensorforge.backends.${name}.package: nixpkgs has no ${b.kind} server; set package to one."
           else
-            "services.tensorforge.settings.backends.${name}.kind: '${b.kind}' is not a backend kind (llamacpp, vllm, tgi, ollama).";
+            "services.tensorforge.settings.backends.${name}.kind: '${b.kind}' is not a backend kind (${lib.concatStringsSep ", " (lib.attrNames tfLib.kinds)}).";
       }) managedBackends
       ++ [
         {

@@ -422,3 +422,24 @@ def test_hosts_get_the_units_and_ports_an_admin_expects():
     assert {"tensorforge-reconciler", "tensorforge-gateway", "tensorforge-gpu-exporter", "grafana"} <= set(b200["services"])
     assert "nvidia-fabricmanager.service" in b200["services"]["tensorforge-reconciler"]["after"]
     assert sorted(b200["firewall"]) == [8000, 8001, 8002]
+
+
+def test_the_module_knows_the_kinds_of_the_registry():
+    """modules/lib/kinds.json (generated from reconciler/backends/registry.py) is the module's
+    list of kinds: an SGLang backend (no nixpkgs package) asks for one by name and, sharded, wants
+    GPUs; a kind the registry lacks is named as such, with the known ones."""
+    sglang = 'services.tensorforge.settings.backends.s = { kind = "sglang"; model = "m"; port = 30000; tensor_parallel_size = 2; };'
+    report, _ = evaluate(module(BASE + sglang))
+    (message,) = report["failedAssertions"]
+    assert "backends.s.package: nixpkgs has no sglang server; set package to one" in message
+    # A Python environment with sglang, as the host would give it: its main program runs it.
+    env = 'pkgs.coreutils // { meta.mainProgram = "python3"; }'
+    report, stderr = evaluate("{ pkgs, ... }: { " + BASE + sglang + f" services.tensorforge.backends.s.package = {env}; }}")
+    quiet(stderr)
+    assert report["failedAssertions"] == []
+    assert report["desired"]["backends"]["s"]["binary"].endswith("-coreutils/bin/python3")
+    # Sharded: it wants GPUs, so its unit gets the driver's library path.
+    assert report["desired"]["backends"]["s"]["environment"]["LD_LIBRARY_PATH"] == "/run/opengl-driver/lib"
+    report, _ = evaluate(module(BASE + sglang.replace('"sglang"', '"mlx"')))
+    (message,) = report["failedAssertions"]
+    assert "kind: 'mlx' is not a backend kind (llamacpp, ollama, sglang, tgi, vllm)" in message

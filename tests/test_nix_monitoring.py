@@ -42,6 +42,7 @@ EVERY_KIND = """{
   backends.d-ollama = { kind = "ollama"; model = "m"; port = 11434; };
   backends.e-remote = { kind = "vllm"; model = "m"; url = "https://far.example/v1/"; };
   backends.f-remote-tgi = { kind = "tgi"; model = "m"; url = "http://tgi-host:3000"; };
+  backends.g-sglang = { kind = "sglang"; model = "m"; port = 30000; };
   gateway = { host = "0.0.0.0"; port = 9000; };
   monitoring = { enable = true; reconciler_metrics_port = 9400; gpu_exporter_port = 9401; };
 }"""
@@ -128,6 +129,7 @@ def test_every_kind_host_has_the_labels_dashboards_select_on():
         "tensorforge-backend-c-tgi",
         "tensorforge-backend-e-remote",
         "tensorforge-backend-f-remote-tgi",
+        "tensorforge-backend-g-sglang",
     }, "Ollama has no /metrics: no job"
     for job in jobs:
         (static,) = job["static_configs"]

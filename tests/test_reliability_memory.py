@@ -6,7 +6,7 @@ default the KV cache's own size) and the memory estimate counts it."""
 
 from __future__ import annotations
 
-from reconciler.backends.commands import llamacpp_launch
+from reconciler.backends.commands import launch_for
 from reconciler.config.schema import BackendSpec
 from reconciler.gpu.vram import MIB, estimate_gguf, llamacpp_buffers, read_gguf_shape
 
@@ -19,11 +19,11 @@ def test_the_prompt_cache_is_bounded_by_the_desired_state(smollm2_path):
     backend = BackendSpec(kind="llamacpp", model="m", port=9000, context_size=4096, parallel=2)
     kv = llamacpp_buffers(read_gguf_shape(smollm2_path), 4096, 2)["kv"]
     for binary in (None, "/usr/bin/llama-server"):  # the embedded server and llama-server alike
-        launch = llamacpp_launch(
+        launch = launch_for(
             "b", backend.model_copy(update={"binary": binary}), "m", str(smollm2_path), []
         )
         assert cache_ram(launch.argv) == -(-kv // MIB)  # one KV cache's worth, not 8 GiB
-    off = llamacpp_launch(
+    off = launch_for(
         "b", backend.model_copy(update={"cache_ram_mib": 0}), "m", str(smollm2_path), []
     )
     assert cache_ram(off.argv) == 0

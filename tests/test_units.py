@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.backends.commands import launch_for
+from reconciler.backends.registry import KINDS
 from reconciler.config.schema import BackendSpec, GatewaySpec
 from reconciler.units.render import (
     UnitRenderError,
@@ -37,8 +38,15 @@ BACKENDS = {
     ),
     "tgi": BackendSpec(kind="tgi", model="m", port=9003, binary=PY, tensor_parallel_size=2),
     "ollama": BackendSpec(kind="ollama", model="m", port=9004, binary=PY, parallel=8, max_loaded_models=2),
+    "sglang": BackendSpec(kind="sglang", model="m", port=9005, binary=PY, tensor_parallel_size=2,
+                          gpu_memory_utilization=0.85),
 }  # fmt: skip
-GPU_IDS = {"llamacpp": [3], "vllm": [0, 1, 2, 3], "tgi": [4, 5], "ollama": []}
+GPU_IDS = {"llamacpp": [3], "vllm": [0, 1, 2, 3], "tgi": [4, 5], "ollama": [], "sglang": [6, 7]}
+
+
+def test_every_registered_kind_is_rendered_here() -> None:
+    """Each kind's template goes through systemd-analyze below: a new kind adds its backend here."""
+    assert set(BACKENDS) == set(KINDS)
 
 
 def render_backend(kind: str, backend: BackendSpec | None = None, ref: str = "/models/m/model.gguf") -> str:

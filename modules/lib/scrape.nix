@@ -7,8 +7,10 @@
 let
   defaults = import ./defaults.nix;
 
-  # Backend kinds whose servers serve Prometheus metrics at /metrics (Ollama has none).
-  kindsWithMetrics = [ "llamacpp" "vllm" "tgi" ];
+  # The backend kinds, generated from reconciler/backends/registry.py (a test keeps it in sync).
+  kinds = builtins.fromJSON (builtins.readFile ./kinds.json);
+  # Backend kinds whose servers serve Prometheus metrics (Ollama has none).
+  kindsWithMetrics = builtins.filter (k: kinds.${k}.metrics_path != null) (builtins.attrNames kinds);
 
   # A wildcard listen address is scraped on loopback.
   local = host: if host == "0.0.0.0" || host == "::" || host == "" then "127.0.0.1" else host;
@@ -60,7 +62,7 @@ let
         inherit (b) model kind;
       }
       (if parts.scheme == "" then "http" else parts.scheme)
-      (stripSlashes parts.path + "/metrics");
+      (stripSlashes parts.path + kinds.${b.kind}.metrics_path);
 
   scrapeConfigs = desired:
     let

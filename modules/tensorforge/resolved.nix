@@ -10,7 +10,7 @@
 let
   tfLib = import ../lib;
   d = tfLib.defaults;
-  servers = import ./servers.nix { inherit pkgs; };
+  servers = import ./servers.nix { inherit lib pkgs; };
 
   # The settings NixOS reads to wire the host, with the schema's default when unset. A value
   # of the wrong type counts as unset here; `tensorforge validate` refuses it at build time.
@@ -62,7 +62,7 @@ let
     in
     b
     // lib.optionalAttrs (local && package != null && (b.binary or null) == null) {
-      binary = "${package}/bin/${servers.exe b.kind}";
+      binary = servers.binaryOf b.kind package;
     }
     // lib.optionalAttrs (local && tfLib.wantsGpu b && builtins.isAttrs environment) {
       environment = { LD_LIBRARY_PATH = "/run/opengl-driver/lib"; } // environment;

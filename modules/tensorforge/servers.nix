@@ -1,8 +1,9 @@
 # The server package of a local backend (a `settings.backends.<name>` value) when its NixOS
 # option `package` is unset: the nixpkgs package of its kind, and for a backend on GPUs its
 # CUDA build as a per-package override (like services.ollama's `acceleration`), never the
-# system-wide nixpkgs.config.cudaSupport. null where nixpkgs has none (TGI).
-{ pkgs }:
+# system-wide nixpkgs.config.cudaSupport. null where nixpkgs has none (TGI, SGLang): the host
+# sets the backend's `package`, whose main program (meta.mainProgram) is then the server.
+{ lib, pkgs }:
 let
   wantsGpu = (import ../lib).wantsGpu;
   byKind = {
@@ -41,5 +42,7 @@ in
       server.gpu
     else
       server.cpu;
-  exe = kind: byKind.${kind}.exe;
+  binaryOf =
+    kind: package:
+    if byKind ? ${kind} then "${package}/bin/${byKind.${kind}.exe}" else lib.getExe package;
 }

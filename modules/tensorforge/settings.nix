@@ -37,7 +37,8 @@ let
           type = types.str;
           example = "llamacpp";
           description = ''
-            Which inference server runs this backend (`llamacpp`, `vllm`, `tgi`, `ollama`). NixOS
+            Which inference server runs this backend: one of the kinds in
+            reconciler/backends/registry.py (`llamacpp`, `vllm`, `tgi`, `ollama`, ...). NixOS
             picks the server package by it; the schema checks the value.
           '';
         };

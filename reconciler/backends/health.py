@@ -1,10 +1,10 @@
-"""Backend health over HTTP, per protocol.
+"""Backend health over HTTP, per protocol: each kind declares its probe (reconciler/backends/
+kinds/); a generic OpenAI server is alive if /v1/models is 200.
 
 llama.cpp answers /health 503 while loading and 200 when ready; vLLM refuses connections until
-its engine is up, then /health is 200; TGI /health is 200 when it can serve; Ollama answers
-`HEAD /` with 200 ("Ollama is running"); a generic OpenAI server is alive if /v1/models is 200.
-vLLM answers 404 to every request for a model name but its --served-model-name, so a vLLM
-that is up but serves another name is unhealthy: its /v1/models must list the declared one."""
+its engine is up, then /health is 200; Ollama answers `HEAD /` with 200. vLLM answers 404 to
+every request for a model name but its --served-model-name, so a vLLM that is up but serves
+another name is unhealthy: its /v1/models (its kind's `model_list`) must list the declared one."""
 
 from __future__ import annotations
 
@@ -13,18 +13,19 @@ from dataclasses import dataclass
 
 import httpx
 
+from reconciler.backends.registry import GENERIC_PROTOCOL, KINDS
+
 PROBES: dict[str, tuple[str, str]] = {
-    "llamacpp": ("GET", "/health"),
-    "vllm": ("GET", "/health"),
-    "tgi": ("GET", "/health"),
-    "ollama": ("HEAD", "/"),
-    "openai": ("GET", "/v1/models"),
+    **{k.name: (k.probe.method, k.probe.path) for k in KINDS.values()},
+    GENERIC_PROTOCOL: ("GET", "/v1/models"),
     "gateway": ("GET", "/health"),  # our own gateway, probed by the reconciler
 }
-
-
 # Where a protocol lists the model names it answers to, checked once the probe says 200.
-MODEL_LISTS: dict[str, str] = {"vllm": "/v1/models"}
+MODEL_LISTS: dict[str, str] = {k.name: k.probe.model_list for k in KINDS.values() if k.probe.model_list}
+# The status a protocol answers while its model loads.
+LOADING: dict[str, int] = {
+    k.name: k.probe.loading_status for k in KINDS.values() if k.probe.loading_status is not None
+}
 
 
 class Health(enum.StrEnum):
@@ -47,7 +48,7 @@ class BackendHealth:
 def classify(protocol: str, status_code: int) -> BackendHealth:
     if status_code == 200:
         return BackendHealth(Health.HEALTHY)
-    if status_code == 503 and protocol == "llamacpp":
+    if status_code == LOADING.get(protocol):
         return BackendHealth(Health.LOADING, "loading model")
     return BackendHealth(Health.UNHEALTHY, f"health check answered {status_code}")
 

@@ -23,6 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", "-t", type=int, default=1)
     parser.add_argument("--alias", action="append", default=[], help="model name to report")
     parser.add_argument("--flash-attn", default="auto", choices=["on", "off", "auto"])
+    # As llama-server: the KV cache's element type (f16 by default; q8_0 about halves it).
+    cache_types = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+    parser.add_argument("--cache-type-k", "-ctk", choices=cache_types)
+    parser.add_argument("--cache-type-v", "-ctv", choices=cache_types)
     parser.add_argument("--n-gpu-layers", "-ngl", type=int, default=0)
     parser.add_argument("--verbosity", type=int, default=2)
     # As llama-server: the host-memory prompt cache, MiB (its default, 8192, let the server
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         params.embedding = True
     if args.pooling:
         params.pooling_type = getattr(xllamacpp.llama_pooling_type, f"LLAMA_POOLING_TYPE_{args.pooling.upper()}")
+    if args.cache_type_k:
+        params.cache_type_k = getattr(xllamacpp.ggml_type, f"GGML_TYPE_{args.cache_type_k.upper()}")
+    if args.cache_type_v:
+        params.cache_type_v = getattr(xllamacpp.ggml_type, f"GGML_TYPE_{args.cache_type_v.upper()}")
     flash = {"on": "LLAMA_FLASH_ATTN_TYPE_ENABLED", "off": "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
     if args.flash_attn in flash:
         params.flash_attn_type = getattr(xllamacpp.llama_flash_attn_type, flash[args.flash_attn])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -16,21 +16,29 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from reconciler.backends.registry import KIND_SETTINGS, KINDS, PROTOCOLS, kinds_using
+
 SCHEMA_VERSION = 1
 
-BackendKind = Literal["llamacpp", "vllm", "tgi", "ollama"]
-# Wire protocols a backend (or a remote server declared by URL) speaks.
-Protocol = Literal["llamacpp", "vllm", "tgi", "ollama", "openai"]
+# The kinds are reconciler/backends/registry.py's table; wire protocols a backend (or a remote
+# server declared by URL) speaks are the kinds' own plus plain OpenAI.
+if TYPE_CHECKING:
+    BackendKind = str
+    Protocol = str
+else:
+    BackendKind = Literal[tuple(KINDS)]
+    Protocol = Literal[PROTOCOLS]
 # What a backend can do; automatic routing matches these against a request's needs.
 Capability = Literal[
     "completion", "tools", "json_schema", "vision", "embedding", "thinking", "rerank", "insert",
     "responses", "messages", "tokenize",
 ]  # fmt: skip
-DEFAULT_PROTOCOL: dict[str, str] = {k: k for k in ("llamacpp", "vllm", "tgi", "ollama")}
+DEFAULT_PROTOCOL: dict[str, str] = {k: k for k in KINDS}
 
 # Names end up in unit names, file paths and command lines: keep them boring.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -252,8 +260,8 @@ class BackendSpec(Strict):
     gpus: Int | None = Field(
         None,
         ge=0,
-        description="Number of GPUs wanted; 0 runs on CPU. Unset: one per shard for vllm and "
-        "tgi, none for the others.",
+        description="Number of GPUs wanted; 0 runs on CPU. Unset: one per shard for the kinds "
+        "that shard a model (tensor_parallel_size), none for the others.",
     )
     gpu_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         None, description="Pin to these GPU indices instead of automatic placement."
@@ -332,11 +340,7 @@ class BackendSpec(Strict):
 
     @model_validator(mode="after")
     def _kind_settings(self) -> BackendSpec:
-        if self.tensor_parallel_size > 1 and self.kind not in ("vllm", "tgi"):
-            raise ValueError(
-                f"tensor_parallel_size: only vllm and tgi shard a model across GPUs; "
-                f"remove it for kind {self.kind!r}"
-            )
+        self._check_kind_settings()
         # One GPU per shard: GPUs given (pinned, or counted; unset takes one per shard) must match.
         shards = self.tensor_parallel_size
         pinned = self.gpu_ids is not None
@@ -352,7 +356,7 @@ class BackendSpec(Strict):
                 f"gpus ({wanted}) is smaller than tensor_parallel_size ({shards}); raise gpus or "
                 "leave it unset to take one per shard"
             )
-        if self.kind in ("vllm", "tgi") and wanted > shards:
+        if KINDS[self.kind].shards and wanted > shards:
             # The rest would sit idle, and the model would not fit where placement thought it
             # would (it splits the weights over the shards only).
             field = "gpu_ids" if pinned else "gpus"
@@ -382,6 +386,24 @@ class BackendSpec(Strict):
                 raise ValueError(f"environment key {key!r} is not a valid variable name")
         return self
 
+    def _check_kind_settings(self) -> None:
+        """A key only other kinds use is an error unless left at its default (the reference
+        file lists every key); the kind's own settings model checks the values it takes."""
+        kind = KINDS[self.kind]
+        own = kind.settings_fields()
+        for key in sorted(KIND_SETTINGS - own):
+            if getattr(self, key) != type(self).model_fields[key].default:
+                users = " or ".join(kinds_using(key))
+                raise ValueError(
+                    f"{key}: only for kind {users}; kind {self.kind!r} does not use it, remove it"
+                )
+        values: dict[str, Any] = {key: getattr(self, key) for key in own}
+        try:
+            kind.settings.model_validate(values)
+        except ValidationError as exc:  # one line per field, named as the loader names it
+            problems = [f"{e['loc'][0]}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+            raise ValueError("\n".join(problems)) from None
+
     def _check_cpu_vllm(self) -> None:
         on_cpu = self.gpus == 0 and self.gpu_ids is None
         if self.cpu_kv_cache_gib is not None and not (self.kind == "vllm" and on_cpu):
@@ -400,7 +422,7 @@ class BackendSpec(Strict):
             return len(self.gpu_ids)
         if self.gpus is not None:
             return max(self.gpus, self.tensor_parallel_size if self.gpus else 0)
-        return self.tensor_parallel_size if self.kind in ("vllm", "tgi") else 0
+        return self.tensor_parallel_size if KINDS[self.kind].shards else 0
 
 
 class RoutingSpec(Strict):

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from reconciler.backends.commands import Launch
+from reconciler.backends.registry import kind_of
 from reconciler.config.schema import BackendSpec, GatewaySpec
 from reconciler.drivers.atomic import sweep_orphans, write_atomic
 from reconciler.drivers.history import HistoryStore, UnitHistory, backoff
@@ -89,8 +90,9 @@ class ProcessDriver:
         self, unit: str, backend: BackendSpec, ref: str, launch: Launch, gpu_ids: list[int]
     ) -> str:
         env = dict(launch.env)
-        if backend.kind == "ollama":
-            env.setdefault("OLLAMA_MODELS", str(self.state_dir / "ollama"))
+        models_dir = kind_of(backend.kind).models_dir_env
+        if models_dir:  # a server that downloads models itself (Ollama) gets a directory
+            env.setdefault(models_dir, str(self.state_dir / backend.kind))
         return json.dumps({"argv": launch.argv, "env": env}, indent=1, sort_keys=True) + "\n"
 
     def gateway_content(

@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.backends.registry import GENERIC_PROTOCOL, KINDS, kind_of
 from reconciler.config.schema import BackendSpec, DesiredState
 from reconciler.models.capabilities import model_capabilities
 
@@ -19,25 +20,18 @@ log = logging.getLogger(__name__)
 _GGUF_KEYS = ("general.architecture", "tokenizer.chat_template", "tokenizer.ggml.tokens")
 # What each kind's server offers whatever the model (model_capabilities says what the model adds).
 SERVER_CAPABILITIES: dict[str, tuple[str, ...]] = {
-    "llamacpp": ("json_schema", "tokenize", "messages", "responses"),
-    "vllm": ("completion", "tools", "json_schema", "tokenize", "messages", "responses"),
-    "tgi": ("completion", "tools", "json_schema"),
-    "ollama": ("completion", "tools", "json_schema", "embedding"),  # /api/embed works with any model
-    "openai": ("completion", "tools", "json_schema", "responses", "embedding"),
+    **{k.name: k.gateway.capabilities for k in KINDS.values()},
+    GENERIC_PROTOCOL: ("completion", "tools", "json_schema", "responses", "embedding"),
 }
 # llama-server flags that switch on endpoints whatever the model (its --embeddings, --reranking).
 _LLAMACPP_FLAGS = {"--embeddings": "embedding", "--embedding": "embedding", "--reranking": "rerank",
                    "--rerank": "rerank", "--mmproj": "vision"}  # fmt: skip
 # Kinds whose endpoints depend on the server's flags (--embeddings, --runner pooling).
-FLAG_KINDS = frozenset(("llamacpp", "vllm"))
+FLAG_KINDS = frozenset(k.name for k in KINDS.values() if k.gateway.flag_capabilities)
 # Where each kind's embeddings are switched on: named in the 400 a request gets without them.
 EMBEDDING_SETTING = {
-    "llamacpp": "add '--embeddings' (and '--pooling mean' for a chat model) to backends.{name}.extra_args",
-    "vllm": "serve an embedding model with '--runner pooling' in backends.{name}.extra_args",
-    "tgi": "TGI does not serve embeddings; run text-embeddings-inference and declare it with kind 'tgi' "
-    "and capabilities: [embedding]",
-    "ollama": "use an embedding model (for example nomic-embed-text) for backends.{name}.model",
-    "openai": "set backends.{name}.capabilities to include 'embedding' if the server has them",
+    **{k.name: k.gateway.embedding_hint for k in KINDS.values()},
+    GENERIC_PROTOCOL: "set backends.{name}.capabilities to include 'embedding' if the server has them",
 }
 
 
@@ -48,7 +42,7 @@ def request_context(backend: BackendSpec) -> int | None:
     None when a remote backend's context is not declared: the backend judges."""
     if backend.url and "context_size" not in backend.model_fields_set:
         return None
-    if backend.kind == "llamacpp":
+    if kind_of(backend.kind).gateway.context_per_slot:
         return backend.context_size // backend.parallel
     return backend.context_size
 
@@ -58,7 +52,7 @@ def backend_capabilities(name: str, state: DesiredState) -> frozenset[str]:
     if backend.capabilities is not None:
         return frozenset(backend.capabilities)
     metadata = gguf_metadata(backend.model, state) if backend.kind == "llamacpp" else None
-    kind = backend.kind if backend.wire_protocol != "openai" else "openai"
+    kind = backend.kind if backend.wire_protocol != GENERIC_PROTOCOL else GENERIC_PROTOCOL
     found = set(model_capabilities(metadata, None, backend.kind)) | set(SERVER_CAPABILITIES[kind])
     if backend.kind == "llamacpp":
         # llama-server serves embeddings and reranking only when started for them.
@@ -177,4 +171,4 @@ def lacks_hint(name: str, backend: BackendInfo, managed: bool = True) -> str:
     """How to give backend `name` embeddings, for the 400 a request without them gets."""
     if backend.kind == "llamacpp" and not managed:
         return "start that llama-server with '--embeddings' (and '--pooling mean' for a chat model)"
-    return EMBEDDING_SETTING.get(backend.kind, EMBEDDING_SETTING["openai"]).format(name=name)
+    return EMBEDDING_SETTING.get(backend.kind, EMBEDDING_SETTING[GENERIC_PROTOCOL]).format(name=name)

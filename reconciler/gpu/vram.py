@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.backends.registry import kind_of
 from reconciler.config.schema import BackendSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,10 @@ def estimate_vram(backend: BackendSpec, model: ModelSpec, path: str | Path | Non
     try:
         if file is None or not file.exists():
             return VramEstimate(note="model not on disk yet; placement counts GPUs only")
-        if backend.kind == "llamacpp" or (file.is_file() and file.suffix == ".gguf"):
+        weights = kind_of(backend.kind).memory.weights  # the format the kind's server loads
+        if weights == "gguf" or (file.is_file() and file.suffix == ".gguf"):
             estimate = estimate_gguf(backend, file)
-        elif backend.kind in ("vllm", "tgi"):
+        elif weights == "safetensors":
             estimate = estimate_safetensors(backend, file)
         else:
             return VramEstimate(note=f"no estimate for kind {backend.kind}; placement counts GPUs only")
@@ -314,11 +316,12 @@ def estimate_safetensors(backend: BackendSpec, path: Path) -> VramEstimate:
     shards = backend.tensor_parallel_size
     note = f"{params / 1e9:.1f}B parameters, {'FP8' if fp8 else 'stored dtype'} weights"
     fraction = 0.0
-    if backend.kind == "vllm":
+    kind = kind_of(backend.kind)
+    if kind.memory.reserved_fraction:
         # vLLM claims gpu_memory_utilization of each GPU's own total at start, whatever it
         # needs; its shard of the weights and one full sequence must fit inside that share.
-        fraction = backend.gpu_memory_utilization
-        note += f", vLLM reserves {fraction:.0%} of each GPU"
+        fraction = float(getattr(backend, kind.memory.reserved_fraction))
+        note += f", {kind.title} reserves {fraction:.0%} of each GPU"
     return VramEstimate(
         weights=weights,
         kv_cache=kv,

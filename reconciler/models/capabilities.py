@@ -5,6 +5,8 @@ the metadata with `reconciler.models.gguf_metadata.read_gguf_metadata`)."""
 
 from __future__ import annotations
 
+from reconciler.backends.registry import KINDS
+
 CAPABILITIES = ("completion", "tools", "insert", "vision", "embedding", "thinking")
 
 # Encoder-only architectures: they embed, they do not generate.
@@ -26,7 +28,7 @@ FIM_KEYS = (
 )
 THINKING_MARKERS = ("<think>", "enable_thinking", "reasoning_content", "<|channel|>analysis")
 # Kinds whose server answers a fill-in-the-middle request (llama.cpp's /infill, Ollama's suffix).
-FIM_KINDS = frozenset(("llamacpp", "ollama"))
+FIM_KINDS = frozenset(k.name for k in KINDS.values() if k.gateway.fill_in_middle)
 
 
 def model_capabilities(

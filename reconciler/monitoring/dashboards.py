@@ -3,30 +3,18 @@ renders them to the JSON files in the repository's `monitoring/dashboards/`, whi
 provisions; a test keeps those files identical to what this module renders and runs every
 expression through a real Prometheus.
 
-Template variables: `$datasource`, `$host` (every dashboard) and `$backend` (per-kind ones).
-`$__rate_interval` is Grafana's: at least four scrape intervals."""
+Template variables: `$datasource`, `$host` (every dashboard) and `$backend` (per-kind ones,
+declared with their kind in reconciler/backends/kinds/)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from reconciler.backends.registry import KINDS
 from reconciler.monitoring.grafana import Dashboard, Panel, rendered_files, write_files
+from reconciler.monitoring.promql import RATE, H
+from reconciler.monitoring.promql import quantiles as _quantiles
 
-RATE = "$__rate_interval"
-
-
-def _q(p: float, metric: str, by: str, sel: str) -> tuple[str, str]:
-    expr = f"histogram_quantile({p}, sum by (le, {by}) (rate({metric}_bucket{{{sel}}}[{RATE}])))"
-    legend = "p" + f"{p * 100:g}" + " {{" + by.split(", ")[-1] + "}}"
-    return expr, legend
-
-
-def _quantiles(metric: str, by: str, sel: str) -> list[tuple[str, str]]:
-    return [_q(p, metric, by, sel) for p in (0.5, 0.95, 0.99)]
-
-
-H = 'host=~"$host"'
-HB = 'host=~"$host", backend=~"$backend"'
 G = "tensorforge_gateway_"
 
 
@@ -227,211 +215,8 @@ RECONCILER = Dashboard(
     ],
 )
 
-LLAMACPP = Dashboard(
-    "tensorforge-llamacpp",
-    "TensorForge / llama.cpp backends",
-    [
-        Panel(
-            "Scrape up",
-            [(f'up{{{HB}, kind="llamacpp"}}', "{{backend}}")],
-            kind="stat",
-            width=24,
-            max=1,
-        ),
-        Panel(
-            "Generated tokens per second",
-            [
-                (
-                    f"sum by (backend) (rate(llamacpp:tokens_predicted_total{{{HB}}}[{RATE}]))",
-                    "{{backend}}",
-                )
-            ],
-        ),
-        Panel(
-            "Prompt tokens per second (processed / from cache)",
-            [
-                (
-                    f"sum by (backend) (rate(llamacpp:prompt_tokens_total{{{HB}}}[{RATE}]))",
-                    "processed {{backend}}",
-                ),
-                (
-                    f"sum by (backend) (rate(llamacpp:prompt_tokens_cached_total{{{HB}}}[{RATE}]))",
-                    "cached {{backend}}",
-                ),
-            ],
-        ),
-        Panel(
-            "Decode speed while generating (tokens/s)",
-            [
-                (
-                    f"sum by (backend) (rate(llamacpp:tokens_predicted_total{{{HB}}}[{RATE}])) / "
-                    f"sum by (backend) (rate(llamacpp:tokens_predicted_seconds_total{{{HB}}}[{RATE}]))",
-                    "{{backend}}",
-                )
-            ],
-            description="Tokens generated per second of generation time (empty while idle).",
-        ),
-        Panel(
-            "Average throughput reported by the server (tokens/s)",
-            [
-                (f"llamacpp:predicted_tokens_seconds{{{HB}}}", "decode {{backend}}"),
-                (f"llamacpp:prompt_tokens_seconds{{{HB}}}", "prompt {{backend}}"),
-            ],
-        ),
-        Panel(
-            "Requests processing / deferred",
-            [
-                (f"llamacpp:requests_processing{{{HB}}}", "processing {{backend}}"),
-                (f"llamacpp:requests_deferred{{{HB}}}", "deferred {{backend}}"),
-            ],
-        ),
-        Panel(
-            "Busy slots per decode call",
-            [(f"llamacpp:n_busy_slots_per_decode{{{HB}}}", "{{backend}}")],
-        ),
-        Panel(
-            "Largest sequence seen (tokens)", [(f"llamacpp:n_tokens_max{{{HB}}}", "{{backend}}")]
-        ),
-    ],
-    backend_kind="llamacpp",
-)
-
-VLLM = Dashboard(
-    "tensorforge-vllm",
-    "TensorForge / vLLM backends",
-    [
-        Panel(
-            "Scrape up", [(f'up{{{HB}, kind="vllm"}}', "{{backend}}")], kind="stat", width=24, max=1
-        ),
-        Panel(
-            "Requests running / waiting",
-            [
-                (f"sum by (backend) (vllm:num_requests_running{{{HB}}})", "running {{backend}}"),
-                (f"sum by (backend) (vllm:num_requests_waiting{{{HB}}})", "waiting {{backend}}"),
-            ],
-        ),
-        Panel(
-            "KV cache usage",
-            # kv_cache_usage_perc since the V1 engine; gpu_cache_usage_perc before it.
-            [
-                (
-                    f"max by (backend) (vllm:kv_cache_usage_perc{{{HB}}} or vllm:gpu_cache_usage_perc{{{HB}}})",
-                    "{{backend}}",
-                )
-            ],
-            "percentunit",
-            max=1,
-        ),
-        Panel(
-            "Time to first token (p50/p95/p99)",
-            _quantiles("vllm:time_to_first_token_seconds", "backend", HB),
-            "s",
-        ),
-        Panel(
-            "End-to-end latency (p50/p95/p99)",
-            _quantiles("vllm:e2e_request_latency_seconds", "backend", HB),
-            "s",
-        ),
-        Panel(
-            "Inter-token latency (p50/p95/p99)",
-            _quantiles("vllm:inter_token_latency_seconds", "backend", HB),
-            "s",
-        ),
-        Panel(
-            "Tokens per second (prompt / generation)",
-            [
-                (
-                    f"sum by (backend) (rate(vllm:prompt_tokens_total{{{HB}}}[{RATE}]))",
-                    "prompt {{backend}}",
-                ),
-                (
-                    f"sum by (backend) (rate(vllm:generation_tokens_total{{{HB}}}[{RATE}]))",
-                    "generation {{backend}}",
-                ),
-            ],
-        ),
-        Panel(
-            "Finished requests per second by reason",
-            [
-                (
-                    f"sum by (backend, finished_reason) (rate(vllm:request_success_total{{{HB}}}[{RATE}]))",
-                    "{{backend}} {{finished_reason}}",
-                )
-            ],
-            "reqps",
-        ),
-        Panel(
-            "Preemptions per second",
-            [
-                (
-                    f"sum by (backend) (rate(vllm:num_preemptions_total{{{HB}}}[{RATE}]))",
-                    "{{backend}}",
-                )
-            ],
-            "ops",
-        ),
-    ],
-    backend_kind="vllm",
-)
-
-TGI = Dashboard(
-    "tensorforge-tgi",
-    "TensorForge / TGI backends",
-    [
-        Panel(
-            "Scrape up", [(f'up{{{HB}, kind="tgi"}}', "{{backend}}")], kind="stat", width=24, max=1
-        ),
-        Panel(
-            "Requests per second (all / successful)",
-            [
-                (f"sum by (backend) (rate(tgi_request_count{{{HB}}}[{RATE}]))", "all {{backend}}"),
-                (
-                    f"sum by (backend) (rate(tgi_request_success{{{HB}}}[{RATE}]))",
-                    "successful {{backend}}",
-                ),
-            ],
-            "reqps",
-        ),
-        Panel(
-            "Queue size / current batch size",
-            [
-                (f"sum by (backend) (tgi_queue_size{{{HB}}})", "queue {{backend}}"),
-                (f"sum by (backend) (tgi_batch_current_size{{{HB}}})", "batch {{backend}}"),
-            ],
-        ),
-        Panel(
-            "Request latency (p50/p95/p99)", _quantiles("tgi_request_duration", "backend", HB), "s"
-        ),
-        Panel(
-            "Queue time (p50/p95/p99)", _quantiles("tgi_request_queue_duration", "backend", HB), "s"
-        ),
-        Panel(
-            "Time per output token (p50/p95/p99)",
-            _quantiles("tgi_request_mean_time_per_token_duration", "backend", HB),
-            "s",
-        ),
-        Panel(
-            "Tokens per second (input / generated)",
-            [
-                (
-                    f"sum by (backend) (rate(tgi_request_input_length_sum{{{HB}}}[{RATE}]))",
-                    "input {{backend}}",
-                ),
-                (
-                    f"sum by (backend) (rate(tgi_request_generated_tokens_sum{{{HB}}}[{RATE}]))",
-                    "generated {{backend}}",
-                ),
-            ],
-        ),
-        Panel(
-            "Batch max tokens",
-            [(f"max by (backend) (tgi_batch_current_max_tokens{{{HB}}})", "{{backend}}")],
-        ),
-    ],
-    backend_kind="tgi",
-)
-
-DASHBOARDS = [GATEWAY, GPUS, RECONCILER, LLAMACPP, VLLM, TGI]
+# Each backend kind declares its own dashboard (reconciler/backends/kinds/).
+DASHBOARDS = [GATEWAY, GPUS, RECONCILER, *(k.dashboard for k in KINDS.values() if k.dashboard)]
 
 
 def dashboard_files() -> dict[str, str]:

@@ -1,9 +1,9 @@
 """The Prometheus scrape configuration for one host, generated from its desired state.
 
-Jobs: the gateway, the reconciler, the GPU exporter, and every backend's own `/metrics`
-(llama.cpp `llamacpp:*`, vLLM `vllm:*`, TGI `tgi_*`), one job per backend so remote backends
-with their own scheme or path prefix fit. Ollama has no Prometheus endpoint: its backends are
-listed in a comment and covered only by the gateway's metrics. Every target carries `host`
+Jobs: the gateway, the reconciler, the GPU exporter, and every backend's own metrics endpoint
+(its kind's `metrics`: llama.cpp `llamacpp:*`, vLLM `vllm:*`, TGI `tgi_*`), one job per backend
+so remote backends with their own scheme or path prefix fit. A kind without one (Ollama) has
+its backends listed in a comment and covered only by the gateway's metrics. Every target carries `host`
 (the desired state's host name) so dashboards can tell hosts apart when one Prometheus, or a
 federation, sees several; backend targets also carry `backend`, `model` and `kind`."""
 
@@ -16,10 +16,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from reconciler.backends.registry import KINDS, kind_of
 from reconciler.config.schema import BackendSpec, DesiredState, reach
 
-# Backend kinds whose servers expose Prometheus metrics at /metrics.
-KINDS_WITH_METRICS = ("llamacpp", "vllm", "tgi")
+# Backend kinds whose servers expose Prometheus metrics.
+KINDS_WITH_METRICS = tuple(k.name for k in KINDS.values() if k.metrics)
 GATEWAY_JOB = "tensorforge-gateway"
 RECONCILER_JOB = "tensorforge-reconciler"
 GPU_JOB = "tensorforge-gpu"
@@ -46,7 +47,8 @@ def _job(
 def backend_job(name: str, backend: BackendSpec, host: str) -> dict:
     parts = urlsplit(backend.base_url)
     labels = {"host": host, "backend": name, "model": backend.model, "kind": backend.kind}
-    path = parts.path.rstrip("/") + "/metrics"
+    metrics = kind_of(backend.kind).metrics
+    path = parts.path.rstrip("/") + (metrics.path if metrics else "/metrics")
     return _job(BACKEND_JOB_PREFIX + name, parts.netloc, labels, parts.scheme or "http", path)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import jinja2
 
 from reconciler.backends.commands import Launch
+from reconciler.backends.registry import KINDS, kind_of
 from reconciler.config.schema import BackendSpec, GatewaySpec
 
 
@@ -34,7 +35,6 @@ def templates_dir() -> Path:
 TEMPLATES_DIR = templates_dir()
 UNIT_PREFIX = "tensorforge-"
 MANAGED_MARKER = "# tensorforge-managed:"
-KINDS = ("llamacpp", "vllm", "tgi", "ollama")
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
@@ -172,7 +172,7 @@ class UnitSpec:
     """Everything a unit template needs. `name` is the reconciler's unit name (`backend-x`)."""
 
     name: str
-    kind: str  # llamacpp, vllm, tgi, ollama, gateway, reconciler
+    kind: str  # a backend kind (its templates/<kind>.service.j2), gateway or reconciler
     description: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -279,11 +279,13 @@ def backend_unit_spec(
 ) -> UnitSpec:
     env = dict(launch.env)
     write_paths: list[str] = []
-    if backend.kind == "ollama" and "OLLAMA_MODELS" not in backend.environment:
-        # Ollama downloads into its own state directory (writable, private to the unit).
-        env["OLLAMA_MODELS"] = f"/var/lib/{UNIT_PREFIX}{unit}/models"
-    elif backend.kind == "ollama":
-        write_paths.append(env["OLLAMA_MODELS"])
+    models_dir = kind_of(backend.kind).models_dir_env
+    if models_dir and models_dir not in backend.environment:
+        # A server that downloads models itself (Ollama) gets its own state directory for
+        # them (writable, private to the unit).
+        env[models_dir] = f"/var/lib/{UNIT_PREFIX}{unit}/models"
+    elif models_dir:
+        write_paths.append(env[models_dir])
     return UnitSpec(
         name=unit,
         kind=backend.kind,

@@ -1,5 +1,5 @@
 """llama.cpp's `llama-server`: OpenAI's API natively, so requests and answers pass through
-byte for byte. Load comes from its `--metrics` endpoint."""
+byte for byte. Load comes from its `--metrics` endpoint (series in backends/kinds/llamacpp.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from reconciler.gateway.adapters.openai import OpenAIAdapter
 class LlamaCppAdapter(OpenAIAdapter):
     protocol = "llamacpp"
     rewrite_model = False  # llama-server serves one model and ignores the name
-    metrics_path = "/metrics"
-    load_series = ("llamacpp:requests_processing", "llamacpp:requests_deferred")
-    kv_series = ("llamacpp:kv_cache_usage_ratio",)
 
     def build_request(self, exchange: Exchange, raw: bytes, served_model: str) -> UpstreamRequest:
         body = exchange.body

@@ -57,8 +57,6 @@ def prompt_text(body: dict) -> str:
 
 class TGIAdapter(Adapter):
     protocol = "tgi"
-    metrics_path = "/metrics"
-    load_series = ("tgi_queue_size", "tgi_batch_current_size")
     info_path = "/info"
 
     def parse_info(self, info: dict) -> int | None:

@@ -13,10 +13,6 @@ from reconciler.gateway.adapters.openai import OpenAIAdapter
 class VLLMAdapter(OpenAIAdapter):
     protocol = "vllm"
     rewrite_model = True
-    metrics_path = "/metrics"
-    load_series = ("vllm:num_requests_running", "vllm:num_requests_waiting")
-    # Renamed between vLLM versions; whichever the backend exports is used.
-    kv_series = ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")
 
     def build_request(self, exchange: Exchange, raw: bytes, served_model: str) -> UpstreamRequest:
         if "repeat_penalty" in exchange.body:

@@ -9,6 +9,9 @@ starts, so a request cannot change them: they are refused, naming where they are
 
 from __future__ import annotations
 
+from reconciler.backends.kinds.base import CHAT_FIELDS, OPENAI_FIELDS
+from reconciler.backends.registry import GENERIC_PROTOCOL, KINDS
+
 # Ollama option -> request field (OpenAI's where it has one, else llama.cpp's).
 SAMPLING = {
     "temperature": "temperature", "top_p": "top_p", "num_predict": "max_tokens", "seed": "seed",
@@ -36,38 +39,15 @@ RETIRED = {
     "tfs_z": "llama.cpp removed tail-free sampling",
 }
 
-OPENAI_FIELDS = frozenset(
-    ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty", "frequency_penalty")
-)
-# Beyond OpenAI's sampling fields: what each protocol's server takes, per endpoint family.
-# vLLM: top_k, min_p and repetition_penalty as extra body (its adapter renames repeat_penalty);
-# TGI's Messages API takes only OpenAI's fields, its /generate takes top_k, typical_p and
-# repetition_penalty (but no presence_penalty); a generic OpenAI server only OpenAI's.
-CHAT = frozenset(("tools", "logprobs", "top_logprobs"))  # OpenAI's own chat fields
-LLAMACPP = frozenset(SAMPLING.values())
-THINK = frozenset(("chat_template_kwargs", "reasoning_effort"))
+# Beyond OpenAI's sampling fields: what each protocol's server takes, per endpoint family
+# (declared by each kind, reconciler/backends/kinds/); a generic OpenAI server only OpenAI's.
 EXTENSIONS = {
-    ("llamacpp", "chat"): LLAMACPP | CHAT | THINK,
-    ("llamacpp", "text"): LLAMACPP,
-    ("vllm", "chat"): OPENAI_FIELDS | CHAT | THINK | {"top_k", "min_p", "repeat_penalty"},
-    ("vllm", "text"): OPENAI_FIELDS | {"top_k", "min_p", "repeat_penalty"},
-    ("tgi", "chat"): OPENAI_FIELDS | CHAT,
-    ("tgi", "text"): (OPENAI_FIELDS - {"presence_penalty"}) | {"top_k", "typical_p", "repeat_penalty"},
-    ("openai", "chat"): OPENAI_FIELDS | CHAT | {"reasoning_effort"},
-    ("openai", "text"): OPENAI_FIELDS,
-    # A model served by Ollama and other kinds at once: the Ollama adapter translates back
-    # (sampling fields to `options`, tools, think); served by Ollama alone, the request goes
-    # untranslated.
-    ("ollama", "chat"): LLAMACPP | THINK | {"tools"},
-    ("ollama", "text"): LLAMACPP,
-}  # fmt: skip
-BACKEND_NAMES = {
-    "llamacpp": "llama.cpp",
-    "vllm": "vLLM",
-    "tgi": "TGI",
-    "openai": "OpenAI-compatible",
-    "ollama": "Ollama",
+    **{(k.name, "chat"): k.gateway.chat_fields for k in KINDS.values()},
+    **{(k.name, "text"): k.gateway.text_fields for k in KINDS.values()},
+    (GENERIC_PROTOCOL, "chat"): OPENAI_FIELDS | CHAT_FIELDS | {"reasoning_effort"},
+    (GENERIC_PROTOCOL, "text"): OPENAI_FIELDS,
 }
+BACKEND_NAMES = {**{k.name: k.title for k in KINDS.values()}, GENERIC_PROTOCOL: "OpenAI-compatible"}
 
 
 class Refused(Exception):
