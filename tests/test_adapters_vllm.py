@@ -197,7 +197,18 @@ def test_vllm_with_gpus_zero_runs_on_cpu(monkeypatch, tmp_path):
     assert flags["--max-num-seqs"] == "4" and "--enforce-eager" in launch.argv
     assert "--gpu-memory-utilization" not in launch.argv and "--tensor-parallel-size" not in launch.argv
     assert launch.env == {"CUDA_VISIBLE_DEVICES": "", "VLLM_CPU_KVCACHE_SPACE": "2",
-                          "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}  # fmt: skip
+                          "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                          "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # fmt: skip
+    # Threads bounded here: the model runs in vLLM's engine process, no worker process spawned.
+    at = launch.argv.index("--distributed-executor-backend")
+    assert launch.argv[at + 1] == "uni"
+
+
+def test_cpu_vllm_without_threads_keeps_vllms_own_worker_process():
+    backend = BackendSpec(kind="vllm", model="m", port=8001, gpus=0)
+    launch = launch_for("v", backend, "smollm2", "/models/smollm2-hf", [])
+    assert "--distributed-executor-backend" not in launch.argv  # vLLM binds its OpenMP threads there
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in launch.env and "OMP_NUM_THREADS" not in launch.env
 
 
 def test_vllm_with_gpus_keeps_vllm_serve():

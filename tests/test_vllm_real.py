@@ -170,6 +170,11 @@ def test_cpu_vllm_runs_under_the_reconciler_with_its_settings(vllm_host):
     environ = Path(f"/proc/{record['pid']}/environ").read_bytes().split(b"\0")
     assert b"VLLM_CPU_KVCACHE_SPACE=1" in environ and b"OMP_NUM_THREADS=1" in environ
     assert b"CUDA_VISIBLE_DEVICES=" in environ  # no GPU, even on a host that has one
+    # threads bounded: the model runs in vLLM's engine process, no third (worker) process
+    argv = json.loads(record["content"])["argv"]
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "uni"
+    members = group_members(record["pid"])
+    assert not [name for name in members.values() if "Worker" in name], members
     backend = vllm_host.health()["backends"]["vllm"]
     assert backend["healthy"] and backend["model"] == "smollm2"
 
@@ -206,10 +211,19 @@ def test_stream_is_counted_whether_or_not_the_client_asked_for_usage(vllm_host):
     assert len(usage) == 1 and usage[0]["completion_tokens"] == 12  # as vLLM sent it
     assert tokens(vllm_host.url, "completion") - before == 24
 
+    # Ollama's surface: NDJSON, its own counts on the last line, counted the same way.
+    ollama = {"model": "smol", "messages": CHAT["messages"], "options": {"num_predict": 12}, "ignore_eos": True}
+    with httpx.stream("POST", vllm_host.url + "/api/chat", json=ollama, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert all("error" not in line for line in lines), lines
+    assert [line["done"] for line in lines].count(True) == 1 and lines[-1]["done"] is True
+    assert 0 < lines[-1]["eval_count"] <= 12
+    assert tokens(vllm_host.url, "completion") - before == 24 + lines[-1]["eval_count"]
+
 
 def test_a_client_disconnect_stops_the_request_in_vllm(vllm_host):
-    # 500 tokens: over 25 s at vLLM's 17-21 tokens/s here. (The gateway caps max_tokens at
-    # context_size / parallel, 512, until issue 21 gives vLLM each sequence its full length.)
+    # 500 tokens: over 25 s at vLLM's 17-21 tokens/s here, so it is still running when we leave.
     body = {**CHAT, "max_tokens": 500, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", vllm_host.url + "/v1/chat/completions", json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()
@@ -259,8 +273,11 @@ def test_health_reports_a_served_name_mismatch(vllm_host, run_gateway):
         "backends": {"far": {"kind": "vllm", "model": "llama3", "url": vllm_host.vllm_url}},
         "gateway": {"port": port, "health_interval": 0.5},
     })  # fmt: skip
-    time.sleep(1.5)  # a few health rounds
-    detail = httpx.get(url + "/health").json()["backends"]["far"]
+    def checked() -> dict | None:
+        detail = httpx.get(url + "/health").json()["backends"]["far"]
+        return None if detail["detail"] == "not probed yet" else detail
+
+    detail = vllm_host.wait(checked, 10, "the gateway never checked the backend")
     assert not detail["healthy"] and "--served-model-name llama3" in detail["detail"]
     response = httpx.post(url + "/v1/chat/completions", json={**CHAT, "model": "llama3"})
     assert response.status_code == 503 and "llama3" in response.json()["error"]["message"]
@@ -363,22 +380,33 @@ def test_rolling_change_of_vllm_loses_no_request(vllm_host, llama_server):
     records: list[dict] = []
     stop = threading.Event()
 
-    def worker(stream: bool) -> None:
+    def worker(surface: str) -> None:
+        """Requests one after another, paced so that the replacement vLLM's start (CPU-bound:
+        importing torch and vLLM) is not starved by the load it must survive."""
+        path, stream = {"openai": ("/v1/chat/completions", False), "openai-stream": ("/v1/chat/completions", True),
+                        "ollama-stream": ("/api/chat", True)}[surface]  # fmt: skip
         with httpx.Client(timeout=120) as client:
             while not stop.is_set():
                 body = {**CHAT, "max_tokens": 8, "stream": stream}
-                record = {"start": time.monotonic(), "stream": stream}
+                if surface == "ollama-stream":
+                    body = {"model": "smol", "messages": CHAT["messages"], "options": {"num_predict": 8}}
+                record = {"start": time.monotonic(), "surface": surface}
                 try:
-                    r = client.post(vllm_host.url + "/v1/chat/completions", json=body)
+                    r = client.post(vllm_host.url + path, json=body)
                     record["status"], record["backend"] = r.status_code, r.headers.get("x-tensorforge-backend")
-                    if stream:
+                    if surface == "openai-stream":
                         record["ok"] = r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
-                except httpx.HTTPError as exc:
+                    elif surface == "ollama-stream":
+                        last = json.loads(r.text.strip().splitlines()[-1])
+                        record["ok"] = last.get("done") is True and '"error"' not in r.text
+                except (httpx.HTTPError, ValueError, IndexError) as exc:
                     record["status"], record["error"] = 0, str(exc)
                 record["end"] = time.monotonic()
                 records.append(record)
+                stop.wait(0.2)
 
-    threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in (False, False, True)]
+    surfaces = ("openai", "openai-stream", "ollama-stream")
+    threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in surfaces]
     for t in threads:
         t.start()
     try:
@@ -407,7 +435,9 @@ def test_rolling_change_of_vllm_loses_no_request(vllm_host, llama_server):
     failed = [r for r in records if r["status"] != 200 or r.get("ok") is False]
     assert failed == [], failed[:5]
     during = [r for r in records if gone[0] < r["start"] and r["end"] < rolled_at]
-    assert during and {r["backend"] for r in during} == {"cpp"}  # while vLLM was away
+    assert {r["surface"] for r in during} == set(surfaces)  # every surface was asked meanwhile
+    # while vLLM was away (the Ollama surface does not name the backend)
+    assert {r["backend"] for r in during if r["surface"] != "ollama-stream"} == {"cpp"}
     log = (vllm_host.state / "logs" / "supervisor.log").read_text()
     assert any("drained" in line and "vllm" in line for line in log.splitlines())
     print(f"\nrolling: {len(records)} requests, none failed; vLLM replaced and routed to again "

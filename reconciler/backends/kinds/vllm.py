@@ -93,6 +93,12 @@ def _cpu_launch(request: LaunchRequest, common: list[str]) -> Launch:
         # `threads` bounds them and leaves the kernel to place them.
         env["OMP_NUM_THREADS"] = str(backend.threads)
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        # With the threads set here, the model runs inside vLLM's engine process instead of a
+        # third spawned one: measured here, a third less CPU to start (27 s, not 40 s), about
+        # 0.6 GiB less resident, the same tokens/s. (vLLM forces its worker process on CPU only
+        # because it must set OpenMP's environment there, which this launch line does.)
+        argv += ["--distributed-executor-backend", "uni"]
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return with_backend_env(request, argv, env)
 
 
