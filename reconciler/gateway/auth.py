@@ -33,6 +33,7 @@ class ApiKeys:
         self.path = Path(path) if path else None
         self._digests: list[tuple[bytes, str]] = []  # (sha256 digest, client name)
         self._stamp: tuple[int, int] | None = None
+        self.generation = 0  # counts loads: who checked a key once knows when to look again
         if self.path is not None:
             self.load()
 
@@ -65,6 +66,7 @@ class ApiKeys:
             digests.append(self._parse(fields, number))
         self._digests = digests
         self._stamp = (stat.st_mtime_ns, stat.st_size)
+        self.generation += 1
         log.info("loaded %d API key(s) from %s", len(digests), self.path)
 
     def _parse(self, fields: list[str], number: int) -> tuple[bytes, str]:

@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from reconciler.config.schema import EventsSpec
-from reconciler.gateway.proxy import ProxyCall
+from reconciler.gateway.proxy_call import ProxyCall
 
 log = logging.getLogger(__name__)
 REQUEST_SUBJECT = "inference.request.v1"

@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from reconciler.gateway.errors import GatewayError
 from reconciler.gateway.router import Upstream
 
 _CREATED = re.compile(rb"^(# (HELP|TYPE) )?tensorforge_gateway_\w+_created\b")
@@ -70,6 +71,11 @@ class GatewayMetrics:
         )  # fmt: skip
         self._known: set[str] = set()
         self._children: dict[tuple, Any] = {}
+
+    def refused(self, status: int, message: str, code: str, retry_after: str | None = None) -> GatewayError:
+        """The error to raise for a request the gateway refuses itself, counted by its code."""
+        self.rejected.labels(code).inc()
+        return GatewayError(status, message, code, retry_after=retry_after)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: the lookup showed up in the request path's profile."""
