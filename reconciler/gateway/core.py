@@ -42,7 +42,9 @@ def upstream_timeout(spec: GatewaySpec) -> httpx.Timeout:
 def make_transports(spec: GatewaySpec) -> dict[str, httpx.AsyncBaseTransport]:
     """Per URL scheme. Plain http (local and LAN backends) gets the lean transport; https gets
     httpx-aiohttp's, which stays fast with many connections (httpx's own pool was measured
-    to degrade at concurrency 64). TF_GATEWAY_TRANSPORT=aiohttp uses it for http too."""
+    to degrade at concurrency 64). TF_GATEWAY_TRANSPORT=aiohttp uses it for http too. Both
+    are held to the same answer limits by the proxy (reconciler/gateway/answer_limits.py).
+    A private CA for https backends: SSL_CERT_FILE (read by this and by the probes' client)."""
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256, keepalive_expiry=15)
     secure = AiohttpTransport(limits=limits)
     if os.environ.get("TF_GATEWAY_TRANSPORT") == "aiohttp":

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from reconciler.gateway.adapters import Unsupported, adapter_for
+from reconciler.gateway.answer_limits import read_whole
 from reconciler.gateway.errors import GatewayError, backend_error, sse_error_event
 from reconciler.gateway.metrics import GatewayMetrics
 from reconciler.gateway.observers import ProxyObserver
@@ -260,7 +261,7 @@ class Proxy:
                     await response.aclose()
                     raise UpstreamFailed(f"answered {status}", busy=status == 429)
                 if not call.stream or status != 200:
-                    content = await response.aread()
+                    content = await read_whole(response)  # capped: answer_limits.py
                     await response.aclose()
                     if status == 200 and not passthrough:
                         content = adapter.convert_response(call.exchange, content)
