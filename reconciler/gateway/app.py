@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -179,7 +180,7 @@ class Gateway(GatewayCore):
             return as_response(self.routing.unknown_model(requested))
         return JSONResponse({**self._model_card(model), "id": requested, "root": model})
 
-    def _model_card(self, name: str) -> dict:
+    def _model_card(self, name: str) -> dict[str, Any]:
         aliases = sorted(a for a, m in self.table.names.items() if m == name and a != name)
         return {"id": name, "object": "model", "created": int(self.started), "owned_by": "tensorforge",
                 "aliases": aliases}  # fmt: skip

@@ -6,6 +6,7 @@ message), never a traceback. OpenAI's shape is also what backends' errors are fo
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,7 @@ def error_body(message: str, status: int, code: str | None = None) -> dict[str, 
 
 
 def error_response(
-    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+    status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(error_body(message, status, code), status_code=status, headers=headers)
 

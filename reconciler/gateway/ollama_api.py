@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -81,7 +82,7 @@ class OllamaSurface:
     def _refuse(self, status: int, message: str, code: str) -> Response:
         return ollama_error(self.core.metrics.refused(status, message, code))
 
-    async def _read(self, request: Request) -> dict | Response:
+    async def _read(self, request: Request) -> dict[str, Any] | Response:
         """The request's JSON object, read under the same size and time limits as the OpenAI
         endpoints; or the error to answer."""
         g = self.core
@@ -106,7 +107,7 @@ class OllamaSurface:
 
     async def _model(
         self, request: Request, key: str = "model"
-    ) -> tuple[dict, str, str] | Response:
+    ) -> tuple[dict[str, Any], str, str] | Response:
         """(body, requested name, canonical model) of a request naming a served model."""
         native = await self._read(request)
         if isinstance(native, Response):
@@ -178,7 +179,7 @@ class OllamaSurface:
             501, f"/api/{verb} is not available on TensorForge: {management.NOT_HERE[verb]}"
         )
 
-    async def _named(self, request: Request) -> tuple[dict, str] | Response:
+    async def _named(self, request: Request) -> tuple[dict[str, Any], str] | Response:
         """(body, model name) of a request that names a model, registered or not (pull, delete)."""
         native = await self._read(request)
         if isinstance(native, Response):
@@ -204,7 +205,7 @@ class OllamaSurface:
         lines = management.pull_progress(self.core.state, name, spec)
         if native.get("stream", True) is not False:
             return StreamingResponse(lines, media_type="application/x-ndjson")
-        last: dict = {}
+        last: dict[str, Any] = {}
         async for line in lines:
             last = json.loads(line)
         if "error" in last:
@@ -360,7 +361,7 @@ class OllamaSurface:
         await anext(lines)  # started: if the client leaves before streaming, closing cleans up
         return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
 
-    def _missing_capability(self, model: str, translated: Translated, native: dict) -> str | None:
+    def _missing_capability(self, model: str, translated: Translated, native: dict[str, Any]) -> str | None:
         """The first capability the request needs that the model file says it lacks (Ollama
         answers such a request with 400); None when all are there or nothing is known (yet:
         until the file is read, in the background, the backend judges)."""
@@ -420,6 +421,6 @@ def _failed(answer: Answer) -> Response:
     return ollama_error_response(answer.status, "request failed")
 
 
-def ollama_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def ollama_error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     """Ollama's error shape: {"error": "message"}."""
     return JSONResponse({"error": message}, status, headers=headers)

@@ -13,7 +13,8 @@ from reconciler.gateway.asgi import Receive, Scope, Send
 from reconciler.gateway.backend_info import lacks_hint
 from reconciler.gateway.core import GatewayCore
 from reconciler.gateway.errors import GatewayError
-from reconciler.gateway.proxy import JSON, Answer, ProxyCall
+from reconciler.gateway.proxy import JSON, Answer
+from reconciler.gateway.proxy_call import ProxyCall
 from reconciler.gateway.request_body import OPENAI_ENDPOINTS, PASS_THROUGH, BodyTooLarge, read_body
 
 __all__ = ["OPENAI_ENDPOINTS", "PASS_THROUGH", "OpenAIEndpoints", "send_answer", "send_error"]
@@ -109,7 +110,7 @@ class OpenAIEndpoints:
         task = asyncio.current_task()
         assert task is not None
         gone: list[bool] = []
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, task, gone))  # type: ignore[arg-type]
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, task, gone))
         try:
             try:
                 answer = await self.core.proxy.forward(call)

@@ -46,10 +46,10 @@ class ReconcilerStatus:
     def __init__(self, path: Path):
         self.path = path
         self._stamp: tuple[int, int] | None = None
-        self._data: dict = {}
+        self._data: dict[str, Any] = {}
         self.error = ""
 
-    def read(self) -> dict:
+    def read(self) -> dict[str, Any]:
         try:
             stat = self.path.stat()
         except OSError:
@@ -71,13 +71,13 @@ class ReconcilerStatus:
             self._stamp = stamp
         return self._data
 
-    def units(self) -> dict[str, dict]:
+    def units(self) -> dict[str, dict[str, Any]]:
         return {u.get("unit", ""): u for u in self.read().get("units", []) if isinstance(u, dict)}
 
 
 def reconciler_section(
     status: ReconcilerStatus, requests: dict[str, AdminRequest], problems: list[str]
-) -> dict:
+) -> dict[str, Any]:
     """Last pass (time, result) and what is still pending, with why. The status file lists
     every unit with its health and the reason it is not there yet (a wait, a refusal, a
     failed start); a unit not healthy is pending."""
@@ -117,8 +117,8 @@ def reconciler_section(
 
 
 def backend_row(
-    core: GatewayCore, upstream: Upstream, unit: dict, request: AdminRequest | None
-) -> dict:
+    core: GatewayCore, upstream: Upstream, unit: dict[str, Any], request: AdminRequest | None
+) -> dict[str, Any]:
     spec = core.state.backends.get(upstream.name)
     detail = upstream.health_detail
     last_error = None
@@ -156,7 +156,7 @@ def backend_row(
 
 def backends_document(
     core: GatewayCore, status: ReconcilerStatus, requests: dict[str, AdminRequest]
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     units = status.units()
     return [
         backend_row(core, u, units.get(f"backend-{u.name}", {}), requests.get(u.name))
@@ -164,7 +164,7 @@ def backends_document(
     ]
 
 
-def gateway_counters(core: GatewayCore) -> dict:
+def gateway_counters(core: GatewayCore) -> dict[str, Any]:
     """Totals since the gateway started, from its Prometheus registry (one source of truth)."""
     by_status: dict[str, float] = {}
     tokens: dict[str, float] = {}
@@ -230,7 +230,7 @@ class VramEstimates:
 
     def __init__(self) -> None:
         self.known: dict[str, tuple[str, int | None]] = {}  # name -> (spec it was made for, MiB)
-        self._work: asyncio.Task | None = None
+        self._work: asyncio.Task[Any] | None = None
 
     async def get(
         self, core: GatewayCore, names: set[str], wait: float = 1.0
@@ -275,7 +275,7 @@ def _pid_of(ops: OpsState, backend: str) -> int | None:
 def _process_memory(uuid: str) -> dict[int | None, int]:
     """pid -> MiB for the compute processes NVML lists on one GPU ({} without NVML)."""
     try:
-        import pynvml
+        import pynvml  # type: ignore[import-untyped]
 
         handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
         return {
@@ -303,7 +303,7 @@ class ModelCatalog:
         except Exception as exc:  # unreadable, or PostgreSQL down: show the declared models anyway
             return None, f"model registry unavailable: {exc}"
 
-    def rows(self, only: str | None = None) -> tuple[list[dict], str]:
+    def rows(self, only: str | None = None) -> tuple[list[dict[str, Any]], str]:
         state = self.core.state
         registry, problem = self._registry()
         rows = []
@@ -314,7 +314,7 @@ class ModelCatalog:
             rows.append(self._row(name, spec.source, spec.aliases, record))
         return rows, problem
 
-    def _row(self, name: str, source: str, aliases: list[str], record: ModelRecord | None) -> dict:
+    def _row(self, name: str, source: str, aliases: list[str], record: ModelRecord | None) -> dict[str, Any]:
         upstreams = {u.name: u for u in self.core.upstreams()}
         serving = [
             {"backend": b, "healthy": upstreams[b].healthy if b in upstreams else False}

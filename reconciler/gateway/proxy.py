@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -103,7 +104,7 @@ class Proxy:
         self._urls: dict[str, httpx.URL] = {}
         self.observers: list[ProxyObserver] = []
 
-    def _count(self, call: ProxyCall, backend: str, status: str, started: float, usage: dict | None = None) -> None:
+    def _count(self, call: ProxyCall, backend: str, status: str, started: float, usage: dict[str, Any] | None = None) -> None:
         """Count one request's outcome, and tell the observers."""
         self.metrics.count(call.model, backend, status, call.client)
         for observer in self.observers:
@@ -322,7 +323,7 @@ class Proxy:
         # Made on the first chunk that holds "usage" or ends mid-event (before that, every
         # event was whole, so a parser would hold nothing); then fed every chunk.
         usage: EventParser | None = None
-        tokens: dict = {}  # the stream's usage report, for the observers
+        tokens: dict[str, Any] = {}  # the stream's usage report, for the observers
         try:
             yield b""  # the priming step (see _attempt); never reaches the client
             if first:
@@ -375,7 +376,7 @@ class Proxy:
         self._count(call, upstream.name, str(status), started, usage)
 
     def _stream_usage(
-        self, parser: EventParser | None, chunk: bytes, call: ProxyCall, upstream: Upstream, tokens: dict
+        self, parser: EventParser | None, chunk: bytes, call: ProxyCall, upstream: Upstream, tokens: dict[str, Any]
     ) -> EventParser:
         parser = parser or EventParser()
         for data in parser.feed(chunk):
@@ -383,7 +384,7 @@ class Proxy:
                 tokens.update(self._count_usage(data, call, upstream) or {})
         return parser
 
-    def _count_usage(self, document: str | bytes, call: ProxyCall, upstream: Upstream) -> dict | None:
+    def _count_usage(self, document: str | bytes, call: ProxyCall, upstream: Upstream) -> dict[str, Any] | None:
         """Tokens from an answer's (or a stream event's) OpenAI `usage` object, if it has one."""
         try:
             usage = json.loads(document).get("usage")

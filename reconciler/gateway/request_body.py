@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from reconciler.gateway.asgi import Receive
 
@@ -37,7 +38,7 @@ async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def parse_json(raw: bytes) -> dict | tuple[str, str]:
+def parse_json(raw: bytes) -> dict[str, Any] | tuple[str, str]:
     """The request as a dict, or (what is wrong with it, error code)."""
     try:
         body = json.loads(raw)
@@ -50,11 +51,11 @@ def parse_json(raw: bytes) -> dict | tuple[str, str]:
     return body
 
 
-def _is_count(value) -> bool:
+def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _strings(value, allow_tokens: bool = False) -> bool:
+def _strings(value: object, allow_tokens: bool = False) -> bool:
     if isinstance(value, str):
         return True
     if not isinstance(value, list):
@@ -70,14 +71,14 @@ def _strings(value, allow_tokens: bool = False) -> bool:
     return True
 
 
-def _image_ok(part: dict) -> bool:
+def _image_ok(part: dict[str, Any]) -> bool:
     if "image_url" not in part:
         return True
     image = part["image_url"]
     return isinstance(image, dict) and isinstance(image.get("url"), str)
 
 
-def check_fields(endpoint: str, body: dict) -> tuple[str, str] | None:
+def check_fields(endpoint: str, body: dict[str, Any]) -> tuple[str, str] | None:
     """(what is wrong, error code) for the fields the gateway or an adapter reads, else None.
     Everything else is the backend's to judge. A max_tokens larger than the context is not
     wrong: routing clamps it to what fits (selection.py)."""
@@ -105,7 +106,7 @@ def check_fields(endpoint: str, body: dict) -> tuple[str, str] | None:
             parts_ok = isinstance(content, list) and all(isinstance(p, dict) for p in content)
             if content is not None and not isinstance(content, str) and not parts_ok:
                 return "a message's 'content' must be a string, a list of parts or null", "invalid_messages"
-            if parts_ok and not all(_image_ok(p) for p in content):
+            if parts_ok and not all(_image_ok(p) for p in content or ()):
                 return "a content part's 'image_url' must be an object with a string 'url'", "invalid_messages"
     elif endpoint == "/v1/completions":
         if not _strings(body.get("prompt"), allow_tokens=True):

@@ -16,7 +16,7 @@ import httpx
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.errors import GatewayError
 from reconciler.gateway.metrics import GatewayMetrics
-from reconciler.gateway.proxy import ProxyCall
+from reconciler.gateway.proxy_call import ProxyCall
 from reconciler.gateway.request_body import check_fields, parse_json
 from reconciler.gateway.request_id import trace_headers
 from reconciler.gateway.router import Router, RoutingTable, Upstream
@@ -44,7 +44,7 @@ NO_CONTEXT = frozenset(("/tokenize", "/detokenize"))  # they generate nothing
 @dataclass(frozen=True)
 class Routed:
     endpoint: str
-    body: dict
+    body: dict[str, Any]
     raw: bytes  # the body to send: re-serialized only when the gateway changed it
     model: str  # canonical model
     requested: str  # what names the answer: the client's name, or the chosen model for `auto`
@@ -158,7 +158,7 @@ class Routing:
         return body, model
 
 
-def auto_model(table: RoutingTable, endpoint: str, body: dict) -> str | None:
+def auto_model(table: RoutingTable, endpoint: str, body: dict[str, Any]) -> str | None:
     """For callers that cannot wait for a tokenizer (the WebSocket's parse_request): the model
     `auto` picks by the estimate alone; None when no backend can answer."""
     needs = request_needs(endpoint, body)
@@ -173,7 +173,7 @@ async def count_tokens(client: httpx.AsyncClient, needs: Needs, pool: list[Upstr
         if "tokenize" not in upstream.capabilities or not upstream.healthy:
             continue
         if upstream.kind == "vllm":
-            request: dict = {"model": upstream.served_name, "prompt": needs.text}
+            request: dict[str, Any] = {"model": upstream.served_name, "prompt": needs.text}
         else:
             request = {"content": needs.text, "add_special": True}
         try:

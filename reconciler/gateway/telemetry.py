@@ -66,7 +66,7 @@ class RecentRequests:
         while self.done and self.done[0][0] < horizon:
             self.done.popleft()
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         self._trim()
         durations = sorted(d for _, d, _ in self.done)
 
@@ -114,7 +114,7 @@ class Telemetry:
         self.queue_events = queue_events
         self.subscribers: set[Subscriber] = set()
         self.recent = RecentRequests()
-        self._states: dict[str, tuple] = {}
+        self._states: dict[str, tuple[Any, ...]] = {}
         self._pass: Any = None
 
     # -- publishing ------------------------------------------------------------------------
@@ -131,7 +131,7 @@ class Telemetry:
         pass
 
     def completed(
-        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict | None
+        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict[str, Any] | None
     ) -> None:
         self.recent.add(seconds, status.startswith("2"))
         if self.subscribers:
@@ -143,7 +143,7 @@ class Telemetry:
             })  # fmt: skip
 
     # -- watching ---------------------------------------------------------------------------
-    def backend_changes(self) -> list[dict]:
+    def backend_changes(self) -> list[dict[str, Any]]:
         """Rows of backends whose health, routing or reconciler state changed since last call."""
         ops = self.ops
         changed = []
@@ -158,7 +158,7 @@ class Telemetry:
             del self._states[gone]
         return changed
 
-    def reconcile_change(self) -> dict | None:
+    def reconcile_change(self) -> dict[str, Any] | None:
         """The reconciler section when a pass changed what the status file says."""
         ops = self.ops
         data = ops.status.read()
@@ -240,7 +240,7 @@ class Telemetry:
             subscriber.ready.set()
 
 
-async def pump(subscriber: Subscriber, send: Callable[[str], Awaitable[None]], reader: asyncio.Task) -> None:
+async def pump(subscriber: Subscriber, send: Callable[[str], Awaitable[None]], reader: asyncio.Task[Any]) -> None:
     """Send what the subscriber's queue holds, as fast as the client takes it, until `reader`
     ends (the client left). While a send waits on a slow client, new events replace the oldest
     queued; the client is told how many it lost before the next ones."""
@@ -257,7 +257,7 @@ async def pump(subscriber: Subscriber, send: Callable[[str], Awaitable[None]], r
             await send(subscriber.queue.popleft())
 
 
-def subscribe(subscriber: Subscriber, text: str | None) -> dict:
+def subscribe(subscriber: Subscriber, text: str | None) -> dict[str, Any]:
     """Apply a {"subscribe": [...]} message; the answer says what is now sent, or what was wrong."""
     try:
         message = json.loads(text or "")

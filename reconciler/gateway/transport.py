@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httptools
 import httpx
@@ -214,7 +215,7 @@ class _Body(httpx.AsyncByteStream):
             self.connection.close()  # abandoned mid-answer: closing tells the backend to stop
 
 
-def _expire(future: asyncio.Future) -> None:
+def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_exception(httpx.ReadTimeout("backend sent nothing within the idle timeout"))
 
@@ -232,7 +233,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         else:
             connection.close()
 
-    async def _get(self, key: tuple[str, int], timeouts: dict) -> tuple[_Connection, bool]:
+    async def _get(self, key: tuple[str, int], timeouts: dict[str, Any]) -> tuple[_Connection, bool]:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:

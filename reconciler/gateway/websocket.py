@@ -21,7 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.core import GatewayCore
 from reconciler.gateway.errors import GatewayError
-from reconciler.gateway.proxy import ProxyCall
+from reconciler.gateway.proxy_call import ProxyCall
 from reconciler.gateway.request_body import OPENAI_ENDPOINTS
 from reconciler.gateway.sse import iter_events
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 from starlette.requests import Request
@@ -20,9 +21,9 @@ FACTS_SECONDS = 30.0  # how long a model's facts are reused before the registry 
 class ModelListing:
     def __init__(self, core: GatewayCore):
         self.core = core
-        self._facts: dict[str, tuple[float, asyncio.Future]] = {}  # model -> (started, result)
+        self._facts: dict[str, tuple[float, asyncio.Future[Any]]] = {}  # model -> (started, result)
 
-    def _lookup(self, model: str) -> asyncio.Future:
+    def _lookup(self, model: str) -> asyncio.Future[Any]:
         """The model's facts, read in a thread once and shared by every caller; read again
         once FACTS_SECONDS old (the file's GGUF parse itself is cached per file version)."""
         now = time.monotonic()
@@ -72,7 +73,7 @@ class ModelListing:
             out.append({**entry, **(await self._held_by_ollama(model, "/api/ps") or {})})
         return JSONResponse({"models": out})
 
-    async def _held_by_ollama(self, model: str, path: str) -> dict | None:
+    async def _held_by_ollama(self, model: str, path: str) -> dict[str, Any] | None:
         """For a model Ollama backends hold (no file here): the first healthy backend's own
         /api/tags or /api/ps entry for it (size, digest, times, details, memory), named as
         the gateway names it."""
