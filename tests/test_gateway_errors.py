@@ -108,3 +108,5 @@ def test_a_websocket_connection_checks_its_key_once(gateway, monkeypatch):
                 break
             time.sleep(0.2)
         assert answer["error"]["code"] == "invalid_api_key"
+        ws.send(json.dumps({"id": "again", "body": {"model": "smollm2", "messages": MESSAGES}}))
+        assert json.loads(ws.recv(timeout=10))["status"] == 401  # and stays refused

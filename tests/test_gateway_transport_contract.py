@@ -69,6 +69,12 @@ async def _backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
                 await writer.drain()
+            elif mode == "headers":  # many headers, each short enough on its own
+                writer.write(b"HTTP/1.1 200 OK\r\n")
+                for i in range(100_000):
+                    writer.write(b"X-Pad-%d: %s\r\n" % (i, b"a" * 4000))
+                    await writer.drain()
+                    state["sent"] += 4000
             elif mode == "flood":  # a stream far faster than its reader, ended by the close
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
                 event = b'data: "' + b"x" * 65_000 + b'"\n\n'
@@ -138,6 +144,26 @@ def test_an_answer_over_the_limit_is_refused_alike_over_http_and_https(backend, 
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=20)
         assert r.status_code == 502, r.text[:300]
         assert f"larger than {ANSWER_LIMIT} bytes" in r.json()["error"]["message"]
+        assert app.table.upstreams["b1"].in_flight == 0
+
+
+def test_an_endless_response_head_is_a_502_over_http_and_https(backend):
+    """A head the transport refuses (the lean one past 64 KiB, aiohttp past its header count)
+    is the backend's failure on both: a 502 naming the headers, never the gateway's own 500
+    (aiohttp's refusal escaped httpx-aiohttp unmapped: secure_transport.py), and the backend's
+    slot is given back. Over http the connection is cut at once; over TLS asyncio's graceful
+    close goes on reading (and dropping) what the backend sends until it stops or
+    ssl_shutdown_timeout passes, so the bytes sent are bounded only on http."""
+    url, state = backend
+    port = free_port()
+    app = create_app(fleet_state({"b1": url}))
+    with serve(app, port):
+        state["mode"] = "headers"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=20)
+        assert r.status_code == 502, r.text[:300]
+        assert "header" in r.json()["error"]["message"]
+        if url.startswith("http:"):
+            assert state["sent"] < 16 * 2**20
         assert app.table.upstreams["b1"].in_flight == 0
 
 

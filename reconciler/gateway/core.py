@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterable
 
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from reconciler.config.schema import DesiredState, GatewaySpec
 from reconciler.drain import drain_dir
@@ -26,6 +25,7 @@ from reconciler.gateway.metrics import GatewayMetrics
 from reconciler.gateway.proxy import Proxy
 from reconciler.gateway.routed import Routing
 from reconciler.gateway.router import Router, RoutingTable, Upstream
+from reconciler.gateway.secure_transport import SecureTransport
 from reconciler.gateway.slots import SlotWatch
 from reconciler.gateway.transport import LeanTransport
 from reconciler.gpu.inventory import GpuInventory, NvmlInventory
@@ -46,7 +46,7 @@ def make_transports(spec: GatewaySpec) -> dict[str, httpx.AsyncBaseTransport]:
     are held to the same answer limits by the proxy (reconciler/gateway/answer_limits.py).
     A private CA for https backends: SSL_CERT_FILE (read by this and by the probes' client)."""
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256, keepalive_expiry=15)
-    secure = AiohttpTransport(limits=limits)
+    secure = SecureTransport(limits=limits)
     if os.environ.get("TF_GATEWAY_TRANSPORT") == "aiohttp":
         return {"http": secure, "https": secure}
     return {"http": LeanTransport(spec.connect_timeout), "https": secure}

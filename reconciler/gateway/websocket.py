@@ -251,6 +251,7 @@ class Session:
         (a revoked key stops working on open connections too)."""
         keys = self.core.keys
         if keys.enabled and keys.generation != self.keys_seen:
-            self.keys_seen = keys.generation
-            self.key = self.core.admission.identify(self.ws.headers.get("authorization"))
+            generation = keys.generation
+            self.key = self.core.admission.identify(self.ws.headers.get("authorization"))  # raises if revoked
+            self.keys_seen = generation  # only once it passed: a revoked key stays refused
         return self.key
