@@ -21,7 +21,7 @@ from reconciler.backends.health import Health, serves_model
 from reconciler.config.schema import BackendSpec, ModelSpec
 from reconciler.gateway.adapters import adapter_for
 from reconciler.gateway.app import create_app
-from reconciler.gateway.proxy import openai_error
+from reconciler.gateway.errors import openai_error
 from reconciler.gateway.stream_usage import strip_usage
 from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 from reconciler.models.pull import pull_model

@@ -1,5 +1,6 @@
 """Limits on what a backend can make the gateway hold: response heads (transport), whole
-non-streamed answers (transport), and unterminated SSE events / NDJSON lines (sse)."""
+non-streamed answers (answer_limits, above the transport), and unterminated SSE events /
+NDJSON lines (sse)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import httpx
 import pytest
 from conftest import free_port
 
-from reconciler.gateway import sse, transport
+from reconciler.gateway import answer_limits, sse
+from reconciler.gateway.answer_limits import read_whole
 from reconciler.gateway.app import create_app
 from reconciler.gateway.sse import EventParser, LineParser
 from reconciler.gateway.testing import fleet_state, serve
@@ -119,17 +121,19 @@ def test_endless_response_headers_fail_fast_with_502(evil_backend, mode):
 
 
 def test_whole_answer_over_the_body_cap_fails(evil_backend, monkeypatch):
-    """A non-streamed answer is held whole in memory: past MAX_BODY_BYTES the transport's
-    `aread` fails with RemoteProtocolError (the proxy's 502) instead of buffering on, while
-    streamed reads of the same answer are not capped (the relay holds one chunk at a time)."""
+    """A non-streamed answer is held whole in memory: past MAX_ANSWER_BYTES the proxy's
+    `read_whole` fails with RemoteProtocolError (the proxy's 502) instead of buffering on, while
+    streamed reads of the same answer are not capped (the relay holds one chunk at a time).
+    The same limit over https: tests/test_gateway_transport_contract.py."""
     url, set_mode = evil_backend
     set_mode("body")
-    monkeypatch.setattr(transport, "MAX_BODY_BYTES", 256 * 1024)
+    monkeypatch.setattr(answer_limits, "MAX_ANSWER_BYTES", 256 * 1024)
 
     async def main():
         async with httpx.AsyncClient(transport=LeanTransport(), timeout=10) as client:
-            with pytest.raises(httpx.RemoteProtocolError, match="larger than"):
-                await client.post(url + "/v1/chat/completions", json=CHAT)
+            async with client.stream("POST", url + "/v1/chat/completions", json=CHAT) as r:
+                with pytest.raises(httpx.RemoteProtocolError, match="larger than"):
+                    await read_whole(r)
             async with client.stream("POST", url + "/v1/chat/completions", json=CHAT) as r:
                 assert sum([len(c) async for c in r.aiter_raw()]) == 300_000
 

@@ -1,57 +1,40 @@
-"""The gateway application: an app factory, the small endpoints, admission (keys, limits),
-and nothing at module level that a second gateway in the same process could trip over."""
+"""The gateway application: the core (core.py: admission, routing, proxy, watchers) with the
+surfaces on top (OpenAI, Ollama, WebSocket, operations, and the small endpoints here), the
+key check in front, an app factory; nothing at module level that a second gateway in the
+same process could trip over. This module only assembles: nothing imports it but callers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
-import os
-import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
-from httpx_aiohttp import AiohttpTransport
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from reconciler.config.schema import DesiredState, GatewaySpec
-from reconciler.drain import drain_dir
-from reconciler.gateway.auth import ApiKeys, with_api_key_header
-from reconciler.gateway.backend_info import request_context
+from reconciler.config.schema import DesiredState
+from reconciler.gateway.asgi import Receive, Scope, Send
+from reconciler.gateway.auth import with_api_key_header
+from reconciler.gateway.core import GatewayCore, context_limits, make_transports, upstream_timeout
 from reconciler.gateway.cors import with_cors
-from reconciler.gateway.errors import error_response
-from reconciler.gateway.gpu_headroom import GpuHeadroom
-from reconciler.gateway.health import HealthMonitor
-from reconciler.gateway.limits import ConcurrencyLimiter
-from reconciler.gateway.load import LoadScraper
-from reconciler.gateway.metrics import GatewayMetrics
-from reconciler.gateway.ollama_api import OllamaSurface, ollama_error_response
-from reconciler.gateway.openai_api import (
-    OPENAI_ENDPOINTS,
-    OpenAIEndpoints,
-    check_fields,
-    parse_json,
-)
+from reconciler.gateway.errors import GatewayError, error_response
+from reconciler.gateway.ollama_api import OllamaSurface, ollama_error, ollama_error_response
+from reconciler.gateway.openai_api import OPENAI_ENDPOINTS, OpenAIEndpoints
 from reconciler.gateway.openapi import openapi_document
 from reconciler.gateway.ops_api import OpsSurface
-from reconciler.gateway.proxy import Answer, Proxy, error_answer
 from reconciler.gateway.reload import StateWatcher
 from reconciler.gateway.request_id import with_request_id
-from reconciler.gateway.routed import Routed, auto_model, route_request
-from reconciler.gateway.router import Router, RoutingTable
-from reconciler.gateway.slots import SlotWatch
-from reconciler.gateway.transport import LeanTransport
-from reconciler.gateway.websocket import websocket_endpoint
-from reconciler.gpu.inventory import GpuInventory, NvmlInventory
-from reconciler.monitoring.gpu_exporter import placement_from_state
-from reconciler.paths import state_dir
+from reconciler.gateway.websocket import WEBSOCKET_PATH, websocket_endpoint
+from reconciler.gpu.inventory import GpuInventory
 
+__all__ = ["Gateway", "context_limits", "create_app", "make_transports", "upstream_timeout"]
 log = logging.getLogger(__name__)
 STARTUP_HEALTH_WAIT = 1.0  # serve after this long even if a backend's probe hangs
 KEYS_POLL_SECONDS = 1.0
@@ -60,24 +43,7 @@ KEYS_POLL_SECONDS = 1.0
 PUBLIC_PATHS = frozenset(("/health",))  # /metrics too needs a key: Prometheus sends one
 
 
-def upstream_timeout(spec: GatewaySpec) -> httpx.Timeout:
-    return httpx.Timeout(
-        connect=spec.connect_timeout, read=spec.idle_timeout, write=spec.idle_timeout, pool=spec.connect_timeout
-    )
-
-
-def make_transports(spec: GatewaySpec) -> dict[str, httpx.AsyncBaseTransport]:
-    """Per URL scheme. Plain http (local and LAN backends) gets the lean transport; https gets
-    httpx-aiohttp's, which stays fast with many connections (httpx's own pool was measured
-    to degrade at concurrency 64). TF_GATEWAY_TRANSPORT=aiohttp uses it for http too."""
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256, keepalive_expiry=15)
-    secure = AiohttpTransport(limits=limits)
-    if os.environ.get("TF_GATEWAY_TRANSPORT") == "aiohttp":
-        return {"http": secure, "https": secure}
-    return {"http": LeanTransport(spec.connect_timeout), "https": secure}
-
-
-class Gateway:
+class Gateway(GatewayCore):
     """Everything one gateway instance owns. It is itself the ASGI app: the OpenAI endpoints
     are dispatched directly, everything else goes through Starlette."""
 
@@ -88,39 +54,11 @@ class Gateway:
         config_path: str | None = None,
         gpus: GpuInventory | None = None,
     ):
-        self.state = state
-        self.spec = state.gateway
-        self.context_limits = context_limits(state)
-        self.affinity_header = self.spec.routing.affinity_header.lower().encode()
-        self.metrics = GatewayMetrics()
-        self.keys = ApiKeys(self.spec.api_keys_file)
-        self.key_limits = ConcurrencyLimiter(self.spec.max_concurrency_per_key)
-        self.router = Router(
-            RoutingTable.from_state(state), self.spec.routing.strategy, self.spec.routing.load_threshold
-        )
-        self.transports = transports or make_transports(self.spec)
-        # Probes get a plain httpx client of their own: exact error types ("connection
-        # refused"), and no competition with requests for the proxy's connections.
-        self.probe_client = httpx.AsyncClient(timeout=upstream_timeout(self.spec))
-        self.slot_watch = SlotWatch(self.probe_client)  # slots left busy by cancelled requests
-        self.proxy = Proxy(
-            self.transports, upstream_timeout(self.spec), self.router, self.metrics, self.spec.first_byte_timeout,
-            self.slot_watch,
-        )  # fmt: skip
-        self.health = HealthMonitor(
-            self.probe_client, self.spec.health_interval, self.upstreams,
-            drain_dir=drain_dir(state_dir(state.state_dir)),  # see reconciler/drain.py
-        )  # fmt: skip
-        self.load = LoadScraper(self.probe_client, self.spec.health_interval, self.upstreams)
-        self.status_file = state_dir(state.state_dir) / "status.json"
-        self.gpu_headroom = GpuHeadroom(
-            gpus if gpus is not None else NvmlInventory(), self.local_placement, self.spec.health_interval, self.upstreams
-        )
+        super().__init__(state, transports, gpus)
         self.watcher = StateWatcher(config_path, self.apply_state) if config_path else None
         self.openai = OpenAIEndpoints(self)
         self.ollama = OllamaSurface(self)
         self.ops = OpsSurface(self)  # /status, /vram, /backends, /models, /ws, /ui (docs/operations.md)
-        self.started = time.time()
         self.app = Starlette(
             routes=[
                 Route("/health", self.health_endpoint, methods=["GET"]),
@@ -129,7 +67,7 @@ class Gateway:
                 # Hub-style ids hold slashes (Qwen/Qwen3-235B): take the rest of the path.
                 Route("/v1/models/{model:path}", self.model_endpoint, methods=["GET"]),
                 Route("/openapi.json", self.openapi_endpoint, methods=["GET"]),
-                WebSocketRoute("/v1/ws", websocket_endpoint(self)),
+                WebSocketRoute(WEBSOCKET_PATH, websocket_endpoint(self)),
                 *self.ollama.routes(),
                 *self.ops.routes(),
             ],
@@ -139,54 +77,36 @@ class Gateway:
         self.app.state.gateway = self
         self._entry = with_cors(with_request_id(self._dispatch), self.spec.cors)
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
 
-    async def _dispatch(self, scope, receive, send) -> None:
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.keys.enabled and scope["type"] in ("http", "websocket"):
             scope = with_api_key_header(scope)  # X-API-Key counts as 'Authorization: Bearer'
         if scope["type"] == "http" and scope["path"] in OPENAI_ENDPOINTS and scope["method"] == "POST":
             await self.openai(scope, receive, send)  # admits (and holds) the key itself
             return
         if (self.keys.enabled and scope["type"] in ("http", "websocket") and scope["path"] not in PUBLIC_PATHS
+                and not (scope["type"] == "websocket" and scope["path"] == WEBSOCKET_PATH)  # checks it itself
                 and not self.ops.admits(scope)):  # fmt: skip
             # Every other path, known or not, needs a key: a route added later cannot be open
             # by accident, and an unknown path tells a stranger nothing.
-            _, refusal = self.admit(dict(scope["headers"]).get(b"authorization"), hold=False)
-            if refusal is not None:
+            try:
+                self.admission.identify(dict(scope["headers"]).get(b"authorization"))
+            except GatewayError as refusal:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 4401, "reason": "missing or invalid API key"})
-                    return
-                if scope["path"].startswith("/api/"):  # Ollama's error shape
-                    refusal.body = json.dumps({"error": json.loads(refusal.body)["error"]["message"]}).encode()
-                await as_response(refusal)(scope, receive, send)
+                elif scope["path"].startswith("/api/"):
+                    await ollama_error(refusal)(scope, receive, send)
+                else:
+                    await as_response(refusal)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def local_placement(self) -> dict[int, list[str]]:
-        """GPU index -> backends this host runs on it (the reconciler's status file, pinned
-        `gpu_ids`); a backend declared by URL runs elsewhere, on GPUs this host cannot see."""
-        local = {name for name, b in self.state.backends.items() if b.managed}
-        placed = placement_from_state(self.state, self.status_file)()
-        return {index: [n for n in names if n in local] for index, names in placed.items()}
-
-    @property
-    def table(self) -> RoutingTable:
-        return self.router.table
-
-    def upstreams(self):
-        return self.router.table.upstreams.values()
-
     def apply_state(self, state: DesiredState) -> None:
         """Swap in the routes of a new desired state; streams already open keep going."""
-        self.router.table = RoutingTable.from_state(state, previous=self.router.table)
-        self.router.strategy = state.gateway.routing.strategy
-        self.router.load_threshold = state.gateway.routing.load_threshold
-        self.context_limits = context_limits(state)
-        self.state = state
-        self.spec = state.gateway
+        super().apply_state(state)
         self._entry = with_cors(with_request_id(self._dispatch), self.spec.cors)
-        asyncio.get_running_loop().create_task(self.health.check_all())
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -205,10 +125,7 @@ class Gateway:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.slot_watch.close()
-            await self.probe_client.aclose()
-            for transport in set(self.transports.values()):
-                await transport.aclose()
+            await self.close()
             await self.ops.close()  # publishes what NATS events are still queued
 
     async def _watch_keys(self) -> None:
@@ -219,70 +136,6 @@ class Gateway:
                 self.keys.reload_if_changed()
             except Exception:  # keep watching: a revoked key must stop working once the file is fixed
                 log.exception("reading %s failed; keeping the last good keys", self.keys.path)
-
-    # -- admission -------------------------------------------------------------------------
-    def reject(self, status: int, message: str, code: str, retry_after: str | None = None) -> Answer:
-        self.metrics.rejected.labels(code).inc()
-        return error_answer(status, message, code, retry_after)
-
-    def unknown_model(self, requested: object) -> Answer:
-        """404 naming what is served, so the client can fix the name."""
-        known = ", ".join(sorted(self.table.names)) or "none"
-        return self.reject(404, f"model {requested!r} not found; known models: {known}", "model_not_found")
-
-    def admit(
-        self, authorization: bytes | str | None, hold: bool = True
-    ) -> tuple[str | None, Answer | None]:
-        """(key identity to release later, refusal or None); `hold` takes one of the key's
-        concurrent-request slots."""
-        if not self.keys.enabled:
-            return None, None
-        if isinstance(authorization, bytes):
-            authorization = authorization.decode("latin-1")
-        key = self.keys.identify(authorization)
-        if key is None:
-            return None, self.reject(
-                401, "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                "invalid_api_key",
-            )
-        if hold and not self.key_limits.try_acquire(key):
-            return None, self.reject(
-                429, f"this API key already has {self.key_limits.limit} requests open; retry shortly",
-                "key_concurrency_limit", retry_after="1",
-            )  # fmt: skip
-        return (key if hold else None), None
-
-    def release_key(self, key: str | None) -> None:
-        if key is not None:
-            self.key_limits.release(key)
-
-    async def route(self, raw: bytes, endpoint: str, headers: dict[bytes, bytes]) -> Routed | Answer:
-        """The request checked, its backends chosen (by name, or by its needs for `auto` and
-        the names mapped to it) and its max_tokens clamped to what fits; or the error answer."""
-        return await route_request(self, raw, endpoint, headers)
-
-    def parse_request(self, raw: bytes, endpoint: str | None = None) -> tuple[dict, str] | Answer:
-        """(body, canonical model) or the error answer for a bad request. With `endpoint`,
-        the fields the gateway and its adapters read are checked too: a malformed request is
-        the client's 400, never a backend failure. `auto` and placeholders choose by the
-        estimate only (no tokenizer call, no clamping): `route` is the full path."""
-        body = parse_json(raw)
-        if isinstance(body, tuple):
-            return self.reject(400, *body)
-        requested = body.get("model")
-        if not isinstance(requested, str) or not requested:
-            return self.reject(400, "'model' is required and must be a string", "missing_model")
-        resolution = self.table.resolve_request(requested)
-        if resolution is None:
-            return self.unknown_model(requested)
-        model = resolution.model or auto_model(self.table, endpoint or "/v1/chat/completions", body)
-        if model is None:
-            return self.reject(503, f"auto ({requested!r}): no backend can answer this request", "no_healthy_backend")
-        if endpoint is not None:
-            problem = check_fields(endpoint, body)
-            if problem is not None:
-                return self.reject(400, *problem)
-        return body, model
 
     # -- small endpoints -------------------------------------------------------------------
     async def health_endpoint(self, request: Request) -> Response:
@@ -308,24 +161,26 @@ class Gateway:
         return Response(self.metrics.render(self.upstreams()), media_type="text/plain; version=0.0.4")
 
     async def models_endpoint(self, request: Request) -> Response:
-        _, refusal = self.admit(request.headers.get("authorization"), hold=False)
-        if refusal is not None:
+        try:
+            self.admission.identify(request.headers.get("authorization"))
+        except GatewayError as refusal:
             return as_response(refusal)
         cards = [self._model_card(n) for n in self.table.served_models()]
         return JSONResponse({"object": "list", "data": cards, "routing": self.table.describe()})
 
     async def model_endpoint(self, request: Request) -> Response:
         """OpenAI's "retrieve model" (`client.models.retrieve`): a served name or an alias."""
-        _, refusal = self.admit(request.headers.get("authorization"), hold=False)
-        if refusal is not None:
+        try:
+            self.admission.identify(request.headers.get("authorization"))
+        except GatewayError as refusal:
             return as_response(refusal)
         requested = request.path_params["model"]
         model = self.router.resolve(requested)
         if model is None:
-            return as_response(self.unknown_model(requested))
+            return as_response(self.routing.unknown_model(requested))
         return JSONResponse({**self._model_card(model), "id": requested, "root": model})
 
-    def _model_card(self, name: str) -> dict:
+    def _model_card(self, name: str) -> dict[str, Any]:
         aliases = sorted(a for a, m in self.table.names.items() if m == name and a != name)
         return {"id": name, "object": "model", "created": int(self.started), "owned_by": "tensorforge",
                 "aliases": aliases}  # fmt: skip
@@ -365,24 +220,9 @@ def _trusted_for_detail(gateway: Gateway, request: Request) -> bool:
     return gateway.keys.identify(request.headers.get("authorization")) is not None
 
 
-def as_response(answer: Answer) -> Response:
-    headers = {"retry-after": answer.retry_after} if answer.retry_after else None
-    return Response(answer.body, answer.status, headers=headers, media_type=answer.content_type.decode())
-
-
-def context_limits(state: DesiredState) -> dict[str, int]:
-    """Per model, the most tokens one request can have (backend_info.request_context: each
-    kind's own rule), the largest among the model's backends. A backend running elsewhere
-    (`url`) without a declared context_size makes the model's limit unknown (the backend judges)."""
-    limits: dict[str, int] = {}
-    unknown: set[str] = set()
-    for backend in state.backends.values():
-        per_request = request_context(backend)
-        if per_request is None:
-            unknown.add(backend.model)
-            continue
-        limits[backend.model] = max(limits.get(backend.model, 0), per_request)
-    return {model: limit for model, limit in limits.items() if model not in unknown}
+def as_response(error: GatewayError) -> Response:
+    headers = {"retry-after": error.retry_after} if error.retry_after else None
+    return Response(error.openai_json(), error.status, headers=headers, media_type="application/json")
 
 
 def create_app(

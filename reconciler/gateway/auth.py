@@ -19,6 +19,8 @@ import os
 import re
 from pathlib import Path
 
+from reconciler.gateway.asgi import Scope
+
 log = logging.getLogger(__name__)
 _DIGEST = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -33,6 +35,7 @@ class ApiKeys:
         self.path = Path(path) if path else None
         self._digests: list[tuple[bytes, str]] = []  # (sha256 digest, client name)
         self._stamp: tuple[int, int] | None = None
+        self.generation = 0  # counts loads: who checked a key once knows when to look again
         if self.path is not None:
             self.load()
 
@@ -56,8 +59,8 @@ class ApiKeys:
                 f"gateway.api_keys_file: {self.path} line {line}: not UTF-8 text; save it as UTF-8"
             ) from None
         digests = []
-        for number, line in enumerate(text.splitlines(), 1):
-            fields = line.split()
+        for number, text_line in enumerate(text.splitlines(), 1):
+            fields = text_line.split()
             comment = next((i for i, f in enumerate(fields) if f.startswith("#")), len(fields))
             fields = fields[:comment]  # a '#' inside a key is part of the key
             if not fields:
@@ -65,6 +68,7 @@ class ApiKeys:
             digests.append(self._parse(fields, number))
         self._digests = digests
         self._stamp = (stat.st_mtime_ns, stat.st_size)
+        self.generation += 1
         log.info("loaded %d API key(s) from %s", len(digests), self.path)
 
     def _parse(self, fields: list[str], number: int) -> tuple[bytes, str]:
@@ -117,7 +121,7 @@ class ApiKeys:
         return match
 
 
-def with_api_key_header(scope: dict) -> dict:
+def with_api_key_header(scope: Scope) -> Scope:
     """`scope` with `X-API-Key: K` presented as `Authorization: Bearer K` (the earlier ML
     Offload API's clients send it): same checks, same per-key limits, one code path. It wins
     over an Authorization header: SDKs send a placeholder bearer when given a custom header."""

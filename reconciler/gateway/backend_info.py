@@ -9,6 +9,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reconciler.backends.registry import GENERIC_PROTOCOL, KINDS, kind_of
 from reconciler.config.schema import BackendSpec, DesiredState
@@ -63,7 +64,7 @@ def backend_capabilities(name: str, state: DesiredState) -> frozenset[str]:
     return frozenset(found)
 
 
-def gguf_metadata(model: str, state: DesiredState) -> dict | None:
+def gguf_metadata(model: str, state: DesiredState) -> dict[str, Any] | None:
     """The capability-relevant key/values of a model's GGUF file, None when it is not here
     (remote backend, not pulled yet): then the kind's defaults apply."""
     from reconciler.models.pull import local_path
@@ -79,7 +80,7 @@ def gguf_metadata(model: str, state: DesiredState) -> dict | None:
     return read_metadata(Path(path))
 
 
-def read_metadata(path: Path) -> dict | None:
+def read_metadata(path: Path) -> dict[str, Any] | None:
     """The capability keys of a GGUF file's header, read without the tensor table (gguf's
     GGUFReader parses all of it: 10 s for SmolLM2 on a busy host; this takes milliseconds).
     Every length is checked against the file, so a corrupt file is a warning, not a hang."""
@@ -95,11 +96,12 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 
 
-def _header_values(data: mmap.mmap) -> dict:
+def _header_values(data: mmap.mmap) -> dict[str, Any]:
     if data[:4] != b"GGUF":
         raise ValueError("not a GGUF file")
     _, _, count = struct.unpack_from("<IQQ", data, 4)
-    at, found = 24, {}
+    at = 24
+    found: dict[str, Any] = {}
 
     def string(at: int) -> tuple[bytes, int]:
         (n,) = struct.unpack_from("<Q", data, at)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from starlette.middleware.cors import CORSMiddleware
 
 from reconciler.config.schema import CorsSpec
+from reconciler.gateway.asgi import ASGIApp, Receive, Scope, Send
 
 NOT_FOR_BROWSERS = frozenset(("/metrics",))
 # Headers a browser client may read: what the gateway chose and why, and the request id.
@@ -14,7 +15,7 @@ EXPOSED = ["x-tensorforge-backend", "x-tensorforge-route", "x-tensorforge-max-to
            "x-backend-request-id", "retry-after"]  # fmt: skip
 
 
-def with_cors(app, spec: CorsSpec):
+def with_cors(app: ASGIApp, spec: CorsSpec) -> ASGIApp:
     """`app` wrapped for `spec`; `app` itself when no origin is allowed (no cost per request)."""
     if not spec.allow_origins:
         return app
@@ -23,7 +24,7 @@ def with_cors(app, spec: CorsSpec):
         allow_headers=["*"], expose_headers=EXPOSED, max_age=600,
     )  # fmt: skip
 
-    async def entry(scope, receive, send) -> None:
+    async def entry(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in NOT_FOR_BROWSERS:
             await cors(scope, receive, send)
         else:

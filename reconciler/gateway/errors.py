@@ -1,8 +1,14 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "code"}}, never a traceback."""
+"""The gateway's one error type, `GatewayError`: raised by the lower layers (admission,
+request checks, routing, proxying) and rendered by each surface in its own shape (OpenAI's
+{"error": {"message", "type", "param", "code"}}, Ollama's {"error": "..."}, a WebSocket
+message), never a traceback. OpenAI's shape is also what backends' errors are folded into."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.responses import JSONResponse
 
@@ -19,19 +25,39 @@ STATUS_TYPES = {
 }
 
 
-def error_body(message: str, status: int, code: str | None = None) -> dict:
-    return {
-        "error": {
-            "message": message,
-            "type": STATUS_TYPES.get(status, "api_error"),
-            "param": None,
-            "code": code,
-        }
-    }
+@dataclass
+class GatewayError(Exception):
+    """A request refused or failed: what any surface needs to say so in its own shape."""
+
+    status: int
+    message: str
+    code: str | int | None = None  # an integer stays one (vLLM's): clients compare it as sent
+    param: str | None = None  # the request field at fault, as OpenAI names it
+    type: str | None = None  # None: the status's usual type (STATUS_TYPES)
+    retry_after: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # a backend's own fields (llama.cpp's n_ctx)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def openai(self) -> dict[str, Any]:
+        """The `error` object of OpenAI's shape."""
+        kind = self.type if self.type is not None else STATUS_TYPES.get(self.status, "api_error")
+        return {"message": self.message, "type": kind, "param": self.param, "code": self.code, **self.extra}
+
+    def openai_json(self) -> bytes:
+        return json.dumps({"error": self.openai()}).encode()
+
+
+def error_body(message: str, status: int, code: str | None = None) -> dict[str, Any]:
+    return {"error": GatewayError(status, message, code).openai()}
 
 
 def error_response(
-    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+    status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(error_body(message, status, code), status_code=status, headers=headers)
 
@@ -41,11 +67,11 @@ def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
     return b"data: " + json.dumps(error_body(message, 502, code)).encode() + b"\n\n"
 
 
-def openai_error(content: bytes, status: int) -> bytes:
-    """A backend's error answer (the client's fault: 4xx, or 501) as OpenAI's one `error`
-    object, keeping its message, its code (vLLM's is the integer status) and extra fields
-    (llama.cpp's n_prompt_tokens, n_ctx). Other shapes are folded in, never mixed with it:
-    older vLLM's flat {"object": "error", "message", "type", "code"}, FastAPI's {"detail"}."""
+def backend_error(content: bytes, status: int) -> GatewayError:
+    """A backend's error answer (the client's fault: 4xx, or 501) as one error, keeping its
+    message, its code (vLLM's is the integer status) and extra fields (llama.cpp's
+    n_prompt_tokens, n_ctx). Other shapes are folded in, never mixed with it: older vLLM's
+    flat {"object": "error", "message", "type", "code"}, FastAPI's {"detail"}."""
     try:
         body = json.loads(content)
     except ValueError:
@@ -62,13 +88,22 @@ def openai_error(content: bytes, status: int) -> bytes:
     if not isinstance(error, dict):
         text = content.decode("utf-8", "replace").strip()[:500] or f"the backend answered {status}"
         error = {"message": text}
-    shaped = error_body(str(error.get("message") or f"the backend answered {status}"), status)["error"]
     kind = error.get("type")
     code = error.get("code")
-    shaped["type"] = kind if isinstance(kind, str) else shaped["type"]
     # An integer code (llama.cpp's 400, vLLM's 404) stays one: clients compare it as sent.
     keep = isinstance(code, str | int) and not isinstance(code, bool)
-    shaped["code"] = code if keep else kind if isinstance(kind, str) else None
-    shaped["param"] = error.get("param") if isinstance(error.get("param"), str) else None
-    extra = {k: v for k, v in error.items() if k not in shaped}
-    return json.dumps({"error": {**shaped, **extra}}).encode()
+    param = error.get("param")
+    shaped = GatewayError(
+        status,
+        str(error.get("message") or f"the backend answered {status}"),
+        code=code if keep else kind if isinstance(kind, str) else None,
+        param=param if isinstance(param, str) else None,
+        type=kind if isinstance(kind, str) else None,
+    )
+    shaped.extra = {k: v for k, v in error.items() if k not in ("message", "type", "param", "code")}
+    return shaped
+
+
+def openai_error(content: bytes, status: int) -> bytes:
+    """backend_error, as OpenAI's JSON."""
+    return backend_error(content, status).openai_json()

@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from reconciler.config.schema import EventsSpec
-from reconciler.gateway.proxy import ProxyCall
+from reconciler.gateway.proxy_call import ProxyCall
 
 log = logging.getLogger(__name__)
 REQUEST_SUBJECT = "inference.request.v1"
@@ -51,7 +51,7 @@ class NatsEvents:
         self.include_text = spec.include_text
         self.host = host
         # (subject, request id, event): serialized by the publishing task, not in the request path.
-        self.queue: collections.deque[tuple[str, str, dict]] = collections.deque(
+        self.queue: collections.deque[tuple[str, str, dict[str, Any]]] = collections.deque(
             maxlen=spec.queue_size
         )
         self.wake = asyncio.Event()
@@ -70,11 +70,11 @@ class NatsEvents:
         self._client: Any = None
         self._warned = False
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"nats_url": self.url, "connected": self.connected, "queued": len(self.queue)}
 
     # -- the proxy's observer (called in the request path: append only) ---------------------
-    def _enqueue(self, subject: str, request_id: str, event: dict) -> None:
+    def _enqueue(self, subject: str, request_id: str, event: dict[str, Any]) -> None:
         if len(self.queue) == self.queue.maxlen:
             self._queue_full.inc()  # deque(maxlen) pushes the oldest out
         self.queue.append((subject, request_id, event))
@@ -92,7 +92,7 @@ class NatsEvents:
         self._enqueue(REQUEST_SUBJECT, call.request_id, event)
 
     def completed(
-        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict | None
+        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict[str, Any] | None
     ) -> None:
         usage = usage or {}
         self._enqueue(RESPONSE_SUBJECT, call.request_id, {
@@ -104,9 +104,9 @@ class NatsEvents:
 
     # -- publishing ----------------------------------------------------------------------------
     async def run(self) -> None:
-        import nats
+        from nats.aio.client import Client  # nats.NATS
 
-        client = self._client = nats.NATS()
+        client = self._client = Client()
 
         async def on_error(exc: Exception) -> None:  # once per outage, not once per retry
             if not self._warned:
@@ -141,7 +141,7 @@ class NatsEvents:
                 subject, request_id, payload = self.queue.popleft()
                 await self._publish(client, subject, request_id, payload)
 
-    async def _publish(self, client: Any, subject: str, request_id: str, event: dict) -> None:
+    async def _publish(self, client: Any, subject: str, request_id: str, event: dict[str, Any]) -> None:
         kind = "request" if subject == REQUEST_SUBJECT else "response"
         payload = json.dumps(
             {**event, "timestamp": _timestamp(event["timestamp"])}, separators=(",", ":")

@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from reconciler.gateway.errors import GatewayError
 from reconciler.gateway.router import Upstream
 
 _CREATED = re.compile(rb"^(# (HELP|TYPE) )?tensorforge_gateway_\w+_created\b")
@@ -69,7 +70,12 @@ class GatewayMetrics:
             ["reason"], registry=r,
         )  # fmt: skip
         self._known: set[str] = set()
-        self._children: dict[tuple, Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def refused(self, status: int, message: str, code: str, retry_after: str | None = None) -> GatewayError:
+        """The error to raise for a request the gateway refuses itself, counted by its code."""
+        self.rejected.labels(code).inc()
+        return GatewayError(status, message, code, retry_after=retry_after)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: the lookup showed up in the request path's profile."""
@@ -84,7 +90,7 @@ class GatewayMetrics:
         if client is not None:
             self.child(self.client_requests, client, model, status).inc()
 
-    def record_tokens(self, model: str, backend: str, usage: dict, client: str | None = None) -> None:
+    def record_tokens(self, model: str, backend: str, usage: dict[str, Any], client: str | None = None) -> None:
         for kind in ("prompt", "completion"):
             count = usage.get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:

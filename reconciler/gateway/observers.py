@@ -4,10 +4,9 @@ called in the request path: they must only record (queue, count), never block or
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from reconciler.gateway.proxy import ProxyCall
+from reconciler.gateway.proxy_call import ProxyCall
 
 
 class ProxyObserver(Protocol):
@@ -15,7 +14,7 @@ class ProxyObserver(Protocol):
         """The request reached the proxy (before a backend is chosen)."""
 
     def completed(
-        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict | None
+        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict[str, Any] | None
     ) -> None:
         """It was answered: `backend` ("none" if none was reached), HTTP `status` as counted in
         the metrics (499: the client left), `usage` the backend's token report if any."""

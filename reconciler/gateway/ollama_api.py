@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from reconciler.gateway.core import GatewayCore
+from reconciler.gateway.errors import GatewayError
 from reconciler.gateway.ollama import management, metadata
 from reconciler.gateway.ollama.listing import ModelListing
 from reconciler.gateway.ollama.options import Refused, clamp_num_ctx, clamp_num_predict
@@ -31,18 +34,15 @@ from reconciler.gateway.ollama.response import (
     relay_lines,
     whole_answer,
 )
-from reconciler.gateway.openai_api import BodyTooLarge, read_body
 from reconciler.gateway.proxy import Answer
+from reconciler.gateway.request_body import BodyTooLarge, read_body
 from reconciler.gateway.routed import auto_model
-
-if TYPE_CHECKING:
-    from reconciler.gateway.app import Gateway
 
 
 class OllamaSurface:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-        self.listing = ModelListing(gateway)
+    def __init__(self, core: GatewayCore):
+        self.core = core
+        self.listing = ModelListing(core)
 
     def routes(self) -> list[Route]:
         return [
@@ -68,24 +68,24 @@ class OllamaSurface:
         """The canonical model for a name; `name:latest` is `name`, as in Ollama."""
         if not isinstance(requested, str) or not requested:
             return None
-        router = self.gateway.router
+        router = self.core.router
         return router.resolve(requested) or (
             router.resolve(requested[:-7]) if requested.endswith(":latest") else None
         )
 
     def protocols(self, model: str) -> set[str]:
         """Wire protocols of every backend a request for `model` may reach (fallbacks too)."""
-        table = self.gateway.table
+        table = self.core.table
         models = [model, *table.fallbacks.get(model, [])]
         return {u.protocol for u in table.upstreams.values() if u.model in models}
 
     def _refuse(self, status: int, message: str, code: str) -> Response:
-        return ollama_error(self.gateway.reject(status, message, code))
+        return ollama_error(self.core.metrics.refused(status, message, code))
 
-    async def _read(self, request: Request) -> dict | Response:
+    async def _read(self, request: Request) -> dict[str, Any] | Response:
         """The request's JSON object, read under the same size and time limits as the OpenAI
         endpoints; or the error to answer."""
-        g = self.gateway
+        g = self.core
         try:
             async with asyncio.timeout(g.spec.idle_timeout):
                 raw = await read_body(
@@ -107,7 +107,7 @@ class OllamaSurface:
 
     async def _model(
         self, request: Request, key: str = "model"
-    ) -> tuple[dict, str, str] | Response:
+    ) -> tuple[dict[str, Any], str, str] | Response:
         """(body, requested name, canonical model) of a request naming a served model."""
         native = await self._read(request)
         if isinstance(native, Response):
@@ -121,17 +121,17 @@ class OllamaSurface:
         if model is None:
             chosen = self.choose(requested, native)
             if chosen is None:
-                return ollama_error(self.gateway.unknown_model(requested))
-            if isinstance(chosen, Answer):
+                return ollama_error(self.core.routing.unknown_model(requested))
+            if isinstance(chosen, GatewayError):
                 return ollama_error(chosen)
             # `auto`, a placeholder or an operator's alias: the answer names the model chosen.
             requested = model = chosen
         return native, requested, model
 
-    def choose(self, requested: str, native: dict) -> str | Answer | None:
+    def choose(self, requested: str, native: dict[str, Any]) -> str | GatewayError | None:
         """The model for a name only the routing table maps (`auto`, the placeholders,
         model_aliases), chosen by the request's estimated needs; None: an unknown name."""
-        g = self.gateway
+        g = self.core
         resolution = g.table.resolve_request(requested)
         if resolution is None:
             return None
@@ -140,7 +140,7 @@ class OllamaSurface:
         endpoint = "/v1/chat/completions" if "messages" in native else "/v1/completions"
         model = auto_model(g.table, endpoint, native)
         if model is None:
-            return g.reject(503, f"auto ({requested!r}): no backend can answer this request", "no_healthy_backend")
+            return g.metrics.refused(503, f"auto ({requested!r}): no backend can answer this request", "no_healthy_backend")
         return model
 
     # -- small endpoints -------------------------------------------------------------------
@@ -158,21 +158,19 @@ class OllamaSurface:
             return found
         native, requested, model = found
         if self.protocols(model) == {"ollama"}:
-            name = requested if self.gateway.router.resolve(requested) else model
+            name = requested if self.core.router.resolve(requested) else model
             forwarded = await self._forward(
                 request, Translated("/api/show", {**native, "model": name}, None), False
             )
             if isinstance(forwarded, Response):
                 return forwarded
             answer, _ = forwarded
-            return (
-                Response(answer.body, media_type="application/json")
-                if answer.status == 200
-                else ollama_error(answer)
-            )
+            if answer.status != 200:
+                return _failed(answer)
+            return Response(answer.body, media_type="application/json")
         facts = await self.listing.facts(model)
         return JSONResponse(
-            metadata.show(model, requested, facts, self.gateway.context_limits.get(model))
+            metadata.show(model, requested, facts, self.core.context_limits.get(model))
         )
 
     async def not_here(self, request: Request) -> Response:
@@ -181,7 +179,7 @@ class OllamaSurface:
             501, f"/api/{verb} is not available on TensorForge: {management.NOT_HERE[verb]}"
         )
 
-    async def _named(self, request: Request) -> tuple[dict, str] | Response:
+    async def _named(self, request: Request) -> tuple[dict[str, Any], str] | Response:
         """(body, model name) of a request that names a model, registered or not (pull, delete)."""
         native = await self._read(request)
         if isinstance(native, Response):
@@ -199,15 +197,15 @@ class OllamaSurface:
             return named
         native, requested = named
         try:
-            name, spec = management.pull_target(self.gateway.state, requested)
+            name, spec = management.pull_target(self.core.state, requested)
         except management.NotFound as exc:
             return self._refuse(404, str(exc), "model_not_found")
         except management.Conflict as exc:
             return self._refuse(400, str(exc), "invalid_request")
-        lines = management.pull_progress(self.gateway.state, name, spec)
+        lines = management.pull_progress(self.core.state, name, spec)
         if native.get("stream", True) is not False:
             return StreamingResponse(lines, media_type="application/x-ndjson")
-        last: dict = {}
+        last: dict[str, Any] = {}
         async for line in lines:
             last = json.loads(line)
         if "error" in last:
@@ -220,7 +218,7 @@ class OllamaSurface:
             return named
         _, requested = named
         try:
-            await asyncio.to_thread(management.delete_model, self.gateway.state, requested)
+            await asyncio.to_thread(management.delete_model, self.core.state, requested)
         except management.NotFound as exc:
             return self._refuse(404, str(exc), "model_not_found")
         except management.Conflict as exc:
@@ -231,7 +229,7 @@ class OllamaSurface:
     async def embed(self, request: Request) -> Response:
         """`/api/embed` {model, input: text or texts} -> {model, embeddings: [[...]]}, and the
         older `/api/embeddings` {model, prompt} -> {embedding: [...]}, through /v1/embeddings."""
-        g = self.gateway
+        g = self.core
         stats = Stats()
         found = await self._model(request)
         if isinstance(found, Response):
@@ -261,7 +259,7 @@ class OllamaSurface:
             return forwarded
         answer, _ = forwarded
         if answer.status != 200:
-            return ollama_error(answer)
+            return _failed(answer)
         result = json.loads(answer.body)
         if protocols == {"ollama"}:
             return JSONResponse({**result, "model": requested} if not legacy else result)
@@ -285,7 +283,7 @@ class OllamaSurface:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: Request, chat: bool) -> Response:
-        g = self.gateway
+        g = self.core
         stats = Stats()
         found = await self._model(request)
         if isinstance(found, Response):
@@ -343,7 +341,7 @@ class OllamaSurface:
             headers["x-tensorforge-num-ctx"] = str(clamped)
         if answer.stream is None:
             if answer.status != 200:
-                return ollama_error(answer)
+                return _failed(answer)
             result = json.loads(answer.body)
             if native_ollama:
                 out = {**result, "model": requested}
@@ -353,17 +351,17 @@ class OllamaSurface:
                 out = whole_answer(result, requested, chat, stats, translated.conversation)
             return JSONResponse(out, headers=headers)
         if native_ollama:
-            lines = relay_lines(answer.stream, lambda: g.release_key(key))
+            lines = relay_lines(answer.stream, lambda: g.admission.release(key))
         else:
             translator = StreamTranslator(
                 requested, chat, translated.endpoint == "/infill", translated.conversation
             )
             translator.stats = stats
-            lines = ndjson_lines(answer.stream, translator, lambda: g.release_key(key))
+            lines = ndjson_lines(answer.stream, translator, lambda: g.admission.release(key))
         await anext(lines)  # started: if the client leaves before streaming, closing cleans up
         return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
 
-    def _missing_capability(self, model: str, translated: Translated, native: dict) -> str | None:
+    def _missing_capability(self, model: str, translated: Translated, native: dict[str, Any]) -> str | None:
         """The first capability the request needs that the model file says it lacks (Ollama
         answers such a request with 400); None when all are there or nothing is known (yet:
         until the file is read, in the background, the backend judges)."""
@@ -385,40 +383,44 @@ class OllamaSurface:
     ) -> tuple[Answer, str | None] | Response:
         """Check, admit (API key) and send the backend request; the key is held while a
         stream is open (released by `_lines`/`_relay`), else released here."""
-        g = self.gateway
+        g = self.core
         raw = json.dumps(translated.body).encode()  # serialized once: checked, then sent as it is
         # Routed as the OpenAI surface routes: fields checked, num_predict clamped to what
         # fits, trace headers passed on; what was chosen comes back in the answer's headers.
-        routed = await g.route(raw, translated.endpoint, dict(request.scope["headers"]))
-        if isinstance(routed, Answer):
-            return ollama_error(routed)
-        key, refusal = g.admit(request.headers.get("authorization"))
-        if refusal is not None:
+        try:
+            routed = await g.routing.route(raw, translated.endpoint, dict(request.scope["headers"]))
+            key = g.admission.admit(request.headers.get("authorization"))
+        except GatewayError as refusal:
             return ollama_error(refusal)
         affinity = request.headers.get(g.spec.routing.affinity_header)
         try:
             answer = await g.proxy.forward(routed.call(stream, affinity, key))
+        except GatewayError as error:
+            g.admission.release(key)
+            return ollama_error(error)
         except BaseException:
-            g.release_key(key)
+            g.admission.release(key)
             raise
         answer.headers = [*routed.headers, *answer.headers]
         if answer.stream is None:
-            g.release_key(key)
+            g.admission.release(key)
             key = None
         return answer, key
 
 
-def ollama_error(answer: Answer) -> Response:
-    """An OpenAI-shaped error answer in Ollama's shape, with the same status."""
-    try:
-        error = json.loads(answer.body).get("error", {})
-        message = error.get("message", "request failed") if isinstance(error, dict) else str(error)
-    except (ValueError, AttributeError):
-        message = "request failed"
-    headers = {"retry-after": answer.retry_after} if answer.retry_after else None
-    return ollama_error_response(status=answer.status, message=message, headers=headers)
+def ollama_error(error: GatewayError) -> Response:
+    """A gateway error in Ollama's shape, with the same status."""
+    headers = {"retry-after": error.retry_after} if error.retry_after else None
+    return ollama_error_response(status=error.status, message=error.message, headers=headers)
 
 
-def ollama_error_response(status: int, message: str, headers: dict | None = None) -> Response:
+def _failed(answer: Answer) -> Response:
+    """A backend's answer other than 200, in Ollama's error shape."""
+    if answer.error is not None:
+        return ollama_error(answer.error)
+    return ollama_error_response(answer.status, "request failed")
+
+
+def ollama_error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     """Ollama's error shape: {"error": "message"}."""
     return JSONResponse({"error": message}, status, headers=headers)

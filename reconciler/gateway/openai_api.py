@@ -7,46 +7,29 @@ the backend's work stops at once."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from typing import TYPE_CHECKING
 
-from reconciler.gateway.proxy import Answer, ProxyCall, error_answer
+from reconciler.gateway.asgi import Receive, Scope, Send
+from reconciler.gateway.backend_info import lacks_hint
+from reconciler.gateway.core import GatewayCore
+from reconciler.gateway.errors import GatewayError
+from reconciler.gateway.proxy import JSON, Answer
+from reconciler.gateway.proxy_call import ProxyCall
+from reconciler.gateway.request_body import OPENAI_ENDPOINTS, PASS_THROUGH, BodyTooLarge, read_body
 
-if TYPE_CHECKING:
-    from reconciler.gateway.app import Gateway
-
+__all__ = ["OPENAI_ENDPOINTS", "PASS_THROUGH", "OpenAIEndpoints", "send_answer", "send_error"]
 log = logging.getLogger(__name__)
 
-# Routed by `model` like chat; each goes only to a backend kind that serves it.
-PASS_THROUGH = ("/v1/responses", "/v1/messages", "/v1/rerank", "/rerank", "/tokenize", "/detokenize", "/infill")
-OPENAI_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *PASS_THROUGH))
+
+async def send_error(send: Send, error: GatewayError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A gateway error in OpenAI's shape."""
+    await send_answer(send, Answer(error.status, body=error.openai_json(), retry_after=error.retry_after,
+                                   headers=extra or []))  # fmt: skip
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(receive, headers: dict[bytes, bytes], limit: int) -> bytes:
-    declared = headers.get(b"content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client went away while sending its request")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def send_answer(send, answer: Answer) -> None:
+async def send_answer(send: Send, answer: Answer) -> None:
+    if answer.error is not None:  # a backend's error, in OpenAI's shape
+        answer.body, answer.content_type = answer.error.openai_json(), JSON
     headers = [(b"content-type", answer.content_type)]
     if answer.backend:
         headers.append((b"x-tensorforge-backend", answer.backend.encode()))
@@ -72,7 +55,7 @@ async def send_answer(send, answer: Answer) -> None:
         await stream.aclose()
 
 
-async def _watch_disconnect(receive, task: asyncio.Task, gone: list[bool]) -> None:
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[None], gone: list[bool]) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -82,57 +65,65 @@ async def _watch_disconnect(receive, task: asyncio.Task, gone: list[bool]) -> No
 
 
 class OpenAIEndpoints:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
+    def __init__(self, core: GatewayCore):
+        self.core = core
 
-    async def __call__(self, scope, receive, send) -> None:
-        gateway = self.gateway
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        core = self.core
         headers = dict(scope["headers"])
-        key, refusal = gateway.admit(headers.get(b"authorization"))  # X-API-Key is folded in already
-        if refusal is not None:
-            await send_answer(send, refusal)
+        try:
+            key = core.admission.admit(headers.get(b"authorization"))  # X-API-Key is folded in already
+        except GatewayError as refusal:
+            await send_error(send, refusal)
             return
         try:
             try:
-                async with asyncio.timeout(gateway.spec.idle_timeout):
-                    raw = await read_body(receive, headers, gateway.spec.max_body_bytes)
+                async with asyncio.timeout(core.spec.idle_timeout):
+                    raw = await read_body(receive, headers, core.spec.max_body_bytes)
             except BodyTooLarge:
-                await send_answer(send, gateway.reject(
-                    413, f"request body exceeds {gateway.spec.max_body_bytes} bytes "
+                await send_error(send, core.metrics.refused(
+                    413, f"request body exceeds {core.spec.max_body_bytes} bytes "
                     "(gateway.max_body_bytes)", "body_too_large"))  # fmt: skip
                 return
             except TimeoutError:
-                await send_answer(send, gateway.reject(408, "request body not received in time", "body_timeout"))
+                await send_error(send, core.metrics.refused(408, "request body not received in time", "body_timeout"))
                 return
             except asyncio.CancelledError:
                 return
-            routed = await gateway.route(raw, scope["path"], headers)
-            if isinstance(routed, Answer):
-                _log_refusal(headers, routed)
-                await send_answer(send, routed)
+            try:
+                routed = await core.routing.route(raw, scope["path"], headers)
+            except GatewayError as refusal:
+                _log_refusal(headers, refusal)
+                await send_error(send, refusal)
                 return
             stream = routed.body.get("stream") is True
             if stream and scope["path"] == "/v1/embeddings":
-                await send_answer(send, error_answer(400, "embeddings cannot stream", "invalid_request"))
+                await send_error(send, GatewayError(400, "embeddings cannot stream", "invalid_request"))
                 return
-            affinity = headers.get(gateway.affinity_header)
+            affinity = headers.get(core.affinity_header)
             call = routed.call(stream, affinity.decode("latin-1") if affinity else None, key)
             await self._serve(call, routed.headers, receive, send)
         finally:
-            gateway.release_key(key)
+            core.admission.release(key)
 
-    async def _serve(self, call: ProxyCall, extra: list[tuple[bytes, bytes]], receive, send) -> None:
+    async def _serve(self, call: ProxyCall, extra: list[tuple[bytes, bytes]], receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
         gone: list[bool] = []
         watcher = asyncio.ensure_future(_watch_disconnect(receive, task, gone))
         try:
-            answer = await self.gateway.proxy.forward(call)
-            if answer.status == 501:  # clients retry a 5xx: this one is the request's 400
-                answer = not_implemented(answer, call, self.gateway)
+            try:
+                answer = await self.core.proxy.forward(call)
+            except GatewayError as error:
+                log.info("request %s: %s %s", dict(call.trace).get("x-request-id"), error.status, error.message[:300])
+                await send_error(send, error, extra)
+                return
+            if answer.status == 501 and answer.error is not None:  # clients retry a 5xx: this one is the request's 400
+                answer = not_implemented(answer, answer.error, call, self.core)
             answer.headers += extra
-            if answer.status >= 400:
-                log.info("request %s: %s %s", dict(call.trace).get("x-request-id"), answer.status, answer.body[:300])
+            if answer.error is not None:
+                log.info("request %s: %s %s", dict(call.trace).get("x-request-id"), answer.status,
+                         answer.error.message[:300])  # fmt: skip
             await send_answer(send, answer)
         except asyncio.CancelledError:
             if not gone:
@@ -144,101 +135,20 @@ class OpenAIEndpoints:
             watcher.cancel()  # not awaited: that would cost the request a loop turn
 
 
-def not_implemented(answer: Answer, call: ProxyCall, gateway: Gateway) -> Answer:
+def not_implemented(answer: Answer, error: GatewayError, call: ProxyCall, core: GatewayCore) -> Answer:
     """A backend's 501 (llama.cpp's "start it with --embeddings") as a 400 that names the
     backend and what enables the endpoint there."""
-    from reconciler.gateway.backend_info import lacks_hint
-
-    upstream = gateway.table.upstreams.get(answer.backend)
-    said = json.loads(answer.body).get("error", {}).get("message", "not implemented")
+    upstream = core.table.upstreams.get(answer.backend)
     hint = ""
     if upstream is not None and call.exchange.endpoint == "/v1/embeddings":
         hint = "; " + lacks_hint(upstream.name, upstream.info, managed=upstream.info.certain)
-    fixed = error_answer(400, f"backend {answer.backend} does not serve {call.exchange.endpoint}: {said}{hint}",
-                         "unsupported_by_backend")  # fmt: skip
-    fixed.backend, fixed.headers = answer.backend, answer.headers
-    return fixed
+    message = f"backend {answer.backend} does not serve {call.exchange.endpoint}: {error.message}{hint}"
+    return Answer(400, backend=answer.backend, headers=answer.headers,
+                  error=GatewayError(400, message, "unsupported_by_backend"))  # fmt: skip
 
 
-def _log_refusal(headers: dict[bytes, bytes], answer: Answer) -> None:
+def _log_refusal(headers: dict[bytes, bytes], error: GatewayError) -> None:
     request_id = headers.get(b"x-request-id", b"").decode("latin-1")
-    log.info("request %s refused: %s %s", request_id, answer.status, answer.body[:300])
+    log.info("request %s refused: %s %s", request_id, error.status, error.message[:300])
 
 
-def parse_json(raw: bytes) -> dict | tuple[str, str]:
-    """The request as a dict, or (what is wrong with it, error code)."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return f"request body is not valid JSON: {exc}", "invalid_json"
-    except RecursionError:  # [[[[…]]]] deeper than the parser goes: still the client's 400
-        return "request body is nested too deeply", "invalid_json"
-    if not isinstance(body, dict):
-        return "request body must be a JSON object", "invalid_request"
-    return body
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _strings(value, allow_tokens: bool = False) -> bool:
-    if isinstance(value, str):
-        return True
-    if not isinstance(value, list):
-        return False
-    for item in value:
-        if isinstance(item, str):
-            continue
-        if not allow_tokens:
-            return False
-        tokens = item if isinstance(item, list) else [item]  # token ids, or lists of them
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            return False
-    return True
-
-
-def _image_ok(part: dict) -> bool:
-    if "image_url" not in part:
-        return True
-    image = part["image_url"]
-    return isinstance(image, dict) and isinstance(image.get("url"), str)
-
-
-def check_fields(endpoint: str, body: dict) -> tuple[str, str] | None:
-    """(what is wrong, error code) for the fields the gateway or an adapter reads, else None.
-    Everything else is the backend's to judge. A max_tokens larger than the context is not
-    wrong: routing clamps it to what fits (selection.py)."""
-    if "stream" in body and not isinstance(body["stream"], bool):
-        return "'stream' must be true or false", "invalid_request"
-    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = body.get(field)
-        if value is not None and not _is_count(value):
-            return f"'{field}' must be a positive integer", "invalid_max_tokens"
-    if "n" in body and body["n"] is not None and not _is_count(body["n"]):
-        return "'n' must be a positive integer", "invalid_request"
-    # Read by the Ollama and TGI adapters, which translate them.
-    if body.get("response_format") is not None and not isinstance(body["response_format"], dict):
-        return "'response_format' must be an object", "invalid_request"
-    if body.get("stop") is not None and not _strings(body["stop"]):
-        return "'stop' must be a string or a list of strings", "invalid_request"
-    if endpoint == "/v1/chat/completions":
-        messages = body.get("messages")
-        if not isinstance(messages, list):  # an empty list is the backend's to judge
-            return "'messages' must be a list of messages", "invalid_messages"
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                return "each message must be an object with a string 'role'", "invalid_messages"
-            content = message.get("content")
-            parts_ok = isinstance(content, list) and all(isinstance(p, dict) for p in content)
-            if content is not None and not isinstance(content, str) and not parts_ok:
-                return "a message's 'content' must be a string, a list of parts or null", "invalid_messages"
-            if parts_ok and not all(_image_ok(p) for p in content):
-                return "a content part's 'image_url' must be an object with a string 'url'", "invalid_messages"
-    elif endpoint == "/v1/completions":
-        if not _strings(body.get("prompt"), allow_tokens=True):
-            return "'prompt' must be a string or a list of strings", "invalid_prompt"
-    elif endpoint == "/v1/embeddings":
-        if not _strings(body.get("input"), allow_tokens=True):
-            return "'input' must be a string or a list of strings", "invalid_input"
-    return None

@@ -25,7 +25,7 @@ ERROR = {
 }
 OLLAMA_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 COUNT = {"type": "integer", "minimum": 1}
-COMMON = {
+COMMON: dict[str, Any] = {
     "model": {"type": "string", "minLength": 1,
               "description": "A served model name or alias; 'auto' (or none) lets the gateway choose."},
     "stream": {"type": "boolean"},
@@ -58,14 +58,14 @@ OLLAMA_OPTIONS = {
 }
 
 
-def _body(required: list[str], properties: dict) -> dict:
+def _body(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
     return {
         "required": True,
         "content": {"application/json": {"schema": {"type": "object", "required": required, "properties": properties}}},
     }
 
 
-def _answers(ok: str, *errors: int, ollama: bool = False) -> dict:
+def _answers(ok: str, *errors: int, ollama: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"200": {"description": ok}}
     for status in errors:
         schema = OLLAMA_ERROR if ollama else ERROR
@@ -82,11 +82,11 @@ PASS_THROUGH = {
 }  # fmt: skip
 
 
-def openapi_document(models: list[str] | None = None) -> dict:
+def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document; `models` (names and aliases served now) become the `model`
     field's enum. `security` is declared on every operation that needs a key when
     `gateway.api_keys_file` is set; without it the gateway is open."""
-    bearer = [{"bearer": []}]
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     model = {**COMMON["model"], "enum": sorted(models)} if models else COMMON["model"]
     chat = {**COMMON, "model": model, "messages": {"type": "array", "items": MESSAGE}}
     completion = {**COMMON, "model": model, "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}
@@ -113,17 +113,17 @@ def openapi_document(models: list[str] | None = None) -> dict:
     ollama_embeddings = {"model": model, "prompt": {"type": "string"}}
     pull = {"model": {"type": "string"}, "stream": {"type": "boolean"}}  # any name: declared or catalog
 
-    def post(summary: str, body: dict, ollama: bool = False) -> dict:
+    def post(summary: str, body: dict[str, Any], ollama: bool = False) -> dict[str, Any]:
         return {"post": {"summary": summary, "security": bearer, "requestBody": body,
                          "responses": _answers("the answer (or an event stream)", *PROXIED, ollama=ollama)}}  # fmt: skip
 
-    def get(summary: str, secured: bool = True) -> dict:
+    def get(summary: str, secured: bool = True) -> dict[str, Any]:
         operation: dict[str, Any] = {"summary": summary, "responses": _answers("ok", *((401,) if secured else ()))}
         if secured:
             operation["security"] = bearer
         return {"get": operation}
 
-    def admin(summary: str) -> dict:
+    def admin(summary: str) -> dict[str, Any]:
         return {"summary": summary + " (admin key: gateway.admin_keys_file; the reconciler acts on its next pass)",
                 "security": bearer, "parameters": [NAME_PARAMETER],
                 "responses": {"202": {"description": "request recorded for the reconciler"},

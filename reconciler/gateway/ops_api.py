@@ -12,36 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from reconciler.admin_requests import (
-    AdminRequest,
-    admin_requests_dir,
-    read_requests,
-    withdraw,
-    write_request,
-)
+from reconciler import __version__
+from reconciler.admin_requests import AdminRequest, read_requests, withdraw, write_request
+from reconciler.gateway.asgi import Scope
 from reconciler.gateway.auth import ApiKeyError, ApiKeys
+from reconciler.gateway.core import GatewayCore
 from reconciler.gateway.errors import error_response
 from reconciler.gateway.events import NatsEvents
 from reconciler.gateway.ops_status import (
     ModelCatalog,
-    ReconcilerStatus,
-    VramEstimates,
+    OpsState,
     backends_document,
-    status_document,
+    gateway_counters,
+    reconciler_section,
     vram_document,
 )
 from reconciler.gateway.telemetry import Telemetry, presented_key
 from reconciler.gateway.ui import UI_PATHS, ui_routes
-from reconciler.paths import state_dir
-
-if TYPE_CHECKING:
-    from reconciler.gateway.app import Gateway
 
 log = logging.getLogger(__name__)
 READ_PATHS = ("/status", "/vram", "/backends", "/models")
@@ -61,23 +57,23 @@ class AdminKeys(ApiKeys):
 
 
 class OpsSurface:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-        state = gateway.state
-        self.status = ReconcilerStatus(gateway.status_file)
-        self.requests_dir = admin_requests_dir(state_dir(state.state_dir))
+    def __init__(self, core: GatewayCore):
+        self.core = core
+        state = core.state
+        self.ops = OpsState(core)
+        self.status = self.ops.status
+        self.requests_dir = self.ops.requests_dir
         self.admin_keys = AdminKeys(state.gateway.admin_keys_file)
-        self.models = ModelCatalog(gateway)
-        self.estimates = VramEstimates()
-        self.telemetry = Telemetry(gateway)
+        self.models = ModelCatalog(core)
+        self.telemetry = Telemetry(core, self.ops, self.may_read)
         self.events = (
-            NatsEvents(state.events, state.host, gateway.metrics.registry)
+            NatsEvents(state.events, state.host, core.metrics.registry)
             if state.events.nats_url
             else None
         )
-        gateway.proxy.observers.append(self.telemetry)
+        core.proxy.observers.append(self.telemetry)
         if self.events is not None:
-            gateway.proxy.observers.append(self.events)
+            core.proxy.observers.append(self.events)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -89,10 +85,10 @@ class OpsSurface:
             Route("/models", self.get_models, methods=["GET"]),
             Route("/models/{name}", self.get_model, methods=["GET"]),
             WebSocketRoute("/ws", self.telemetry.endpoint),
-            *ui_routes(),
+            *ui_routes(self.core, self.ops),
         ]
 
-    def tasks(self) -> list[Any]:
+    def tasks(self) -> list[Coroutine[Any, Any, None]]:
         """Coroutines the gateway runs for its lifetime."""
         work = [self.telemetry.run()]
         if self.events is not None:
@@ -111,7 +107,7 @@ class OpsSurface:
             self.admin_keys.reload_if_changed()
 
     # -- keys ---------------------------------------------------------------------------------
-    def admits(self, scope: dict) -> bool:
+    def admits(self, scope: Scope) -> bool:
         """For the gateway's key check: let through what this surface checks itself (the
         public page; an admin key or a browser's subprotocol key on the operations paths)."""
         path = scope["path"]
@@ -127,7 +123,7 @@ class OpsSurface:
         return self.admin_keys.identify(_header(scope, b"authorization")) is not None
 
     def may_read(self, authorization: str | None) -> bool:
-        keys = self.gateway.keys
+        keys = self.core.keys
         if not keys.enabled:
             return True
         return (
@@ -143,21 +139,38 @@ class OpsSurface:
         )
 
     def admin_requests(self) -> dict[str, AdminRequest]:
-        return read_requests(self.requests_dir, self.gateway.state.backends)[0]
+        return self.ops.admin_requests()
+
+    def status_document(self) -> dict[str, Any]:
+        core = self.core
+        requests, problems = read_requests(self.requests_dir, core.state.backends)
+        return {
+            "host": core.state.host,
+            "hostname": socket.gethostname(),
+            "version": __version__,
+            "time": time.time(),
+            "reconciler": reconciler_section(self.status, requests, problems),
+            "backends": backends_document(core, self.status, requests),
+            "gateway": {
+                **gateway_counters(core),
+                "recent": self.telemetry.recent.summary(),
+                "events": self.events.describe() if self.events else None,
+            },  # fmt: skip
+        }
 
     # -- reads --------------------------------------------------------------------------------
     async def get_status(self, request: Request) -> Response:
-        return self._refuse_read(request) or JSONResponse(status_document(self.gateway))
+        return self._refuse_read(request) or JSONResponse(self.status_document())
 
     async def get_vram(self, request: Request) -> Response:
-        return self._refuse_read(request) or JSONResponse(await vram_document(self.gateway))
+        return self._refuse_read(request) or JSONResponse(await vram_document(self.core, self.ops))
 
     async def get_backends(self, request: Request) -> Response:
         refusal = self._refuse_read(request)
         if refusal is not None:
             return refusal
         return JSONResponse(
-            {"backends": backends_document(self.gateway, self.status, self.admin_requests())}
+            {"backends": backends_document(self.core, self.status, self.admin_requests())}
         )
 
     async def get_models(self, request: Request) -> Response:
@@ -172,10 +185,10 @@ class OpsSurface:
         if refusal is not None:
             return refusal
         name = request.path_params["name"]
-        model = self.gateway.router.resolve(name) or name  # an alias names its model
+        model = self.core.router.resolve(name) or name  # an alias names its model
         rows, problem = self.models.rows(only=model)
         if not rows:
-            known = ", ".join(sorted(self.gateway.state.models)) or "none"
+            known = ", ".join(sorted(self.core.state.models)) or "none"
             return error_response(
                 404, f"model {name!r} is not declared; known models: {known}", "model_not_found"
             )
@@ -200,9 +213,9 @@ class OpsSurface:
 
     def _backend(self, request: Request, action: str) -> tuple[str, Response | None]:
         name = request.path_params["name"]
-        backend = self.gateway.state.backends.get(name)
+        backend = self.core.state.backends.get(name)
         if backend is None:
-            known = ", ".join(sorted(self.gateway.state.backends)) or "none"
+            known = ", ".join(sorted(self.core.state.backends)) or "none"
             return name, error_response(404, f"no backend {name!r} in the desired state; known: {known}",
                                         "backend_not_found")  # fmt: skip
         if action == "restart" and not backend.managed:
@@ -251,8 +264,8 @@ class OpsSurface:
         return JSONResponse(answer, status_code=202)
 
 
-def _header(scope: dict, name: bytes) -> str | None:
+def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key == name:
-            return value.decode("latin-1")
+            return bytes(value).decode("latin-1")
     return None

@@ -10,24 +10,34 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from reconciler import __version__
-from reconciler.admin_requests import AdminRequest, read_requests
+from reconciler.admin_requests import AdminRequest, admin_requests_dir, read_requests
+from reconciler.gateway.core import GatewayCore
+from reconciler.gateway.router import Upstream
 from reconciler.gpu.vram import estimate_vram
 from reconciler.models.pull import local_path
 from reconciler.models.registry import ModelRecord, Registry, open_database
-from reconciler.paths import models_dir
-
-if TYPE_CHECKING:
-    from reconciler.gateway.app import Gateway
-    from reconciler.gateway.router import Upstream
+from reconciler.paths import models_dir, state_dir
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
+
+
+class OpsState:
+    """What the operations documents read beside the core: the reconciler's status file, the
+    admin requests it has not acted on yet, and VRAM estimates."""
+
+    def __init__(self, core: GatewayCore):
+        self.core = core
+        self.status = ReconcilerStatus(core.status_file)
+        self.requests_dir = admin_requests_dir(state_dir(core.state.state_dir))
+        self.estimates = VramEstimates()
+
+    def admin_requests(self) -> dict[str, AdminRequest]:
+        return read_requests(self.requests_dir, self.core.state.backends)[0]
 
 
 class ReconcilerStatus:
@@ -36,10 +46,10 @@ class ReconcilerStatus:
     def __init__(self, path: Path):
         self.path = path
         self._stamp: tuple[int, int] | None = None
-        self._data: dict = {}
+        self._data: dict[str, Any] = {}
         self.error = ""
 
-    def read(self) -> dict:
+    def read(self) -> dict[str, Any]:
         try:
             stat = self.path.stat()
         except OSError:
@@ -61,13 +71,13 @@ class ReconcilerStatus:
             self._stamp = stamp
         return self._data
 
-    def units(self) -> dict[str, dict]:
+    def units(self) -> dict[str, dict[str, Any]]:
         return {u.get("unit", ""): u for u in self.read().get("units", []) if isinstance(u, dict)}
 
 
 def reconciler_section(
     status: ReconcilerStatus, requests: dict[str, AdminRequest], problems: list[str]
-) -> dict:
+) -> dict[str, Any]:
     """Last pass (time, result) and what is still pending, with why. The status file lists
     every unit with its health and the reason it is not there yet (a wait, a refusal, a
     failed start); a unit not healthy is pending."""
@@ -107,9 +117,9 @@ def reconciler_section(
 
 
 def backend_row(
-    gateway: Gateway, upstream: Upstream, unit: dict, request: AdminRequest | None
-) -> dict:
-    spec = gateway.state.backends.get(upstream.name)
+    core: GatewayCore, upstream: Upstream, unit: dict[str, Any], request: AdminRequest | None
+) -> dict[str, Any]:
+    spec = core.state.backends.get(upstream.name)
     detail = upstream.health_detail
     last_error = None
     if not upstream.healthy:
@@ -125,7 +135,7 @@ def backend_row(
         "managed": bool(spec and spec.managed),
         "state": unit.get("health") or ("remote" if spec and not spec.managed else "unknown"),
         "health": {"healthy": upstream.healthy, "detail": detail},
-        "draining": upstream.name in gateway.health.draining,
+        "draining": upstream.name in core.health.draining,
         "pid": unit.get("pid"),
         "unit": unit.get("unit"),
         "restarts": unit.get("restarts"),
@@ -145,22 +155,22 @@ def backend_row(
 
 
 def backends_document(
-    gateway: Gateway, status: ReconcilerStatus, requests: dict[str, AdminRequest]
-) -> list[dict]:
+    core: GatewayCore, status: ReconcilerStatus, requests: dict[str, AdminRequest]
+) -> list[dict[str, Any]]:
     units = status.units()
     return [
-        backend_row(gateway, u, units.get(f"backend-{u.name}", {}), requests.get(u.name))
-        for u in sorted(gateway.upstreams(), key=lambda u: u.name)
+        backend_row(core, u, units.get(f"backend-{u.name}", {}), requests.get(u.name))
+        for u in sorted(core.upstreams(), key=lambda u: u.name)
     ]
 
 
-def gateway_counters(gateway: Gateway) -> dict:
+def gateway_counters(core: GatewayCore) -> dict[str, Any]:
     """Totals since the gateway started, from its Prometheus registry (one source of truth)."""
     by_status: dict[str, float] = {}
     tokens: dict[str, float] = {}
     rejected: dict[str, float] = {}
     duration_sum = duration_count = 0.0
-    for family in gateway.metrics.registry.collect():
+    for family in core.metrics.registry.collect():
         for sample in family.samples:
             if sample.name == "tensorforge_gateway_requests_total":
                 status = sample.labels["status"]
@@ -174,7 +184,7 @@ def gateway_counters(gateway: Gateway) -> dict:
             elif sample.name == "tensorforge_gateway_request_duration_seconds_count":
                 duration_count += sample.value
     return {
-        "uptime_seconds": round(time.time() - gateway.started, 1),
+        "uptime_seconds": round(time.time() - core.started, 1),
         "requests_total": int(sum(by_status.values())),
         "requests_by_status": {k: int(v) for k, v in sorted(by_status.items())},
         "tokens": {k: int(v) for k, v in sorted(tokens.items())},
@@ -183,14 +193,14 @@ def gateway_counters(gateway: Gateway) -> dict:
     }
 
 
-async def vram_document(gateway: Gateway) -> dict:
+async def vram_document(core: GatewayCore, ops: OpsState) -> dict[str, Any]:
     """Per GPU from NVML with the backends placed on it, their estimated need and (where NVML
     lists their process) their measured memory. No GPU: `"gpus": []` and the reason."""
-    inventory = gateway.gpu_headroom.inventory
+    inventory = core.gpu_headroom.inventory
     gpus = inventory.gpus()
-    placed = gateway.local_placement() if gpus else {}
+    placed = core.local_placement() if gpus else {}
     names = {n for names in placed.values() for n in names}
-    estimates = await gateway.ops.estimates.get(gateway, names) if names else {}
+    estimates = await ops.estimates.get(core, names) if names else {}
     rows = []
     for gpu in gpus:
         used_by = _process_memory(gpu.uuid)
@@ -198,7 +208,7 @@ async def vram_document(gateway: Gateway) -> dict:
         for name in placed.get(gpu.index, []):
             estimate = estimates.get(name)
             backends.append({"name": name, "estimated_mib": estimate,
-                             "measured_mib": used_by.get(_pid_of(gateway, name))})  # fmt: skip
+                             "measured_mib": used_by.get(_pid_of(ops, name))})  # fmt: skip
         rows.append({
             "index": gpu.index, "name": gpu.name, "uuid": gpu.uuid,
             "memory_total_mib": gpu.memory_total // MIB, "memory_used_mib": gpu.memory_used // MIB,
@@ -220,20 +230,20 @@ class VramEstimates:
 
     def __init__(self) -> None:
         self.known: dict[str, tuple[str, int | None]] = {}  # name -> (spec it was made for, MiB)
-        self._work: asyncio.Task | None = None
+        self._work: asyncio.Task[Any] | None = None
 
     async def get(
-        self, gateway: Gateway, names: set[str], wait: float = 1.0
+        self, core: GatewayCore, names: set[str], wait: float = 1.0
     ) -> dict[str, int | None]:
         specs = {
-            n: gateway.state.backends[n].model_dump_json()
+            n: core.state.backends[n].model_dump_json()
             for n in names
-            if n in gateway.state.backends
+            if n in core.state.backends
         }
         stale = {n for n, spec in specs.items() if self.known.get(n, ("", None))[0] != spec}
         if stale and (self._work is None or self._work.done()):
             self._work = asyncio.create_task(
-                asyncio.to_thread(self._compute, gateway, stale, specs)
+                asyncio.to_thread(self._compute, core, stale, specs)
             )
         if self._work is not None and not self._work.done():
             with contextlib.suppress(TimeoutError):
@@ -242,11 +252,11 @@ class VramEstimates:
             n: self.known[n][1] for n in specs if n in self.known and self.known[n][0] == specs[n]
         }
 
-    def _compute(self, gateway: Gateway, names: set[str], specs: dict[str, str]) -> None:
-        directory = models_dir(gateway.state.models_dir, gateway.state.state_dir)
+    def _compute(self, core: GatewayCore, names: set[str], specs: dict[str, str]) -> None:
+        directory = models_dir(core.state.models_dir, core.state.state_dir)
         for name in names:
-            backend = gateway.state.backends[name]
-            spec = gateway.state.models[backend.model]
+            backend = core.state.backends[name]
+            spec = core.state.models[backend.model]
             try:
                 estimate = estimate_vram(backend, spec, local_path(backend.model, spec, directory))
                 self.known[name] = (
@@ -258,14 +268,14 @@ class VramEstimates:
                 self.known[name] = (specs[name], None)
 
 
-def _pid_of(gateway: Gateway, backend: str) -> int | None:
-    return gateway.ops.status.units().get(f"backend-{backend}", {}).get("pid")
+def _pid_of(ops: OpsState, backend: str) -> int | None:
+    return ops.status.units().get(f"backend-{backend}", {}).get("pid")
 
 
 def _process_memory(uuid: str) -> dict[int | None, int]:
     """pid -> MiB for the compute processes NVML lists on one GPU ({} without NVML)."""
     try:
-        import pynvml
+        import pynvml  # type: ignore[import-untyped]
 
         handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
         return {
@@ -281,11 +291,11 @@ class ModelCatalog:
     with the desired state's models and which backends serve each. The registry is opened
     per call and never created here: a gateway does not own it."""
 
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
+    def __init__(self, core: GatewayCore):
+        self.core = core
 
     def _registry(self) -> tuple[Registry | None, str]:
-        directory = models_dir(self.gateway.state.models_dir, self.gateway.state.state_dir)
+        directory = models_dir(self.core.state.models_dir, self.core.state.state_dir)
         if not os.environ.get("TF_REGISTRY_URL") and not (directory / "registry.sqlite3").exists():
             return None, f"no model registry at {directory} (no model pulled yet)"
         try:
@@ -293,8 +303,8 @@ class ModelCatalog:
         except Exception as exc:  # unreadable, or PostgreSQL down: show the declared models anyway
             return None, f"model registry unavailable: {exc}"
 
-    def rows(self, only: str | None = None) -> tuple[list[dict], str]:
-        state = self.gateway.state
+    def rows(self, only: str | None = None) -> tuple[list[dict[str, Any]], str]:
+        state = self.core.state
         registry, problem = self._registry()
         rows = []
         for name, spec in sorted(state.models.items()):
@@ -304,11 +314,11 @@ class ModelCatalog:
             rows.append(self._row(name, spec.source, spec.aliases, record))
         return rows, problem
 
-    def _row(self, name: str, source: str, aliases: list[str], record: ModelRecord | None) -> dict:
-        upstreams = {u.name: u for u in self.gateway.upstreams()}
+    def _row(self, name: str, source: str, aliases: list[str], record: ModelRecord | None) -> dict[str, Any]:
+        upstreams = {u.name: u for u in self.core.upstreams()}
         serving = [
             {"backend": b, "healthy": upstreams[b].healthy if b in upstreams else False}
-            for b, spec in sorted(self.gateway.state.backends.items()) if spec.model == name
+            for b, spec in sorted(self.core.state.backends.items()) if spec.model == name
         ]  # fmt: skip
         row: dict[str, Any] = {"name": name, "source": source, "aliases": aliases, "registered": record is not None,
                                "backends": serving}  # fmt: skip
@@ -323,21 +333,3 @@ class ModelCatalog:
                 "vram_estimate_bytes": record.vram_estimate_bytes, "pulled_at": record.pulled_at,
             })  # fmt: skip
         return row
-
-
-def status_document(gateway: Gateway) -> dict:
-    ops = gateway.ops
-    requests, problems = read_requests(ops.requests_dir, gateway.state.backends)
-    return {
-        "host": gateway.state.host,
-        "hostname": socket.gethostname(),
-        "version": __version__,
-        "time": time.time(),
-        "reconciler": reconciler_section(ops.status, requests, problems),
-        "backends": backends_document(gateway, ops.status, requests),
-        "gateway": {
-            **gateway_counters(gateway),
-            "recent": ops.telemetry.recent.summary(),
-            "events": ops.events.describe() if ops.events else None,
-        },  # fmt: skip
-    }

@@ -14,6 +14,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 BLOCK_CHARS = 128  # about 32 tokens: fine enough to find a shared system prompt
 MAX_PROMPT_BLOCKS = 512  # past 64k characters of shared prefix, longer matches change nothing
@@ -24,7 +25,7 @@ _ROLE_END = "\x1e"  # separators no chat text contains, so role and content cann
 _FIELD_END = "\x1f"
 
 
-def prompt_text(body: dict) -> str:
+def prompt_text(body: dict[str, Any]) -> str:
     """The part of a request that a backend's prefix cache keys on, as one string: the chat
     messages in order (role, then content), else the completion prompt."""
     messages = body.get("messages")
@@ -51,7 +52,7 @@ def _content_text(content: object) -> str:
     return ""
 
 
-def prompt_blocks(body: dict) -> list[bytes]:
+def prompt_blocks(body: dict[str, Any]) -> list[bytes]:
     """Chained hashes of the prompt's whole blocks: the i-th hash identifies its first
     (i + 1) * BLOCK_CHARS characters. A trailing partial block is left out."""
     text = prompt_text(body).encode("utf-8", "surrogatepass")

@@ -15,17 +15,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
-from reconciler.gateway.adapters import Exchange, Unsupported, adapter_for
-from reconciler.gateway.errors import error_body, openai_error, sse_error_event
+from reconciler.gateway.adapters import Unsupported, adapter_for
+from reconciler.gateway.answer_limits import read_whole
+from reconciler.gateway.errors import GatewayError, backend_error, sse_error_event
 from reconciler.gateway.metrics import GatewayMetrics
 from reconciler.gateway.observers import ProxyObserver
+from reconciler.gateway.proxy_call import ProxyCall
 from reconciler.gateway.router import Router, Upstream
 from reconciler.gateway.slots import SlotWatch
 from reconciler.gateway.sse import EventParser
@@ -65,21 +67,6 @@ class TimedOut(Exception):
     closed). The request's fault or the backend's, it is not retried and opens no circuit."""
 
 
-@dataclass(frozen=True)
-class ProxyCall:
-    # For telemetry and events (keyword-only: positional calls are unchanged); os.urandom is a
-    # fifth of uuid4's cost in the request path.
-    request_id: str = field(default_factory=lambda: os.urandom(16).hex(), compare=False, kw_only=True)
-    exchange: Exchange
-    raw: bytes
-    model: str  # canonical model name
-    stream: bool
-    affinity_key: str | None = None
-    client: str | None = None  # the API key's client name, when keys are on
-    eligible: frozenset[str] | None = None  # backends that fit the request (selection.py); None: all
-    trace: tuple[tuple[str, str], ...] = ()  # x-request-id and traceparent, sent to the backend
-
-
 @dataclass
 class Answer:
     """What goes back to the client: a whole body, or a stream the caller must drain or
@@ -92,14 +79,7 @@ class Answer:
     stream: AsyncGenerator[bytes, None] | None = None
     retry_after: str | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
-
-
-def error_answer(
-    status: int, message: str, code: str, retry_after: str | None = None, param: str | None = None
-) -> Answer:
-    body = error_body(message, status, code)
-    body["error"]["param"] = param  # the request field at fault, as OpenAI names it
-    return Answer(status, body=json.dumps(body).encode(), retry_after=retry_after)
+    error: GatewayError | None = None  # a backend's error answer (then `body` is empty)
 
 
 class Proxy:
@@ -124,7 +104,7 @@ class Proxy:
         self._urls: dict[str, httpx.URL] = {}
         self.observers: list[ProxyObserver] = []
 
-    def _count(self, call: ProxyCall, backend: str, status: str, started: float, usage: dict | None = None) -> None:
+    def _count(self, call: ProxyCall, backend: str, status: str, started: float, usage: dict[str, Any] | None = None) -> None:
         """Count one request's outcome, and tell the observers."""
         self.metrics.count(call.model, backend, status, call.client)
         for observer in self.observers:
@@ -146,7 +126,7 @@ class Proxy:
         if not candidates:
             self.metrics.rejected.labels("no_healthy_backend").inc()
             self._count(call, "none", "503", started)
-            return error_answer(
+            raise GatewayError(
                 503,
                 f"no healthy backend for model {call.exchange.requested_model!r}: "
                 f"{self.router.unavailable_reason(call.model)}",
@@ -167,14 +147,14 @@ class Proxy:
                     return await self._attempt(upstream, call, started)
                 except Unsupported as exc:
                     self._count(call, upstream.name, "400", started)
-                    return error_answer(400, str(exc), exc.code, param=getattr(exc, "param", None))
+                    raise GatewayError(400, str(exc), exc.code, param=getattr(exc, "param", None)) from None
                 except Malformed as exc:
                     self._count(call, upstream.name, "400", started)
-                    return error_answer(400, str(exc), "invalid_request")
+                    raise GatewayError(400, str(exc), "invalid_request") from None
                 except TimedOut as exc:
                     self._count(call, upstream.name, "504", started)
                     log.warning("request to %s cancelled: %s", upstream.name, exc)
-                    return error_answer(504, f"backend {upstream.name}: {exc}", "upstream_timeout")
+                    raise GatewayError(504, f"backend {upstream.name}: {exc}", "upstream_timeout") from None
                 except UpstreamFailed as exc:
                     if not exc.busy:
                         failed = True
@@ -191,12 +171,12 @@ class Proxy:
         if not failed:
             self.metrics.rejected.labels("backend_busy").inc()
             self._count(call, "none", "429", started)
-            return error_answer(
+            raise GatewayError(
                 429, "every backend for this model is at its concurrency limit and its queue is full; "
                 "retry shortly", "backend_busy", retry_after="1",
             )  # fmt: skip
         self._count(call, "none", "502", started)
-        return error_answer(502, "all backends failed: " + "; ".join(tried), "upstream_error")
+        raise GatewayError(502, "all backends failed: " + "; ".join(tried), "upstream_error")
 
     async def _wait_for_room(self, candidates: list[Upstream]) -> None:
         """Every candidate is at its limit: wait, in the queue of the one with the shortest,
@@ -282,18 +262,17 @@ class Proxy:
                     await response.aclose()
                     raise UpstreamFailed(f"answered {status}", busy=status == 429)
                 if not call.stream or status != 200:
-                    content = await response.aread()
+                    content = await read_whole(response)  # capped: answer_limits.py
                     await response.aclose()
                     if status == 200 and not passthrough:
                         content = adapter.convert_response(call.exchange, content)
-                    if status >= 400:  # errors in OpenAI's shape; other statuses pass as they are
-                        content = openai_error(content, status)
-                        ctype = JSON
-                    else:
-                        ctype = response.headers.get("content-type", "application/json").encode()
                     upstream.record_success()
                     upstream.release()
                     self._record(call, upstream, status, started, content if status == 200 else None)
+                    if status >= 400:  # one error, each surface renders it; other statuses pass as they are
+                        error = backend_error(content, status)
+                        return Answer(status, JSON, upstream.name, error=error, headers=_backend_id(backend_id, call))
+                    ctype = response.headers.get("content-type", "application/json").encode()
                     return Answer(status, ctype, upstream.name, body=content, headers=_backend_id(backend_id, call))
                 upstream_chunks = response.aiter_raw()
                 chunks = upstream_chunks if passthrough else adapter.convert_stream(exchange, upstream_chunks)
@@ -344,7 +323,7 @@ class Proxy:
         # Made on the first chunk that holds "usage" or ends mid-event (before that, every
         # event was whole, so a parser would hold nothing); then fed every chunk.
         usage: EventParser | None = None
-        tokens: dict = {}  # the stream's usage report, for the observers
+        tokens: dict[str, Any] = {}  # the stream's usage report, for the observers
         try:
             yield b""  # the priming step (see _attempt); never reaches the client
             if first:
@@ -397,7 +376,7 @@ class Proxy:
         self._count(call, upstream.name, str(status), started, usage)
 
     def _stream_usage(
-        self, parser: EventParser | None, chunk: bytes, call: ProxyCall, upstream: Upstream, tokens: dict
+        self, parser: EventParser | None, chunk: bytes, call: ProxyCall, upstream: Upstream, tokens: dict[str, Any]
     ) -> EventParser:
         parser = parser or EventParser()
         for data in parser.feed(chunk):
@@ -405,7 +384,7 @@ class Proxy:
                 tokens.update(self._count_usage(data, call, upstream) or {})
         return parser
 
-    def _count_usage(self, document: str | bytes, call: ProxyCall, upstream: Upstream) -> dict | None:
+    def _count_usage(self, document: str | bytes, call: ProxyCall, upstream: Upstream) -> dict[str, Any] | None:
         """Tokens from an answer's (or a stream event's) OpenAI `usage` object, if it has one."""
         try:
             usage = json.loads(document).get("usage")

@@ -7,16 +7,18 @@ from __future__ import annotations
 import re
 import uuid
 
+from reconciler.gateway.asgi import ASGIApp, Message, Receive, Scope, Send
+
 # Printable ASCII, bounded: the id goes into logs and the backend's headers as it is.
 _VALID = re.compile(rb"[\x21-\x7e]{1,128}")
 TRACED = (b"x-request-id", b"traceparent", b"tracestate")
 
 
-def with_request_id(app):
+def with_request_id(app: ASGIApp) -> ASGIApp:
     """`app` wrapped so every HTTP request has an `x-request-id` header (the client's, if it
     sent a sane one) and every response carries it back, with the client's traceparent."""
 
-    async def entry(scope, receive, send) -> None:
+    async def entry(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
@@ -27,7 +29,7 @@ def with_request_id(app):
             echo.append(new)
             scope = {**scope, "headers": [*(h for h in headers if h[0] != b"x-request-id"), new]}
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k, v) for k, v in echo if k not in present]

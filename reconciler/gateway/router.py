@@ -11,6 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from reconciler.config.schema import BackendSpec, DesiredState
 from reconciler.gateway.backend_info import BackendInfo, backend_infos
@@ -213,7 +214,7 @@ class RoutingTable:
             return Resolution(None, AUTO)
         return None
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """The routing table as `/v1/models` and `tensorforge status` show it."""
         mapped = {p: self.client_aliases.get(p, AUTO) for p in PLACEHOLDERS}
         return {
@@ -292,7 +293,7 @@ class Router:
         self,
         model: str,
         affinity_key: str | None = None,
-        body: dict | None = None,
+        body: dict[str, Any] | None = None,
         *,
         eligible: frozenset[str] | None = None,
     ) -> list[Upstream]:
@@ -308,7 +309,7 @@ class Router:
             ordered += self._order(ready, affinity_key, body)
         return ordered
 
-    def _order(self, ready: list[Upstream], affinity_key: str | None, body: dict | None) -> list[Upstream]:
+    def _order(self, ready: list[Upstream], affinity_key: str | None, body: dict[str, Any] | None) -> list[Upstream]:
         if len(ready) < 2:
             return ready
         if self.strategy == "round-robin":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 from reconciler.gateway.backend_info import lacks_hint
 from reconciler.gateway.router import Upstream
@@ -52,7 +53,7 @@ class Needs:
         return "needs " + " and ".join(what)
 
 
-def request_needs(endpoint: str, body: dict) -> Needs:
+def request_needs(endpoint: str, body: dict[str, Any]) -> Needs:
     caps = {ENDPOINT_CAPABILITY.get(endpoint, "completion")}
     if body.get("tools"):
         caps.add("tools")
@@ -71,7 +72,7 @@ def request_needs(endpoint: str, body: dict) -> Needs:
     return Needs(endpoint, "\n".join(texts), count, min(asked) if asked else None, frozenset(caps))
 
 
-def _collect(value, out: list[str], depth: int = 0) -> bool:
+def _collect(value: object, out: list[str], depth: int = 0) -> bool:
     """Append the prompt's strings to `out`; True if it holds an image. Base64 payloads (data:
     URLs) are not text: they would count as thousands of tokens."""
     image = False
@@ -89,7 +90,7 @@ def _collect(value, out: list[str], depth: int = 0) -> bool:
     return image
 
 
-def _is_count(value) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
@@ -115,7 +116,7 @@ class Refusal:
     code: str
 
 
-def plainly_fits(raw_size: int, body: dict, pool: list[Upstream]) -> bool:
+def plainly_fits(raw_size: int, body: dict[str, Any], pool: list[Upstream]) -> bool:
     """For a named model's text request, whether every backend surely takes it: the whole
     body's bytes bound its prompt, so nothing needs counting and no choice is left to make.
     The hot path: most requests end here."""

@@ -39,7 +39,7 @@ def header_timeout_protocol(seconds: float = HEADER_TIMEOUT) -> type[asyncio.Pro
             if self._waiting_for_headers():
                 transport.close()
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self._arm()
 

@@ -80,7 +80,7 @@ class LineParser:
         self._tail: list[bytes] = []  # the unterminated line so far
         self._size = 0
 
-    def feed(self, chunk: bytes) -> list[dict]:
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
         if b"\n" not in chunk:
             self._size += len(chunk)
             if self._size > MAX_EVENT_BYTES:
@@ -97,13 +97,13 @@ class LineParser:
             raise _too_long("a line")
         return [json.loads(line) for line in lines if line.strip()]
 
-    def flush(self) -> list[dict]:
+    def flush(self) -> list[dict[str, Any]]:
         rest = b"".join(self._tail)
         self._tail, self._size = [], 0
         return [json.loads(rest)] if rest.strip() else []
 
 
-async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict]:
+async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
     """The JSON events of an OpenAI stream, up to `[DONE]` (error events included)."""
     parser = EventParser()
     async for chunk in chunks:

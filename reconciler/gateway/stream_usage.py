@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import Any
 
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.adapters.shapes import wants_usage
@@ -28,7 +29,7 @@ def request_usage(exchange: Exchange) -> tuple[Exchange, bytes]:
 
 
 async def strip_usage(
-    chunks: AsyncIterator[bytes], on_usage: Callable[[dict], None]
+    chunks: AsyncIterator[bytes], on_usage: Callable[[dict[str, Any]], None]
 ) -> AsyncIterator[bytes]:
     """Pass the stream on without its usage event: `on_usage` gets each usage object, the
     usage-only event (no choices) is dropped, every other event passes byte for byte. Chunks
@@ -48,7 +49,7 @@ async def strip_usage(
             yield out
 
 
-def _without_usage(data: str, on_usage: Callable[[dict], None]) -> bytes:
+def _without_usage(data: str, on_usage: Callable[[dict[str, Any]], None]) -> bytes:
     original = b"data: " + data.encode() + b"\n\n"
     if '"usage"' not in data:
         return original

@@ -25,15 +25,18 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from reconciler.gateway.ops_status import backends_document, reconciler_section, vram_document
-from reconciler.gateway.proxy import ProxyCall
-
-if TYPE_CHECKING:
-    from reconciler.gateway.app import Gateway
+from reconciler.gateway.core import GatewayCore
+from reconciler.gateway.ops_status import (
+    OpsState,
+    backends_document,
+    reconciler_section,
+    vram_document,
+)
+from reconciler.gateway.proxy_call import ProxyCall
 
 log = logging.getLogger(__name__)
 EVENT_TYPES = ("vram_update", "backend_status", "reconcile", "inference_complete")
@@ -63,7 +66,7 @@ class RecentRequests:
         while self.done and self.done[0][0] < horizon:
             self.done.popleft()
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         self._trim()
         durations = sorted(d for _, d, _ in self.done)
 
@@ -102,12 +105,16 @@ class Telemetry:
     """The hub: watches the gateway, fans events out to subscribers, and is the proxy's
     observer for `inference_complete`."""
 
-    def __init__(self, gateway: Gateway, queue_events: int = QUEUE_EVENTS):
-        self.gateway = gateway
+    def __init__(
+        self, core: GatewayCore, ops: OpsState, may_read: Callable[[str | None], bool], queue_events: int = QUEUE_EVENTS
+    ):
+        self.core = core
+        self.ops = ops
+        self.may_read = may_read  # the operations API's read check (user or admin key)
         self.queue_events = queue_events
         self.subscribers: set[Subscriber] = set()
         self.recent = RecentRequests()
-        self._states: dict[str, tuple] = {}
+        self._states: dict[str, tuple[Any, ...]] = {}
         self._pass: Any = None
 
     # -- publishing ------------------------------------------------------------------------
@@ -124,7 +131,7 @@ class Telemetry:
         pass
 
     def completed(
-        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict | None
+        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict[str, Any] | None
     ) -> None:
         self.recent.add(seconds, status.startswith("2"))
         if self.subscribers:
@@ -136,11 +143,11 @@ class Telemetry:
             })  # fmt: skip
 
     # -- watching ---------------------------------------------------------------------------
-    def backend_changes(self) -> list[dict]:
+    def backend_changes(self) -> list[dict[str, Any]]:
         """Rows of backends whose health, routing or reconciler state changed since last call."""
-        ops = self.gateway.ops
+        ops = self.ops
         changed = []
-        rows = backends_document(self.gateway, ops.status, ops.admin_requests())
+        rows = backends_document(self.core, ops.status, ops.admin_requests())
         for row in rows:
             key = (row["health"]["healthy"], row["health"]["detail"], row["state"], row["draining"],
                    row["circuit"]["open"], row["pid"], row["admin_request"])  # fmt: skip
@@ -151,9 +158,9 @@ class Telemetry:
             del self._states[gone]
         return changed
 
-    def reconcile_change(self) -> dict | None:
+    def reconcile_change(self) -> dict[str, Any] | None:
         """The reconciler section when a pass changed what the status file says."""
-        ops = self.gateway.ops
+        ops = self.ops
         data = ops.status.read()
         seen = json.dumps(
             {"units": data.get("units"), "last_pass": data.get("last_pass")}, sort_keys=True
@@ -179,7 +186,7 @@ class Telemetry:
                     self.publish("reconcile", change)
                 if self.subscribers and time.monotonic() >= next_vram:
                     next_vram = time.monotonic() + VRAM_INTERVAL
-                    self.publish("vram_update", await vram_document(self.gateway))
+                    self.publish("vram_update", await vram_document(self.core, self.ops))
             except Exception:  # keep watching whatever one round did
                 log.exception("telemetry round failed")
             await asyncio.sleep(WATCH_INTERVAL)
@@ -189,7 +196,7 @@ class Telemetry:
         authorization, subprotocol = presented_key(
             websocket.headers.get("authorization"), websocket.scope.get("subprotocols") or []
         )
-        if not self.gateway.ops.may_read(authorization):
+        if not self.may_read(authorization):
             await websocket.close(code=4401, reason="missing or invalid API key")
             return
         if len(self.subscribers) >= MAX_CONNECTIONS:
@@ -214,13 +221,13 @@ class Telemetry:
 
     async def _greet(self, subscriber: Subscriber) -> None:
         """A new client gets the current state at once instead of waiting for changes."""
-        ops = self.gateway.ops
+        ops = self.ops
         now = time.time()
-        for row in backends_document(self.gateway, ops.status, ops.admin_requests()):
+        for row in backends_document(self.core, ops.status, ops.admin_requests()):
             subscriber.offer(
                 "backend_status", json.dumps({"type": "backend_status", "time": now, "data": row})
             )
-        vram = await vram_document(self.gateway)
+        vram = await vram_document(self.core, self.ops)
         subscriber.offer("vram_update", json.dumps({"type": "vram_update", "time": now, "data": vram}))
 
     async def _read(self, websocket: WebSocket, subscriber: Subscriber) -> None:
@@ -233,7 +240,7 @@ class Telemetry:
             subscriber.ready.set()
 
 
-async def pump(subscriber: Subscriber, send: Callable[[str], Awaitable[None]], reader: asyncio.Task) -> None:
+async def pump(subscriber: Subscriber, send: Callable[[str], Awaitable[None]], reader: asyncio.Task[Any]) -> None:
     """Send what the subscriber's queue holds, as fast as the client takes it, until `reader`
     ends (the client left). While a send waits on a slow client, new events replace the oldest
     queued; the client is told how many it lost before the next ones."""
@@ -250,7 +257,7 @@ async def pump(subscriber: Subscriber, send: Callable[[str], Awaitable[None]], r
             await send(subscriber.queue.popleft())
 
 
-def subscribe(subscriber: Subscriber, text: str | None) -> dict:
+def subscribe(subscriber: Subscriber, text: str | None) -> dict[str, Any]:
     """Apply a {"subscribe": [...]} message; the answer says what is now sent, or what was wrong."""
     try:
         message = json.loads(text or "")

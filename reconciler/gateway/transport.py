@@ -4,7 +4,9 @@ for the proxy; the profile showed httpx's client layer and aiohttp's request pat
 largest share of the gateway's own CPU per request.
 
 Backends are plain HTTP on a trusted network (or localhost); for https:// URLs the gateway
-uses httpx-aiohttp's transport instead (see `make_transport`)."""
+uses httpx-aiohttp's transport instead (see `core.make_transports`). What an answer may make
+the gateway hold is enforced above both, in answer_limits.py; this transport's own limits
+are those only it can see (the response head) and its read buffer (READ_HIGH_WATER)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httptools
 import httpx
@@ -19,7 +22,6 @@ import httpx
 IDLE_EXPIRY = 15.0  # seconds an unused connection stays in the pool
 MAX_IDLE_PER_HOST = 256
 MAX_HEADER_BYTES = 64 * 1024  # status line and headers of one answer, as h11's default
-MAX_BODY_BYTES = 64 * 1024 * 1024  # a whole answer read at once (`aread`); streams are not capped
 READ_HIGH_WATER = 1024 * 1024  # unread bytes of one answer before the backend is paused
 
 
@@ -213,27 +215,7 @@ class _Body(httpx.AsyncByteStream):
             self.connection.close()  # abandoned mid-answer: closing tells the backend to stop
 
 
-class _Response(httpx.Response):
-    """httpx's Response, whose `aread` (the whole answer at once, as the proxy reads
-    non-streamed answers) stops at MAX_BODY_BYTES; streaming reads are not capped."""
-
-    async def aread(self) -> bytes:
-        if not hasattr(self, "_content"):
-            parts: list[bytes] = []
-            size = 0
-            async for part in self.aiter_bytes():
-                size += len(part)
-                if size > MAX_BODY_BYTES:
-                    await self.aclose()  # unread: the connection is closed, not reused
-                    raise httpx.RemoteProtocolError(
-                        f"backend answer larger than {MAX_BODY_BYTES} bytes", request=self.request
-                    )
-                parts.append(part)
-            self._content = b"".join(parts)
-        return self._content
-
-
-def _expire(future: asyncio.Future) -> None:
+def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_exception(httpx.ReadTimeout("backend sent nothing within the idle timeout"))
 
@@ -251,7 +233,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         else:
             connection.close()
 
-    async def _get(self, key: tuple[str, int], timeouts: dict) -> tuple[_Connection, bool]:
+    async def _get(self, key: tuple[str, int], timeouts: dict[str, Any]) -> tuple[_Connection, bool]:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
@@ -299,7 +281,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except BaseException:
             connection.close()
             raise
-        return _Response(
+        return httpx.Response(
             status, headers=connection.headers, stream=_Body(connection, read_timeout),
             request=request, extensions={"http_version": b"HTTP/1.1", "reused": reused},
         )  # fmt: skip

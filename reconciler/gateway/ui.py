@@ -6,15 +6,17 @@ only. The script then follows /status and the /ws feed."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from functools import cache
 from importlib import resources
 
-from jinja2 import Environment
+from jinja2 import Environment, Template
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from reconciler.gateway.ops_status import backends_document
+from reconciler.gateway.core import GatewayCore
+from reconciler.gateway.ops_status import OpsState, backends_document
 
 ASSETS = {"/ui/app.js": ("app.js", "text/javascript"), "/ui/style.css": ("style.css", "text/css")}
 UI_PATHS = frozenset(("/ui", *ASSETS))
@@ -36,21 +38,19 @@ def _asset(name: str) -> str:
 
 
 @cache
-def _template():
+def _template() -> Template:
     return Environment(autoescape=True).from_string(_asset("index.html"))
 
 
-async def page(request: Request) -> Response:
-    gateway = request.app.state.gateway
-    keyed = gateway.keys.enabled
-    rows = (
-        []
-        if keyed
-        else backends_document(gateway, gateway.ops.status, gateway.ops.admin_requests())
-    )
-    # With keys on, not even the host's name: the page is public.
-    html = _template().render(host="" if keyed else gateway.state.host, keyed=keyed, backends=rows)
-    return HTMLResponse(html, headers=SECURITY_HEADERS)
+def page(core: GatewayCore, ops: OpsState) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        keyed = core.keys.enabled
+        rows = [] if keyed else backends_document(core, ops.status, ops.admin_requests())
+        # With keys on, not even the host's name: the page is public.
+        html = _template().render(host="" if keyed else core.state.host, keyed=keyed, backends=rows)
+        return HTMLResponse(html, headers=SECURITY_HEADERS)
+
+    return endpoint
 
 
 async def asset(request: Request) -> Response:
@@ -58,8 +58,8 @@ async def asset(request: Request) -> Response:
     return Response(_asset(name), media_type=media_type, headers=SECURITY_HEADERS)
 
 
-def ui_routes() -> list[Route]:
+def ui_routes(core: GatewayCore, ops: OpsState) -> list[Route]:
     return [
-        Route("/ui", page, methods=["GET"]),
+        Route("/ui", page(core, ops), methods=["GET"]),
         *(Route(path, asset, methods=["GET"]) for path in ASSETS),
     ]

@@ -13,20 +13,20 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from reconciler.gateway.adapters import Exchange
-from reconciler.gateway.errors import error_body
-from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
-from reconciler.gateway.proxy import Answer, ProxyCall
+from reconciler.gateway.core import GatewayCore
+from reconciler.gateway.errors import GatewayError
+from reconciler.gateway.proxy_call import ProxyCall
+from reconciler.gateway.request_body import OPENAI_ENDPOINTS
 from reconciler.gateway.sse import iter_events
 
-if TYPE_CHECKING:
-    from reconciler.gateway.app import Gateway
-
 log = logging.getLogger(__name__)
+WEBSOCKET_PATH = "/v1/ws"
 MAX_PENDING = 8  # requests a client may queue on one connection before being refused
 # Bytes of queued messages one connection may hold, in request bodies (gateway.max_body_bytes):
 # eight full-size messages per connection were 32 MiB of gateway memory a client could pin.
@@ -69,25 +69,26 @@ class Ceilings:
         self.queued -= size
 
 
-def websocket_endpoint(gateway: Gateway):
-    spec = gateway.spec
+def websocket_endpoint(core: GatewayCore) -> Callable[[WebSocket], Awaitable[None]]:
+    spec = core.spec
     ceilings = Ceilings(spec.max_websockets_per_key, spec.max_websockets, spec.max_websocket_queued_bytes)
 
     async def endpoint(websocket: WebSocket) -> None:
-        authorization = websocket.headers.get("authorization")
-        _, refusal = gateway.admit(authorization, hold=False)
-        if refusal is not None:
+        # The key is checked here, once per connection (the front door leaves this path to
+        # us); each message then only takes one of that key's concurrent-request slots.
+        try:
+            key = core.admission.identify(websocket.headers.get("authorization"))
+        except GatewayError:
             await websocket.close(code=4401, reason="missing or invalid API key")
             return
-        key = gateway.keys.identify(authorization) if gateway.keys.enabled else None
         who = f"key:{key}" if key else f"address:{websocket.client.host if websocket.client else ''}"
         if (reason := ceilings.enter(who)) is not None:
-            gateway.metrics.rejected.labels("websocket_limit").inc()
+            core.metrics.rejected.labels("websocket_limit").inc()
             await websocket.close(code=TRY_AGAIN_LATER, reason=reason)
             return
         try:
             await websocket.accept()
-            await Session(gateway, websocket, ceilings).run()
+            await Session(core, websocket, ceilings, key).run()
         finally:
             ceilings.leave(who)
 
@@ -95,12 +96,14 @@ def websocket_endpoint(gateway: Gateway):
 
 
 class Session:
-    def __init__(self, gateway: Gateway, websocket: WebSocket, ceilings: Ceilings):
-        self.gateway = gateway
+    def __init__(self, core: GatewayCore, websocket: WebSocket, ceilings: Ceilings, key: str | None):
+        self.core = core
         self.ws = websocket
         self.ceilings = ceilings
+        self.key = key  # the connection's client, identified once
+        self.keys_seen = core.keys.generation  # a reloaded keys file: check the key again
         self.pending: asyncio.Queue[Any] = asyncio.Queue(MAX_PENDING)
-        self.limit = gateway.spec.max_body_bytes
+        self.limit = core.spec.max_body_bytes
         self.queued_bytes = 0
 
     async def run(self) -> None:
@@ -161,12 +164,15 @@ class Session:
             with contextlib.suppress(asyncio.QueueFull):
                 self.pending.put_nowait(None)
 
-    async def _send(self, obj: dict) -> None:
+    async def _send(self, obj: dict[str, Any]) -> None:
         await self.ws.send_text(json.dumps(obj, separators=(",", ":")))
 
     async def _send_error(self, rid: Any, status: int, message: str, code: str) -> None:
         await self._send({"id": rid, "type": "error", "status": status,
                           "error": {"message": message, "type": "invalid_request_error", "code": code}})  # fmt: skip
+
+    async def _send_gateway_error(self, rid: Any, error: GatewayError) -> None:
+        await self._send({"id": rid, "type": "error", "status": error.status, "error": error.openai()})
 
     async def _handle(self, text: str | bytes) -> None:
         if not isinstance(text, str):
@@ -187,11 +193,10 @@ class Session:
             raise  # the connection is gone: nobody to answer
         except Exception as exc:  # one request's failure, not the session's
             log.exception("WebSocket request %r failed", rid)
-            await self._send({"id": rid, "type": "error", "status": 500,
-                              "error": error_body(f"the gateway failed on this request: {type(exc).__name__}",
-                                                  500, "internal_error")["error"]})  # fmt: skip
+            failure = GatewayError(500, f"the gateway failed on this request: {type(exc).__name__}", "internal_error")
+            await self._send_gateway_error(rid, failure)
 
-    async def _request(self, rid: Any, message: dict) -> None:
+    async def _request(self, rid: Any, message: dict[str, Any]) -> None:
         endpoint = message.get("endpoint", "/v1/chat/completions")
         if not isinstance(endpoint, str) or endpoint not in OPENAI_ENDPOINTS:
             await self._send_error(rid, 404, f"unknown endpoint {endpoint!r}", "unknown_endpoint")
@@ -201,27 +206,31 @@ class Session:
             body = {k: v for k, v in message.items() if k not in ("id", "endpoint")}
         body = {**body, "stream": endpoint != "/v1/embeddings"} if isinstance(body, dict) else body
         raw = json.dumps(body).encode()
-        gateway = self.gateway
+        core = self.core
         if len(raw) > self.limit:  # the same limit as an HTTP request body
             await self._send_error(rid, 413, f"request body exceeds {self.limit} bytes (gateway.max_body_bytes)",
                                    "body_too_large")  # fmt: skip
             return
-        parsed = gateway.parse_request(raw, endpoint)
-        if isinstance(parsed, Answer):
-            await self._send_answer_error(rid, parsed)
-            return
-        key, refusal = gateway.admit(self.ws.headers.get("authorization"))
-        if refusal is not None:
-            await self._send_answer_error(rid, refusal)
+        try:
+            body, model = core.routing.parse(raw, endpoint)
+            key = core.admission.hold(self._current_key())
+        except GatewayError as refusal:
+            await self._send_gateway_error(rid, refusal)
             return
         try:
-            body, model = parsed
-            affinity = self.ws.headers.get(gateway.spec.routing.affinity_header)
+            affinity = self.ws.headers.get(core.spec.routing.affinity_header)
             call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity, key)
-            answer = await gateway.proxy.forward(call)
+            try:
+                answer = await core.proxy.forward(call)
+            except GatewayError as error:
+                await self._send_gateway_error(rid, error)
+                return
             if answer.stream is None:
-                if answer.status != 200:
-                    await self._send_answer_error(rid, answer)
+                if answer.error is not None:
+                    await self._send_gateway_error(rid, answer.error)
+                elif answer.status != 200:  # not an error, not an answer a message can hold
+                    await self._send({"id": rid, "type": "error", "status": answer.status,
+                                      "error": {"message": answer.body.decode("utf-8", "replace")[:300]}})  # fmt: skip
                 else:
                     await self._send({"id": rid, "type": "response", "data": json.loads(answer.body)})
                 return
@@ -235,8 +244,14 @@ class Session:
             finally:
                 await answer.stream.aclose()
         finally:
-            gateway.release_key(key)
+            core.admission.release(key)
 
-    async def _send_answer_error(self, rid: Any, answer: Answer) -> None:
-        error = json.loads(answer.body).get("error", {})
-        await self._send({"id": rid, "type": "error", "status": answer.status, "error": error})
+    def _current_key(self) -> str | None:
+        """The connection's client; checked again only when the keys file was reloaded since
+        (a revoked key stops working on open connections too)."""
+        keys = self.core.keys
+        if keys.enabled and keys.generation != self.keys_seen:
+            generation = keys.generation
+            self.key = self.core.admission.identify(self.ws.headers.get("authorization"))  # raises if revoked
+            self.keys_seen = generation  # only once it passed: a revoked key stays refused
+        return self.key

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 
 class Unsupported(Exception):
@@ -36,7 +37,7 @@ class Exchange:
     """One client request as the adapter sees it."""
 
     endpoint: str  # the OpenAI path the client called
-    body: dict
+    body: dict[str, Any]
     requested_model: str  # what the client called the model (names the answer)
 
 
@@ -67,11 +68,11 @@ class Adapter:
     # then asks for every stream, to count the tokens of clients that did not.
     stream_usage_option = False
 
-    def parse_info(self, info: dict) -> int | None:
+    def parse_info(self, info: dict[str, Any]) -> int | None:
         """The most concurrent requests the backend accepts, from its info document."""
         return None
 
-    def holds_model(self, document: dict, served_model: str) -> bool | None:
+    def holds_model(self, document: dict[str, Any], served_model: str) -> bool | None:
         """From the `loaded_path` document: is `served_model` in memory (None: cannot tell)."""
         return None
 

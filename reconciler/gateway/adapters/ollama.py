@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from reconciler.gateway.adapters.base import (
     JSON_HEADERS,
@@ -37,7 +38,7 @@ OPTIONS = {
 }  # fmt: skip
 
 
-def _arguments(text: object) -> dict:
+def _arguments(text: object) -> dict[str, Any]:
     """OpenAI's arguments (JSON text) -> Ollama's (an object)."""
     if isinstance(text, dict):
         return text
@@ -50,7 +51,7 @@ def _arguments(text: object) -> dict:
     return parsed
 
 
-def ollama_messages(messages: list) -> list[dict]:
+def ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
     """OpenAI content parts (text, data-URL images) -> Ollama's content + images; tool calls
     with their arguments as objects, and each tool answer named by the call it answers."""
     out = []
@@ -84,7 +85,7 @@ def ollama_messages(messages: list) -> list[dict]:
     return out
 
 
-def openai_tool_calls(calls: list) -> list[dict]:
+def openai_tool_calls(calls: list[Any]) -> list[dict[str, Any]]:
     """Ollama's tool calls -> OpenAI's (ids made up: Ollama's may have none)."""
     out = []
     for index, call in enumerate(calls):
@@ -98,9 +99,9 @@ def openai_tool_calls(calls: list) -> list[dict]:
     return out
 
 
-def native_body(exchange: Exchange, served_model: str) -> dict:
+def native_body(exchange: Exchange, served_model: str) -> dict[str, Any]:
     body = exchange.body
-    native: dict = {"model": served_model, "stream": body.get("stream") is True}
+    native: dict[str, Any] = {"model": served_model, "stream": body.get("stream") is True}
     if exchange.endpoint == "/v1/embeddings":
         return {"model": served_model, "input": body.get("input", "")}
     options = {OPTIONS[k]: v for k, v in body.items() if k in OPTIONS and v is not None}
@@ -133,7 +134,7 @@ def native_body(exchange: Exchange, served_model: str) -> dict:
     return native
 
 
-def finish_reason(answer: dict) -> str:
+def finish_reason(answer: dict[str, Any]) -> str:
     return "length" if answer.get("done_reason") == "length" else "stop"
 
 
@@ -147,7 +148,7 @@ class OllamaAdapter(Adapter):
     loaded_path = "/api/ps"
     stream_usage_option = True  # its converted stream ends with usage when asked
 
-    def holds_model(self, document: dict, served_model: str) -> bool | None:
+    def holds_model(self, document: dict[str, Any], served_model: str) -> bool | None:
         models = document.get("models") if isinstance(document, dict) else None
         if not isinstance(models, list):
             return None
@@ -177,8 +178,9 @@ class OllamaAdapter(Adapter):
         if exchange.endpoint == "/v1/embeddings":
             data = [{"object": "embedding", "index": i, "embedding": v}
                     for i, v in enumerate(answer.get("embeddings", []))]  # fmt: skip
-            result = {"object": "list", "data": data, "model": model, "usage": usage(prompt, 0)}
-            result["usage"].pop("completion_tokens")
+            counted = usage(prompt, 0)
+            counted.pop("completion_tokens")
+            result: dict[str, Any] = {"object": "list", "data": data, "model": model, "usage": counted}
         elif exchange.endpoint == "/v1/chat/completions":
             message = answer.get("message") or {}
             calls = message.get("tool_calls")
@@ -198,7 +200,7 @@ class OllamaAdapter(Adapter):
         chat = exchange.endpoint == "/v1/chat/completions"
         writer = ChunkWriter(exchange.requested_model, chat=chat)
         parser = LineParser()
-        calls: list = []  # tool calls sent so far: they number the next ones and set the finish
+        calls: list[Any] = []  # tool calls sent so far: they number the next ones and set the finish
         async for chunk in chunks:
             out = [event for line in parser.feed(chunk) for event in self._events(exchange, writer, line, calls)]
             if out:
@@ -209,7 +211,7 @@ class OllamaAdapter(Adapter):
             yield b"".join(out)
 
     @staticmethod
-    def _events(exchange: Exchange, writer: ChunkWriter, line: dict, calls: list) -> list[bytes]:
+    def _events(exchange: Exchange, writer: ChunkWriter, line: dict[str, Any], calls: list[Any]) -> list[bytes]:
         """The SSE events of one NDJSON line."""
         if "error" in line:
             return [sse_error_event(f"Ollama: {line['error']}")]

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt: int, completion: int) -> dict:
+def usage(prompt: int, completion: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_completion(model: str, text: str, finish: str | None, prompt: int, completion: int) -> dict:
+def chat_completion(model: str, text: str, finish: str | None, prompt: int, completion: int) -> dict[str, Any]:
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
@@ -32,7 +33,7 @@ def chat_completion(model: str, text: str, finish: str | None, prompt: int, comp
     }
 
 
-def text_completion(model: str, text: str, finish: str | None, prompt: int, completion: int) -> dict:
+def text_completion(model: str, text: str, finish: str | None, prompt: int, completion: int) -> dict[str, Any]:
     return {
         "id": new_id("cmpl"),
         "object": "text_completion",
@@ -53,24 +54,24 @@ class ChunkWriter:
         self.created = int(time.time())
         self._role_sent = False
 
-    def _chunk(self, choices: list[dict], extra: dict | None = None) -> dict:
+    def _chunk(self, choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices, **(extra or {})}  # fmt: skip
 
-    def delta(self, text: str, finish: str | None = None) -> dict:
+    def delta(self, text: str, finish: str | None = None) -> dict[str, Any]:
         if not self.chat:
             return self._chunk([{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}])
-        delta: dict = {"content": text} if text or not finish else {}
+        delta: dict[str, Any] = {"content": text} if text or not finish else {}
         if not self._role_sent:
             delta = {"role": "assistant", **delta}
             self._role_sent = True
         return self._chunk([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
 
-    def usage(self, prompt: int, completion: int) -> dict:
+    def usage(self, prompt: int, completion: int) -> dict[str, Any]:
         return self._chunk([], {"usage": usage(prompt, completion)})
 
 
-def wants_usage(body: dict) -> bool:
+def wants_usage(body: dict[str, Any]) -> bool:
     options = body.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True

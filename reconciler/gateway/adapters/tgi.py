@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from reconciler.gateway.adapters.base import (
     JSON_HEADERS,
@@ -21,9 +22,9 @@ from reconciler.gateway.sse import DONE, EventParser, encode_event
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
-def generate_parameters(body: dict) -> dict:
+def generate_parameters(body: dict[str, Any]) -> dict[str, Any]:
     """OpenAI sampling fields -> TGI `parameters` (TGI rejects temperature 0 and top_p 1)."""
-    params: dict = {"max_new_tokens": body.get("max_tokens") or 16, "details": True}
+    params: dict[str, Any] = {"max_new_tokens": body.get("max_tokens") or 16, "details": True}
     temperature = body.get("temperature")
     if isinstance(temperature, int | float) and temperature > 0:
         params["temperature"] = temperature
@@ -44,7 +45,7 @@ def generate_parameters(body: dict) -> dict:
     return params
 
 
-def prompt_text(body: dict) -> str:
+def prompt_text(body: dict[str, Any]) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         if len(prompt) != 1 or not isinstance(prompt[0], str):
@@ -59,7 +60,7 @@ class TGIAdapter(Adapter):
     protocol = "tgi"
     info_path = "/info"
 
-    def parse_info(self, info: dict) -> int | None:
+    def parse_info(self, info: dict[str, Any]) -> int | None:
         limit = info.get("max_concurrent_requests")
         return limit if isinstance(limit, int) and limit > 0 else None
 

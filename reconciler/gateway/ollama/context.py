@@ -6,18 +6,19 @@ history, with no extra call to tokenize. Clients only store and return it."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from reconciler.gateway.ollama.options import Refused
 
 ROLES = frozenset(("user", "assistant"))
 
 
-def encode_context(messages: list[dict]) -> list[int]:
+def encode_context(messages: list[dict[str, Any]]) -> list[int]:
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
     return list(json.dumps(turns, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def decode_context(context: object) -> list[dict]:
+def decode_context(context: object) -> list[dict[str, Any]]:
     """The conversation a `context` from this gateway holds; Refused for anything else (a
     context made by an Ollama server holds token ids of its own model, unreadable here)."""
     refused = Refused(

@@ -5,28 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from reconciler.gateway.adapters.ollama import tagged
+from reconciler.gateway.core import GatewayCore
 from reconciler.gateway.ollama import metadata
-
-if TYPE_CHECKING:
-    from reconciler.gateway.app import Gateway
-
 
 FACTS_SECONDS = 30.0  # how long a model's facts are reused before the registry is read again
 
 
 class ModelListing:
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-        self._facts: dict[str, tuple[float, asyncio.Future]] = {}  # model -> (started, result)
+    def __init__(self, core: GatewayCore):
+        self.core = core
+        self._facts: dict[str, tuple[float, asyncio.Future[Any]]] = {}  # model -> (started, result)
 
-    def _lookup(self, model: str) -> asyncio.Future:
+    def _lookup(self, model: str) -> asyncio.Future[Any]:
         """The model's facts, read in a thread once and shared by every caller; read again
         once FACTS_SECONDS old (the file's GGUF parse itself is cached per file version)."""
         now = time.monotonic()
@@ -39,7 +36,7 @@ class ModelListing:
 
     def _read(self, model: str) -> metadata.ModelFacts:
         try:
-            return metadata.model_facts(self.gateway.state, model)
+            return metadata.model_facts(self.core.state, model)
         except (OSError, ValueError, KeyError):  # unreadable, or gone in a reload: say nothing
             return metadata.ModelFacts()
 
@@ -53,7 +50,7 @@ class ModelListing:
         return future.result() if future.done() else None
 
     async def tags(self, request: Request) -> Response:
-        g = self.gateway
+        g = self.core
         out = []
         for model in g.table.served_models():
             aliases = sorted(a for a, m in g.table.names.items() if m == model and a != model)
@@ -63,7 +60,7 @@ class ModelListing:
 
     async def ps(self, request: Request) -> Response:
         """Models with a healthy backend: what the gateway can answer with now."""
-        g = self.gateway
+        g = self.core
         out = []
         for model in g.table.served_models():
             if not any(u.healthy for u in g.router.members(model)):
@@ -76,16 +73,16 @@ class ModelListing:
             out.append({**entry, **(await self._held_by_ollama(model, "/api/ps") or {})})
         return JSONResponse({"models": out})
 
-    async def _held_by_ollama(self, model: str, path: str) -> dict | None:
+    async def _held_by_ollama(self, model: str, path: str) -> dict[str, Any] | None:
         """For a model Ollama backends hold (no file here): the first healthy backend's own
         /api/tags or /api/ps entry for it (size, digest, times, details, memory), named as
         the gateway names it."""
-        members = [u for u in self.gateway.router.members(model) if u.healthy]
+        members = [u for u in self.core.router.members(model) if u.healthy]
         if not members or any(u.protocol != "ollama" for u in members):
             return None
         upstream = members[0]
         try:
-            response = await self.gateway.probe_client.get(
+            response = await self.core.probe_client.get(
                 upstream.base_url + path, headers=upstream.headers
             )
             listed = response.json().get("models") or []

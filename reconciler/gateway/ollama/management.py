@@ -10,6 +10,7 @@ import json
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from reconciler.config.schema import DesiredState, ModelSpec
 from reconciler.gateway.ollama.metadata import registry_exists
@@ -54,7 +55,7 @@ def pull_target(state: DesiredState, requested: str) -> tuple[str, ModelSpec]:
     return name, spec
 
 
-def _line(obj: dict) -> bytes:
+def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 

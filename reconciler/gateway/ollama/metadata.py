@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from reconciler.config.schema import DesiredState
 from reconciler.models.capabilities import CAPABILITIES, model_capabilities
@@ -36,9 +37,9 @@ class ModelFacts:
     size: int = 0
     digest: str = ""
     modified_at: str | None = None  # unknown without a file: null, which clients accept
-    details: dict = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict[str, Any])
     capabilities: list[str] = field(default_factory=lambda: ["completion"])
-    metadata: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict[str, Any])
     tensor_bytes: int = 0
     kv_bytes_per_token: int = 0  # f16 KV cache per token of context
 
@@ -85,13 +86,13 @@ def model_file(state: DesiredState, model: str) -> tuple[str, str] | None:
 
 def model_facts(state: DesiredState, model: str) -> ModelFacts:
     backends = [b for b in state.backends.values() if b.model == model]
-    kinds = {b.kind for b in backends} or {"openai"}
+    kinds: set[str] = {b.kind for b in backends} or {"openai"}
     found = model_file(state, model)
     if found is None:
         return ModelFacts(capabilities=_capabilities(None, kinds, backends))
     path, digest = found
     stat = Path(path).stat()
-    metadata: dict = {}
+    metadata: dict[str, Any] = {}
     tensor_bytes = kv_per_token = params = 0
     if path.endswith(".gguf"):
         try:
@@ -114,14 +115,14 @@ def model_facts(state: DesiredState, model: str) -> ModelFacts:
     )  # fmt: skip
 
 
-def _kv_elements(metadata: dict) -> int:
+def _kv_elements(metadata: dict[str, Any]) -> int:
     arch = str(metadata.get("general.architecture", ""))
     layers = int(metadata.get(f"{arch}.block_count", 0))
     width = int(metadata.get(f"{arch}.embedding_length", 0))
     return read_attention(metadata.get, arch, layers, width).kv_elements_per_token
 
 
-def _capabilities(metadata: dict | None, kinds: set[str], backends: list) -> list[str]:
+def _capabilities(metadata: dict[str, Any] | None, kinds: set[str], backends: list[Any]) -> list[str]:
     """What every backend of the model can do (a request may reach any of them)."""
     per_kind = [set(model_capabilities(metadata, None, kind)) for kind in sorted(kinds)]
     common = set.intersection(*per_kind)
@@ -132,7 +133,7 @@ def _capabilities(metadata: dict | None, kinds: set[str], backends: list) -> lis
     return [c for c in CAPABILITIES if c in common]
 
 
-def entry(model: str, aliases: list[str], facts: ModelFacts) -> dict:
+def entry(model: str, aliases: list[str], facts: ModelFacts) -> dict[str, Any]:
     """One model in /api/tags: its aliases listed with it, not as models of their own."""
     return {"name": model, "model": model, "modified_at": facts.modified_at, "size": facts.size,
             "digest": facts.digest, "details": facts.details, "aliases": aliases}  # fmt: skip
@@ -160,7 +161,7 @@ def memory(state: DesiredState, model: str, facts: ModelFacts) -> tuple[int, int
     return total, vram, context
 
 
-def show(model: str, requested: str, facts: ModelFacts, context_limit: int | None) -> dict:
+def show(model: str, requested: str, facts: ModelFacts, context_limit: int | None) -> dict[str, Any]:
     meta = facts.metadata
     info = (
         shown(meta) if meta else {"general.architecture": facts.details.get("family") or "unknown"}

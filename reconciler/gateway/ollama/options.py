@@ -9,6 +9,8 @@ starts, so a request cannot change them: they are refused, naming where they are
 
 from __future__ import annotations
 
+from typing import Any
+
 from reconciler.backends.kinds.base import CHAT_FIELDS, OPENAI_FIELDS
 from reconciler.backends.registry import GENERIC_PROTOCOL, KINDS
 
@@ -61,14 +63,14 @@ def _number(name: str, value: object) -> None:
         raise Refused(f"options.{name} must be a whole number")
 
 
-def sampling_fields(options: object) -> tuple[dict, int | None]:
+def sampling_fields(options: object) -> tuple[dict[str, Any], int | None]:
     """(request fields, num_ctx asked for) from Ollama's `options`; Refused for a wrong type,
     a load-time option, a retired one or a name Ollama does not document."""
     if options is None:
         return {}, None
     if not isinstance(options, dict):
         raise Refused("'options' must be an object of Ollama model parameters")
-    fields: dict = {}
+    fields: dict[str, Any] = {}
     num_ctx = None
     for name, value in options.items():
         if value is None:
@@ -109,7 +111,7 @@ def sampling_fields(options: object) -> tuple[dict, int | None]:
     return fields, num_ctx
 
 
-def check_protocols(body: dict, protocols: set[str], family: str) -> None:
+def check_protocols(body: dict[str, Any], protocols: set[str], family: str) -> None:
     """Refused when a field of `body` would be lost on one of the model's backends."""
     for protocol in sorted(protocols):
         accepted = EXTENSIONS.get((protocol, family))
@@ -143,7 +145,7 @@ def clamp_num_ctx(num_ctx: int | None, context_limit: int | None) -> int | None:
     return context_limit
 
 
-def clamp_num_predict(body: dict, context_limit: int | None) -> None:
+def clamp_num_predict(body: dict[str, Any], context_limit: int | None) -> None:
     """`num_predict` is a ceiling in Ollama, and generation stops where the context ends: one
     above the backend's context per request becomes that context (not the gateway's 400)."""
     for field in ("max_tokens", "n_predict"):

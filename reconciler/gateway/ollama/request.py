@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from typing import Any
 
 from reconciler.gateway.ollama.context import decode_context
 from reconciler.gateway.ollama.options import Refused, check_protocols, sampling_fields
@@ -25,12 +26,12 @@ IMAGE_TYPES = {
 @dataclass(frozen=True)
 class Translated:
     endpoint: str  # the gateway endpoint the backend request goes through
-    body: dict
+    body: dict[str, Any]
     num_ctx: int | None  # what the client asked for, if anything
-    conversation: list[dict] | None = None  # generate's turns so far, for the `context` it returns
+    conversation: list[dict[str, Any]] | None = None  # generate's turns so far, for the `context` it returns
 
 
-def _type(native: dict, field: str, kind: type, what: str) -> None:
+def _type(native: dict[str, Any], field: str, kind: type, what: str) -> None:
     value = native.get(field)
     if value is None:
         return
@@ -42,7 +43,7 @@ def is_unload(keep_alive: object) -> bool:
     return keep_alive in (0, "0", "0s", "0m", "0h") or keep_alive == 0.0
 
 
-def check_keep_alive(native: dict) -> None:
+def check_keep_alive(native: dict[str, Any]) -> None:
     """Any duration is honoured (a declared model stays loaded longer than any keep_alive),
     except 0, which asks Ollama to unload: a declared backend is not unloaded by a request."""
     keep_alive = native.get("keep_alive")
@@ -57,14 +58,14 @@ def check_keep_alive(native: dict) -> None:
         )
 
 
-def image_url(data: object) -> dict:
+def image_url(data: object) -> dict[str, Any]:
     if not isinstance(data, str) or not data:
         raise Refused("each of 'images' must be a base64-encoded image string")
     mime = next((m for prefix, m in IMAGE_TYPES.items() if data.startswith(prefix)), "image/png")
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
 
 
-def _arguments(call: dict) -> str:
+def _arguments(call: dict[str, Any]) -> str:
     arguments = call.get("arguments", {})
     if isinstance(arguments, str):
         return arguments  # some clients send the JSON text already
@@ -73,12 +74,12 @@ def _arguments(call: dict) -> str:
     return json.dumps(arguments)
 
 
-def openai_messages(messages: object) -> list[dict]:
+def openai_messages(messages: object) -> list[dict[str, Any]]:
     """Ollama messages -> OpenAI's: images become content parts, tool calls get ids (Ollama
     has none) and each `tool` answer is tied to the call it answers, by `tool_name` or order."""
     if not isinstance(messages, list):
         raise Refused("'messages' must be a list of messages")
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     unanswered: list[tuple[str, str]] = []  # (id, function name) of calls without an answer yet
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -88,7 +89,7 @@ def openai_messages(messages: object) -> list[dict]:
         content = message.get("content")
         if content is not None and not isinstance(content, str):
             raise Refused(f"messages[{i}].content must be a string")
-        converted: dict = {"role": message["role"], "content": content or ""}
+        converted: dict[str, Any] = {"role": message["role"], "content": content or ""}
         images = message.get("images") or []
         if not isinstance(images, list):
             raise Refused(f"messages[{i}].images must be a list of base64 strings")
@@ -131,7 +132,7 @@ def openai_messages(messages: object) -> list[dict]:
     return out
 
 
-def _tools(tools: object) -> list[dict]:
+def _tools(tools: object) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
         raise Refused("'tools' must be a list of tools")
     for i, tool in enumerate(tools):
@@ -141,7 +142,7 @@ def _tools(tools: object) -> list[dict]:
     return [{"type": "function", **{k: v for k, v in t.items() if k != "type"}} for t in tools]
 
 
-def _logprobs(native: dict, chat_family: bool) -> dict:
+def _logprobs(native: dict[str, Any], chat_family: bool) -> dict[str, Any]:
     """Ollama's `logprobs`/`top_logprobs` are OpenAI's chat fields (raw and suffix requests
     have no chat answer to carry them)."""
     _type(native, "logprobs", bool, "true or false")
@@ -160,7 +161,7 @@ def _logprobs(native: dict, chat_family: bool) -> dict:
     return {"logprobs": True, **({"top_logprobs": top} if top else {})}
 
 
-def _format(fmt: object) -> dict | None:
+def _format(fmt: object) -> dict[str, Any] | None:
     if fmt in (None, ""):
         return None
     if fmt == "json":
@@ -170,7 +171,7 @@ def _format(fmt: object) -> dict | None:
     raise Refused("'format' must be \"json\" or a JSON schema object")
 
 
-def _think(think: object) -> dict:
+def _think(think: object) -> dict[str, Any]:
     if think is None:
         return {}
     if isinstance(think, bool):
@@ -184,7 +185,7 @@ def _think(think: object) -> dict:
 NOT_MAPPED = ("width", "height", "steps")  # image generation: no backend here makes images
 
 
-def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
+def translate(native: dict[str, Any], chat: bool, protocols: set[str]) -> Translated:
     """The backend request for an Ollama request whose model is served by `protocols`
     (anything but Ollama itself, which takes the request as it is)."""
     for field in NOT_MAPPED:
@@ -196,7 +197,7 @@ def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
     fields.update(
         _logprobs(native, chat_family=chat or not (native.get("raw") or native.get("suffix")))
     )
-    body: dict = {
+    body: dict[str, Any] = {
         "model": native["model"],
         "stream": native.get("stream", True) is not False,
         **fields,
@@ -237,7 +238,7 @@ def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
     # Ollama applies the model's template unless raw: a chat turn does the same here, after
     # the turns an earlier answer's `context` holds.
     history = decode_context(native["context"]) if native.get("context") else []
-    user: dict = {"role": "user", "content": prompt}
+    user: dict[str, Any] = {"role": "user", "content": prompt}
     if images:
         user["content"] = [{"type": "text", "text": prompt}, *map(image_url, images)]
     body["messages"] = (
@@ -250,7 +251,7 @@ def translate(native: dict, chat: bool, protocols: set[str]) -> Translated:
 
 
 def _finish(
-    body: dict, endpoint: str, family: str, protocols: set[str], num_ctx: int | None
+    body: dict[str, Any], endpoint: str, family: str, protocols: set[str], num_ctx: int | None
 ) -> Translated:
     if body["stream"] and endpoint != "/infill":
         body["stream_options"] = {"include_usage": True}
@@ -258,7 +259,7 @@ def _finish(
     return Translated(endpoint, body, num_ctx)
 
 
-def _infill(native: dict, body: dict, protocols: set[str], num_ctx: int | None) -> Translated:
+def _infill(native: dict[str, Any], body: dict[str, Any], protocols: set[str], num_ctx: int | None) -> Translated:
     """`suffix` is fill-in-the-middle: llama.cpp's /infill takes the text before and after."""
     others = sorted(protocols - {"llamacpp"})
     if others:
@@ -278,7 +279,7 @@ def _infill(native: dict, body: dict, protocols: set[str], num_ctx: int | None) 
     return Translated("/infill", infill, num_ctx)
 
 
-def embed_body(native: dict, name: str, texts: list[str], protocols: set[str]) -> dict:
+def embed_body(native: dict[str, Any], name: str, texts: list[str], protocols: set[str]) -> dict[str, Any]:
     """OpenAI's embeddings request for Ollama's; Refused for what the backends cannot take.
     `truncate` is accepted: an input longer than the context is the backend's 400 either way."""
     check_keep_alive(native)
@@ -289,7 +290,7 @@ def embed_body(native: dict, name: str, texts: list[str], protocols: set[str]) -
         )
     if native.get("truncate") is not None and not isinstance(native["truncate"], bool):
         raise Refused("'truncate' must be true or false")
-    body: dict = {"model": name, "input": texts}
+    body: dict[str, Any] = {"model": name, "input": texts}
     dimensions = native.get("dimensions")
     if dimensions is not None:
         if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from reconciler.gateway.ollama.context import encode_context
 from reconciler.gateway.sse import iter_events
@@ -20,7 +21,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def ollama_tool_calls(calls: list | None) -> list[dict]:
+def ollama_tool_calls(calls: list[Any] | None) -> list[dict[str, Any]]:
     """OpenAI tool calls (arguments as JSON text) -> Ollama's (arguments as an object)."""
     out = []
     for index, call in enumerate(calls or []):
@@ -41,7 +42,7 @@ def ollama_tool_calls(calls: list | None) -> list[dict]:
     return out
 
 
-def ollama_logprobs(choice: dict) -> list[dict] | None:
+def ollama_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
     """OpenAI's `logprobs.content` -> Ollama's `logprobs` (token, logprob, top_logprobs)."""
     content = (choice.get("logprobs") or {}).get("content")
     if not content:
@@ -54,7 +55,7 @@ def ollama_logprobs(choice: dict) -> list[dict] | None:
     ]  # fmt: skip
 
 
-def ollama_message(message: dict) -> dict:
+def ollama_message(message: dict[str, Any]) -> dict[str, Any]:
     out = {"role": "assistant", "content": message.get("content") or ""}
     if message.get("reasoning_content"):
         out["thinking"] = message["reasoning_content"]
@@ -69,21 +70,21 @@ class Stats:
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.first_token: float | None = None
-        self.usage: dict = {}
-        self.timings: dict = {}
+        self.usage: dict[str, Any] = {}
+        self.timings: dict[str, Any] = {}
         self.finish: str | None = None
 
     def seen_token(self) -> None:
         if self.first_token is None:
             self.first_token = time.perf_counter()
 
-    def take(self, document: dict) -> None:
+    def take(self, document: dict[str, Any]) -> None:
         if isinstance(document.get("usage"), dict):
             self.usage = document["usage"]
         if isinstance(document.get("timings"), dict):
             self.timings = document["timings"]
 
-    def final(self) -> dict:
+    def final(self) -> dict[str, Any]:
         total = int((time.perf_counter() - self.started) * 1e9)
         t = self.timings
         prompt_count = self.usage.get("prompt_tokens", t.get("prompt_n", 0))
@@ -103,13 +104,13 @@ class Stats:
 
 
 def whole_answer(
-    result: dict, model: str, chat: bool, stats: Stats, conversation: list[dict] | None = None
-) -> dict:
+    result: dict[str, Any], model: str, chat: bool, stats: Stats, conversation: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """A non-streamed OpenAI answer (chat or text) as Ollama's single object."""
     stats.take(result)
     choice = (result.get("choices") or [{}])[0]
     stats.finish = choice.get("finish_reason")
-    out: dict = {"model": model, "created_at": now_iso()}
+    out: dict[str, Any] = {"model": model, "created_at": now_iso()}
     if chat:
         out["message"] = ollama_message(choice.get("message") or {})
     else:
@@ -126,7 +127,7 @@ def whole_answer(
     return {**out, **stats.final()}
 
 
-def infill_answer(result: dict, model: str, stats: Stats) -> dict:
+def infill_answer(result: dict[str, Any], model: str, stats: Stats) -> dict[str, Any]:
     """llama.cpp's native /infill answer as Ollama's generate object."""
     _infill_stats(result, stats)
     return {
@@ -137,7 +138,7 @@ def infill_answer(result: dict, model: str, stats: Stats) -> dict:
     }
 
 
-def _infill_stats(event: dict, stats: Stats) -> None:
+def _infill_stats(event: dict[str, Any], stats: Stats) -> None:
     stats.take(event)
     stats.finish = INFILL_DONE.get(event.get("stop_type", ""), "stop")
     stats.usage = {
@@ -152,7 +153,7 @@ class StreamTranslator:
     together when the backend finishes."""
 
     def __init__(
-        self, model: str, chat: bool, infill: bool = False, conversation: list[dict] | None = None
+        self, model: str, chat: bool, infill: bool = False, conversation: list[dict[str, Any]] | None = None
     ):
         self.model = model
         self.chat = chat
@@ -160,11 +161,11 @@ class StreamTranslator:
         self.conversation = conversation  # generate: the turns its final `context` continues
         self.text: list[str] = []
         self.stats = Stats()
-        self.calls: dict[int, dict] = {}
+        self.calls: dict[int, dict[str, Any]] = {}
 
-    def _piece(self, text: str = "", thinking: str = "", calls: list | None = None) -> dict:
+    def _piece(self, text: str = "", thinking: str = "", calls: list[Any] | None = None) -> dict[str, Any]:
         if self.chat:
-            message: dict = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
             if thinking:
                 message["thinking"] = thinking
             if calls:
@@ -175,7 +176,7 @@ class StreamTranslator:
             out["thinking"] = thinking
         return out
 
-    def feed(self, event: dict) -> list[dict]:
+    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         if self.infill:
             return self._feed_infill(event)
         self.stats.take(event)
@@ -196,7 +197,7 @@ class StreamTranslator:
                 out.append(piece)
         return out
 
-    def _feed_infill(self, event: dict) -> list[dict]:
+    def _feed_infill(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
         if event.get("content"):
             self.stats.seen_token()
@@ -205,7 +206,7 @@ class StreamTranslator:
             _infill_stats(event, self.stats)
         return out
 
-    def _gather(self, fragment: dict) -> None:
+    def _gather(self, fragment: dict[str, Any]) -> None:
         call = self.calls.setdefault(
             fragment.get("index", 0), {"function": {"name": "", "arguments": ""}}
         )
@@ -215,7 +216,7 @@ class StreamTranslator:
         call["function"]["name"] += function.get("name") or ""
         call["function"]["arguments"] += function.get("arguments") or ""
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> list[dict[str, Any]]:
         """The gathered tool calls (if any) and the final object."""
         out = []
         if self.calls:
@@ -230,7 +231,7 @@ class StreamTranslator:
         return out
 
 
-def _line(obj: dict) -> bytes:
+def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
