@@ -8,16 +8,51 @@ settings), so nothing here may import the schema at run time."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from reconciler.monitoring.grafana import Dashboard
 
-if TYPE_CHECKING:
-    from reconciler.config.schema import BackendSpec
+
+
+class BackendSettings(Protocol):
+    """The declared backend as the kind modules read it. The schema's `BackendSpec` has these
+    fields; naming them here, rather than importing the schema (which imports this table), keeps
+    the kinds below the schema even for the type checker."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def binary(self) -> str | None: ...
+    @property
+    def context_size(self) -> int: ...
+    @property
+    def parallel(self) -> int: ...
+    @property
+    def threads(self) -> int | None: ...
+    @property
+    def tensor_parallel_size(self) -> int: ...
+    @property
+    def flash_attn(self) -> bool: ...
+    @property
+    def quantization(self) -> str | None: ...
+    @property
+    def kv_cache_dtype(self) -> str | None: ...
+    @property
+    def gpu_memory_utilization(self) -> float: ...
+    @property
+    def cpu_kv_cache_gib(self) -> int | None: ...
+    @property
+    def max_loaded_models(self) -> int | None: ...
+    @property
+    def extra_args(self) -> Sequence[str]: ...
+    @property
+    def environment(self) -> Mapping[str, str]: ...
 
 
 class KindSettings(BaseModel):
@@ -41,7 +76,7 @@ class LaunchRequest:
     what the rest of TensorForge computes for it (so a kind module need not import it)."""
 
     name: str
-    backend: BackendSpec
+    backend: BackendSettings
     model_name: str  # the name clients use; servers that check it are told it
     model_ref: str  # a local file or directory, else the hub id or tag
     gpu_ids: list[int]
