@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict
 from reconciler.monitoring.grafana import Dashboard
 
 
-
 class BackendSettings(Protocol):
     """The declared backend as the kind modules read it. The schema's `BackendSpec` has these
     fields; naming them here, rather than importing the schema (which imports this table), keeps
