@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import fleet_state, serve
 
 from reconciler.gateway import sse, transport
 from reconciler.gateway.app import create_app
 from reconciler.gateway.sse import EventParser, LineParser
-from reconciler.gateway.testing import fleet_state, serve
 from reconciler.gateway.transport import LeanTransport
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
