@@ -6,7 +6,7 @@
 #   ./scripts/test.sh -k gateway pytest arguments pass through
 set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"  # a symlink to the script works too
-ensure_venv cpu,test
+ensure_venv cpu,analyze,postgres,test  # every feature the suite covers
 # The operations plane's tests: a real NATS server and a headless browser (docs/operations.md).
 ensure_debian nats-server chromium
 ensure_debian nix-bin systemd-container prometheus postgresql iproute2 shellcheck

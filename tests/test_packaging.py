@@ -1,5 +1,5 @@
 """What ships: the wheel `pip wheel .` builds from the source tree (templates and the status page
-inside, test doubles outside)."""
+inside, test doubles outside), and the versions it was tested with (constraints.txt)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,27 @@ def test_the_package_never_imports_the_test_doubles() -> None:
                 continue
             offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in ("tests", "fakes")]
     assert offenders == []
+
+
+def test_constraints_pin_every_dependency_inside_pyprojects_ranges() -> None:
+    """constraints.txt (what scripts/lib/setup.sh installs with) pins each dependency of every
+    extra to one version that pyproject.toml's range allows."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")  # exact pins only
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"], *(s for extra in project["optional-dependencies"].values() for s in extra)]
+    for spec in specs:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"constraints.txt has no pin for {requirement.name}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (spec, pins[name])
+        for extra in requirement.extras:  # psycopg[binary] brings psycopg-binary
+            assert canonicalize_name(f"{requirement.name}-{extra}") in pins, spec
