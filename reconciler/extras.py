@@ -30,7 +30,9 @@ class MissingExtra(ImportError):
 def require(module: str, extra: str, purpose: str) -> ModuleType:
     """Import `module`, one of `extra`'s, for `purpose` (e.g. "tensorforge analyze")."""
     if module not in EXTRAS[extra]:
-        raise ValueError(f"{module} is not in the extra {extra!r}: add it to EXTRAS and pyproject.toml")
+        raise ValueError(
+            f"{module} is not in the extra {extra!r}: add it to EXTRAS and pyproject.toml"
+        )
     try:
         return importlib.import_module(module)
     except ImportError as exc:

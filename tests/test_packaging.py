@@ -57,7 +57,9 @@ def test_the_wheel_ships_no_test_doubles(wheel_names: set[str]) -> None:
     assert {top for top in tops if not top.endswith(".dist-info")} == {"reconciler"}
     modules = [name for name in wheel_names if name.endswith(".py")]
     assert len(modules) > 50  # the package itself is there
-    doubles = [m for m in modules if Path(m).stem in ("testing", "fakes", "conftest") or "/tests/" in m]
+    doubles = [
+        m for m in modules if Path(m).stem in ("testing", "fakes", "conftest") or "/tests/" in m
+    ]
     assert doubles == []
 
 
@@ -72,7 +74,11 @@ def test_the_package_never_imports_the_test_doubles() -> None:
                 names = [node.module or ""]
             else:
                 continue
-            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in ("tests", "fakes")]
+            offenders += [
+                f"{path.relative_to(REPO)}: {n}"
+                for n in names
+                if n.split(".")[0] in ("tests", "fakes")
+            ]
     assert offenders == []
 
 
@@ -90,7 +96,10 @@ def test_constraints_pin_every_dependency_inside_pyprojects_ranges() -> None:
             name, version = line.split("==")  # exact pins only
             pins[canonicalize_name(name)] = version
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    specs = [*project["dependencies"], *(s for extra in project["optional-dependencies"].values() for s in extra)]
+    specs = [
+        *project["dependencies"],
+        *(s for extra in project["optional-dependencies"].values() for s in extra),
+    ]
     for spec in specs:
         requirement = Requirement(spec)
         name = canonicalize_name(requirement.name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 BackendKind = Literal["llamacpp", "vllm", "tgi", "ollama"]
 # Wire protocols a backend (or a remote server declared by URL) speaks.
@@ -374,7 +374,7 @@ class BackendSpec(Strict):
             raise ValueError(
                 "port: required for a backend this host runs; add it, or set url for a remote one"
             )
-        if self.port is None:
+        if self.port is None and self.url is not None:  # one of the two, checked above
             # Frozen model: set the derived value once, here, so every user sees an int.
             object.__setattr__(self, "port", url_port(self.url))
         for key in self.environment:
