@@ -149,7 +149,7 @@ def main() -> int:
     os.sched_setaffinity(0, {CLIENT_CORE})
 
     up_port = free_port()
-    upstream = pinned([sys.executable, "-m", "reconciler.gateway.testing", "--port", str(up_port)])
+    upstream = pinned([sys.executable, "-m", "tests.fakes.upstreams", "--port", str(up_port)])
     direct = f"http://127.0.0.1:{up_port}"
     wait_ready(direct + "/health")
     gateways: dict[str, tuple[subprocess.Popen, str]] = {}

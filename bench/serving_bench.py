@@ -201,7 +201,9 @@ def ensure_vllm_router() -> Path:
     if not binary.exists():
         print(f"installing vllm-router into {VLLM_ROUTER_VENV} (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VLLM_ROUTER_VENV)], check=True)
-        subprocess.run([str(VLLM_ROUTER_VENV / "bin" / "pip"), "install", "-q", "vllm-router"], check=True)
+        constraints = Path(__file__).resolve().parent / "vllm-router-constraints.txt"  # the tested versions
+        pip = [str(VLLM_ROUTER_VENV / "bin" / "pip"), "install", "-q", "-c", str(constraints)]
+        subprocess.run([*pip, "vllm-router"], check=True)
     return binary
 
 

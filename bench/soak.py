@@ -5,7 +5,7 @@ watching the gateway's memory and open file descriptors for leaks.
                                    [--stream-every 10] [--sample-interval 10] [--json FILE]
 
 Stops at whichever comes first, `--requests` or `--minutes`. As in bench/gateway_bench.py,
-the upstream (reconciler.gateway.testing's FastOpenAI) and the gateway are pinned to core 0
+the upstream (FastOpenAI from tests/fakes/upstreams.py) and the gateway are pinned to core 0
 and this load generator (asyncio + aiohttp) to core 1. Every `--stream-every`th request is a
 streamed one (34 events). The gateway's RSS (/proc/PID/status) and open descriptors
 (/proc/PID/fd) are sampled every `--sample-interval` seconds while the load runs.
@@ -212,7 +212,7 @@ def main() -> int:
     logs = tempfile.TemporaryDirectory(prefix="tf-soak-")
     up_port, gw_port = free_port(), free_port()
     direct = f"http://127.0.0.1:{up_port}"
-    upstream = pinned([sys.executable, "-m", "reconciler.gateway.testing", "--port", str(up_port)],
+    upstream = pinned([sys.executable, "-m", "tests.fakes.upstreams", "--port", str(up_port)],
                       open(f"{logs.name}/upstream.log", "wb"))  # fmt: skip
     gateway = None
     try:

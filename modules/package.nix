@@ -9,7 +9,15 @@ let
   # pyproject.toml is the one list of dependencies: "pydantic>=2.6" -> python3Packages.pydantic.
   requirementName =
     spec: lib.toLower (lib.replaceStrings [ "_" "." ] [ "-" "-" ] (lib.head (builtins.match "([A-Za-z0-9._-]+).*" spec)));
-  names = map requirementName project.dependencies;
+  # With the extras an appliance uses: `analyze` and the PostgreSQL registry. Not `cpu`: on
+  # NixOS llama.cpp is nixpkgs' llama-cpp (a real llama-server), not the xllamacpp wheel.
+  extras = [
+    "analyze"
+    "postgres"
+  ];
+  names = map requirementName (
+    project.dependencies ++ lib.concatMap (extra: project.optional-dependencies.${extra}) extras
+  );
   # Every dependency or none: a silently dropped one fails at run time, far from the build.
   missing = lib.filter (n: !(python3Packages ? ${n})) names;
   runtimeDeps =

@@ -8,12 +8,12 @@ import asyncio
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import fleet_state, serve
 
 from reconciler.gateway.adapters import adapter_for
 from reconciler.gateway.app import create_app
 from reconciler.gateway.load import LoadScraper
 from reconciler.gateway.router import Upstream
-from reconciler.gateway.testing import fleet_state, serve
 
 pytestmark = pytest.mark.slow
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Name one colour."}],

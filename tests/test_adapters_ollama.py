@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import Recorded, RecordedUpstream, fleet_state, serve
 
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.adapters.ollama import OllamaAdapter
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocols" / "ollama"
 

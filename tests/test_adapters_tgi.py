@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import Recorded, RecordedUpstream, fleet_state, serve
 
 from reconciler.gateway.adapters import Exchange, adapter_for
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocols" / "tgi"
 

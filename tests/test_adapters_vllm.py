@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import Recorded, RecordedUpstream, fleet_state, serve
 
 from reconciler.backends.commands import launch_for
 from reconciler.backends.health import Health, serves_model
@@ -23,7 +24,6 @@ from reconciler.gateway.adapters import adapter_for
 from reconciler.gateway.app import create_app
 from reconciler.gateway.errors import openai_error
 from reconciler.gateway.stream_usage import strip_usage
-from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 from reconciler.models.pull import pull_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocols" / "vllm"

@@ -1,5 +1,5 @@
 """Issue 20, fixes 3 and 5, against the real gateway (`tensorforge gateway`, API keys on) in
-front of a fast stand-in backend (reconciler.gateway.testing.FastOpenAI, which answers every
+front of a fast stand-in backend (tests.fakes.upstreams.FastOpenAI, which answers every
 chat request with one whole sentence): the model's prose is not what is tested here, the
 plumbing is (the key is sent, a refusal is an error, outputs are checked first, summaries are
 marked as the model's, tests are not summarized by default)."""
@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, free_port, smollm2_config
-
-from reconciler.gateway.testing import FastOpenAI, serve
+from fakes.upstreams import FastOpenAI, serve
 
 FIXTURE = REPO / "tests" / "fixtures" / "analyze" / "python"
 

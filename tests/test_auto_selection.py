@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import CHAT_ANSWER, serve
 
 from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import create_app
 from reconciler.gateway.backend_info import read_metadata, request_context
 from reconciler.gateway.router import RoutingTable
 from reconciler.gateway.selection import Choice, Refusal, choose, request_needs
-from reconciler.gateway.testing import CHAT_ANSWER, serve
 from reconciler.models.capabilities import model_capabilities
 
 

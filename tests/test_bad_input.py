@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import FastOpenAI, Recorded, RecordedUpstream, fleet_state, serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
@@ -23,7 +24,6 @@ from reconciler.gateway.app import context_limits, create_app
 from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
 from reconciler.gateway.router import CIRCUIT_FAILURES
 from reconciler.gateway.server import header_timeout_protocol
-from reconciler.gateway.testing import FastOpenAI, Recorded, RecordedUpstream, fleet_state, serve
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 LIMIT = 64 * 1024

@@ -13,11 +13,11 @@ import time
 import httpx
 import pytest
 from conftest import free_port, start_llama_server, stop_process, wait_http
+from fakes.upstreams import serve
 
 from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import create_app
 from reconciler.gateway.router import PLACEHOLDERS
-from reconciler.gateway.testing import serve
 
 pytestmark = pytest.mark.slow
 KEY = "sk-clients-test-key"

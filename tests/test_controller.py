@@ -461,8 +461,7 @@ def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_proces
     connections: list[str] = []
     if kind == "postgresql":
         import psycopg
-
-        from reconciler.models.testing import shared_postgres
+        from fakes.postgres import shared_postgres
 
         cluster = shared_postgres()
         if cluster.unavailable:

@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port, stop_process
+from fakes.upstreams import serve
 
 from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import serve
 from reconciler.gpu.inventory import StaticInventory
 
 pytestmark = [

@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 from conftest import free_port, start_llama_server, stop_process, wait_http
+from fakes.upstreams import fleet_state, serve
 
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import fleet_state, serve
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "Name one colour."}]

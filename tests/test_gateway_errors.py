@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import Recorded, RecordedUpstream, fleet_state, serve
 
 from reconciler.gateway.app import create_app
 from reconciler.gateway.auth import ApiKeys
-from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 
 FIXTURES = Path(__file__).parent / "fixtures/protocols/vllm"
 RECORDED = json.loads((FIXTURES / "context_too_long.json").read_text())

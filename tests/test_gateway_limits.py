@@ -11,12 +11,12 @@ import time
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import fleet_state, serve
 
 from reconciler.gateway import answer_limits, sse
 from reconciler.gateway.answer_limits import read_whole
 from reconciler.gateway.app import create_app
 from reconciler.gateway.sse import EventParser, LineParser
-from reconciler.gateway.testing import fleet_state, serve
 from reconciler.gateway.transport import LeanTransport
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

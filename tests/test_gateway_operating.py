@@ -14,10 +14,7 @@ import time
 import httpx
 import pytest
 from conftest import free_port
-
-from reconciler.gateway.app import create_app
-from reconciler.gateway.auth import ApiKeyError, ApiKeys
-from reconciler.gateway.testing import (
+from fakes.upstreams import (
     FastOpenAI,
     Recorded,
     RecordedUpstream,
@@ -25,6 +22,9 @@ from reconciler.gateway.testing import (
     lifespan,
     serve,
 )
+
+from reconciler.gateway.app import create_app
+from reconciler.gateway.auth import ApiKeyError, ApiKeys
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 KEYS = ("sk-alpha-123", "sk-beta-456")

@@ -19,12 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, wait_http
-
-from reconciler.config.schema import DesiredState
-from reconciler.gateway.app import create_app
-from reconciler.gateway.router import CIRCUIT_FAILURES
-from reconciler.gateway.testing import (
+from conftest import REPO, free_port, wait_http
+from fakes.upstreams import (
     FastOpenAI,
     Recorded,
     RecordedUpstream,
@@ -32,6 +28,10 @@ from reconciler.gateway.testing import (
     serve,
     stream_events,
 )
+
+from reconciler.config.schema import DesiredState
+from reconciler.gateway.app import create_app
+from reconciler.gateway.router import CIRCUIT_FAILURES
 from reconciler.gpu.inventory import GpuInfo, StaticInventory
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -40,9 +40,9 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 def start_upstream(name: str, chunk_delay: float = 0.0) -> tuple[subprocess.Popen, str]:
     """A fast OpenAI upstream in its own process, so a test can SIGKILL it."""
     port = free_port()
-    argv = [sys.executable, "-m", "reconciler.gateway.testing", "--port", str(port), "--name", name,
+    argv = [sys.executable, "-m", "tests.fakes.upstreams", "--port", str(port), "--name", name,
             "--chunk-delay", str(chunk_delay)]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", timeout=20)
     return proc, url

@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import fleet_state, serve
 
 from reconciler.gateway import answer_limits
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import fleet_state, serve
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 ANSWER_LIMIT = 256 * 1024  # lowered from 64 MiB for the test; the answers go just past it

@@ -15,9 +15,9 @@ import httpx
 import ollama
 import pytest
 from conftest import free_port
+from fakes.upstreams import fleet_state, serve
 
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import fleet_state, serve
 from reconciler.models.gguf_info import read_gguf_info
 from reconciler.models.pull import sha256_file
 

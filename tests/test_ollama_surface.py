@@ -18,10 +18,10 @@ import ollama
 import pytest
 from conftest import free_port
 from fakes.recording_backend import FIXTURES, RecordingBackend, Route, llamacpp_tools_backend
+from fakes.upstreams import Recorded, RecordedUpstream, fleet_state, serve
 
 from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 
 WEATHER = {
     "type": "function",

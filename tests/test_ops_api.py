@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import serve
 
 from reconciler.admin_requests import read_requests
 from reconciler.config.schema import DesiredState
 from reconciler.drain import drain_dir
 from reconciler.gateway.app import create_app
 from reconciler.gateway.telemetry import Subscriber, pump
-from reconciler.gateway.testing import serve
 from reconciler.gpu.inventory import GpuInfo, NvmlInventory, StaticInventory
 
 pytestmark = pytest.mark.slow
@@ -376,7 +376,7 @@ def test_status_under_the_real_reconciler_names_the_process_it_runs(tmp_path, st
 def test_a_failing_observer_never_fails_a_request_or_its_cleanup(tmp_path, state):
     """Telemetry is told of every request from inside the proxy: a bug there must not turn
     into a failed request or a backend connection left open."""
-    from reconciler.gateway.testing import FastOpenAI, fleet_state
+    from fakes.upstreams import FastOpenAI, fleet_state
 
     class Broken:
         def requested(self, call):

@@ -9,11 +9,11 @@ import time
 import httpx
 import pytest
 import yaml
+from fakes.upstreams import FastOpenAI, Recorded, RecordedUpstream, fleet_state, serve
 
 from reconciler.cli import main
 from reconciler.config.loader import load_desired_state
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import FastOpenAI, Recorded, RecordedUpstream, fleet_state, serve
 from reconciler.gpu.inventory import GpuInfo, StaticInventory
 from reconciler.pipeline.health import collect, percentile, render
 from reconciler.pipeline.run import read_prompts, run_prompts

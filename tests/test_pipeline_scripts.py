@@ -51,9 +51,13 @@ def fake_venv(tmp_path: Path) -> Path:
     tool = venv / "bin" / "tensorforge"
     tool.write_text('#!/bin/sh\nprintf "%s|" "$@"\n')
     tool.chmod(0o755)
-    stamp = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
-    (venv / ".tensorforge-cpu").write_text(stamp + "\n")
+    (venv / ".tensorforge-cpu").write_text(install_stamp(REPO) + "\n")
     return venv
+
+
+def install_stamp(root: Path) -> str:
+    """What ensure_venv records after installing: the project and its pins, hashed together."""
+    return hashlib.sha256((root / "pyproject.toml").read_bytes() + (root / "constraints.txt").read_bytes()).hexdigest()
 
 
 def run_script(link: Path, *args: str, venv: Path, **env: str) -> str:
@@ -83,3 +87,35 @@ def test_shellcheck_finds_nothing():
     scripts = sorted(str(p) for p in (REPO / "scripts").rglob("*.sh"))
     done = subprocess.run(["shellcheck", "-S", "warning", *scripts], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def test_ensure_venv_installs_with_the_constraints_and_again_when_they_change(tmp_path):
+    """pip gets constraints.txt (the tested versions) with the extras asked for; nothing runs
+    while pyproject.toml and the pins stay the same; new pins reinstall."""
+    root = tmp_path / "root"
+    (root / "scripts" / "lib").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "lib" / "setup.sh", root / "scripts" / "lib" / "setup.sh")
+    for name in ("pyproject.toml", "constraints.txt"):
+        shutil.copy(REPO / name, root / name)
+    venv, calls = tmp_path / "venv", tmp_path / "pip-calls"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"  # records each pip call instead of installing
+    python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    python.chmod(0o755)
+
+    def ensure(extras: str) -> list[str]:
+        calls.unlink(missing_ok=True)
+        script = f'source {root}/scripts/lib/setup.sh && ensure_venv {extras}'
+        done = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", "TF_VENV": str(venv)},
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return calls.read_text().splitlines() if calls.exists() else []
+
+    upgrade_pip, install = ensure("cpu,analyze")
+    assert install.split() == ["-m", "pip", "install", "--disable-pip-version-check",
+                               "-c", f"{root}/constraints.txt", "-e", f"{root}[cpu,analyze]"]  # fmt: skip
+    assert (venv / ".tensorforge-cpu-analyze").read_text().strip() == install_stamp(root)
+    assert ensure("cpu,analyze") == []
+    with (root / "constraints.txt").open("a") as pins:
+        pins.write("zipp==3.23.0\n")
+    assert len(ensure("cpu,analyze")) == 2

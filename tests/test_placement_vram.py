@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fakes.gguf_files import tiny_gguf
 
 from reconciler.config.schema import BackendSpec, ModelSpec
 from reconciler.gpu.inventory import GpuInfo, StaticInventory
@@ -25,7 +26,6 @@ from reconciler.gpu.vram import (
     safetensors_weights,
 )
 from reconciler.models.gguf_info import read_gguf_info
-from reconciler.models.testing import tiny_gguf
 
 GiB = 1024**3
 MiB = 1024**2

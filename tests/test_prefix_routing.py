@@ -9,12 +9,12 @@ import time
 
 import httpx
 from conftest import free_port, wait_http
+from fakes.upstreams import FastOpenAI, fleet_state, serve
 
 from reconciler.drain import Drainer, drain_dir
 from reconciler.gateway.app import create_app
 from reconciler.gateway.prefix_cache import BLOCK_CHARS, PrefixSet, prompt_blocks
 from reconciler.gateway.router import Router, RoutingTable, Upstream
-from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
 
 SYSTEM_A = "You are a careful assistant for the accounting team. " * 40  # ~2k characters
 SYSTEM_B = "You answer questions about the plant's maintenance logs. " * 40

@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fakes.gguf_files import tiny_gguf
+from fakes.hub import FakeHub, point_hub_client_at
 
 from reconciler.cli import main
 from reconciler.config.schema import ModelSpec
 from reconciler.models import catalog
 from reconciler.models.catalog import catalog_spec, resolve_model
 from reconciler.models.pull import registry_for
-from reconciler.models.testing import FakeHub, point_hub_client_at, tiny_gguf
 
 REPO_ID = "tf-test/Tiny-GGUF"
 

@@ -12,10 +12,12 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from fakes.gguf_files import tiny_gguf
+from fakes.hub import FakeHub, point_hub_client_at
+from fakes.postgres import shared_postgres
 
 from reconciler.config.schema import ModelSpec
 from reconciler.models.pull import PullError, pull_model, registry_for
-from reconciler.models.testing import FakeHub, point_hub_client_at, shared_postgres, tiny_gguf
 
 REPO_ID = "tf-test/Tiny-GGUF"
 Q4 = "Tiny-Q4_K_M.gguf"

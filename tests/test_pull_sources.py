@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from fakes.gguf_files import tiny_gguf
 
 from reconciler.config.schema import ModelSpec
 from reconciler.models.pull import PullError, local_path, pull_model, registry_for
-from reconciler.models.testing import tiny_gguf
 
 
 def test_local_path_source_is_registered_in_place(tmp_path, monkeypatch):

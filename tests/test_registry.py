@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from fakes.postgres import shared_postgres
 
 from reconciler.models.registry import (
     MIGRATIONS,
@@ -19,7 +20,6 @@ from reconciler.models.registry import (
     SQLiteDatabase,
     open_database,
 )
-from reconciler.models.testing import shared_postgres
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

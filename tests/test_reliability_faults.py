@@ -29,11 +29,11 @@ import httpx
 import pytest
 import yaml
 from conftest import free_port, our_processes, wait_for, wait_http
+from fakes.upstreams import FastOpenAI, fleet_state, serve
 
 from reconciler.drain import Drainer, drain_dir, draining, gateway_ready_to_stop
 from reconciler.drivers.process import process_alive
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
 
 pytestmark = pytest.mark.slow
 

@@ -21,10 +21,10 @@ from contextlib import ExitStack, contextmanager
 import httpx
 import pytest
 from conftest import free_port, smollm2_config
+from fakes.upstreams import CHAT_ANSWER, serve
 
 from reconciler.config.schema import DesiredState
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import CHAT_ANSWER, serve
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -16,10 +16,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from fakes.gguf_files import tiny_gguf
+from fakes.hub import FakeHub, point_hub_client_at
 
 from reconciler.config.schema import ModelSpec
 from reconciler.models.pull import PullError, pull_model, registry_for
-from reconciler.models.testing import FakeHub, point_hub_client_at, tiny_gguf
 
 PACKAGE = "tf-reliability-model"
 FILE = "tiny.gguf"

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import yaml
 from conftest import free_port, wait_http
+from fakes.upstreams import FastOpenAI, fleet_state, serve
 from pydantic import ValidationError
 from starlette.routing import Route, WebSocketRoute
 
@@ -22,7 +23,6 @@ from reconciler.config.schema import BackendSpec, DesiredState, GatewaySpec, Mod
 from reconciler.gateway.app import PUBLIC_PATHS, create_app
 from reconciler.gateway.auth import ApiKeyError, ApiKeys
 from reconciler.gateway.openai_api import OPENAI_ENDPOINTS
-from reconciler.gateway.testing import FastOpenAI, fleet_state, serve
 from reconciler.gateway.ui import UI_PATHS
 
 KEY = "sk-tf-very-secret-4242"
@@ -185,8 +185,9 @@ def test_model_files_cannot_escape_the_models_directory(tmp_path):
 
 @pytest.mark.parametrize("hostile", ["../evil.gguf", "../other/evil.gguf", "sub/../../evil.gguf", "/tmp/evil.gguf"])
 def test_a_hostile_hub_listing_cannot_write_outside(tmp_path, monkeypatch, hostile):
+    from fakes.hub import FakeHub, point_hub_client_at
+
     from reconciler.models.pull import PullError, pull_model, registry_for
-    from reconciler.models.testing import FakeHub, point_hub_client_at
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from fakes.upstreams import Recorded, RecordedUpstream, fleet_state, serve
 
 from reconciler.backends.commands import launch_for
 from reconciler.backends.health import Health, probe
@@ -23,7 +24,6 @@ from reconciler.config.loader import ConfigError, validate_data
 from reconciler.config.schema import BackendSpec, DesiredState, ModelSpec
 from reconciler.gateway.adapters import adapter_for
 from reconciler.gateway.app import create_app
-from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve
 from reconciler.gpu.vram import estimate_vram
 from reconciler.monitoring.dashboards import dashboard_files
 from reconciler.monitoring.prometheus import scrape_config

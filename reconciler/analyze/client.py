@@ -8,10 +8,14 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-import openai
-
 from reconciler.analyze import prompts
 from reconciler.analyze.budget import truncate
+from reconciler.extras import MissingExtra
+
+try:
+    import openai
+except ImportError as exc:  # the `analyze` extra
+    raise MissingExtra("analyze", "tensorforge analyze", "openai") from exc
 
 CONTEXT_KEYS = ("context_length", "max_model_len", "context_window", "n_ctx", "max_context_length")
 

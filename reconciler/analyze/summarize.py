@@ -14,8 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import openai
-
 from reconciler.analyze import prompts
 from reconciler.analyze.budget import PROMPT_WORDS_CHARS, Budget, chunk_text, pack, truncate
 from reconciler.analyze.client import (
@@ -27,6 +25,12 @@ from reconciler.analyze.client import (
 from reconciler.analyze.graph import Graph
 from reconciler.analyze.kinds import file_kind
 from reconciler.analyze.progress import Progress
+from reconciler.extras import MissingExtra
+
+try:
+    import openai
+except ImportError as exc:  # the `analyze` extra
+    raise MissingExtra("analyze", "tensorforge analyze", "openai") from exc
 
 DEFAULT_CONTEXT_TOKENS = 2048  # one slot of the embedded default (4096 tokens over 2 slots)
 DEFAULT_KINDS = frozenset({"source", "example", "bench"})

@@ -12,6 +12,8 @@ import signal
 import sys
 import threading
 
+from reconciler.extras import MissingExtra, require
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import xllamacpp
+    try:
+        xllamacpp = require("xllamacpp", "cpu", "the embedded llama.cpp server (no llama-server binary configured)")
+    except MissingExtra as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     params = xllamacpp.CommonParams()
     params.model.path = args.model

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from reconciler.cli.common import config_arg, gateway_url, load_state
 from reconciler.drivers.atomic import atomic_output, write_atomic
+from reconciler.extras import require_extra
 from reconciler.paths import state_dir
 
 log = logging.getLogger("tensorforge")
@@ -166,6 +167,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    require_extra("analyze", "tensorforge analyze")  # before reading the state or the tree
     from reconciler.analyze.command import execute
 
     state = load_state(args)

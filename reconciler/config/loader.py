@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from reconciler.config.schema import DesiredState
 
@@ -36,7 +37,7 @@ class ConfigError(Exception):
 _AT = re.compile(r":[0-9]+(:[0-9]+)?: ")
 
 
-def _friendly(error: dict[str, Any], data: Any) -> str:
+def _friendly(error: ErrorDetails, data: Any) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
     msg = error["msg"]
@@ -162,7 +163,7 @@ def _load_yaml(text: str) -> tuple[Any, list[str]]:
         loader.dispose()
 
 
-class _JsonObject(dict):
+class _JsonObject(dict[str, Any]):
     """A JSON object that remembers the keys it was given more than once."""
 
     repeated: tuple[str, ...] = ()
@@ -207,7 +208,8 @@ class _BoundedLoader(yaml.SafeLoader):
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
-                raise _DepthError(self.peek_event().start_mark.line + 1)
+                event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+                raise _DepthError(event.start_mark.line + 1)
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1

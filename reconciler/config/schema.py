@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from reconciler.backends.registry import KIND_SETTINGS, KINDS, PROTOCOLS, kinds_using
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 # The kinds are reconciler/backends/registry.py's table; wire protocols a backend (or a remote
 # server declared by URL) speaks are the kinds' own plus plain OpenAI.
@@ -378,7 +378,7 @@ class BackendSpec(Strict):
             raise ValueError(
                 "port: required for a backend this host runs; add it, or set url for a remote one"
             )
-        if self.port is None:
+        if self.port is None and self.url is not None:  # one of the two, checked above
             # Frozen model: set the derived value once, here, so every user sees an int.
             object.__setattr__(self, "port", url_port(self.url))
         for key in self.environment:

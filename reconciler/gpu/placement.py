@@ -48,7 +48,7 @@ def place(
     `unreadable`: GPUs that exist but NVML could not read this pass. A backend running on one
     stays where it is (a monitoring failure is no reason to move or stop it); nothing new is
     placed there."""
-    estimates = {n: _estimate(e) for n, e in (estimates or {}).items()}
+    vram = {n: _estimate(e) for n, e in (estimates or {}).items()}
     none = VramEstimate()
     running = running or {}
     unreadable = set(unreadable)
@@ -58,19 +58,19 @@ def place(
     refused: dict[str, str] = {}
     wanting = [n for n, b in backends.items() if b.managed and b.gpus_wanted > 0]
     order = sorted(
-        wanting, key=lambda n: (-backends[n].gpus_wanted, -estimates.get(n, none).total, n)
+        wanting, key=lambda n: (-backends[n].gpus_wanted, -vram.get(n, none).total, n)
     )
 
     def need(name: str, i: int, count: int) -> int | None:
         """Bytes `name` needs free on GPU i; None if it cannot run on that GPU at all."""
-        return estimates.get(name, none).on_gpu(total[i], count)
+        return vram.get(name, none).on_gpu(total[i], count)
 
     for name, held in running.items():
         if name in wanting and held:
             for i in held:
                 if i in free:  # never more than the card has: the estimate is only an estimate
                     holds = need(name, i, len(held))
-                    holds = estimates.get(name, none).per_gpu(len(held)) if holds is None else holds
+                    holds = vram.get(name, none).per_gpu(len(held)) if holds is None else holds
                     free[i] = min(free[i] + holds, total[i])
     # Running backends first: each stays where it runs while it fits there (and is pinned there).
     for name in order:
@@ -95,7 +95,7 @@ def place(
             continue  # kept where it runs
         backend = backends[name]
         count = backend.gpus_wanted
-        estimate = estimates.get(name, none)
+        estimate = vram.get(name, none)
         if not gpus:
             refused[name] = f"needs {count} GPU(s); " + (
                 "no GPU could be read this pass" if unreadable else "this host has none"

@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import overload
 
 from reconciler.config.schema import ModelSpec
 from reconciler.models.files import (
@@ -158,6 +159,10 @@ def pull_model(
         return record
 
 
+@overload
+def _owned(name: str, record: ModelRecord, models_dir: Path) -> ModelRecord: ...
+@overload
+def _owned(name: str, record: ModelRecord | None, models_dir: Path) -> ModelRecord | None: ...
 def _owned(name: str, record: ModelRecord | None, models_dir: Path) -> ModelRecord | None:
     """The record, if every file a pull downloaded for it resolves inside this models folder.
     One outside belongs to another instance's folder (another state dir) or was redirected

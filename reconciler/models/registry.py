@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from reconciler.extras import require
+
 # Column types differ where SQLite is lax and PostgreSQL is not: byte counts need 64 bits and
 # epoch seconds need a double. For SQLite these render exactly as migration 1 always read.
 TYPES = {
@@ -151,13 +153,7 @@ class PostgresDatabase:
     LOCK_KEY = 0x7E2F0  # pg_advisory_xact_lock key serializing registry writes and migrations
 
     def __init__(self, url: str):
-        try:
-            import psycopg  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError(
-                "TF_REGISTRY_URL points at PostgreSQL but psycopg is not installed: "
-                "pip install 'psycopg[binary]'"
-            ) from exc
+        require("psycopg", "postgres", "TF_REGISTRY_URL=postgresql://… (the registry on PostgreSQL)")
         self.url = url
 
     def describe(self) -> str:

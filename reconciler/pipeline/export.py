@@ -78,7 +78,8 @@ def _result(item, where: str) -> dict:
     choices = item.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         choice = choices[0]
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        message = choice.get("message")
+        message = message if isinstance(message, dict) else {}
         answer = message.get("content") or choice.get("text") or ""
         return {"prompt": None, "answer": answer, "model": item.get("model"), "backend": None,
                 "finish_reason": choice.get("finish_reason"), "usage": item.get("usage") or {}, "error": None}  # fmt: skip

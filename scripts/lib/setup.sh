@@ -1,21 +1,25 @@
 # shellcheck shell=bash
 # Shared setup for the pipeline scripts: a project venv and, when asked, Debian tools.
-# Sourced, not run. Quick when nothing changed: pip runs only when pyproject.toml did.
+# Sourced, not run. Quick when nothing changed: pip runs only when pyproject.toml or
+# constraints.txt did.
 
 TF_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TF_VENV="${TF_VENV:-$TF_ROOT/.venv}"
 TF_PY="$TF_VENV/bin/python"
+# The versions the suite was tested with (pyproject.toml only bounds them).
+TF_CONSTRAINTS="$TF_ROOT/constraints.txt"
 
 tf_log() { printf '[tensorforge] %s\n' "$*" >&2; }
 
 # ensure_venv EXTRAS: create .venv and install the package with the given extras
-# ("cpu", "cpu,test") unless the same pyproject.toml was installed with them before.
+# ("cpu", "cpu,analyze,postgres,test"), pinned by constraints.txt, unless the same
+# pyproject.toml and constraints were installed with them before.
 ensure_venv() {
   local extras="$1"
   local stamp
   stamp="$TF_VENV/.tensorforge-$(echo "$extras" | tr ',' '-')"
   local want
-  want="$(sha256sum "$TF_ROOT/pyproject.toml" | cut -d' ' -f1)"
+  want="$(cat "$TF_ROOT/pyproject.toml" "$TF_CONSTRAINTS" | sha256sum | cut -d' ' -f1)"
   if [ ! -x "$TF_PY" ]; then
     tf_log "creating $TF_VENV"
     python3 -m venv "$TF_VENV"
@@ -24,7 +28,7 @@ ensure_venv() {
     tf_log "installing tensorforge[$extras] into $TF_VENV (first run takes a minute or two)"
     local log="$TF_VENV/pip-install.log"
     if ! { "$TF_PY" -m pip install --disable-pip-version-check --upgrade pip &&
-           "$TF_PY" -m pip install --disable-pip-version-check -e "${TF_ROOT}[${extras}]"; } >"$log" 2>&1; then
+           "$TF_PY" -m pip install --disable-pip-version-check -c "$TF_CONSTRAINTS" -e "${TF_ROOT}[${extras}]"; } >"$log" 2>&1; then
       tail -n 30 "$log" >&2
       tf_log "pip install failed; full log in $log"
       return 1

@@ -23,6 +23,7 @@ ensure_vllm_venv() {
   mkdir -p "$(dirname "$TF_VLLM_VENV")"
   local log
   log="$(dirname "$TF_VLLM_VENV")/vllm-venv-install.log"
+  # vllm-constraints.txt pins what this pin resolved to when the `vllm` tests last passed.
   # torch==2.13.0+cpu comes from a local wheel where one is provided (/opt/wheels here);
   # gguf and accelerate are for converting the model. torchvision, torchaudio and torchcodec
   # arrive as CUDA builds that fail to import and break vLLM's entry points: removed.
@@ -31,7 +32,7 @@ ensure_vllm_venv() {
   if ! { python3 -m venv "$TF_VLLM_VENV" &&
          "$TF_VLLM_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip &&
          "$TF_VLLM_VENV/bin/python" -m pip install --disable-pip-version-check "${find_links[@]}" \
-           "$TF_VLLM_PIN" gguf accelerate &&
+           -c "$(dirname "${BASH_SOURCE[0]}")/vllm-constraints.txt" "$TF_VLLM_PIN" gguf accelerate &&
          "$TF_VLLM_VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec &&
          "$TF_VLLM_VENV/bin/python" -c "import vllm.entrypoints.openai.api_server"; } >"$log" 2>&1; then
     tail -n 30 "$log" >&2

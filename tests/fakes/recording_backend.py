@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.gateway.testing import Recorded, RecordedUpstream, lifespan, read_body
+from .upstreams import Recorded, RecordedUpstream, lifespan, read_body
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "protocols"
 

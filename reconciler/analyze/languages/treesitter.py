@@ -7,15 +7,15 @@ import threading
 from functools import cache
 
 from reconciler.analyze.languages.base import ParsedModule, count_lines
+from reconciler.extras import require
 
 _lock = threading.Lock()
 
 
 @cache
 def _parser(grammar: str):
-    from tree_sitter_language_pack import get_parser
-
-    return get_parser(grammar)  # type: ignore[arg-type]
+    pack = require("tree_sitter_language_pack", "analyze", "tensorforge analyze")
+    return pack.get_parser(grammar)
 
 
 def parse_tree(grammar: str, source: str):

@@ -1,7 +1,8 @@
-"""Small upstreams for tests and benchmarks (as `starlette.testclient` ships with Starlette):
-a fast OpenAI-compatible server, and a server that replays recorded protocol responses.
+"""Small upstreams for the gateway's tests and the benchmarks: a fast OpenAI-compatible
+server, and a server that replays recorded protocol responses.
 
-Run one standalone: `python -m reconciler.gateway.testing --port N [--chunk-delay S]`."""
+Run one standalone from the repository's root:
+`python -m tests.fakes.upstreams --port N [--chunk-delay S]`."""
 
 from __future__ import annotations
 
