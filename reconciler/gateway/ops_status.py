@@ -275,7 +275,7 @@ def _pid_of(ops: OpsState, backend: str) -> int | None:
 def _process_memory(uuid: str) -> dict[int | None, int]:
     """pid -> MiB for the compute processes NVML lists on one GPU ({} without NVML)."""
     try:
-        import pynvml  # type: ignore[import-untyped]
+        import pynvml
 
         handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
         return {
