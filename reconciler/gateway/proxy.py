@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from reconciler.gateway.deadline import StreamDeadline
 from reconciler.gateway.errors import error_body, openai_error, sse_error_event
 from reconciler.gateway.metrics import GatewayMetrics
 from reconciler.gateway.observers import ProxyObserver
+from reconciler.gateway.request_id import new_id
 from reconciler.gateway.router import Router, Upstream
 from reconciler.gateway.slots import SlotWatch
 from reconciler.gateway.stream_usage import (
@@ -72,9 +72,8 @@ class TimedOut(Exception):
 
 @dataclass(frozen=True)
 class ProxyCall:
-    # For telemetry and events (keyword-only: positional calls are unchanged); os.urandom is a
-    # fifth of uuid4's cost in the request path.
-    request_id: str = field(default_factory=lambda: os.urandom(16).hex(), compare=False, kw_only=True)
+    # For telemetry and events (keyword-only: positional calls are unchanged).
+    request_id: str = field(default_factory=new_id, compare=False, kw_only=True)
     exchange: Exchange
     raw: bytes
     model: str  # canonical model name
