@@ -17,7 +17,7 @@ from conftest import free_port
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.app import create_app
 from reconciler.gateway.deadline import StreamDeadline
-from reconciler.gateway.stream_usage import UsageWatch, request_usage
+from reconciler.gateway.stream_usage import UsageWatch, needs_usage_request, request_usage
 from reconciler.gateway.testing import Recorded, RecordedUpstream, fleet_state, serve, stream_events
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
@@ -201,3 +201,15 @@ def test_usage_is_asked_for_without_losing_or_changing_any_other_field():
         expected = {**body, "stream_options": {**options, "include_usage": True}}
         assert json.loads(sent) == exchange.body == expected, raw
         assert body == json.loads(raw)  # the client's own body is left as it was
+
+
+def test_usage_is_asked_for_only_where_it_is_an_openai_stream_option():
+    """Anthropic Messages and OpenAI Responses streams carry usage in events of their own
+    (message_delta, response.completed) with `event:` lines: they pass as the backend sent them."""
+    stream = {"model": "m", "stream": True}
+    assert needs_usage_request(Exchange("/v1/chat/completions", stream, "m"), True)
+    assert needs_usage_request(Exchange("/v1/completions", stream, "m"), True)
+    for endpoint in ("/v1/messages", "/v1/responses", "/infill", "/api/chat"):
+        assert not needs_usage_request(Exchange(endpoint, stream, "m"), True), endpoint
+    asked = {**stream, "stream_options": {"include_usage": True}}
+    assert not needs_usage_request(Exchange("/v1/chat/completions", asked, "m"), True)

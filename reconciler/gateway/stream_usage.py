@@ -26,8 +26,13 @@ def is_event_stream(exchange: Exchange) -> bool:
     return not exchange.endpoint.startswith("/api/")
 
 
+# Where `stream_options.include_usage` is OpenAI's: the Responses and Anthropic Messages
+# streams report usage in events of their own, with `event:` lines a re-encoded event loses.
+USAGE_OPTION_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions"))
+
+
 def needs_usage_request(exchange: Exchange, stream: bool) -> bool:
-    return stream and is_event_stream(exchange) and not wants_usage(exchange.body)
+    return stream and exchange.endpoint in USAGE_OPTION_ENDPOINTS and not wants_usage(exchange.body)
 
 
 def request_usage(exchange: Exchange, raw: bytes) -> tuple[Exchange, bytes]:
