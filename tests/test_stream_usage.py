@@ -213,3 +213,37 @@ def test_usage_is_asked_for_only_where_it_is_an_openai_stream_option():
         assert not needs_usage_request(Exchange(endpoint, stream, "m"), True), endpoint
     asked = {**stream, "stream_options": {"include_usage": True}}
     assert not needs_usage_request(Exchange("/v1/chat/completions", asked, "m"), True)
+
+
+def test_an_anthropic_messages_stream_passes_byte_for_byte():
+    """Shaped as Anthropic's streaming documentation shows it (event: lines, usage in
+    message_start and message_delta), from a llama.cpp backend's /v1/messages. It used to
+    lose every event: line and the message_delta event."""
+    events = [
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+        b'"role":"assistant","content":[],"usage":{"input_tokens":5,"output_tokens":1}}}\n\n',
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"Hi"}}\n\n',
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+        b'"usage":{"output_tokens":2}}\n\n',
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ]
+    upstream = RecordedUpstream({
+        ("GET", "/health"): Recorded(body=b'{"status":"ok"}'),
+        ("POST", "/v1/messages"): Recorded(content_type="text/event-stream", pieces=events),
+    })  # fmt: skip
+    up, gw = free_port(), free_port()
+    state = fleet_state({"cpu": f"http://127.0.0.1:{up}"}, kind="llamacpp")
+    app = create_app(state)
+    with serve(upstream, up), serve(app, gw):
+        url = f"http://127.0.0.1:{gw}"
+        for _ in range(100):
+            if httpx.get(url + "/health").json()["backends_healthy"] == 1:
+                break
+            time.sleep(0.1)
+        ask = {"model": next(iter(app.table.names)), "max_tokens": 5, "stream": True,
+               "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        answer = httpx.post(url + "/v1/messages", json=ask, timeout=30)
+        assert answer.status_code == 200
+        assert answer.content == b"".join(events)
+        assert "stream_options" not in upstream.last("/v1/messages")
