@@ -2,6 +2,12 @@
 through the gateway, alternating, in one run.
 
     .venv/bin/python bench/gateway_bench.py [--seconds 1.5] [--rounds 2] [--concurrency 1 8 64]
+        [--baseline DIR]
+
+`--baseline DIR` runs a second gateway from another checkout (say `git worktree add DIR
+cc5e518`) beside this one, measured in the same rounds, so a regression is a ratio from one
+run rather than two runs on a machine whose load moves. The order of the targets rotates
+each round: use a multiple of their number for `--rounds`.
 
 The upstream and the gateway are pinned to core 0, this load generator (asyncio + aiohttp)
 to core 1. Reported per mode and concurrency: requests/s, p50/p99 latency, time to first
@@ -48,9 +54,9 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def pinned(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+def pinned(argv: list[str], env: dict | None = None, cwd: Path = REPO) -> subprocess.Popen:
     return subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CORE}),
     )  # fmt: skip
 
@@ -145,6 +151,8 @@ def main() -> int:
     parser.add_argument("--transport", choices=["lean", "aiohttp"], nargs="+", default=["lean"],
                         help="upstream transport(s) of the gateway for http:// backends; with two, "
                         "two gateways run side by side and are measured alternately")  # fmt: skip
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also run the gateway of the checkout at DIR (same venv), side by side")  # fmt: skip
     args = parser.parse_args()
     os.sched_setaffinity(0, {CLIENT_CORE})
 
@@ -155,7 +163,10 @@ def main() -> int:
     gateways: dict[str, tuple[subprocess.Popen, str]] = {}
     files = []
     try:
-        for transport in args.transport:
+        sources = [(f"gw-{t}", t, REPO) for t in args.transport]
+        if args.baseline is not None:
+            sources.append((f"base-{args.transport[0]}", args.transport[0], args.baseline.resolve()))
+        for label, transport, source in sources:
             port = free_port()
             config = {
                 "models": {"bench": {"source": "pypi:bench"}},
@@ -165,14 +176,15 @@ def main() -> int:
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
                 json.dump(config, f)
             files.append(f.name)
-            env = {**os.environ, "TF_GATEWAY_TRANSPORT": transport}
+            # PYTHONPATH first: the checkout's own package, not the venv's installed one.
+            env = {**os.environ, "TF_GATEWAY_TRANSPORT": transport, "PYTHONPATH": str(source)}
             argv = [sys.executable, "-m", "reconciler.cli", "--log-level", "WARNING", "gateway", "--config", f.name]
-            proc = pinned(argv, env)
+            proc = pinned(argv, env, cwd=source)
             url = f"http://127.0.0.1:{port}"
             ready = wait_ready(url + "/health", healthy_backends=True)
-            gateways[f"gw-{transport}"] = (proc, url)
+            gateways[label] = (proc, url)
             time.sleep(0.5)
-            print(f"gw-{transport}: healthy {ready:.2f}s after start; idle RSS {rss_mib(proc.pid):.1f} MiB")
+            print(f"{label}: healthy {ready:.2f}s after start; idle RSS {rss_mib(proc.pid):.1f} MiB")
         idle = {name: rss_mib(proc.pid) for name, (proc, _) in gateways.items()}
         print(f"{'mode':<10}{'c':>4} {'target':<12}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'ttfc ms':>8}"
               f"{'added p50':>10}{'CPU ms/req':>11}{'ratio':>6}{'err':>4}")  # fmt: skip
@@ -180,8 +192,11 @@ def main() -> int:
         for stream in (False, True):
             for concurrency in args.concurrency:
                 results = {name: Run() for name, _, _ in targets}
-                for _ in range(args.rounds):
-                    for name, base, pid in targets:
+                for round_ in range(args.rounds):
+                    # Rotated: measured identical code side by side, a fixed order favoured
+                    # the later target by 6-10 % of CPU per request on a busy machine.
+                    shift = round_ % len(targets)
+                    for name, base, pid in targets[shift:] + targets[:shift]:
                         url = base + "/v1/chat/completions"
                         results[name].add(asyncio.run(load(url, stream, concurrency, args.seconds, pid)))
                 d = results["direct"]

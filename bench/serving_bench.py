@@ -16,7 +16,10 @@ installed by this script into its own venv outside the clone) with its policies.
 
 Reported per strategy: TTFT p50/p99, end-to-end p50/p99, output tokens/s over the run,
 prefix-cache hit rate (prompt tokens llama.cpp took from its cache, from each stream's
-`timings`), failed requests."""
+`timings`), failed requests; pooled over all rounds and, with `--rounds` > 1, the median of
+the rounds' own figures. Every turn (when it was sent, which replica answered, TTFT, tokens
+taken from the cache) goes to `turns.jsonl` in the logs directory, to see where a tail
+comes from."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +74,8 @@ class Conversation:
     system: str
     questions: list[str]
     arrival: float  # seconds after the run starts
+    index: int = 0
+    prefix: int = 0  # which system prompt
 
 
 def workload(args: argparse.Namespace, salt: str) -> list[Conversation]:
@@ -81,7 +87,7 @@ def workload(args: argparse.Namespace, salt: str) -> list[Conversation]:
     arrival, conversations = 0.0, []
     for i in range(args.conversations):
         questions = [" ".join(rng.choices(VOCAB, k=12)) + "?" for _ in range(args.turns)]
-        conversations.append(Conversation(prefixes[i % args.prefixes], questions, arrival))
+        conversations.append(Conversation(prefixes[i % args.prefixes], questions, arrival, i, i % args.prefixes))
         arrival += rng.expovariate(args.rate)
     return conversations
 
@@ -95,9 +101,12 @@ class Result:
     cached_tokens: int = 0
     failed: int = 0
     elapsed: float = 0.0
+    turns: list[dict] = field(default_factory=list)  # one record per turn, for turns.jsonl
 
 
-async def one_turn(session: aiohttp.ClientSession, url: str, messages: list[dict], args, result: Result) -> str:
+async def one_turn(
+    session: aiohttp.ClientSession, url: str, messages: list[dict], args, result: Result, record: dict
+) -> str:
     body = {"model": "smollm2", "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     started = time.perf_counter()
@@ -105,6 +114,7 @@ async def one_turn(session: aiohttp.ClientSession, url: str, messages: list[dict
     first: float | None = None
     try:
         async with session.post(url + "/v1/chat/completions", json=body) as response:
+            record["backend"] = response.headers.get("x-tensorforge-backend")
             if response.status != 200:
                 result.failed += 1
                 return ""
@@ -121,21 +131,27 @@ async def one_turn(session: aiohttp.ClientSession, url: str, messages: list[dict
                 if timings := event.get("timings"):
                     result.cached_tokens += timings.get("cache_n", 0)
                     result.prompt_tokens += timings.get("cache_n", 0) + timings.get("prompt_n", 0)
+                    record.update(cache_n=timings.get("cache_n", 0), prompt_n=timings.get("prompt_n", 0),
+                                  prompt_ms=timings.get("prompt_ms"))  # fmt: skip
     except (TimeoutError, aiohttp.ClientError, ValueError):
         result.failed += 1
         return ""
     done = time.perf_counter()
     result.ttft.append((first or done) - started)
     result.latency.append(done - started)
+    record.update(ttft=round((first or done) - started, 3), e2e=round(done - started, 3))
     return "".join(answer)
 
 
 async def converse(session, url: str, conversation: Conversation, args, result: Result, t0: float) -> None:
     await asyncio.sleep(max(0.0, t0 + conversation.arrival - time.perf_counter()))
     messages = [{"role": "system", "content": conversation.system}]
-    for question in conversation.questions:
+    for turn, question in enumerate(conversation.questions):
         messages.append({"role": "user", "content": question})
-        answer = await one_turn(session, url, messages, args, result)
+        record = {"conversation": conversation.index, "prefix": conversation.prefix, "turn": turn,
+                  "sent": round(time.perf_counter() - t0, 3)}  # fmt: skip
+        answer = await one_turn(session, url, messages, args, result, record)
+        result.turns.append(record)
         messages.append({"role": "assistant", "content": answer or "(no answer)"})
 
 
@@ -247,6 +263,23 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+TABLE_HEAD = (
+    "| strategy | TTFT p50 s | TTFT p99 s | e2e p50 s | e2e p99 s | output tok/s | prefix cache hit | failed | wall s |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+
+
+def figures(r: Result) -> list[float]:
+    hit = r.cached_tokens / r.prompt_tokens if r.prompt_tokens else float("nan")
+    return [pct(r.ttft, 0.5), pct(r.ttft, 0.99), pct(r.latency, 0.5), pct(r.latency, 0.99),
+            r.output_tokens / r.elapsed, hit, r.failed, r.elapsed]  # fmt: skip
+
+
+def row(strategy: str, f: list[float]) -> str:
+    return (f"| {strategy} | {f[0]:.2f} | {f[1]:.2f} | {f[2]:.2f} | {f[3]:.2f} | {f[4]:.1f} | {f[5]:.0%} | "
+            f"{f[6]:.0f} | {f[7]:.0f} |")  # fmt: skip
+
+
 def merge(results: list[Result]) -> Result:
     total = Result()
     for r in results:
@@ -298,15 +331,21 @@ def main() -> int:
                     stop(router)
                 for proc in replicas:
                     stop(proc)
+    with (logs / "turns.jsonl").open("w") as out:
+        for strategy, runs in results.items():
+            for round_, run in enumerate(runs):
+                for record in run.turns:
+                    out.write(json.dumps({"strategy": strategy, "round": round_, **record}) + "\n")
     print()
-    print("| strategy | TTFT p50 s | TTFT p99 s | e2e p50 s | e2e p99 s | output tok/s | prefix cache hit | failed | wall s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(TABLE_HEAD)
     for strategy, runs in results.items():
-        r = merge(runs)
-        hit = r.cached_tokens / r.prompt_tokens if r.prompt_tokens else float("nan")
-        print(f"| {strategy} | {pct(r.ttft, 0.5):.2f} | {pct(r.ttft, 0.99):.2f} | {pct(r.latency, 0.5):.2f} | "
-              f"{pct(r.latency, 0.99):.2f} | {r.output_tokens / r.elapsed:.1f} | {hit:.0%} | {r.failed} | "
-              f"{r.elapsed:.0f} |")  # fmt: skip
+        print(row(strategy, figures(merge(runs))))
+    if args.rounds > 1:
+        print(f"\nMedian of the {args.rounds} rounds' own figures:\n")
+        print(TABLE_HEAD)
+        for strategy, runs in results.items():
+            per_round = [figures(run) for run in runs]
+            print(row(strategy, [statistics.median(column) for column in zip(*per_round, strict=True)]))
     print(f"\nlogs: {logs}")
     return 0
 

@@ -7,7 +7,6 @@ by a small local fake upstream; tests/test_vllm_real.py runs the real server its
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from reconciler.config.schema import BackendSpec, ModelSpec
 from reconciler.gateway.adapters import adapter_for
 from reconciler.gateway.app import create_app
 from reconciler.gateway.errors import openai_error
-from reconciler.gateway.stream_usage import strip_usage
+from reconciler.gateway.stream_usage import UsageWatch
 from reconciler.models.pull import pull_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocols" / "vllm"
@@ -254,14 +253,9 @@ def test_usage_inside_generated_text_is_not_taken_for_the_usage_event():
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
     counted: list[dict] = []
 
-    async def run() -> bytes:
-        async def chunks():
-            for piece in (text, usage, b"data: [DONE]\n\n"):
-                yield piece
-
-        return b"".join([c async for c in strip_usage(chunks(), counted.append)])
-
-    assert asyncio.run(run()) == text + b"data: [DONE]\n\n"
+    watch = UsageWatch(counted.append, strip=True)
+    out = b"".join(watch.feed(piece) for piece in (text, usage, b"data: [DONE]\n\n")) + watch.flush()
+    assert out == text + b"data: [DONE]\n\n"
     assert counted == [{"prompt_tokens": 3, "completion_tokens": 1}]
 
 
@@ -270,11 +264,6 @@ def test_usage_on_a_content_event_is_counted_and_left_in_place():
     last = b'data: {"choices":[{"text":"","index":0,"finish_reason":"length"}],"usage":{"prompt_tokens":1,"completion_tokens":3}}\n\n'
     counted: list[dict] = []
 
-    async def run() -> bytes:
-        async def chunks():
-            yield last + b"data: [DONE]\n\n"
-
-        return b"".join([c async for c in strip_usage(chunks(), counted.append)])
-
-    assert asyncio.run(run()) == last + b"data: [DONE]\n\n"
+    watch = UsageWatch(counted.append, strip=True)
+    assert watch.feed(last + b"data: [DONE]\n\n") + watch.flush() == last + b"data: [DONE]\n\n"
     assert counted == [{"prompt_tokens": 1, "completion_tokens": 3}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -153,8 +154,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     state = load_state(args)
     host = args.host or state.gateway.host
     port = args.port or state.gateway.port
+    app = create_app(state, config_path=args.config)
+    # Modules, configuration and the app live as long as the process: frozen out of the
+    # garbage collector's sight, its collections stop walking them on behalf of each
+    # request's short-lived objects (that walk was a third of the CPU per request).
+    gc.freeze()
     uvicorn.run(
-        create_app(state, config_path=args.config), host=host, port=port, log_level=args.log_level.lower(),
+        app, host=host, port=port, log_level=args.log_level.lower(),
         access_log=False, timeout_graceful_shutdown=30, proxy_headers=False, http=header_timeout_protocol(),
         # A WebSocket message is a request body with an envelope: the same limit, not uvicorn's
         # 16 MiB default (the session also refuses what exceeds max_body_bytes).

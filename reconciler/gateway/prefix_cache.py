@@ -10,13 +10,12 @@ and each backend keeps a bounded, age-evicted set of the hashes it has seen."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-BLOCK_CHARS = 128  # about 32 tokens: fine enough to find a shared system prompt
+BLOCK_CHARS = 128  # characters, about 32 tokens: fine enough to find a shared system prompt
 MAX_PROMPT_BLOCKS = 512  # past 64k characters of shared prefix, longer matches change nothing
 DEFAULT_CAPACITY = 16_384  # blocks per backend (2M characters, ~500k tokens): ~3 MB of memory
 DEFAULT_TTL_SECONDS = 600.0  # a prefix not seen for this long has probably left the cache
@@ -52,14 +51,16 @@ def _content_text(content: object) -> str:
     return ""
 
 
-def prompt_blocks(body: dict[str, Any]) -> list[bytes]:
+def prompt_blocks(body: dict[str, Any]) -> list[int]:
     """Chained hashes of the prompt's whole blocks: the i-th hash identifies its first
-    (i + 1) * BLOCK_CHARS characters. A trailing partial block is left out."""
-    text = prompt_text(body).encode("utf-8", "surrogatepass")
-    blocks: list[bytes] = []
-    previous = b""
+    (i + 1) * BLOCK_CHARS characters. A trailing partial block is left out. Python's own
+    string hash, chained through a tuple: half the cost of a blake2b object per block, and
+    the index lives in one process, where the hash's per-process seed is the same."""
+    text = prompt_text(body)
+    blocks: list[int] = []
+    previous = 0
     for start in range(0, min(len(text), BLOCK_CHARS * MAX_PROMPT_BLOCKS) - BLOCK_CHARS + 1, BLOCK_CHARS):
-        previous = hashlib.blake2b(previous + text[start : start + BLOCK_CHARS], digest_size=8).digest()
+        previous = hash((previous, text[start : start + BLOCK_CHARS]))
         blocks.append(previous)
     return blocks
 
@@ -77,12 +78,12 @@ class PrefixSet:
         self.capacity = capacity
         self.ttl = ttl
         self.clock = clock
-        self._seen: OrderedDict[bytes, float] = OrderedDict()  # block hash -> last sent
+        self._seen: OrderedDict[int, float] = OrderedDict()  # block hash -> last sent
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def match(self, blocks: list[bytes]) -> int:
+    def match(self, blocks: list[int]) -> int:
         """How many leading blocks of the prompt this backend was sent (and still holds)."""
         self._expire()
         matched = 0
@@ -92,7 +93,7 @@ class PrefixSet:
             matched += 1
         return matched
 
-    def record(self, blocks: list[bytes]) -> None:
+    def record(self, blocks: list[int]) -> None:
         """The prompt was sent here: its prefixes are now the freshest this backend holds."""
         now = self.clock()
         for block in blocks:

@@ -24,14 +24,19 @@ import httpx
 
 from reconciler.gateway.adapters import Unsupported, adapter_for
 from reconciler.gateway.answer_limits import read_whole
+from reconciler.gateway.deadline import StreamDeadline
 from reconciler.gateway.errors import GatewayError, backend_error, sse_error_event
 from reconciler.gateway.metrics import GatewayMetrics
 from reconciler.gateway.observers import ProxyObserver
 from reconciler.gateway.proxy_call import ProxyCall
 from reconciler.gateway.router import Router, Upstream
 from reconciler.gateway.slots import SlotWatch
-from reconciler.gateway.sse import EventParser
-from reconciler.gateway.stream_usage import needs_usage_request, request_usage, strip_usage
+from reconciler.gateway.stream_usage import (
+    UsageWatch,
+    is_event_stream,
+    needs_usage_request,
+    request_usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +229,7 @@ class Proxy:
         exchange, raw = call.exchange, call.raw
         hidden_usage = adapter.stream_usage_option and needs_usage_request(exchange, call.stream)
         if hidden_usage:  # counted, then stripped from what the client gets
-            exchange, raw = request_usage(exchange)
+            exchange, raw = request_usage(exchange, raw)
         try:
             spec = adapter.build_request(exchange, raw, upstream.served_name)
         except Unsupported:
@@ -276,9 +281,6 @@ class Proxy:
                     return Answer(status, ctype, upstream.name, body=content, headers=_backend_id(backend_id, call))
                 upstream_chunks = response.aiter_raw()
                 chunks = upstream_chunks if passthrough else adapter.convert_stream(exchange, upstream_chunks)
-                if hidden_usage:
-                    chunks = strip_usage(chunks, lambda usage: self.metrics.record_tokens(
-                        call.model, upstream.name, usage, call.client))
                 first = await anext(chunks, b"")
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
             upstream.release()
@@ -303,7 +305,8 @@ class Proxy:
             raise
         upstream.record_success()
         self.metrics.child(self.metrics.ttft, call.model, upstream.name).observe(time.perf_counter() - started)
-        stream = self._relay(first, chunks, response, upstream, call, (started, deadline))
+        watch = self._usage_watch(call, upstream, hidden_usage)
+        stream = self._relay(first, chunks, response, upstream, call, (started, deadline), watch)
         await anext(stream)  # run it to its first yield: from here on, closing it cleans up
         return Answer(200, EVENT_STREAM, upstream.name, stream=stream, headers=_backend_id(backend_id, call))
 
@@ -316,30 +319,32 @@ class Proxy:
         upstream: Upstream,
         call: ProxyCall,
         times: tuple[float, float],  # perf_counter at the start, loop time of the deadline
+        watch: tuple[UsageWatch, dict[str, Any]] | None,  # finds (and strips) usage; what it found
     ) -> AsyncGenerator[bytes, None]:
         started, deadline = times
         status = "200"
         finished = False  # [DONE] went out: a consumer stopping now is not a disconnect
-        # Made on the first chunk that holds "usage" or ends mid-event (before that, every
-        # event was whole, so a parser would hold nothing); then fed every chunk.
-        usage: EventParser | None = None
-        tokens: dict[str, Any] = {}  # the stream's usage report, for the observers
+        timer = StreamDeadline(deadline)
+        usage, tokens = watch if watch is not None else (None, None)
         try:
             yield b""  # the priming step (see _attempt); never reaches the client
-            if first:
-                finished = first.endswith(b"[DONE]\n\n")
-                if b'"usage"' in first or not first.endswith(b"\n\n"):
-                    usage = self._stream_usage(usage, first, call, upstream, tokens)
-                yield first
-            while True:
-                async with asyncio.timeout_at(deadline):  # a timer, not a task: cheap per chunk
+            chunk: bytes | None = first
+            while chunk is not None:
+                if chunk:
+                    finished = chunk.endswith(b"[DONE]\n\n")
+                    out = usage.feed(chunk) if usage is not None else chunk
+                    if out:
+                        yield out
+                timer.start_read()
+                try:
                     chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
-                if usage is not None or b'"usage"' in chunk or not chunk.endswith(b"\n\n"):
-                    usage = self._stream_usage(usage, chunk, call, upstream, tokens)
-                finished = chunk.endswith(b"[DONE]\n\n")
-                yield chunk
+                except asyncio.CancelledError:
+                    timer.raise_if_expired()
+                    raise
+                finally:
+                    timer.reading = False
+            if usage is not None and (rest := usage.flush()):
+                yield rest
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
             if _timed_out(exc):  # this request's deadline or silence: not the backend's health
                 status = "504"
@@ -357,6 +362,7 @@ class Proxy:
                 status = "499"  # the client went away; closing the response stops the backend
             raise
         finally:
+            timer.close()
             upstream.release()
             m = self.metrics
             self._count(call, upstream.name, status, started, tokens or None)
@@ -367,6 +373,20 @@ class Proxy:
             finally:
                 await response.aclose()
 
+    def _usage_watch(self, call: ProxyCall, upstream: Upstream, hidden: bool) -> tuple[UsageWatch, dict[str, Any]] | None:
+        """What finds the stream's token counts (for the metrics and the observers), taking
+        out the usage event the gateway asked for (`hidden`); None for a stream that is not
+        server-sent events."""
+        if not is_event_stream(call.exchange):
+            return None
+        tokens: dict[str, Any] = {}
+
+        def counted(usage: dict[str, Any]) -> None:
+            self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
+            tokens.update(usage)
+
+        return UsageWatch(counted, strip=hidden), tokens
+
     def _record(self, call: ProxyCall, upstream: Upstream, status: int, started: float, content: bytes | None) -> None:
         m = self.metrics
         elapsed = time.perf_counter() - started
@@ -374,15 +394,6 @@ class Proxy:
         m.child(m.ttft, call.model, upstream.name).observe(elapsed)
         usage = self._count_usage(content, call, upstream) if content and b'"usage"' in content else None
         self._count(call, upstream.name, str(status), started, usage)
-
-    def _stream_usage(
-        self, parser: EventParser | None, chunk: bytes, call: ProxyCall, upstream: Upstream, tokens: dict[str, Any]
-    ) -> EventParser:
-        parser = parser or EventParser()
-        for data in parser.feed(chunk):
-            if '"usage"' in data:
-                tokens.update(self._count_usage(data, call, upstream) or {})
-        return parser
 
     def _count_usage(self, document: str | bytes, call: ProxyCall, upstream: Upstream) -> dict[str, Any] | None:
         """Tokens from an answer's (or a stream event's) OpenAI `usage` object, if it has one."""

@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from reconciler.gateway.adapters import Exchange
+from reconciler.gateway.request_id import new_id
 
 
 @dataclass(frozen=True)
 class ProxyCall:
-    # For telemetry and events (keyword-only: positional calls are unchanged); os.urandom is a
-    # fifth of uuid4's cost in the request path.
-    request_id: str = field(default_factory=lambda: os.urandom(16).hex(), compare=False, kw_only=True)
+    # For telemetry and events (keyword-only: positional calls are unchanged).
+    request_id: str = field(default_factory=new_id, compare=False, kw_only=True)
     exchange: Exchange
     raw: bytes
     model: str  # canonical model name

@@ -326,7 +326,7 @@ class Router:
             chosen = self._yielding(rendezvous(ready, affinity_key), by_load[0])
         return [chosen, *(u for u in by_load if u is not chosen)]
 
-    def _by_prefix(self, by_load: list[Upstream], blocks: list[bytes], affinity_key: str | None) -> Upstream:
+    def _by_prefix(self, by_load: list[Upstream], blocks: list[int], affinity_key: str | None) -> Upstream:
         """The backend holding the longest prefix of this prompt, unless it is too busy; with
         no prefix anywhere, the session's backend, else the least loaded with the most room
         in its cache (so new conversations spread instead of piling onto one replica)."""

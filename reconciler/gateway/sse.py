@@ -63,6 +63,11 @@ class EventParser:
                 payloads.append(b"\n".join(data).decode())
         return payloads
 
+    @property
+    def idle(self) -> bool:
+        """Nothing held back: what was fed ended on an event boundary."""
+        return not self._tail and not self._cr
+
     def _drop(self) -> None:
         self._tail, self._size, self._cr = [], 0, False
 

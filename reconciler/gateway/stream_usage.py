@@ -1,66 +1,120 @@
-"""Token counts for streams whose client did not ask for usage.
+"""Token counts from streams, including those whose client did not ask for usage.
 
 OpenAI-style servers (vLLM, llama.cpp) report a stream's tokens only when asked with
 `stream_options.include_usage`. The gateway asks on the client's behalf, counts the usage
-event, and takes it out again, so the client sees the stream it asked for."""
+event, and takes it out again, so the client sees the stream it asked for.
+
+This runs on every chunk of every stream, so it parses as little as it can: only the last
+events carry usage, and a chunk of whole events that does not mention it passes untouched."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.adapters.shapes import wants_usage
 from reconciler.gateway.sse import EventParser
 
+_USAGE = b'"usage"'
+_EVENT_END = b"\n\n"
+
+
+def is_event_stream(exchange: Exchange) -> bool:
+    """The answer streams as OpenAI's server-sent events; Ollama's native API (`/api/…`,
+    passed through to Ollama backends) streams NDJSON, which has no usage event to find."""
+    return not exchange.endpoint.startswith("/api/")
+
+
+# Where `stream_options.include_usage` is OpenAI's: the Responses and Anthropic Messages
+# streams report usage in events of their own, with `event:` lines a re-encoded event loses.
+USAGE_OPTION_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions"))
+
 
 def needs_usage_request(exchange: Exchange, stream: bool) -> bool:
-    return stream and not wants_usage(exchange.body)
+    return stream and exchange.endpoint in USAGE_OPTION_ENDPOINTS and not wants_usage(exchange.body)
 
 
-def request_usage(exchange: Exchange) -> tuple[Exchange, bytes]:
-    """The exchange (and its raw body) with `include_usage` turned on, other options kept."""
+def request_usage(exchange: Exchange, raw: bytes) -> tuple[Exchange, bytes]:
+    """The exchange and its raw body with `include_usage` turned on, other options kept. The
+    common case (no stream_options at all) adds the field to the bytes as they are, instead
+    of serializing the whole request again."""
     options = exchange.body.get("stream_options")
-    options = options if isinstance(options, dict) else {}
-    body = {**exchange.body, "stream_options": {**options, "include_usage": True}}
-    return replace(exchange, body=body), json.dumps(body).encode()
+    body = {
+        **exchange.body,
+        "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True},
+    }
+    changed = Exchange(exchange.endpoint, body, exchange.requested_model)
+    end = raw.rstrip()
+    # A UTF-8 object with members and no stream_options (other encodings: serialized again).
+    if (
+        "stream_options" not in exchange.body
+        and exchange.body
+        and raw[:1] == b"{"
+        and end[-1:] == b"}"
+    ):
+        return changed, end[:-1] + b',"stream_options":{"include_usage":true}}'
+    return changed, json.dumps(body).encode()
 
 
-async def strip_usage(
-    chunks: AsyncIterator[bytes], on_usage: Callable[[dict[str, Any]], None]
-) -> AsyncIterator[bytes]:
-    """Pass the stream on without its usage event: `on_usage` gets each usage object, the
-    usage-only event (no choices) is dropped, every other event passes byte for byte. Chunks
-    without "usage" that end on an event boundary are not parsed at all (the common case)."""
-    parser: EventParser | None = None
-    async for chunk in chunks:
-        if parser is None and b'"usage"' not in chunk and chunk.endswith(b"\n\n"):
-            yield chunk
-            continue
-        parser = parser or EventParser()
-        out = b"".join(_without_usage(data, on_usage) for data in parser.feed(chunk))
-        if out:
-            yield out
-    if parser is not None:
-        out = b"".join(_without_usage(data, on_usage) for data in parser.flush())
-        if out:
-            yield out
+class UsageWatch:
+    """Finds the usage reports in a stream of server-sent events as its bytes pass:
+    `on_usage` gets each usage object. With `strip`, the usage-only event (no choices), which
+    the client did not ask for, is taken out; every other event passes byte for byte.
 
+    Cheap in the common case: a chunk of whole events without "usage" is returned as it is,
+    and in one that has it, the whole events before the first mention pass unparsed."""
 
-def _without_usage(data: str, on_usage: Callable[[dict[str, Any]], None]) -> bytes:
-    original = b"data: " + data.encode() + b"\n\n"
-    if '"usage"' not in data:
-        return original
-    try:
-        event = json.loads(data)
-    except ValueError:
-        return original
-    usage = event.get("usage") if isinstance(event, dict) else None
-    if not isinstance(usage, dict):
-        return original  # "usage" inside the generated text, or OpenAI's "usage": null
-    on_usage(usage)
-    # The usage-only event the client did not ask for goes; usage on a content event stays
-    # (llama.cpp's /v1/completions stream sends it there whether asked or not).
-    return b"" if not event.get("choices") else original
+    def __init__(self, on_usage: Callable[[dict[str, Any]], None], strip: bool) -> None:
+        self.on_usage = on_usage
+        self.strip = strip
+        self._parser: EventParser | None = None  # made on the first chunk that needs it
+        self._idle = True  # nothing held back: the last chunk ended on an event boundary
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What of `chunk` to pass on now (without `strip`: all of it, at once)."""
+        if self._idle and _USAGE not in chunk and chunk.endswith(_EVENT_END):
+            return chunk
+        head, rest = b"", chunk
+        if self._idle and b"\r" not in chunk:  # CRLF events: the parser finds their ends
+            at = chunk.find(_USAGE)
+            end = chunk.rfind(_EVENT_END, 0, at if at >= 0 else len(chunk))
+            if end >= 0:  # whole events before the first mention: no need to parse them
+                head, rest = chunk[: end + 2], chunk[end + 2 :]
+        parser = self._parser = self._parser or EventParser()
+        events = parser.feed(rest)
+        self._idle = parser.idle
+        return self._after(head, events, chunk)
+
+    def flush(self) -> bytes:
+        """The stream ended: what is left of an event it did not finish."""
+        if self._parser is None or self._idle:
+            return b""
+        self._idle = True
+        return self._after(b"", self._parser.flush(), b"")
+
+    def _after(self, head: bytes, events: list[str], chunk: bytes) -> bytes:
+        if not self.strip:
+            for data in events:
+                self._count(data)
+            return chunk
+        return head + b"".join(
+            b"" if self._count(data) else b"data: " + data.encode() + b"\n\n" for data in events
+        )
+
+    def _count(self, data: str) -> bool:
+        """Count the event's usage, if it has one; True when it is a usage-only event (the one
+        the client did not ask for: `strip` takes it out). Usage on a content event stays
+        (llama.cpp's /v1/completions stream sends it there, asked or not)."""
+        if '"usage"' not in data:
+            return False
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return False
+        usage = event.get("usage") if isinstance(event, dict) else None
+        if not isinstance(usage, dict):
+            return False  # "usage" inside the generated text, or OpenAI's "usage": null
+        self.on_usage(usage)
+        return not event.get("choices")
