@@ -144,7 +144,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=1.5, help="length of one measurement")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of direct and gateway")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
@@ -165,12 +167,16 @@ def main() -> int:
     try:
         sources = [(f"gw-{t}", t, REPO) for t in args.transport]
         if args.baseline is not None:
-            sources.append((f"base-{args.transport[0]}", args.transport[0], args.baseline.resolve()))
+            sources.append(
+                (f"base-{args.transport[0]}", args.transport[0], args.baseline.resolve())
+            )
         for label, transport, source in sources:
             port = free_port()
             config = {
                 "models": {"bench": {"source": "pypi:bench"}},
-                "backends": {"up": {"kind": "llamacpp", "model": "bench", "port": 1, "url": direct}},
+                "backends": {
+                    "up": {"kind": "llamacpp", "model": "bench", "port": 1, "url": direct}
+                },
                 "gateway": {"host": "127.0.0.1", "port": port, "max_concurrency_per_backend": 256},
             }
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -178,13 +184,24 @@ def main() -> int:
             files.append(f.name)
             # PYTHONPATH first: the checkout's own package, not the venv's installed one.
             env = {**os.environ, "TF_GATEWAY_TRANSPORT": transport, "PYTHONPATH": str(source)}
-            argv = [sys.executable, "-m", "reconciler.cli", "--log-level", "WARNING", "gateway", "--config", f.name]
+            argv = [
+                sys.executable,
+                "-m",
+                "reconciler.cli",
+                "--log-level",
+                "WARNING",
+                "gateway",
+                "--config",
+                f.name,
+            ]
             proc = pinned(argv, env, cwd=source)
             url = f"http://127.0.0.1:{port}"
             ready = wait_ready(url + "/health", healthy_backends=True)
             gateways[label] = (proc, url)
             time.sleep(0.5)
-            print(f"{label}: healthy {ready:.2f}s after start; idle RSS {rss_mib(proc.pid):.1f} MiB")
+            print(
+                f"{label}: healthy {ready:.2f}s after start; idle RSS {rss_mib(proc.pid):.1f} MiB"
+            )
         idle = {name: rss_mib(proc.pid) for name, (proc, _) in gateways.items()}
         print(f"{'mode':<10}{'c':>4} {'target':<12}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'ttfc ms':>8}"
               f"{'added p50':>10}{'CPU ms/req':>11}{'ratio':>6}{'err':>4}")  # fmt: skip
@@ -198,7 +215,9 @@ def main() -> int:
                     shift = round_ % len(targets)
                     for name, base, pid in targets[shift:] + targets[:shift]:
                         url = base + "/v1/chat/completions"
-                        results[name].add(asyncio.run(load(url, stream, concurrency, args.seconds, pid)))
+                        results[name].add(
+                            asyncio.run(load(url, stream, concurrency, args.seconds, pid))
+                        )
                 d = results["direct"]
                 d_rps = len(d.latencies) / d.elapsed
                 for name, run in results.items():
@@ -213,7 +232,9 @@ def main() -> int:
                     print(f"{mode:<10}{concurrency:>4} {name:<12}{rps:8.0f}{pct(run.latencies, 0.5):8.2f}"
                           f"{pct(run.latencies, 0.99):8.2f}{ttfc}{extra}{run.errors:4d}", flush=True)  # fmt: skip
         for name, (proc, _) in gateways.items():
-            print(f"{name}: RSS {idle[name]:.1f} MiB idle, {rss_mib(proc.pid):.1f} MiB after the load")
+            print(
+                f"{name}: RSS {idle[name]:.1f} MiB idle, {rss_mib(proc.pid):.1f} MiB after the load"
+            )
     finally:
         for proc in [p for p, _ in gateways.values()] + [upstream]:
             proc.terminate()

@@ -125,7 +125,10 @@ def main() -> int:
         best: dict[str, float] = {}
         for _ in range(args.runs):
             for name, tree in trees.items():
-                env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{REPO / 'tests'}"}  # the fake upstream is ours
+                env = {
+                    **os.environ,
+                    "PYTHONPATH": f"{tree}{os.pathsep}{REPO / 'tests'}",
+                }  # the fake upstream is ours
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", mode, str(args.requests)],
                     cwd=tree, env=env, capture_output=True, text=True, check=True,

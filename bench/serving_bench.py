@@ -43,7 +43,9 @@ from reconciler.backends.commands import CACHE_REUSE_TOKENS  # as the reconciler
 
 REPO = Path(__file__).resolve().parent.parent
 REPLICA_CORES = (0, 1)
-VLLM_ROUTER_VENV = Path(os.environ.get("TF_VLLM_ROUTER_VENV", "/var/cache/tensorforge/vllm-router-venv"))
+VLLM_ROUTER_VENV = Path(
+    os.environ.get("TF_VLLM_ROUTER_VENV", "/var/cache/tensorforge/vllm-router-venv")
+)
 VOCAB = (
     "system pump valve pressure sensor report shift operator maintenance schedule inspection "
     "record threshold alarm reading temperature flow line station quality batch order supplier "
@@ -66,7 +68,9 @@ def smollm2() -> Path:
     from reconciler.models.pull import pull_model
 
     state, _ = load_desired_state(None)
-    return pull_model("smollm2", state.models["smollm2"], Path(os.environ["TF_MODELS"])).primary_path
+    return pull_model(
+        "smollm2", state.models["smollm2"], Path(os.environ["TF_MODELS"])
+    ).primary_path
 
 
 @dataclass
@@ -87,7 +91,9 @@ def workload(args: argparse.Namespace, salt: str) -> list[Conversation]:
     arrival, conversations = 0.0, []
     for i in range(args.conversations):
         questions = [" ".join(rng.choices(VOCAB, k=12)) + "?" for _ in range(args.turns)]
-        conversations.append(Conversation(prefixes[i % args.prefixes], questions, arrival, i, i % args.prefixes))
+        conversations.append(
+            Conversation(prefixes[i % args.prefixes], questions, arrival, i, i % args.prefixes)
+        )
         arrival += rng.expovariate(args.rate)
     return conversations
 
@@ -105,7 +111,12 @@ class Result:
 
 
 async def one_turn(
-    session: aiohttp.ClientSession, url: str, messages: list[dict], args, result: Result, record: dict
+    session: aiohttp.ClientSession,
+    url: str,
+    messages: list[dict],
+    args,
+    result: Result,
+    record: dict,
 ) -> str:
     body = {"model": "smollm2", "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
@@ -143,7 +154,9 @@ async def one_turn(
     return "".join(answer)
 
 
-async def converse(session, url: str, conversation: Conversation, args, result: Result, t0: float) -> None:
+async def converse(
+    session, url: str, conversation: Conversation, args, result: Result, t0: float
+) -> None:
     await asyncio.sleep(max(0.0, t0 + conversation.arrival - time.perf_counter()))
     messages = [{"role": "system", "content": conversation.system}]
     for turn, question in enumerate(conversation.questions):
@@ -158,7 +171,9 @@ async def converse(session, url: str, conversation: Conversation, args, result: 
 async def run_workload(url: str, conversations: list[Conversation], args) -> Result:
     result = Result()
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=256)) as session:
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=256)
+    ) as session:
         t0 = time.perf_counter()
         await asyncio.gather(*(converse(session, url, c, args, result, t0) for c in conversations))
         result.elapsed = time.perf_counter() - t0
@@ -181,7 +196,9 @@ def wait_http(url: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"{url} did not become ready")
 
 
-def start(argv: list[str], log: Path, core: int | None = None, env: dict | None = None) -> subprocess.Popen:
+def start(
+    argv: list[str], log: Path, core: int | None = None, env: dict | None = None
+) -> subprocess.Popen:
     pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
     return subprocess.Popen(argv, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env=env, preexec_fn=pin)  # fmt: skip
@@ -217,7 +234,9 @@ def ensure_vllm_router() -> Path:
     if not binary.exists():
         print(f"installing vllm-router into {VLLM_ROUTER_VENV} (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VLLM_ROUTER_VENV)], check=True)
-        constraints = Path(__file__).resolve().parent / "vllm-router-constraints.txt"  # the tested versions
+        constraints = (
+            Path(__file__).resolve().parent / "vllm-router-constraints.txt"
+        )  # the tested versions
         pip = [str(VLLM_ROUTER_VENV / "bin" / "pip"), "install", "-q", "-c", str(constraints)]
         subprocess.run([*pip, "vllm-router"], check=True)
     return binary
@@ -234,13 +253,34 @@ def start_router(strategy: str, urls: list[str], logs: Path) -> tuple[subprocess
         return proc, f"http://127.0.0.1:{port}"
     config = {
         "models": {"smollm2": {"source": "pypi:bench"}},
-        "backends": {f"r{i}": {"kind": "llamacpp", "model": "smollm2", "port": 1, "url": u} for i, u in enumerate(urls)},
-        "gateway": {"host": "127.0.0.1", "port": port, "health_interval": 0.5, "routing": {"strategy": strategy}},
+        "backends": {
+            f"r{i}": {"kind": "llamacpp", "model": "smollm2", "port": 1, "url": u}
+            for i, u in enumerate(urls)
+        },
+        "gateway": {
+            "host": "127.0.0.1",
+            "port": port,
+            "health_interval": 0.5,
+            "routing": {"strategy": strategy},
+        },
     }
     path = logs / f"gateway-{strategy}.json"
     path.write_text(json.dumps(config))
     env = {**os.environ, "TF_STATE_DIR": str(logs / f"state-{strategy}")}
-    proc = start([sys.executable, "-m", "reconciler.cli", "--log-level", "WARNING", "gateway", "--config", str(path)], log, env=env)
+    proc = start(
+        [
+            sys.executable,
+            "-m",
+            "reconciler.cli",
+            "--log-level",
+            "WARNING",
+            "gateway",
+            "--config",
+            str(path),
+        ],
+        log,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # every replica healthy, as the gateway sees it
@@ -294,21 +334,40 @@ def merge(results: list[Result]) -> Result:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--prefixes", type=int, default=3, help="distinct long system prompts")
-    parser.add_argument("--prefix-words", type=int, default=1200, help="words per system prompt (~1.5k tokens)")
+    parser.add_argument(
+        "--prefix-words", type=int, default=1200, help="words per system prompt (~1.5k tokens)"
+    )
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--rate", type=float, default=1.0, help="conversations arriving per second")
     parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--ctx-size", type=int, default=8192, help="per replica, split over --parallel")
+    parser.add_argument(
+        "--ctx-size", type=int, default=8192, help="per replica, split over --parallel"
+    )
     parser.add_argument("--parallel", type=int, default=2, help="slots per replica")
-    parser.add_argument("--cache-ram", type=int, default=0,
-                        help="llama.cpp's host prompt cache, MiB (0: off, so only the slots' caches count)")
+    parser.add_argument(
+        "--cache-ram",
+        type=int,
+        default=0,
+        help="llama.cpp's host prompt cache, MiB (0: off, so only the slots' caches count)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="runs per strategy, order rotated")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--strategies", nargs="+", default=[
-        "cache-aware", "least-load", "round-robin", "vllm-router:cache_aware", "vllm-router:round_robin"])
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=[
+            "cache-aware",
+            "least-load",
+            "round-robin",
+            "vllm-router:cache_aware",
+            "vllm-router:round_robin",
+        ],
+    )
     args = parser.parse_args()
     if any(s.startswith("vllm-router:") for s in args.strategies):
         ensure_vllm_router()
@@ -316,13 +375,18 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     results: dict[str, list[Result]] = {s: [] for s in args.strategies}
     for round_ in range(args.rounds):
-        order = args.strategies[round_ % len(args.strategies):] + args.strategies[: round_ % len(args.strategies)]
+        order = (
+            args.strategies[round_ % len(args.strategies) :]
+            + args.strategies[: round_ % len(args.strategies)]
+        )
         for strategy in order:
             replicas, urls = start_replicas(model, args, logs)  # fresh: empty caches
             router = None
             try:
                 router, url = start_router(strategy, urls, logs)
-                result = asyncio.run(run_workload(url, workload(args, f"{round_}-{strategy}"), args))
+                result = asyncio.run(
+                    run_workload(url, workload(args, f"{round_}-{strategy}"), args)
+                )
                 results[strategy].append(result)
                 print(f"round {round_ + 1} {strategy}: {result.elapsed:.1f} s, {len(result.latency)} turns, "
                       f"{result.failed} failed", flush=True)  # fmt: skip
@@ -345,7 +409,11 @@ def main() -> int:
         print(TABLE_HEAD)
         for strategy, runs in results.items():
             per_round = [figures(run) for run in runs]
-            print(row(strategy, [statistics.median(column) for column in zip(*per_round, strict=True)]))
+            print(
+                row(
+                    strategy, [statistics.median(column) for column in zip(*per_round, strict=True)]
+                )
+            )
     print(f"\nlogs: {logs}")
     return 0
 

@@ -100,7 +100,9 @@ class Load:
     async def one(self, session: aiohttp.ClientSession, stream: bool) -> None:
         payload = json.dumps({**BODY, "stream": stream}).encode()
         try:
-            async with session.post(self.url, data=payload, headers={"content-type": "application/json"}) as r:
+            async with session.post(
+                self.url, data=payload, headers={"content-type": "application/json"}
+            ) as r:
                 body = await r.read()
                 good = r.status == 200 and (not stream or body.endswith(b"data: [DONE]\n\n"))
                 if good and stream and b'"error"' in body:
@@ -125,7 +127,9 @@ class Load:
         async def worker() -> None:
             while self.sent < target and time.monotonic() < deadline:
                 self.sent += 1
-                await self.one(session, self.stream_every > 0 and self.sent % self.stream_every == 0)
+                await self.one(
+                    session, self.stream_every > 0 and self.sent % self.stream_every == 0
+                )
 
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
 
@@ -149,7 +153,9 @@ async def soak(args: argparse.Namespace, pid: int, url: str) -> dict:
                 await with_timeout
             except TimeoutError:
                 row = sample()
-                print(f"{row.t:8.0f}{row.done:>10}{row.rss_kib / 1024:>10.1f}{row.fds:>6}", flush=True)
+                print(
+                    f"{row.t:8.0f}{row.done:>10}{row.rss_kib / 1024:>10.1f}{row.fds:>6}", flush=True
+                )
 
     async def idle_snapshot() -> Sample:
         await asyncio.sleep(1.0)  # nothing in flight: connections idle, buffers released
@@ -160,15 +166,21 @@ async def soak(args: argparse.Namespace, pid: int, url: str) -> dict:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = sample()
         print(f"{'t s':>8}{'requests':>10}{'RSS MiB':>10}{'fds':>6}")
-        print(f"{start.t:8.0f}{start.done:>10}{start.rss_kib / 1024:>10.1f}{start.fds:>6}   (idle, before load)")
+        print(
+            f"{start.t:8.0f}{start.done:>10}{start.rss_kib / 1024:>10.1f}{start.fds:>6}   (idle, before load)"
+        )
         task = asyncio.create_task(sampler())
         warmup = max(args.concurrency, int(args.requests * args.warmup))
         await load.run(session, warmup, deadline)
         base = await idle_snapshot()
-        print(f"{base.t:8.0f}{base.done:>10}{base.rss_kib / 1024:>10.1f}{base.fds:>6}   (idle, after warm-up)")
+        print(
+            f"{base.t:8.0f}{base.done:>10}{base.rss_kib / 1024:>10.1f}{base.fds:>6}   (idle, after warm-up)"
+        )
         await load.run(session, args.requests - load.sent, deadline)
         end = await idle_snapshot()
-        print(f"{end.t:8.0f}{end.done:>10}{end.rss_kib / 1024:>10.1f}{end.fds:>6}   (idle, at the end)")
+        print(
+            f"{end.t:8.0f}{end.done:>10}{end.rss_kib / 1024:>10.1f}{end.fds:>6}   (idle, at the end)"
+        )
         stop_sampling.set()
         await task
     elapsed = time.monotonic() - started
@@ -193,14 +205,24 @@ async def soak(args: argparse.Namespace, pid: int, url: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--stream-every", type=int, default=10, help="every Nth request streams (0: none)")
-    parser.add_argument("--sample-interval", type=float, default=10.0, help="seconds between RSS/fd samples")
-    parser.add_argument("--warmup", type=float, default=0.1, help="fraction of the requests that warm up")
-    parser.add_argument("--max-rss-growth", type=float, default=5.0, help="percent, after the warm-up")
+    parser.add_argument(
+        "--stream-every", type=int, default=10, help="every Nth request streams (0: none)"
+    )
+    parser.add_argument(
+        "--sample-interval", type=float, default=10.0, help="seconds between RSS/fd samples"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=0.1, help="fraction of the requests that warm up"
+    )
+    parser.add_argument(
+        "--max-rss-growth", type=float, default=5.0, help="percent, after the warm-up"
+    )
     parser.add_argument("--json", help="also write the result (and every sample) here")
     args = parser.parse_args()
     # A SIGTERM (or an ignored SIGINT, in a background job) must still stop the servers below.
@@ -223,7 +245,16 @@ def main() -> int:
             "backends": {"up": {"kind": "llamacpp", "model": "bench", "port": 1, "url": direct}},
             "gateway": {"host": "127.0.0.1", "port": gw_port, "max_concurrency_per_backend": 256},
         }))  # fmt: skip
-        argv = [sys.executable, "-m", "reconciler.cli", "--log-level", "WARNING", "gateway", "--config", str(config)]
+        argv = [
+            sys.executable,
+            "-m",
+            "reconciler.cli",
+            "--log-level",
+            "WARNING",
+            "gateway",
+            "--config",
+            str(config),
+        ]
         gateway = pinned(argv, open(f"{logs.name}/gateway.log", "wb"))
         url = f"http://127.0.0.1:{gw_port}"
         wait_ready(url + "/health", healthy_backends=True)

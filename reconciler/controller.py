@@ -260,7 +260,10 @@ class Controller:
             log.warning("%s", exc)
             headers = {}
         source = self.desired.models[backend.model].source
-        return {"headers": headers, "model": served_name(backend.model, source, backend.wire_protocol)}
+        return {
+            "headers": headers,
+            "model": served_name(backend.model, source, backend.wire_protocol),
+        }
 
     def _gateway_url(self) -> str | None:
         return self._probe_target(GATEWAY_UNIT)[0] if self.desired.gateway.enable else None  # type: ignore[index]
@@ -305,7 +308,11 @@ class Controller:
             if not answered and (history.answered or history.silent_since is not None):
                 silent = now - (history.silent_since or now)
             observed[name] = replace(
-                seen, health=health.state, detail=health.detail, silent_for=silent, drain=drain,
+                seen,
+                health=health.state,
+                detail=health.detail,
+                silent_for=silent,
+                drain=drain,
                 wedged=wedged.get(name.removeprefix("backend-")),
             )
         return observed

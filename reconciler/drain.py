@@ -74,7 +74,11 @@ def gateway_ready_to_stop(health: dict, backend: str, replicas: list[str]) -> bo
     mine = seen.get(backend)
     if mine is None:
         return True  # the gateway does not route to it at all
-    if mine["healthy"] or not str(mine.get("detail", "")).startswith("draining") or mine["in_flight"]:
+    if (
+        mine["healthy"]
+        or not str(mine.get("detail", "")).startswith("draining")
+        or mine["in_flight"]
+    ):
         return False
     others = [seen[r] for r in replicas if r in seen]
     return not others or any(o["healthy"] and not o.get("circuit_open") for o in others)
@@ -152,7 +156,9 @@ def drain_states(
             states[backend] = DrainState(True, "the gateway did not take it out of routing "
                                                f"within {ack_timeout:.0f}s (same TF_DRAIN_DIR?)")  # fmt: skip
         elif waited > rule.timeout:
-            states[backend] = DrainState(True, f"not drained within {rule.timeout:g}s; stopping it anyway")
+            states[backend] = DrainState(
+                True, f"not drained within {rule.timeout:g}s; stopping it anyway"
+            )
         else:
             detail = f"{mine.get('in_flight', '?')} request(s) open, detail {mine.get('detail')!r}"
             states[backend] = DrainState(False, f"{detail} ({waited:.0f}s of {rule.timeout:g}s)")
@@ -187,7 +193,9 @@ class Drainer:
             marks[backend] = time.time()
         rules = {backend: DrainRule(replicas, timeout)}
         health = gateway_health(gateway_url)
-        return drain_states({backend: marks[backend]}, health, rules, time.time(), ack_timeout)[backend].drained
+        return drain_states({backend: marks[backend]}, health, rules, time.time(), ack_timeout)[
+            backend
+        ].drained
 
     def end(self, backend: str) -> None:
         """The backend was stopped and started again (or the change was dropped): route to it."""

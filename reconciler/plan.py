@@ -194,7 +194,10 @@ def plan(
         if seen.drain is not None and name not in stopping and name not in held_out
     ]
     gated = [_through_drain(a, desired, observed) for a in ordered]
-    return _gateway_after_drains(gated + _operator_drains(desired, observed, stopping), desired) + undrains
+    return (
+        _gateway_after_drains(gated + _operator_drains(desired, observed, stopping), desired)
+        + undrains
+    )
 
 
 def _runs(seen: ObservedUnit | None) -> bool:

@@ -97,7 +97,9 @@ def supervisor_info(state_dir: Path) -> SupervisorInfo | None:
     return info if info.alive else None
 
 
-def start_background(config: str | None, state_dir: Path, log_level: str = "INFO") -> SupervisorInfo:
+def start_background(
+    config: str | None, state_dir: Path, log_level: str = "INFO"
+) -> SupervisorInfo:
     """Start `tensorforge up` detached; returns once its supervisor record exists."""
     existing = supervisor_info(state_dir)
     if existing:
@@ -133,7 +135,9 @@ def stop_background(state_dir: Path, grace: float = 60.0) -> bool:
         return False
     _end_supervisor(info, grace)
     if info.alive:
-        raise RuntimeError(f"supervisor pid {info.pid} is still running after SIGKILL; not touching its units")
+        raise RuntimeError(
+            f"supervisor pid {info.pid} is still running after SIGKILL; not touching its units"
+        )
     _stop_orphans(state_dir)  # whatever a killed supervisor left behind
     return True
 
@@ -176,7 +180,11 @@ def _stop_orphans(state_dir: Path) -> None:
 
 
 def wait_for_gateway(
-    url: str, model: str | None, timeout: float, supervisor: SupervisorInfo | None, need_backend: bool = True
+    url: str,
+    model: str | None,
+    timeout: float,
+    supervisor: SupervisorInfo | None,
+    need_backend: bool = True,
 ) -> None:
     """Until the gateway answers /health with a healthy backend (for `model`, if given), or
     at all when `need_backend` is False."""

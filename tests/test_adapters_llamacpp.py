@@ -41,7 +41,10 @@ def test_stream_with_usage_passes_through(gateway):
     events = [e for e in raw.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]" and b'"usage"' in events[-2]
     metrics = httpx.get(f"{gateway}/metrics").text
-    assert 'tensorforge_gateway_tokens_total{backend="cpu",model="smollm2",type="completion"}' in metrics
+    assert (
+        'tensorforge_gateway_tokens_total{backend="cpu",model="smollm2",type="completion"}'
+        in metrics
+    )
 
 
 def test_load_is_read_from_the_real_metrics_endpoint(llama_server):

@@ -23,7 +23,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "protocols" / "ollama"
 
 def lines(name: str) -> Recorded:
     data = (FIXTURES / name).read_bytes()
-    return Recorded(content_type="application/x-ndjson", pieces=[p + b"\n" for p in data.split(b"\n") if p])
+    return Recorded(
+        content_type="application/x-ndjson", pieces=[p + b"\n" for p in data.split(b"\n") if p]
+    )
 
 
 def whole(name: str) -> Recorded:
@@ -41,7 +43,9 @@ def ollama():
         ("POST", "/api/embed"): whole("embed.json"),
     })  # fmt: skip
     up_port, gw_port = free_port(), free_port()
-    state = fleet_state({"box": f"http://127.0.0.1:{up_port}"}, kind="ollama", source="ollama:llama3.2")
+    state = fleet_state(
+        {"box": f"http://127.0.0.1:{up_port}"}, kind="ollama", source="ollama:llama3.2"
+    )
     with serve(upstream, up_port), serve(create_app(state), gw_port):
         yield upstream, f"http://127.0.0.1:{gw_port}"
 
@@ -70,7 +74,11 @@ def test_chat_stream_becomes_openai_chunks(ollama):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "The sky"
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["usage"] == {"prompt_tokens": 26, "completion_tokens": 282, "total_tokens": 308}
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 26,
+        "completion_tokens": 282,
+        "total_tokens": 308,
+    }
     assert {c["model"] for c in chunks} == {"alias"}
 
 
@@ -83,13 +91,18 @@ def test_chat_non_streaming(ollama):
     finally:
         upstream.routes[("POST", "/api/chat")] = lines("chat_stream.ndjson")
     assert answer["object"] == "chat.completion"
-    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "Hello! How are you today?"}
+    assert answer["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Hello! How are you today?",
+    }
     assert answer["usage"]["completion_tokens"] == 298
 
 
 def test_completion_stream_uses_raw_generate(ollama):
     upstream, gateway = ollama
-    with httpx.stream("POST", f"{gateway}/v1/completions", json={"model": "m", "prompt": "The", "stream": True}) as r:
+    with httpx.stream(
+        "POST", f"{gateway}/v1/completions", json={"model": "m", "prompt": "The", "stream": True}
+    ) as r:
         chunks = sse(r)
     assert upstream.last("/api/generate")["raw"] is True
     assert "".join(c["choices"][0]["text"] for c in chunks) == "The"
@@ -146,7 +159,10 @@ def test_routing_prefers_the_replica_that_holds_the_model():
                     for _ in range(6)}  # fmt: skip
         assert answered == {"warm"}
         app.table.upstreams["warm"].reported_load = 20  # far busier than a cold load costs
-        assert httpx.post(f"{gateway}/v1/chat/completions", json=body).headers["x-tensorforge-backend"] == "cold"
+        assert (
+            httpx.post(f"{gateway}/v1/chat/completions", json=body).headers["x-tensorforge-backend"]
+            == "cold"
+        )
 
 
 def _convert(adapter: OllamaAdapter, exchange: Exchange, data: bytes) -> list:
@@ -159,49 +175,83 @@ def _convert(adapter: OllamaAdapter, exchange: Exchange, data: bytes) -> list:
 
     events = [e.removeprefix(b"data: ") for e in asyncio.run(collect()).split(b"\n\n") if e]
     assert events[-1] == b"[DONE]"
-    return [{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]]
+    return [
+        {k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]
+    ]
 
 
 def test_a_last_line_without_its_newline_still_finishes_the_stream():
     """The final NDJSON line carries finish, usage and [DONE]: a missing trailing newline lost them all."""
     adapter = OllamaAdapter()
-    exchange = Exchange("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True}}, "m")
+    exchange = Exchange(
+        "/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True}}, "m"
+    )
     data = (FIXTURES / "chat_stream.ndjson").read_bytes()
     assert data.endswith(b"\n")
     chunks = _convert(adapter, exchange, data.rstrip(b"\n"))
     assert chunks == _convert(adapter, exchange, data)
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["usage"] == {"prompt_tokens": 26, "completion_tokens": 282, "total_tokens": 308}
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 26,
+        "completion_tokens": 282,
+        "total_tokens": 308,
+    }
 
 
 def test_openai_tools_reach_ollama_and_its_call_comes_back(ollama):
     """OpenAI clients' tools and tool-call history to an Ollama backend, and its recorded
     "Chat request (with tools)" answer back as OpenAI tool calls, whole and streamed."""
     upstream, gateway = ollama
-    tools = [{"type": "function", "function": {"name": "get_current_weather", "parameters": {"type": "object"}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_current_weather", "parameters": {"type": "object"}},
+        }
+    ]
     history = [{"role": "user", "content": "Weather in Paris?"},
                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
                 "function": {"name": "get_current_weather", "arguments": "{\"location\": \"Paris\"}"}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "22 C"}]  # fmt: skip
-    body = {"model": "m", "messages": history, "tools": tools, "chat_template_kwargs": {"enable_thinking": False}}
+    body = {
+        "model": "m",
+        "messages": history,
+        "tools": tools,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     upstream.routes[("POST", "/api/chat")] = whole("chat_tools.json")
     try:
         answer = httpx.post(f"{gateway}/v1/chat/completions", json=body).json()
         sent = upstream.last("/api/chat")
         upstream.routes[("POST", "/api/chat")] = lines("chat_tools_stream.ndjson")
-        with httpx.stream("POST", f"{gateway}/v1/chat/completions", json={**body, "stream": True}) as r:
+        with httpx.stream(
+            "POST", f"{gateway}/v1/chat/completions", json={**body, "stream": True}
+        ) as r:
             chunks = sse(r)
     finally:
         upstream.routes[("POST", "/api/chat")] = lines("chat_stream.ndjson")
     assert sent["tools"] == tools and sent["think"] is False
-    assert sent["messages"][1]["tool_calls"] == [{"function": {"name": "get_current_weather", "arguments": {"location": "Paris"}}}]
-    assert sent["messages"][2] == {"role": "tool", "content": "22 C", "tool_name": "get_current_weather"}
+    assert sent["messages"][1]["tool_calls"] == [
+        {"function": {"name": "get_current_weather", "arguments": {"location": "Paris"}}}
+    ]
+    assert sent["messages"][2] == {
+        "role": "tool",
+        "content": "22 C",
+        "tool_name": "get_current_weather",
+    }
     choice = answer["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     call = choice["message"]["tool_calls"][0]
     assert call["function"]["name"] == "get_current_weather" and call["type"] == "function"
-    assert json.loads(call["function"]["arguments"]) == {"format": "celsius", "location": "Paris, FR"}
-    streamed = [c for ch in chunks for c in ch["choices"][0]["delta"].get("tool_calls", []) if ch["choices"]]
+    assert json.loads(call["function"]["arguments"]) == {
+        "format": "celsius",
+        "location": "Paris, FR",
+    }
+    streamed = [
+        c for ch in chunks for c in ch["choices"][0]["delta"].get("tool_calls", []) if ch["choices"]
+    ]
     assert len(streamed) == 1 and streamed[0]["index"] == 0
-    assert json.loads(streamed[0]["function"]["arguments"]) == {"format": "celsius", "location": "Paris, FR"}
+    assert json.loads(streamed[0]["function"]["arguments"]) == {
+        "format": "celsius",
+        "location": "Paris, FR",
+    }
     assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1] == "tool_calls"

@@ -23,7 +23,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "protocols" / "tgi"
 def recorded(name: str, ctype: str = "application/json") -> Recorded:
     data = (FIXTURES / name).read_bytes()
     if name.endswith(".sse"):  # one piece per event, as the server flushes them
-        return Recorded(content_type="text/event-stream", pieces=[p + b"\n\n" for p in data.split(b"\n\n") if p])
+        return Recorded(
+            content_type="text/event-stream", pieces=[p + b"\n\n" for p in data.split(b"\n\n") if p]
+        )
     return Recorded(content_type=ctype, body=data)
 
 
@@ -38,19 +40,32 @@ def tgi():
         ("POST", "/v1/chat/completions"): recorded("chat_completion.json"),
     })  # fmt: skip
     up_port, gw_port = free_port(), free_port()
-    state = fleet_state({"tgi": f"http://127.0.0.1:{up_port}"}, kind="tgi", max_concurrency_per_backend=500)
+    state = fleet_state(
+        {"tgi": f"http://127.0.0.1:{up_port}"}, kind="tgi", max_concurrency_per_backend=500
+    )
     with serve(upstream, up_port), serve(create_app(state), gw_port):
         yield upstream, f"http://127.0.0.1:{gw_port}"
 
 
 def test_completion_becomes_generate_and_back(tgi):
     upstream, gateway = tgi
-    body = {"model": "alias", "prompt": "What is Deep Learning?", "max_tokens": 20, "temperature": 0, "stop": "\n"}
+    body = {
+        "model": "alias",
+        "prompt": "What is Deep Learning?",
+        "max_tokens": 20,
+        "temperature": 0,
+        "stop": "\n",
+    }
     response = httpx.post(f"{gateway}/v1/completions", json=body)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["object"] == "text_completion" and answer["model"] == "alias"
-    assert answer["choices"][0] == {"index": 0, "text": "test", "finish_reason": "length", "logprobs": None}
+    assert answer["choices"][0] == {
+        "index": 0,
+        "text": "test",
+        "finish_reason": "length",
+        "logprobs": None,
+    }
     assert answer["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     sent = upstream.last("/generate")
     assert sent["inputs"] == "What is Deep Learning?"
@@ -60,7 +75,12 @@ def test_completion_becomes_generate_and_back(tgi):
 
 def test_generate_stream_becomes_openai_chunks(tgi):
     _, gateway = tgi
-    body = {"model": "m", "prompt": "How do you make cheese?", "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "prompt": "How do you make cheese?",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", f"{gateway}/v1/completions", json=body) as response:
         assert response.status_code == 200
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -84,7 +104,10 @@ def test_embeddings_are_refused_with_the_reason(tgi):
     response = httpx.post(f"{gateway}/v1/embeddings", json={"model": "m", "input": "x"})
     assert response.status_code == 400
     message = response.json()["error"]["message"]
-    assert "backend tgi (tgi) does not serve embeddings" in message and "text-embeddings-inference" in message
+    assert (
+        "backend tgi (tgi) does not serve embeddings" in message
+        and "text-embeddings-inference" in message
+    )
 
 
 async def _pieces(*pieces: bytes):
@@ -98,7 +121,9 @@ def test_stream_error_event_and_split_events():
     error = (FIXTURES / "generate_stream_error.sse").read_bytes()
 
     async def collect() -> bytes:
-        return b"".join([c async for c in adapter.convert_stream(exchange, _pieces(error[:20], error[20:]))])
+        return b"".join(
+            [c async for c in adapter.convert_stream(exchange, _pieces(error[:20], error[20:]))]
+        )
 
     out = asyncio.run(collect())
     event = json.loads(out.decode().removeprefix("data: "))
@@ -124,14 +149,21 @@ def test_info_caps_concurrency_at_the_backends_own_limit(tgi):
 def test_a_last_event_without_its_blank_line_still_finishes_the_stream():
     """The final SSE event carries finish, usage and [DONE]: a missing trailing blank line lost them all."""
     adapter = adapter_for("tgi")
-    exchange = Exchange("/v1/completions", {"stream": True, "stream_options": {"include_usage": True}}, "m")
+    exchange = Exchange(
+        "/v1/completions", {"stream": True, "stream_options": {"include_usage": True}}, "m"
+    )
     data = (FIXTURES / "generate_stream.sse").read_bytes()
 
     async def collect(raw: bytes) -> list:
-        out = b"".join([c async for c in adapter.convert_stream(exchange, _pieces(raw[:40], raw[40:]))])
+        out = b"".join(
+            [c async for c in adapter.convert_stream(exchange, _pieces(raw[:40], raw[40:]))]
+        )
         events = [e.removeprefix(b"data: ") for e in out.split(b"\n\n") if e]
         assert events[-1] == b"[DONE]"
-        return [{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]]
+        return [
+            {k: v for k, v in json.loads(e).items() if k not in ("id", "created")}
+            for e in events[:-1]
+        ]
 
     chunks = asyncio.run(collect(data.rstrip(b"\n")))
     assert chunks == asyncio.run(collect(data))

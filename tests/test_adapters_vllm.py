@@ -47,7 +47,9 @@ def upstream_routes() -> dict:
 def vllm():
     upstream = RecordedUpstream(upstream_routes())
     up_port, gw_port = free_port(), free_port()
-    state = fleet_state({"gpu": f"http://127.0.0.1:{up_port}"}, kind="vllm", model="smollm2", aliases=("smol",))
+    state = fleet_state(
+        {"gpu": f"http://127.0.0.1:{up_port}"}, kind="vllm", model="smollm2", aliases=("smol",)
+    )
     with serve(upstream, up_port), serve(create_app(state), gw_port):
         gateway = f"http://127.0.0.1:{gw_port}"
         wait_healthy(gateway, 1)
@@ -69,14 +71,16 @@ def replay_stream(upstream: RecordedUpstream, data: bytes, piece: int | None = N
     pieces = [p + b"\n\n" for p in data.split(b"\n\n") if p] if piece is None else [
         data[i:i + piece] for i in range(0, len(data), piece)
     ]  # fmt: skip
-    upstream.routes[("POST", "/v1/chat/completions")] = Recorded(content_type="text/event-stream", pieces=pieces)
+    upstream.routes[("POST", "/v1/chat/completions")] = Recorded(
+        content_type="text/event-stream", pieces=pieces
+    )
 
 
 def completion_tokens(gateway: str) -> float:
     series = 'tensorforge_gateway_tokens_total{backend="gpu",model="smollm2",type="completion"} '
     for line in httpx.get(f"{gateway}/metrics").text.splitlines():
         if line.startswith(series):
-            return float(line[len(series):])
+            return float(line[len(series) :])
     return 0.0
 
 
@@ -129,7 +133,9 @@ def test_client_errors_keep_vllms_shape_and_integer_code(vllm):
         ("embeddings_error.json", 404, "invalid_request_error", None),  # FastAPI's {"detail"}
     ]
     for name, status, kind, code in cases:
-        upstream.routes[("POST", "/v1/chat/completions")] = Recorded(status=status, body=recorded(name))
+        upstream.routes[("POST", "/v1/chat/completions")] = Recorded(
+            status=status, body=recorded(name)
+        )
         response = httpx.post(f"{gateway}/v1/chat/completions", json=CHAT)
         assert response.status_code == status, name
         body = response.json()
@@ -189,12 +195,20 @@ def test_vllm_with_gpus_zero_runs_on_cpu(monkeypatch, tmp_path):
                           context_size=2048, parallel=4)  # fmt: skip
     assert backend.gpus_wanted == 0  # not refused for want of a GPU
     launch = launch_for("v", backend, "smollm2", "/models/smollm2-hf", [])
-    assert launch.argv[:4] == [str(venv_python), "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    assert launch.argv[:4] == [
+        str(venv_python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+    ]
     assert launch.argv[4] == "/models/smollm2-hf" and "serve" not in launch.argv
     flags = dict(zip(launch.argv[5::2], launch.argv[6::2], strict=False))
     assert flags["--served-model-name"] == "smollm2" and flags["--max-model-len"] == "2048"
     assert flags["--max-num-seqs"] == "4" and "--enforce-eager" in launch.argv
-    assert "--gpu-memory-utilization" not in launch.argv and "--tensor-parallel-size" not in launch.argv
+    assert (
+        "--gpu-memory-utilization" not in launch.argv
+        and "--tensor-parallel-size" not in launch.argv
+    )
     assert launch.env == {"CUDA_VISIBLE_DEVICES": "", "VLLM_CPU_KVCACHE_SPACE": "2",
                           "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # fmt: skip
@@ -206,8 +220,12 @@ def test_vllm_with_gpus_zero_runs_on_cpu(monkeypatch, tmp_path):
 def test_cpu_vllm_without_threads_keeps_vllms_own_worker_process():
     backend = BackendSpec(kind="vllm", model="m", port=8001, gpus=0)
     launch = launch_for("v", backend, "smollm2", "/models/smollm2-hf", [])
-    assert "--distributed-executor-backend" not in launch.argv  # vLLM binds its OpenMP threads there
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in launch.env and "OMP_NUM_THREADS" not in launch.env
+    assert (
+        "--distributed-executor-backend" not in launch.argv
+    )  # vLLM binds its OpenMP threads there
+    assert (
+        "VLLM_ENABLE_V1_MULTIPROCESSING" not in launch.env and "OMP_NUM_THREADS" not in launch.env
+    )
 
 
 def test_vllm_with_gpus_keeps_vllm_serve():
@@ -223,9 +241,18 @@ def test_vllm_with_gpus_keeps_vllm_serve():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"gpus": 1, "cpu_kv_cache_gib": 2}, "cpu_kv_cache_gib: only for kind vllm on CPU (gpus: 0)"),
-        ({"kind": "llamacpp", "gpus": 0, "cpu_kv_cache_gib": 2}, "cpu_kv_cache_gib: only for kind vllm"),
-        ({"gpus": 0, "tensor_parallel_size": 2}, "tensor_parallel_size: 2 shards need GPUs, but gpus: 0"),
+        (
+            {"gpus": 1, "cpu_kv_cache_gib": 2},
+            "cpu_kv_cache_gib: only for kind vllm on CPU (gpus: 0)",
+        ),
+        (
+            {"kind": "llamacpp", "gpus": 0, "cpu_kv_cache_gib": 2},
+            "cpu_kv_cache_gib: only for kind vllm",
+        ),
+        (
+            {"gpus": 0, "tensor_parallel_size": 2},
+            "tensor_parallel_size: 2 shards need GPUs, but gpus: 0",
+        ),
     ],
 )
 def test_cpu_settings_out_of_place_are_refused_by_name(settings, message):
@@ -239,8 +266,14 @@ def test_a_path_source_may_be_a_model_directory(tmp_path):
     model.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         (model / name).write_text(name)
-    record = pull_model("m", ModelSpec(source=f"path:{model}", format="safetensors"), tmp_path / "models")
-    assert sorted(Path(f.path).name for f in record.files) == ["config.json", "model.safetensors", "tokenizer.json"]
+    record = pull_model(
+        "m", ModelSpec(source=f"path:{model}", format="safetensors"), tmp_path / "models"
+    )
+    assert sorted(Path(f.path).name for f in record.files) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     assert (model / "config.json").read_text() == "config.json"  # the user's files, untouched
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -254,7 +287,9 @@ def test_usage_inside_generated_text_is_not_taken_for_the_usage_event():
     counted: list[dict] = []
 
     watch = UsageWatch(counted.append, strip=True)
-    out = b"".join(watch.feed(piece) for piece in (text, usage, b"data: [DONE]\n\n")) + watch.flush()
+    out = (
+        b"".join(watch.feed(piece) for piece in (text, usage, b"data: [DONE]\n\n")) + watch.flush()
+    )
     assert out == text + b"data: [DONE]\n\n"
     assert counted == [{"prompt_tokens": 3, "completion_tokens": 1}]
 

@@ -52,7 +52,9 @@ def test_bad_files_are_reported_by_name_and_ignored_not_half_applied(tmp_path):
     write_request(tmp_path, "a", "drain", "alice")
     (tmp_path / "b.json").write_text("{not json")
     valid = json.loads((tmp_path / "a.json").read_text())
-    (tmp_path / "gone.json").write_text(json.dumps({**valid, "backend": "gone"}))  # removed from the state
+    (tmp_path / "gone.json").write_text(
+        json.dumps({**valid, "backend": "gone"})
+    )  # removed from the state
     (tmp_path / "b2.json").write_text(json.dumps({**valid, "backend": "b"}))  # named after another
     (tmp_path / "c.json").write_text(json.dumps({"version": 1, "backend": "c", "action": "delete", "id": "x",
                                                  "requested_at": 1, "requested_by": "eve"}))  # fmt: skip
@@ -61,7 +63,10 @@ def test_bad_files_are_reported_by_name_and_ignored_not_half_applied(tmp_path):
     assert list(requests) == ["a"]
     text = "\n".join(problems)
     assert str(tmp_path / "b.json") in text and "remove the file" in text
-    assert "backend 'gone' is not in the desired state" in text and "action one of drain, restart" in text
+    assert (
+        "backend 'gone' is not in the desired state" in text
+        and "action one of drain, restart" in text
+    )
     assert "b2.json: names backend 'b'" in text
     assert len(problems) == 4
     with pytest.raises(ValueError, match="not one of"):
@@ -83,7 +88,10 @@ def requested(desired: dict, backend: str, requests_dir) -> dict:
     """The desired units with the backend's request folded in, as the controller does."""
     requests, _ = read_requests(requests_dir, [k.removeprefix("backend-") for k in desired])
     unit = f"backend-{backend}"
-    return {**desired, unit: replace(desired[unit], **request_fields(requests.get(backend)))}, requests
+    return {
+        **desired,
+        unit: replace(desired[unit], **request_fields(requests.get(backend))),
+    }, requests
 
 
 def test_a_restart_request_drains_first_then_restarts_with_its_reason(tmp_path):
@@ -124,7 +132,10 @@ def test_a_drain_request_keeps_a_running_backend_out_of_routing_until_withdrawn(
     write_request(tmp_path, "a", "drain", "alice")
     held, _ = requested(desired, "a", tmp_path)
     (mark,) = plan(held, observed, 0.0)
-    assert mark.kind is ActionKind.DRAIN and "drain requested through the admin API by alice" in mark.reason
+    assert (
+        mark.kind is ActionKind.DRAIN
+        and "drain requested through the admin API by alice" in mark.reason
+    )
     marked = {"backend-a": replace(observed["backend-a"], drain=DrainState(True, "drained"))}
     assert plan(held, marked, 0.0) == []  # held out, still running: nothing to stop, no undrain
     withdraw(tmp_path, "a", "drain")

@@ -72,7 +72,9 @@ def test_llamacpp_reuses_a_conversations_cache_and_the_wrapper_takes_the_flag(em
 
     backend = BackendSpec(kind="llamacpp", model="m", port=8080)
     for binary in (None, str(tmp_path / "llama-server")):
-        argv = launch_for("b", backend.model_copy(update={"binary": binary}), "m", "/m.gguf", []).argv
+        argv = launch_for(
+            "b", backend.model_copy(update={"binary": binary}), "m", "/m.gguf", []
+        ).argv
         assert int(argv[argv.index("--cache-reuse") + 1]) == commands.CACHE_REUSE_TOKENS > 0
     assert parse_args(["--model", "x.gguf", "--cache-reuse", "256"]).cache_reuse == 256
 

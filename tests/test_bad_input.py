@@ -42,7 +42,9 @@ def openai_error(response: httpx.Response, status: int, code: str | int | None =
 @pytest.fixture(scope="module")
 def gateway():
     up, port = free_port(), free_port()
-    state = fleet_state({"up": f"http://127.0.0.1:{up}"}, max_body_bytes=LIMIT, idle_timeout=1.5).model_dump()
+    state = fleet_state(
+        {"up": f"http://127.0.0.1:{up}"}, max_body_bytes=LIMIT, idle_timeout=1.5
+    ).model_dump()
     state["backends"]["up"] |= {"context_size": 8192, "parallel": 2}  # declared: 4096 per request
     app = create_app(DesiredState.model_validate(state))
     with serve(FastOpenAI(), up), serve(app, port):
@@ -64,7 +66,12 @@ def test_schemathesis_finds_no_server_error_and_no_traceback(gateway):
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=25,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=operation.as_strategy(generation_mode=mode))
             def check(case) -> None:
                 nonlocal calls
@@ -72,7 +79,9 @@ def test_schemathesis_finds_no_server_error_and_no_traceback(gateway):
                 response = case.call(base_url=base, timeout=10)
                 deliberate = response.status_code == 501 and case.operation.path in NOT_IMPLEMENTED
                 if (response.status_code >= 500 and not deliberate) or "Traceback" in response.text:
-                    found.append((case.operation.label, response.status_code, response.text[:200], case.body))
+                    found.append(
+                        (case.operation.label, response.status_code, response.text[:200], case.body)
+                    )
 
             try:
                 check()
@@ -86,7 +95,9 @@ def test_openapi_describes_every_http_route(gateway):
     base, app = gateway
     paths = httpx.get(base + "/openapi.json").json()["paths"]
     # OpenAPI writes Starlette's `{model:path}` as `{model}`.
-    routes = {re.sub(r":\w+}", "}", r.path) for r in app.app.routes if hasattr(r, "methods")} | OPENAI_ENDPOINTS
+    routes = {
+        re.sub(r":\w+}", "}", r.path) for r in app.app.routes if hasattr(r, "methods")
+    } | OPENAI_ENDPOINTS
     assert routes == set(paths)
 
 
@@ -109,7 +120,9 @@ def test_oversized_bodies_are_413_whether_declared_or_streamed(gateway):
 def test_invalid_utf8_is_a_400(gateway):
     base, _ = gateway
     raw = b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe\xc3"}]}'
-    error = openai_error(httpx.post(base + "/v1/chat/completions", content=raw), 400, "invalid_json")
+    error = openai_error(
+        httpx.post(base + "/v1/chat/completions", content=raw), 400, "invalid_json"
+    )
     assert "utf-8" in error["message"].lower()
     response = httpx.post(base + "/api/chat", content=raw)
     assert response.status_code == 400 and "UTF-8" in response.json()["error"]
@@ -124,14 +137,34 @@ def test_invalid_utf8_is_a_400(gateway):
         ({**CHAT, "stream": "yes"}, "invalid_request"),
         ({"model": "m", "messages": "hi"}, "invalid_messages"),
         ({"model": "m", "messages": [{"content": "no role"}]}, "invalid_messages"),
-        ({"model": "m", "messages": [{"role": "user", "content": ["not a part"]}]}, "invalid_messages"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": ["not a part"]}]},
+            "invalid_messages",
+        ),
         ({**CHAT, "response_format": "json"}, "invalid_request"),
         ({**CHAT, "stop": 5}, "invalid_request"),
         ({**CHAT, "stop": ["\n", 5]}, "invalid_request"),
-        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}]}]},
-         "invalid_messages"),
-        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]},
-         "invalid_messages"),
+        (
+            {
+                "model": "m",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": "http://x/y.png"}],
+                    }
+                ],
+            },
+            "invalid_messages",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}
+                ],
+            },
+            "invalid_messages",
+        ),
     ],
 )
 def test_malformed_fields_are_the_clients_400(gateway, body, code):
@@ -146,7 +179,9 @@ OLLAMA_UPSTREAM = {
 }
 TGI_UPSTREAM = {
     ("GET", "/health"): Recorded(body=b""),
-    ("POST", "/generate"): Recorded(body=b'{"generated_text":"hi","details":{"finish_reason":"length"}}'),
+    ("POST", "/generate"): Recorded(
+        body=b'{"generated_text":"hi","details":{"finish_reason":"length"}}'
+    ),
 }
 
 
@@ -154,18 +189,49 @@ TGI_UPSTREAM = {
     "kind, path, fields, named",
     [
         ("ollama", "/v1/chat/completions", {"response_format": "json"}, "response_format"),
-        ("ollama", "/v1/chat/completions",
-         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}]}]}, "image_url"),
+        (
+            "ollama",
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": "http://x/y.png"}],
+                    }
+                ]
+            },
+            "image_url",
+        ),
         ("tgi", "/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
         # Shapes check_fields does not look at: the adapter's failure is still the client's 400.
-        ("ollama", "/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": "x"}}, None),
-        ("ollama", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, None),
+        (
+            "ollama",
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema", "json_schema": "x"}},
+            None,
+        ),
+        (
+            "ollama",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            None,
+        ),
     ],
 )
 def test_fields_a_translating_adapter_cannot_read_are_a_400_never_a_500(kind, path, fields, named):
     """Ollama and TGI adapters read client fields: a wrong shape must be the client's 400, not a traceback."""
-    upstream, up, port = RecordedUpstream(OLLAMA_UPSTREAM if kind == "ollama" else TGI_UPSTREAM), free_port(), free_port()
-    app = create_app(fleet_state({"b": f"http://127.0.0.1:{up}"}, kind=kind, source="ollama:m" if kind == "ollama" else "pypi:x"))
+    upstream, up, port = (
+        RecordedUpstream(OLLAMA_UPSTREAM if kind == "ollama" else TGI_UPSTREAM),
+        free_port(),
+        free_port(),
+    )
+    app = create_app(
+        fleet_state(
+            {"b": f"http://127.0.0.1:{up}"},
+            kind=kind,
+            source="ollama:m" if kind == "ollama" else "pypi:x",
+        )
+    )
     with serve(upstream, up), serve(app, port):
         body = {"model": "m", "messages": [{"role": "user", "content": "x"}], **fields}
         error = openai_error(httpx.post(f"http://127.0.0.1:{port}{path}", json=body), 400)
@@ -188,7 +254,9 @@ def test_websocket_binary_frames_and_odd_endpoints_are_answered_and_keep_the_ses
                             (json.dumps({"id": "3", "endpoint": {"a": 1}}), 404)):  # fmt: skip
             ws.send(bad)
             error = json.loads(ws.recv(timeout=5))
-            assert error["type"] == "error" and error["status"] == status and error["error"]["message"], error
+            assert (
+                error["type"] == "error" and error["status"] == status and error["error"]["message"]
+            ), error
             ws.send(good)  # the session goes on
             kinds = []
             while not kinds or kinds[-1] not in ("done", "error"):
@@ -206,14 +274,23 @@ def test_unknown_routes_and_wrong_methods_answer_in_the_apis_error_shape(gateway
                                      ("POST", "/v1/models", 405), ("GET", "/v1/nope", 404), ("POST", "/nope", 404)):  # fmt: skip
             response = client.request(method, path)
             assert response.headers["content-type"] == "application/json", (method, path)
-            error = openai_error(response, status, "method_not_allowed" if status == 405 else "unknown_endpoint")
+            error = openai_error(
+                response, status, "method_not_allowed" if status == 405 else "unknown_endpoint"
+            )
             assert path in error["message"]
             if status == 405:
                 assert response.headers["allow"]
         assert client.get("/v1/chat/completions").headers["allow"] == "POST"
-        for method, path, status in (("GET", "/api/chat", 405), ("POST", "/api/tags", 405), ("GET", "/api/nope", 404)):
+        for method, path, status in (
+            ("GET", "/api/chat", 405),
+            ("POST", "/api/tags", 405),
+            ("GET", "/api/nope", 404),
+        ):
             response = client.request(method, path)
-            assert response.status_code == status and response.headers["content-type"] == "application/json"
+            assert (
+                response.status_code == status
+                and response.headers["content-type"] == "application/json"
+            )
             assert isinstance(response.json()["error"], str) and path in response.json()["error"]
 
 
@@ -230,7 +307,10 @@ def test_the_context_limit_comes_only_from_declared_contexts():
 
 def test_malformed_ollama_requests_are_400():
     up, port = free_port(), free_port()
-    with serve(FastOpenAI(), up), serve(create_app(fleet_state({"up": f"http://127.0.0.1:{up}"})), port):
+    with (
+        serve(FastOpenAI(), up),
+        serve(create_app(fleet_state({"up": f"http://127.0.0.1:{up}"})), port),
+    ):
         base = f"http://127.0.0.1:{port}"
         for body in ({"model": "m", "messages": "hi"}, {"model": "m", "messages": [1]},
                      {"model": "m", "messages": [{"role": "user", "content": "x"}], "options": [1]},
@@ -258,7 +338,10 @@ def test_slow_clients_do_not_starve_the_others(gateway):
     url = base + "/v1/chat/completions"
     baseline = statistics.median(_latency(url, 20))
     body = json.dumps(CHAT).encode()
-    request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
     slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
     stop = threading.Event()
     sent = [0] * len(slow)
@@ -284,8 +367,10 @@ def test_slow_clients_do_not_starve_the_others(gateway):
     finally:
         stop.set()
         thread.join()
-    print(f"slowloris: baseline p50 {baseline * 1000:.2f} ms, with 200 slow clients p50 "
-          f"{statistics.median(loaded) * 1000:.2f} ms, max {max(loaded) * 1000:.2f} ms")
+    print(
+        f"slowloris: baseline p50 {baseline * 1000:.2f} ms, with 200 slow clients p50 "
+        f"{statistics.median(loaded) * 1000:.2f} ms, max {max(loaded) * 1000:.2f} ms"
+    )
     assert statistics.median(loaded) < baseline + 0.02, (baseline, statistics.median(loaded))
     assert max(loaded) < 0.5
     # A body that stalls is cut off after idle_timeout with 408, and the socket is freed.
@@ -321,8 +406,12 @@ def test_headers_that_never_finish_are_cut_off_but_a_slow_body_or_keep_alive_is_
             time.sleep(0.03)
         assert _closed_within(silent, 1.5) == b"" and _closed_within(trickling, 1.5) == b""
         body = json.dumps(CHAT).encode()
-        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
-        with socket.create_connection(("127.0.0.1", port)) as sock:  # headers done: the body's deadline applies
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(
+            body
+        )
+        with socket.create_connection(
+            ("127.0.0.1", port)
+        ) as sock:  # headers done: the body's deadline applies
             sock.sendall(head + body[:5])
             assert _closed_within(sock, 0.9) is None  # still open after the header deadline
         with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -331,7 +420,9 @@ def test_headers_that_never_finish_are_cut_off_but_a_slow_body_or_keep_alive_is_
             sock.sendall(body[5:])
             sock.settimeout(3)
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-            time.sleep(0.8)  # idle between requests is keep-alive's business, not the header deadline's
+            time.sleep(
+                0.8
+            )  # idle between requests is keep-alive's business, not the header deadline's
             sock.sendall(head + body)
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
@@ -353,7 +444,10 @@ def llama_gateway(llama_server):
     with serve(app, port):
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 10
-        while httpx.get(base + "/health").json()["backends_healthy"] < 2 and time.monotonic() < deadline:
+        while (
+            httpx.get(base + "/health").json()["backends_healthy"] < 2
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         yield base, app
 
@@ -370,7 +464,10 @@ def test_max_tokens_beyond_the_context_is_clamped_to_what_fits_and_answered(llam
     response = _ask(base, max_tokens=100_000_000, stop=["."], temperature=0)
     assert response.status_code == 200, response.text
     clamped = int(response.headers["x-tensorforge-max-tokens"].split()[0])
-    assert 900 < clamped < 1024 and "clamped from 100000000" in response.headers["x-tensorforge-max-tokens"]
+    assert (
+        900 < clamped < 1024
+        and "clamped from 100000000" in response.headers["x-tensorforge-max-tokens"]
+    )
     assert response.json()["usage"]["completion_tokens"] <= clamped
 
 
@@ -382,11 +479,15 @@ def test_prompt_longer_than_the_context_is_a_clean_400_and_not_a_backend_failure
     for stream in (False, True):
         response = _ask(base, messages=long, stream=stream)
         error = openai_error(response, 400, "context_length_exceeded")
-        prompt = int(re.search(r"prompt is ([\d,]+) tokens", error["message"]).group(1).replace(",", ""))
+        prompt = int(
+            re.search(r"prompt is ([\d,]+) tokens", error["message"]).group(1).replace(",", "")
+        )
         assert prompt >= 3000 and "1,024 tokens" in error["message"]
     metrics = httpx.get(base + "/metrics").text
     assert "tensorforge_gateway_retries_total{" not in metrics
-    assert re.search(r'tensorforge_gateway_rejected_total\{reason="context_length_exceeded"\} 2', metrics)
+    assert re.search(
+        r'tensorforge_gateway_rejected_total\{reason="context_length_exceeded"\} 2', metrics
+    )
     for upstream in app.table.upstreams.values():
         assert upstream.consecutive_failures == 0 and not upstream.circuit_open
     assert _ask(base, max_tokens=2).status_code == 200

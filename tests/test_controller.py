@@ -88,7 +88,9 @@ def test_a_running_backend_keeps_its_gpu_pass_after_pass(tmp_path, count):
     back, or the backend no longer fits where it runs and is moved (2 GPUs) or stopped (1 GPU)
     on the next pass, then started again, forever."""
     inventory = NvmlLike(count)
-    c = controller(tmp_path, {"a": {"port": 18090, "gpus": 1, "binary": fake_server(tmp_path)}}, inventory)
+    c = controller(
+        tmp_path, {"a": {"port": 18090, "gpus": 1, "binary": fake_server(tmp_path)}}, inventory
+    )
     inventory.controller = c
     c.vram_estimates = lambda: {"a": 16 * GiB}
     try:
@@ -110,7 +112,11 @@ def test_an_nvml_failure_keeps_running_backends_where_they_are(tmp_path, monkeyp
         ("GPU-b", "NVIDIA L4", 24 * GiB, 0, 0, (8, 9), 40, 30_000),
     ])  # fmt: skip
     board.install(monkeypatch)
-    c = controller(tmp_path, {"a": {"port": 18094, "gpus": 1, "binary": fake_server(tmp_path)}}, NvmlInventory())
+    c = controller(
+        tmp_path,
+        {"a": {"port": 18094, "gpus": 1, "binary": fake_server(tmp_path)}},
+        NvmlInventory(),
+    )
     c.vram_estimates = lambda: {"a": 16 * GiB}
     try:
         assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]
@@ -132,7 +138,9 @@ def test_an_nvml_failure_keeps_running_backends_where_they_are(tmp_path, monkeyp
         assert [a.kind for a in c.reconcile_once()] == [ActionKind.RESTART]
         assert c.placement.assignments["a"] == [held]
         stops_done(c)
-        assert [a.kind for a in c.reconcile_once()] == [ActionKind.START]  # the restart's second half
+        assert [a.kind for a in c.reconcile_once()] == [
+            ActionKind.START
+        ]  # the restart's second half
         assert c.reconcile_once() == []
     finally:
         c.shutdown()
@@ -147,7 +155,10 @@ def test_a_backend_that_cannot_be_launched_does_not_stop_the_others(tmp_path):
     })  # fmt: skip
     try:
         first = c.reconcile_once()
-        assert {a.unit: a.kind for a in first} == {"backend-a": ActionKind.START, "backend-b": ActionKind.START}
+        assert {a.unit: a.kind for a in first} == {
+            "backend-a": ActionKind.START,
+            "backend-b": ActionKind.START,
+        }
         b = c.driver.load("backend-b")
         assert process_alive(b.pid, b.start_ticks)
         a, history = c.driver.load("backend-a"), c.driver.history.load("backend-a")
@@ -186,6 +197,7 @@ async def _aprobe(url: str):
 # -- one loop, one planner -------------------------------------------------------------------
 def normalized(actions) -> list[tuple]:
     """Actions as printed, with durations rounded away (the two runs are moments apart)."""
+
     def clean(text: str) -> str:
         return re.sub(r"\d+(\.\d+)?s\b", "Ns", text)
 
@@ -206,7 +218,9 @@ class FakeGatewayHealth:
         return SimpleNamespace(json=lambda: {"backends": {"a": detail}})
 
 
-def test_plan_shows_exactly_what_apply_does_with_drains_and_a_model_not_ready(tmp_path, monkeypatch):
+def test_plan_shows_exactly_what_apply_does_with_drains_and_a_model_not_ready(
+    tmp_path, monkeypatch
+):
     """`tensorforge plan` (a fresh controller, read-only) against the pass `apply` runs next,
     on the same inputs, pass after pass: a changed backend is drained first, then held while
     the gateway has requests open on it; a backend whose model is missing waits for its pull
@@ -264,7 +278,9 @@ def test_plan_shows_exactly_what_apply_does_with_drains_and_a_model_not_ready(tm
         apply.shutdown()
 
 
-def test_a_stop_stuck_for_its_whole_grace_delays_no_other_unit_and_plan_shows_it(tmp_path, monkeypatch):
+def test_a_stop_stuck_for_its_whole_grace_delays_no_other_unit_and_plan_shows_it(
+    tmp_path, monkeypatch
+):
     """Stopping used to be SIGTERM, then a loop of sleeps for up to 15 s inside the pass:
     a backend that ignores SIGTERM held up supervision of every other unit. Now the pass asks
     and goes on: in the same pass another backend, crashed and past its backoff, is started
@@ -307,19 +323,29 @@ def test_a_stop_stuck_for_its_whole_grace_delays_no_other_unit_and_plan_shows_it
         assert apply.driver.history.load("backend-b").failures == 0
         assert apply.driver.load("backend-b").pid == b.pid
         held = one_pass()
-        assert held["backend-b"][0] is ActionKind.WAIT and "down after 1 failed start(s); retrying in" in held["backend-b"][1]
+        assert (
+            held["backend-b"][0] is ActionKind.WAIT
+            and "down after 1 failed start(s); retrying in" in held["backend-b"][1]
+        )
         now[0] += 2  # past b's backoff
         declare(2048)  # a's settings change: a restart, whose stop a ignores
         same = one_pass()
-        assert same == {"backend-a": (ActionKind.RESTART, "settings changed"), "backend-b": (ActionKind.START, "not running (attempt 2)")}
+        assert same == {
+            "backend-a": (ActionKind.RESTART, "settings changed"),
+            "backend-b": (ActionKind.START, "not running (attempt 2)"),
+        }
         b2 = apply.driver.load("backend-b")
         assert process_alive(b2.pid, b2.start_ticks) and b2.pid != b.pid  # b runs again ...
         assert process_alive(a.pid, a.start_ticks)  # ... while a, asked to stop, still runs
         now[0] += 5
-        assert one_pass() == {"backend-a": (ActionKind.WAIT, "stopping (asked 5s ago; killed in 10s)")}
+        assert one_pass() == {
+            "backend-a": (ActionKind.WAIT, "stopping (asked 5s ago; killed in 10s)")
+        }
         status = json.loads((apply.state_dir / "status.json").read_text())  # `tensorforge status`
         [view] = [u for u in status["units"] if u["unit"] == "backend-a"]
-        assert view["detail"] == "stopping (asked 5s ago; killed in 10s)" and view["health"] == "down"
+        assert (
+            view["detail"] == "stopping (asked 5s ago; killed in 10s)" and view["health"] == "down"
+        )
         now[0] += 10  # the grace is over
         kind, reason = one_pass()["backend-a"]
         assert kind is ActionKind.KILL and "did not stop within its grace (asked 15s ago)" in reason
@@ -351,7 +377,9 @@ def test_running_units_are_probed_at_once_so_hung_ones_do_not_add_up(tmp_path, m
         return BackendHealth(Health.HEALTHY, url)
 
     server = fake_server(tmp_path)
-    c = controller(tmp_path, {n: {"port": 18130 + i, "binary": server} for i, n in enumerate("abc")})
+    c = controller(
+        tmp_path, {n: {"port": 18130 + i, "binary": server} for i, n in enumerate("abc")}
+    )
     try:
         assert {a.kind for a in c.reconcile_once()} == {ActionKind.START}
         monkeypatch.setattr("reconciler.controller.probe", probe_waiting_for_the_others)
@@ -416,7 +444,9 @@ def test_a_pull_that_fails_in_any_way_is_that_models_error_only(tmp_path, monkey
         c.shutdown()
 
 
-@pytest.mark.parametrize("broken", ["", "# emptied\n", '{"backends": {"a": {"kind": "ollama", "mod'])
+@pytest.mark.parametrize(
+    "broken", ["", "# emptied\n", '{"backends": {"a": {"kind": "ollama", "mod']
+)
 def test_a_desired_state_refused_while_running_changes_nothing(tmp_path, broken):
     """Truncating the file used to stop every backend (an empty file is a valid, empty
     declaration). While running, the last good state stays in force; status and the metric
@@ -445,7 +475,9 @@ def test_a_desired_state_refused_while_running_changes_nothing(tmp_path, broken)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_process(tmp_path, monkeypatch, kind):
+def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_process(
+    tmp_path, monkeypatch, kind
+):
     """One pass with three GPU backends opened the registry six times, each open a
     write-locked migration check (a new connection each on PostgreSQL). Now: one Registry
     per controller, no migration check after the process's first, and one lookup (one
@@ -469,19 +501,29 @@ def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_proces
         cluster.reset()
         monkeypatch.setenv("TF_REGISTRY_URL", cluster.url)
         real_pg = psycopg.connect
-        monkeypatch.setattr(psycopg, "connect", lambda *a, **k: connections.append("pg") or real_pg(*a, **k))
+        monkeypatch.setattr(
+            psycopg, "connect", lambda *a, **k: connections.append("pg") or real_pg(*a, **k)
+        )
     else:
         real_sqlite = sqlite3.connect
-        monkeypatch.setattr(registry.sqlite3, "connect", lambda *a, **k: connections.append("sqlite") or real_sqlite(*a, **k))
+        monkeypatch.setattr(
+            registry.sqlite3,
+            "connect",
+            lambda *a, **k: connections.append("sqlite") or real_sqlite(*a, **k),
+        )
     names = ("x", "y", "z")
     first = pull.registry_for(models)  # created (and migrated) once, as a pull would
     for n in names:
         (models / f"{n}.gguf").write_bytes(b"GGUF")
-        first.put(ModelRecord(n, f"pypi:pkg-{n}", [ModelFile(str(models / f"{n}.gguf"), 4, "0" * 64)]))
+        first.put(
+            ModelRecord(n, f"pypi:pkg-{n}", [ModelFile(str(models / f"{n}.gguf"), 4, "0" * 64)])
+        )
     opened, migrated = [], []
     real_open, real_migrate = pull.registry_for, Registry._apply_migrations
     monkeypatch.setattr(pull, "registry_for", lambda d: opened.append(d) or real_open(d))
-    monkeypatch.setattr(Registry, "_apply_migrations", lambda self: migrated.append(1) or real_migrate(self))
+    monkeypatch.setattr(
+        Registry, "_apply_migrations", lambda self: migrated.append(1) or real_migrate(self)
+    )
     server = fake_server(tmp_path)
     path = tmp_path / "host.json"
     path.write_text(json.dumps({
@@ -491,7 +533,9 @@ def test_the_registry_is_opened_once_per_controller_and_migrated_once_per_proces
                      for i, n in enumerate(names)},
     }))  # fmt: skip
     cards = StaticInventory([GpuInfo(i, f"u{i}", "L4", 24 * GiB, 0, 24 * GiB) for i in range(3)])
-    c = Controller(str(path), driver="process", gpus=cards, state=tmp_path / "state", run_gateway=False)
+    c = Controller(
+        str(path), driver="process", gpus=cards, state=tmp_path / "state", run_gateway=False
+    )
     try:
         for n in range(3):
             connections.clear()

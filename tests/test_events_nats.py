@@ -24,7 +24,9 @@ from reconciler.gpu.inventory import StaticInventory
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("nats-server") is None, reason="Debian package nats-server not installed"),
+    pytest.mark.skipif(
+        shutil.which("nats-server") is None, reason="Debian package nats-server not installed"
+    ),
 ]
 PROMPT = "Name one colour. secret-prompt-text-8812"
 
@@ -39,7 +41,16 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        argv = ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
+        argv = [
+            "nats-server",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.store),
+        ]
         self.proc = subprocess.Popen(argv, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -131,11 +142,15 @@ def healthy(base: str) -> bool:
     return httpx.get(f"{base}/health").json()["backends"]["cpu"]["healthy"]
 
 
-def test_each_request_publishes_a_request_and_a_response_event_without_text(llama_server, nats_server):
+def test_each_request_publishes_a_request_and_a_response_event_without_text(
+    llama_server, nats_server
+):
     asyncio.run(create_stream(nats_server.url))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with serve(create_app(gateway_state(llama_server, nats_server.url), gpus=StaticInventory([])), port):
+    with serve(
+        create_app(gateway_state(llama_server, nats_server.url), gpus=StaticInventory([])), port
+    ):
         wait_for(lambda: healthy(base), what="backend healthy")
         whole = httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=60)
         streamed = httpx.post(f"{base}/v1/chat/completions", timeout=60,
@@ -144,13 +159,22 @@ def test_each_request_publishes_a_request_and_a_response_event_without_text(llam
         assert (whole.status_code, streamed.status_code, unknown.status_code) == (200, 200, 404)
         wait_for(lambda: metric(base, "tensorforge_gateway_events_published_total",
                                 subject="inference.response.v1") == 2, what="2 response events")  # fmt: skip
-        assert metric(base, "tensorforge_gateway_events_published_total", subject="inference.request.v1") == 2
+        assert (
+            metric(
+                base, "tensorforge_gateway_events_published_total", subject="inference.request.v1"
+            )
+            == 2
+        )
 
     messages = asyncio.run(stream_messages(nats_server.url))
-    assert PROMPT not in json.dumps([body for _, body, _ in messages])  # no text unless include_text
+    assert PROMPT not in json.dumps(
+        [body for _, body, _ in messages]
+    )  # no text unless include_text
     requests = [body for subject, body, _ in messages if subject == "inference.request.v1"]
     responses = [body for subject, body, _ in messages if subject == "inference.response.v1"]
-    assert len(requests) == len(responses) == 2  # a request refused before the proxy is no inference
+    assert (
+        len(requests) == len(responses) == 2
+    )  # a request refused before the proxy is no inference
     assert [r["request_id"] for r in requests] == [r["request_id"] for r in responses]
     for request, response in zip(requests, responses, strict=True):
         assert request["model"] == "smollm2" and request["host"] == "events-test"
@@ -162,7 +186,10 @@ def test_each_request_publishes_a_request_and_a_response_event_without_text(llam
     assert [r["stream"] for r in requests] == [False, True]
     # Message ids let the JetStream stream drop a resent duplicate.
     ids = [headers.get("Nats-Msg-Id") for _, _, headers in messages]
-    assert ids[:2] == [f"{requests[0]['request_id']}.request", f"{requests[0]['request_id']}.response"]
+    assert ids[:2] == [
+        f"{requests[0]['request_id']}.request",
+        f"{requests[0]['request_id']}.response",
+    ]
 
 
 def test_include_text_puts_the_prompt_in_the_request_event(llama_server, nats_server):
@@ -180,7 +207,9 @@ def test_include_text_puts_the_prompt_in_the_request_event(llama_server, nats_se
     assert request["messages"] == [{"role": "user", "content": PROMPT}]
 
 
-def test_nats_down_never_fails_a_request_drops_are_counted_and_publishing_resumes(llama_server, tmp_path):
+def test_nats_down_never_fails_a_request_drops_are_counted_and_publishing_resumes(
+    llama_server, tmp_path
+):
     """NATS is not there when the gateway starts: requests are answered as usual, events wait
     in the bounded queue and the overflow is counted; when NATS comes, what the queue kept is
     published. Then NATS dies mid-way: requests still succeed."""
@@ -192,22 +221,43 @@ def test_nats_down_never_fails_a_request_drops_are_counted_and_publishing_resume
         with serve(create_app(state, gpus=StaticInventory([])), port):
             wait_for(lambda: healthy(base), what="backend healthy")
             for _ in range(3):  # 6 events into a queue of 4
-                assert httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=60).status_code == 200
-            assert metric(base, "tensorforge_gateway_events_dropped_total", reason="queue_full") == 2
-            assert metric(base, "tensorforge_gateway_events_published_total", subject="inference.request.v1") == 0
+                assert (
+                    httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=60).status_code
+                    == 200
+                )
+            assert (
+                metric(base, "tensorforge_gateway_events_dropped_total", reason="queue_full") == 2
+            )
+            assert (
+                metric(
+                    base,
+                    "tensorforge_gateway_events_published_total",
+                    subject="inference.request.v1",
+                )
+                == 0
+            )
             status = httpx.get(f"{base}/status").json()["gateway"]["events"]
             assert status == {"nats_url": nats.url, "connected": False, "queued": 4}
 
             nats.start()
             asyncio.run(create_stream(nats.url))
-            wait_for(lambda: httpx.get(f"{base}/status").json()["gateway"]["events"]["connected"], what="connected")
-            assert httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=60).status_code == 200
+            wait_for(
+                lambda: httpx.get(f"{base}/status").json()["gateway"]["events"]["connected"],
+                what="connected",
+            )
+            assert (
+                httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=60).status_code
+                == 200
+            )
             wait_for(lambda: metric(base, "tensorforge_gateway_events_published_total",
                                     subject="inference.response.v1") >= 1, what="events after NATS came")  # fmt: skip
 
             nats.stop()  # NATS dies: requests do not notice
             for _ in range(2):
-                assert httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=60).status_code == 200
+                assert (
+                    httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=60).status_code
+                    == 200
+                )
         stored = asyncio.run(_after_restart(nats))
         # The 4 events the queue kept through the outage (the 2nd and 3rd requests': the 1st's
         # were the overflow) and the 4th request's, in order, each response after its request.

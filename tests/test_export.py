@@ -17,7 +17,7 @@ from reconciler.pipeline.export import CSV_FIELDS, export, iter_results
 TRICKY = 'He said "hi", then left;\nsecond line\r\nthird, with comma'
 RESULTS = [
     {
-        "prompt": "Explain, briefly: \"quantum\" computing 🚀",
+        "prompt": 'Explain, briefly: "quantum" computing 🚀',
         "answer": TRICKY,
         "model": "smollm2",
         "backend": "smollm2-cpu",
@@ -66,7 +66,7 @@ def test_markdown_and_text_are_readable():
     md = exported("md")
     assert md.startswith("# TensorForge results\n")
     assert '## 1. Explain, briefly: "quantum" computing 🚀' in md
-    assert "> He said \"hi\", then left;\n> second line" in md
+    assert '> He said "hi", then left;\n> second line' in md
     assert "> error: backend down, retry later" in md
     txt = exported("txt")
     assert "[2] 日本語 · العربية · naïve café" in txt and "[error] backend down" in txt
@@ -74,11 +74,17 @@ def test_markdown_and_text_are_readable():
 
 def test_inputs_run_document_json_list_and_jsonl(tmp_path):
     document = tmp_path / "r.json"
-    document.write_text(json.dumps({"created": 1, "results": RESULTS}, indent=2, ensure_ascii=False), encoding="utf-8")
+    document.write_text(
+        json.dumps({"created": 1, "results": RESULTS}, indent=2, ensure_ascii=False),
+        encoding="utf-8",
+    )
     listing = tmp_path / "l.json"
     listing.write_text(json.dumps(RESULTS), encoding="utf-8")
     jsonl = tmp_path / "r.jsonl"
-    jsonl.write_text("\n" + "\n\n".join(json.dumps(r, ensure_ascii=False) for r in RESULTS) + "\n", encoding="utf-8")
+    jsonl.write_text(
+        "\n" + "\n\n".join(json.dumps(r, ensure_ascii=False) for r in RESULTS) + "\n",
+        encoding="utf-8",
+    )
     compact = tmp_path / "compact.json"
     compact.write_text(json.dumps({"results": RESULTS}), encoding="utf-8")
     for path in (document, listing, jsonl, compact):
@@ -125,10 +131,14 @@ def test_jsonl_streams_from_a_pipe(tmp_path):
 
 def test_cli_export_writes_utf8_files(tmp_path, capsys):
     source = tmp_path / "r.jsonl"
-    source.write_text("\n".join(json.dumps(r) for r in RESULTS) + "\n", encoding="utf-8")  # ASCII-escaped in
+    source.write_text(
+        "\n".join(json.dumps(r) for r in RESULTS) + "\n", encoding="utf-8"
+    )  # ASCII-escaped in
     for fmt in ("md", "txt", "jsonl", "csv"):
         target = tmp_path / f"out.{fmt}"
-        assert main(["export", "--input", str(source), "--format", fmt, "--output", str(target)]) == 0
+        assert (
+            main(["export", "--input", str(source), "--format", fmt, "--output", str(target)]) == 0
+        )
         assert "日本語" in target.read_text(encoding="utf-8")  # unescaped out
     assert b"\r\r\n" not in (tmp_path / "out.csv").read_bytes()  # no newline translation
     assert "exported 2 result(s)" in capsys.readouterr().err
@@ -138,7 +148,9 @@ def test_exporting_a_file_onto_itself_keeps_every_result(tmp_path, capsys):
     """The output is written to a temporary file and renamed at the end, so the input is
     read whole before it is replaced (opening the output first used to empty it)."""
     path = tmp_path / "r.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RESULTS), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RESULTS), encoding="utf-8"
+    )
     assert main(["export", "-i", str(path), "-f", "jsonl", "-o", str(path)]) == 0
     assert list(iter_results(path)) == RESULTS
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]  # no temporary file left
@@ -178,7 +190,9 @@ def test_a_raw_chat_completion_is_read_as_a_result_and_old_format_names_work(tmp
         assert main(["export", "-i", str(source), "-f", fmt, "-o", str(target)]) == 0
         assert expect in target.read_text()
     native = tmp_path / "completion.json"  # llama.cpp's native /completion answer
-    native.write_text(json.dumps({"content": "Lyon.", "model": "m", "tokens_predicted": 2, "stop": True}))
+    native.write_text(
+        json.dumps({"content": "Lyon.", "model": "m", "tokens_predicted": 2, "stop": True})
+    )
     assert list(iter_results(native))[0]["answer"] == "Lyon."
 
 
@@ -186,7 +200,10 @@ def test_what_export_cannot_read_is_an_error_naming_the_file(tmp_path, capsys):
     odd = tmp_path / "odd.json"
     odd.write_text(json.dumps({"hello": "world"}))
     assert main(["export", "-i", str(odd), "-f", "md", "-o", str(tmp_path / "out.md")]) == 1
-    assert f"{odd}:1: not a run result" in capsys.readouterr().err and not (tmp_path / "out.md").exists()
+    assert (
+        f"{odd}:1: not a run result" in capsys.readouterr().err
+        and not (tmp_path / "out.md").exists()
+    )
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"results": []}))
     assert main(["export", "-i", str(empty), "-f", "txt"]) == 1

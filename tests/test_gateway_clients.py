@@ -32,7 +32,9 @@ def test_openai_client(gateway):
 
     url, _ = gateway
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-    answer = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=8, temperature=0)
+    answer = client.chat.completions.create(
+        model="smol", messages=MESSAGES, max_tokens=8, temperature=0
+    )
     assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
     stream = client.chat.completions.create(
         model="smollm2", messages=MESSAGES, max_tokens=8, temperature=0, stream=True,
@@ -59,9 +61,13 @@ def test_ollama_client(gateway):
     assert "".join(p.message.content for p in parts).strip() == answer.message.content.strip()
     generated = client.generate(model="smollm2", prompt="Name one colour.", options=options)
     assert generated.response.strip()
-    streamed = list(client.generate(model="smollm2", prompt="Name one colour.", options=options, stream=True))
+    streamed = list(
+        client.generate(model="smollm2", prompt="Name one colour.", options=options, stream=True)
+    )
     assert "".join(p.response for p in streamed).strip() == generated.response.strip()
-    assert [m.model for m in client.list().models] == ["smollm2"]  # one entry per model; aliases inside it
+    assert [m.model for m in client.list().models] == [
+        "smollm2"
+    ]  # one entry per model; aliases inside it
 
 
 def test_websocket_streams_the_same_deltas_several_requests_per_connection(gateway):
@@ -69,7 +75,9 @@ def test_websocket_streams_the_same_deltas_several_requests_per_connection(gatew
 
     url, _ = gateway
     body = {"model": "smollm2", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
         sse = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     sse_deltas = [c["choices"][0]["delta"].get("content") for c in sse if c["choices"]]
     with connect(url.replace("http", "ws") + "/v1/ws") as ws:
@@ -120,7 +128,9 @@ def assert_backend_stops(llama_server: str, app) -> None:
     while busy(llama_server) and time.monotonic() - hung_up < 5:
         time.sleep(0.05)
     took = time.monotonic() - hung_up
-    assert not busy(llama_server) and took < 1.0, f"backend still generating {took:.2f}s after the hang-up"
+    assert not busy(llama_server) and took < 1.0, (
+        f"backend still generating {took:.2f}s after the hang-up"
+    )
     assert app.table.upstreams["cpu"].in_flight == 0
 
 
@@ -138,7 +148,9 @@ def embedding_gateway(smollm2_path, tmp_path_factory):
     proc = start_llama_server(smollm2_path, port, log, "--embeddings", "--pooling", "mean")
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
-        app = create_app(fleet_state({"cpu": f"http://127.0.0.1:{port}"}, model="smollm2", aliases=("smol",)))
+        app = create_app(
+            fleet_state({"cpu": f"http://127.0.0.1:{port}"}, model="smollm2", aliases=("smol",))
+        )
         with serve(app, gateway_port):
             yield f"http://127.0.0.1:{gateway_port}"
     finally:
@@ -153,7 +165,9 @@ def test_embeddings_through_openai_and_ollama_clients_agree(embedding_gateway):
 
     texts = ["The cat sat on the mat.", "Stock markets fell sharply today."]
     openai_client = OpenAI(base_url=f"{embedding_gateway}/v1", api_key="unused")
-    reference = [d.embedding for d in openai_client.embeddings.create(model="smollm2", input=texts).data]
+    reference = [
+        d.embedding for d in openai_client.embeddings.create(model="smollm2", input=texts).data
+    ]
     assert len(reference) == 2 and len(reference[0]) == 576  # SmolLM2-135M's hidden size
 
     client = ollama.Client(host=embedding_gateway)
@@ -164,14 +178,18 @@ def test_embeddings_through_openai_and_ollama_clients_agree(embedding_gateway):
         assert ours == pytest.approx(theirs, abs=1e-6)  # same backend, same vectors, same order
     # One text alone: compared with the same request through the OpenAI client, since
     # llama.cpp's vector for a text can depend on what shares its batch.
-    alone = [openai_client.embeddings.create(model="smollm2", input=t).data[0].embedding for t in texts]
+    alone = [
+        openai_client.embeddings.create(model="smollm2", input=t).data[0].embedding for t in texts
+    ]
     single = client.embed(model="smollm2", input=texts[0]).embeddings
     assert len(single) == 1 and single[0] == pytest.approx(alone[0], abs=1e-6)
     legacy = client.embeddings(model="smollm2", prompt=texts[1]).embedding  # /api/embeddings
     assert list(legacy) == pytest.approx(alone[1], abs=1e-6)
 
     def cosine(a, b):
-        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+            sum(x * x for x in a) * sum(y * y for y in b)
+        )
 
     assert cosine(reference[0], reference[0]) == pytest.approx(1.0)
     assert cosine(reference[0], reference[1]) < 0.999  # two different texts, two different vectors
@@ -188,7 +206,11 @@ def test_closing_a_websocket_mid_stream_stops_the_backend(gateway, llama_server)
 
     url, app = gateway
     with connect(url.replace("http", "ws") + "/v1/ws") as ws:
-        ws.send(json.dumps({"id": "long", "body": {"model": "smollm2", "messages": STORY, "max_tokens": 1000}}))
+        ws.send(
+            json.dumps(
+                {"id": "long", "body": {"model": "smollm2", "messages": STORY, "max_tokens": 1000}}
+            )
+        )
         for _ in range(3):
             assert json.loads(ws.recv(timeout=30))["type"] == "chunk"
         assert busy(llama_server)

@@ -50,10 +50,16 @@ def gateway(tmp_path):
 def test_a_backend_error_in_each_surfaces_shape(gateway):
     base, auth, _ = gateway
     expected = RECORDED["error"]
-    openai = httpx.post(f"{base}/v1/chat/completions", json={"model": "smollm2", "messages": MESSAGES}, headers=auth)
+    openai = httpx.post(
+        f"{base}/v1/chat/completions", json={"model": "smollm2", "messages": MESSAGES}, headers=auth
+    )
     assert openai.status_code == 400
     assert openai.json() == {"error": expected}  # integer code, type and param as vLLM sent them
-    ollama = httpx.post(f"{base}/api/chat", json={"model": "smollm2", "messages": MESSAGES, "stream": False}, headers=auth)
+    ollama = httpx.post(
+        f"{base}/api/chat",
+        json={"model": "smollm2", "messages": MESSAGES, "stream": False},
+        headers=auth,
+    )
     assert (ollama.status_code, ollama.json()) == (400, {"error": expected["message"]})
     from websockets.sync.client import connect
 
@@ -65,10 +71,18 @@ def test_a_backend_error_in_each_surfaces_shape(gateway):
 
 def test_the_gateways_own_refusal_in_each_surfaces_shape(gateway):
     base, auth, _ = gateway
-    openai = httpx.post(f"{base}/v1/chat/completions", json={"model": "gpt-9", "messages": MESSAGES}, headers=auth)
+    openai = httpx.post(
+        f"{base}/v1/chat/completions", json={"model": "gpt-9", "messages": MESSAGES}, headers=auth
+    )
     error = openai.json()["error"]
-    assert openai.status_code == 404 and error["code"] == "model_not_found" and "known models: smol, smollm2" in error["message"]
-    ollama = httpx.post(f"{base}/api/chat", json={"model": "gpt-9", "messages": MESSAGES}, headers=auth)
+    assert (
+        openai.status_code == 404
+        and error["code"] == "model_not_found"
+        and "known models: smol, smollm2" in error["message"]
+    )
+    ollama = httpx.post(
+        f"{base}/api/chat", json={"model": "gpt-9", "messages": MESSAGES}, headers=auth
+    )
     assert (ollama.status_code, ollama.json()) == (404, {"error": error["message"]})
     from websockets.sync.client import connect
 
@@ -77,7 +91,9 @@ def test_the_gateways_own_refusal_in_each_surfaces_shape(gateway):
         message = json.loads(ws.recv(timeout=10))
     assert message == {"id": "2", "type": "error", "status": 404, "error": error}
     no_key = httpx.post(f"{base}/api/chat", json={"model": "smollm2", "messages": MESSAGES})
-    assert no_key.status_code == 401 and no_key.json()["error"].startswith("missing or invalid API key")
+    assert no_key.status_code == 401 and no_key.json()["error"].startswith(
+        "missing or invalid API key"
+    )
 
 
 def test_a_websocket_connection_checks_its_key_once(gateway, monkeypatch):

@@ -49,7 +49,9 @@ async def _evil(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mode
                     writer.write(b"a" * 4000)
                     await writer.drain()
             elif mode == "flood":  # a stream far faster than its reader, ended by the close
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                )
                 event = b'data: "' + b"x" * 65_000 + b'"\n\n'
                 for _ in range(1000):  # 65 MB if nothing slows it down
                     writer.write(event)
@@ -182,9 +184,18 @@ def test_byte_by_byte_feed_parses_as_one_feed():
     )
     whole = EventParser()
     expected = whole.feed(stream) + whole.flush()
-    assert expected == ['{"a":"hé"}', '{"b":1}', "line1\nline2", "€", "[DONE]", "tail-without-blank-line"]
+    assert expected == [
+        '{"a":"hé"}',
+        '{"b":1}',
+        "line1\nline2",
+        "€",
+        "[DONE]",
+        "tail-without-blank-line",
+    ]
     split = EventParser()
-    got = [data for i in range(len(stream)) for data in split.feed(stream[i : i + 1])] + split.flush()
+    got = [
+        data for i in range(len(stream)) for data in split.feed(stream[i : i + 1])
+    ] + split.flush()
     assert got == expected
 
     lines = b'{"a":"\xc3\xa9"}\n\n{"b":2}\r\n{"c":3}'
@@ -192,7 +203,9 @@ def test_byte_by_byte_feed_parses_as_one_feed():
     expected_lines = whole_lines.feed(lines) + whole_lines.flush()
     assert expected_lines == [{"a": "é"}, {"b": 2}, {"c": 3}]
     split_lines = LineParser()
-    got_lines = [d for i in range(len(lines)) for d in split_lines.feed(lines[i : i + 1])] + split_lines.flush()
+    got_lines = [
+        d for i in range(len(lines)) for d in split_lines.feed(lines[i : i + 1])
+    ] + split_lines.flush()
     assert got_lines == expected_lines
 
 
@@ -214,5 +227,7 @@ def test_a_stalled_client_slows_the_backend_instead_of_filling_the_gateway(evil_
             time.sleep(2)  # the client stalls; sockets and the high-water mark fill up
             stalled_at = SENT["bytes"]
             received += sum(len(c) for c in chunks)  # then reads everything
-    assert stalled_at < 24 * 2**20, f"backend wrote {stalled_at / 2**20:.0f} MiB to a stalled client"
+    assert stalled_at < 24 * 2**20, (
+        f"backend wrote {stalled_at / 2**20:.0f} MiB to a stalled client"
+    )
     assert received > 60 * 2**20  # and once it reads again, the whole answer flows

@@ -60,7 +60,9 @@ def keyed(upstream, tmp_path_factory):
     digest = hashlib.sha256(KEYS[1].encode()).hexdigest()
     keys.write_text(f"# gateway keys\n{KEYS[0]}\n\n  sha256:{digest} team-b   # rotated 2026-11\n")
     port = free_port()
-    state = fleet_state({"up": upstream}, api_keys_file=str(keys), max_concurrency_per_key=1, max_body_bytes=4096)
+    state = fleet_state(
+        {"up": upstream}, api_keys_file=str(keys), max_concurrency_per_key=1, max_body_bytes=4096
+    )
     with serve(create_app(state), port):
         yield f"http://127.0.0.1:{port}"
 
@@ -80,7 +82,10 @@ def test_keys_are_required_except_for_health(keyed):
     assert httpx.get(f"{keyed}/api/tags").status_code == 401
     assert httpx.post(f"{keyed}/api/chat", json={"model": "m", "messages": []}).status_code == 401
     for key in KEYS:
-        assert httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=bearer(key)).status_code == 200
+        assert (
+            httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=bearer(key)).status_code
+            == 200
+        )
     assert httpx.get(f"{keyed}/v1/models", headers=bearer(KEYS[0])).status_code == 200
 
 
@@ -144,7 +149,9 @@ def test_an_edited_keys_file_takes_effect_without_a_restart(tmp_path):
 
 def test_per_key_concurrency_limit_is_429_with_retry_after(keyed):
     url = f"{keyed}/v1/chat/completions"
-    with httpx.stream("POST", url, json={**CHAT, "stream": True}, headers=bearer(KEYS[0]), timeout=10) as first:
+    with httpx.stream(
+        "POST", url, json={**CHAT, "stream": True}, headers=bearer(KEYS[0]), timeout=10
+    ) as first:
         assert first.status_code == 200
         second = httpx.post(url, json=CHAT, headers=bearer(KEYS[0]))
         other_key = httpx.post(url, json=CHAT, headers=bearer(KEYS[1]))
@@ -163,7 +170,11 @@ def test_body_limit_and_bad_requests_are_openai_errors(keyed):
         (httpx.post(url, content=b"{nope", headers=bearer(KEYS[0])), 400, "invalid_json"),
         (httpx.post(url, json=[1], headers=bearer(KEYS[0])), 400, "invalid_request"),
         (httpx.post(url, json={"model": 3}, headers=bearer(KEYS[0])), 400, "missing_model"),
-        (httpx.post(url, json={**CHAT, "model": "gpt-9"}, headers=bearer(KEYS[0])), 404, "model_not_found"),
+        (
+            httpx.post(url, json={**CHAT, "model": "gpt-9"}, headers=bearer(KEYS[0])),
+            404,
+            "model_not_found",
+        ),
     ]
     for response, status, code in cases:
         assert response.status_code == status, response.text
@@ -180,13 +191,19 @@ def test_backend_errors_are_reshaped_as_json_and_other_statuses_pass_untouched()
         ("POST", "/v1/completions"): Recorded(status=201, body=b'{"id":"x","choices":[{"text":"hi"}]}'),
     })  # fmt: skip
     up_port, port = free_port(), free_port()
-    with serve(upstream, up_port), serve(create_app(fleet_state({"up": f"http://127.0.0.1:{up_port}"})), port):
+    with (
+        serve(upstream, up_port),
+        serve(create_app(fleet_state({"up": f"http://127.0.0.1:{up_port}"})), port),
+    ):
         base = f"http://127.0.0.1:{port}"
         error = httpx.post(f"{base}/v1/chat/completions", json=CHAT)
         assert error.status_code == 404 and error.headers["content-type"] == "application/json"
         assert error.json()["error"]["message"] == "Not Found"
         created = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": "x"})
-        assert created.status_code == 201 and created.content == b'{"id":"x","choices":[{"text":"hi"}]}'
+        assert (
+            created.status_code == 201
+            and created.content == b'{"id":"x","choices":[{"text":"hi"}]}'
+        )
 
 
 def test_metrics_have_exactly_the_contracted_names_and_labels(keyed):
@@ -203,11 +220,19 @@ def test_metrics_have_exactly_the_contracted_names_and_labels(keyed):
     assert 'tensorforge_gateway_tokens_total{backend="up",model="m",type="prompt"}' in text
     assert 'tensorforge_gateway_rejected_total{reason="invalid_api_key"}' in text
     # Who used what: by the key's client name, or its digest prefix when unnamed.
-    assert f'tensorforge_gateway_client_requests_total{{client="{CLIENTS[0]}",model="m",status="200"}}' in text
-    assert f'tensorforge_gateway_client_tokens_total{{client="{CLIENTS[0]}",model="m",type="completion"}}' in text
+    assert (
+        f'tensorforge_gateway_client_requests_total{{client="{CLIENTS[0]}",model="m",status="200"}}'
+        in text
+    )
+    assert (
+        f'tensorforge_gateway_client_tokens_total{{client="{CLIENTS[0]}",model="m",type="completion"}}'
+        in text
+    )
     httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=bearer(KEYS[1]))
     text = httpx.get(f"{keyed}/metrics", headers=bearer(KEYS[1])).text
-    assert 'tensorforge_gateway_client_requests_total{client="team-b",model="m",status="200"}' in text
+    assert (
+        'tensorforge_gateway_client_requests_total{client="team-b",model="m",status="200"}' in text
+    )
     assert KEYS[0] not in text and KEYS[1] not in text
     assert 'tensorforge_gateway_backend_healthy{backend="up",model="m"} 1.0' in text
 
@@ -221,11 +246,16 @@ def test_first_byte_timeout_is_a_clean_504_and_no_circuit(upstream):
         app = create_app(state)
         with serve(app, port):
             for _ in range(4):
-                response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": True})
+                response = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": True}
+                )
                 assert response.status_code == 504
             assert not app.table.upstreams["slow"].circuit_open
     message = response.json()["error"]["message"]
-    assert "no answer within 0.3s (first_byte_timeout); the request was cancelled at the backend" in message
+    assert (
+        "no answer within 0.3s (first_byte_timeout); the request was cancelled at the backend"
+        in message
+    )
 
 
 def test_becomes_healthy_fast(upstream):

@@ -115,12 +115,16 @@ def test_least_load_avoids_the_backend_reporting_load(reporting_pair):
         upstreams["a"].extra_load = 5
         wait_scraped(app, "a", 5.0, None)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"b"}
+        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {
+            "b"
+        }
         upstreams["a"].extra_load = 0
         upstreams["b"].kv_usage = 0.99  # b's KV cache (VRAM) is full
         wait_scraped(app, "a", 0.0, None)
         wait_scraped(app, "b", 0.0, 0.99)
-        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"a"}
+        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {
+            "a"
+        }
 
 
 def test_least_load_avoids_the_backend_whose_gpu_is_nearly_full(pair, tmp_path, monkeypatch):
@@ -131,7 +135,9 @@ def test_least_load_avoids_the_backend_whose_gpu_is_nearly_full(pair, tmp_path, 
         {"units": [{"unit": "backend-a", "gpus": [0]}, {"unit": "backend-b", "gpus": [1]}]}
     ))  # fmt: skip
     gib = 1024**3
-    full = GpuInfo(0, "GPU-0", "NVIDIA B200", 192 * gib, 191 * gib, 1 * gib)  # an Ollama model too many
+    full = GpuInfo(
+        0, "GPU-0", "NVIDIA B200", 192 * gib, 191 * gib, 1 * gib
+    )  # an Ollama model too many
     half = GpuInfo(1, "GPU-1", "NVIDIA B200", 192 * gib, 96 * gib, 96 * gib)
     # Run here (declared by port, as the reconciler would start them), not elsewhere by URL.
     ports = {name: int(url.rsplit(":", 1)[1]) for name, url in pair.items()}
@@ -159,14 +165,21 @@ def test_least_load_avoids_the_backend_whose_gpu_is_nearly_full(pair, tmp_path, 
     with serve(app, port):
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         assert gpu_free() == {"a": pytest.approx(1 / 192), "b": 0.5}
-        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"b"}
+        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {
+            "b"
+        }
         # The model on GPU 0 unloads: both are routed to again.
-        app.gpu_headroom.inventory = StaticInventory([half, GpuInfo(0, "GPU-0", "NVIDIA B200", 192 * gib, 96 * gib, 96 * gib)])
+        app.gpu_headroom.inventory = StaticInventory(
+            [half, GpuInfo(0, "GPU-0", "NVIDIA B200", 192 * gib, 96 * gib, 96 * gib)]
+        )
         deadline = time.monotonic() + 5
         while gpu_free()["a"] != 0.5 and time.monotonic() < deadline:
             time.sleep(0.1)
         app.router.strategy = "round-robin"  # equal headroom: show both take requests
-        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {"a", "b"}
+        assert {httpx.post(url, json=CHAT).headers["x-tensorforge-backend"] for _ in range(4)} == {
+            "a",
+            "b",
+        }
 
 
 def test_load_is_scraped_from_backend_metrics(pair):
@@ -193,7 +206,10 @@ def test_failure_before_first_byte_retries_elsewhere_and_opens_the_circuit(pair)
         assert app.table.upstreams["dead"].circuit_open
         metrics = httpx.get(f"{url}/metrics").text
         assert 'tensorforge_gateway_circuit_open{backend="dead"} 1.0' in metrics
-        assert f'tensorforge_gateway_retries_total{{backend="dead",model="m"}} {CIRCUIT_FAILURES:.1f}' in metrics
+        assert (
+            f'tensorforge_gateway_retries_total{{backend="dead",model="m"}} {CIRCUIT_FAILURES:.1f}'
+            in metrics
+        )
 
 
 def test_backend_killed_mid_stream_ends_with_an_error_event():
@@ -203,7 +219,9 @@ def test_backend_killed_mid_stream_ends_with_an_error_event():
         with serve(app, port):
             body = {**CHAT, "stream": True}
             events = []
-            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=10) as r:
+            with httpx.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=10
+            ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         events.append(line[6:])
@@ -219,7 +237,9 @@ def test_backend_killed_mid_stream_ends_with_an_error_event():
 def test_killing_one_of_two_replicas_under_load_loses_no_request():
     procs = [start_upstream(n) for n in ("r1", "r2")]
     try:
-        app, port = gateway_for({"r1": procs[0][1], "r2": procs[1][1]}, routing={"strategy": "round-robin"})
+        app, port = gateway_for(
+            {"r1": procs[0][1], "r2": procs[1][1]}, routing={"strategy": "round-robin"}
+        )
         with serve(app, port):
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
 
@@ -274,16 +294,24 @@ def test_reload_on_file_change_keeps_open_streams(tmp_path: Path):
             app.watcher.interval = 0.1
             with serve(app, port):
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                with httpx.stream("POST", url, json={**CHAT, "stream": True}, timeout=10) as open_stream:
+                with httpx.stream(
+                    "POST", url, json={**CHAT, "stream": True}, timeout=10
+                ) as open_stream:
                     new = fleet_state({"b": f"http://127.0.0.1:{port_b}"})
-                    config.write_text(yaml.safe_dump(new.model_dump(mode="json", exclude_none=True)))
+                    config.write_text(
+                        yaml.safe_dump(new.model_dump(mode="json", exclude_none=True))
+                    )
                     os.utime(config, (time.time() + 5, time.time() + 5))  # mtime granularity
                     deadline = time.monotonic() + 5
                     while "b" not in app.table.upstreams and time.monotonic() < deadline:
                         time.sleep(0.05)
                     assert list(app.table.upstreams) == ["b"]
-                    events = [line for line in open_stream.iter_lines() if line.startswith("data: ")]
-                assert events[-1] == "data: [DONE]" and len(events) == 34  # the open stream finished
+                    events = [
+                        line for line in open_stream.iter_lines() if line.startswith("data: ")
+                    ]
+                assert (
+                    events[-1] == "data: [DONE]" and len(events) == 34
+                )  # the open stream finished
                 deadline = time.monotonic() + 3
                 while not app.table.upstreams["b"].healthy and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -300,7 +328,12 @@ def test_backend_connections_are_kept_alive_and_reused():
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             for stream in (False, True, False, True):
                 for _ in range(5):
-                    assert client.post(url, json={**CHAT, "stream": stream, "max_tokens": 3}).status_code == 200
+                    assert (
+                        client.post(
+                            url, json={**CHAT, "stream": stream, "max_tokens": 3}
+                        ).status_code
+                        == 200
+                    )
     assert fake.requests == 20 and len(fake.peers) == 1
 
 
@@ -313,7 +346,10 @@ def test_connections_are_reused_when_the_consumer_stops_at_done():
         app, port = gateway_for({"up": f"http://127.0.0.1:{up_port}"})
         with serve(app, port), httpx.Client() as client:
             for _ in range(5):
-                answer = client.post(f"http://127.0.0.1:{port}/api/chat", json={**CHAT, "options": {"num_predict": 3}})
+                answer = client.post(
+                    f"http://127.0.0.1:{port}/api/chat",
+                    json={**CHAT, "options": {"num_predict": 3}},
+                )
                 assert answer.status_code == 200 and answer.text.count("\n") == 4
             assert fake.requests == 5 and len(fake.peers) == 1
             fake.peers.clear()
@@ -340,17 +376,25 @@ class CloseDelimitedBackend:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         if head.startswith(b"GET"):
-            writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{"status":"ok"}')
+            writer.write(
+                b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{"status":"ok"}'
+            )
         else:
             length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
             stream = json.loads(await reader.readexactly(length)).get("stream")
-            ctype, body = (b"text/event-stream", self.STREAM) if stream else (b"application/json", self.ANSWER)
+            ctype, body = (
+                (b"text/event-stream", self.STREAM)
+                if stream
+                else (b"application/json", self.ANSWER)
+            )
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: %s\r\n\r\n%s" % (ctype, body))
         await writer.drain()
         writer.close()
 
     def __enter__(self) -> str:
-        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop)
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop
+        )
         self.thread.start()
         self.server.result(5)
         return f"http://127.0.0.1:{self.port}"
@@ -372,9 +416,14 @@ def test_a_body_delimited_by_the_connection_closing_is_a_whole_answer():
             chat = f"http://127.0.0.1:{port}/v1/chat/completions"
             for _ in range(2):  # a second time: the closed connection is not taken from the pool
                 whole = httpx.post(chat, json=CHAT)
-                assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"] == "hi"
+                assert (
+                    whole.status_code == 200
+                    and whole.json()["choices"][0]["message"]["content"] == "hi"
+                )
                 streamed = httpx.post(chat, json={**CHAT, "stream": True})
-                assert streamed.status_code == 200 and streamed.content == CloseDelimitedBackend.STREAM
+                assert (
+                    streamed.status_code == 200 and streamed.content == CloseDelimitedBackend.STREAM
+                )
             assert app.table.upstreams["old"].consecutive_failures == 0
 
 
@@ -392,12 +441,18 @@ def test_a_usage_event_split_across_chunks_is_counted(cut):
     with serve(upstream, up_port):
         app, port = gateway_for({"up": f"http://127.0.0.1:{up_port}"})
         with serve(app, port):
-            body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}  # passed as is
+            body = {
+                **CHAT,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }  # passed as is
             response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
             assert response.status_code == 200 and response.content == events
     metrics = app.metrics.render(app.upstreams()).decode()
     assert 'tensorforge_gateway_tokens_total{backend="up",model="m",type="prompt"} 9.0' in metrics
-    assert 'tensorforge_gateway_tokens_total{backend="up",model="m",type="completion"} 2.0' in metrics
+    assert (
+        'tensorforge_gateway_tokens_total{backend="up",model="m",type="completion"} 2.0' in metrics
+    )
 
 
 def test_fallback_model_group_serves_when_the_model_has_no_healthy_backend(pair):
@@ -413,5 +468,7 @@ def test_fallback_model_group_serves_when_the_model_has_no_healthy_backend(pair)
     })  # fmt: skip
     port = free_port()
     with serve(create_app(state), port):
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "model": "big"})
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "model": "big"}
+        )
     assert response.status_code == 200 and response.headers["x-tensorforge-backend"] == "small-1"

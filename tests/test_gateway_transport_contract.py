@@ -76,7 +76,9 @@ async def _backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s
                     await writer.drain()
                     state["sent"] += 4000
             elif mode == "flood":  # a stream far faster than its reader, ended by the close
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                )
                 event = b'data: "' + b"x" * 65_000 + b'"\n\n'
                 for _ in range(1000):  # 65 MB if nothing slows it down
                     writer.write(event)
@@ -105,7 +107,9 @@ def backend(request, certificate, monkeypatch):
     holder = {}
 
     async def main():
-        server = await asyncio.start_server(lambda r, w: _backend(r, w, state), "127.0.0.1", port, ssl=server_tls)
+        server = await asyncio.start_server(
+            lambda r, w: _backend(r, w, state), "127.0.0.1", port, ssl=server_tls
+        )
         ready.set()
         async with server:
             await server.serve_forever()
@@ -184,5 +188,7 @@ def test_a_stalled_client_slows_the_backend_over_http_and_https(backend):
             time.sleep(2)  # the client stalls; sockets and buffers fill up
             stalled_at = state["sent"]
             received += sum(len(c) for c in chunks)
-    assert stalled_at < 24 * 2**20, f"backend wrote {stalled_at / 2**20:.0f} MiB to a stalled client"
+    assert stalled_at < 24 * 2**20, (
+        f"backend wrote {stalled_at / 2**20:.0f} MiB to a stalled client"
+    )
     assert received > 60 * 2**20

@@ -105,7 +105,9 @@ def board(monkeypatch):
 def test_a_board_is_read_into_gpu_infos(board):
     inventory = NvmlInventory()
     assert inventory.gpus() == [
-        GpuInfo(0, "GPU-aaaa", "NVIDIA B200", 192 * GIB, 120 * GIB, 72 * GIB, 55, (10, 0), 61, 640.5),
+        GpuInfo(
+            0, "GPU-aaaa", "NVIDIA B200", 192 * GIB, 120 * GIB, 72 * GIB, 55, (10, 0), 61, 640.5
+        ),
         GpuInfo(1, "GPU-bbbb", "NVIDIA B200", 192 * GIB, 2 * GIB, 190 * GIB, 0, (10, 0), 35, None),
     ]
     assert inventory.reason == ""
@@ -135,7 +137,11 @@ def test_a_query_a_gpu_does_not_support_leaves_out_that_gpu_only(board):
     inventory = NvmlInventory()
     board.no_memory_info.add(0)
     assert [g.uuid for g in inventory.gpus()] == ["GPU-bbbb"]
-    assert inventory.failed and "GPU 0 left out" in inventory.reason and "Not Supported" in inventory.reason
+    assert (
+        inventory.failed
+        and "GPU 0 left out" in inventory.reason
+        and "Not Supported" in inventory.reason
+    )
 
 
 def test_nvml_failing_as_a_whole_is_a_failed_inventory_not_an_empty_host(board, monkeypatch):

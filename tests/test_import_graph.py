@@ -91,9 +91,15 @@ def test_the_graph_sees_relative_function_level_and_type_checking_imports(tmp_pa
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from .sub import b\n")
     (pkg / "sub" / "b.py").write_text("def f():\n    from pkg import c\n")
-    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import X\n")
+    (pkg / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import X\n"
+    )
     graph = import_graph(pkg)
-    assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"} and graph["pkg.c"] == {"pkg.a"}
+    assert (
+        graph["pkg.a"] == {"pkg.sub.b"}
+        and graph["pkg.sub.b"] == {"pkg.c"}
+        and graph["pkg.c"] == {"pkg.a"}
+    )
     assert find_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
     (pkg / "c.py").write_text("import json\n")
     assert find_cycle(import_graph(pkg)) is None
@@ -158,5 +164,7 @@ def test_gateway_layers_depend_downward_only():
             if any(target == GATEWAY + f for f in forbidden):
                 wrong.append(f"{GATEWAY}{lower} imports {target}, a layer above it")
     assert not wrong, "\n".join(wrong)
-    importers = sorted(m for m, t in graph.items() if GATEWAY + "app" in t and m.startswith(GATEWAY))
+    importers = sorted(
+        m for m, t in graph.items() if GATEWAY + "app" in t and m.startswith(GATEWAY)
+    )
     assert importers == [], f"nothing in the gateway may import the app: {importers}"

@@ -65,7 +65,11 @@ FLEET = {
     "backends": {
         "cpu": {"kind": "llamacpp", "model": "smollm2", "port": 18080},
         "big": {
-            "kind": "vllm", "model": "llama", "port": 18081, "gpus": 2, "gpu_ids": [0, 1],
+            "kind": "vllm",
+            "model": "llama",
+            "port": 18081,
+            "gpus": 2,
+            "gpu_ids": [0, 1],
             "tensor_parallel_size": 2,  # one GPU per shard (the schema refuses idle GPUs)
         },  # fmt: skip
         "remote": {
@@ -387,22 +391,35 @@ def test_keys_without_a_scrape_key_are_warned_about_by_name(tmp_path: Path, capl
     keyed = {**FLEET, "gateway": {**FLEET.get("gateway", {}), "api_keys_file": "/etc/tf/keys"}}
     config.write_text(yaml.safe_dump(keyed))
     with caplog.at_level("WARNING"):
-        assert main(["monitoring-config", "--config", str(config), "--out", str(tmp_path / "a")]) == 0
+        assert (
+            main(["monitoring-config", "--config", str(config), "--out", str(tmp_path / "a")]) == 0
+        )
     assert f"{config}: " in caplog.text and "monitoring.scrape_key_file" in caplog.text
-    assert "WARNING: gateway.api_keys_file is set" in (tmp_path / "a" / "prometheus.yml").read_text()
+    assert (
+        "WARNING: gateway.api_keys_file is set" in (tmp_path / "a" / "prometheus.yml").read_text()
+    )
 
     caplog.clear()
-    keyed["monitoring"] = {**keyed.get("monitoring", {}), "scrape_key_file": "/etc/tf/prometheus-key"}
+    keyed["monitoring"] = {
+        **keyed.get("monitoring", {}),
+        "scrape_key_file": "/etc/tf/prometheus-key",
+    }
     config.write_text(yaml.safe_dump(keyed))
     assert main(["monitoring-config", "--config", str(config), "--out", str(tmp_path / "b")]) == 0
     assert "scrape_key_file" not in caplog.text
     written = yaml.safe_load((tmp_path / "b" / "prometheus.yml").read_text())
     gateway = next(j for j in written["scrape_configs"] if j["job_name"] == "tensorforge-gateway")
-    assert gateway["authorization"] == {"type": "Bearer", "credentials_file": "/etc/tf/prometheus-key"}
+    assert gateway["authorization"] == {
+        "type": "Bearer",
+        "credentials_file": "/etc/tf/prometheus-key",
+    }
 
 
 def test_a_scrape_interval_flag_promtool_would_refuse_is_a_usage_error(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["monitoring-config", "--out", str(tmp_path / "m"), "--scrape-interval", "15"])
     assert exit_.value.code == 2 and not (tmp_path / "m").exists()
-    assert "'15' is not a duration: write a number and a unit, for example 15s" in capsys.readouterr().err
+    assert (
+        "'15' is not a duration: write a number and a unit, for example 15s"
+        in capsys.readouterr().err
+    )

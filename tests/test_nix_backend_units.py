@@ -31,7 +31,9 @@ needs_module_eval = pytest.mark.skipif(
     NIX is None or not NIXPKGS_LIB or not Path(NIXPKGS_LIB).is_dir(),
     reason="needs nix-instantiate and NIXPKGS_LIB (nix-community/nixpkgs.lib)",
 )
-needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
+)
 
 
 def render(desired: dict, tmp_path: Path, gpus_from: Path | None = None) -> dict[str, str]:
@@ -40,7 +42,14 @@ def render(desired: dict, tmp_path: Path, gpus_from: Path | None = None) -> dict
     config.write_text(json.dumps(desired))
     out = tmp_path / "units"
     cli = REPO / ".venv" / "bin" / "tensorforge"
-    command = [str(cli) if cli.exists() else "tensorforge", "render", "--config", str(config), "--out", str(out)]
+    command = [
+        str(cli) if cli.exists() else "tensorforge",
+        "render",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
     if gpus_from:
         command += ["--gpus-from", str(gpus_from)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -138,7 +147,9 @@ def test_nixos_units_take_their_sandboxing_from_templates_hardening_json():
 def test_unit_dir_comes_from_tf_unit_dir(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("TF_UNIT_DIR", str(tmp_path / "run-units"))
     assert SystemdDriver(state_dir=tmp_path).unit_dir == tmp_path / "run-units"
-    assert SystemdDriver(tmp_path / "explicit", state_dir=tmp_path).unit_dir == tmp_path / "explicit"
+    assert (
+        SystemdDriver(tmp_path / "explicit", state_dir=tmp_path).unit_dir == tmp_path / "explicit"
+    )
     monkeypatch.delenv("TF_UNIT_DIR")
     assert SystemdDriver(state_dir=tmp_path).unit_dir == Path("/etc/systemd/system")
 
@@ -189,8 +200,12 @@ def test_runtime_backend_unit_under_real_systemd(tmp_path: Path, smollm2_path: P
     result = nspawn.run_in_nspawn(out, smollm2_path)
     if not (out / "probe.log").exists():
         if any(words in result.stderr for words in nspawn.ENVIRONMENT_FAILURES):
-            pytest.skip(f"systemd-nspawn cannot boot a container here: {result.stderr.strip()[-300:]}")
-        pytest.fail(f"the probe never ran (nspawn exit {result.returncode}):\n{result.stderr[-2000:]}")
+            pytest.skip(
+                f"systemd-nspawn cannot boot a container here: {result.stderr.strip()[-300:]}"
+            )
+        pytest.fail(
+            f"the probe never ran (nspawn exit {result.returncode}):\n{result.stderr[-2000:]}"
+        )
     context = "\n".join(
         f"--- {name}\n{(out / name).read_text()[-2000:]}"
         for name in ("probe.log", "status.txt", "journal.txt")
@@ -208,5 +223,7 @@ def test_runtime_backend_unit_under_real_systemd(tmp_path: Path, smollm2_path: P
     assert "tensorforge-backend-smollm2.service" in (out / "cgroup.txt").read_text(), context
     assert '"status":"ok"' in (out / "health.txt").read_text().replace(" ", ""), context
     assert (out / "journal.txt").read_text().count("\n") > 1, context
-    score = re.search(r"Overall exposure level for \S+: (\d+\.\d)", (out / "security.txt").read_text())
+    score = re.search(
+        r"Overall exposure level for \S+: (\d+\.\d)", (out / "security.txt").read_text()
+    )
     assert score and float(score.group(1)) <= MAX_EXPOSURE, (out / "security.txt").read_text()

@@ -268,7 +268,9 @@ def test_every_schema_field_converts_back_from_camel_case():
 def test_the_module_declares_no_schema_key_as_an_option():
     """RFC 42: the schema's keys live in `settings` only. The typed options are NixOS' own; the
     old names survive only as renames (modules/tensorforge/renamed.nix) and translations."""
-    text = "\n".join(p.read_text() for p in (REPO / "modules").rglob("*.nix") if p.name != "backend.nix")
+    text = "\n".join(
+        p.read_text() for p in (REPO / "modules").rglob("*.nix") if p.name != "backend.nix"
+    )
     declared = set(re.findall(r"\b([a-zA-Z]+) = mkOption\b", text))
     nixos_own = {"enable", "package", "settings", "checkDesiredState", "user", "group", "stateDir",
                  "modelsDir", "backends", "apiKeysFile", "adminKeysFile", "openFirewall", "scrapeKeyFile", "gpu",
@@ -278,7 +280,9 @@ def test_the_module_declares_no_schema_key_as_an_option():
 
 
 def test_port_is_required_for_managed_backends_only():
-    problems = problems_for(f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; }}; }}')
+    problems = problems_for(
+        f'{{ {BASE_MODEL} backends.b = {{ kind = "llamacpp"; model = "m"; }}; }}'
+    )
     assert problems == [
         "backends.b.port: required for a backend this host runs; add it, or set url for a remote one"
     ]
@@ -362,7 +366,9 @@ def test_module_checks_the_desired_state_with_the_reconcilers_validation():
     """One set of rules: the built desired.json goes through `tensorforge validate` (port
     clashes, durations, GPU pins…), not a second copy of the schema's checks in Nix."""
     text = (REPO / "modules" / "tensorforge.nix").read_text()
-    assert "tensorforge validate --no-file-checks --config ${uncheckedDesired}" in text  # no secrets at build time
+    assert (
+        "tensorforge validate --no-file-checks --config ${uncheckedDesired}" in text
+    )  # no secrets at build time
     assert re.search(r"desiredFile =\s+if cfg.checkDesiredState then", text)
 
 
@@ -392,7 +398,9 @@ def test_flake_lists_the_promised_outputs_for_every_host():
     checks = set(shape["checks"]["x86_64-linux"])
     assert {"package", "contract", "vm-single-node", "vm-recovery", "vm-two-node"} <= checks
     # Every host but the B200 one (CUDA, unfree driver) is built by `nix flake check`.
-    assert {c for c in checks if c.startswith("host-")} == {f"host-{h}" for h in hosts if h != "b200-node"}
+    assert {c for c in checks if c.startswith("host-")} == {
+        f"host-{h}" for h in hosts if h != "b200-node"
+    }
     tests = {t["name"]: t for t in shape["vmTests"]}
     assert tests["tensorforge-two-node"]["nodes"] == ["backend", "gateway"]
     assert all(t["hasScript"] and t["nodes"] for t in tests.values())

@@ -59,7 +59,9 @@ def chroot_nix() -> Path:
         result = subprocess.run(step, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             shutil.rmtree(ROOT, ignore_errors=True)
-            pytest.skip(f"could not make the trixie chroot ({' '.join(step[:3])}…): {result.stderr[-300:]}")
+            pytest.skip(
+                f"could not make the trixie chroot ({' '.join(step[:3])}…): {result.stderr[-300:]}"
+            )
     return ROOT
 
 
@@ -87,7 +89,11 @@ def flake_dirs():
     standin.mkdir(parents=True)
     for name in STANDIN_FILES:
         shutil.copy(REPO / "tests" / "nix" / name, standin / Path(name).name)
-    lib = Path(NIXPKGS_LIB) / "lib" if (Path(NIXPKGS_LIB) / "lib" / "default.nix").exists() else Path(NIXPKGS_LIB)
+    lib = (
+        Path(NIXPKGS_LIB) / "lib"
+        if (Path(NIXPKGS_LIB) / "lib" / "default.nix").exists()
+        else Path(NIXPKGS_LIB)
+    )
     shutil.copytree(lib, standin / "lib")
     yield f"path:{WORK}/src", f"path:{WORK}/standin"
     shutil.rmtree(work, ignore_errors=True)
@@ -95,7 +101,15 @@ def flake_dirs():
 
 def nix(*args: str) -> subprocess.CompletedProcess:
     # Single-user root in the chroot: no nixbld group to build as (and nothing is built).
-    argv = ["nix", "--extra-experimental-features", "nix-command flakes", "--option", "build-users-group", "", *args]
+    argv = [
+        "nix",
+        "--extra-experimental-features",
+        "nix-command flakes",
+        "--option",
+        "build-users-group",
+        "",
+        *args,
+    ]
     return subprocess.run(in_chroot(argv), capture_output=True, text=True, timeout=600)
 
 
@@ -104,11 +118,20 @@ def test_flake_check_passes_with_no_warning_but_colmenas(flake_dirs):
     result = nix("flake", "check", "--all-systems", "--no-build", "--no-write-lock-file",
                  "--override-input", "nixpkgs", standin, src)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if "warning" in line.lower() or "trace:" in line]
+    warnings = [
+        line for line in result.stderr.splitlines() if "warning" in line.lower() or "trace:" in line
+    ]
     assert [w for w in warnings if not w.startswith(KNOWN_WARNINGS)] == [], result.stderr[-3000:]
     for host in ("b200-node", "cpu-dev", "gateway-only"):
         assert f"checking NixOS configuration 'nixosConfigurations.{host}'" in result.stderr
-    for check in ("package", "contract", "vm-single-node", "vm-recovery", "vm-two-node", "host-cpu-dev"):
+    for check in (
+        "package",
+        "contract",
+        "vm-single-node",
+        "vm-recovery",
+        "vm-two-node",
+        "host-cpu-dev",
+    ):
         assert f"checks.x86_64-linux.{check}" in result.stderr
 
 
@@ -135,7 +158,16 @@ def test_a_failed_assertion_fails_flake_check(flake_dirs, tmp_path):
     original = host.read_text()
     host.write_text(original.replace("enable = true;", 'enable = true;\n    group = "nobody";', 1))
     try:
-        result = nix("flake", "check", "--no-build", "--no-write-lock-file", "--override-input", "nixpkgs", standin, src)
+        result = nix(
+            "flake",
+            "check",
+            "--no-build",
+            "--no-write-lock-file",
+            "--override-input",
+            "nixpkgs",
+            standin,
+            src,
+        )
     finally:
         host.write_text(original)
     assert result.returncode != 0

@@ -29,7 +29,10 @@ HARNESS = REPO / "tests" / "nix" / "eval-module.nix"
 HOSTS = sorted(p.parent.name for p in (REPO / "hosts").glob("*/default.nix"))
 
 pytestmark = [
-    pytest.mark.skipif(NIX is None, reason="nix-instantiate not found (Debian nix-bin; scripts/test.sh installs it)"),
+    pytest.mark.skipif(
+        NIX is None,
+        reason="nix-instantiate not found (Debian nix-bin; scripts/test.sh installs it)",
+    ),
     pytest.mark.skipif(
         not NIXPKGS_LIB or not Path(NIXPKGS_LIB).is_dir(),
         reason="NIXPKGS_LIB unset: point it at an unpacked nix-community/nixpkgs.lib",
@@ -150,31 +153,48 @@ def test_admin_keys_and_requests_reach_the_gateway_and_the_reconciler():
     )
     quiet(stderr)
     assert report["failedAssertions"] == []
-    assert report["desired"]["gateway"]["admin_keys_file"] == "/run/credentials/tensorforge-gateway.service/admin-keys"
+    assert (
+        report["desired"]["gateway"]["admin_keys_file"]
+        == "/run/credentials/tensorforge-gateway.service/admin-keys"
+    )
     assert "/run/secrets/admin" not in json.dumps(report["desired"]), "the raw secret path leaked"
     gateway = report["services"]["tensorforge-gateway"]
     assert gateway["serviceConfig"]["LoadCredential"] == ["admin-keys:/run/secrets/admin"]
     requests = gateway["environment"]["TF_ADMIN_REQUESTS_DIR"]
     assert requests == "/run/" + gateway["serviceConfig"]["RuntimeDirectory"]
     assert gateway["serviceConfig"]["RuntimeDirectoryPreserve"] == "yes"
-    assert report["services"]["tensorforge-reconciler"]["environment"]["TF_ADMIN_REQUESTS_DIR"] == requests
+    assert (
+        report["services"]["tensorforge-reconciler"]["environment"]["TF_ADMIN_REQUESTS_DIR"]
+        == requests
+    )
 
 
 # -- bad input is refused with the option's name ----------------------------------------------
 @pytest.mark.parametrize(
     ("setting", "option"),
     [
-        ('services.tensorforge.gateway.openFirewall = "yes";', "services.tensorforge.gateway.openFirewall"),
+        (
+            'services.tensorforge.gateway.openFirewall = "yes";',
+            "services.tensorforge.gateway.openFirewall",
+        ),
         ("services.tensorforge.user = 5;", "services.tensorforge.user"),
-        ('services.tensorforge.backends.smollm2-cpu.package = "llama";', "services.tensorforge.backends.smollm2-cpu.package"),
+        (
+            'services.tensorforge.backends.smollm2-cpu.package = "llama";',
+            "services.tensorforge.backends.smollm2-cpu.package",
+        ),
         # Not JSON: the settings type refuses it.
-        ("services.tensorforge.settings.gateway.host = x: x;", "services.tensorforge.settings.gateway.host"),
+        (
+            "services.tensorforge.settings.gateway.host = x: x;",
+            "services.tensorforge.settings.gateway.host",
+        ),
     ],
 )
 def test_wrong_type_of_a_nixos_option_is_refused_with_its_name(setting: str, option: str):
     with pytest.raises(EvalError) as caught:
         evaluate(module(f"imports = [ {host('cpu-dev')} ]; {setting}"))
-    assert f"option `{option}'" in str(caught.value) or f"option '{option}'" in str(caught.value), str(caught.value)[-800:]
+    assert f"option `{option}'" in str(caught.value) or f"option '{option}'" in str(caught.value), (
+        str(caught.value)[-800:]
+    )
 
 
 @pytest.mark.parametrize(
@@ -206,16 +226,24 @@ def test_product_page_snippet_is_a_working_appliance(tmp_path: Path):
     vllm = [b for b in state.backends.values() if b.kind == "vllm"]
     llama = [b for b in state.backends.values() if b.kind == "llamacpp"]
     assert len(vllm) == 1 and len(llama) == 1
-    assert (vllm[0].tensor_parallel_size, vllm[0].quantization, vllm[0].kv_cache_dtype) == (4, "fp8", "fp8")
+    assert (vllm[0].tensor_parallel_size, vllm[0].quantization, vllm[0].kv_cache_dtype) == (
+        4,
+        "fp8",
+        "fp8",
+    )
     assert (llama[0].flash_attn, llama[0].context_size) == (True, 32768)
     for backend in (*vllm, *llama):
         assert backend.model in state.models and backend.binary, backend
         assert backend.gpus_wanted >= 1
     # CUDA builds per package, not a system-wide nixpkgs.config.cudaSupport.
-    assert all("-cuda/bin/" in b for b in report["backendBinaries"].values()), report["backendBinaries"]
+    assert all("-cuda/bin/" in b for b in report["backendBinaries"].values()), report[
+        "backendBinaries"
+    ]
     assert report["nixpkgsConfig"] == {}, "a service option must not rewrite nixpkgs.config"
     # Monitoring: Prometheus scraping every TensorForge job, Grafana with our dashboards.
-    assert state.monitoring.enable and report["prometheus"]["enable"] and report["grafana"]["enable"]
+    assert (
+        state.monitoring.enable and report["prometheus"]["enable"] and report["grafana"]["enable"]
+    )
     jobs = {j["job_name"] for j in report["prometheus"]["scrapeConfigs"]}
     assert {"tensorforge-gateway", "tensorforge-reconciler", "tensorforge-gpu"} <= jobs
     assert {f"tensorforge-backend-{n}" for n in state.backends} <= jobs
@@ -227,8 +255,15 @@ def test_product_page_snippet_is_a_working_appliance(tmp_path: Path):
     assert nvidia["datacenter"]["enable"] and nvidia["nvidiaPersistenced"] and nvidia["open"]
     assert nvidia["package"].startswith("<drv nvidia-x11-dc_5") and nvidia["graphics"]
     assert report["tuning"]["governor"] == "performance"
-    assert {"loglevel=4", "transparent_hugepage=madvise", "iommu=pt"} <= set(report["tuning"]["kernelParams"])
-    assert {"tensorforge-reconciler", "tensorforge-gateway", "tensorforge-gpu-exporter", "grafana"} <= set(report["services"])
+    assert {"loglevel=4", "transparent_hugepage=madvise", "iommu=pt"} <= set(
+        report["tuning"]["kernelParams"]
+    )
+    assert {
+        "tensorforge-reconciler",
+        "tensorforge-gateway",
+        "tensorforge-gpu-exporter",
+        "grafana",
+    } <= set(report["services"])
 
 
 def test_snippet_values_are_defaults_a_host_overrides_one_by_one():
@@ -265,7 +300,9 @@ def test_snippet_values_are_defaults_a_host_overrides_one_by_one():
 def test_tuning_wins_over_a_generated_hardware_configuration():
     """nixos-generate-config writes `powerManagement.cpuFreqGovernor = lib.mkDefault "powersave"`."""
     report, stderr = evaluate(
-        module(SNIPPET).replace("{ ", '{ lib, ... }: { powerManagement.cpuFreqGovernor = lib.mkDefault "powersave"; ', 1),
+        module(SNIPPET).replace(
+            "{ ", '{ lib, ... }: { powerManagement.cpuFreqGovernor = lib.mkDefault "powersave"; ', 1
+        ),
         UNFREE,
     )
     quiet(stderr)
@@ -275,9 +312,13 @@ def test_tuning_wins_over_a_generated_hardware_configuration():
 def test_unfree_is_left_to_the_user_with_a_message_that_says_what_to_set():
     report, _ = evaluate(module(SNIPPET))
     (message,) = report["failedAssertions"]
-    assert "nixpkgs.config.allowUnfree = true" in message and "systemTuning.enable = false" in message
+    assert (
+        "nixpkgs.config.allowUnfree = true" in message and "systemTuning.enable = false" in message
+    )
     assert report["nixpkgsConfig"] == {}
-    report, _ = evaluate(module(SNIPPET + "services.tensorforge.b200Optimized.systemTuning.enable = false;"))
+    report, _ = evaluate(
+        module(SNIPPET + "services.tensorforge.b200Optimized.systemTuning.enable = false;")
+    )
     assert report["failedAssertions"] == [] and report["nvidia"]["package"] is None
 
 
@@ -307,7 +348,9 @@ def test_a_scrape_key_makes_prometheus_check_syntax_only_and_grafana_stays_off()
     quiet(stderr)
     assert report["failedAssertions"] == [] and report["warnings"] == []
     assert report["prometheus"]["checkConfig"] == "syntax-only"
-    gateway = next(j for j in report["prometheus"]["scrapeConfigs"] if j["job_name"] == "tensorforge-gateway")
+    gateway = next(
+        j for j in report["prometheus"]["scrapeConfigs"] if j["job_name"] == "tensorforge-gateway"
+    )
     assert gateway["authorization"]["credentials_file"] == "/run/secrets/scrape"
     assert "grafana" not in report["services"], "Grafana's unit is only touched when Grafana is on"
     report, _ = evaluate(module(MONITORED.replace('scrapeKeyFile = "/run/secrets/scrape";', "")))
@@ -372,8 +415,12 @@ def test_supported_combination_evaluates_cleanly(name: str, tmp_path: Path):
     services = report["services"]
     if name == "static-user-outside-var-lib":
         assert report["users"]["tf"]["isSystemUser"] and report["users"]["tf"]["group"] == "tf"
-        assert {"d /srv/tf 0700 tf tf - -", "d /srv/models 0750 tf tf - -"} <= set(report["tmpfiles"])
-        assert {"/srv/tf", "/srv/models"} <= set(services["tensorforge-reconciler"]["serviceConfig"]["ReadWritePaths"])
+        assert {"d /srv/tf 0700 tf tf - -", "d /srv/models 0750 tf tf - -"} <= set(
+            report["tmpfiles"]
+        )
+        assert {"/srv/tf", "/srv/models"} <= set(
+            services["tensorforge-reconciler"]["serviceConfig"]["ReadWritePaths"]
+        )
         assert services["tensorforge-gateway"]["serviceConfig"]["User"] == "tf"
     elif name == "keyed-remote-backend-and-keys":
         credentials = services["tensorforge-gateway"]["serviceConfig"]["LoadCredential"]
@@ -383,9 +430,14 @@ def test_supported_combination_evaluates_cleanly(name: str, tmp_path: Path):
     elif name == "no-gateway-monitoring-on-the-lan":
         assert "tensorforge-gateway" not in services
         assert sorted(report["firewall"]) == [9310, 9311]
-        assert services["tensorforge-gpu-exporter"]["serviceConfig"]["PrivateDevices"] is False  # tgi wants a GPU
+        assert (
+            services["tensorforge-gpu-exporter"]["serviceConfig"]["PrivateDevices"] is False
+        )  # tgi wants a GPU
     else:
-        assert list(report["desired"]["backends"]) == ["b200-vllm"] and report["nvidia"]["package"] is None
+        assert (
+            list(report["desired"]["backends"]) == ["b200-vllm"]
+            and report["nvidia"]["package"] is None
+        )
 
 
 def test_a_clash_only_the_schema_sees_fails_the_build_step(tmp_path: Path):
@@ -409,19 +461,40 @@ def test_hosts_get_the_units_and_ports_an_admin_expects():
     assert set(cpu_dev["services"]) == {"tensorforge-reconciler", "tensorforge-gateway"}
     reconciler = cpu_dev["services"]["tensorforge-reconciler"]
     gateway = cpu_dev["services"]["tensorforge-gateway"]
-    assert reconciler["serviceConfig"]["ExecStart"].endswith('"up" "--no-gateway" "--config" "/etc/tensorforge/desired.json"')
-    assert gateway["serviceConfig"]["ExecStart"].endswith('"gateway" "--config" "/etc/tensorforge/desired.json"')
+    assert reconciler["serviceConfig"]["ExecStart"].endswith(
+        '"up" "--no-gateway" "--config" "/etc/tensorforge/desired.json"'
+    )
+    assert gateway["serviceConfig"]["ExecStart"].endswith(
+        '"gateway" "--config" "/etc/tensorforge/desired.json"'
+    )
     assert reconciler["wantedBy"] == gateway["wantedBy"] == ["multi-user.target"]
     assert "tensorforge-reconciler.service" in gateway["after"]
-    assert gateway["serviceConfig"]["DynamicUser"] is True and gateway["serviceConfig"]["PrivateDevices"] is True
-    assert reconciler["reloadTriggers"] and reconciler["serviceConfig"]["ExecReload"].endswith("kill -HUP $MAINPID")
-    assert sorted(cpu_dev["firewall"]) == [8000, 8080]  # gateway and the backend gateway-only reaches
-    assert cpu_dev["etc"]["tensorforge/desired.json"]["mode"] == "0444"  # a copy: the gateway watches its mtime
+    assert (
+        gateway["serviceConfig"]["DynamicUser"] is True
+        and gateway["serviceConfig"]["PrivateDevices"] is True
+    )
+    assert reconciler["reloadTriggers"] and reconciler["serviceConfig"]["ExecReload"].endswith(
+        "kill -HUP $MAINPID"
+    )
+    assert sorted(cpu_dev["firewall"]) == [
+        8000,
+        8080,
+    ]  # gateway and the backend gateway-only reaches
+    assert (
+        cpu_dev["etc"]["tensorforge/desired.json"]["mode"] == "0444"
+    )  # a copy: the gateway watches its mtime
     gateway_only, _ = evaluate(host("gateway-only"))
-    assert set(gateway_only["services"]) == {"tensorforge-gateway"}, "no local backend: no reconciler"
+    assert set(gateway_only["services"]) == {"tensorforge-gateway"}, (
+        "no local backend: no reconciler"
+    )
     assert gateway_only["firewall"] == [8000]
     b200, _ = evaluate(host("b200-node"), UNFREE)
-    assert {"tensorforge-reconciler", "tensorforge-gateway", "tensorforge-gpu-exporter", "grafana"} <= set(b200["services"])
+    assert {
+        "tensorforge-reconciler",
+        "tensorforge-gateway",
+        "tensorforge-gpu-exporter",
+        "grafana",
+    } <= set(b200["services"])
     assert "nvidia-fabricmanager.service" in b200["services"]["tensorforge-reconciler"]["after"]
     assert sorted(b200["firewall"]) == [8000, 8001, 8002]
 
@@ -436,12 +509,20 @@ def test_the_module_knows_the_kinds_of_the_registry():
     assert "backends.s.package: nixpkgs has no sglang server; set package to one" in message
     # A Python environment with sglang, as the host would give it: its main program runs it.
     env = 'pkgs.coreutils // { meta.mainProgram = "python3"; }'
-    report, stderr = evaluate("{ pkgs, ... }: { " + BASE + sglang + f" services.tensorforge.backends.s.package = {env}; }}")
+    report, stderr = evaluate(
+        "{ pkgs, ... }: { "
+        + BASE
+        + sglang
+        + f" services.tensorforge.backends.s.package = {env}; }}"
+    )
     quiet(stderr)
     assert report["failedAssertions"] == []
     assert report["desired"]["backends"]["s"]["binary"].endswith("-coreutils/bin/python3")
     # Sharded: it wants GPUs, so its unit gets the driver's library path.
-    assert report["desired"]["backends"]["s"]["environment"]["LD_LIBRARY_PATH"] == "/run/opengl-driver/lib"
+    assert (
+        report["desired"]["backends"]["s"]["environment"]["LD_LIBRARY_PATH"]
+        == "/run/opengl-driver/lib"
+    )
     report, _ = evaluate(module(BASE + sglang.replace('"sglang"', '"mlx"')))
     (message,) = report["failedAssertions"]
     assert "kind: 'mlx' is not a backend kind (llamacpp, ollama, sglang, tgi, vllm)" in message

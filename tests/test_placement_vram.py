@@ -36,7 +36,9 @@ def b200s(used: dict[int, int] | None = None) -> StaticInventory:
     total = 192 * 10**9
     return StaticInventory(
         [
-            GpuInfo(i, f"GPU-b200-{i}", "NVIDIA B200", total, used.get(i, 0), total - used.get(i, 0))
+            GpuInfo(
+                i, f"GPU-b200-{i}", "NVIDIA B200", total, used.get(i, 0), total - used.get(i, 0)
+            )
             for i in range(8)
         ]
     )
@@ -161,7 +163,9 @@ def test_vllm_fp8_reserves_its_share_of_each_gpu(llama70b: Path) -> None:
 
 def test_vllm_weights_beyond_utilization_are_refused(llama70b: Path) -> None:
     spec = ModelSpec(source=f"path:{llama70b}", format="safetensors")
-    vllm = BackendSpec(kind="vllm", model="m", port=9000, tensor_parallel_size=1, gpu_memory_utilization=0.5)
+    vllm = BackendSpec(
+        kind="vllm", model="m", port=9000, tensor_parallel_size=1, gpu_memory_utilization=0.5
+    )
     inventory = b200s()
     estimate = estimate_vram(vllm, spec, llama70b)
     # 141 GB of BF16 weights do not fit in half of a 192 GB card.
@@ -169,7 +173,9 @@ def test_vllm_weights_beyond_utilization_are_refused(llama70b: Path) -> None:
     placed = place({"llama": vllm}, inventory.gpus(), {"llama": estimate})
     assert "llama" in placed.refused
     reason = placed.refused["llama"]
-    assert reason.startswith("GPU 0 (the most free) is too small: needs 134.7 GiB, 50% of its 178.8 GiB is 89.4 GiB")
+    assert reason.startswith(
+        "GPU 0 (the most free) is too small: needs 134.7 GiB, 50% of its 178.8 GiB is 89.4 GiB"
+    )
     assert reason.endswith("0 of the 1 GPU(s) wanted fit")
     assert estimate.overhead == ACTIVATION_ALLOWANCE_PER_GPU
 
@@ -195,7 +201,9 @@ def test_eight_b200s_pack_tensor_parallel_and_single_gpu_backends() -> None:
 def test_small_cards_refuse_with_gpu_and_numbers() -> None:
     gpus = small_cards().gpus()
     placed = place({"x": backend(gpus=1)}, gpus, {"x": 11 * GiB})
-    assert placed.refused == {"x": "GPU 0 (the most free) has 10.0 GiB free, needs 11.0 GiB; 0 of the 1 GPU(s) wanted fit"}
+    assert placed.refused == {
+        "x": "GPU 0 (the most free) has 10.0 GiB free, needs 11.0 GiB; 0 of the 1 GPU(s) wanted fit"
+    }
     placed = place({"x": backend(gpus=1, gpu_ids=[1])}, gpus, {"x": 9 * GiB})
     assert placed.refused == {"x": "GPU 1: needs 9.0 GiB, 8.0 GiB free"}
     placed = place({"x": backend(gpus=1)}, gpus, {"x": 9 * GiB})
@@ -230,7 +238,9 @@ def test_unreadable_gpus_keep_what_runs_on_them() -> None:
     running there stays (no move, no stop), and nothing new is put there."""
     readable = [GpuInfo(0, "GPU-a", "NVIDIA L4", 24 * GiB, 0, 24 * GiB)]
     backends = {"a": backend(gpus=1), "b": backend(port=9001, gpus=1, gpu_ids=[1])}
-    placed = place(backends, readable, {"a": 16 * GiB, "b": GiB}, running={"a": [1]}, unreadable={1})
+    placed = place(
+        backends, readable, {"a": 16 * GiB, "b": GiB}, running={"a": [1]}, unreadable={1}
+    )
     assert placed.assignments == {"a": [1]}
     assert placed.refused == {"b": "gpu_ids [1] could not be read this pass"}
     # Without the hint a running backend whose GPU vanished is moved (it really is gone).
@@ -252,7 +262,9 @@ def _kv_u32(key: str, value: int) -> bytes:
 
 
 def _kv_u32_array(key: str, values: list[int]) -> bytes:
-    return _s(key) + struct.pack("<IIQ", 9, 4, len(values)) + struct.pack(f"<{len(values)}I", *values)
+    return (
+        _s(key) + struct.pack("<IIQ", 9, 4, len(values)) + struct.pack(f"<{len(values)}I", *values)
+    )
 
 
 HOSTILE_GGUF = {
@@ -260,7 +272,9 @@ HOSTILE_GGUF = {
     "array": _gguf(0, 1, _s("x") + struct.pack("<IIQ", 9, 0, 1 << 62) + b"\0" * 16),
     "kv_count": _gguf(0, 1 << 60, _kv_u32("general.alignment", 32)),
     "string": _gguf(0, 1, struct.pack("<Q", 1 << 62) + b"abc" + b"\0" * 16),
-    "tensor_count": _gguf(1 << 60, 1, _s("general.architecture") + struct.pack("<I", 8) + _s("llama")),
+    "tensor_count": _gguf(
+        1 << 60, 1, _s("general.architecture") + struct.pack("<I", 8) + _s("llama")
+    ),
 }
 HOSTILE_PROBE = """
 import json, sys, time
@@ -329,14 +343,18 @@ def test_a_per_layer_head_count_gguf_is_estimated_layer_by_layer(tmp_path: Path)
     path = tmp_path / "hybrid.gguf"
     path.write_bytes(_gguf(0, 5, body))
     per_token = 2 * (64 + 64) + 0 + 8 * (32 + 32)  # elements over the three layers
-    estimate = estimate_vram(backend(gpus=1, context_size=1024), ModelSpec(source=f"path:{path}"), path)
+    estimate = estimate_vram(
+        backend(gpus=1, context_size=1024), ModelSpec(source=f"path:{path}"), path
+    )
     assert estimate.kv_cache == 1024 * per_token * 2  # f16
     info = read_gguf_info(path)
     assert (info.head_count, info.head_count_kv) == (8, 8)  # the largest, for display
     assert info.kv_cache_bytes(1024) == estimate.kv_cache
 
 
-def test_malformed_model_files_give_an_unreadable_estimate_logged_once(tmp_path: Path, caplog) -> None:
+def test_malformed_model_files_give_an_unreadable_estimate_logged_once(
+    tmp_path: Path, caplog
+) -> None:
     """A truncated GGUF (IndexError), a safetensors file shorter than its 8-byte length
     (struct.error) or with a JSON list for a header (AttributeError) escaped estimate_vram and
     failed every reconcile pass. Now each is that backend's "unreadable" estimate, and the
@@ -382,14 +400,21 @@ def test_vllm_share_is_of_each_gpus_own_memory(tmp_path: Path) -> None:
     2 GiB model next to a busy A100-80G could not go on a free 24 GiB RTX 4090 (90% of 80 GiB
     does not fit in 24). Each GPU is tested against its own share."""
     write_safetensors(tmp_path / "model.safetensors", {"w": ("BF16", [1024, 1024 * 1024])})  # 2 GiB
-    config = {"num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 4, "hidden_size": 2048}
+    config = {
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "hidden_size": 2048,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     gpus = [
         GpuInfo(0, "GPU-a100", "NVIDIA A100-SXM4-80GB", 80 * GiB, 70 * GiB, 10 * GiB),
         GpuInfo(1, "GPU-4090", "NVIDIA GeForce RTX 4090", 24 * GiB, 0, 24 * GiB),
     ]
     vllm = BackendSpec(kind="vllm", model="m", port=9000, gpus=1)
-    estimate = estimate_vram(vllm, ModelSpec(source=f"path:{tmp_path}", format="safetensors"), tmp_path)
+    estimate = estimate_vram(
+        vllm, ModelSpec(source=f"path:{tmp_path}", format="safetensors"), tmp_path
+    )
     placed = place({"v": vllm}, gpus, {"v": estimate})
     assert placed.assignments == {"v": [1]} and placed.refused == {}
     # Running there, it is credited its share of that card back and stays.
@@ -402,11 +427,15 @@ def test_vllm_weights_split_over_shards_not_gpus(tmp_path: Path) -> None:
     one GPU; dividing by the GPUs given halved an 80 GiB model onto two 48 GiB cards, and it
     then failed to load. The schema refuses gpus > tensor_parallel_size for vllm/tgi; a spec
     that skipped validation still gets the honest estimate."""
-    write_safetensors(tmp_path / "model.safetensors", {"w": ("BF16", [40 * 1024, 1024 * 1024])})  # 80 GiB
+    write_safetensors(
+        tmp_path / "model.safetensors", {"w": ("BF16", [40 * 1024, 1024 * 1024])}
+    )  # 80 GiB
     spec = ModelSpec(source=f"path:{tmp_path}", format="safetensors")
     cards = [GpuInfo(i, f"GPU-{i}", "NVIDIA L40S", 48 * GiB, 0, 48 * GiB) for i in range(2)]
     valid = BackendSpec(kind="vllm", model="m", port=9000, tensor_parallel_size=2)
-    unsharded = BackendSpec.model_construct(**{**valid.model_dump(), "gpus": 2, "tensor_parallel_size": 1})
+    unsharded = BackendSpec.model_construct(
+        **{**valid.model_dump(), "gpus": 2, "tensor_parallel_size": 1}
+    )
     assert unsharded.gpus_wanted == 2
     split = estimate_vram(valid, spec, tmp_path)
     whole = estimate_vram(unsharded, spec, tmp_path)
@@ -421,8 +450,12 @@ def test_an_index_counts_only_its_shards(tmp_path: Path) -> None:
     *.safetensors counted the weights twice. With model.safetensors.index.json only the files
     its weight_map names count; a shard not downloaded yet falls back to its total_size."""
     write_safetensors(tmp_path / "consolidated.safetensors", {"layers.0.w": ("BF16", [4096, 4096])})
-    write_safetensors(tmp_path / "model-00001-of-00002.safetensors", {"model.layers.0.w": ("BF16", [4096, 4096])})
-    write_safetensors(tmp_path / "model-00002-of-00002.safetensors", {"model.layers.1.w": ("BF16", [4096, 4096])})
+    write_safetensors(
+        tmp_path / "model-00001-of-00002.safetensors", {"model.layers.0.w": ("BF16", [4096, 4096])}
+    )
+    write_safetensors(
+        tmp_path / "model-00002-of-00002.safetensors", {"model.layers.1.w": ("BF16", [4096, 4096])}
+    )
     index = {
         "metadata": {"total_size": 2 * 4096 * 4096 * 2},
         "weight_map": {

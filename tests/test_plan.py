@@ -31,7 +31,10 @@ def kinds(actions) -> dict[str, ActionKind]:
 def test_a_change_goes_one_replica_at_a_time_while_another_serves():
     desired = replicas("backend-a", "backend-b")
     observed = {n: ObservedUnit(n, "old", True, Health.HEALTHY) for n in desired}
-    assert kinds(plan(desired, observed, 0)) == {"backend-a": ActionKind.RESTART, "backend-b": ActionKind.WAIT}
+    assert kinds(plan(desired, observed, 0)) == {
+        "backend-a": ActionKind.RESTART,
+        "backend-b": ActionKind.WAIT,
+    }
 
 
 def test_the_last_healthy_replica_waits_for_the_other_to_come_up():
@@ -41,7 +44,9 @@ def test_the_last_healthy_replica_waits_for_the_other_to_come_up():
         "backend-b": ObservedUnit("backend-b", "new", True, Health.LOADING),
     }
     [action] = plan(desired, observed, 0)
-    assert action.kind is ActionKind.WAIT and "until another replica of m is healthy" in action.reason
+    assert (
+        action.kind is ActionKind.WAIT and "until another replica of m is healthy" in action.reason
+    )
 
 
 def test_with_no_replica_healthy_one_restarts_instead_of_waiting_forever():
@@ -49,17 +54,25 @@ def test_with_no_replica_healthy_one_restarts_instead_of_waiting_forever():
     for another to become healthy first would wait for good."""
     desired = replicas("backend-a", "backend-b")
     observed = {n: ObservedUnit(n, "old", True, Health.UNHEALTHY) for n in desired}
-    assert kinds(plan(desired, observed, 0)) == {"backend-a": ActionKind.RESTART, "backend-b": ActionKind.WAIT}
+    assert kinds(plan(desired, observed, 0)) == {
+        "backend-a": ActionKind.RESTART,
+        "backend-b": ActionKind.WAIT,
+    }
 
 
 def test_a_replica_refused_by_placement_is_not_waited_for():
     """A refused replica never comes up: the healthy one's change must not wait for it."""
     desired = {
         "backend-a": DesiredUnit("backend-a", "new", group="m"),
-        "backend-b": DesiredUnit("backend-b", "", group="m", refused="needs 1 GPU(s); this host has none"),
+        "backend-b": DesiredUnit(
+            "backend-b", "", group="m", refused="needs 1 GPU(s); this host has none"
+        ),
     }
     observed = {"backend-a": ObservedUnit("backend-a", "old", True, Health.HEALTHY)}
-    assert kinds(plan(desired, observed, 0)) == {"backend-a": ActionKind.RESTART, "backend-b": ActionKind.REFUSE}
+    assert kinds(plan(desired, observed, 0)) == {
+        "backend-a": ActionKind.RESTART,
+        "backend-b": ActionKind.REFUSE,
+    }
 
 
 # -- everything that decides is an input ---------------------------------------------------
@@ -69,11 +82,15 @@ def one(desired: DesiredUnit, seen: ObservedUnit, now: float = 100.0):
 
 def test_a_change_not_healthy_within_its_timeout_is_rolled_back_and_then_held():
     unit = DesiredUnit("backend-a", "new", health_timeout=30)
-    on_trial = ObservedUnit("backend-a", "new", True, Health.LOADING, trial=Trial(50.0, "old"), detail="loading")
+    on_trial = ObservedUnit(
+        "backend-a", "new", True, Health.LOADING, trial=Trial(50.0, "old"), detail="loading"
+    )
     assert one(unit, on_trial, now=79) == []  # still within its 30 s
     [(kind, reason)] = one(unit, on_trial, now=81)
     assert kind is ActionKind.ROLLBACK and "not healthy within 30s (loading: loading)" in reason
-    rolled = ObservedUnit("backend-a", "old", True, Health.HEALTHY, rejected=Rejected("new", 400.0, "why"))
+    rolled = ObservedUnit(
+        "backend-a", "old", True, Health.HEALTHY, rejected=Rejected("new", 400.0, "why")
+    )
     [(kind, reason)] = one(unit, rolled, now=100)
     assert kind is ActionKind.WAIT and "rolled back (why); retrying in 300s" in reason
     assert one(unit, rolled, now=401)[0][0] is ActionKind.RESTART  # its backoff is over
@@ -83,7 +100,10 @@ def test_a_start_with_nothing_to_roll_back_to_fails_and_a_healthy_one_ends_its_t
     unit = DesiredUnit("backend-a", "v1", health_timeout=30)
     new = ObservedUnit("backend-a", "v1", True, Health.DOWN, trial=Trial(0.0, None))
     assert [k for k, _ in one(unit, new)] == [ActionKind.FAIL]
-    assert one(unit, ObservedUnit("backend-a", "v1", True, Health.HEALTHY, trial=Trial(0.0, None))) == []
+    assert (
+        one(unit, ObservedUnit("backend-a", "v1", True, Health.HEALTHY, trial=Trial(0.0, None)))
+        == []
+    )
 
 
 def test_a_backend_silent_past_its_liveness_timeout_is_drained_then_restarted():
@@ -91,10 +111,17 @@ def test_a_backend_silent_past_its_liveness_timeout_is_drained_then_restarted():
     silent = ObservedUnit("backend-a", "v1", True, Health.DOWN, silent_for=11, detail="timed out")
     assert one(unit, ObservedUnit("backend-a", "v1", True, Health.DOWN, silent_for=9)) == []
     [(kind, reason)] = one(unit, silent)
-    assert kind is ActionKind.DRAIN and "hung: no answer to its probe for 11s (liveness_timeout 10s" in reason
-    waiting = ObservedUnit("backend-a", "v1", True, Health.DOWN, silent_for=12, drain=DrainState(False, "1 open"))
+    assert (
+        kind is ActionKind.DRAIN
+        and "hung: no answer to its probe for 11s (liveness_timeout 10s" in reason
+    )
+    waiting = ObservedUnit(
+        "backend-a", "v1", True, Health.DOWN, silent_for=12, drain=DrainState(False, "1 open")
+    )
     assert [k for k, _ in one(unit, waiting)] == [ActionKind.WAIT]
-    drained = ObservedUnit("backend-a", "v1", True, Health.DOWN, silent_for=13, drain=DrainState(True, "done"))
+    drained = ObservedUnit(
+        "backend-a", "v1", True, Health.DOWN, silent_for=13, drain=DrainState(True, "done")
+    )
     assert [k for k, _ in one(unit, drained)] == [ActionKind.RESTART]
     # Never answered since it started: starting up is health_timeout's business, not liveness's.
     assert one(unit, ObservedUnit("backend-a", "v1", True, Health.DOWN, silent_for=None)) == []
@@ -107,15 +134,24 @@ def test_a_backend_the_gateway_reports_wedged_is_drained_then_restarted():
     why = "wedged: llama.cpp slot(s) 1 stay busy with no request open"
     [(kind, reason)] = one(unit, ObservedUnit("backend-a", "v1", True, Health.HEALTHY, wedged=why))
     assert kind is ActionKind.DRAIN and reason.startswith(why)
-    drained = ObservedUnit("backend-a", "v1", True, Health.HEALTHY, wedged=why, drain=DrainState(True, "done"))
+    drained = ObservedUnit(
+        "backend-a", "v1", True, Health.HEALTHY, wedged=why, drain=DrainState(True, "done")
+    )
     [(kind, reason)] = one(unit, drained)
     assert kind is ActionKind.RESTART and "restarting it" in reason
 
 
 def test_the_gateways_wedged_report_is_read_per_backend():
-    health = {"backends": {"a": {"healthy": False, "wedged": "wedged: slot 1"}, "b": {"healthy": True, "wedged": None}}}
+    health = {
+        "backends": {
+            "a": {"healthy": False, "wedged": "wedged: slot 1"},
+            "b": {"healthy": True, "wedged": None},
+        }
+    }
     assert wedged_backends(health) == {"a": "wedged: slot 1"}
-    assert wedged_backends("gateway not reachable") == {} and wedged_backends({"backends": []}) == {}
+    assert (
+        wedged_backends("gateway not reachable") == {} and wedged_backends({"backends": []}) == {}
+    )
 
 
 def test_a_drain_no_longer_needed_is_ended():
@@ -129,7 +165,9 @@ def test_a_model_not_ready_holds_the_start_and_keeps_the_old_version_running():
     assert [k for k, _ in one(pull, ObservedUnit("backend-a", None, False))] == [ActionKind.PULL]
     wait = DesiredUnit("backend-a", "v2", model_wait="pulling m (in the background)")
     [(kind, reason)] = one(wait, ObservedUnit("backend-a", "v1", True, Health.HEALTHY))
-    assert kind is ActionKind.WAIT and reason.startswith("settings changed, but the model is not ready")
+    assert kind is ActionKind.WAIT and reason.startswith(
+        "settings changed, but the model is not ready"
+    )
 
 
 def test_a_systemd_change_written_but_not_applied_is_restarted():
@@ -143,7 +181,9 @@ def test_new_settings_that_crash_in_a_loop_are_rolled_back_too():
     """Down between crashes when a pass looks: its trial still runs out, and the old
     settings come back instead of a restart every backoff, for good."""
     unit = DesiredUnit("backend-a", "new", health_timeout=30)
-    crashed = ObservedUnit("backend-a", "new", False, failures=3, retry_at=200.0, trial=Trial(50.0, "old"))
+    crashed = ObservedUnit(
+        "backend-a", "new", False, failures=3, retry_at=200.0, trial=Trial(50.0, "old")
+    )
     assert [k for k, _ in one(unit, crashed, now=79)] == [ActionKind.WAIT]  # backing off, in time
     assert [k for k, _ in one(unit, crashed, now=81)] == [ActionKind.ROLLBACK]
 
@@ -160,9 +200,17 @@ def test_the_gateway_is_not_restarted_while_it_drains_a_backend():
         "backend-a": ObservedUnit("backend-a", "v1", True, Health.HEALTHY),
         "gateway": ObservedUnit("gateway", "g1", True, Health.HEALTHY),
     }
-    assert kinds(plan(desired, observed, 0)) == {"backend-a": ActionKind.DRAIN, "gateway": ActionKind.WAIT}
-    observed["backend-a"] = ObservedUnit("backend-a", "v1", True, Health.HEALTHY, drain=DrainState(True, "drained"))
-    assert kinds(plan(desired, observed, 0)) == {"backend-a": ActionKind.RESTART, "gateway": ActionKind.RESTART}
+    assert kinds(plan(desired, observed, 0)) == {
+        "backend-a": ActionKind.DRAIN,
+        "gateway": ActionKind.WAIT,
+    }
+    observed["backend-a"] = ObservedUnit(
+        "backend-a", "v1", True, Health.HEALTHY, drain=DrainState(True, "drained")
+    )
+    assert kinds(plan(desired, observed, 0)) == {
+        "backend-a": ActionKind.RESTART,
+        "gateway": ActionKind.RESTART,
+    }
 
 
 def test_a_unit_still_stopping_is_waited_for_then_killed_and_stays_drained():
@@ -186,9 +234,14 @@ def test_a_unit_still_stopping_is_waited_for_then_killed_and_stays_drained():
 def test_a_unit_stopped_for_a_rollback_starts_the_settings_it_was_rolled_back_to():
     """Not the declared ones, which wait out their backoff."""
     unit = DesiredUnit("backend-a", "new")
-    seen = ObservedUnit("backend-a", "old", False, rejected=Rejected("new", 400.0, "not healthy within 5s"))
+    seen = ObservedUnit(
+        "backend-a", "old", False, rejected=Rejected("new", 400.0, "not healthy within 5s")
+    )
     [action] = plan({"backend-a": unit}, {"backend-a": seen}, 100.0)
     assert action.kind is ActionKind.START and action.content == "old"
-    assert "rolled back to (not healthy within 5s; the declared ones are retried in 300s)" in action.reason
+    assert (
+        "rolled back to (not healthy within 5s; the declared ones are retried in 300s)"
+        in action.reason
+    )
     [later] = plan({"backend-a": unit}, {"backend-a": seen}, 401.0)  # the backoff is over
     assert later.kind is ActionKind.START and later.content == "new"

@@ -35,14 +35,20 @@ class Clock:
 
 
 def test_blocks_of_a_shared_prefix_are_shared_and_diverge_where_the_text_does():
-    first, later = prompt_blocks(chat(SYSTEM_A, "hi")), prompt_blocks(chat(SYSTEM_A, "hi", "more " * 100))
+    first, later = (
+        prompt_blocks(chat(SYSTEM_A, "hi")),
+        prompt_blocks(chat(SYSTEM_A, "hi", "more " * 100)),
+    )
     assert len(first) >= len(SYSTEM_A) // BLOCK_CHARS
     assert later[: len(first)] == first  # the next turn extends the same prefix
     other = prompt_blocks(chat(SYSTEM_B, "hi"))
     assert other[0] != first[0]  # another system prompt shares nothing
     assert prompt_blocks({"model": "m", "prompt": "x" * (BLOCK_CHARS - 1)}) == []  # no whole block
     # Content parts and plain strings are the same text to a prefix cache.
-    parts = {"model": "m", "messages": [{"role": "system", "content": [{"type": "text", "text": SYSTEM_A}]}]}
+    parts = {
+        "model": "m",
+        "messages": [{"role": "system", "content": [{"type": "text", "text": SYSTEM_A}]}],
+    }
     assert prompt_blocks(parts)[:5] == prompt_blocks(chat(SYSTEM_A))[:5]
     assert prompt_blocks({"model": "m", "messages": "not a list"}) == []
 
@@ -76,7 +82,10 @@ def test_prefix_set_forgets_what_it_has_not_seen_for_its_ttl():
 
 
 def router(*names: str, threshold: float = 2.0, strategy: str = "cache-aware") -> Router:
-    ups = {n: Upstream(name=n, model="m", base_url=f"http://{n}", protocol="openai", healthy=True) for n in names}
+    ups = {
+        n: Upstream(name=n, model="m", base_url=f"http://{n}", protocol="openai", healthy=True)
+        for n in names
+    }
     return Router(RoutingTable(names={"m": "m"}, upstreams=ups), strategy, threshold)
 
 
@@ -128,14 +137,20 @@ def test_session_affinity_yields_to_load():
     assert first(r, {"model": "m"}, "alice") == home  # back once it has room
 
 
-def test_gateway_keeps_conversations_on_their_replica_and_moves_them_off_a_drained_one(tmp_path, monkeypatch):
+def test_gateway_keeps_conversations_on_their_replica_and_moves_them_off_a_drained_one(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("TF_STATE_DIR", str(tmp_path))
     ports = free_port(), free_port()
     urls = {n: f"http://127.0.0.1:{p}" for n, p in zip("ab", ports, strict=True)}
     gateway_port = free_port()
     app = create_app(fleet_state(urls, health_interval=0.2))
     assert app.router.strategy == "cache-aware"  # the default
-    with serve(FastOpenAI(name="a"), ports[0]), serve(FastOpenAI(name="b"), ports[1]), serve(app, gateway_port):
+    with (
+        serve(FastOpenAI(name="a"), ports[0]),
+        serve(FastOpenAI(name="b"), ports[1]),
+        serve(app, gateway_port),
+    ):
         url = f"http://127.0.0.1:{gateway_port}"
         wait_http(url + "/health")
         deadline = time.monotonic() + 30
@@ -144,10 +159,14 @@ def test_gateway_keeps_conversations_on_their_replica_and_moves_them_off_a_drain
             time.sleep(0.05)
 
         def backend(body: dict) -> str:
-            return httpx.post(url + "/v1/chat/completions", json=body).headers["x-tensorforge-backend"]
+            return httpx.post(url + "/v1/chat/completions", json=body).headers[
+                "x-tensorforge-backend"
+            ]
 
         history = {"A": ["q1"], "B": ["q1"]}
-        where = {conv: backend(chat(system, "q1")) for conv, system in (("A", SYSTEM_A), ("B", SYSTEM_B))}
+        where = {
+            conv: backend(chat(system, "q1")) for conv, system in (("A", SYSTEM_A), ("B", SYSTEM_B))
+        }
         assert set(where.values()) == {"a", "b"}, where
         for turn in range(2, 5):
             for conv, system in (("A", SYSTEM_A), ("B", SYSTEM_B)):

@@ -103,7 +103,9 @@ def test_a_process_from_another_state_dir_is_not_ours(tmp_path):
         other.wait()
 
 
-def start_server_with_worker(driver: ProcessDriver, directory, worker_prefix: str = "", leader_trap: str = ""):
+def start_server_with_worker(
+    driver: ProcessDriver, directory, worker_prefix: str = "", leader_trap: str = ""
+):
     """A unit whose leader starts a worker in its process group: (group id, worker pid)."""
     script = directory / "server.sh"
     script.write_text(
@@ -125,7 +127,9 @@ def test_a_stop_past_its_grace_is_killed_by_the_plan_with_the_whole_group(tmp_pa
     stopping, pass after pass, until its grace is over; then the plan says KILL, and the
     SIGKILL takes the whole group, so no worker keeps the port or the GPU memory."""
     driver = ProcessDriver(tmp_path)
-    pgid, worker = start_server_with_worker(driver, tmp_path, "trap \"\" TERM; ", "trap 'exit 0' TERM\n")
+    pgid, worker = start_server_with_worker(
+        driver, tmp_path, 'trap "" TERM; ', "trap 'exit 0' TERM\n"
+    )
     try:
         driver.stop("backend-x")
         seen = driver.observe()["backend-x"]
@@ -146,7 +150,9 @@ def test_a_stop_past_its_grace_is_killed_by_the_plan_with_the_whole_group(tmp_pa
 def test_halt_waits_and_ends_the_whole_process_group(tmp_path):
     """Shutting down (not a pass) waits: past the grace the group is SIGKILLed."""
     driver = ProcessDriver(tmp_path)
-    pgid, worker = start_server_with_worker(driver, tmp_path, "trap \"\" TERM; ", "trap 'exit 0' TERM\n")
+    pgid, worker = start_server_with_worker(
+        driver, tmp_path, 'trap "" TERM; ', "trap 'exit 0' TERM\n"
+    )
     try:
         driver.halt("backend-x", grace=1.0)
         assert not group_alive(pgid)
@@ -206,14 +212,21 @@ def test_a_rollback_runs_what_ran_before_and_holds_the_new_settings(tmp_path):
         assert not stopped(driver).active
         assert one_pass(new) == [ActionKind.START]
         seen = driver.observe()["backend-x"]
-        assert seen.content == new.content and seen.trial is not None and seen.trial.previous == old.content
+        assert (
+            seen.content == new.content
+            and seen.trial is not None
+            and seen.trial.previous == old.content
+        )
         assert one_pass(new, seen.trial.since + 6) == [ActionKind.ROLLBACK]  # never healthy
         assert not stopped(driver).active
         assert one_pass(new) == [ActionKind.START]  # what it was rolled back to
         seen = driver.observe()["backend-x"]
         assert seen.active and seen.content == old.content
         assert seen.rejected is not None and seen.rejected.content == new.content
-        assert "not healthy within 5s" in seen.rejected.reason and seen.rejected.until > time.time() + 200
+        assert (
+            "not healthy within 5s" in seen.rejected.reason
+            and seen.rejected.until > time.time() + 200
+        )
         assert one_pass(new) == [ActionKind.WAIT]  # the new settings wait out their backoff
     finally:
         driver.halt("backend-x", forget=True)

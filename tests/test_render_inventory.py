@@ -28,7 +28,7 @@ def test_b200_replicas_get_disjoint_gpus(tmp_path):
     for unit in (tmp_path / "units").glob("tensorforge-backend-*.service"):
         text = unit.read_text()
         assert "--tensor-parallel-size 4" in text and "--quantization fp8" in text
-        placed[unit.name] = re.search(r'CUDA_VISIBLE_DEVICES=([\d,]+)', text).group(1).split(",")
+        placed[unit.name] = re.search(r"CUDA_VISIBLE_DEVICES=([\d,]+)", text).group(1).split(",")
     assert len(placed) == 2
     a, b = placed.values()
     assert len(a) == len(b) == 4 and not set(a) & set(b)
@@ -42,14 +42,18 @@ def test_two_small_cards_refuse_with_the_reason(tmp_path):
     ]))  # fmt: skip
     result = render(tmp_path, small)
     assert result.returncode == 1  # a unit set missing a declared backend is not written at all
-    assert "refused  backend-qwen3-a: gpu_ids [2, 3] do not exist (host has [0, 1])" in result.stderr
+    assert (
+        "refused  backend-qwen3-a: gpu_ids [2, 3] do not exist (host has [0, 1])" in result.stderr
+    )
     assert "nothing written" in result.stderr and not list((tmp_path / "units").glob("*"))
     planned = subprocess.run(
         [sys.executable, "-m", "reconciler.cli", "plan", "--config", str(REPO / "hosts" / "b200-node.yaml"),
          "--unit-dir", str(tmp_path / "units"), "--gpus-from", str(small)],
         capture_output=True, text=True, env={"TF_STATE_DIR": str(tmp_path / "state"), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
-    assert planned.returncode == 1, planned.stdout  # a refusal: apply would fail, not "nothing to do"
+    assert planned.returncode == 1, (
+        planned.stdout
+    )  # a refusal: apply would fail, not "nothing to do"
     assert "refuse   backend-qwen3-a" in planned.stdout and "nothing to do" not in planned.stdout
 
 
@@ -58,4 +62,6 @@ def test_a_broken_inventory_file_is_named(tmp_path):
     bad.write_text('[{"index": 0, "vram": 1}]')
     result = render(tmp_path, bad)
     assert result.returncode == 1
-    assert f"{bad}: not a GPU inventory" in result.stderr and "unknown keys ['vram']" in result.stderr
+    assert (
+        f"{bad}: not a GPU inventory" in result.stderr and "unknown keys ['vram']" in result.stderr
+    )

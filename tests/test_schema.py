@@ -71,7 +71,9 @@ def test_an_ipv6_host_is_bracketed_in_urls():
     state = DesiredState.model_validate(data)
     assert state.backends["chat"].base_url == "http://[::1]:8081"
     assert state.backends["big"].base_url == "http://127.0.0.1:8100"  # every address, v4 too
-    assert host_port("localhost", 80) == "localhost:80" and host_port("10.0.0.5", 80) == "10.0.0.5:80"
+    assert (
+        host_port("localhost", 80) == "localhost:80" and host_port("10.0.0.5", 80) == "10.0.0.5:80"
+    )
 
 
 def problems_for(tmp_path, mutate, suffix=".yaml") -> list[str]:
@@ -176,13 +178,24 @@ def test_ports_on_different_addresses_or_off_services_do_not_clash():
     data["backends"]["chat"] |= {"host": "10.0.0.7", "port": 9000}  # gateway: 127.0.0.1:9000
     data["backends"]["big"] |= {"host": "::1", "port": 9310}  # IPv6 loopback, metrics are IPv4
     data["backends"]["remote"]["url"] = "http://10.0.0.5:9000"  # listens on another host
-    data["monitoring"] = {"enable": False, "reconciler_metrics_port": 9000, "gpu_exporter_port": 9000}
+    data["monitoring"] = {
+        "enable": False,
+        "reconciler_metrics_port": 9000,
+        "gpu_exporter_port": 9000,
+    }
     DesiredState.model_validate(data)
-    data["monitoring"] = {"enable": True, "reconciler_metrics_port": 9400, "gpu_exporter_port": 9401}
+    data["monitoring"] = {
+        "enable": True,
+        "reconciler_metrics_port": 9400,
+        "gpu_exporter_port": 9401,
+    }
     DesiredState.model_validate(data)
     data["gateway"]["enable"] = False
     data["backends"]["chat"] |= {"host": "0.0.0.0", "port": 9400}
-    with pytest.raises(ValueError, match="monitoring.reconciler_metrics_port: 9400 is already used by backends.chat.port"):
+    with pytest.raises(
+        ValueError,
+        match="monitoring.reconciler_metrics_port: 9400 is already used by backends.chat.port",
+    ):
         DesiredState.model_validate(data)
 
 
@@ -213,7 +226,9 @@ def test_prometheus_durations_are_accepted(good):
     assert DesiredState.model_validate({"monitoring": {"scrape_interval": good}})
 
 
-@pytest.mark.parametrize("bad", ["", "15", "15 s", "s", "1.5s", "-1s", "15S", "1s1m", "15s\n", "0", "0s0ms"])
+@pytest.mark.parametrize(
+    "bad", ["", "15", "15 s", "s", "1.5s", "-1s", "15S", "1s1m", "15s\n", "0", "0s0ms"]
+)
 def test_prometheus_durations_are_refused(bad):
     with pytest.raises(ValueError, match="for example 15s"):
         check_duration(bad)
@@ -292,7 +307,9 @@ def test_a_repeated_json_key_is_an_error(tmp_path):
         f"{path}: backends: duplicate key; each name may appear once",
         f"{path}: gateway.port: duplicate key; each name may appear once",
     ]
-    path.write_text(path.read_text().replace(' "backends": {},\n', "").replace(', "port": 8001', ""))
+    path.write_text(
+        path.read_text().replace(' "backends": {},\n', "").replace(', "port": 8001', "")
+    )
     state, _ = load_desired_state(path)
     assert set(state.backends) == {"a"} and state.gateway.port == 8000
 

@@ -67,12 +67,16 @@ def test_every_route_but_the_public_ones_needs_a_key(keyed):
                     continue
                 if path in UI_PATHS:  # the status page's static files: it asks for a key itself
                     assert response.status_code == 200
-                    assert not any(u.base_url in response.text for u in app.table.upstreams.values())
+                    assert not any(
+                        u.base_url in response.text for u in app.table.upstreams.values()
+                    )
                     continue
                 assert response.status_code == 401, (method, path, headers, response.status_code)
                 if method != "HEAD":
                     assert "Traceback" not in response.text and "error" in response.json()
-            with_key = client.request(method, path, json=CHAT, headers={"Authorization": f"Bearer {KEY}"})
+            with_key = client.request(
+                method, path, json=CHAT, headers={"Authorization": f"Bearer {KEY}"}
+            )
             assert with_key.status_code != 401, (method, path)
     assert public == set(PUBLIC_PATHS) == {"/health"}  # the issue: every endpoint but /health
 
@@ -83,7 +87,9 @@ def test_every_route_but_the_public_ones_needs_a_key(keyed):
         with pytest.raises(InvalidStatus):  # refused in the handshake, before any message
             with connect(base.replace("http", "ws") + path, open_timeout=5):
                 pass
-        with connect(base.replace("http", "ws") + path, additional_headers={"Authorization": f"Bearer {KEY}"}):
+        with connect(
+            base.replace("http", "ws") + path, additional_headers={"Authorization": f"Bearer {KEY}"}
+        ):
             pass
 
 
@@ -92,7 +98,9 @@ def test_keys_never_reach_the_logs_even_at_debug(tmp_path):
     keys.write_text(f"# ops\n{KEY}\n")
     up, port = free_port(), free_port()
     config = tmp_path / "fleet.yaml"
-    state = fleet_state({"up": f"http://127.0.0.1:{up}"}, api_keys_file=str(keys)).model_dump(mode="json")
+    state = fleet_state({"up": f"http://127.0.0.1:{up}"}, api_keys_file=str(keys)).model_dump(
+        mode="json"
+    )
     state["gateway"]["port"] = port
     config.write_text(yaml.safe_dump(state))
     log = tmp_path / "gateway.log"
@@ -105,11 +113,23 @@ def test_keys_never_reach_the_logs_even_at_debug(tmp_path):
             base = f"http://127.0.0.1:{port}"
             wait_http(base + "/health", timeout=20)
             good = {"Authorization": f"Bearer {KEY}"}
-            assert httpx.post(base + "/v1/chat/completions", json=CHAT, headers=good).status_code == 200
+            assert (
+                httpx.post(base + "/v1/chat/completions", json=CHAT, headers=good).status_code
+                == 200
+            )
             for bad in (KEY + "x", KEY[:-1], f"{KEY} {KEY}"):
-                response = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {bad}"})
+                response = httpx.post(
+                    base + "/v1/chat/completions",
+                    json=CHAT,
+                    headers={"Authorization": f"Bearer {bad}"},
+                )
                 assert response.status_code == 401 and KEY not in response.text
-            assert httpx.get(base + "/v1/models", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+            assert (
+                httpx.get(
+                    base + "/v1/models", headers={"Authorization": f"Basic {KEY}"}
+                ).status_code
+                == 401
+            )
             keys.write_text(f"{KEY}\nsk-second-key\n")  # a reload is logged too
             time.sleep(1.5)
         finally:
@@ -174,7 +194,11 @@ def test_model_files_cannot_escape_the_models_directory(tmp_path):
     root.mkdir()
     (tmp_path / "outside").mkdir()
     (root / "m").symlink_to(tmp_path / "outside")
-    for parts in (("m", "../../x.gguf"), ("/etc/passwd",), ("m", "x.gguf")):  # the last via the symlink
+    for parts in (
+        ("m", "../../x.gguf"),
+        ("/etc/passwd",),
+        ("m", "x.gguf"),
+    ):  # the last via the symlink
         with pytest.raises(PullError, match="escapes the models directory"):
             contained_path(root, *parts)
     with pytest.raises(ValidationError, match="without '..'"):
@@ -183,7 +207,9 @@ def test_model_files_cannot_escape_the_models_directory(tmp_path):
         local_path("n", ModelSpec.model_construct(source="pypi:x", file="../../etc/passwd"), root)
 
 
-@pytest.mark.parametrize("hostile", ["../evil.gguf", "../other/evil.gguf", "sub/../../evil.gguf", "/tmp/evil.gguf"])
+@pytest.mark.parametrize(
+    "hostile", ["../evil.gguf", "../other/evil.gguf", "sub/../../evil.gguf", "/tmp/evil.gguf"]
+)
 def test_a_hostile_hub_listing_cannot_write_outside(tmp_path, monkeypatch, hostile):
     from fakes.hub import FakeHub, point_hub_client_at
 
@@ -198,7 +224,9 @@ def test_a_hostile_hub_listing_cannot_write_outside(tmp_path, monkeypatch, hosti
         point_hub_client_at(url, monkeypatch)
         with pytest.raises(PullError, match="escapes the models directory"):
             pull_model("tiny", ModelSpec(source="hf:evil/repo", pattern="*.gguf"), models)
-    assert not [r for r in hub.requests if "/resolve/" in r.path], "downloaded before checking the name"
+    assert not [r for r in hub.requests if "/resolve/" in r.path], (
+        "downloaded before checking the name"
+    )
     assert not list(Path(tmp_path).rglob("evil.gguf"))
     assert not (models / "registry.sqlite3").exists() or registry_for(models).get("tiny") is None
 
@@ -215,7 +243,13 @@ class KeyedUpstream:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self.key:
             self.refused += 1
-            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 401,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
             await send({"type": "http.response.body", "body": b'{"error": "unauthorized"}'})
             return
         await self.inner(scope, receive, send)
@@ -239,9 +273,15 @@ def test_a_backend_behind_a_key_gets_it_and_nobody_sees_it(tmp_path, caplog):
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/health", timeout=5)
         deadline = time.monotonic() + 5  # the health probe carries the key too
-        while not httpx.get(base + "/health").json()["backends"]["remote"]["healthy"] and time.monotonic() < deadline:
+        while (
+            not httpx.get(base + "/health").json()["backends"]["remote"]["healthy"]
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
-        answer = httpx.post(base + "/v1/chat/completions", json={"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
+        answer = httpx.post(
+            base + "/v1/chat/completions",
+            json={"model": "bench", "messages": [{"role": "user", "content": "hi"}]},
+        )
         health = httpx.get(base + "/health").text
         metrics = httpx.get(base + "/metrics").text
     assert answer.status_code == 200 and upstream.refused == 0
@@ -255,13 +295,17 @@ def test_an_unreadable_backend_key_file_is_named(tmp_path):
         "backends": {"remote": {"kind": "vllm", "model": "m", "url": "http://127.0.0.1:9",
                                 "api_key_file": str(tmp_path / "missing")}},
     })  # fmt: skip
-    with pytest.raises(ValueError, match=rf"^backends.remote.api_key_file: cannot read {tmp_path / 'missing'}: "):
+    with pytest.raises(
+        ValueError, match=rf"^backends.remote.api_key_file: cannot read {tmp_path / 'missing'}: "
+    ):
         create_app(state)
 
 
 def test_credentials_in_a_backend_url_are_refused():
     with pytest.raises(ValidationError, match="no user or password in the URL"):
-        BackendSpec.model_validate({"kind": "vllm", "model": "m", "url": "http://user:pw@far:8000/v1"})
+        BackendSpec.model_validate(
+            {"kind": "vllm", "model": "m", "url": "http://user:pw@far:8000/v1"}
+        )
 
 
 def test_health_detail_is_for_key_holders_and_this_host(tmp_path):
@@ -286,7 +330,10 @@ def test_health_detail_is_for_key_holders_and_this_host(tmp_path):
 def test_json_nested_past_the_parser_is_a_400_not_a_500():
     deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     up, port = free_port(), free_port()
-    with serve(FastOpenAI(), up), serve(create_app(fleet_state({"b": f"http://127.0.0.1:{up}"})), port):
+    with (
+        serve(FastOpenAI(), up),
+        serve(create_app(fleet_state({"b": f"http://127.0.0.1:{up}"})), port),
+    ):
         for path in ("/v1/chat/completions", "/api/chat"):
             response = httpx.post(f"http://127.0.0.1:{port}{path}", content=deep,
                                   headers={"content-type": "application/json"})  # fmt: skip
@@ -302,11 +349,21 @@ def test_websocket_messages_are_held_to_max_body_bytes():
     up, port = free_port(), free_port()
     app = create_app(fleet_state({"b": f"http://127.0.0.1:{up}"}, max_body_bytes=2000))
     with serve(FastOpenAI(), up), serve(app, port), connect(f"ws://127.0.0.1:{port}/v1/ws") as ws:
-        big = {"id": "big", "body": {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}}
+        big = {
+            "id": "big",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]},
+        }
         ws.send(json.dumps(big))
         refused = json.loads(ws.recv(timeout=5))
         assert refused["type"] == "error" and refused["status"] == 413
-        ws.send(json.dumps({"id": "ok", "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}))
+        ws.send(
+            json.dumps(
+                {
+                    "id": "ok",
+                    "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                }
+            )
+        )
         assert json.loads(ws.recv(timeout=5))["type"] == "chunk"  # the session goes on
 
 
@@ -344,7 +401,9 @@ def test_a_health_summary_without_detail_never_counts_as_drained():
 def test_a_keys_file_that_is_not_utf8_is_named_and_a_bom_is_not_part_of_a_key(tmp_path):
     path = tmp_path / "keys"
     path.write_bytes(b"sk-fine\nsk-caf\xe9\n")
-    with pytest.raises(ApiKeyError, match=rf"^gateway.api_keys_file: {path} line 2: not UTF-8 text"):
+    with pytest.raises(
+        ApiKeyError, match=rf"^gateway.api_keys_file: {path} line 2: not UTF-8 text"
+    ):
         ApiKeys(str(path))
     path.write_bytes(b"\xef\xbb\xbfsk-first\n")
     assert ApiKeys(str(path)).identify("Bearer sk-first") is not None

@@ -44,7 +44,9 @@ def test_alias_routes_to_model(gateway):
 
 def test_chat_streaming_is_server_sent_events(gateway):
     events = []
-    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=chat(stream=True), timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{gateway}/v1/chat/completions", json=chat(stream=True), timeout=60
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():

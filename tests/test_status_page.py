@@ -26,7 +26,9 @@ from reconciler.gpu.inventory import GpuInfo, StaticInventory
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian package chromium not installed"),
+    pytest.mark.skipif(
+        shutil.which("chromium") is None, reason="Debian package chromium not installed"
+    ),
 ]
 KEY = "sk-page-viewer-1"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
@@ -51,7 +53,9 @@ class DevTools:
                 return message.get("result", {})
 
     def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        result = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -62,7 +66,13 @@ def browser(tmp_path) -> Iterator[DevTools]:
     from websockets.sync.client import connect
 
     profile = tmp_path / "chromium-profile"  # a new profile: nothing of a user's leaks in or out
-    argv = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"]
+    argv = [
+        "chromium",
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        "about:blank",
+    ]
     log = tmp_path / "chromium.log"
     proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
@@ -97,8 +107,8 @@ def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     offset, chunks, header = 8, [], None
     while offset < len(data):
-        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
-        body = data[offset + 8:offset + 8 + length]
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        body = data[offset + 8 : offset + 8 + length]
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
@@ -113,7 +123,10 @@ def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
     rows: list[bytes] = []
     previous = bytearray(stride)
     for y in range(height):
-        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        kind, line = (
+            raw[y * (stride + 1)],
+            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
+        )
         for x in range(stride):
             left = line[x - bpp] if x >= bpp else 0
             up, corner = previous[x], previous[x - bpp] if x >= bpp else 0
@@ -126,7 +139,9 @@ def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
             elif kind == 4:
                 p = left + up - corner
                 pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
-                line[x] = (line[x] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 0xFF
+                line[x] = (
+                    line[x] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)
+                ) & 0xFF
         rows.append(bytes(line))
         previous = line
     return width, height, rows
@@ -152,15 +167,35 @@ def test_the_page_shows_the_backend_and_turns_it_unhealthy_when_it_is_killed(
     })  # fmt: skip
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    gpu = GpuInfo(0, "GPU-0", "NVIDIA L4", 24 * 1024**3, 6 * 1024**3, 18 * 1024**3, utilization=12, temperature=40)
+    gpu = GpuInfo(
+        0,
+        "GPU-0",
+        "NVIDIA L4",
+        24 * 1024**3,
+        6 * 1024**3,
+        18 * 1024**3,
+        utilization=12,
+        temperature=40,
+    )
     try:
         wait_http(backend_url + "/health", timeout=60)
         with serve(create_app(state, gpus=StaticInventory([gpu])), port):
             auth = {"Authorization": f"Bearer {KEY}"}
             wait_for(lambda: httpx.get(f"{base}/health", headers=auth).json()["backends"]["cpu"]["healthy"],
                      30, "the backend healthy")  # fmt: skip
-            assert httpx.post(f"{base}/v1/chat/completions", headers=auth, timeout=60, json={
-                "model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).status_code == 200
+            assert (
+                httpx.post(
+                    f"{base}/v1/chat/completions",
+                    headers=auth,
+                    timeout=60,
+                    json={
+                        "model": "smollm2",
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 4,
+                    },
+                ).status_code
+                == 200
+            )
 
             browser.call("Page.enable")
             browser.call("Page.navigate", url=f"{base}/ui")
@@ -172,9 +207,17 @@ def test_the_page_shows_the_backend_and_turns_it_unhealthy_when_it_is_killed(
                              "document.getElementById('key-form').requestSubmit(); true")  # fmt: skip
 
             row = "document.querySelector('tr[data-backend=\"cpu\"]')"
-            wait_for(lambda: browser.evaluate(f"{row} && {row}.dataset.healthy") == "true", 30, "a healthy cpu row")
+            wait_for(
+                lambda: browser.evaluate(f"{row} && {row}.dataset.healthy") == "true",
+                30,
+                "a healthy cpu row",
+            )
             # The feed is live (the browser's WebSocket, key as a subprotocol) and the rest is drawn.
-            wait_for(lambda: browser.evaluate("document.getElementById('live').dataset.state") == "live", 30, "/ws")
+            wait_for(
+                lambda: browser.evaluate("document.getElementById('live').dataset.state") == "live",
+                30,
+                "/ws",
+            )
             # GPU 0's bar with the backend placed on it, sized by its estimate once that is made.
             bar = "document.querySelector('#gpus .gpu[data-gpu=\"0\"]')"
             wait_for(lambda: browser.evaluate(f"{bar} && {bar}.querySelector('.used') && "
@@ -183,8 +226,13 @@ def test_the_page_shows_the_backend_and_turns_it_unhealthy_when_it_is_killed(
             assert browser.evaluate(f"{bar}.querySelector('.used').title").startswith("gpu0: ")
             wait_for(lambda: browser.evaluate("document.querySelector('tr[data-model=\"smollm2\"]') !== null"),
                      30, "the models table")  # fmt: skip
-            assert browser.evaluate("document.getElementById('total').textContent").startswith("1 requests")
-            assert browser.evaluate("getComputedStyle(document.getElementById('key-form')).display") == "none"
+            assert browser.evaluate("document.getElementById('total').textContent").startswith(
+                "1 requests"
+            )
+            assert (
+                browser.evaluate("getComputedStyle(document.getElementById('key-form')).display")
+                == "none"
+            )
             assert browser.evaluate("document.getElementById('host').textContent") == "page-test"
             # The key lives in this tab only.
             assert browser.evaluate("sessionStorage.getItem('tensorforge-key')") == KEY
@@ -193,10 +241,16 @@ def test_the_page_shows_the_backend_and_turns_it_unhealthy_when_it_is_killed(
             # Sized once the estimate is known (it parses the GGUF on a thread first).
             wait_for(lambda: browser.evaluate(f"{bar}.querySelector('.used').title").endswith(" MiB estimated"),
                      120, "the estimate")  # fmt: skip
-            assert float(browser.evaluate(f"parseFloat({bar}.querySelector('.used').style.width)")) > 1
+            assert (
+                float(browser.evaluate(f"parseFloat({bar}.querySelector('.used').style.width)")) > 1
+            )
             backend.kill()  # SIGKILL: no goodbye
             backend.wait()
-            wait_for(lambda: browser.evaluate(f"{row}.dataset.healthy") == "false", 30, "the cpu row unhealthy")
+            wait_for(
+                lambda: browser.evaluate(f"{row}.dataset.healthy") == "false",
+                30,
+                "the cpu row unhealthy",
+            )
             detail = browser.evaluate(f"{row}.querySelector('.health').textContent")
             assert detail.startswith("unhealthy")
 
@@ -208,12 +262,17 @@ def test_the_page_shows_the_backend_and_turns_it_unhealthy_when_it_is_killed(
     width, height, rows = png_pixels((tmp_path / "status-page.png").read_bytes())
     assert width == 1280 and height > 500  # the window less its (headless) frame
     bpp = len(rows[0]) // width
-    pixels = [row[x:x + 3] for row in rows[::4] for x in range(0, len(row), bpp * 4)]
+    pixels = [row[x : x + 3] for row in rows[::4] for x in range(0, len(row), bpp * 4)]
     background = max(set(pixels), key=pixels.count)
     drawn = sum(1 for p in pixels if p != background) / len(pixels)
-    assert len(set(pixels)) > 20 and drawn > 0.02, (len(set(pixels)), drawn)  # text, table, the red row
+    assert len(set(pixels)) > 20 and drawn > 0.02, (
+        len(set(pixels)),
+        drawn,
+    )  # text, table, the red row
     # The unhealthy row's red background is on screen.
-    assert any(abs(p[0] - 0xFF) < 8 and abs(p[1] - 0xEB) < 8 and abs(p[2] - 0xE9) < 8 for p in pixels)
+    assert any(
+        abs(p[0] - 0xFF) < 8 and abs(p[1] - 0xEB) < 8 and abs(p[2] - 0xE9) < 8 for p in pixels
+    )
 
 
 def test_the_page_and_its_assets_are_served_by_the_gateway_without_a_cdn(tmp_path, monkeypatch):

@@ -34,8 +34,14 @@ def two_backends(tmp_path: Path, ctx: int = 1024, gateway: bool = False, **backe
             }
         },
         "backends": {
-            name: {"kind": "llamacpp", "model": "smollm2", "port": free_port(),
-                   "context_size": ctx if name == "a" else 1024, "threads": 1, **backend}
+            name: {
+                "kind": "llamacpp",
+                "model": "smollm2",
+                "port": free_port(),
+                "context_size": ctx if name == "a" else 1024,
+                "threads": 1,
+                **backend,
+            }
             for name in ("a", "b")
         },  # fmt: skip
         "gateway": {"enable": gateway, "port": free_port()},
@@ -118,7 +124,9 @@ def test_a_hung_backend_is_drained_and_restarted(tmp_path, state_dir, smollm2_pa
         assert "drain" in kinds and "restart" in kinds and "start" in kinds, seen
         assert kinds.index("drain") < kinds.index("restart") < kinds.index("start")
         hung_reasons = [r for k, r in seen if k in ("drain", "restart")]
-        assert all("hung: no answer to its probe" in r and "liveness_timeout 3s" in r for r in hung_reasons)
+        assert all(
+            "hung: no answer to its probe" in r and "liveness_timeout 3s" in r for r in hung_reasons
+        )
         assert any("hung: no answer to its probe" in d for d in details), details  # `status`
         assert not process_alive(hung.pid, hung.start_ticks)
         assert controller.wait_healthy(90)

@@ -100,11 +100,16 @@ def test_apply_writes_reloads_once_and_acts_in_plan_order(tmp_path: Path) -> Non
         "start --no-block tensorforge-backend-a.service",
         "start --no-block tensorforge-gateway.service",
     ]
-    assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == desired["backend-a"].content
+    assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == desired[
+        "backend-a"
+    ].content
     # Asked to stop, not waited for: its file goes once it has stopped, by the next pass's plan.
     assert (tmp_path / "units" / "tensorforge-backend-old.service").exists()
     [remove] = plan(desired, d.observe(), time.time())
-    assert (remove.kind, remove.unit) == (ActionKind.STOP, "backend-old") and "already stopped" in remove.reason
+    assert (remove.kind, remove.unit) == (
+        ActionKind.STOP,
+        "backend-old",
+    ) and "already stopped" in remove.reason
     fake.calls.clear()
     d.execute([remove], desired)
     assert fake.verbs() == ["daemon-reload"]
@@ -130,7 +135,9 @@ def test_the_driver_reports_each_action_done_right_after_its_systemctl_call(tmp_
         Action(ActionKind.START, "backend-new", "declared"),
         Action(ActionKind.WAIT, "backend-c", "not the driver's"),
     ]
-    d.execute(actions, desired, lambda a, _e: events.append(f"{a.kind} {a.unit} after {fake.verbs()[-1]}"))
+    d.execute(
+        actions, desired, lambda a, _e: events.append(f"{a.kind} {a.unit} after {fake.verbs()[-1]}")
+    )
     assert events == [
         "restart backend-a after restart --no-block tensorforge-backend-a.service",
         "stop backend-b after stop --no-block tensorforge-backend-b.service",
@@ -166,21 +173,27 @@ def test_changed_unit_that_stays_unhealthy_is_rolled_back_by_the_plan(tmp_path: 
     assert held.kind is ActionKind.WAIT and "rolled back (not healthy within 20s" in held.reason
 
 
-def test_a_change_cut_short_after_its_file_is_written_is_restarted_next_pass(tmp_path: Path) -> None:
+def test_a_change_cut_short_after_its_file_is_written_is_restarted_next_pass(
+    tmp_path: Path,
+) -> None:
     """The new unit file is on disk but daemon-reload failed (or the reconciler was killed)
     before the restart: the file alone says there is nothing left to do while the old process
     runs the old settings. The pending mark makes the next pass, by a new driver too, restart
     it, and only a restart that went through clears it."""
     fake = FakeSystemctl()
     (tmp_path / "units").mkdir()
-    (tmp_path / "units" / "tensorforge-backend-a.service").write_text(unit("backend-a", "v1").content)
+    (tmp_path / "units" / "tensorforge-backend-a.service").write_text(
+        unit("backend-a", "v1").content
+    )
     fake.active["tensorforge-backend-a.service"] = "active"
     desired = {"backend-a": unit("backend-a", "v2")}
     d = driver(tmp_path, fake)
     fake.fail.add(("daemon-reload", "daemon-reload"))
     with pytest.raises(SystemdError, match="daemon-reload"):
         d.execute(plan(desired, d.observe(), 0), desired)
-    assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == desired["backend-a"].content
+    assert (tmp_path / "units" / "tensorforge-backend-a.service").read_text() == desired[
+        "backend-a"
+    ].content
     fake.fail.clear()
     fake.calls.clear()
     d = driver(tmp_path, fake)  # a reconciler started again
@@ -256,7 +269,8 @@ def systemd_host(tmp_path: Path, host_yaml: Path, monkeypatch: pytest.MonkeyPatc
     fake = FakeSystemctl()
     controller = Controller(str(host_yaml), driver=driver(tmp_path, fake), gpus=StaticInventory([]))
     monkeypatch.setattr(
-        "reconciler.controller.probe", lambda url, proto, timeout=1.0, **_: BackendHealth(Health.HEALTHY)
+        "reconciler.controller.probe",
+        lambda url, proto, timeout=1.0, **_: BackendHealth(Health.HEALTHY),
     )
     return controller, fake
 
@@ -304,7 +318,9 @@ def test_cli_render_then_plan_exit_codes(tmp_path: Path, host_yaml: Path, capsys
     host_yaml.write_text(changed)
     assert main(["plan", "--config", str(host_yaml), "--unit-dir", str(out)]) == 2
     printed = capsys.readouterr().out
-    assert "drain    backend-m-cpu: settings changed; taking it out of the gateway" in printed  # as apply will
+    assert (
+        "drain    backend-m-cpu: settings changed; taking it out of the gateway" in printed
+    )  # as apply will
     assert "-ExecStart=" in printed and "+ExecStart=" in printed and "--ctx-size 2048" in printed
     host_yaml.write_text("version: 1\nbackends: {x: {kind: nope}}\n")
     assert main(["plan", "--config", str(host_yaml), "--unit-dir", str(out)]) == 1
@@ -332,9 +348,7 @@ def test_plan_shows_a_refusal_naming_the_gpu(tmp_path: Path, state_dir: Path) ->
     assert actions[0].reason == "GPU 1: needs 40.0 GiB, 8.0 GiB free"
 
 
-def test_stopping_the_reconciler_leaves_systemd_units_running(
-    systemd_host
-) -> None:
+def test_stopping_the_reconciler_leaves_systemd_units_running(systemd_host) -> None:
     controller, fake = systemd_host
     controller.reconcile_once()
     fake.calls.clear()
@@ -383,7 +397,9 @@ def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
     monkeypatch.setattr("reconciler.drain.httpx.get", get)
     mark = state_dir / "drain" / "m-cpu"
     original = host_yaml.read_text()
-    host_yaml.write_text(original.replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600"))
+    host_yaml.write_text(
+        original.replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600")
+    )
 
     fake.calls.clear()
     first = controller.reconcile_once()
@@ -404,17 +420,23 @@ def test_a_rolling_change_waits_for_the_drain_pass_by_pass_without_blocking(
 
     # Reverted before the drain finished: nothing to restart, and the mark goes.
     host_yaml.write_text(original)
-    assert [a.kind for a in controller.reconcile_once()] == [ActionKind.UNDRAIN] and not mark.exists()
+    assert [a.kind for a in controller.reconcile_once()] == [
+        ActionKind.UNDRAIN
+    ] and not mark.exists()
     assert controller.reconcile_once() == []
 
-    host_yaml.write_text(original.replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600"))
+    host_yaml.write_text(
+        original.replace("context_size: 1024", "context_size: 2048\n    drain_timeout: 600")
+    )
     assert controller.reconcile_once()[0].kind is ActionKind.DRAIN and mark.exists()
     gateway["in_flight"] = 0
     done = controller.reconcile_once()
     assert [(a.kind, a.unit) for a in done] == [(ActionKind.RESTART, "backend-m-cpu")]
     assert "restart --no-block tensorforge-backend-m-cpu.service" in fake.verbs() and mark.exists()
     # Restarted (the fake's job is done at once): the next pass routes to it again.
-    assert [a.kind for a in controller.reconcile_once()] == [ActionKind.UNDRAIN] and not mark.exists()
+    assert [a.kind for a in controller.reconcile_once()] == [
+        ActionKind.UNDRAIN
+    ] and not mark.exists()
 
 
 def test_a_change_whose_model_is_missing_keeps_the_old_backend_routed(
@@ -425,10 +447,14 @@ def test_a_change_whose_model_is_missing_keeps_the_old_backend_routed(
     controller, fake = systemd_host
     controller.reconcile_once()
     moved = tmp_path / "gone" / "m.gguf"
-    host_yaml.write_text(host_yaml.read_text().replace(f"path:{tmp_path / 'm.gguf'}", f"path:{moved}"))
+    host_yaml.write_text(
+        host_yaml.read_text().replace(f"path:{tmp_path / 'm.gguf'}", f"path:{moved}")
+    )
     fake.calls.clear()
     [pull] = controller.reconcile_once()
-    assert (pull.kind, pull.unit) == (ActionKind.PULL, "backend-m-cpu") and str(moved) in pull.reason
+    assert (pull.kind, pull.unit) == (ActionKind.PULL, "backend-m-cpu") and str(
+        moved
+    ) in pull.reason
     controller.puller.wait(10)
     held = controller.reconcile_once()
     assert [(a.kind, a.unit) for a in held] == [(ActionKind.WAIT, "backend-m-cpu")]
@@ -448,7 +474,9 @@ def test_a_units_gpus_are_what_systemd_loaded_not_what_its_file_says(tmp_path: P
         unit("backend-a", 'Environment="CUDA_VISIBLE_DEVICES=0"').content
     )
     fake.active["tensorforge-backend-a.service"] = "active"
-    fake.environment["tensorforge-backend-a.service"] = '"HOME=/var/lib/a b" CUDA_VISIBLE_DEVICES=1,2'
+    fake.environment["tensorforge-backend-a.service"] = (
+        '"HOME=/var/lib/a b" CUDA_VISIBLE_DEVICES=1,2'
+    )
     assert d.observe()["backend-a"].gpus == (1, 2)
     fake.active["tensorforge-backend-a.service"] = "inactive"  # nothing runs: nothing held
     assert d.observe()["backend-a"].gpus == ()
@@ -460,7 +488,9 @@ def test_a_stop_under_way_is_observed_and_waited_for_not_repeated(tmp_path: Path
     fake = FakeSystemctl()
     d = driver(tmp_path, fake)
     (tmp_path / "units").mkdir()
-    (tmp_path / "units" / "tensorforge-backend-old.service").write_text(unit("backend-old", "old").content)
+    (tmp_path / "units" / "tensorforge-backend-old.service").write_text(
+        unit("backend-old", "old").content
+    )
     fake.active["tensorforge-backend-old.service"] = "active"
     fake.slow.add("tensorforge-backend-old.service")
     d.execute(plan({}, d.observe(), time.time()), {})
@@ -478,4 +508,6 @@ def test_a_stop_under_way_is_observed_and_waited_for_not_repeated(tmp_path: Path
     fake.finish("tensorforge-backend-old.service")
     [remove] = plan({}, d.observe(), time.time())
     d.execute([remove], {})
-    assert not (tmp_path / "units" / "tensorforge-backend-old.service").exists() and d.observe() == {}
+    assert (
+        not (tmp_path / "units" / "tensorforge-backend-old.service").exists() and d.observe() == {}
+    )

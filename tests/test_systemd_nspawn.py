@@ -157,7 +157,9 @@ def _clean_cgroups() -> None:
                         pass
 
 
-def run_in_nspawn(out: Path, model: Path, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
+def run_in_nspawn(
+    out: Path, model: Path, timeout: float = BOOT_TIMEOUT
+) -> subprocess.CompletedProcess:
     python = str(REPO / ".venv" / "bin" / "python")
     if not Path(python).exists():
         python = sys.executable
@@ -168,7 +170,9 @@ def run_in_nspawn(out: Path, model: Path, timeout: float = BOOT_TIMEOUT) -> subp
     roots = {r for r in roots if not r.is_relative_to("/usr")}
     (out / "probe.sh").write_text(
         PROBE_SCRIPT.format(
-            python=python, gateway_port=18091, backend_port=18090,
+            python=python,
+            gateway_port=18091,
+            backend_port=18090,
             roots=" ".join(str(r) for r in sorted(roots)),
         )  # fmt: skip
     )
@@ -204,8 +208,12 @@ def test_apply_under_real_systemd(tmp_path: Path, smollm2_path: Path) -> None:
     result = run_in_nspawn(out, smollm2_path)
     if not (out / "probe.log").exists():
         if any(words in result.stderr for words in ENVIRONMENT_FAILURES):
-            pytest.skip(f"systemd-nspawn cannot boot a container here: {result.stderr.strip()[-300:]}")
-        pytest.fail(f"the probe never ran (nspawn exit {result.returncode}):\n{result.stderr[-2000:]}")
+            pytest.skip(
+                f"systemd-nspawn cannot boot a container here: {result.stderr.strip()[-300:]}"
+            )
+        pytest.fail(
+            f"the probe never ran (nspawn exit {result.returncode}):\n{result.stderr[-2000:]}"
+        )
     context = "\n".join(
         f"--- {name}\n{(out / name).read_text()[-3000:]}"
         for name in ("probe.log", "journal.txt", "units.txt")

@@ -49,14 +49,20 @@ def test_every_registered_kind_is_rendered_here() -> None:
     assert set(BACKENDS) == set(KINDS)
 
 
-def render_backend(kind: str, backend: BackendSpec | None = None, ref: str = "/models/m/model.gguf") -> str:
+def render_backend(
+    kind: str, backend: BackendSpec | None = None, ref: str = "/models/m/model.gguf"
+) -> str:
     backend = backend or BACKENDS[kind]
     launch = launch_for("b", backend, "m", ref, GPU_IDS[kind])
-    return render_unit(backend_unit_spec(f"backend-{kind}", backend, "m", ref, launch, GPU_IDS[kind]))
+    return render_unit(
+        backend_unit_spec(f"backend-{kind}", backend, "m", ref, launch, GPU_IDS[kind])
+    )
 
 
 def exec_start(text: str) -> str:
-    return next(line for line in text.splitlines() if line.startswith("ExecStart=")).removeprefix("ExecStart=")
+    return next(line for line in text.splitlines() if line.startswith("ExecStart=")).removeprefix(
+        "ExecStart="
+    )
 
 
 def systemd_words(line: str) -> list[str]:
@@ -120,19 +126,29 @@ def test_flags_per_kind() -> None:
 def test_injection_attempts_are_escaped() -> None:
     nasty = BACKENDS["llamacpp"].model_copy(
         update={
-            "extra_args": ['--alias', 'a b" ; rm -rf / #', "%n%h", "$HOME", "${PATH}", "\\x41", "-x"],
+            "extra_args": [
+                "--alias",
+                'a b" ; rm -rf / #',
+                "%n%h",
+                "$HOME",
+                "${PATH}",
+                "\\x41",
+                "-x",
+            ],
             "environment": {"EVIL": 'x" ExecStartPre=/bin/sh "%i$USER'},
         }
     )
     text = render_backend("llamacpp", nasty)
     words = systemd_words(exec_start(text))
-    assert words[-7:] == ['--alias', 'a b" ; rm -rf / #', "%n%h", "$HOME", "${PATH}", "\\x41", "-x"]
+    assert words[-7:] == ["--alias", 'a b" ; rm -rf / #', "%n%h", "$HOME", "${PATH}", "\\x41", "-x"]
     assert '"a b\\" ; rm -rf / #" "%%n%%h" "$$HOME" "$${PATH}" "\\\\x41" -x' in text
     assert 'Environment="EVIL=x\\" ExecStartPre=/bin/sh \\"%%i$USER"' in text
     assert not any(line.startswith("ExecStartPre") for line in text.splitlines())
 
 
-@pytest.mark.parametrize("binary", ["+/opt/llama-server", "-/opt/x", "@/opt/x", "!/opt/x", ":/opt/x", "bin/x"])
+@pytest.mark.parametrize(
+    "binary", ["+/opt/llama-server", "-/opt/x", "@/opt/x", "!/opt/x", ":/opt/x", "bin/x"]
+)
 def test_an_executable_systemd_would_misread_is_refused(binary: str) -> None:
     """systemd reads a leading -@+!: of ExecStart= as a prefix even inside quotes ("+/opt/x"
     runs /opt/x as root, outside the sandbox), and refuses a relative path: both are refused
@@ -167,7 +183,9 @@ def test_bad_names_and_kinds_are_refused() -> None:
 
 def test_a_hub_model_may_download_and_a_local_one_may_not() -> None:
     assert "IPAddressDeny=any" in render_backend("vllm")
-    assert "IPAddressDeny=any" not in render_backend("vllm", ref="meta-llama/Llama-3.1-70B-Instruct")
+    assert "IPAddressDeny=any" not in render_backend(
+        "vllm", ref="meta-llama/Llama-3.1-70B-Instruct"
+    )
 
 
 def test_home_and_tmp_paths_stay_reachable() -> None:
@@ -203,7 +221,8 @@ def all_units() -> dict[str, str]:
 
 
 needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (Debian: systemd)"
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze not installed (Debian: systemd)",
 )
 
 
@@ -320,7 +339,9 @@ def test_installed_layout_renders_from_the_packaged_templates(tmp_path: Path) ->
     """What setup.py's build step produces: reconciler/units/templates/ inside the package,
     and no source checkout around it."""
     site = tmp_path / "site-packages"
-    shutil.copytree(REPO / "reconciler", site / "reconciler", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "reconciler", site / "reconciler", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copytree(REPO / "templates", site / "reconciler" / "units" / "templates")
     result = subprocess.run(
         [sys.executable, "-c", RENDER_FROM_ELSEWHERE], cwd=tmp_path, capture_output=True, text=True,
@@ -334,7 +355,9 @@ def test_installed_layout_renders_from_the_packaged_templates(tmp_path: Path) ->
 
 def test_missing_templates_name_the_fix(tmp_path: Path) -> None:
     site = tmp_path / "site-packages"
-    shutil.copytree(REPO / "reconciler", site / "reconciler", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "reconciler", site / "reconciler", ignore=shutil.ignore_patterns("__pycache__")
+    )
     result = subprocess.run(
         [sys.executable, "-c", RENDER_FROM_ELSEWHERE], cwd=tmp_path, capture_output=True, text=True,
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=60,

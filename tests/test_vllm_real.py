@@ -70,7 +70,9 @@ class Host:
         self.config.write_text(yaml.safe_dump(config))
 
     def wait(self, what, timeout: float, message: str):
-        return wait_for(what, timeout, message, self.state / "logs" / "supervisor.log", interval=0.25)
+        return wait_for(
+            what, timeout, message, self.state / "logs" / "supervisor.log", interval=0.25
+        )
 
 
 @pytest.fixture(scope="session")
@@ -97,8 +99,14 @@ def vllm_host(tmp_path_factory) -> Iterator[Host]:
     )  # fmt: skip
     try:
         wait_http(host.url + "/health", timeout=60)
-        host.wait(lambda: host.health()["backends_healthy"] == 1, START_TIMEOUT, "vLLM never became healthy")
-        print(f"\nvLLM healthy under the reconciler {time.monotonic() - started:.0f}s after `tensorforge up`")
+        host.wait(
+            lambda: host.health()["backends_healthy"] == 1,
+            START_TIMEOUT,
+            "vLLM never became healthy",
+        )
+        print(
+            f"\nvLLM healthy under the reconciler {time.monotonic() - started:.0f}s after `tensorforge up`"
+        )
         yield host
     finally:
         # Always stopped, also when a test failed: the machine is shared and vLLM holds 3 GB.
@@ -139,7 +147,9 @@ def marked_pids(marker: Path) -> list[int]:
 
 def stream_events(url: str, body: dict) -> list[dict | str]:
     events: list[dict | str] = []
-    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120
+    ) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -152,7 +162,7 @@ def tokens(gateway: str, kind: str) -> float:
     series = f'tensorforge_gateway_tokens_total{{backend="vllm",model="smollm2",type="{kind}"}} '
     for line in httpx.get(gateway + "/metrics", timeout=5).text.splitlines():
         if line.startswith(series):
-            return float(line[len(series):])
+            return float(line[len(series) :])
     return 0.0
 
 
@@ -165,7 +175,10 @@ def vllm_load(url: str):
 
 def test_cpu_vllm_runs_under_the_reconciler_with_its_settings(vllm_host):
     record = vllm_host.record()
-    assert "vllm.entrypoints.openai.api_server" in record["content"] and "--enforce-eager" in record["content"]
+    assert (
+        "vllm.entrypoints.openai.api_server" in record["content"]
+        and "--enforce-eager" in record["content"]
+    )
     assert str(VENV / "bin" / "python") in record["content"]
     environ = Path(f"/proc/{record['pid']}/environ").read_bytes().split(b"\0")
     assert b"VLLM_CPU_KVCACHE_SPACE=1" in environ and b"OMP_NUM_THREADS=1" in environ
@@ -180,7 +193,9 @@ def test_cpu_vllm_runs_under_the_reconciler_with_its_settings(vllm_host):
 
 
 def test_chat_through_the_openai_and_ollama_surfaces(vllm_host):
-    response = httpx.post(vllm_host.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 8}, timeout=120)
+    response = httpx.post(
+        vllm_host.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 8}, timeout=120
+    )
     assert response.status_code == 200, response.text
     assert response.headers["x-tensorforge-backend"] == "vllm"
     answer = response.json()
@@ -188,7 +203,12 @@ def test_chat_through_the_openai_and_ollama_surfaces(vllm_host):
     assert isinstance(answer["choices"][0]["message"]["content"], str)
     assert 0 < answer["usage"]["completion_tokens"] <= 8
 
-    body = {"model": "smol", "messages": CHAT["messages"], "stream": False, "options": {"num_predict": 8}}
+    body = {
+        "model": "smol",
+        "messages": CHAT["messages"],
+        "stream": False,
+        "options": {"num_predict": 8},
+    }
     ollama = httpx.post(vllm_host.url + "/api/chat", json=body, timeout=120)
     assert ollama.status_code == 200, ollama.text
     reply = ollama.json()
@@ -212,7 +232,12 @@ def test_stream_is_counted_whether_or_not_the_client_asked_for_usage(vllm_host):
     assert tokens(vllm_host.url, "completion") - before == 24
 
     # Ollama's surface: NDJSON, its own counts on the last line, counted the same way.
-    ollama = {"model": "smol", "messages": CHAT["messages"], "options": {"num_predict": 12}, "ignore_eos": True}
+    ollama = {
+        "model": "smol",
+        "messages": CHAT["messages"],
+        "options": {"num_predict": 12},
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", vllm_host.url + "/api/chat", json=ollama, timeout=120) as r:
         assert r.status_code == 200, r.read()
         lines = [json.loads(line) for line in r.iter_lines() if line]
@@ -234,7 +259,9 @@ def test_a_client_disconnect_stops_the_request_in_vllm(vllm_host):
     # The client went away: the gateway closes its backend connection, vLLM aborts the request.
     stopped = time.monotonic()
     vllm_host.wait(lambda: vllm_load(vllm_host.vllm_url).requests == 0, 10, "vLLM kept generating")
-    print(f"\ndisconnect: vLLM's running requests back to 0 {time.monotonic() - stopped:.1f}s after the client left")
+    print(
+        f"\ndisconnect: vLLM's running requests back to 0 {time.monotonic() - stopped:.1f}s after the client left"
+    )
 
 
 def test_errors_pass_through_in_openai_shape_with_their_integer_code(vllm_host):
@@ -250,9 +277,13 @@ def test_errors_pass_through_in_openai_shape_with_their_integer_code(vllm_host):
     # naming both numbers (the issue 21 rule: vLLM gives each sequence all of max_model_len).
     too_long = {**CHAT, "messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 4}
     refused = httpx.post(vllm_host.url + "/v1/chat/completions", json=too_long, timeout=60)
-    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert (
+        refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    )
 
-    embeddings = httpx.post(vllm_host.url + "/v1/embeddings", json={"model": "smol", "input": "hi"}, timeout=60)
+    embeddings = httpx.post(
+        vllm_host.url + "/v1/embeddings", json={"model": "smol", "input": "hi"}, timeout=60
+    )
     assert embeddings.status_code >= 400
     assert set(embeddings.json()) == {"error"}, embeddings.text  # one shape, not a mix
     assert embeddings.json()["error"]["message"]
@@ -264,7 +295,9 @@ def test_errors_pass_through_in_openai_shape_with_their_integer_code(vllm_host):
 def test_health_reports_a_served_name_mismatch(vllm_host, run_gateway):
     assert probe(vllm_host.vllm_url, "vllm", model="smollm2").ok
     wrong = probe(vllm_host.vllm_url, "vllm", model="llama3")
-    assert wrong.state is Health.UNHEALTHY and "smollm2" in wrong.detail and "llama3" in wrong.detail
+    assert (
+        wrong.state is Health.UNHEALTHY and "smollm2" in wrong.detail and "llama3" in wrong.detail
+    )
 
     # A gateway told the backend serves "llama3": routed away from, not 404 for every request.
     port = free_port()
@@ -273,6 +306,7 @@ def test_health_reports_a_served_name_mismatch(vllm_host, run_gateway):
         "backends": {"far": {"kind": "vllm", "model": "llama3", "url": vllm_host.vllm_url}},
         "gateway": {"port": port, "health_interval": 0.5},
     })  # fmt: skip
+
     def checked() -> dict | None:
         detail = httpx.get(url + "/health").json()["backends"]["far"]
         return None if detail["detail"] == "not probed yet" else detail
@@ -296,13 +330,21 @@ def test_metrics_load_scoring_routes_away_from_a_busy_vllm(vllm_host, llama_serv
     wait_for = time.monotonic() + 10
     while httpx.get(url + "/health").json()["backends_healthy"] < 2 and time.monotonic() < wait_for:
         time.sleep(0.2)
-    body = {"model": "smollm2", "messages": CHAT["messages"], "max_tokens": 400, "ignore_eos": True, "stream": True}
+    body = {
+        "model": "smollm2",
+        "messages": CHAT["messages"],
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
     busy = threading.Event()
     done = threading.Event()
 
     async def eight() -> None:
         async def one(client: httpx.AsyncClient) -> None:
-            async with client.stream("POST", vllm_host.vllm_url + "/v1/chat/completions", json=body) as r:
+            async with client.stream(
+                "POST", vllm_host.vllm_url + "/v1/chat/completions", json=body
+            ) as r:
                 async for _ in r.aiter_lines():
                     busy.set()
                     if done.is_set():
@@ -321,7 +363,11 @@ def test_metrics_load_scoring_routes_away_from_a_busy_vllm(vllm_host, llama_serv
         time.sleep(1.5)  # the gateway scrapes every health interval
         routed = []
         for _ in range(6):
-            response = httpx.post(url + "/v1/chat/completions", json={**CHAT, "model": "smollm2", "max_tokens": 2}, timeout=60)
+            response = httpx.post(
+                url + "/v1/chat/completions",
+                json={**CHAT, "model": "smollm2", "max_tokens": 2},
+                timeout=60,
+            )
             assert response.status_code == 200, response.text
             routed.append(response.headers["x-tensorforge-backend"])
         assert routed == ["cpp"] * 6, routed
@@ -329,8 +375,10 @@ def test_metrics_load_scoring_routes_away_from_a_busy_vllm(vllm_host, llama_serv
     finally:
         done.set()
         load.join(30)
-    print(f"\nload: vLLM reported {seen.requests:.0f} running+waiting, KV cache {seen.kv_usage:.1%}; "
-          f"the gateway sent all 6 of its requests to the idle llama.cpp")
+    print(
+        f"\nload: vLLM reported {seen.requests:.0f} running+waiting, KV cache {seen.kv_usage:.1%}; "
+        f"the gateway sent all 6 of its requests to the idle llama.cpp"
+    )
 
 
 # -- faults and changes, last: they restart vLLM ------------------------------------------------
@@ -340,12 +388,20 @@ def test_sigkill_is_recovered_by_the_reconciler(vllm_host):
     before = vllm_host.record()
     killed_at = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)
-    vllm_host.wait(lambda: vllm_host.health()["backends_healthy"] == 0, 15, "the gateway never saw it down")
-    vllm_host.wait(lambda: vllm_host.record()["pid"] not in (None, before["pid"]), 60, "not restarted")
-    vllm_host.wait(lambda: vllm_host.health()["backends_healthy"] == 1, START_TIMEOUT, "not healthy again")
+    vllm_host.wait(
+        lambda: vllm_host.health()["backends_healthy"] == 0, 15, "the gateway never saw it down"
+    )
+    vllm_host.wait(
+        lambda: vllm_host.record()["pid"] not in (None, before["pid"]), 60, "not restarted"
+    )
+    vllm_host.wait(
+        lambda: vllm_host.health()["backends_healthy"] == 1, START_TIMEOUT, "not healthy again"
+    )
     recovered = time.monotonic() - killed_at
     assert vllm_host.record()["restarts"] >= 1
-    response = httpx.post(vllm_host.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 4}, timeout=120)
+    response = httpx.post(
+        vllm_host.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 4}, timeout=120
+    )
     assert response.status_code == 200, response.text
     print(f"\nSIGKILL: vLLM restarted by the reconciler and serving again after {recovered:.0f}s")
     # vLLM's engine and worker processes outlive a SIGKILLed API server (3 GB here): the
@@ -375,7 +431,11 @@ def test_rolling_change_of_vllm_loses_no_request(vllm_host, llama_server):
     restarted with its new KV cache size, and taken back into routing."""
     cpp = {"cpp": {"kind": "llamacpp", "model": "smollm2", "url": llama_server}}
     vllm_host.write(kv_gib=1, extra=cpp)
-    vllm_host.wait(lambda: vllm_host.health()["backends_healthy"] == 2, 30, "the llama.cpp replica never joined")
+    vllm_host.wait(
+        lambda: vllm_host.health()["backends_healthy"] == 2,
+        30,
+        "the llama.cpp replica never joined",
+    )
     before = vllm_host.record()
     records: list[dict] = []
     stop = threading.Event()
@@ -389,13 +449,22 @@ def test_rolling_change_of_vllm_loses_no_request(vllm_host, llama_server):
             while not stop.is_set():
                 body = {**CHAT, "max_tokens": 8, "stream": stream}
                 if surface == "ollama-stream":
-                    body = {"model": "smol", "messages": CHAT["messages"], "options": {"num_predict": 8}}
+                    body = {
+                        "model": "smol",
+                        "messages": CHAT["messages"],
+                        "options": {"num_predict": 8},
+                    }
                 record = {"start": time.monotonic(), "surface": surface}
                 try:
                     r = client.post(vllm_host.url + path, json=body)
-                    record["status"], record["backend"] = r.status_code, r.headers.get("x-tensorforge-backend")
+                    record["status"], record["backend"] = (
+                        r.status_code,
+                        r.headers.get("x-tensorforge-backend"),
+                    )
                     if surface == "openai-stream":
-                        record["ok"] = r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
+                        record["ok"] = (
+                            r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
+                        )
                     elif surface == "ollama-stream":
                         last = json.loads(r.text.strip().splitlines()[-1])
                         record["ok"] = last.get("done") is True and '"error"' not in r.text
@@ -420,7 +489,11 @@ def test_rolling_change_of_vllm_loses_no_request(vllm_host, llama_server):
             if not gone and not process_alive(before["pid"], before["start_ticks"]):
                 gone.append(time.monotonic())
             record = vllm_host.record()
-            return bool(gone) and record["pid"] != before["pid"] and vllm_host.health()["backends_healthy"] == 2
+            return (
+                bool(gone)
+                and record["pid"] != before["pid"]
+                and vllm_host.health()["backends_healthy"] == 2
+            )
 
         vllm_host.wait(rolled, START_TIMEOUT, "the rolling change did not finish")
         rolled_at = time.monotonic()
@@ -440,5 +513,7 @@ def test_rolling_change_of_vllm_loses_no_request(vllm_host, llama_server):
     assert {r["backend"] for r in during if r["surface"] != "ollama-stream"} == {"cpp"}
     log = (vllm_host.state / "logs" / "supervisor.log").read_text()
     assert any("drained" in line and "vllm" in line for line in log.splitlines())
-    print(f"\nrolling: {len(records)} requests, none failed; vLLM replaced and routed to again "
-          f"{rolled_at - changed_at:.0f}s after the change; {len(during)} served by llama.cpp meanwhile")
+    print(
+        f"\nrolling: {len(records)} requests, none failed; vLLM replaced and routed to again "
+        f"{rolled_at - changed_at:.0f}s after the change; {len(during)} served by llama.cpp meanwhile"
+    )

@@ -14,11 +14,13 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "lib" / "vllm-venv
 def run(tmp_path: Path, call: str, python3: str = "exit 1") -> subprocess.CompletedProcess:
     shim = tmp_path / "bin"
     shim.mkdir(exist_ok=True)
-    (shim / "python3").write_text(f"#!/bin/sh\necho \"python3 $*\" >> {tmp_path}/calls\n{python3}\n")
+    (shim / "python3").write_text(f'#!/bin/sh\necho "python3 $*" >> {tmp_path}/calls\n{python3}\n')
     (shim / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{shim}:/usr/bin:/bin", "TF_VLLM_VENV": str(tmp_path / "venv"),
            "TF_VLLM_MODEL": str(tmp_path / "model")}  # fmt: skip
-    return subprocess.run(["bash", "-c", f"source {SCRIPT}; {call}"], env=env, capture_output=True, text=True)
+    return subprocess.run(
+        ["bash", "-c", f"source {SCRIPT}; {call}"], env=env, capture_output=True, text=True
+    )
 
 
 def test_a_finished_venv_and_model_are_left_alone(tmp_path):

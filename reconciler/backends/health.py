@@ -21,7 +21,9 @@ PROBES: dict[str, tuple[str, str]] = {
     "gateway": ("GET", "/health"),  # our own gateway, probed by the reconciler
 }
 # Where a protocol lists the model names it answers to, checked once the probe says 200.
-MODEL_LISTS: dict[str, str] = {k.name: k.probe.model_list for k in KINDS.values() if k.probe.model_list}
+MODEL_LISTS: dict[str, str] = {
+    k.name: k.probe.model_list for k in KINDS.values() if k.probe.model_list
+}
 # The status a protocol answers while its model loads.
 LOADING: dict[str, int] = {
     k.name: k.probe.loading_status for k in KINDS.values() if k.probe.loading_status is not None
@@ -74,7 +76,9 @@ def serves_model(document: object, model: str) -> BackendHealth:
 
 def _model_list(response: httpx.Response, protocol: str, model: str) -> BackendHealth:
     if response.status_code != 200:
-        return BackendHealth(Health.UNHEALTHY, f"{MODEL_LISTS[protocol]} answered {response.status_code}")
+        return BackendHealth(
+            Health.UNHEALTHY, f"{MODEL_LISTS[protocol]} answered {response.status_code}"
+        )
     try:
         document = response.json()
     except ValueError:
@@ -83,7 +87,10 @@ def _model_list(response: httpx.Response, protocol: str, model: str) -> BackendH
 
 
 def probe(
-    base_url: str, protocol: str, timeout: float = 2.0, headers: dict[str, str] | None = None,
+    base_url: str,
+    protocol: str,
+    timeout: float = 2.0,
+    headers: dict[str, str] | None = None,
     model: str | None = None,
 ) -> BackendHealth:
     """`model`: the name the backend must answer to, checked where the protocol lists them."""
@@ -100,8 +107,12 @@ def probe(
 
 
 async def aprobe(
-    client: httpx.AsyncClient, base_url: str, protocol: str, timeout: float = 2.0,
-    headers: dict[str, str] | None = None, model: str | None = None,
+    client: httpx.AsyncClient,
+    base_url: str,
+    protocol: str,
+    timeout: float = 2.0,
+    headers: dict[str, str] | None = None,
+    model: str | None = None,
 ) -> BackendHealth:
     method, path = PROBES[protocol]
     try:
@@ -109,7 +120,9 @@ async def aprobe(
         health = classify(protocol, response.status_code)
         if not (health.ok and model and protocol in MODEL_LISTS):
             return health
-        listed = await client.get(base_url + MODEL_LISTS[protocol], timeout=timeout, headers=headers)
+        listed = await client.get(
+            base_url + MODEL_LISTS[protocol], timeout=timeout, headers=headers
+        )
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         return _failure(exc)
     return _model_list(listed, protocol, model)

@@ -33,11 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbosity", type=int, default=2)
     # As llama-server: the host-memory prompt cache, MiB (its default, 8192, let the server
     # grow from 200 MiB to 3.8 GiB); -1 leaves llama.cpp's default, 0 turns it off.
-    parser.add_argument("--cache-ram", "-cram", type=int, default=-1, help="prompt cache in host memory, MiB")
+    parser.add_argument(
+        "--cache-ram", "-cram", type=int, default=-1, help="prompt cache in host memory, MiB"
+    )
     parser.add_argument("--cache-reuse", type=int, default=0,
                         help="min chunk (tokens) reused from the slot's cache by shifting (0: off)")  # fmt: skip
     # As llama-server: /v1/embeddings needs --embeddings and a pooling other than none.
-    parser.add_argument("--embeddings", "--embedding", action="store_true", help="serve /v1/embeddings")
+    parser.add_argument(
+        "--embeddings", "--embedding", action="store_true", help="serve /v1/embeddings"
+    )
     parser.add_argument("--pooling", choices=["none", "mean", "cls", "last", "rank"],
                         help="embedding pooling (default: the model's; decoder models need mean or last)")  # fmt: skip
     parser.add_argument(
@@ -49,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        xllamacpp = require("xllamacpp", "cpu", "the embedded llama.cpp server (no llama-server binary configured)")
+        xllamacpp = require(
+            "xllamacpp", "cpu", "the embedded llama.cpp server (no llama-server binary configured)"
+        )
     except MissingExtra as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -74,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.embeddings:
         params.embedding = True
     if args.pooling:
-        params.pooling_type = getattr(xllamacpp.llama_pooling_type, f"LLAMA_POOLING_TYPE_{args.pooling.upper()}")
+        params.pooling_type = getattr(
+            xllamacpp.llama_pooling_type, f"LLAMA_POOLING_TYPE_{args.pooling.upper()}"
+        )
     if args.cache_type_k:
         params.cache_type_k = getattr(xllamacpp.ggml_type, f"GGML_TYPE_{args.cache_type_k.upper()}")
     if args.cache_type_v:

@@ -19,7 +19,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def log_level(value: str) -> str:
     if value.upper() not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_LEVELS)} (also TF_LOG_LEVEL)")
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not one of {', '.join(LOG_LEVELS)} (also TF_LOG_LEVEL)"
+        )
     return value.upper()
 
 
@@ -28,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tensorforge",
         description="Declarative LLM inference: keep backends running as declared, route through one gateway.",
     )
-    parser.add_argument("--log-level", type=log_level, default=os.environ.get("TF_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level", type=log_level, default=os.environ.get("TF_LOG_LEVEL", "INFO")
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (host, models, pipeline, monitoring):
         group.register(sub)

@@ -61,7 +61,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     info = start_background(args.config, directory, args.log_level)
     if state.gateway.enable and args.wait:
         # With no backend declared, a gateway answering /health is all there is to wait for.
-        wait_for_gateway(gateway_url(state), None, args.wait, info, need_backend=bool(state.backends))
+        wait_for_gateway(
+            gateway_url(state), None, args.wait, info, need_backend=bool(state.backends)
+        )
     print(f"supervisor running (pid {info.pid}); gateway {gateway_url(state)}")
     return 0
 
@@ -97,13 +99,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("config_error"):
         print(f"desired state refused, the last good one stays in force:\n{status['config_error']}")
     rows = [("UNIT", "KIND", "MODEL", "PID", "HEALTH", "RESTARTS", "URL / DETAIL")]
-    unsupervised = "running (started by apply; unsupervised)" if left_by == "apply" else "orphaned: still running"
+    unsupervised = (
+        "running (started by apply; unsupervised)"
+        if left_by == "apply"
+        else "orphaned: still running"
+    )
     for unit in status["units"]:
         detail = unit["url"] + (f"  {unit['detail']}" if unit["detail"] else "")
         orphan = unit.get("orphan_pid")
         pid = str(unit["pid"]) if unit["pid"] and supervised else str(orphan) if orphan else "-"
         health = unit["health"] if supervised else unsupervised if orphan else "stopped"
-        rows.append((unit["unit"], unit["kind"], unit["model"] or "-", pid, health, str(unit["restarts"]), detail))
+        rows.append(
+            (
+                unit["unit"],
+                unit["kind"],
+                unit["model"] or "-",
+                pid,
+                health,
+                str(unit["restarts"]),
+                detail,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[6])
@@ -128,7 +144,11 @@ def _print_routing(table: dict) -> None:
     aliases = ", ".join(f"{name} -> {target}" for name, target in table["model_aliases"].items())
     print(f"routing: no model -> {table['default_model']}; {aliases}")
     for name, b in table["backends"].items():
-        context = f"{b['context_per_request']} tokens/request" if b["context_per_request"] else "context unknown"
+        context = (
+            f"{b['context_per_request']} tokens/request"
+            if b["context_per_request"]
+            else "context unknown"
+        )
         print(f"  {name}: {b['model']} ({b['kind']}), {context}; {', '.join(b['capabilities'])}")
 
 
@@ -191,7 +211,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.controller import Controller
 
     unit_dir = Path(args.unit_dir) if args.unit_dir else None
-    controller = Controller(args.config, driver=args.driver, unit_dir=unit_dir, gpus=gpu_inventory(args))
+    controller = Controller(
+        args.config, driver=args.driver, unit_dir=unit_dir, gpus=gpu_inventory(args)
+    )
     controller.writer = "apply"  # what it starts runs on after it exits, supervised by nobody
     started = time.monotonic()
     ok = controller.wait_healthy(args.timeout)
@@ -261,7 +283,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("server", help="run `up` in the background: start|stop|restart|status")
     p.add_argument("action", choices=["start", "stop", "restart", "status"])
-    p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a healthy backend (0: do not wait)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        help="seconds to wait for a healthy backend (0: do not wait)",
+    )
     p.add_argument("--json", action="store_true", help="with status: machine-readable")
     config_arg(p)
     p.set_defaults(func=cmd_server)

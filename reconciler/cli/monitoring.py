@@ -55,11 +55,14 @@ def cmd_gpu_exporter(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "monitoring-config", help="write prometheus.yml, alert rules and Grafana dashboards to a directory"
+        "monitoring-config",
+        help="write prometheus.yml, alert rules and Grafana dashboards to a directory",
     )
     config_arg(p)
     p.add_argument("--out", "-o", required=True, help="directory to write into")
-    p.add_argument("--scrape-interval", type=duration, help="override monitoring.scrape_interval (e.g. 5s)")
+    p.add_argument(
+        "--scrape-interval", type=duration, help="override monitoring.scrape_interval (e.g. 5s)"
+    )
     p.set_defaults(func=cmd_monitoring_config)
 
     p = sub.add_parser("gpu-exporter", help="serve GPU metrics for Prometheus (zero GPUs is fine)")

@@ -33,11 +33,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     for target in [output] if output is not None else []:
         if not target.parent.is_dir():
             # Checked before any prompt is sent: answers are not thrown away at the end.
-            print(f"error: --output {args.output}: directory {target.parent} does not exist", file=sys.stderr)
+            print(
+                f"error: --output {args.output}: directory {target.parent} does not exist",
+                file=sys.stderr,
+            )
             return 1
-    requested = args.model or (next(iter(state.backends.values())).model if state.backends else None)
+    requested = args.model or (
+        next(iter(state.backends.values())).model if state.backends else None
+    )
     if requested is None or requested not in state.model_names():
-        print(f"error: model {requested!r} is not declared; known: {', '.join(state.model_names())}", file=sys.stderr)
+        print(
+            f"error: model {requested!r} is not declared; known: {', '.join(state.model_names())}",
+            file=sys.stderr,
+        )
         return 1
     model = state.model_names()[requested]
     url = gateway_url(state)
@@ -61,20 +69,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         out_dir = Path(args.output_dir)
         for name, result in zip(names, results, strict=True):
             write_atomic(out_dir / f"{name}.json", _document(url, [result]) + "\n")
-        print(f"wrote {len(results)} result(s) to {out_dir}/" + (f", {failed} failed" if failed else ""))
+        print(
+            f"wrote {len(results)} result(s) to {out_dir}/"
+            + (f", {failed} failed" if failed else "")
+        )
     if output is None and args.output == "-":
         print(_document(url, results))
     elif output is not None:
         write_atomic(output, _document(url, results) + "\n")
-        print(f"wrote {len(results)} result(s) to {args.output}" + (f", {failed} failed" if failed else ""))
+        print(
+            f"wrote {len(results)} result(s) to {args.output}"
+            + (f", {failed} failed" if failed else "")
+        )
     return 1 if failed else 0
 
 
 def _document(url: str, results: list[dict]) -> str:
-    return json.dumps({"created": time.time(), "gateway": url, "results": results}, indent=2, ensure_ascii=False)
+    return json.dumps(
+        {"created": time.time(), "gateway": url, "results": results}, indent=2, ensure_ascii=False
+    )
 
 
-def _prompts(args: argparse.Namespace, read_prompts, read_prompt_file) -> tuple[list[str], list[str] | None] | str:
+def _prompts(
+    args: argparse.Namespace, read_prompts, read_prompt_file
+) -> tuple[list[str], list[str] | None] | str:
     """(prompts, result names for --batch or None), or what is wrong with the arguments."""
     prompts = [*(args.prompt_words or []), *(args.prompt or [])]
     try:
@@ -95,9 +113,11 @@ def _prompts(args: argparse.Namespace, read_prompts, read_prompt_file) -> tuple[
     except ValueError as exc:
         return str(exc)
     if not prompts:
-        return "give a prompt: tensorforge run \"TEXT\" (or --prompt TEXT, --file FILE, --prompts-file FILE, --batch DIR)"
+        return 'give a prompt: tensorforge run "TEXT" (or --prompt TEXT, --file FILE, --prompts-file FILE, --batch DIR)'
     if args.output is None:
-        return "give --output FILE for the results ('-' for stdout), or --batch DIR --output-dir DIR"
+        return (
+            "give --output FILE for the results ('-' for stdout), or --batch DIR --output-dir DIR"
+        )
     return prompts, None
 
 
@@ -106,7 +126,9 @@ def _positive_env(name: str, default: int) -> int:
     if not value:
         return default
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name}={value!r}: must be a whole number of at least 1 (default {default})")
+        raise ValueError(
+            f"{name}={value!r}: must be a whole number of at least 1 (default {default})"
+        )
     return int(value)
 
 
@@ -116,7 +138,9 @@ def _positive_seconds(value: str) -> float:
     except ValueError:
         seconds = 0.0
     if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a number of seconds above 0, for example --watch 5")
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give a number of seconds above 0, for example --watch 5"
+        )
     return seconds
 
 
@@ -180,15 +204,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", "-p", action="append", help="a prompt (repeatable)")
     p.add_argument("--file", help="a file whose whole text is one prompt")
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL with a 'prompt' field")
-    p.add_argument("--batch", metavar="DIR", help="one prompt per DIR/*.txt, one result per file in --output-dir")
+    p.add_argument(
+        "--batch",
+        metavar="DIR",
+        help="one prompt per DIR/*.txt, one result per file in --output-dir",
+    )
     p.add_argument("--output-dir", help="where --batch writes NAME.json for each NAME.txt")
     p.add_argument("--output", "-o", help="result file ('-' for stdout)")
     p.add_argument("--model", "-m", help="model name or alias (default: the first backend's)")
     p.add_argument("--system", help="a system prompt sent before each prompt")
     # --n-predict and --temp: the earlier scripts' (llama.cpp's) names.
     p.add_argument("--max-tokens", "--n-predict", type=int, default=256)
-    p.add_argument("--temperature", "--temp", type=float, default=0.1,
-                   help="sampling temperature (default 0.1: reproducible batch answers)")
+    p.add_argument(
+        "--temperature",
+        "--temp",
+        type=float,
+        default=0.1,
+        help="sampling temperature (default 0.1: reproducible batch answers)",
+    )
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--start-timeout", type=float, default=300.0)
@@ -197,25 +230,36 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="turn run results into md, txt, jsonl or csv")
     p.add_argument("--input", "-i", required=True)
-    p.add_argument("--format", "-f", required=True, choices=["md", "txt", "jsonl", "csv", "markdown", "text"])
+    p.add_argument(
+        "--format", "-f", required=True, choices=["md", "txt", "jsonl", "csv", "markdown", "text"]
+    )
     p.add_argument("--output", "-o", help="default: stdout")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("health", help="GPUs, backend health and a latency benchmark through the gateway")
+    p = sub.add_parser(
+        "health", help="GPUs, backend health and a latency benchmark through the gateway"
+    )
     p.add_argument("--gateway", help="gateway URL (default from the desired state)")
-    p.add_argument("--requests", "-n", type=int, default=5, help="benchmark requests per model (0: none)")
+    p.add_argument(
+        "--requests", "-n", type=int, default=5, help="benchmark requests per model (0: none)"
+    )
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--llamacpp-url", action="append", help="also probe and measure this llama.cpp server")
+    p.add_argument(
+        "--llamacpp-url", action="append", help="also probe and measure this llama.cpp server"
+    )
     p.add_argument("--json", action="store_true")
-    p.add_argument("--watch", type=_positive_seconds, metavar="N", help="repeat every N seconds until Ctrl-C")
+    p.add_argument(
+        "--watch", type=_positive_seconds, metavar="N", help="repeat every N seconds until Ctrl-C"
+    )
     config_arg(p)
     p.set_defaults(func=cmd_health)
 
-
     from reconciler.analyze.command import configure as configure_analyze
 
-    p = sub.add_parser("analyze", help="map a source tree (modules, imports, cycles) and summarize it with a model")
+    p = sub.add_parser(
+        "analyze", help="map a source tree (modules, imports, cycles) and summarize it with a model"
+    )
     configure_analyze(p)
     config_arg(p)
     p.set_defaults(func=cmd_analyze)

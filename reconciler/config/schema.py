@@ -401,7 +401,9 @@ class BackendSpec(Strict):
         try:
             kind.settings.model_validate(values)
         except ValidationError as exc:  # one line per field, named as the loader names it
-            problems = [f"{e['loc'][0]}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+            problems = [
+                f"{e['loc'][0]}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+            ]
             raise ValueError("\n".join(problems)) from None
 
     def _check_cpu_vllm(self) -> None:
@@ -426,10 +428,14 @@ class BackendSpec(Strict):
 
 
 class RoutingSpec(Strict):
-    strategy: Literal["cache-aware", "least-load", "round-robin", "session-affinity"] = "cache-aware"
+    strategy: Literal["cache-aware", "least-load", "round-robin", "session-affinity"] = (
+        "cache-aware"
+    )
     affinity_header: Text = "x-session-id"
     load_threshold: Number = Field(
-        2.0, ge=0, le=10_000,
+        2.0,
+        ge=0,
+        le=10_000,
         description="Requests by which a preferred backend (cached prefix, same session) may "
         "exceed the least loaded one before the request goes to the least loaded instead.",
     )
@@ -463,7 +469,8 @@ class GatewaySpec(Strict):
     port: Port = 8000
     api_keys_file: Text | None = None
     admin_keys_file: Text | None = Field(
-        None, description="Keys (same format as api_keys_file, kept apart from it) that may drain or "
+        None,
+        description="Keys (same format as api_keys_file, kept apart from it) that may drain or "
         "restart backends through the admin API (None: the admin API is off).",
     )
     routing: RoutingSpec = RoutingSpec()
@@ -514,7 +521,9 @@ class MonitoringSpec(Strict):
 def _check_nats_url(value: str) -> str:
     value = _check_text(value)
     if urlsplit(value).scheme not in ("nats", "tls") or not urlsplit(value).hostname:
-        raise ValueError("must be a NATS server URL such as nats://127.0.0.1:4222 (or tls://HOST:PORT)")
+        raise ValueError(
+            "must be a NATS server URL such as nats://127.0.0.1:4222 (or tls://HOST:PORT)"
+        )
     return value
 
 
@@ -522,14 +531,16 @@ class EventsSpec(Strict):
     """Inference events on the platform's NATS bus (reconciler/gateway/events.py)."""
 
     nats_url: Annotated[str, AfterValidator(_check_nats_url)] | None = Field(
-        None, description="NATS server the gateway publishes inference.request.v1 / .response.v1 to "
+        None,
+        description="NATS server the gateway publishes inference.request.v1 / .response.v1 to "
         "(None: no events).",
     )
     include_text: bool = Field(
         False, description="Put the request's text (messages, prompt) in inference.request.v1."
     )
     queue_size: PositiveInt = Field(
-        10000, description="Events held while NATS is slow or down; beyond it they are dropped (counted)."
+        10000,
+        description="Events held while NATS is slow or down; beyond it they are dropped (counted).",
     )
 
 
@@ -565,12 +576,20 @@ class DesiredState(Strict):
                     )
                 names[alias] = name
         routing = self.gateway.routing
-        mapped = {"gateway.routing.default_model": routing.default_model} if routing.default_model else {}
-        mapped |= {f"gateway.routing.model_aliases.{k}": v for k, v in routing.model_aliases.items()}
+        mapped = (
+            {"gateway.routing.default_model": routing.default_model}
+            if routing.default_model
+            else {}
+        )
+        mapped |= {
+            f"gateway.routing.model_aliases.{k}": v for k, v in routing.model_aliases.items()
+        }
         for field, target in mapped.items():
             if target != "auto" and target not in names:
                 known = ", ".join(sorted(names)) or "none declared"
-                problems.append(f"{field}: {target!r} is not a model or alias (known: {known}); use one of them or 'auto'")
+                problems.append(
+                    f"{field}: {target!r} is not a model or alias (known: {known}); use one of them or 'auto'"
+                )
         for group, targets in self.gateway.routing.fallbacks.items():
             for target in [group, *targets]:
                 if target not in names:

@@ -100,7 +100,9 @@ class ProcessDriver:
     ) -> str:
         # The gateway restarts when its part of the desired state changes.
         spec = gateway.model_dump(mode="json")
-        return json.dumps({"argv": argv, "env": {}, "gateway": spec}, indent=1, sort_keys=True) + "\n"
+        return (
+            json.dumps({"argv": argv, "env": {}, "gateway": spec}, indent=1, sort_keys=True) + "\n"
+        )
 
     # -- records -------------------------------------------------------------------------
     def _path(self, name: str) -> Path:
@@ -420,7 +422,9 @@ def terminate(pid: int, grace: float) -> None:
     workers too, not just the leader: they may hold the port or GPU memory), then SIGKILL it."""
     try:
         os.killpg(pid, signal.SIGTERM)
-        os.killpg(pid, signal.SIGCONT)  # a stopped (SIGSTOP, hung) process acts on it only once continued
+        os.killpg(
+            pid, signal.SIGCONT
+        )  # a stopped (SIGSTOP, hung) process acts on it only once continued
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace

@@ -195,13 +195,17 @@ class SystemdDriver:
             return {}
         props = "Id,ActiveState,SubState,Result,MainPID,NRestarts,Job,Environment"
         try:
-            result = self._call("show", "-p", props, *(unit_file_name(n) for n in names), check=False)
+            result = self._call(
+                "show", "-p", props, *(unit_file_name(n) for n in names), check=False
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             result = subprocess.CompletedProcess([], 1, "", str(exc))
         if result.returncode != 0:
             if self._reachable:
-                log.info("systemd not reachable (%s); treating installed units as running",
-                         (result.stderr or "").strip()[:200])
+                log.info(
+                    "systemd not reachable (%s); treating installed units as running",
+                    (result.stderr or "").strip()[:200],
+                )
             self._reachable = False
             return {}
         self._reachable = True

@@ -19,12 +19,16 @@ async def read_whole(response: httpx.Response, limit: int | None = None) -> byte
     limit = MAX_ANSWER_BYTES if limit is None else limit
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise httpx.RemoteProtocolError(f"backend answer larger than {limit} bytes", request=response.request)
+        raise httpx.RemoteProtocolError(
+            f"backend answer larger than {limit} bytes", request=response.request
+        )
     parts: list[bytes] = []
     size = 0
     async for part in response.aiter_bytes():
         size += len(part)
         if size > limit:
-            raise httpx.RemoteProtocolError(f"backend answer larger than {limit} bytes", request=response.request)
+            raise httpx.RemoteProtocolError(
+                f"backend answer larger than {limit} bytes", request=response.request
+            )
         parts.append(part)
     return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -58,7 +58,9 @@ class Gateway(GatewayCore):
         self.watcher = StateWatcher(config_path, self.apply_state) if config_path else None
         self.openai = OpenAIEndpoints(self)
         self.ollama = OllamaSurface(self)
-        self.ops = OpsSurface(self)  # /status, /vram, /backends, /models, /ws, /ui (docs/operations.md)
+        self.ops = OpsSurface(
+            self
+        )  # /status, /vram, /backends, /models, /ws, /ui (docs/operations.md)
         self.app = Starlette(
             routes=[
                 Route("/health", self.health_endpoint, methods=["GET"]),
@@ -83,7 +85,11 @@ class Gateway(GatewayCore):
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.keys.enabled and scope["type"] in ("http", "websocket"):
             scope = with_api_key_header(scope)  # X-API-Key counts as 'Authorization: Bearer'
-        if scope["type"] == "http" and scope["path"] in OPENAI_ENDPOINTS and scope["method"] == "POST":
+        if (
+            scope["type"] == "http"
+            and scope["path"] in OPENAI_ENDPOINTS
+            and scope["method"] == "POST"
+        ):
             await self.openai(scope, receive, send)  # admits (and holds) the key itself
             return
         if (self.keys.enabled and scope["type"] in ("http", "websocket") and scope["path"] not in PUBLIC_PATHS
@@ -95,7 +101,13 @@ class Gateway(GatewayCore):
                 self.admission.identify(dict(scope["headers"]).get(b"authorization"))
             except GatewayError as refusal:
                 if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 4401, "reason": "missing or invalid API key"})
+                    await send(
+                        {
+                            "type": "websocket.close",
+                            "code": 4401,
+                            "reason": "missing or invalid API key",
+                        }
+                    )
                 elif scope["path"].startswith("/api/"):
                     await ollama_error(refusal)(scope, receive, send)
                 else:
@@ -134,7 +146,9 @@ class Gateway(GatewayCore):
             await asyncio.sleep(KEYS_POLL_SECONDS)
             try:
                 self.keys.reload_if_changed()
-            except Exception:  # keep watching: a revoked key must stop working once the file is fixed
+            except (
+                Exception
+            ):  # keep watching: a revoked key must stop working once the file is fixed
                 log.exception("reading %s failed; keeping the last good keys", self.keys.path)
 
     # -- small endpoints -------------------------------------------------------------------
@@ -158,7 +172,9 @@ class Gateway(GatewayCore):
         return JSONResponse(openapi_document(list(self.table.names)))
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        return Response(self.metrics.render(self.upstreams()), media_type="text/plain; version=0.0.4")
+        return Response(
+            self.metrics.render(self.upstreams()), media_type="text/plain; version=0.0.4"
+        )
 
     async def models_endpoint(self, request: Request) -> Response:
         try:
@@ -195,7 +211,10 @@ async def route_error(request: Request, exc: Exception) -> Response:
         status, headers = 405, {"Allow": "POST"}
     if status == 405:
         allowed = (headers or {}).get("Allow")
-        message, code = f"{request.method} is not allowed on {path} (allowed: {allowed})", "method_not_allowed"
+        message, code = (
+            f"{request.method} is not allowed on {path} (allowed: {allowed})",
+            "method_not_allowed",
+        )
     else:
         message, code = f"no such endpoint: {request.method} {path}", "unknown_endpoint"
     if path.startswith("/api/"):  # Ollama's error shape
@@ -222,7 +241,9 @@ def _trusted_for_detail(gateway: Gateway, request: Request) -> bool:
 
 def as_response(error: GatewayError) -> Response:
     headers = {"retry-after": error.retry_after} if error.retry_after else None
-    return Response(error.openai_json(), error.status, headers=headers, media_type="application/json")
+    return Response(
+        error.openai_json(), error.status, headers=headers, media_type="application/json"
+    )
 
 
 def create_app(

@@ -75,7 +75,9 @@ class ApiKeys:
         # Never quote the line in an error: it may hold a key.
         where = f"gateway.api_keys_file: {self.path} line {number}"
         if len(fields) > 2:
-            raise ApiKeyError(f"{where}: more than 'KEY [NAME]'; a key has no spaces, a name is one word")
+            raise ApiKeyError(
+                f"{where}: more than 'KEY [NAME]'; a key has no spaces, a name is one word"
+            )
         secret = fields[0]
         if secret.lower().startswith("sha256:"):
             found = _DIGEST.fullmatch(secret)

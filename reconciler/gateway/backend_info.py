@@ -59,7 +59,9 @@ def backend_capabilities(name: str, state: DesiredState) -> frozenset[str]:
         # llama-server serves embeddings and reranking only when started for them.
         found -= {"embedding", "rerank"}
         found |= {cap for flag, cap in _LLAMACPP_FLAGS.items() if flag in backend.extra_args}
-    if backend.kind == "vllm" and {"embed", "pooling", "--task=embed", "--runner=pooling"} & set(backend.extra_args):
+    if backend.kind == "vllm" and {"embed", "pooling", "--task=embed", "--runner=pooling"} & set(
+        backend.extra_args
+    ):
         found.add("embedding")  # vLLM serves embeddings from a pooling runner only
     return frozenset(found)
 
@@ -85,14 +87,29 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
     GGUFReader parses all of it: 10 s for SmolLM2 on a busy host; this takes milliseconds).
     Every length is checked against the file, so a corrupt file is a warning, not a hang."""
     try:
-        with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        with (
+            path.open("rb") as handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        ):
             return _header_values(data)
     except (OSError, ValueError, struct.error) as exc:
         log.warning("cannot read capabilities from %s: %s", path, exc)
         return None
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -163,8 +180,12 @@ class BackendInfo:
 
 def backend_infos(state: DesiredState) -> dict[str, BackendInfo]:
     return {
-        name: BackendInfo(b.kind, request_context(b), backend_capabilities(name, state),
-                          certain=b.managed or b.capabilities is not None or b.kind not in FLAG_KINDS)  # fmt: skip
+        name: BackendInfo(
+            b.kind,
+            request_context(b),
+            backend_capabilities(name, state),
+            certain=b.managed or b.capabilities is not None or b.kind not in FLAG_KINDS,
+        )  # fmt: skip
         for name, b in state.backends.items()
     }
 
@@ -173,4 +194,6 @@ def lacks_hint(name: str, backend: BackendInfo, managed: bool = True) -> str:
     """How to give backend `name` embeddings, for the 400 a request without them gets."""
     if backend.kind == "llamacpp" and not managed:
         return "start that llama-server with '--embeddings' (and '--pooling mean' for a chat model)"
-    return EMBEDDING_SETTING.get(backend.kind, EMBEDDING_SETTING[GENERIC_PROTOCOL]).format(name=name)
+    return EMBEDDING_SETTING.get(backend.kind, EMBEDDING_SETTING[GENERIC_PROTOCOL]).format(
+        name=name
+    )

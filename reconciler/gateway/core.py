@@ -35,7 +35,10 @@ from reconciler.paths import state_dir
 
 def upstream_timeout(spec: GatewaySpec) -> httpx.Timeout:
     return httpx.Timeout(
-        connect=spec.connect_timeout, read=spec.idle_timeout, write=spec.idle_timeout, pool=spec.connect_timeout
+        connect=spec.connect_timeout,
+        read=spec.idle_timeout,
+        write=spec.idle_timeout,
+        pool=spec.connect_timeout,
     )
 
 
@@ -80,9 +83,13 @@ class GatewayCore:
         self.affinity_header = self.spec.routing.affinity_header.lower().encode()
         self.metrics = GatewayMetrics()
         self.keys = ApiKeys(self.spec.api_keys_file)
-        self.admission = Admission(self.keys, ConcurrencyLimiter(self.spec.max_concurrency_per_key), self.metrics)
+        self.admission = Admission(
+            self.keys, ConcurrencyLimiter(self.spec.max_concurrency_per_key), self.metrics
+        )
         self.router = Router(
-            RoutingTable.from_state(state), self.spec.routing.strategy, self.spec.routing.load_threshold
+            RoutingTable.from_state(state),
+            self.spec.routing.strategy,
+            self.spec.routing.load_threshold,
         )
         self.transports = transports or make_transports(self.spec)
         # Probes get a plain httpx client of their own: exact error types ("connection
@@ -101,7 +108,10 @@ class GatewayCore:
         self.load = LoadScraper(self.probe_client, self.spec.health_interval, self.upstreams)
         self.status_file = state_dir(state.state_dir) / "status.json"
         self.gpu_headroom = GpuHeadroom(
-            gpus if gpus is not None else NvmlInventory(), self.local_placement, self.spec.health_interval, self.upstreams
+            gpus if gpus is not None else NvmlInventory(),
+            self.local_placement,
+            self.spec.health_interval,
+            self.upstreams,
         )
         self.started = time.time()
 

@@ -35,7 +35,9 @@ class GatewayError(Exception):
     param: str | None = None  # the request field at fault, as OpenAI names it
     type: str | None = None  # None: the status's usual type (STATUS_TYPES)
     retry_after: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # a backend's own fields (llama.cpp's n_ctx)
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # a backend's own fields (llama.cpp's n_ctx)
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -46,7 +48,13 @@ class GatewayError(Exception):
     def openai(self) -> dict[str, Any]:
         """The `error` object of OpenAI's shape."""
         kind = self.type if self.type is not None else STATUS_TYPES.get(self.status, "api_error")
-        return {"message": self.message, "type": kind, "param": self.param, "code": self.code, **self.extra}
+        return {
+            "message": self.message,
+            "type": kind,
+            "param": self.param,
+            "code": self.code,
+            **self.extra,
+        }
 
     def openai_json(self) -> bytes:
         return json.dumps({"error": self.openai()}).encode()

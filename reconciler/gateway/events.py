@@ -92,7 +92,12 @@ class NatsEvents:
         self._enqueue(REQUEST_SUBJECT, call.request_id, event)
 
     def completed(
-        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict[str, Any] | None
+        self,
+        call: ProxyCall,
+        backend: str,
+        status: str,
+        seconds: float,
+        usage: dict[str, Any] | None,
     ) -> None:
         usage = usage or {}
         self._enqueue(RESPONSE_SUBJECT, call.request_id, {
@@ -141,7 +146,9 @@ class NatsEvents:
                 subject, request_id, payload = self.queue.popleft()
                 await self._publish(client, subject, request_id, payload)
 
-    async def _publish(self, client: Any, subject: str, request_id: str, event: dict[str, Any]) -> None:
+    async def _publish(
+        self, client: Any, subject: str, request_id: str, event: dict[str, Any]
+    ) -> None:
         kind = "request" if subject == REQUEST_SUBJECT else "response"
         payload = json.dumps(
             {**event, "timestamp": _timestamp(event["timestamp"])}, separators=(",", ":")

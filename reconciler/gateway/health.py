@@ -43,7 +43,11 @@ class HealthMonitor:
             upstream.health_detail = DRAINING_DETAIL
             return
         health = await aprobe(
-            self.client, upstream.base_url, upstream.protocol, self.timeout, upstream.headers,
+            self.client,
+            upstream.base_url,
+            upstream.protocol,
+            self.timeout,
+            upstream.headers,
             model=upstream.served_name,
         )
         if upstream.name in self.draining:  # marked while the probe ran

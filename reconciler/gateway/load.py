@@ -21,7 +21,10 @@ MISSING_RETRY_SECONDS = 30.0  # a backend without /metrics is asked again only t
 
 class LoadScraper:
     def __init__(
-        self, client: httpx.AsyncClient, interval: float, upstreams: Callable[[], Iterable[Upstream]]
+        self,
+        client: httpx.AsyncClient,
+        interval: float,
+        upstreams: Callable[[], Iterable[Upstream]],
     ):
         self.client = client
         self.interval = interval
@@ -37,7 +40,9 @@ class LoadScraper:
             return
         try:
             response = await self.client.get(
-                upstream.base_url + adapter.info_path, timeout=self.timeout, headers=upstream.headers
+                upstream.base_url + adapter.info_path,
+                timeout=self.timeout,
+                headers=upstream.headers,
             )
             if response.status_code == 200:
                 upstream.backend_limit = adapter.parse_info(response.json())
@@ -50,12 +55,16 @@ class LoadScraper:
             return
         try:
             response = await self.client.get(
-                upstream.base_url + adapter.loaded_path, timeout=self.timeout, headers=upstream.headers
+                upstream.base_url + adapter.loaded_path,
+                timeout=self.timeout,
+                headers=upstream.headers,
             )
             document = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             document = None
-        upstream.warm = None if document is None else adapter.holds_model(document, upstream.served_name)
+        upstream.warm = (
+            None if document is None else adapter.holds_model(document, upstream.served_name)
+        )
 
     async def scrape(self, upstream: Upstream) -> None:
         await self.describe(upstream)
@@ -66,7 +75,9 @@ class LoadScraper:
             return
         try:
             response = await self.client.get(
-                upstream.base_url + adapter.metrics_path, timeout=self.timeout, headers=upstream.headers
+                upstream.base_url + adapter.metrics_path,
+                timeout=self.timeout,
+                headers=upstream.headers,
             )
         except httpx.HTTPError:
             upstream.reported_load, upstream.kv_usage = 0.0, None

@@ -51,7 +51,10 @@ class GatewayMetrics:
             ["client", "model", "type"], registry=r,
         )  # fmt: skip
         self.in_flight = Gauge(
-            "tensorforge_gateway_in_flight_requests", "Requests open at a backend.", ["backend"], registry=r
+            "tensorforge_gateway_in_flight_requests",
+            "Requests open at a backend.",
+            ["backend"],
+            registry=r,
         )
         self.retries = Counter(
             "tensorforge_gateway_retries_total",
@@ -59,7 +62,10 @@ class GatewayMetrics:
             ["model", "backend"], registry=r,
         )  # fmt: skip
         self.circuit_open = Gauge(
-            "tensorforge_gateway_circuit_open", "1 while a backend's circuit is open.", ["backend"], registry=r
+            "tensorforge_gateway_circuit_open",
+            "1 while a backend's circuit is open.",
+            ["backend"],
+            registry=r,
         )
         self.backend_healthy = Gauge(
             "tensorforge_gateway_backend_healthy", "1 while a backend passes its health check.",
@@ -72,7 +78,9 @@ class GatewayMetrics:
         self._known: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
 
-    def refused(self, status: int, message: str, code: str, retry_after: str | None = None) -> GatewayError:
+    def refused(
+        self, status: int, message: str, code: str, retry_after: str | None = None
+    ) -> GatewayError:
         """The error to raise for a request the gateway refuses itself, counted by its code."""
         self.rejected.labels(code).inc()
         return GatewayError(status, message, code, retry_after=retry_after)
@@ -90,7 +98,9 @@ class GatewayMetrics:
         if client is not None:
             self.child(self.client_requests, client, model, status).inc()
 
-    def record_tokens(self, model: str, backend: str, usage: dict[str, Any], client: str | None = None) -> None:
+    def record_tokens(
+        self, model: str, backend: str, usage: dict[str, Any], client: str | None = None
+    ) -> None:
         for kind in ("prompt", "completion"):
             count = usage.get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:

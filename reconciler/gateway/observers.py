@@ -14,7 +14,12 @@ class ProxyObserver(Protocol):
         """The request reached the proxy (before a backend is chosen)."""
 
     def completed(
-        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict[str, Any] | None
+        self,
+        call: ProxyCall,
+        backend: str,
+        status: str,
+        seconds: float,
+        usage: dict[str, Any] | None,
     ) -> None:
         """It was answered: `backend` ("none" if none was reached), HTTP `status` as counted in
         the metrics (499: the client left), `usage` the backend's token report if any."""

@@ -140,7 +140,11 @@ class OllamaSurface:
         endpoint = "/v1/chat/completions" if "messages" in native else "/v1/completions"
         model = auto_model(g.table, endpoint, native)
         if model is None:
-            return g.metrics.refused(503, f"auto ({requested!r}): no backend can answer this request", "no_healthy_backend")
+            return g.metrics.refused(
+                503,
+                f"auto ({requested!r}): no backend can answer this request",
+                "no_healthy_backend",
+            )
         return model
 
     # -- small endpoints -------------------------------------------------------------------
@@ -361,7 +365,9 @@ class OllamaSurface:
         await anext(lines)  # started: if the client leaves before streaming, closing cleans up
         return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
 
-    def _missing_capability(self, model: str, translated: Translated, native: dict[str, Any]) -> str | None:
+    def _missing_capability(
+        self, model: str, translated: Translated, native: dict[str, Any]
+    ) -> str | None:
         """The first capability the request needs that the model file says it lacks (Ollama
         answers such a request with 400); None when all are there or nothing is known (yet:
         until the file is read, in the background, the backend judges)."""
@@ -421,6 +427,8 @@ def _failed(answer: Answer) -> Response:
     return ollama_error_response(answer.status, "request failed")
 
 
-def ollama_error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+def ollama_error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
     """Ollama's error shape: {"error": "message"}."""
     return JSONResponse({"error": message}, status, headers=headers)

@@ -21,7 +21,9 @@ __all__ = ["OPENAI_ENDPOINTS", "PASS_THROUGH", "OpenAIEndpoints", "send_answer",
 log = logging.getLogger(__name__)
 
 
-async def send_error(send: Send, error: GatewayError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_error(
+    send: Send, error: GatewayError, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     """A gateway error in OpenAI's shape."""
     await send_answer(send, Answer(error.status, body=error.openai_json(), retry_after=error.retry_after,
                                    headers=extra or []))  # fmt: skip
@@ -72,7 +74,9 @@ class OpenAIEndpoints:
         core = self.core
         headers = dict(scope["headers"])
         try:
-            key = core.admission.admit(headers.get(b"authorization"))  # X-API-Key is folded in already
+            key = core.admission.admit(
+                headers.get(b"authorization")
+            )  # X-API-Key is folded in already
         except GatewayError as refusal:
             await send_error(send, refusal)
             return
@@ -86,7 +90,10 @@ class OpenAIEndpoints:
                     "(gateway.max_body_bytes)", "body_too_large"))  # fmt: skip
                 return
             except TimeoutError:
-                await send_error(send, core.metrics.refused(408, "request body not received in time", "body_timeout"))
+                await send_error(
+                    send,
+                    core.metrics.refused(408, "request body not received in time", "body_timeout"),
+                )
                 return
             except asyncio.CancelledError:
                 return
@@ -98,7 +105,9 @@ class OpenAIEndpoints:
                 return
             stream = routed.body.get("stream") is True
             if stream and scope["path"] == "/v1/embeddings":
-                await send_error(send, GatewayError(400, "embeddings cannot stream", "invalid_request"))
+                await send_error(
+                    send, GatewayError(400, "embeddings cannot stream", "invalid_request")
+                )
                 return
             affinity = headers.get(core.affinity_header)
             call = routed.call(stream, affinity.decode("latin-1") if affinity else None, key)
@@ -106,7 +115,9 @@ class OpenAIEndpoints:
         finally:
             core.admission.release(key)
 
-    async def _serve(self, call: ProxyCall, extra: list[tuple[bytes, bytes]], receive: Receive, send: Send) -> None:
+    async def _serve(
+        self, call: ProxyCall, extra: list[tuple[bytes, bytes]], receive: Receive, send: Send
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         gone: list[bool] = []
@@ -115,10 +126,17 @@ class OpenAIEndpoints:
             try:
                 answer = await self.core.proxy.forward(call)
             except GatewayError as error:
-                log.info("request %s: %s %s", dict(call.trace).get("x-request-id"), error.status, error.message[:300])
+                log.info(
+                    "request %s: %s %s",
+                    dict(call.trace).get("x-request-id"),
+                    error.status,
+                    error.message[:300],
+                )
                 await send_error(send, error, extra)
                 return
-            if answer.status == 501 and answer.error is not None:  # clients retry a 5xx: this one is the request's 400
+            if (
+                answer.status == 501 and answer.error is not None
+            ):  # clients retry a 5xx: this one is the request's 400
                 answer = not_implemented(answer, answer.error, call, self.core)
             answer.headers += extra
             if answer.error is not None:
@@ -135,14 +153,18 @@ class OpenAIEndpoints:
             watcher.cancel()  # not awaited: that would cost the request a loop turn
 
 
-def not_implemented(answer: Answer, error: GatewayError, call: ProxyCall, core: GatewayCore) -> Answer:
+def not_implemented(
+    answer: Answer, error: GatewayError, call: ProxyCall, core: GatewayCore
+) -> Answer:
     """A backend's 501 (llama.cpp's "start it with --embeddings") as a 400 that names the
     backend and what enables the endpoint there."""
     upstream = core.table.upstreams.get(answer.backend)
     hint = ""
     if upstream is not None and call.exchange.endpoint == "/v1/embeddings":
         hint = "; " + lacks_hint(upstream.name, upstream.info, managed=upstream.info.certain)
-    message = f"backend {answer.backend} does not serve {call.exchange.endpoint}: {error.message}{hint}"
+    message = (
+        f"backend {answer.backend} does not serve {call.exchange.endpoint}: {error.message}{hint}"
+    )
     return Answer(400, backend=answer.backend, headers=answer.headers,
                   error=GatewayError(400, message, "unsupported_by_backend"))  # fmt: skip
 
@@ -150,5 +172,3 @@ def not_implemented(answer: Answer, error: GatewayError, call: ProxyCall, core: 
 def _log_refusal(headers: dict[bytes, bytes], error: GatewayError) -> None:
     request_id = headers.get(b"x-request-id", b"").decode("latin-1")
     log.info("request %s refused: %s %s", request_id, error.status, error.message[:300])
-
-

@@ -23,11 +23,18 @@ ERROR = {
         }
     },
 }
-OLLAMA_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+OLLAMA_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
 COUNT = {"type": "integer", "minimum": 1}
 COMMON: dict[str, Any] = {
-    "model": {"type": "string", "minLength": 1,
-              "description": "A served model name or alias; 'auto' (or none) lets the gateway choose."},
+    "model": {
+        "type": "string",
+        "minLength": 1,
+        "description": "A served model name or alias; 'auto' (or none) lets the gateway choose.",
+    },
     "stream": {"type": "boolean"},
     "max_tokens": {**COUNT, "description": "At most the backend's per-request context."},
     "max_completion_tokens": COUNT,
@@ -35,7 +42,9 @@ COMMON: dict[str, Any] = {
     "top_p": {"type": "number", "minimum": 0, "maximum": 1},
     "n": {"type": "integer", "minimum": 1, "maximum": 1},
     "seed": {"type": "integer"},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+    "stop": {
+        "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]
+    },
     "user": {"type": "string"},
 }
 MESSAGE = {
@@ -61,7 +70,11 @@ OLLAMA_OPTIONS = {
 def _body(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
     return {
         "required": True,
-        "content": {"application/json": {"schema": {"type": "object", "required": required, "properties": properties}}},
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "required": required, "properties": properties}
+            }
+        },
     }
 
 
@@ -69,7 +82,10 @@ def _answers(ok: str, *errors: int, ollama: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"200": {"description": ok}}
     for status in errors:
         schema = OLLAMA_ERROR if ollama else ERROR
-        out[str(status)] = {"description": "error", "content": {"application/json": {"schema": schema}}}
+        out[str(status)] = {
+            "description": "error",
+            "content": {"application/json": {"schema": schema}},
+        }
     return out
 
 
@@ -89,10 +105,19 @@ def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     model = {**COMMON["model"], "enum": sorted(models)} if models else COMMON["model"]
     chat = {**COMMON, "model": model, "messages": {"type": "array", "items": MESSAGE}}
-    completion = {**COMMON, "model": model, "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}
+    completion = {
+        **COMMON,
+        "model": model,
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    }
     embedding = {
         "model": model,
-        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
+        "input": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            ]
+        },
     }
     ollama_chat = {
         "model": model, "stream": {"type": "boolean"}, "options": OLLAMA_OPTIONS,
@@ -111,14 +136,20 @@ def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
 
     ollama_embed = {"model": model, "input": embedding["input"], "truncate": {"type": "boolean"}}
     ollama_embeddings = {"model": model, "prompt": {"type": "string"}}
-    pull = {"model": {"type": "string"}, "stream": {"type": "boolean"}}  # any name: declared or catalog
+    pull = {
+        "model": {"type": "string"},
+        "stream": {"type": "boolean"},
+    }  # any name: declared or catalog
 
     def post(summary: str, body: dict[str, Any], ollama: bool = False) -> dict[str, Any]:
         return {"post": {"summary": summary, "security": bearer, "requestBody": body,
                          "responses": _answers("the answer (or an event stream)", *PROXIED, ollama=ollama)}}  # fmt: skip
 
     def get(summary: str, secured: bool = True) -> dict[str, Any]:
-        operation: dict[str, Any] = {"summary": summary, "responses": _answers("ok", *((401,) if secured else ()))}
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "responses": _answers("ok", *((401,) if secured else ())),
+        }
         if secured:
             operation["security"] = bearer
         return {"get": operation}
@@ -139,44 +170,106 @@ def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
             "/openapi.json": get("this document"),
             # The operations plane (docs/operations.md); the live feed is the WebSocket GET /ws.
             "/status": get("host, version, reconciler pass, every backend, gateway counters"),
-            "/vram": get("per GPU memory (NVML) with the backends placed on it; no GPU: gpus [] and the reason"),
-            "/backends": get("every backend: health, state, pid/unit, GPUs, in-flight, queue, circuit, last error"),
-            "/backends/{name}/drain": {"post": admin("take a backend out of routing and keep it out"),
-                                       "delete": admin("withdraw a drain request")},  # fmt: skip
-            "/backends/{name}/restart": {"post": admin("restart a backend through the reconciler's drain path")},
-            "/models": get("registry rows: source, file, sha256, size, format, GGUF details, serving backends"),
-            "/models/{name}": {"get": {"summary": "one model, by name or alias", "security": bearer,
-                                       "parameters": [NAME_PARAMETER], "responses": _answers("the model", 401, 404)}},  # fmt: skip
-            "/ui": get("the status page (public: it holds no data and asks for a key)", secured=False),
+            "/vram": get(
+                "per GPU memory (NVML) with the backends placed on it; no GPU: gpus [] and the reason"
+            ),
+            "/backends": get(
+                "every backend: health, state, pid/unit, GPUs, in-flight, queue, circuit, last error"
+            ),
+            "/backends/{name}/drain": {
+                "post": admin("take a backend out of routing and keep it out"),
+                "delete": admin("withdraw a drain request"),
+            },  # fmt: skip
+            "/backends/{name}/restart": {
+                "post": admin("restart a backend through the reconciler's drain path")
+            },
+            "/models": get(
+                "registry rows: source, file, sha256, size, format, GGUF details, serving backends"
+            ),
+            "/models/{name}": {
+                "get": {
+                    "summary": "one model, by name or alias",
+                    "security": bearer,
+                    "parameters": [NAME_PARAMETER],
+                    "responses": _answers("the model", 401, 404),
+                }
+            },  # fmt: skip
+            "/ui": get(
+                "the status page (public: it holds no data and asks for a key)", secured=False
+            ),
             "/ui/app.js": get("the status page's script", secured=False),
             "/ui/style.css": get("the status page's style", secured=False),
             "/v1/models": get("served models and their aliases"),
-            "/v1/models/{model}": {"get": {"summary": "one served model, by name or alias", "security": bearer,
-                                           "parameters": [{"name": "model", "in": "path", "required": True,
-                                                           "schema": {"type": "string"}}],
-                                           "responses": _answers("the model", 401, 404)}},  # fmt: skip
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "one served model, by name or alias",
+                    "security": bearer,
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": _answers("the model", 401, 404),
+                }
+            },  # fmt: skip
             "/v1/chat/completions": post("chat completion", _body(["model", "messages"], chat)),
             "/v1/completions": post("text completion", _body(["model", "prompt"], completion)),
             "/v1/embeddings": post("embeddings", _body(["model", "input"], embedding)),
-            **{path: post(f"{summary}, passed to a backend that serves it (routed by model)",
-                          _body([], {"model": model}))
-               for path, summary in PASS_THROUGH.items()},
-            "/": {**get("Ollama liveness"), "head": {"summary": "Ollama liveness", "security": bearer,
-                                                      "responses": {"200": {"description": "ok"}}}},  # fmt: skip
+            **{
+                path: post(
+                    f"{summary}, passed to a backend that serves it (routed by model)",
+                    _body([], {"model": model}),
+                )
+                for path, summary in PASS_THROUGH.items()
+            },
+            "/": {
+                **get("Ollama liveness"),
+                "head": {
+                    "summary": "Ollama liveness",
+                    "security": bearer,
+                    "responses": {"200": {"description": "ok"}},
+                },
+            },  # fmt: skip
             "/api/version": get("Ollama version"),
             "/api/tags": get("Ollama model list"),
             "/api/ps": get("Ollama running models"),
             "/api/chat": post("Ollama chat", _body(["model"], ollama_chat), ollama=True),
-            "/api/generate": post("Ollama generate", _body(["model"], ollama_generate), ollama=True),
-            "/api/show": post("Ollama model details", _body(["model"], {"model": model}), ollama=True),
-            "/api/embed": post("Ollama embeddings", _body(["model", "input"], ollama_embed), ollama=True),
-            "/api/embeddings": post("Ollama embeddings (older form)", _body(["model", "prompt"], ollama_embeddings),
-                                    ollama=True),  # fmt: skip
-            "/api/pull": post("Ollama pull: TensorForge's pull of a declared or catalog model", _body(["model"], pull),
-                              ollama=True),  # fmt: skip
-            "/api/delete": {"delete": {**post("Ollama delete: unregister a model no backend serves",
-                                              _body(["model"], pull), ollama=True)["post"]}},  # fmt: skip
-            **{f"/api/{verb}": post(f"Ollama {verb}: 501, with what to do instead", _body([], {}), ollama=True)
-               for verb in ("copy", "create", "push")},  # fmt: skip
+            "/api/generate": post(
+                "Ollama generate", _body(["model"], ollama_generate), ollama=True
+            ),
+            "/api/show": post(
+                "Ollama model details", _body(["model"], {"model": model}), ollama=True
+            ),
+            "/api/embed": post(
+                "Ollama embeddings", _body(["model", "input"], ollama_embed), ollama=True
+            ),
+            "/api/embeddings": post(
+                "Ollama embeddings (older form)",
+                _body(["model", "prompt"], ollama_embeddings),
+                ollama=True,
+            ),  # fmt: skip
+            "/api/pull": post(
+                "Ollama pull: TensorForge's pull of a declared or catalog model",
+                _body(["model"], pull),
+                ollama=True,
+            ),  # fmt: skip
+            "/api/delete": {
+                "delete": {
+                    **post(
+                        "Ollama delete: unregister a model no backend serves",
+                        _body(["model"], pull),
+                        ollama=True,
+                    )["post"]
+                }
+            },  # fmt: skip
+            **{
+                f"/api/{verb}": post(
+                    f"Ollama {verb}: 501, with what to do instead", _body([], {}), ollama=True
+                )
+                for verb in ("copy", "create", "push")
+            },  # fmt: skip
         },
     }

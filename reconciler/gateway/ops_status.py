@@ -236,15 +236,11 @@ class VramEstimates:
         self, core: GatewayCore, names: set[str], wait: float = 1.0
     ) -> dict[str, int | None]:
         specs = {
-            n: core.state.backends[n].model_dump_json()
-            for n in names
-            if n in core.state.backends
+            n: core.state.backends[n].model_dump_json() for n in names if n in core.state.backends
         }
         stale = {n for n, spec in specs.items() if self.known.get(n, ("", None))[0] != spec}
         if stale and (self._work is None or self._work.done()):
-            self._work = asyncio.create_task(
-                asyncio.to_thread(self._compute, core, stale, specs)
-            )
+            self._work = asyncio.create_task(asyncio.to_thread(self._compute, core, stale, specs))
         if self._work is not None and not self._work.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._work), wait)
@@ -314,7 +310,9 @@ class ModelCatalog:
             rows.append(self._row(name, spec.source, spec.aliases, record))
         return rows, problem
 
-    def _row(self, name: str, source: str, aliases: list[str], record: ModelRecord | None) -> dict[str, Any]:
+    def _row(
+        self, name: str, source: str, aliases: list[str], record: ModelRecord | None
+    ) -> dict[str, Any]:
         upstreams = {u.name: u for u in self.core.upstreams()}
         serving = [
             {"backend": b, "healthy": upstreams[b].healthy if b in upstreams else False}

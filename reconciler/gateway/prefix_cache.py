@@ -33,7 +33,9 @@ def prompt_text(body: dict[str, Any]) -> str:
         for message in messages:
             if not isinstance(message, dict):
                 continue
-            parts.append(f"{message.get('role', '')}{_FIELD_END}{_content_text(message.get('content'))}{_ROLE_END}")
+            parts.append(
+                f"{message.get('role', '')}{_FIELD_END}{_content_text(message.get('content'))}{_ROLE_END}"
+            )
         return "".join(parts)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -47,7 +49,11 @@ def _content_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI content parts: only text is a cacheable prefix
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return "".join(
+            p.get("text", "")
+            for p in content
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     return ""
 
 
@@ -59,7 +65,9 @@ def prompt_blocks(body: dict[str, Any]) -> list[int]:
     text = prompt_text(body)
     blocks: list[int] = []
     previous = 0
-    for start in range(0, min(len(text), BLOCK_CHARS * MAX_PROMPT_BLOCKS) - BLOCK_CHARS + 1, BLOCK_CHARS):
+    for start in range(
+        0, min(len(text), BLOCK_CHARS * MAX_PROMPT_BLOCKS) - BLOCK_CHARS + 1, BLOCK_CHARS
+    ):
         previous = hash((previous, text[start : start + BLOCK_CHARS]))
         blocks.append(previous)
     return blocks

@@ -109,7 +109,14 @@ class Proxy:
         self._urls: dict[str, httpx.URL] = {}
         self.observers: list[ProxyObserver] = []
 
-    def _count(self, call: ProxyCall, backend: str, status: str, started: float, usage: dict[str, Any] | None = None) -> None:
+    def _count(
+        self,
+        call: ProxyCall,
+        backend: str,
+        status: str,
+        started: float,
+        usage: dict[str, Any] | None = None,
+    ) -> None:
         """Count one request's outcome, and tell the observers."""
         self.metrics.count(call.model, backend, status, call.client)
         for observer in self.observers:
@@ -152,14 +159,18 @@ class Proxy:
                     return await self._attempt(upstream, call, started)
                 except Unsupported as exc:
                     self._count(call, upstream.name, "400", started)
-                    raise GatewayError(400, str(exc), exc.code, param=getattr(exc, "param", None)) from None
+                    raise GatewayError(
+                        400, str(exc), exc.code, param=getattr(exc, "param", None)
+                    ) from None
                 except Malformed as exc:
                     self._count(call, upstream.name, "400", started)
                     raise GatewayError(400, str(exc), "invalid_request") from None
                 except TimedOut as exc:
                     self._count(call, upstream.name, "504", started)
                     log.warning("request to %s cancelled: %s", upstream.name, exc)
-                    raise GatewayError(504, f"backend {upstream.name}: {exc}", "upstream_timeout") from None
+                    raise GatewayError(
+                        504, f"backend {upstream.name}: {exc}", "upstream_timeout"
+                    ) from None
                 except UpstreamFailed as exc:
                     if not exc.busy:
                         failed = True
@@ -214,7 +225,11 @@ class Proxy:
         tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         choices = body.get("n", 1)
         if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
-            choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
+            choices = (
+                choices
+                if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0
+                else 1
+            )
             budget = self.first_byte_timeout + tokens * choices / upstream.min_tokens_per_second
             seconds = min(seconds, budget)
         return seconds
@@ -236,7 +251,9 @@ class Proxy:
             raise
         except Exception as exc:  # check_fields missed a shape: still the client's 400, not a 500
             log.debug("adapter %s could not build the request", upstream.protocol, exc_info=True)
-            raise Malformed(f"malformed request for this backend: {type(exc).__name__}: {exc}") from exc
+            raise Malformed(
+                f"malformed request for this backend: {type(exc).__name__}: {exc}"
+            ) from exc
         passthrough = adapter.passes_through(call.exchange.endpoint)
         target = upstream.base_url + spec.path
         url = self._urls.get(target)
@@ -248,8 +265,14 @@ class Proxy:
         allowed = self.deadline(call, upstream)
         deadline = asyncio.get_running_loop().time() + allowed
         first_wait = min(self.first_byte_timeout, allowed)
-        timeout = self.timeout if first_wait == self.first_byte_timeout else {**self.timeout, "first_byte": first_wait}
-        request = httpx.Request(spec.method, url, content=spec.content, headers=headers, extensions={"timeout": timeout})
+        timeout = (
+            self.timeout
+            if first_wait == self.first_byte_timeout
+            else {**self.timeout, "first_byte": first_wait}
+        )
+        request = httpx.Request(
+            spec.method, url, content=spec.content, headers=headers, extensions={"timeout": timeout}
+        )
         others = upstream.in_flight
         upstream.in_flight += 1
         response: httpx.Response | None = None
@@ -273,14 +296,34 @@ class Proxy:
                         content = adapter.convert_response(call.exchange, content)
                     upstream.record_success()
                     upstream.release()
-                    self._record(call, upstream, status, started, content if status == 200 else None)
-                    if status >= 400:  # one error, each surface renders it; other statuses pass as they are
+                    self._record(
+                        call, upstream, status, started, content if status == 200 else None
+                    )
+                    if (
+                        status >= 400
+                    ):  # one error, each surface renders it; other statuses pass as they are
                         error = backend_error(content, status)
-                        return Answer(status, JSON, upstream.name, error=error, headers=_backend_id(backend_id, call))
+                        return Answer(
+                            status,
+                            JSON,
+                            upstream.name,
+                            error=error,
+                            headers=_backend_id(backend_id, call),
+                        )
                     ctype = response.headers.get("content-type", "application/json").encode()
-                    return Answer(status, ctype, upstream.name, body=content, headers=_backend_id(backend_id, call))
+                    return Answer(
+                        status,
+                        ctype,
+                        upstream.name,
+                        body=content,
+                        headers=_backend_id(backend_id, call),
+                    )
                 upstream_chunks = response.aiter_raw()
-                chunks = upstream_chunks if passthrough else adapter.convert_stream(exchange, upstream_chunks)
+                chunks = (
+                    upstream_chunks
+                    if passthrough
+                    else adapter.convert_stream(exchange, upstream_chunks)
+                )
                 first = await anext(chunks, b"")
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
             upstream.release()
@@ -288,13 +331,23 @@ class Proxy:
                 await response.aclose()
             if _timed_out(exc) and not upstream.healthy:
                 # Its probe fails too: unreachable (a partition), not this request's doing.
-                raise UpstreamFailed(f"no answer, and its health probe fails: {upstream.health_detail}") from exc
+                raise UpstreamFailed(
+                    f"no answer, and its health probe fails: {upstream.health_detail}"
+                ) from exc
             if _timed_out(exc):
                 self._cancelled(upstream)
-                limit = "request_timeout or max_tokens budget" if first_wait < self.first_byte_timeout else "first_byte_timeout"
-                raise TimedOut(f"no answer within {first_wait:g}s ({limit}); the request was cancelled at the backend") from exc
+                limit = (
+                    "request_timeout or max_tokens budget"
+                    if first_wait < self.first_byte_timeout
+                    else "first_byte_timeout"
+                )
+                raise TimedOut(
+                    f"no answer within {first_wait:g}s ({limit}); the request was cancelled at the backend"
+                ) from exc
             loaded = others >= (upstream.slots or LOADED_IN_FLIGHT)
-            dropped = isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
+            dropped = isinstance(
+                exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+            )
             raise UpstreamFailed(_describe(exc), busy=loaded and dropped) from exc
         except BaseException as exc:
             upstream.release()
@@ -304,12 +357,15 @@ class Proxy:
                 self._count(call, upstream.name, "499", started)
             raise
         upstream.record_success()
-        self.metrics.child(self.metrics.ttft, call.model, upstream.name).observe(time.perf_counter() - started)
+        self.metrics.child(self.metrics.ttft, call.model, upstream.name).observe(
+            time.perf_counter() - started
+        )
         watch = self._usage_watch(call, upstream, hidden_usage)
         stream = self._relay(first, chunks, response, upstream, call, (started, deadline), watch)
         await anext(stream)  # run it to its first yield: from here on, closing it cleans up
-        return Answer(200, EVENT_STREAM, upstream.name, stream=stream, headers=_backend_id(backend_id, call))
-
+        return Answer(
+            200, EVENT_STREAM, upstream.name, stream=stream, headers=_backend_id(backend_id, call)
+        )
 
     async def _relay(
         self,
@@ -373,7 +429,9 @@ class Proxy:
             finally:
                 await response.aclose()
 
-    def _usage_watch(self, call: ProxyCall, upstream: Upstream, hidden: bool) -> tuple[UsageWatch, dict[str, Any]] | None:
+    def _usage_watch(
+        self, call: ProxyCall, upstream: Upstream, hidden: bool
+    ) -> tuple[UsageWatch, dict[str, Any]] | None:
         """What finds the stream's token counts (for the metrics and the observers), taking
         out the usage event the gateway asked for (`hidden`); None for a stream that is not
         server-sent events."""
@@ -387,15 +445,28 @@ class Proxy:
 
         return UsageWatch(counted, strip=hidden), tokens
 
-    def _record(self, call: ProxyCall, upstream: Upstream, status: int, started: float, content: bytes | None) -> None:
+    def _record(
+        self,
+        call: ProxyCall,
+        upstream: Upstream,
+        status: int,
+        started: float,
+        content: bytes | None,
+    ) -> None:
         m = self.metrics
         elapsed = time.perf_counter() - started
         m.child(m.duration, call.model, upstream.name).observe(elapsed)
         m.child(m.ttft, call.model, upstream.name).observe(elapsed)
-        usage = self._count_usage(content, call, upstream) if content and b'"usage"' in content else None
+        usage = (
+            self._count_usage(content, call, upstream)
+            if content and b'"usage"' in content
+            else None
+        )
         self._count(call, upstream.name, str(status), started, usage)
 
-    def _count_usage(self, document: str | bytes, call: ProxyCall, upstream: Upstream) -> dict[str, Any] | None:
+    def _count_usage(
+        self, document: str | bytes, call: ProxyCall, upstream: Upstream
+    ) -> dict[str, Any] | None:
         """Tokens from an answer's (or a stream event's) OpenAI `usage` object, if it has one."""
         try:
             usage = json.loads(document).get("usage")

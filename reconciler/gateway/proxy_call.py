@@ -19,5 +19,7 @@ class ProxyCall:
     stream: bool
     affinity_key: str | None = None
     client: str | None = None  # the API key's client name, when keys are on
-    eligible: frozenset[str] | None = None  # backends that fit the request (selection.py); None: all
+    eligible: frozenset[str] | None = (
+        None  # backends that fit the request (selection.py); None: all
+    )
     trace: tuple[tuple[str, str], ...] = ()  # x-request-id and traceparent, sent to the backend

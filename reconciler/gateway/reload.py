@@ -37,7 +37,11 @@ class StateWatcher:
         try:
             state, _ = load_desired_state(self.path)
         except (ConfigError, OSError, ValueError) as exc:
-            log.warning("desired state %s changed but is not usable; keeping the old routes: %s", self.path, exc)
+            log.warning(
+                "desired state %s changed but is not usable; keeping the old routes: %s",
+                self.path,
+                exc,
+            )
             return False
         self.apply(state)
         log.info("routing table reloaded from %s", self.path)

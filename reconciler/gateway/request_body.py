@@ -11,8 +11,18 @@ from typing import Any
 from reconciler.gateway.asgi import Receive
 
 # Routed by `model` like chat; each goes only to a backend kind that serves it.
-PASS_THROUGH = ("/v1/responses", "/v1/messages", "/v1/rerank", "/rerank", "/tokenize", "/detokenize", "/infill")
-OPENAI_ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *PASS_THROUGH))
+PASS_THROUGH = (
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/rerank",
+    "/rerank",
+    "/tokenize",
+    "/detokenize",
+    "/infill",
+)
+OPENAI_ENDPOINTS = frozenset(
+    ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *PASS_THROUGH)
+)
 
 
 class BodyTooLarge(Exception):
@@ -105,9 +115,15 @@ def check_fields(endpoint: str, body: dict[str, Any]) -> tuple[str, str] | None:
             content = message.get("content")
             parts_ok = isinstance(content, list) and all(isinstance(p, dict) for p in content)
             if content is not None and not isinstance(content, str) and not parts_ok:
-                return "a message's 'content' must be a string, a list of parts or null", "invalid_messages"
+                return (
+                    "a message's 'content' must be a string, a list of parts or null",
+                    "invalid_messages",
+                )
             if parts_ok and not all(_image_ok(p) for p in content or ()):
-                return "a content part's 'image_url' must be an object with a string 'url'", "invalid_messages"
+                return (
+                    "a content part's 'image_url' must be an object with a string 'url'",
+                    "invalid_messages",
+                )
     elif endpoint == "/v1/completions":
         if not _strings(body.get("prompt"), allow_tokens=True):
             return "'prompt' must be a string or a list of strings", "invalid_prompt"

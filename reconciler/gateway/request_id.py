@@ -68,4 +68,8 @@ def with_request_id(app: ASGIApp) -> ASGIApp:
 
 def trace_headers(headers: dict[bytes, bytes]) -> tuple[tuple[str, str], ...]:
     """What of the request's trace context to send the backend."""
-    return tuple((k.decode(), v.decode()) for k in TRACED if (v := headers.get(k)) is not None and _VALID.fullmatch(v))
+    return tuple(
+        (k.decode(), v.decode())
+        for k in TRACED
+        if (v := headers.get(k)) is not None and _VALID.fullmatch(v)
+    )

@@ -54,7 +54,9 @@ class Routed:
 
     def call(self, stream: bool, affinity: str | None, client: str | None) -> ProxyCall:
         exchange = Exchange(self.endpoint, self.body, self.requested)
-        return ProxyCall(exchange, self.raw, self.model, stream, affinity, client, self.eligible, self.trace)
+        return ProxyCall(
+            exchange, self.raw, self.model, stream, affinity, client, self.eligible, self.trace
+        )
 
 
 class Routing:
@@ -72,7 +74,9 @@ class Routing:
     def unknown_model(self, requested: object) -> GatewayError:
         """404 naming what is served, so the client can fix the name."""
         known = ", ".join(sorted(self.table.names)) or "none"
-        return self.metrics.refused(404, f"model {requested!r} not found; known models: {known}", "model_not_found")
+        return self.metrics.refused(
+            404, f"model {requested!r} not found; known models: {known}", "model_not_found"
+        )
 
     async def route(self, raw: bytes, endpoint: str, headers: dict[bytes, bytes]) -> Routed:
         """The request checked, its backends chosen (by name, or by its needs for `auto` and
@@ -94,16 +98,35 @@ class Routing:
         if resolution.model is None:
             pool, label = everyone, f"auto ({requested!r})" if requested else "auto (no model)"
         else:
-            pool, label = [u for u in everyone if u.model == resolution.model], f"model {resolution.model}"
+            pool, label = (
+                [u for u in everyone if u.model == resolution.model],
+                f"model {resolution.model}",
+            )
         if endpoint.startswith("/api/") and resolution.model is not None:
             # Ollama's own request, to Ollama backends: the model is named, Ollama clamps itself.
-            return Routed(endpoint, body, raw, resolution.model, requested or resolution.model, None, [], trace)
+            return Routed(
+                endpoint,
+                body,
+                raw,
+                resolution.model,
+                requested or resolution.model,
+                None,
+                [],
+                trace,
+            )
         if not pool:  # declared without a backend: the proxy answers 503 naming why
             model = resolution.model or ""
             return Routed(endpoint, body, raw, model, requested or model, None, [], trace)
-        if resolution.via == "name" and endpoint in TEXT_ENDPOINTS and b"image" not in raw and plainly_fits(len(raw), body, pool):
+        if (
+            resolution.via == "name"
+            and endpoint in TEXT_ENDPOINTS
+            and b"image" not in raw
+            and plainly_fits(len(raw), body, pool)
+        ):
             return Routed(endpoint, body, raw, resolution.model, requested, None, [], trace)  # type: ignore[arg-type]
-        if endpoint not in CORE_ENDPOINTS and not any(ENDPOINT_CAPABILITY[endpoint] in u.capabilities for u in pool):
+        if endpoint not in CORE_ENDPOINTS and not any(
+            ENDPOINT_CAPABILITY[endpoint] in u.capabilities for u in pool
+        ):
             refusal = endpoint_unsupported(endpoint, requested or "auto", pool, everyone)
             raise self.metrics.refused(refusal.status, refusal.message, refusal.code)
         needs = request_needs(endpoint, body)
@@ -143,14 +166,18 @@ class Routing:
             raise self.metrics.refused(400, *body)
         requested = body.get("model")
         if not isinstance(requested, str) or not requested:
-            raise self.metrics.refused(400, "'model' is required and must be a string", "missing_model")
+            raise self.metrics.refused(
+                400, "'model' is required and must be a string", "missing_model"
+            )
         resolution = self.table.resolve_request(requested)
         if resolution is None:
             raise self.unknown_model(requested)
         model = resolution.model or auto_model(self.table, endpoint, body)
         if model is None:
             raise self.metrics.refused(
-                503, f"auto ({requested!r}): no backend can answer this request", "no_healthy_backend"
+                503,
+                f"auto ({requested!r}): no backend can answer this request",
+                "no_healthy_backend",
             )
         problem = check_fields(endpoint, body)
         if problem is not None:
@@ -178,7 +205,10 @@ async def count_tokens(client: httpx.AsyncClient, needs: Needs, pool: list[Upstr
             request = {"content": needs.text, "add_special": True}
         try:
             response = await client.post(
-                upstream.base_url + "/tokenize", json=request, headers=upstream.headers, timeout=TOKENIZE_TIMEOUT
+                upstream.base_url + "/tokenize",
+                json=request,
+                headers=upstream.headers,
+                timeout=TOKENIZE_TIMEOUT,
             )
             answer = response.json()
             tokens = answer.get("count") or len(answer["tokens"])

@@ -52,7 +52,9 @@ class Upstream:
     # Sent with every request and probe: the backend's own key (api_key_file). Not in repr,
     # so no log line or traceback that prints an Upstream shows it.
     headers: dict[str, str] = field(default_factory=dict, repr=False)
-    info: BackendInfo = field(default_factory=lambda: BackendInfo("openai", None, frozenset({"completion"})))
+    info: BackendInfo = field(
+        default_factory=lambda: BackendInfo("openai", None, frozenset({"completion"}))
+    )
 
     @property
     def kind(self) -> str:
@@ -66,6 +68,7 @@ class Upstream:
     @property
     def capabilities(self) -> frozenset[str]:
         return self.info.capabilities
+
     request_timeout: float = 600.0  # seconds from a request's first byte to its last
     min_tokens_per_second: float = 1.0  # slower than this, a generation counts as stuck
     # llama.cpp's slots (--parallel), where known: the backend takes slots + 1 requests (one
@@ -158,7 +161,9 @@ class RoutingTable:
     names: dict[str, str]  # name or alias -> canonical model
     upstreams: dict[str, Upstream]
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
-    client_aliases: dict[str, str] = field(default_factory=dict)  # name or pattern -> model, alias or auto
+    client_aliases: dict[str, str] = field(
+        default_factory=dict
+    )  # name or pattern -> model, alias or auto
     default_model: str | None = None
 
     @classmethod
@@ -191,7 +196,9 @@ class RoutingTable:
                 upstream = old
             upstreams[name] = upstream
         names = state.model_names()
-        fallbacks = {names[g]: [names[t] for t in ts] for g, ts in state.gateway.routing.fallbacks.items()}
+        fallbacks = {
+            names[g]: [names[t] for t in ts] for g, ts in state.gateway.routing.fallbacks.items()
+        }
         routing = state.gateway.routing
         return cls(names=names, upstreams=upstreams, fallbacks=fallbacks,
                    client_aliases=dict(routing.model_aliases), default_model=routing.default_model)  # fmt: skip
@@ -207,7 +214,10 @@ class RoutingTable:
             return Resolution(self.names[requested], "name")
         target = self.client_aliases.get(requested)
         if target is None:
-            target = next((t for p, t in self.client_aliases.items() if fnmatch.fnmatchcase(requested, p)), None)
+            target = next(
+                (t for p, t in self.client_aliases.items() if fnmatch.fnmatchcase(requested, p)),
+                None,
+            )
         if target is not None:
             return Resolution(None if target == AUTO else self.names[target], "model_aliases")
         if requested in PLACEHOLDERS:
@@ -274,7 +284,9 @@ def served_name(model: str, source: str, protocol: str) -> str:
 
 
 class Router:
-    def __init__(self, table: RoutingTable, strategy: str = "cache-aware", load_threshold: float = 2.0):
+    def __init__(
+        self, table: RoutingTable, strategy: str = "cache-aware", load_threshold: float = 2.0
+    ):
         self.table = table
         self.strategy = strategy
         # How much busier (in requests) a preferred backend (same session, cached prefix) may
@@ -309,7 +321,9 @@ class Router:
             ordered += self._order(ready, affinity_key, body)
         return ordered
 
-    def _order(self, ready: list[Upstream], affinity_key: str | None, body: dict[str, Any] | None) -> list[Upstream]:
+    def _order(
+        self, ready: list[Upstream], affinity_key: str | None, body: dict[str, Any] | None
+    ) -> list[Upstream]:
         if len(ready) < 2:
             return ready
         if self.strategy == "round-robin":
@@ -326,7 +340,9 @@ class Router:
             chosen = self._yielding(rendezvous(ready, affinity_key), by_load[0])
         return [chosen, *(u for u in by_load if u is not chosen)]
 
-    def _by_prefix(self, by_load: list[Upstream], blocks: list[int], affinity_key: str | None) -> Upstream:
+    def _by_prefix(
+        self, by_load: list[Upstream], blocks: list[int], affinity_key: str | None
+    ) -> Upstream:
         """The backend holding the longest prefix of this prompt, unless it is too busy; with
         no prefix anywhere, the session's backend, else the least loaded with the most room
         in its cache (so new conversations spread instead of piling onto one replica)."""

@@ -28,8 +28,12 @@ PROMPT_FIELDS = ("messages", "prompt", "input", "system", "instructions", "tools
 # backend's 500 or 501). Tools, schemas and thinking only steer `auto`: with a named model,
 # the backend judges them, as it did before automatic selection existed.
 HARD_NEEDS = frozenset(("embedding", "vision", *ENDPOINT_CAPABILITY.values()))
-TEMPLATE_TOKENS = 8  # what a chat template adds per message (role markers), at most, in common templates
-PREAMBLE_TOKENS = 32  # and once per chat: a default system prompt some templates add (SmolLM2's: 20)
+TEMPLATE_TOKENS = (
+    8  # what a chat template adds per message (role markers), at most, in common templates
+)
+PREAMBLE_TOKENS = (
+    32  # and once per chat: a default system prompt some templates add (SmolLM2's: 20)
+)
 BYTES_PER_TOKEN = 3  # an estimate on the high side: English runs about 4 bytes per token
 
 
@@ -44,7 +48,9 @@ class Needs:
     @property
     def template_tokens(self) -> int:
         """What a chat template adds to the text's own tokens, at most."""
-        return TEMPLATE_TOKENS * self.messages + (PREAMBLE_TOKENS if self.endpoint == "/v1/chat/completions" else 0)
+        return TEMPLATE_TOKENS * self.messages + (
+            PREAMBLE_TOKENS if self.endpoint == "/v1/chat/completions" else 0
+        )
 
     def describe(self, prompt_tokens: int, counted: bool) -> str:
         total = prompt_tokens + (self.max_tokens or 0)
@@ -122,7 +128,9 @@ def plainly_fits(raw_size: int, body: dict[str, Any], pool: list[Upstream]) -> b
     The hot path: most requests end here."""
     asked = [v for f in MAX_FIELDS if _is_count(v := body.get(f))]
     need = raw_size // BYTES_PER_TOKEN + PREAMBLE_TOKENS + (max(asked) if asked else 1)
-    return all("completion" in u.capabilities and (u.context is None or u.context >= need) for u in pool)
+    return all(
+        "completion" in u.capabilities and (u.context is None or u.context >= need) for u in pool
+    )
 
 
 def context_decides(needs: Needs, pool: list[Upstream], prompt_tokens: int) -> bool:
@@ -133,7 +141,12 @@ def context_decides(needs: Needs, pool: list[Upstream], prompt_tokens: int) -> b
 
 
 def choose(
-    needs: Needs, pool: list[Upstream], prompt_tokens: int, counted: bool, label: str, auto: bool = True
+    needs: Needs,
+    pool: list[Upstream],
+    prompt_tokens: int,
+    counted: bool,
+    label: str,
+    auto: bool = True,
 ) -> Choice | Refusal:
     """The backends of one model that can answer, or why none can. `pool` holds the requested
     model's backends (or every backend, for `auto`); `label` starts the reason ('auto',
@@ -143,7 +156,9 @@ def choose(
     # A server declared by URL may have what its flags (unseen here) give it: it judges, and
     # says 501 for embeddings (made a 400 on the way back). Not images: llama.cpp answers
     # those with a 500, so a remote vision server declares capabilities: [vision].
-    capable = capable or [u for u in pool if not u.info.certain and "vision" not in wanted_caps - u.capabilities]
+    capable = capable or [
+        u for u in pool if not u.info.certain and "vision" not in wanted_caps - u.capabilities
+    ]
     if not capable:
         return _incapable(wanted_caps, pool, label)
     now = time.monotonic()
@@ -199,10 +214,14 @@ def _incapable(wanted: frozenset[str], pool: list[Upstream], label: str) -> Refu
                    "if one does, list it in backends.NAME.capabilities", "capability_unsupported")  # fmt: skip
 
 
-def endpoint_unsupported(endpoint: str, requested: str, pool: list[Upstream], everyone: list[Upstream]) -> Refusal:
+def endpoint_unsupported(
+    endpoint: str, requested: str, pool: list[Upstream], everyone: list[Upstream]
+) -> Refusal:
     """A pass-through endpoint the requested model's backends do not serve, naming those that do."""
     capability = ENDPOINT_CAPABILITY[endpoint]
-    serving = sorted({f"{u.name} (model {u.model})" for u in everyone if capability in u.capabilities})
+    serving = sorted(
+        {f"{u.name} (model {u.model})" for u in everyone if capability in u.capabilities}
+    )
     kinds = ", ".join(sorted({u.kind for u in pool})) or "none"
     where = "; served by " + ", ".join(serving) if serving else "; no backend here serves it"
     return Refusal(400, f"{endpoint} is not served by model {requested!r} (backend kind: {kinds}){where}",

@@ -9,7 +9,9 @@ import asyncio
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-HEADER_TIMEOUT = 10.0  # seconds from the first byte of a request (or the connection) to its last header
+HEADER_TIMEOUT = (
+    10.0  # seconds from the first byte of a request (or the connection) to its last header
+)
 
 
 def header_timeout_protocol(seconds: float = HEADER_TIMEOUT) -> type[asyncio.Protocol]:

@@ -57,7 +57,9 @@ class EventParser:
         payloads: list[str] = []
         for event in events:
             data = [
-                line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+                line[5:].removeprefix(b" ")
+                for line in event.split(b"\n")
+                if line.startswith(b"data:")
             ]
             if data:
                 payloads.append(b"\n".join(data).decode())

@@ -106,7 +106,11 @@ class Telemetry:
     observer for `inference_complete`."""
 
     def __init__(
-        self, core: GatewayCore, ops: OpsState, may_read: Callable[[str | None], bool], queue_events: int = QUEUE_EVENTS
+        self,
+        core: GatewayCore,
+        ops: OpsState,
+        may_read: Callable[[str | None], bool],
+        queue_events: int = QUEUE_EVENTS,
     ):
         self.core = core
         self.ops = ops
@@ -131,7 +135,12 @@ class Telemetry:
         pass
 
     def completed(
-        self, call: ProxyCall, backend: str, status: str, seconds: float, usage: dict[str, Any] | None
+        self,
+        call: ProxyCall,
+        backend: str,
+        status: str,
+        seconds: float,
+        usage: dict[str, Any] | None,
     ) -> None:
         self.recent.add(seconds, status.startswith("2"))
         if self.subscribers:
@@ -228,7 +237,9 @@ class Telemetry:
                 "backend_status", json.dumps({"type": "backend_status", "time": now, "data": row})
             )
         vram = await vram_document(self.core, self.ops)
-        subscriber.offer("vram_update", json.dumps({"type": "vram_update", "time": now, "data": vram}))
+        subscriber.offer(
+            "vram_update", json.dumps({"type": "vram_update", "time": now, "data": vram})
+        )
 
     async def _read(self, websocket: WebSocket, subscriber: Subscriber) -> None:
         while True:
@@ -240,7 +251,9 @@ class Telemetry:
             subscriber.ready.set()
 
 
-async def pump(subscriber: Subscriber, send: Callable[[str], Awaitable[None]], reader: asyncio.Task[Any]) -> None:
+async def pump(
+    subscriber: Subscriber, send: Callable[[str], Awaitable[None]], reader: asyncio.Task[Any]
+) -> None:
     """Send what the subscriber's queue holds, as fast as the client takes it, until `reader`
     ends (the client left). While a send waits on a slow client, new events replace the oldest
     queued; the client is told how many it lost before the next ones."""

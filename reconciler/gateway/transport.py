@@ -73,7 +73,9 @@ class _Connection(asyncio.Protocol):
                 self._head_too_large()
 
     def _head_too_large(self) -> None:
-        self._fail(httpx.RemoteProtocolError(f"backend response headers exceed {MAX_HEADER_BYTES} bytes"))
+        self._fail(
+            httpx.RemoteProtocolError(f"backend response headers exceed {MAX_HEADER_BYTES} bytes")
+        )
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -84,7 +86,9 @@ class _Connection(asyncio.Protocol):
             self._wake()
         elif not self.complete:
             if self.head is not None and not self.head.done():
-                self._fail(httpx.RemoteProtocolError("backend closed the connection without answering"))
+                self._fail(
+                    httpx.RemoteProtocolError("backend closed the connection without answering")
+                )
             else:
                 self._fail(httpx.ReadError("backend closed the connection mid-response"))
 
@@ -143,7 +147,9 @@ class _Connection(asyncio.Protocol):
             return False
         for name, value in self.headers:
             name = name.lower()
-            if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+            if name == b"content-length" or (
+                name == b"transfer-encoding" and b"chunked" in value.lower()
+            ):
                 return False
         return True
 
@@ -197,7 +203,9 @@ class _Body(httpx.AsyncByteStream):
             if c.error is not None:
                 raise c.error
             c.waiter = loop.create_future()
-            timer = loop.call_later(self.read_timeout, _expire, c.waiter) if self.read_timeout else None
+            timer = (
+                loop.call_later(self.read_timeout, _expire, c.waiter) if self.read_timeout else None
+            )
             try:
                 await c.waiter
             finally:
@@ -233,7 +241,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         else:
             connection.close()
 
-    async def _get(self, key: tuple[str, int], timeouts: dict[str, Any]) -> tuple[_Connection, bool]:
+    async def _get(
+        self, key: tuple[str, int], timeouts: dict[str, Any]
+    ) -> tuple[_Connection, bool]:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
@@ -245,11 +255,17 @@ class LeanTransport(httpx.AsyncBaseTransport):
         timeout = timeouts.get("connect") or self.connect_timeout
         try:
             async with asyncio.timeout(timeout):
-                _, connection = await loop.create_connection(lambda: _Connection(self, key), key[0], key[1])
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, key), key[0], key[1]
+                )
         except TimeoutError as exc:
-            raise httpx.ConnectTimeout(f"no connection to {key[0]}:{key[1]} within {timeout:g}s") from exc
+            raise httpx.ConnectTimeout(
+                f"no connection to {key[0]}:{key[1]} within {timeout:g}s"
+            ) from exc
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from exc
+            raise httpx.ConnectError(
+                f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}"
+            ) from exc
         return connection, False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -260,7 +276,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout", {})
         connection, reused = await self._get(key, timeouts)
         head = b"%s %s HTTP/1.1\r\n" % (request.method.encode(), url.raw_path)
-        lines = [head, *(b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw), b"\r\n", request.content]
+        lines = [
+            head,
+            *(b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw),
+            b"\r\n",
+            request.content,
+        ]
         connection.head = asyncio.get_running_loop().create_future()
         connection.head_request = request.method == "HEAD"
         assert connection.transport is not None
@@ -277,7 +298,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 status = await connection.head
         except TimeoutError as exc:
             connection.close()
-            raise httpx.ReadTimeout(f"backend sent no response headers within {head_timeout:g}s") from exc
+            raise httpx.ReadTimeout(
+                f"backend sent no response headers within {head_timeout:g}s"
+            ) from exc
         except BaseException:
             connection.close()
             raise

@@ -71,7 +71,9 @@ class Ceilings:
 
 def websocket_endpoint(core: GatewayCore) -> Callable[[WebSocket], Awaitable[None]]:
     spec = core.spec
-    ceilings = Ceilings(spec.max_websockets_per_key, spec.max_websockets, spec.max_websocket_queued_bytes)
+    ceilings = Ceilings(
+        spec.max_websockets_per_key, spec.max_websockets, spec.max_websocket_queued_bytes
+    )
 
     async def endpoint(websocket: WebSocket) -> None:
         # The key is checked here, once per connection (the front door leaves this path to
@@ -81,7 +83,9 @@ def websocket_endpoint(core: GatewayCore) -> Callable[[WebSocket], Awaitable[Non
         except GatewayError:
             await websocket.close(code=4401, reason="missing or invalid API key")
             return
-        who = f"key:{key}" if key else f"address:{websocket.client.host if websocket.client else ''}"
+        who = (
+            f"key:{key}" if key else f"address:{websocket.client.host if websocket.client else ''}"
+        )
         if (reason := ceilings.enter(who)) is not None:
             core.metrics.rejected.labels("websocket_limit").inc()
             await websocket.close(code=TRY_AGAIN_LATER, reason=reason)
@@ -96,7 +100,9 @@ def websocket_endpoint(core: GatewayCore) -> Callable[[WebSocket], Awaitable[Non
 
 
 class Session:
-    def __init__(self, core: GatewayCore, websocket: WebSocket, ceilings: Ceilings, key: str | None):
+    def __init__(
+        self, core: GatewayCore, websocket: WebSocket, ceilings: Ceilings, key: str | None
+    ):
         self.core = core
         self.ws = websocket
         self.ceilings = ceilings
@@ -118,7 +124,9 @@ class Session:
                 self.ceilings.release(size)
                 work = asyncio.ensure_future(self._handle(message))
                 done, _ = await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if work not in done:  # disconnected mid-request: closing the stream stops the backend
+                if (
+                    work not in done
+                ):  # disconnected mid-request: closing the stream stops the backend
                     work.cancel()
                     with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
                         await work
@@ -150,7 +158,9 @@ class Session:
                                            "too_many_pending")  # fmt: skip
                     continue
                 if self.pending.full():
-                    await self._send_error(None, 429, f"more than {MAX_PENDING} requests queued", "too_many_pending")
+                    await self._send_error(
+                        None, 429, f"more than {MAX_PENDING} requests queued", "too_many_pending"
+                    )
                     continue
                 if not self.ceilings.reserve(size):
                     await self._send_error(None, 429, "the gateway's WebSocket queues are full; wait for answers",
@@ -172,16 +182,25 @@ class Session:
                           "error": {"message": message, "type": "invalid_request_error", "code": code}})  # fmt: skip
 
     async def _send_gateway_error(self, rid: Any, error: GatewayError) -> None:
-        await self._send({"id": rid, "type": "error", "status": error.status, "error": error.openai()})
+        await self._send(
+            {"id": rid, "type": "error", "status": error.status, "error": error.openai()}
+        )
 
     async def _handle(self, text: str | bytes) -> None:
         if not isinstance(text, str):
-            await self._send_error(None, 400, "binary frames are not accepted: send JSON in text frames", "invalid_request")
+            await self._send_error(
+                None,
+                400,
+                "binary frames are not accepted: send JSON in text frames",
+                "invalid_request",
+            )
             return
         try:
             message = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            await self._send_error(None, 400, f"message is not valid JSON: {type(exc).__name__}", "invalid_json")
+            await self._send_error(
+                None, 400, f"message is not valid JSON: {type(exc).__name__}", "invalid_json"
+            )
             return
         if not isinstance(message, dict):
             await self._send_error(None, 400, "message must be a JSON object", "invalid_request")
@@ -193,7 +212,9 @@ class Session:
             raise  # the connection is gone: nobody to answer
         except Exception as exc:  # one request's failure, not the session's
             log.exception("WebSocket request %r failed", rid)
-            failure = GatewayError(500, f"the gateway failed on this request: {type(exc).__name__}", "internal_error")
+            failure = GatewayError(
+                500, f"the gateway failed on this request: {type(exc).__name__}", "internal_error"
+            )
             await self._send_gateway_error(rid, failure)
 
     async def _request(self, rid: Any, message: dict[str, Any]) -> None:
@@ -219,7 +240,9 @@ class Session:
             return
         try:
             affinity = self.ws.headers.get(core.spec.routing.affinity_header)
-            call = ProxyCall(Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity, key)
+            call = ProxyCall(
+                Exchange(endpoint, body, body["model"]), raw, model, body["stream"], affinity, key
+            )
             try:
                 answer = await core.proxy.forward(call)
             except GatewayError as error:
@@ -232,12 +255,16 @@ class Session:
                     await self._send({"id": rid, "type": "error", "status": answer.status,
                                       "error": {"message": answer.body.decode("utf-8", "replace")[:300]}})  # fmt: skip
                 else:
-                    await self._send({"id": rid, "type": "response", "data": json.loads(answer.body)})
+                    await self._send(
+                        {"id": rid, "type": "response", "data": json.loads(answer.body)}
+                    )
                 return
             try:
                 async for event in iter_events(answer.stream):
                     if "error" in event:
-                        await self._send({"id": rid, "type": "error", "status": 502, "error": event["error"]})
+                        await self._send(
+                            {"id": rid, "type": "error", "status": 502, "error": event["error"]}
+                        )
                         return
                     await self._send({"id": rid, "type": "chunk", "data": event})
                 await self._send({"id": rid, "type": "done"})
@@ -252,6 +279,8 @@ class Session:
         keys = self.core.keys
         if keys.enabled and keys.generation != self.keys_seen:
             generation = keys.generation
-            self.key = self.core.admission.identify(self.ws.headers.get("authorization"))  # raises if revoked
+            self.key = self.core.admission.identify(
+                self.ws.headers.get("authorization")
+            )  # raises if revoked
             self.keys_seen = generation  # only once it passed: a revoked key stays refused
         return self.key

@@ -71,7 +71,9 @@ def load_inventory(path: str) -> StaticInventory:
         for number, entry in enumerate(entries):
             unknown = set(entry) - allowed
             if unknown:
-                raise ValueError(f"[{number}]: unknown keys {sorted(unknown)}; use {sorted(allowed)}")
+                raise ValueError(
+                    f"[{number}]: unknown keys {sorted(unknown)}; use {sorted(allowed)}"
+                )
             if entry.get("compute_capability") is not None:
                 entry = {**entry, "compute_capability": tuple(entry["compute_capability"])}
             gpus.append(GpuInfo(**entry))

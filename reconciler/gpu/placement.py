@@ -57,9 +57,7 @@ def place(
     assignments: dict[str, list[int]] = {}
     refused: dict[str, str] = {}
     wanting = [n for n, b in backends.items() if b.managed and b.gpus_wanted > 0]
-    order = sorted(
-        wanting, key=lambda n: (-backends[n].gpus_wanted, -vram.get(n, none).total, n)
-    )
+    order = sorted(wanting, key=lambda n: (-backends[n].gpus_wanted, -vram.get(n, none).total, n))
 
     def need(name: str, i: int, count: int) -> int | None:
         """Bytes `name` needs free on GPU i; None if it cannot run on that GPU at all."""

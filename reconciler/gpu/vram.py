@@ -101,7 +101,9 @@ def estimate_vram(backend: BackendSpec, model: ModelSpec, path: str | Path | Non
         elif weights == "safetensors":
             estimate = estimate_safetensors(backend, file)
         else:
-            return VramEstimate(note=f"no estimate for kind {backend.kind}; placement counts GPUs only")
+            return VramEstimate(
+                note=f"no estimate for kind {backend.kind}; placement counts GPUs only"
+            )
     except Exception as exc:  # any malformed file (truncated, wrong JSON shape, nulls): this
         # backend's estimate, never a failed reconcile pass for every backend
         _warn_once(file, exc)
@@ -178,7 +180,9 @@ def _read_gguf_shape(path: str, _mtime_ns: int, _size: int) -> GGUFShape:
     )
 
 
-def llamacpp_buffers(shape: GGUFShape, n_ctx: int, n_parallel: int, kv_dtype: str | None = None) -> dict[str, int]:
+def llamacpp_buffers(
+    shape: GGUFShape, n_ctx: int, n_parallel: int, kv_dtype: str | None = None
+) -> dict[str, int]:
     """llama.cpp's model, KV, output and compute buffers in bytes (see docs/vram.md)."""
     n_ctx = math.ceil(n_ctx / 256) * 256  # llama.cpp pads the context to 256 cells
     n_ctx_seq = n_ctx // n_parallel  # each slot gets its share of the context
@@ -193,7 +197,9 @@ def llamacpp_buffers(shape: GGUFShape, n_ctx: int, n_parallel: int, kv_dtype: st
 
 def estimate_gguf(backend: BackendSpec, path: Path) -> VramEstimate:
     shape = read_gguf_shape(path)
-    buffers = llamacpp_buffers(shape, backend.context_size, backend.parallel, backend.kv_cache_dtype)
+    buffers = llamacpp_buffers(
+        shape, backend.context_size, backend.parallel, backend.kv_cache_dtype
+    )
     gpus = max(backend.gpus_wanted, 1)
     cache = prompt_cache_mib(backend, path) * MIB
     return VramEstimate(
@@ -226,7 +232,9 @@ def prompt_cache_mib(backend: BackendSpec, path: str | Path | None) -> int:
         shape = None
     if shape is None:
         return PROMPT_CACHE_FALLBACK_MIB
-    kv = llamacpp_buffers(shape, backend.context_size, backend.parallel, backend.kv_cache_dtype)["kv"]
+    kv = llamacpp_buffers(shape, backend.context_size, backend.parallel, backend.kv_cache_dtype)[
+        "kv"
+    ]
     return max(1, -(-kv // MIB))
 
 
@@ -310,7 +318,9 @@ def estimate_safetensors(backend: BackendSpec, path: Path) -> VramEstimate:
     if (directory / "config.json").exists():
         config = _json_object(directory / "config.json")
         kv_dtype = (backend.kv_cache_dtype or "").lower() or None
-        kv = int(_kv_bytes_per_token(config, KV_DTYPE_BYTES.get(kv_dtype, 2.0)) * backend.context_size)
+        kv = int(
+            _kv_bytes_per_token(config, KV_DTYPE_BYTES.get(kv_dtype, 2.0)) * backend.context_size
+        )
     # The weights split over the tensor-parallel shards, not over every GPU given: with more
     # GPUs than shards the extra ones hold nothing and each shard holds its full part.
     shards = backend.tensor_parallel_size

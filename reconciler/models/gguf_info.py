@@ -105,7 +105,9 @@ def read_attention(field: Callable, arch: str, n_layer: int, n_embd: int) -> Att
         head_count_kv=_largest(raw_kv) if raw_kv is not None else top,
         key_length=_largest(raw_k) if raw_k is not None else width,
         value_length=_largest(raw_v) if raw_v is not None else width,
-        kv_elements_per_token=sum(kv * (k + v) for kv, k, v in zip(heads_kv, keys, values, strict=True)),
+        kv_elements_per_token=sum(
+            kv * (k + v) for kv, k, v in zip(heads_kv, keys, values, strict=True)
+        ),
     )
 
 
@@ -275,4 +277,6 @@ class _HeaderScan:
                 elements *= d
             end = data_start + offset + elements * type_size // block
             if end > self.size:
-                raise _Unusable(f"tensor {name}: its data ends at byte {end}, the file has {self.size}")
+                raise _Unusable(
+                    f"tensor {name}: its data ends at byte {end}, the file has {self.size}"
+                )

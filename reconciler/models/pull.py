@@ -273,7 +273,9 @@ def _check_local(path_text: str, spec: ModelSpec) -> list[Path]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if files:
             return files
-        raise PullError(f"{path} is an empty directory; put the model's files there or fix the source")
+        raise PullError(
+            f"{path} is an empty directory; put the model's files there or fix the source"
+        )
     if not path.is_file():
         raise PullError(f"{path} does not exist; put the model file there or fix the source")
     return [path]

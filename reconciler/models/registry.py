@@ -153,7 +153,9 @@ class PostgresDatabase:
     LOCK_KEY = 0x7E2F0  # pg_advisory_xact_lock key serializing registry writes and migrations
 
     def __init__(self, url: str):
-        require("psycopg", "postgres", "TF_REGISTRY_URL=postgresql://… (the registry on PostgreSQL)")
+        require(
+            "psycopg", "postgres", "TF_REGISTRY_URL=postgresql://… (the registry on PostgreSQL)"
+        )
         self.url = url
 
     def describe(self) -> str:
@@ -245,7 +247,9 @@ class Registry:
     def _up_to_date(self) -> bool:
         try:
             with self.db.transaction() as cur:
-                return cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+                return cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == len(
+                    MIGRATIONS
+                )
         except Exception:  # no table yet, or any reason to take the locked path
             return False
 
@@ -358,7 +362,9 @@ def _backfill_aliases(cur: _Cursor) -> None:
 
 
 def _record(row: tuple, files: list[ModelFile]) -> ModelRecord:
-    (name, source, revision, fmt, arch, params, quant, ctx, vram, aliases, pulled_at, requested) = row
+    (name, source, revision, fmt, arch, params, quant, ctx, vram, aliases, pulled_at, requested) = (
+        row
+    )
     return ModelRecord(
         name=name,
         source=source,

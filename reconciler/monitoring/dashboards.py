@@ -73,14 +73,24 @@ GATEWAY = Dashboard(
         ),
         Panel(
             "Requests per second by API-key client",
-            [(f"sum by (client, status) (rate({G}client_requests_total{{{H}}}[{RATE}]))", "{{client}} {{status}}")],
+            [
+                (
+                    f"sum by (client, status) (rate({G}client_requests_total{{{H}}}[{RATE}]))",
+                    "{{client}} {{status}}",
+                )
+            ],
             "reqps",
             description="Clients are the names in gateway.api_keys_file (a digest prefix when unnamed); "
             "empty while the gateway runs without keys.",
         ),
         Panel(
             "Tokens per second by API-key client",
-            [(f"sum by (client, type) (rate({G}client_tokens_total{{{H}}}[{RATE}]))", "{{client}} {{type}}")],
+            [
+                (
+                    f"sum by (client, type) (rate({G}client_tokens_total{{{H}}}[{RATE}]))",
+                    "{{client}} {{type}}",
+                )
+            ],
             "short",
             description="Prompt and completion tokens from the backends' usage reports, per client.",
         ),

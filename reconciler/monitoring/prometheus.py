@@ -75,7 +75,9 @@ def scrape_config(
         m = state.monitoring
         jobs.append(
             _job(
-                RECONCILER_JOB, targets.reconciler or reach(m.listen_address, m.reconciler_metrics_port), host
+                RECONCILER_JOB,
+                targets.reconciler or reach(m.listen_address, m.reconciler_metrics_port),
+                host,
             )
         )
         gpu = targets.gpu_exporter or reach(m.listen_address, m.gpu_exporter_port)

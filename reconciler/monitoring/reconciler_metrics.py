@@ -24,7 +24,18 @@ from reconciler.status import UnitView
 log = logging.getLogger(__name__)
 
 # Actions that mean "the host is not yet what was declared".
-_UNSETTLED = {"start", "restart", "stop", "wait", "refuse", "drain", "undrain", "pull", "rollback", "fail"}
+_UNSETTLED = {
+    "start",
+    "restart",
+    "stop",
+    "wait",
+    "refuse",
+    "drain",
+    "undrain",
+    "pull",
+    "rollback",
+    "fail",
+}
 
 
 class PassSource(Protocol):

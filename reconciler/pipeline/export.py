@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import TextIO
 
 FORMATS = ("md", "txt", "jsonl", "csv")
-FORMAT_NAMES = {"markdown": "md", "text": "txt"}  # also accepted, as the earlier export script named them
+FORMAT_NAMES = {
+    "markdown": "md",
+    "text": "txt",
+}  # also accepted, as the earlier export script named them
 RESULT_FIELDS = ("prompt", "answer", "error")
 CSV_FIELDS = ["prompt", "answer", "model", "backend", "finish_reason", "prompt_tokens",
               "completion_tokens", "total_s", "time_to_first_token_s", "tokens_per_s", "error"]  # fmt: skip
@@ -27,7 +30,9 @@ def iter_results(path: Path) -> Iterator[dict]:
         with path.open(encoding="utf-8-sig") as handle:
             yield from _parse(path, handle)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        raise ValueError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
 
 
 def _parse(path: Path, handle: TextIO) -> Iterator[dict]:
@@ -84,7 +89,10 @@ def _result(item, where: str) -> dict:
         return {"prompt": None, "answer": answer, "model": item.get("model"), "backend": None,
                 "finish_reason": choice.get("finish_reason"), "usage": item.get("usage") or {}, "error": None}  # fmt: skip
     if isinstance(item.get("content"), str) and ("tokens_predicted" in item or "stop" in item):
-        usage = {"prompt_tokens": item.get("tokens_evaluated"), "completion_tokens": item.get("tokens_predicted")}
+        usage = {
+            "prompt_tokens": item.get("tokens_evaluated"),
+            "completion_tokens": item.get("tokens_predicted"),
+        }
         return {"prompt": item.get("prompt"), "answer": item["content"], "model": item.get("model"),
                 "backend": None, "finish_reason": item.get("stop_type"), "usage": usage, "error": None}  # fmt: skip
     keys = ", ".join(sorted(item)[:6]) or "none"
@@ -97,7 +105,10 @@ def _flat(result: dict) -> dict:
     usage = result.get("usage") or {}
     timings = result.get("timings") or {}
     return {
-        **{k: result.get(k) for k in ("prompt", "answer", "model", "backend", "finish_reason", "error")},
+        **{
+            k: result.get(k)
+            for k in ("prompt", "answer", "model", "backend", "finish_reason", "error")
+        },
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
         **{k: timings.get(k) for k in ("total_s", "time_to_first_token_s", "tokens_per_s")},

@@ -152,7 +152,9 @@ def backend_states(state: DesiredState, gateway: dict, extra: dict[str, str]) ->
             found.append(BackendState(name, kind, model, url, "unhealthy", str(exc), None))
             continue
         served = (
-            served_name(model, state.models[model].source, protocol) if backend is not None else None
+            served_name(model, state.models[model].source, protocol)
+            if backend is not None
+            else None
         )
         health = probe(url, protocol, headers=headers, model=served)
         view = (

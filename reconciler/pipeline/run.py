@@ -46,7 +46,9 @@ def read_prompts(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not a prompt
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        raise ValueError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
     prompts = []
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
@@ -56,7 +58,9 @@ def read_prompts(path: Path) -> list[str]:
             try:
                 prompt = json.loads(line)["prompt"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{number}: expected a JSON object with 'prompt': {exc}") from None
+                raise ValueError(
+                    f"{path}:{number}: expected a JSON object with 'prompt': {exc}"
+                ) from None
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"{path}:{number}: 'prompt' must be a non-empty string")
             prompts.append(prompt)
@@ -70,7 +74,9 @@ def read_prompt_file(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        raise ValueError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the prompt file: {exc.strerror}") from None
     if not text.strip():
@@ -84,7 +90,9 @@ def ask(
 ) -> dict:  # fmt: skip
     body = {
         "model": model,
-        "messages": sampling.messages(prompt) if sampling else [{"role": "user", "content": prompt}],
+        "messages": sampling.messages(prompt)
+        if sampling
+        else [{"role": "user", "content": prompt}],
         **(sampling.fields() if sampling else {}),
         "max_tokens": max_tokens,
         "stream": True,
@@ -99,7 +107,9 @@ def ask(
     backend = None
     error = None
     try:
-        with client.stream("POST", f"{gateway}/v1/chat/completions", json=body, headers=headers) as resp:
+        with client.stream(
+            "POST", f"{gateway}/v1/chat/completions", json=body, headers=headers
+        ) as resp:
             backend = resp.headers.get("x-tensorforge-backend")
             if resp.status_code != 200:
                 resp.read()
@@ -141,7 +151,9 @@ def ask(
         "timings": {
             "total_s": round(total, 4),
             "time_to_first_token_s": round(first_token - started, 4) if first_token else None,
-            "tokens_per_s": round(completion_tokens / decode_time, 2) if decode_time > 0 and completion_tokens else None,
+            "tokens_per_s": round(completion_tokens / decode_time, 2)
+            if decode_time > 0 and completion_tokens
+            else None,
         },
         "error": error,
     }
@@ -161,7 +173,13 @@ def run_prompts(
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     prompts = list(prompts)
     results: list[dict | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), unit="prompt", file=sys.stderr, disable=len(prompts) < 2, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(prompts),
+        unit="prompt",
+        file=sys.stderr,
+        disable=len(prompts) < 2,
+        dynamic_ncols=True,
+    )
     with httpx.Client(timeout=timeout) as client, ThreadPoolExecutor(max(1, parallel)) as pool, bar:
         futures = {
             pool.submit(ask, client, gateway, model, prompt, max_tokens, headers, sampling): index

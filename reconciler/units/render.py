@@ -100,7 +100,9 @@ def load_hardening() -> dict[str, dict[str, object]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UnitRenderError(f"{path}: cannot read the unit hardening ({exc}); reinstall TensorForge") from None
+        raise UnitRenderError(
+            f"{path}: cannot read the unit hardening ({exc}); reinstall TensorForge"
+        ) from None
     return {section: values for section, values in data.items() if not section.startswith("_")}
 
 
@@ -200,7 +202,11 @@ def _check_executable(unit: str, executable: str) -> None:
     """systemd takes an absolute path or a bare name it looks up in its own PATH, and reads a
     leading `-@+!:` as a prefix even when quoted: "+/opt/x" would run /opt/x as root, outside
     the sandbox."""
-    where = f"backends.{unit.removeprefix('backend-')}.binary" if unit.startswith("backend-") else "argv[0]"
+    where = (
+        f"backends.{unit.removeprefix('backend-')}.binary"
+        if unit.startswith("backend-")
+        else "argv[0]"
+    )
     if executable.startswith(_EXEC_PREFIXES):
         raise UnitRenderError(
             f"{where}: {executable!r} starts with {executable[0]!r}, which systemd reads as an "
@@ -302,7 +308,11 @@ def backend_unit_spec(
 
 
 def gateway_unit_spec(
-    unit: str, argv: list[str], gateway: GatewaySpec, config: str | None, env: dict[str, str] | None = None
+    unit: str,
+    argv: list[str],
+    gateway: GatewaySpec,
+    config: str | None,
+    env: dict[str, str] | None = None,
 ) -> UnitSpec:
     return UnitSpec(
         name=unit,

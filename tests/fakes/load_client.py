@@ -40,7 +40,9 @@ async def one(client: httpx.AsyncClient, url: str, stream: bool, model: str) -> 
     return record
 
 
-async def run(url: str, duration: float, count: int, concurrency: int, stream: bool, model: str) -> None:
+async def run(
+    url: str, duration: float, count: int, concurrency: int, stream: bool, model: str
+) -> None:
     deadline = time.monotonic() + duration
     sent = 0
 
@@ -63,7 +65,11 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--model", default="m")
     args = parser.parse_args()
-    asyncio.run(run(args.url, min(args.duration, 120), args.count, args.concurrency, args.stream, args.model))
+    asyncio.run(
+        run(
+            args.url, min(args.duration, 120), args.count, args.concurrency, args.stream, args.model
+        )
+    )
     sys.stdout.flush()
 
 

@@ -28,6 +28,7 @@ def build_app(name: str, chunks: int, chunk_delay: float, delay: float) -> Starl
         if delay:
             await asyncio.sleep(delay)
         if body.get("stream"):
+
             async def events():
                 for i in range(chunks):
                     delta = {"content": f"{name}-{i} "}

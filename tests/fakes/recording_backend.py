@@ -44,7 +44,9 @@ class RecordingBackend:
         route = self.routes.get(scope["path"])
         if scope["method"] == "GET":  # health probes (/health, /v1/models)
             listed = [{"id": name, "object": "model"} for name in self.served]
-            answer = Recorded(body=json.dumps({"status": "ok", "object": "list", "data": listed}).encode())
+            answer = Recorded(
+                body=json.dumps({"status": "ok", "object": "list", "data": listed}).encode()
+            )
         elif route is None:
             answer = Recorded(status=404, body=b'{"error":"not recorded"}')
         else:

@@ -30,7 +30,13 @@ EMBEDDING = {"object": "list", "model": "bench", "data": [{"object": "embedding"
 
 
 def _chunk(content: str | None, finish: str | None = None, usage: dict | None = None) -> bytes:
-    choices = [] if usage else [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}]
+    choices = (
+        []
+        if usage
+        else [
+            {"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}
+        ]
+    )
     obj = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
            "model": "bench", "choices": choices}  # fmt: skip
     if usage:
@@ -43,7 +49,12 @@ def stream_events(chunks: int, usage: bool = False) -> list[bytes]:
     events = [_chunk(f"tok{i} ") for i in range(chunks)]
     events.append(_chunk(None, "stop"))
     if usage:
-        events.append(_chunk(None, usage={"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks}))
+        events.append(
+            _chunk(
+                None,
+                usage={"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks},
+            )
+        )
     events.append(b"data: [DONE]\n\n")
     return events
 
@@ -67,7 +78,10 @@ class FastOpenAI:
             return await lifespan(receive, send)
         path = scope["path"]
         if scope["method"] == "GET":
-            body = {"/health": b'{"status":"ok"}', "/v1/models": b'{"object":"list","data":[{"id":"bench"}]}'}.get(path)
+            body = {
+                "/health": b'{"status":"ok"}',
+                "/v1/models": b'{"object":"list","data":[{"id":"bench"}]}',
+            }.get(path)
             if path == "/metrics":
                 text = f"llamacpp:requests_processing {self.open_streams + self.extra_load}\n"
                 if self.kv_usage is not None:
@@ -119,7 +133,11 @@ async def read_body(receive) -> bytes:
 
 
 async def _respond(send, status: int, ctype: bytes, body: bytes, extra: list | None = None) -> None:
-    headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *(extra or [])]
+    headers = [
+        (b"content-type", ctype),
+        (b"content-length", str(len(body)).encode()),
+        *(extra or []),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -170,7 +188,13 @@ def serve(app, port: int, host: str = "127.0.0.1", http="auto") -> Iterator[uvic
     """Serve an ASGI app on a thread of its own for the duration of the block (`http`: a
     uvicorn protocol, e.g. `server.header_timeout_protocol(...)`)."""
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=1, http=http
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=1,
+        http=http,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -188,8 +212,12 @@ def serve(app, port: int, host: str = "127.0.0.1", http="auto") -> Iterator[uvic
 
 
 def fleet_state(
-    backends: dict[str, str], kind: str = "llamacpp", model: str = "m", source: str = "pypi:x",
-    aliases: tuple[str, ...] = ("alias",), **gateway,
+    backends: dict[str, str],
+    kind: str = "llamacpp",
+    model: str = "m",
+    source: str = "pypi:x",
+    aliases: tuple[str, ...] = ("alias",),
+    **gateway,
 ) -> DesiredState:
     """A desired state whose backends (name -> URL) all serve one model, running elsewhere."""
     return DesiredState.model_validate({

@@ -26,7 +26,11 @@ from reconciler.gateway.adapters.shapes import (
 from reconciler.gateway.errors import sse_error_event
 from reconciler.gateway.sse import DONE, LineParser, encode_event
 
-PATHS = {"/v1/chat/completions": "/api/chat", "/v1/completions": "/api/generate", "/v1/embeddings": "/api/embed"}
+PATHS = {
+    "/v1/chat/completions": "/api/chat",
+    "/v1/completions": "/api/generate",
+    "/v1/embeddings": "/api/embed",
+}
 # OpenAI sampling field (and llama.cpp's extra ones, which OpenAI clients send too) -> Ollama option.
 OPTIONS = {
     "temperature": "temperature", "top_p": "top_p", "max_tokens": "num_predict",
@@ -45,7 +49,9 @@ def _arguments(text: object) -> dict[str, Any]:
     try:
         parsed = json.loads(text) if isinstance(text, str) and text else {}
     except ValueError:
-        raise Unsupported("a tool call's 'function.arguments' must be JSON text of an object") from None
+        raise Unsupported(
+            "a tool call's 'function.arguments' must be JSON text of an object"
+        ) from None
     if not isinstance(parsed, dict):
         raise Unsupported("a tool call's 'function.arguments' must be JSON text of an object")
     return parsed
@@ -60,11 +66,14 @@ def ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
         content = message.get("content")
         converted = {"role": message.get("role", "user"), "content": content or ""}
         if isinstance(content, list):
-            converted["content"] = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            converted["content"] = "".join(
+                p.get("text", "") for p in content if p.get("type") == "text"
+            )
             images = [
                 p["image_url"]["url"].partition("base64,")[2]
                 for p in content
-                if p.get("type") == "image_url" and "base64," in p.get("image_url", {}).get("url", "")
+                if p.get("type") == "image_url"
+                and "base64," in p.get("image_url", {}).get("url", "")
             ]
             if images:
                 converted["images"] = images
@@ -76,7 +85,12 @@ def ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
             for call in calls:
                 function = call.get("function") or {}
                 converted["tool_calls"].append(
-                    {"function": {"name": function.get("name", ""), "arguments": _arguments(function.get("arguments"))}}
+                    {
+                        "function": {
+                            "name": function.get("name", ""),
+                            "arguments": _arguments(function.get("arguments")),
+                        }
+                    }
                 )
                 names[str(call.get("id"))] = function.get("name", "")
         if message.get("role") == "tool" and str(message.get("tool_call_id")) in names:
@@ -154,7 +168,8 @@ class OllamaAdapter(Adapter):
             return None
         wanted = tagged(served_model)
         return any(
-            isinstance(m, dict) and wanted in (tagged(str(m.get("model", ""))), tagged(str(m.get("name", ""))))
+            isinstance(m, dict)
+            and wanted in (tagged(str(m.get("model", ""))), tagged(str(m.get("name", ""))))
             for m in models
         )
 
@@ -180,7 +195,12 @@ class OllamaAdapter(Adapter):
                     for i, v in enumerate(answer.get("embeddings", []))]  # fmt: skip
             counted = usage(prompt, 0)
             counted.pop("completion_tokens")
-            result: dict[str, Any] = {"object": "list", "data": data, "model": model, "usage": counted}
+            result: dict[str, Any] = {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": counted,
+            }
         elif exchange.endpoint == "/v1/chat/completions":
             message = answer.get("message") or {}
             calls = message.get("tool_calls")
@@ -191,7 +211,9 @@ class OllamaAdapter(Adapter):
             if message.get("thinking"):
                 result["choices"][0]["message"]["reasoning_content"] = message["thinking"]
         else:
-            result = text_completion(model, answer.get("response", ""), finish_reason(answer), prompt, completion)
+            result = text_completion(
+                model, answer.get("response", ""), finish_reason(answer), prompt, completion
+            )
         return json.dumps(result).encode()
 
     async def convert_stream(
@@ -200,18 +222,30 @@ class OllamaAdapter(Adapter):
         chat = exchange.endpoint == "/v1/chat/completions"
         writer = ChunkWriter(exchange.requested_model, chat=chat)
         parser = LineParser()
-        calls: list[Any] = []  # tool calls sent so far: they number the next ones and set the finish
+        calls: list[
+            Any
+        ] = []  # tool calls sent so far: they number the next ones and set the finish
         async for chunk in chunks:
-            out = [event for line in parser.feed(chunk) for event in self._events(exchange, writer, line, calls)]
+            out = [
+                event
+                for line in parser.feed(chunk)
+                for event in self._events(exchange, writer, line, calls)
+            ]
             if out:
                 yield b"".join(out)
         # A last line without its newline still carries the finish, the usage and [DONE].
-        out = [event for line in parser.flush() for event in self._events(exchange, writer, line, calls)]
+        out = [
+            event
+            for line in parser.flush()
+            for event in self._events(exchange, writer, line, calls)
+        ]
         if out:
             yield b"".join(out)
 
     @staticmethod
-    def _events(exchange: Exchange, writer: ChunkWriter, line: dict[str, Any], calls: list[Any]) -> list[bytes]:
+    def _events(
+        exchange: Exchange, writer: ChunkWriter, line: dict[str, Any], calls: list[Any]
+    ) -> list[bytes]:
         """The SSE events of one NDJSON line."""
         if "error" in line:
             return [sse_error_event(f"Ollama: {line['error']}")]
@@ -226,13 +260,21 @@ class OllamaAdapter(Adapter):
                 delta["reasoning_content"] = message["thinking"]
             if message.get("tool_calls"):
                 new = openai_tool_calls(message["tool_calls"])
-                delta["tool_calls"] = [{"index": len(calls) + i, **call} for i, call in enumerate(new)]
+                delta["tool_calls"] = [
+                    {"index": len(calls) + i, **call} for i, call in enumerate(new)
+                ]
                 calls.extend(new)
             out.append(encode_event(chunk))
         if line.get("done"):
-            out.append(encode_event(writer.delta(text, "tool_calls" if calls else finish_reason(line))))
+            out.append(
+                encode_event(writer.delta(text, "tool_calls" if calls else finish_reason(line)))
+            )
             if wants_usage(exchange.body):
-                out.append(encode_event(writer.usage(line.get("prompt_eval_count", 0), line.get("eval_count", 0))))
+                out.append(
+                    encode_event(
+                        writer.usage(line.get("prompt_eval_count", 0), line.get("eval_count", 0))
+                    )
+                )
             out.append(DONE)
             return out
         return [*out, encode_event(writer.delta(text))] if text else out

@@ -12,10 +12,16 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt: int, completion: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
-def chat_completion(model: str, text: str, finish: str | None, prompt: int, completion: int) -> dict[str, Any]:
+def chat_completion(
+    model: str, text: str, finish: str | None, prompt: int, completion: int
+) -> dict[str, Any]:
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
@@ -33,7 +39,9 @@ def chat_completion(model: str, text: str, finish: str | None, prompt: int, comp
     }
 
 
-def text_completion(model: str, text: str, finish: str | None, prompt: int, completion: int) -> dict[str, Any]:
+def text_completion(
+    model: str, text: str, finish: str | None, prompt: int, completion: int
+) -> dict[str, Any]:
     return {
         "id": new_id("cmpl"),
         "object": "text_completion",
@@ -54,19 +62,25 @@ class ChunkWriter:
         self.created = int(time.time())
         self._role_sent = False
 
-    def _chunk(self, choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _chunk(
+        self, choices: list[dict[str, Any]], extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices, **(extra or {})}  # fmt: skip
 
     def delta(self, text: str, finish: str | None = None) -> dict[str, Any]:
         if not self.chat:
-            return self._chunk([{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}])
+            return self._chunk(
+                [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]
+            )
         delta: dict[str, Any] = {"content": text} if text or not finish else {}
         if not self._role_sent:
             delta = {"role": "assistant", **delta}
             self._role_sent = True
-        return self._chunk([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
+        return self._chunk(
+            [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        )
 
     def usage(self, prompt: int, completion: int) -> dict[str, Any]:
         return self._chunk([], {"usage": usage(prompt, completion)})

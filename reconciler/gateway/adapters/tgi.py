@@ -96,7 +96,11 @@ class TGIAdapter(Adapter):
         writer = ChunkWriter(exchange.requested_model, chat=False)
         parser = EventParser()
         async for chunk in chunks:
-            out = [event for data in parser.feed(chunk) for event in self._events(exchange, writer, data)]
+            out = [
+                event
+                for data in parser.feed(chunk)
+                for event in self._events(exchange, writer, data)
+            ]
             if out:
                 yield b"".join(out)
         # A last event without its blank line still carries the finish, the usage and [DONE].
@@ -109,7 +113,11 @@ class TGIAdapter(Adapter):
         """The OpenAI events of one TGI event."""
         event = json.loads(data)
         if "error" in event:
-            return [sse_error_event(f"TGI: {event['error']}", event.get("error_type") or "upstream_error")]
+            return [
+                sse_error_event(
+                    f"TGI: {event['error']}", event.get("error_type") or "upstream_error"
+                )
+            ]
         token = event.get("token") or {}
         text = "" if token.get("special") else token.get("text", "")
         details = event.get("details")
@@ -117,6 +125,10 @@ class TGIAdapter(Adapter):
             return [encode_event(writer.delta(text))]
         out = [encode_event(writer.delta(text, FINISH.get(details.get("finish_reason"), "stop")))]
         if wants_usage(exchange.body):
-            out.append(encode_event(writer.usage(details.get("input_length", 0), details.get("generated_tokens", 0))))
+            out.append(
+                encode_event(
+                    writer.usage(details.get("input_length", 0), details.get("generated_tokens", 0))
+                )
+            )
         out.append(DONE)
         return out

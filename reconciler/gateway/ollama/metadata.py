@@ -122,7 +122,9 @@ def _kv_elements(metadata: dict[str, Any]) -> int:
     return read_attention(metadata.get, arch, layers, width).kv_elements_per_token
 
 
-def _capabilities(metadata: dict[str, Any] | None, kinds: set[str], backends: list[Any]) -> list[str]:
+def _capabilities(
+    metadata: dict[str, Any] | None, kinds: set[str], backends: list[Any]
+) -> list[str]:
     """What every backend of the model can do (a request may reach any of them)."""
     per_kind = [set(model_capabilities(metadata, None, kind)) for kind in sorted(kinds)]
     common = set.intersection(*per_kind)
@@ -161,7 +163,9 @@ def memory(state: DesiredState, model: str, facts: ModelFacts) -> tuple[int, int
     return total, vram, context
 
 
-def show(model: str, requested: str, facts: ModelFacts, context_limit: int | None) -> dict[str, Any]:
+def show(
+    model: str, requested: str, facts: ModelFacts, context_limit: int | None
+) -> dict[str, Any]:
     meta = facts.metadata
     info = (
         shown(meta) if meta else {"general.architecture": facts.details.get("family") or "unknown"}

@@ -28,7 +28,9 @@ class Translated:
     endpoint: str  # the gateway endpoint the backend request goes through
     body: dict[str, Any]
     num_ctx: int | None  # what the client asked for, if anything
-    conversation: list[dict[str, Any]] | None = None  # generate's turns so far, for the `context` it returns
+    conversation: list[dict[str, Any]] | None = (
+        None  # generate's turns so far, for the `context` it returns
+    )
 
 
 def _type(native: dict[str, Any], field: str, kind: type, what: str) -> None:
@@ -259,7 +261,9 @@ def _finish(
     return Translated(endpoint, body, num_ctx)
 
 
-def _infill(native: dict[str, Any], body: dict[str, Any], protocols: set[str], num_ctx: int | None) -> Translated:
+def _infill(
+    native: dict[str, Any], body: dict[str, Any], protocols: set[str], num_ctx: int | None
+) -> Translated:
     """`suffix` is fill-in-the-middle: llama.cpp's /infill takes the text before and after."""
     others = sorted(protocols - {"llamacpp"})
     if others:
@@ -279,7 +283,9 @@ def _infill(native: dict[str, Any], body: dict[str, Any], protocols: set[str], n
     return Translated("/infill", infill, num_ctx)
 
 
-def embed_body(native: dict[str, Any], name: str, texts: list[str], protocols: set[str]) -> dict[str, Any]:
+def embed_body(
+    native: dict[str, Any], name: str, texts: list[str], protocols: set[str]
+) -> dict[str, Any]:
     """OpenAI's embeddings request for Ollama's; Refused for what the backends cannot take.
     `truncate` is accepted: an input longer than the context is the backend's 400 either way."""
     check_keep_alive(native)

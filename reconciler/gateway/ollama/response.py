@@ -104,7 +104,11 @@ class Stats:
 
 
 def whole_answer(
-    result: dict[str, Any], model: str, chat: bool, stats: Stats, conversation: list[dict[str, Any]] | None = None
+    result: dict[str, Any],
+    model: str,
+    chat: bool,
+    stats: Stats,
+    conversation: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A non-streamed OpenAI answer (chat or text) as Ollama's single object."""
     stats.take(result)
@@ -153,7 +157,11 @@ class StreamTranslator:
     together when the backend finishes."""
 
     def __init__(
-        self, model: str, chat: bool, infill: bool = False, conversation: list[dict[str, Any]] | None = None
+        self,
+        model: str,
+        chat: bool,
+        infill: bool = False,
+        conversation: list[dict[str, Any]] | None = None,
     ):
         self.model = model
         self.chat = chat
@@ -163,7 +171,9 @@ class StreamTranslator:
         self.stats = Stats()
         self.calls: dict[int, dict[str, Any]] = {}
 
-    def _piece(self, text: str = "", thinking: str = "", calls: list[Any] | None = None) -> dict[str, Any]:
+    def _piece(
+        self, text: str = "", thinking: str = "", calls: list[Any] | None = None
+    ) -> dict[str, Any]:
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if thinking:
