@@ -276,6 +276,18 @@ def test_ollama_num_predict_is_clamped_the_same_way(captured):
     assert 4000 < upstream.seen[-1][1]["max_tokens"] < 4096
 
 
+def test_every_max_field_is_clamped_not_only_the_smallest(captured):
+    """Found by schemathesis: max_completion_tokens 1164 beside max_tokens 2e17 went through
+    whole (the smaller decided the need), and a backend that honours max_tokens would try to
+    generate 2e17 tokens. Every count past the room is cut; the one that fits stays."""
+    base, upstream = captured
+    response = httpx.post(base + "/v1/completions", json={
+        "model": "big", "prompt": "hi", "max_completion_tokens": 1164, "max_tokens": 195001334397644864})  # fmt: skip
+    assert response.status_code == 200
+    body = upstream.seen[-1][1]
+    assert body["max_completion_tokens"] == 1164 and 4000 < body["max_tokens"] < 4096
+
+
 def test_a_backends_integer_error_code_stays_an_integer(captured):
     base, _ = captured
     response = httpx.post(

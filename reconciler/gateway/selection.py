@@ -75,7 +75,7 @@ def request_needs(endpoint: str, body: dict[str, Any]) -> Needs:
     messages = body.get("messages")
     count = len(messages) if isinstance(messages, list) else 1
     asked = [v for f in MAX_FIELDS if _is_count(v := body.get(f))]
-    return Needs(endpoint, "\n".join(texts), count, min(asked) if asked else None, frozenset(caps))
+    return Needs(endpoint, "\n".join(texts), count, max(asked) if asked else None, frozenset(caps))
 
 
 def _collect(value: object, out: list[str], depth: int = 0) -> bool:

@@ -44,6 +44,9 @@ def _chunk(content: str | None, finish: str | None = None, usage: dict | None = 
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+FAKE_CONTEXT = 8192  # tokens: the most events one fake stream sends
+
+
 def stream_events(chunks: int, usage: bool = False) -> list[bytes]:
     """`chunks` content chunks, a finish chunk, a usage chunk if asked for, and [DONE]."""
     events = [_chunk(f"tok{i} ") for i in range(chunks)]
@@ -107,7 +110,11 @@ class FastOpenAI:
         self.open_streams += 1
         try:
             usage = (request.get("stream_options") or {}).get("include_usage") is True
-            for event in stream_events(int(request.get("max_tokens") or 32), usage):
+            # A real server stops at its context, whatever max_tokens says; so does this one,
+            # so a request the gateway failed to clamp cannot grow the test process unbounded.
+            asked = request.get("max_tokens")
+            count = min(asked, FAKE_CONTEXT) if isinstance(asked, int) and asked > 0 else 32
+            for event in stream_events(count, usage):
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
                 await send({"type": "http.response.body", "body": event, "more_body": True})
