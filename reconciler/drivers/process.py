@@ -27,6 +27,7 @@ from reconciler.plan import Action, ActionKind, DesiredUnit, ObservedUnit, Stopp
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 15.0
+KILL_SETTLE_SECONDS = 5.0  # at most, for a SIGKILLed group to be gone before halt returns
 # Leftovers of a leader that died: already orphaned, so a short grace before SIGKILL.
 LEFTOVER_GRACE_SECONDS = 3.0
 # Every unit's process carries this variable (units dir, name, content hash), so a process
@@ -438,7 +439,14 @@ def terminate(pid: int, grace: float) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    _reap_pid(pid)
+    # SIGKILL is delivered, not done: on a busy machine the group's processes take a moment to
+    # exit, and whoever halts expects them gone (the port and memory free) on return.
+    deadline = time.monotonic() + KILL_SETTLE_SECONDS
+    while True:
+        _reap_pid(pid)
+        if not group_alive(pid) or time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
 
 
 def group_alive(pgid: int) -> bool:
