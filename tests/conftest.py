@@ -21,10 +21,20 @@ os.environ.setdefault("TF_MODELS", str(REPO / ".cache" / "models"))
 os.environ.setdefault("TF_DRIVER", "process")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, and never one handed out before in this run: the kernel may give the
+    same ephemeral port to two binds in a row once the first socket is closed, and a config
+    asking for two ports would then declare one port twice."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:

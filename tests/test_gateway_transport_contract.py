@@ -121,6 +121,13 @@ def backend(request, certificate, monkeypatch):
             loop.run_until_complete(holder["task"])
         except asyncio.CancelledError:
             pass
+        # Connection handlers still open are ended here: left pending, they were destroyed
+        # whenever the collector ran, logging in the middle of a later test.
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -10,6 +10,7 @@ package; `from package import name` counts as importing the submodule when `name
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "reconciler"
@@ -29,6 +30,19 @@ def _modules(root: Path) -> dict[str, tuple[Path, list[str]]]:
     return found
 
 
+def _parse(path: Path) -> ast.Module:
+    """`ast.parse` with the collector off: on Python 3.11 a finalizer that runs during the
+    parse and itself parses (a traceback's caret, logging a destroyed task) breaks the parse
+    with "AST constructor recursion depth mismatch" (CPython gh-106905)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(encoding="utf-8"), str(path))
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> the package's modules it imports (outside modules are left out)."""
     modules = _modules(root)
@@ -41,7 +55,7 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, (path, package) in modules.items():
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        for node in ast.walk(_parse(path)):
             if isinstance(node, ast.Import):
                 targets.update(t for alias in node.names if (t := known(alias.name)))
             elif isinstance(node, ast.ImportFrom):
