@@ -203,7 +203,10 @@ class ProcessDriver:
             stopping = None
             if unit.stop_since is not None:
                 stopping = Stopping(unit.stop_since, unit.kill_at)
-            active = stopping is not None or process_alive(unit.pid, unit.start_ticks)
+            # Settled, a record keeps its pid only while something of it runs. Asking /proc
+            # again could see the leader just died and call the unit inactive while its
+            # workers still run, and the plan would start another beside them.
+            active = unit.pid is not None
             observed[unit.name] = ObservedUnit(
                 name=unit.name,
                 content=unit.content,
