@@ -66,6 +66,27 @@ def test_crlf_events_and_whole_streams_in_one_chunk():
     assert out == WITHOUT_USAGE and counted == [USAGE]
 
 
+def test_in_a_chunk_of_whole_events_only_the_usage_only_event_goes():
+    """A backend's short stream often arrives as one chunk: every event that mentions usage
+    is read on its own. Usage on a content event (llama.cpp's /v1/completions) is counted and
+    stays, "usage": null and the word in generated text are left alone, an event split over
+    several data lines is read whole, and every byte around the cut passes unchanged."""
+    content_usage = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+    events = [
+        b'data: {"choices":[{"delta":{"content":"say \\"usage\\": no"}}],"usage":null}\n\n',
+        b"data: "
+        + json.dumps({"choices": [{"text": "x"}], "usage": content_usage}).encode()
+        + b"\n\n",
+        b'data: {"choices":[],\ndata: "usage":' + json.dumps(USAGE).encode() + b"}\n\n",
+        b"data: [DONE]\n\n",
+    ]
+    out, counted, _ = through([b"".join(events)], strip=True)
+    assert counted == [content_usage, USAGE]
+    assert out == b"".join(events[:2] + events[3:])
+    out, counted, _ = through([b"".join(events)], strip=False)
+    assert out == b"".join(events) and counted == [content_usage, USAGE]
+
+
 def test_content_events_without_usage_pass_as_the_same_bytes():
     """The common chunk (whole events, no usage) is not re-encoded: the very bytes pass."""
     watch = UsageWatch(lambda usage: None, strip=True)

@@ -74,8 +74,12 @@ class UsageWatch:
 
     def feed(self, chunk: bytes) -> bytes:
         """What of `chunk` to pass on now (without `strip`: all of it, at once)."""
-        if self._idle and _USAGE not in chunk and chunk.endswith(_EVENT_END):
-            return chunk
+        if self._idle and chunk.endswith(_EVENT_END):
+            at = chunk.find(_USAGE)  # one scan: at memory speed, a chunk's largest cost here
+            if at < 0:
+                return chunk
+            if b"\r" not in chunk:  # whole LF events: only those that mention usage are read
+                return self._whole_events(chunk, at)
         head, rest = b"", chunk
         if self._idle and b"\r" not in chunk:  # CRLF events: the parser finds their ends
             at = chunk.find(_USAGE)
@@ -86,6 +90,34 @@ class UsageWatch:
         events = parser.feed(rest)
         self._idle = parser.idle
         return self._after(head, events, chunk)
+
+    def _whole_events(self, chunk: bytes, at: int) -> bytes:
+        """A chunk of whole events: each event that mentions usage is cut out at its event
+        boundaries and read on its own; the bytes around it pass as they are. (The backend
+        often sends a whole short stream in one chunk: parsing all of it for the one usage
+        event near its end was the larger part of the gateway's CPU for such a stream.)"""
+        kept: list[bytes] = []
+        pos, cut = 0, False
+        while at >= 0:  # `at`: the next mention of usage
+            start = chunk.rfind(_EVENT_END, pos, at)
+            start = pos if start < 0 else start + 2
+            end = chunk.index(_EVENT_END, at) + 2  # the chunk ends with one
+            data = b"\n".join(
+                line[5:].removeprefix(b" ")
+                for line in chunk[start:end].split(b"\n")
+                if line.startswith(b"data:")
+            )
+            if self._count(data.decode()) and self.strip:
+                kept.append(chunk[pos:start])  # the usage-only event the client did not ask for
+                cut = True
+            else:
+                kept.append(chunk[pos:end])
+            pos = end
+            at = chunk.find(_USAGE, pos)
+        if not cut:
+            return chunk
+        kept.append(chunk[pos:])
+        return b"".join(kept)
 
     def flush(self) -> bytes:
         """The stream ended: what is left of an event it did not finish."""
