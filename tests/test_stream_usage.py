@@ -18,6 +18,7 @@ from fakes.upstreams import Recorded, RecordedUpstream, fleet_state, serve, stre
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.app import create_app
 from reconciler.gateway.deadline import StreamDeadline
+from reconciler.gateway.sse import MAX_EVENT_BYTES
 from reconciler.gateway.stream_usage import UsageWatch, needs_usage_request, request_usage
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
@@ -60,8 +61,10 @@ def test_without_strip_every_chunk_passes_at_once_and_usage_is_still_counted():
 
 def test_crlf_events_and_whole_streams_in_one_chunk():
     crlf = STREAM.replace(b"\n", b"\r\n")
-    out, counted, _ = through(cut(crlf, [len(crlf) // 2, len(crlf) // 2 + 1]), strip=True)
-    assert counted == [USAGE] and b'"usage"' not in out and out.endswith(b"data: [DONE]\n\n")
+    for point in range(1, len(crlf)):  # a start without a CR is held, then parsed with the rest
+        out, counted, _ = through(cut(crlf, [point]), strip=True)
+        assert counted == [USAGE], point
+        assert b'"usage"' not in out and out.endswith(b"data: [DONE]\n\n"), point
     out, counted, _ = through([STREAM], strip=True)
     assert out == WITHOUT_USAGE and counted == [USAGE]
 
@@ -85,6 +88,22 @@ def test_in_a_chunk_of_whole_events_only_the_usage_only_event_goes():
     assert out == b"".join(events[:2] + events[3:])
     out, counted, _ = through([b"".join(events)], strip=False)
     assert out == b"".join(events) and counted == [content_usage, USAGE]
+
+
+def test_a_last_event_without_its_blank_line_is_counted_and_one_never_ended_is_refused():
+    """A stream may end without the final blank line: what is held is counted (and the
+    usage-only event still taken out) when it ends. An event that never ends is a failed
+    stream (ValueError, a 502 event) once past MAX_EVENT_BYTES, not a growing buffer."""
+    unended = STREAM.removesuffix(b"data: [DONE]\n\n").removesuffix(b"\n\n")
+    for points in ([], [len(unended) - 5], [len(unended) // 2]):
+        out, counted, _ = through(cut(unended, points), strip=True)
+        assert counted == [USAGE], points
+        assert out == WITHOUT_USAGE.removesuffix(b"data: [DONE]\n\n"), points
+    watch = UsageWatch(lambda usage: None, strip=True)
+    piece = b"data: " + b"x" * 65536
+    with pytest.raises(ValueError, match="longer than"):
+        for _ in range(MAX_EVENT_BYTES // len(piece) + 2):
+            assert watch.feed(piece) == b""  # held, never passed half-way
 
 
 def test_content_events_without_usage_pass_as_the_same_bytes():

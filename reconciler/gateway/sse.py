@@ -20,7 +20,7 @@ def encode_event(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _too_long(what: str) -> ValueError:
+def event_too_long(what: str) -> ValueError:
     return ValueError(f"backend sent {what} longer than {MAX_EVENT_BYTES} bytes")
 
 
@@ -45,7 +45,7 @@ class EventParser:
             self._size += len(chunk)
             if self._size > MAX_EVENT_BYTES:
                 self._drop()
-                raise _too_long("an event")
+                raise event_too_long("an event")
             self._tail.append(chunk)
             return []
         self._tail.append(chunk)
@@ -53,7 +53,7 @@ class EventParser:
         self._tail, self._size = ([rest], len(rest)) if rest else ([], 0)
         if self._size > MAX_EVENT_BYTES or any(len(event) > MAX_EVENT_BYTES for event in events):
             self._drop()
-            raise _too_long("an event")
+            raise event_too_long("an event")
         payloads: list[str] = []
         for event in events:
             data = [
@@ -92,7 +92,7 @@ class LineParser:
             self._size += len(chunk)
             if self._size > MAX_EVENT_BYTES:
                 self._tail, self._size = [], 0
-                raise _too_long("a line")
+                raise event_too_long("a line")
             if chunk:
                 self._tail.append(chunk)
             return []
@@ -101,7 +101,7 @@ class LineParser:
         self._tail, self._size = ([rest], len(rest)) if rest else ([], 0)
         if self._size > MAX_EVENT_BYTES or any(len(line) > MAX_EVENT_BYTES for line in lines):
             self._tail, self._size = [], 0
-            raise _too_long("a line")
+            raise event_too_long("a line")
         return [json.loads(line) for line in lines if line.strip()]
 
     def flush(self) -> list[dict[str, Any]]:

@@ -4,8 +4,7 @@ OpenAI-style servers (vLLM, llama.cpp) report a stream's tokens only when asked 
 `stream_options.include_usage`. The gateway asks on the client's behalf, counts the usage
 event, and takes it out again, so the client sees the stream it asked for.
 
-This runs on every chunk of every stream, so it parses as little as it can: only the last
-events carry usage, and a chunk of whole events that does not mention it passes untouched."""
+This runs on every chunk of every stream, so it reads as little as it can (see UsageWatch)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from typing import Any
 
 from reconciler.gateway.adapters import Exchange
 from reconciler.gateway.adapters.shapes import wants_usage
-from reconciler.gateway.sse import EventParser
+from reconciler.gateway.sse import MAX_EVENT_BYTES, EventParser, event_too_long
 
 _USAGE = b'"usage"'
 _EVENT_END = b"\n\n"
@@ -63,45 +62,78 @@ class UsageWatch:
     `on_usage` gets each usage object. With `strip`, the usage-only event (no choices), which
     the client did not ask for, is taken out; every other event passes byte for byte.
 
-    Cheap in the common case: a chunk of whole events without "usage" is returned as it is,
-    and in one that has it, the whole events before the first mention pass unparsed."""
+    This runs on every chunk of every stream, so it reads as little as it can. Events end
+    with a blank line ("\\n\\n"): the bytes of an event not yet ended are held (with `strip`;
+    without, they pass at once and are kept only to be counted), and of the whole events, only
+    those that mention usage are cut out and read. A chunk of whole events without "usage",
+    the common one, is returned as it is. Streams with CRLF line ends (none of the backends
+    we run sends them) go through the general parser."""
 
     def __init__(self, on_usage: Callable[[dict[str, Any]], None], strip: bool) -> None:
         self.on_usage = on_usage
         self.strip = strip
-        self._parser: EventParser | None = None  # made on the first chunk that needs it
-        self._idle = True  # nothing held back: the last chunk ended on an event boundary
+        self._held: list[bytes] = []  # the start of an event not yet ended, in pieces
+        self._held_size = 0
+        self._parser: EventParser | None = None  # once a CR is seen: the general parser
 
     def feed(self, chunk: bytes) -> bytes:
         """What of `chunk` to pass on now (without `strip`: all of it, at once)."""
-        if self._idle and chunk.endswith(_EVENT_END):
-            at = chunk.find(_USAGE)  # one scan: at memory speed, a chunk's largest cost here
-            if at < 0:
-                return chunk
-            if b"\r" not in chunk:  # whole LF events: only those that mention usage are read
-                return self._whole_events(chunk, at)
-        head, rest = b"", chunk
-        if self._idle and b"\r" not in chunk:  # CRLF events: the parser finds their ends
-            at = chunk.find(_USAGE)
-            end = chunk.rfind(_EVENT_END, 0, at if at >= 0 else len(chunk))
-            if end >= 0:  # whole events before the first mention: no need to parse them
-                head, rest = chunk[: end + 2], chunk[end + 2 :]
-        parser = self._parser = self._parser or EventParser()
-        events = parser.feed(rest)
-        self._idle = parser.idle
-        return self._after(head, events, chunk)
+        if self._parser is not None or b"\r" in chunk:
+            return self._feed_parsed(chunk)
+        if not self._held:
+            if chunk.endswith(_EVENT_END):  # whole events: the common chunk
+                at = chunk.find(_USAGE)  # one scan, at memory speed: this path's main cost
+                return chunk if at < 0 else self._whole_events(chunk, at)
+        elif not (b"\n\n" in chunk or (chunk[:1] == b"\n" and self._held[-1].endswith(b"\n"))):
+            return self._hold(chunk)  # still inside the same event
+        data = b"".join([*self._held, chunk]) if self._held else chunk
+        end = data.rfind(_EVENT_END) + 2  # 1: no event ends in it
+        self._held, self._held_size = [], 0
+        if end == 1:
+            return self._hold(data)
+        whole = data[:end]
+        if end < len(data):
+            self._hold(data[end:])
+        at = whole.find(_USAGE)
+        if at >= 0:
+            whole = self._whole_events(whole, at)
+        return whole if self.strip else chunk
+
+    def flush(self) -> bytes:
+        """The stream ended: what is left of an event it did not finish."""
+        if self._parser is not None:
+            return self._after(b"", self._parser.flush(), b"")
+        if not self._held:
+            return b""
+        rest = b"".join(self._held)
+        self._held, self._held_size = [], 0
+        at = rest.find(_USAGE)
+        if at >= 0:
+            rest = self._whole_events(rest + _EVENT_END, at)
+            rest = rest[:-2] if rest.endswith(_EVENT_END) else rest
+        return rest if self.strip else b""
+
+    def _hold(self, piece: bytes) -> bytes:
+        """Keep `piece` of an event not yet ended; what passes now: nothing with `strip`."""
+        self._held.append(piece)
+        self._held_size += len(piece)
+        if self._held_size > MAX_EVENT_BYTES:  # a backend that never ends an event
+            self._held, self._held_size = [], 0
+            raise event_too_long("an event")
+        return b"" if self.strip else piece
 
     def _whole_events(self, chunk: bytes, at: int) -> bytes:
-        """A chunk of whole events: each event that mentions usage is cut out at its event
-        boundaries and read on its own; the bytes around it pass as they are. (The backend
-        often sends a whole short stream in one chunk: parsing all of it for the one usage
-        event near its end was the larger part of the gateway's CPU for such a stream.)"""
+        """`chunk`, whole events, with usage first mentioned at `at`: each event that
+        mentions it is cut out at its event boundaries and read on its own; the bytes around
+        it pass as they are. (Parsing everything from the first mention on cost five times
+        as much for a short stream that arrived in a few chunks.)"""
         kept: list[bytes] = []
         pos, cut = 0, False
-        while at >= 0:  # `at`: the next mention of usage
+        while at >= 0:
             start = chunk.rfind(_EVENT_END, pos, at)
             start = pos if start < 0 else start + 2
-            end = chunk.index(_EVENT_END, at) + 2  # the chunk ends with one
+            end = chunk.find(_EVENT_END, at)
+            end = len(chunk) if end < 0 else end + 2
             data = b"\n".join(
                 line[5:].removeprefix(b" ")
                 for line in chunk[start:end].split(b"\n")
@@ -119,12 +151,13 @@ class UsageWatch:
         kept.append(chunk[pos:])
         return b"".join(kept)
 
-    def flush(self) -> bytes:
-        """The stream ended: what is left of an event it did not finish."""
-        if self._parser is None or self._idle:
-            return b""
-        self._idle = True
-        return self._after(b"", self._parser.flush(), b"")
+    def _feed_parsed(self, chunk: bytes) -> bytes:
+        """CRLF streams: the general parser, events passed on re-encoded."""
+        if self._parser is None:
+            self._parser = EventParser()
+            if self._held:  # an LF-looking start, held: the parser takes it first
+                chunk, self._held, self._held_size = b"".join([*self._held, chunk]), [], 0
+        return self._after(b"", self._parser.feed(chunk), chunk)
 
     def _after(self, head: bytes, events: list[str], chunk: bytes) -> bytes:
         if not self.strip:
