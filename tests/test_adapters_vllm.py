@@ -205,6 +205,7 @@ def test_vllm_with_gpus_zero_runs_on_cpu(monkeypatch, tmp_path):
     flags = dict(zip(launch.argv[5::2], launch.argv[6::2], strict=False))
     assert flags["--served-model-name"] == "smollm2" and flags["--max-model-len"] == "2048"
     assert flags["--max-num-seqs"] == "4" and "--enforce-eager" in launch.argv
+    assert "--enable-prompt-tokens-details" in launch.argv  # cached tokens, for the routing
     assert (
         "--gpu-memory-utilization" not in launch.argv
         and "--tensor-parallel-size" not in launch.argv

@@ -1,7 +1,8 @@
 """Cache-aware routing: the prompt-prefix record per backend (matching, eviction by count and
 age, its memory bound), the choice it drives (longest cached prefix unless too busy, new
 conversations spread, sessions yield to load), and, through a real gateway on fake upstreams,
-conversations sticking to their replica and moving when it drains. No timing assertions."""
+conversations sticking to their replica and moving when it drains; the record corrected by
+what backends report they took from their cache. No timing assertions."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fakes.upstreams import FastOpenAI, fleet_state, serve
 
 from reconciler.drain import Drainer, drain_dir
 from reconciler.gateway.app import create_app
-from reconciler.gateway.prefix_cache import BLOCK_CHARS, PrefixSet, prompt_blocks
+from reconciler.gateway.prefix_cache import BLOCK_CHARS, PrefixSet, cached_tokens, prompt_blocks
 from reconciler.gateway.router import Router, RoutingTable, Upstream
 
 SYSTEM_A = "You are a careful assistant for the accounting team. " * 40  # ~2k characters
@@ -79,6 +80,45 @@ def test_prefix_set_forgets_what_it_has_not_seen_for_its_ttl():
     assert prefixes.match(a) == 0
     assert prefixes.match(b) == len(b)
     assert len(prefixes) == len(b)
+
+
+def test_a_prefix_the_backend_no_longer_held_takes_everything_sent_there_before_with_it():
+    """Caches evict the least recently used first: when a backend reports taking much less of
+    a prompt from its cache than the record expected, the expected prefix is gone, and so is
+    everything sent there before it; what was sent after, and the prompt itself, stay."""
+    clock = Clock()
+    prefixes = PrefixSet(clock=clock)
+    older, expected, newer = (prompt_blocks(chat(s)) for s in (SYSTEM_B, SYSTEM_A, "z" * 2000))
+    for now, blocks in ((1, older), (2, expected), (3, newer)):
+        clock.now = now
+        prefixes.record(blocks)
+    asked = prompt_blocks(chat(SYSTEM_A, "next"))
+    note = prefixes.note("a", asked)
+    assert note is not None and note.matched == len(expected) and note.last_sent == 2
+    clock.now = 4
+    prefixes.record(asked)  # routed there: recorded before the answer comes
+    assert prefixes.reported(note, prompt_tokens=600, cached=400) == 0  # about as expected
+    assert prefixes.match(older) == len(older)
+    assert prefixes.reported(note, prompt_tokens=600, cached=3) == len(older)  # a miss
+    assert prefixes.match(older) == 0
+    assert prefixes.match(newer) == len(newer) and prefixes.match(asked) == len(asked)
+    assert PrefixSet().note("a", asked) is None  # nothing expected: nothing to check
+
+
+def test_cached_tokens_are_read_where_backends_report_them():
+    # llama.cpp's usage (recorded from the real server, xllamacpp 2026.10), then OpenAI's.
+    llama = {"completion_tokens": 4, "prompt_tokens": 136, "total_tokens": 140,
+             "prompt_tokens_details": {"cached_tokens": 135}}  # fmt: skip
+    assert cached_tokens(llama) == (136, 135)
+    assert cached_tokens({"prompt_tokens": 9, "completion_tokens": 1}) is None  # not reported
+    assert cached_tokens({"prompt_tokens": 9, "prompt_tokens_details": None}) is None
+    assert (
+        cached_tokens({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 10}}) is None
+    )
+    assert (
+        cached_tokens({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": True}})
+        is None
+    )
 
 
 def router(*names: str, threshold: float = 2.0, strategy: str = "cache-aware") -> Router:
@@ -182,3 +222,55 @@ def test_gateway_keeps_conversations_on_their_replica_and_moves_them_off_a_drain
             time.sleep(0.1)
         assert backend(chat(SYSTEM_A, *history["A"], "after the drain")) == survivor
         assert backend(chat(SYSTEM_B, *history["B"], "after the drain")) == survivor
+
+
+def test_what_a_backend_reports_from_its_cache_corrects_the_record_through_the_gateway(
+    tmp_path, monkeypatch
+):
+    """Through a real gateway, answers and streams alike: a replica that reports taking
+    nothing from its cache for a prompt the record said it held loses what was sent to it
+    before that prompt, so an older conversation is no longer routed there for a cache it
+    does not have; a replica whose report matches the record keeps it."""
+    monkeypatch.setenv("TF_STATE_DIR", str(tmp_path))
+    ports = free_port(), free_port()
+    urls = {n: f"http://127.0.0.1:{p}" for n, p in zip("ab", ports, strict=True)}
+    gateway_port = free_port()
+    app = create_app(fleet_state(urls, health_interval=0.2))
+    upstreams = {"a": FastOpenAI(name="a"), "b": FastOpenAI(name="b")}
+    # Equal lengths, so that the spreading of new conversations is predictable.
+    older, other, recent = (f"Topic {c}. " * 220 for c in "DEA")
+    with (
+        serve(upstreams["a"], ports[0]),
+        serve(upstreams["b"], ports[1]),
+        serve(app, gateway_port),
+    ):
+        url = f"http://127.0.0.1:{gateway_port}"
+        wait_http(url + "/health")
+        deadline = time.monotonic() + 30
+        while not all(u.healthy for u in app.upstreams()):
+            assert time.monotonic() < deadline, "upstreams never healthy"
+            time.sleep(0.05)
+        record = {n: app.table.upstreams[n].prefixes for n in "ab"}
+
+        def send(body: dict, stream: bool) -> str:
+            with httpx.stream(
+                "POST", url + "/v1/chat/completions", json={**body, "stream": stream}
+            ) as r:
+                r.read()
+                return r.headers["x-tensorforge-backend"]
+
+        for stream in (False, True):
+            for prefixes in record.values():
+                prefixes.clear()
+            home = send(chat(older, "q1"), stream)
+            away = send(chat(other, "q1"), stream)
+            assert {home, away} == {"a", "b"}  # spread over the empty caches
+            assert send(chat(recent, "q1"), stream) == home  # the tie goes to the same one
+            upstreams[home].cached_tokens = 95  # as the record expects: nothing changes
+            assert send(chat(recent, "q1", "q2"), stream) == home
+            assert record[home].match(prompt_blocks(chat(older))) > 0
+            upstreams[home].cached_tokens = 0  # `recent` was evicted there, so `older` too
+            assert send(chat(recent, "q1", "q2", "q3"), stream) == home
+            assert record[home].match(prompt_blocks(chat(older))) == 0, stream
+            assert record[home].match(prompt_blocks(chat(recent))) > 0  # just sent again
+            upstreams[home].cached_tokens = None

@@ -86,6 +86,7 @@ def test_a_sglang_backend_gets_its_documented_launch_line():
     assert (flags["--context-length"], flags["--max-running-requests"]) == ("32768", "64")
     assert (flags["--kv-cache-dtype"], flags["--quantization"]) == ("fp8_e4m3", "fp8")
     assert "--enable-metrics" in argv  # the sglang:* series the gateway scores load by
+    assert "--enable-cache-report" in argv  # cached tokens in usage, for the routing
     on_cpu = launch_for(
         "b", BackendSpec(kind="sglang", model="m", port=30000, gpus=0), "m", "/m", []
     ).argv

@@ -6,13 +6,20 @@ prompt cache, vLLM's and SGLang's automatic prefix caching) skips that part of t
 The gateway cannot see those caches directly, so it remembers what it sent where, the way
 vLLM's and SGLang's routers do: prompts are cut into fixed-size character blocks, each
 block's hash chained to the one before it (so a hash stands for the whole prefix up to it),
-and each backend keeps a bounded, age-evicted set of the hashes it has seen."""
+and each backend keeps a bounded, age-evicted set of the hashes it has seen.
+
+What was sent is not what is held: a backend evicts (llama.cpp's few slots and its bounded
+host cache, least recently used first). Backends say how much of each prompt they took from
+their cache (OpenAI's `usage.prompt_tokens_details.cached_tokens`: llama.cpp always, vLLM
+with --enable-prompt-tokens-details, SGLang), so the record is corrected by that: a prefix
+expected and not found was evicted, and so was everything sent there before it."""
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 BLOCK_CHARS = 128  # characters, about 32 tokens: fine enough to find a shared system prompt
@@ -73,6 +80,28 @@ def prompt_blocks(body: dict[str, Any]) -> list[int]:
     return blocks
 
 
+@dataclass(frozen=True)
+class PrefixNote:
+    """What the router expected of the chosen backend's cache for one request, to be checked
+    against what the backend reports it took from its cache."""
+
+    backend: str
+    blocks: int  # the prompt's whole blocks
+    matched: int  # of them, the leading ones recorded as sent there (at least one)
+    last_sent: float  # when the last of those was sent there before this request
+
+
+def cached_tokens(usage: dict[str, Any]) -> tuple[int, int] | None:
+    """(prompt tokens, of them taken from the cache) from an OpenAI usage object, when the
+    backend says."""
+    details = usage.get("prompt_tokens_details")
+    prompt = usage.get("prompt_tokens")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if type(prompt) is int and type(cached) is int and 0 <= cached <= prompt:
+        return prompt, cached
+    return None
+
+
 class PrefixSet:
     """The prefixes one backend was sent recently: bounded in count, evicted by age, oldest
     first. Not thread-safe: the gateway's event loop is its only user."""
@@ -109,6 +138,31 @@ class PrefixSet:
             self._seen.move_to_end(block)
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
+
+    def note(self, backend: str, blocks: list[int]) -> PrefixNote | None:
+        """Before recording `blocks` as sent: how much of them this backend should hold (None:
+        nothing, so nothing to check)."""
+        matched = self.match(blocks)
+        if not matched:
+            return None
+        return PrefixNote(backend, len(blocks), matched, self._seen[blocks[matched - 1]])
+
+    def reported(self, note: PrefixNote, prompt_tokens: int, cached: int) -> int:
+        """The backend took `cached` of the prompt's `prompt_tokens` from its cache. Less than
+        half of what the record expected: the expected prefix was evicted, and since caches
+        evict the least recently used first, so was everything sent here before it; that is
+        forgotten (the prompt just sent, recorded later, stays). How many blocks went."""
+        expected = prompt_tokens * note.matched / note.blocks
+        if cached >= expected / 2:
+            return 0
+        dropped = 0
+        while self._seen:
+            block, seen = next(iter(self._seen.items()))
+            if seen > note.last_sent:
+                break
+            del self._seen[block]
+            dropped += 1
+        return dropped
 
     def clear(self) -> None:
         """The backend's cache is gone (it restarted, or went unhealthy and may have)."""

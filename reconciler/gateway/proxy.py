@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -132,9 +132,12 @@ class Proxy:
             except Exception:  # as in _count
                 log.exception("observer %s failed", type(observer).__name__)
         started = time.perf_counter()
-        candidates = self.router.candidates(
+        ordered = self.router.order(
             call.model, call.affinity_key, call.exchange.body, eligible=call.eligible
         )
+        candidates = ordered.upstreams
+        if ordered.prefix is not None:
+            call = replace(call, prefix=ordered.prefix)
         if not candidates:
             self.metrics.rejected.labels("no_healthy_backend").inc()
             self._count(call, "none", "503", started)
@@ -440,7 +443,7 @@ class Proxy:
         tokens: dict[str, Any] = {}
 
         def counted(usage: dict[str, Any]) -> None:
-            self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
+            self._usage_seen(call, upstream, usage)
             tokens.update(usage)
 
         return UsageWatch(counted, strip=hidden), tokens
@@ -474,8 +477,15 @@ class Proxy:
             return None
         if not isinstance(usage, dict):
             return None
-        self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
+        self._usage_seen(call, upstream, usage)
         return usage
+
+    def _usage_seen(self, call: ProxyCall, upstream: Upstream, usage: dict[str, Any]) -> None:
+        """A backend's usage report: counted, and checked against what the routing expected
+        of its cache."""
+        self.metrics.record_tokens(call.model, upstream.name, usage, call.client)
+        if call.prefix is not None:
+            self.router.cache_reported(call.prefix, upstream, usage)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         transport = self.transports[request.url.scheme]

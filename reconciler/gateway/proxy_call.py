@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reconciler.gateway.adapters import Exchange
+from reconciler.gateway.prefix_cache import PrefixNote
 from reconciler.gateway.request_id import new_id
 
 
@@ -23,3 +24,4 @@ class ProxyCall:
         None  # backends that fit the request (selection.py); None: all
     )
     trace: tuple[tuple[str, str], ...] = ()  # x-request-id and traceparent, sent to the backend
+    prefix: PrefixNote | None = None  # what the routing expects of the first backend's cache

@@ -7,6 +7,7 @@ import asyncio
 import fnmatch
 import hashlib
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from typing import Any
 
 from reconciler.config.schema import BackendSpec, DesiredState
 from reconciler.gateway.backend_info import BackendInfo, backend_infos
-from reconciler.gateway.prefix_cache import PrefixSet, prompt_blocks
+from reconciler.gateway.prefix_cache import PrefixNote, PrefixSet, cached_tokens, prompt_blocks
+
+log = logging.getLogger(__name__)
 
 # Names clients written for the earlier ML Offload API send, meaning "whatever is served":
 # they choose automatically unless gateway.routing.model_aliases maps them elsewhere.
@@ -283,6 +286,14 @@ def served_name(model: str, source: str, protocol: str) -> str:
     return model  # vLLM runs with --served-model-name <model>; llama.cpp ignores the name
 
 
+@dataclass(frozen=True)
+class Ordered:
+    """The backends to try, in order, and what the first is expected to hold in its cache."""
+
+    upstreams: list[Upstream]
+    prefix: PrefixNote | None = None
+
+
 class Router:
     def __init__(
         self, table: RoutingTable, strategy: str = "cache-aware", load_threshold: float = 2.0
@@ -312,33 +323,64 @@ class Router:
         """Available backends for `model` in the order to try them, then its fallbacks'.
         `body` (the request) lets cache-aware routing find where its prompt prefix is;
         `eligible` (from selection) keeps only the backends that fit the request."""
+        return self.order(model, affinity_key, body, eligible=eligible).upstreams
+
+    def order(
+        self,
+        model: str,
+        affinity_key: str | None = None,
+        body: dict[str, Any] | None = None,
+        *,
+        eligible: frozenset[str] | None = None,
+    ) -> Ordered:
+        """`candidates`, with what cache-aware routing expects of the first one's cache."""
         now = time.monotonic()
         ordered: list[Upstream] = []
+        note = None
         for group in [model, *self.table.fallbacks.get(model, [])]:
             ready = [u for u in self.members(group) if u.available(now)]
             if eligible is not None and group == model:
                 ready = [u for u in ready if u.name in eligible]
-            ordered += self._order(ready, affinity_key, body)
-        return ordered
+            upstreams, expected = self._order(ready, affinity_key, body)
+            ordered += upstreams
+            note = note or expected
+        return Ordered(ordered, note)
 
     def _order(
         self, ready: list[Upstream], affinity_key: str | None, body: dict[str, Any] | None
-    ) -> list[Upstream]:
+    ) -> tuple[list[Upstream], PrefixNote | None]:
         if len(ready) < 2:
-            return ready
+            return ready, None
         if self.strategy == "round-robin":
             start = next(self._rr) % len(ready)
-            return ready[start:] + ready[:start]
+            return ready[start:] + ready[:start], None
         by_load = sorted(ready, key=lambda u: (u.score(), u.name))
         chosen = by_load[0]
+        note = None
         if self.strategy == "cache-aware":
             blocks = prompt_blocks(body) if body else []
             chosen = self._by_prefix(by_load, blocks, affinity_key)
             if blocks:
+                note = chosen.prefixes.note(chosen.name, blocks)
                 chosen.prefixes.record(blocks)
         elif self.strategy == "session-affinity" and affinity_key:
             chosen = self._yielding(rendezvous(ready, affinity_key), by_load[0])
-        return [chosen, *(u for u in by_load if u is not chosen)]
+        return [chosen, *(u for u in by_load if u is not chosen)], note
+
+    def cache_reported(self, note: PrefixNote, upstream: Upstream, usage: dict[str, Any]) -> None:
+        """The backend `note` is about answered, saying how much of the prompt it took from
+        its cache: the record of what it holds is corrected (prefix_cache.py)."""
+        counts = cached_tokens(usage)
+        if counts is None or upstream.name != note.backend:
+            return
+        dropped = upstream.prefixes.reported(note, *counts)
+        if dropped:
+            log.info(
+                "backend %s took %d of %d prompt tokens from its cache, not the ~%d expected: "
+                "forgot %d prefix blocks sent there before",
+                upstream.name, counts[1], counts[0],
+                counts[0] * note.matched // note.blocks, dropped,
+            )  # fmt: skip
 
     def _by_prefix(
         self, by_load: list[Upstream], blocks: list[int], affinity_key: str | None

@@ -47,19 +47,23 @@ def _chunk(content: str | None, finish: str | None = None, usage: dict | None = 
 FAKE_CONTEXT = 8192  # tokens: the most events one fake stream sends
 
 
-def stream_events(chunks: int, usage: bool = False) -> list[bytes]:
-    """`chunks` content chunks, a finish chunk, a usage chunk if asked for, and [DONE]."""
+def stream_events(chunks: int, usage: bool = False, cached: int | None = None) -> list[bytes]:
+    """`chunks` content chunks, a finish chunk, a usage chunk if asked for, and [DONE].
+    `cached`: the prompt tokens the usage says came from the cache (llama.cpp says it)."""
     events = [_chunk(f"tok{i} ") for i in range(chunks)]
     events.append(_chunk(None, "stop"))
     if usage:
-        events.append(
-            _chunk(
-                None,
-                usage={"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks},
-            )
-        )
+        events.append(_chunk(None, usage=_usage(9 if cached is None else 100, chunks, cached)))
     events.append(b"data: [DONE]\n\n")
     return events
+
+
+def _usage(prompt: int, completion: int, cached: int | None) -> dict:
+    usage: dict = {"prompt_tokens": prompt, "completion_tokens": completion,
+                   "total_tokens": prompt + completion}  # fmt: skip
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 class FastOpenAI:
@@ -73,6 +77,9 @@ class FastOpenAI:
         self.open_streams = 0
         self.extra_load = 0.0  # requests it reports beyond its own streams (other clients)
         self.kv_usage: float | None = None  # reported as llamacpp:kv_cache_usage_ratio
+        # Of a 100-token prompt, how many its usage says came from its cache (as llama.cpp
+        # reports in usage.prompt_tokens_details); None: not reported.
+        self.cached_tokens: int | None = None
         self.peers: set[tuple] = set()  # client addresses: how many connections were used
         self._answer = json.dumps(CHAT_ANSWER).encode()
 
@@ -103,7 +110,11 @@ class FastOpenAI:
             await _respond(send, 200, b"application/json", json.dumps(EMBEDDING).encode(), headers)
             return
         if not request.get("stream"):
-            await _respond(send, 200, b"application/json", self._answer, headers)
+            answer = self._answer
+            if self.cached_tokens is not None:
+                usage = _usage(100, 5, self.cached_tokens)
+                answer = json.dumps({**CHAT_ANSWER, "usage": usage}).encode()
+            await _respond(send, 200, b"application/json", answer, headers)
             return
         start = [(b"content-type", b"text/event-stream"), *headers]
         await send({"type": "http.response.start", "status": 200, "headers": start})
@@ -114,7 +125,7 @@ class FastOpenAI:
             # so a request the gateway failed to clamp cannot grow the test process unbounded.
             asked = request.get("max_tokens")
             count = min(asked, FAKE_CONTEXT) if isinstance(asked, int) and asked > 0 else 32
-            for event in stream_events(count, usage):
+            for event in stream_events(count, usage, self.cached_tokens):
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
                 await send({"type": "http.response.body", "body": event, "more_body": True})

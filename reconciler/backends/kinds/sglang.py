@@ -60,6 +60,7 @@ def launch(request: LaunchRequest) -> Launch:
         "--context-length", str(backend.context_size),
         "--max-running-requests", str(backend.parallel),
         "--enable-metrics",
+        "--enable-cache-report",  # cached_tokens in usage: checked by cache-aware routing
     ]  # fmt: skip
     if request.gpu_ids:
         argv += ["--tp", str(backend.tensor_parallel_size)]

@@ -53,6 +53,9 @@ def launch(request: LaunchRequest) -> Launch:
         "--served-model-name", request.model_name,
         "--max-model-len", str(backend.context_size),
         "--max-num-seqs", str(backend.parallel),
+        # usage.prompt_tokens_details.cached_tokens: what the gateway's cache-aware routing
+        # checks its record of this backend's prefix cache against (prefix_cache.py).
+        "--enable-prompt-tokens-details",
     ]  # fmt: skip
     if not request.gpu_ids:
         return _cpu_launch(request, common)
