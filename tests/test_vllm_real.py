@@ -216,6 +216,22 @@ def test_chat_through_the_openai_and_ollama_surfaces(vllm_host):
     assert 0 < reply["eval_count"] <= 8
 
 
+def test_vllm_reports_what_it_took_from_its_prefix_cache(vllm_host):
+    """Started with --enable-prompt-tokens-details, vLLM's usage says how many prompt tokens
+    came from its prefix cache: what cache-aware routing checks its record against. The same
+    long prompt twice: the second time, most of it (whole KV blocks) comes from the cache."""
+    long = {**CHAT, "messages": [{"role": "system", "content": "You keep the plant's logs. " * 60},
+                                 *CHAT["messages"]], "max_tokens": 2}  # fmt: skip
+    reports = []
+    for _ in range(2):
+        response = httpx.post(vllm_host.url + "/v1/chat/completions", json=long, timeout=120)
+        assert response.status_code == 200, response.text
+        reports.append(response.json()["usage"])
+    prompt = reports[1]["prompt_tokens"]
+    assert all(isinstance(r["prompt_tokens_details"]["cached_tokens"], int) for r in reports)
+    assert prompt / 2 < reports[1]["prompt_tokens_details"]["cached_tokens"] <= prompt
+
+
 def test_stream_is_counted_whether_or_not_the_client_asked_for_usage(vllm_host):
     body = {**CHAT, "max_tokens": 12, "ignore_eos": True}  # vLLM's own: exactly 12 tokens
     before = tokens(vllm_host.url, "completion")
