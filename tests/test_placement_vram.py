@@ -74,6 +74,25 @@ def smollm2_shape(smollm2_path: Path):
     return read_gguf_shape(smollm2_path)
 
 
+def test_the_header_walk_reads_what_llama_cpps_own_reader_reads(smollm2_path: Path) -> None:
+    """scan_gguf (what the shape and info are read from) against the gguf package's reader:
+    every metadata value, every array's length, the tensors' bytes and elements."""
+    from gguf import GGUFReader
+
+    from reconciler.models.gguf_info import scan_gguf
+
+    header, reader = scan_gguf(smollm2_path), GGUFReader(str(smollm2_path))
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert set(header.values) | set(header.array_lengths) == set(fields)
+    for key, field in fields.items():
+        if key in header.values:
+            assert header.values[key] == pytest.approx(field.contents()), key
+        else:  # a long array (tokens, merges): its length
+            assert header.array_lengths[key] == len(field.data), key
+    assert header.tensor_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    assert header.parameter_count == sum(int(t.n_elements) for t in reader.tensors)
+
+
 @pytest.mark.parametrize("n_ctx,n_parallel", sorted(MEASURED))
 def test_gguf_buffers_match_llamacpp(smollm2_shape, n_ctx: int, n_parallel: int) -> None:
     model, kv, output, compute = MEASURED[(n_ctx, n_parallel)]
