@@ -75,22 +75,21 @@ def smollm2_shape(smollm2_path: Path):
 
 
 def test_the_header_walk_reads_what_llama_cpps_own_reader_reads(smollm2_path: Path) -> None:
-    """scan_gguf (what the shape and info are read from) against the gguf package's reader:
-    every metadata value, every array's length, the tensors' bytes and elements."""
-    from gguf import GGUFReader
-
+    """scan_gguf (what the shape and info are read from) against the gguf package's reader
+    (read_gguf_file's parse, cached for the session): every metadata value, every array's
+    length, the tensors' bytes and elements."""
     from reconciler.models.gguf_info import scan_gguf
+    from reconciler.models.gguf_metadata import read_gguf_file
 
-    header, reader = scan_gguf(smollm2_path), GGUFReader(str(smollm2_path))
-    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    assert set(header.values) | set(header.array_lengths) == set(fields)
-    for key, field in fields.items():
+    header = scan_gguf(smollm2_path)
+    metadata, tensor_bytes, parameters = read_gguf_file(smollm2_path)
+    assert set(header.values) | set(header.array_lengths) == set(metadata)
+    for key, value in metadata.items():
         if key in header.values:
-            assert header.values[key] == pytest.approx(field.contents()), key
+            assert header.values[key] == pytest.approx(value), key
         else:  # a long array (tokens, merges): its length
-            assert header.array_lengths[key] == len(field.data), key
-    assert header.tensor_bytes == sum(int(t.n_bytes) for t in reader.tensors)
-    assert header.parameter_count == sum(int(t.n_elements) for t in reader.tensors)
+            assert header.array_lengths[key] == len(value), key
+    assert (header.tensor_bytes, header.parameter_count) == (tensor_bytes, parameters)
 
 
 @pytest.mark.parametrize("n_ctx,n_parallel", sorted(MEASURED))
