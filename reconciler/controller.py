@@ -25,8 +25,9 @@ from reconciler.admin_requests import (
     request_fields,
     satisfied,
 )
+from reconciler.backends.backend_health import BackendHealth, Health
 from reconciler.backends.commands import launch_for, model_reference
-from reconciler.backends.health import BackendHealth, Health, probe
+from reconciler.backends.health import probe
 from reconciler.config.loader import ConfigError, load_desired_state
 from reconciler.config.schema import ModelSpec, reach
 from reconciler.drain import (

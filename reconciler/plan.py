@@ -14,7 +14,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from reconciler.backends.health import Health
+from reconciler.backends.backend_health import Health
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from reconciler.backends.health import BackendHealth, Health
+from reconciler.backends.backend_health import BackendHealth, Health
 from reconciler.config.schema import DesiredState
 from reconciler.drivers.protocol import UnitRecordLike
 from reconciler.plan import Action, ActionKind

@@ -74,6 +74,24 @@ def smollm2_shape(smollm2_path: Path):
     return read_gguf_shape(smollm2_path)
 
 
+def test_the_header_walk_reads_what_llama_cpps_own_reader_reads(smollm2_path: Path) -> None:
+    """scan_gguf (what the shape and info are read from) against the gguf package's reader
+    (read_gguf_file's parse, cached for the session): every metadata value, every array's
+    length, the tensors' bytes and elements."""
+    from reconciler.models.gguf_info import scan_gguf
+    from reconciler.models.gguf_metadata import read_gguf_file
+
+    header = scan_gguf(smollm2_path)
+    metadata, tensor_bytes, parameters = read_gguf_file(smollm2_path)
+    assert set(header.values) | set(header.array_lengths) == set(metadata)
+    for key, value in metadata.items():
+        if key in header.values:
+            assert header.values[key] == pytest.approx(value), key
+        else:  # a long array (tokens, merges): its length
+            assert header.array_lengths[key] == len(value), key
+    assert (header.tensor_bytes, header.parameter_count) == (tensor_bytes, parameters)
+
+
 @pytest.mark.parametrize("n_ctx,n_parallel", sorted(MEASURED))
 def test_gguf_buffers_match_llamacpp(smollm2_shape, n_ctx: int, n_parallel: int) -> None:
     model, kv, output, compute = MEASURED[(n_ctx, n_parallel)]

@@ -371,7 +371,8 @@ def test_rolling_change_of_every_replica_loses_no_request(fleet):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     load = Load(fleet.url).start()
-    time.sleep(3)
+    fleet.wait(lambda: {r["backend"] for r in list(load.records) if r["status"] == 200} >= {"a", "b"},
+               30, "the load never reached both replicas")  # fmt: skip
     changed_at = time.monotonic()
     host_config(fleet.config, int(fleet.url.rsplit(":", 1)[1]), fleet.ports, ctx=2048)
 
@@ -384,7 +385,9 @@ def test_rolling_change_of_every_replica_loses_no_request(fleet):
 
     fleet.wait(rolled, 60, "the rolling change did not finish")
     rolled_at = time.monotonic()
-    time.sleep(2)  # some load on the new replicas too
+    # Some load on the new replicas too: each has answered a request sent after the rollout.
+    fleet.wait(lambda: {r["backend"] for r in list(load.records) if r["start"] > rolled_at and r["status"] == 200}
+               >= {"a", "b"}, 30, "the new replicas were not routed to")  # fmt: skip
     records = load.finish()
     watching.set()
     watcher.join(5)

@@ -8,11 +8,9 @@ another name is unhealthy: its /v1/models (its kind's `model_list`) must list th
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-
 import httpx
 
+from reconciler.backends.backend_health import BackendHealth, Health
 from reconciler.backends.registry import GENERIC_PROTOCOL, KINDS
 
 PROBES: dict[str, tuple[str, str]] = {
@@ -28,23 +26,6 @@ MODEL_LISTS: dict[str, str] = {
 LOADING: dict[str, int] = {
     k.name: k.probe.loading_status for k in KINDS.values() if k.probe.loading_status is not None
 }
-
-
-class Health(enum.StrEnum):
-    HEALTHY = "healthy"
-    LOADING = "loading"
-    UNHEALTHY = "unhealthy"
-    DOWN = "down"
-
-
-@dataclass(frozen=True)
-class BackendHealth:
-    state: Health
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.state is Health.HEALTHY
 
 
 def classify(protocol: str, status_code: int) -> BackendHealth:

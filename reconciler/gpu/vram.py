@@ -138,27 +138,23 @@ class GGUFShape:
 
 
 def read_gguf_shape(path: Path) -> GGUFShape:
-    """The shape of a GGUF model; cached per file version, since the controller asks every pass
-    and parsing a GGUF's metadata takes seconds (its vocabulary alone is ~50k strings)."""
+    """The shape of a GGUF model, from the header alone; cached per file version, since the
+    controller asks every pass."""
     stat = path.stat()
     return _read_gguf_shape(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=64)
 def _read_gguf_shape(path: str, _mtime_ns: int, _size: int) -> GGUFShape:
-    from gguf import GGUFReader
+    from reconciler.models.gguf_info import read_attention, scan_gguf
 
-    from reconciler.models.gguf_info import check_gguf, read_attention
-
-    check_gguf(path)  # bounded first: GGUFReader trusts every length in the header
-    reader = GGUFReader(path)
+    header = scan_gguf(path)  # bounded: every length in the header checked against the file
 
     def field(key: str, default=None):
-        found = reader.fields.get(key)
-        return found.contents() if found is not None else default
+        return header.values.get(key, default)
 
     # The same reading as reconciler/models/gguf_info.py, with feed-forward and vocabulary
-    # sizes added, from one parse of the file.
+    # sizes added, from one walk of the header.
     arch = field("general.architecture", "unknown")
     n_embd = int(field(f"{arch}.embedding_length", 0))
     n_layer = int(field(f"{arch}.block_count", 0))
@@ -166,16 +162,15 @@ def _read_gguf_shape(path: str, _mtime_ns: int, _size: int) -> GGUFShape:
     n_ff = field(f"{arch}.feed_forward_length", 4 * n_embd)
     if isinstance(n_ff, list):  # per-layer feed-forward sizes: take the largest
         n_ff = max(n_ff, default=0)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
     return GGUFShape(
-        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        tensor_bytes=header.tensor_bytes,
         n_layer=n_layer,
         n_head_kv=attention.head_count_kv,
         k_dim=attention.key_length,
         v_dim=attention.value_length,
         n_embd=n_embd,
         n_ff=int(n_ff),
-        n_vocab=len(tokens.data) if tokens is not None else 32000,
+        n_vocab=header.array_lengths.get("tokenizer.ggml.tokens", 32000),
         kv_per_token=attention.kv_elements_per_token,
     )
 
