@@ -177,6 +177,17 @@ def test_session_affinity_yields_to_load():
     assert first(r, {"model": "m"}, "alice") == home  # back once it has room
 
 
+def ready_gateway(app, port: int) -> str:
+    """The gateway's URL once it answers and sees every upstream healthy."""
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health")
+    deadline = time.monotonic() + 30
+    while not all(u.healthy for u in app.upstreams()):
+        assert time.monotonic() < deadline, "upstreams never healthy"
+        time.sleep(0.05)
+    return url
+
+
 def test_gateway_keeps_conversations_on_their_replica_and_moves_them_off_a_drained_one(
     tmp_path, monkeypatch
 ):
@@ -191,12 +202,7 @@ def test_gateway_keeps_conversations_on_their_replica_and_moves_them_off_a_drain
         serve(FastOpenAI(name="b"), ports[1]),
         serve(app, gateway_port),
     ):
-        url = f"http://127.0.0.1:{gateway_port}"
-        wait_http(url + "/health")
-        deadline = time.monotonic() + 30
-        while not all(u.healthy for u in app.upstreams()):
-            assert time.monotonic() < deadline, "upstreams never healthy"
-            time.sleep(0.05)
+        url = ready_gateway(app, gateway_port)
 
         def backend(body: dict) -> str:
             return httpx.post(url + "/v1/chat/completions", json=body).headers[
@@ -244,12 +250,7 @@ def test_what_a_backend_reports_from_its_cache_corrects_the_record_through_the_g
         serve(upstreams["b"], ports[1]),
         serve(app, gateway_port),
     ):
-        url = f"http://127.0.0.1:{gateway_port}"
-        wait_http(url + "/health")
-        deadline = time.monotonic() + 30
-        while not all(u.healthy for u in app.upstreams()):
-            assert time.monotonic() < deadline, "upstreams never healthy"
-            time.sleep(0.05)
+        url = ready_gateway(app, gateway_port)
         record = {n: app.table.upstreams[n].prefixes for n in "ab"}
 
         def send(body: dict, stream: bool) -> str:
